@@ -1,0 +1,20 @@
+//! What every sink shares with the delivery engine.
+//!
+//! - [`event`]: the event as sinks and templates see it (`event`, `payload`,
+//!   and the normalized `order`, `payment` and `stock` views).
+//! - [`sink`]: the [`Sink`] trait, the [`Delivery`] it is handed and the
+//!   [`DeliveryError`] that says whether a failure is worth retrying.
+//! - [`retry`]: the one retry policy (exponential backoff, jitter,
+//!   `Retry-After`), applied by the engine, never by a sink.
+//! - [`template`]: MiniJinja templates and `when` expressions, including the
+//!   structured templates whose single-expression leaves keep their JSON type.
+
+pub mod event;
+pub mod retry;
+pub mod sink;
+pub mod template;
+
+pub use event::{Customer, Event, EventMeta, Item, Modifier, Order, Payment, Stock, Views};
+pub use retry::RetryPolicy;
+pub use sink::{Delivery, DeliveryError, Outcome, Sink, delivery_key};
+pub use template::{Structured, TemplateError, TemplateId, TemplateSet, Templates};

@@ -1,0 +1,343 @@
+//! MiniJinja templates and expressions: one language for `when` rules and for
+//! every templated sink field.
+//!
+//! A [`TemplateSet`] compiles everything of one component (a sink's body, the
+//! router's `when`s) when the config is loaded, so syntax errors surface in
+//! `expeditor check`, not at the first delivery. The finished [`Templates`] is
+//! immutable and shared by all workers.
+
+use std::sync::Arc;
+
+use minijinja::value::{Serde, Value};
+use minijinja::{Environment, UndefinedBehavior};
+use serde_json::Value as Json;
+
+use crate::Event;
+
+/// A template or expression that failed to compile or to render.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TemplateError {
+    pub message: String,
+}
+
+impl From<minijinja::Error> for TemplateError {
+    fn from(err: minijinja::Error) -> Self {
+        // `Display` of a minijinja error names the kind and the detail; the
+        // template name is ours (a config key path), so it is kept.
+        let mut message = err.kind().to_string();
+        if let Some(detail) = err.detail() {
+            message = format!("{message}: {detail}");
+        }
+        if let Some(line) = err.line() {
+            message = format!("{message} (line {line} of the template)");
+        }
+        Self { message }
+    }
+}
+
+/// Handle to one compiled template or expression in a [`Templates`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateId {
+    name: String,
+    /// Expressions keep the type of their value; text templates are strings.
+    typed: bool,
+}
+
+/// A structured template: a JSON tree whose string leaves are templates.
+#[derive(Debug, Clone)]
+pub enum Structured {
+    Literal(Json),
+    Template(TemplateId),
+    Array(Vec<Structured>),
+    Object(Vec<(String, Structured)>),
+}
+
+/// Collects templates while a config is loaded.
+pub struct TemplateSet {
+    env: Environment<'static>,
+}
+
+impl Default for TemplateSet {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Name of the variable that captures an expression's value (see [`TemplateSet::expression`]).
+const RESULT_VAR: &str = "__expeditor_value";
+
+impl TemplateSet {
+    pub fn new() -> Self {
+        let mut env = Environment::new();
+        // Optional vendor fields are common (`order.customer.id` on a walk-in
+        // order): a missing one renders empty and is false in a `when`, rather
+        // than failing the delivery.
+        env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        env.add_filter("money", money_filter);
+        Self { env }
+    }
+
+    /// A text template, rendered to a string. `name` should be the config key
+    /// path (`sinks.kds.url`): it shows up in error messages.
+    pub fn text(&mut self, name: &str, source: &str) -> Result<TemplateId, TemplateError> {
+        self.env.add_template_owned(name.to_owned(), source.to_owned())?;
+        Ok(TemplateId {
+            name: name.to_owned(),
+            typed: false,
+        })
+    }
+
+    /// An expression (`order.total_cents > 0`) whose value keeps its type.
+    pub fn expression(&mut self, name: &str, source: &str) -> Result<TemplateId, TemplateError> {
+        // Compile first on its own so a syntax error points at the expression
+        // the user wrote, not at our wrapper.
+        self.env.compile_expression(source)?;
+        // Stored as a template that assigns the value: templates can be owned
+        // by the environment, bare expressions cannot.
+        let wrapped = format!("{{% set {RESULT_VAR} = ({source}) %}}");
+        self.env.add_template_owned(name.to_owned(), wrapped)?;
+        Ok(TemplateId {
+            name: name.to_owned(),
+            typed: true,
+        })
+    }
+
+    /// Compiles a structured value: each string leaf is a template, and a leaf
+    /// that is exactly one `{{ expression }}` keeps its JSON type.
+    pub fn structured(&mut self, name: &str, value: &Json) -> Result<Structured, TemplateError> {
+        Ok(match value {
+            Json::String(s) => {
+                if let Some(expr) = single_expression(s) {
+                    Structured::Template(self.expression(name, expr).map_err(|e| at(name, e))?)
+                } else if s.contains("{{") || s.contains("{%") || s.contains("{#") {
+                    Structured::Template(self.text(name, s).map_err(|e| at(name, e))?)
+                } else {
+                    Structured::Literal(value.clone())
+                }
+            }
+            Json::Array(items) => Structured::Array(
+                items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| self.structured(&format!("{name}[{i}]"), v))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Json::Object(map) => Structured::Object(
+                map.iter()
+                    .map(|(k, v)| Ok((k.clone(), self.structured(&format!("{name}.{k}"), v)?)))
+                    .collect::<Result<_, TemplateError>>()?,
+            ),
+            other => Structured::Literal(other.clone()),
+        })
+    }
+
+    pub fn finish(self) -> Arc<Templates> {
+        Arc::new(Templates { env: self.env })
+    }
+}
+
+fn at(name: &str, err: TemplateError) -> TemplateError {
+    if err.message.starts_with(name) {
+        err
+    } else {
+        TemplateError {
+            message: format!("{name}: {}", err.message),
+        }
+    }
+}
+
+/// `"{{ order.items }}"` -> `Some("order.items")`; anything with text around
+/// the expression, or a second expression, is a text template.
+fn single_expression(s: &str) -> Option<&str> {
+    let inner = s.trim().strip_prefix("{{")?.strip_suffix("}}")?;
+    let inner = inner.strip_prefix('-').unwrap_or(inner);
+    let inner = inner.strip_suffix('-').unwrap_or(inner);
+    if inner.contains("{{") || inner.contains("}}") || inner.contains("{%") || inner.contains("%}") {
+        return None;
+    }
+    let inner = inner.trim();
+    (!inner.is_empty()).then_some(inner)
+}
+
+/// `{{ order.total_cents | money }}` -> `"27.98"`: minor units as a decimal
+/// string, for people (Slack, email). Integer arithmetic, never floats.
+fn money_filter(cents: i64) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    let abs = cents.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+}
+
+/// The compiled templates of one component.
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+impl std::fmt::Debug for Templates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Templates").finish_non_exhaustive()
+    }
+}
+
+impl Templates {
+    /// The context templates see: `event`, `payload`, `order`, `payment`, `stock`.
+    pub fn context(event: &Event) -> Value {
+        Value::from(Serde(event))
+    }
+
+    /// Renders a text template, or an expression's value as text.
+    pub fn render(&self, id: &TemplateId, ctx: &Value) -> Result<String, TemplateError> {
+        if id.typed {
+            let v = self.eval(id, ctx)?;
+            return Ok(if v.is_undefined() || v.is_none() {
+                String::new()
+            } else {
+                v.to_string()
+            });
+        }
+        let tmpl = self.env.get_template(&id.name)?;
+        tmpl.render(ctx.clone()).map_err(|e| at(&id.name, e.into()))
+    }
+
+    /// Evaluates an expression (or renders a text template into a string value).
+    pub fn eval(&self, id: &TemplateId, ctx: &Value) -> Result<Value, TemplateError> {
+        let tmpl = self.env.get_template(&id.name)?;
+        if !id.typed {
+            return Ok(Value::from(self.render(id, ctx)?));
+        }
+        let captured = tmpl.render_captured(ctx.clone()).map_err(|e| at(&id.name, e.into()))?;
+        Ok(captured.state().lookup(RESULT_VAR).unwrap_or(Value::UNDEFINED))
+    }
+
+    /// Whether a `when` expression holds.
+    pub fn is_true(&self, id: &TemplateId, ctx: &Value) -> Result<bool, TemplateError> {
+        Ok(self.eval(id, ctx)?.is_true())
+    }
+
+    /// Renders a structured template into JSON.
+    pub fn render_json(&self, s: &Structured, ctx: &Value) -> Result<Json, TemplateError> {
+        Ok(match s {
+            Structured::Literal(v) => v.clone(),
+            Structured::Template(id) if id.typed => {
+                let v = self.eval(id, ctx)?;
+                if v.is_undefined() {
+                    Json::Null
+                } else {
+                    serde_json::to_value(&v).map_err(|e| TemplateError {
+                        message: format!("{}: value cannot be written as JSON: {e}", id.name),
+                    })?
+                }
+            }
+            Structured::Template(id) => Json::String(self.render(id, ctx)?),
+            Structured::Array(items) => Json::Array(
+                items
+                    .iter()
+                    .map(|i| self.render_json(i, ctx))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Structured::Object(fields) => Json::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), self.render_json(v, ctx)?)))
+                    .collect::<Result<_, TemplateError>>()?,
+            ),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{EventMeta, Item, Order, Views};
+    use serde_json::json;
+
+    fn event() -> Event {
+        Event {
+            event: EventMeta {
+                id: "evt_1".into(),
+                source: "crave".into(),
+                kind: "crave".into(),
+                event_type: "order.created".into(),
+                occurred_at: None,
+                received_at: "2026-11-23T10:00:00Z".into(),
+            },
+            payload: json!({"data": {"orderId": "ord_456"}}),
+            views: Views {
+                order: Some(Order {
+                    id: Some("ord_456".into()),
+                    channel: Some("delivery".into()),
+                    total_cents: Some(2798),
+                    items: vec![Item {
+                        name: Some("Pizza".into()),
+                        quantity: 2,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn structured_leaves_keep_types_or_interpolate() {
+        let mut set = TemplateSet::new();
+        let body = json!({
+            "external_id": "{{ order.id }}",
+            "total": "{{ order.total_cents }}",
+            "points": "{{ order.total_cents // 100 }}",
+            "items": "{{ order.items }}",
+            "label": "Order {{ order.id }} ({{ order.total_cents | money }})",
+            "priority": "{{ 'high' if order.channel == 'delivery' else 'normal' }}",
+            "missing": "{{ order.customer.id }}",
+            "fixed": 7,
+            "list": ["{{ event.type }}", "plain"],
+        });
+        let s = set.structured("sinks.kds.body", &body).unwrap();
+        let t = set.finish();
+        let out = t.render_json(&s, &Templates::context(&event())).unwrap();
+        assert_eq!(out["external_id"], json!("ord_456"));
+        assert_eq!(out["total"], json!(2798));
+        assert_eq!(out["points"], json!(27));
+        assert_eq!(out["items"][0]["name"], json!("Pizza"));
+        assert_eq!(out["items"][0]["quantity"], json!(2));
+        assert_eq!(out["label"], json!("Order ord_456 (27.98)"));
+        assert_eq!(out["priority"], json!("high"));
+        assert_eq!(out["missing"], json!(null));
+        assert_eq!(out["fixed"], json!(7));
+        assert_eq!(out["list"], json!(["order.created", "plain"]));
+    }
+
+    #[test]
+    fn expressions_evaluate_and_errors_name_the_key() {
+        let mut set = TemplateSet::new();
+        let when = set
+            .expression("routes[0].when", "order.total_cents > 2000 and event.source == 'crave'")
+            .unwrap();
+        let t = set.finish();
+        assert!(t.is_true(&when, &Templates::context(&event())).unwrap());
+
+        let mut set = TemplateSet::new();
+        let err = set.expression("routes[1].when", "order.total_cents >").unwrap_err();
+        assert!(err.message.contains("syntax error"), "{}", err.message);
+        let err = set
+            .structured("sinks.kds.body", &json!({"x": "{{ order.id "}))
+            .unwrap_err();
+        assert!(err.message.starts_with("sinks.kds.body.x"), "{}", err.message);
+    }
+
+    #[test]
+    fn money_filter_is_exact() {
+        assert_eq!(money_filter(2798), "27.98");
+        assert_eq!(money_filter(5), "0.05");
+        assert_eq!(money_filter(-1050), "-10.50");
+    }
+
+    #[test]
+    fn single_expression_detection() {
+        assert_eq!(single_expression("{{ order.items }}"), Some("order.items"));
+        assert_eq!(single_expression(" {{- x -}} "), Some("x"));
+        assert_eq!(single_expression("{{ a }} {{ b }}"), None);
+        assert_eq!(single_expression("id: {{ a }}"), None);
+    }
+}

@@ -1,0 +1,70 @@
+//! Renders one delivery into a request.
+
+use expeditor_api::{Delivery, DeliveryError, TemplateError, Templates};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
+use reqwest::{Client, Request, Url};
+
+use crate::HttpSinkConfig;
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const ATTEMPT: HeaderName = HeaderName::from_static("x-expeditor-attempt");
+const AGENT: &str = concat!("expeditor/", env!("CARGO_PKG_VERSION"));
+
+/// Everything that can fail here is in the config or the event, not the
+/// network, so every error is permanent.
+pub(crate) fn build(cfg: &HttpSinkConfig, client: &Client, delivery: &Delivery) -> Result<Request, DeliveryError> {
+    let templates = &cfg.templates;
+    // Rendered once: the event is serialized into the template context here.
+    let ctx = Templates::context(&delivery.event);
+
+    let url = templates.render(&cfg.url, &ctx).map_err(render_error)?;
+    // The URL may carry a secret (a token in the query): never quote it.
+    let url = Url::parse(&url)
+        .map_err(|e| DeliveryError::permanent(format!("sinks.{}.url: not a valid URL ({e})", cfg.name)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(DeliveryError::permanent(format!(
+            "sinks.{}.url: scheme must be http or https",
+            cfg.name
+        )));
+    }
+
+    let body = match &cfg.body {
+        Some(body) => serde_json::to_vec(&templates.render_json(body, &ctx).map_err(render_error)?),
+        None => serde_json::to_vec(&*delivery.event),
+    }
+    .map_err(|e| DeliveryError::permanent(format!("body cannot be written as JSON: {e}")))?;
+
+    let mut headers = HeaderMap::with_capacity(cfg.headers.len() + 4);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
+    for (name, template) in &cfg.headers {
+        let value = templates.render(template, &ctx).map_err(render_error)?;
+        let mut value = HeaderValue::try_from(value).map_err(|_| {
+            DeliveryError::permanent(format!(
+                "sinks.{}.headers.{name}: rendered value is not a valid header value",
+                cfg.name
+            ))
+        })?;
+        // Kept out of HPACK tables and `Debug` output.
+        value.set_sensitive(true);
+        headers.insert(name.clone(), value);
+    }
+    // Last, so no configured header can replace them.
+    let key = HeaderValue::try_from(delivery.key.as_str())
+        .map_err(|_| DeliveryError::permanent("delivery key is not a valid header value"))?;
+    headers.insert(IDEMPOTENCY_KEY, key);
+    headers.insert(ATTEMPT, HeaderValue::from(delivery.attempt));
+
+    client
+        .request(cfg.method.clone(), url)
+        .headers(headers)
+        .body(body)
+        .timeout(cfg.timeout)
+        .build()
+        .map_err(|e| DeliveryError::permanent(format!("invalid request: {}", crate::outcome::root_cause(&e))))
+}
+
+/// The message starts with the template's key path (`sinks.kds.body.total`).
+fn render_error(err: TemplateError) -> DeliveryError {
+    DeliveryError::permanent(err.message)
+}

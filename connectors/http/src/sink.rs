@@ -1,0 +1,59 @@
+//! The sink: one request per delivery, classified by `outcome`.
+
+use std::time::Instant;
+
+use expeditor_api::{Delivery, Outcome, Sink};
+use reqwest::Client;
+
+use crate::{HttpSinkConfig, outcome, request};
+
+#[derive(Debug)]
+pub struct HttpSink {
+    cfg: HttpSinkConfig,
+    client: Client,
+}
+
+impl HttpSink {
+    /// `client` is shared by all http sinks, so they share one connection
+    /// pool. The daemon builds it with
+    /// `reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())`:
+    /// a followed redirect would replay the request (or turn a POST into a
+    /// GET) somewhere the config never named, so a 3xx is a permanent error.
+    pub fn new(cfg: HttpSinkConfig, client: Client) -> Self {
+        Self { cfg, client }
+    }
+
+    async fn send(&self, delivery: &Delivery) -> Outcome {
+        let request = request::build(&self.cfg, &self.client, delivery)?;
+        let started = Instant::now();
+        let outcome = match self.client.execute(request).await {
+            Ok(response) => outcome::from_response(response).await,
+            Err(err) => Err(outcome::transport_error(&err, self.cfg.timeout)),
+        };
+        tracing::debug!(
+            sink = %self.cfg.name,
+            key = %delivery.key,
+            attempt = delivery.attempt,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            error = outcome.as_ref().err().map(|e| e.message.as_str()),
+            "http delivery",
+        );
+        outcome
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for HttpSink {
+    /// One request per event: the APIs behind this sink take one at a time.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            outcomes.push(self.send(delivery).await);
+        }
+        outcomes
+    }
+}

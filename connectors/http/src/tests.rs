@@ -1,0 +1,408 @@
+//! Against a real HTTP server on 127.0.0.1:0, inside the test.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use expeditor_api::{Delivery, DeliveryError, Event, EventMeta, Item, Order, Sink, TemplateSet, Views};
+use http::{HeaderMap, HeaderName, Method};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value as Json, json};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use super::outcome::{one_line, retry_after};
+use super::*;
+
+/// What the test server answers.
+#[derive(Clone)]
+struct Reply {
+    status: u16,
+    headers: Vec<(&'static str, String)>,
+    body: String,
+    delay: Duration,
+}
+
+fn reply(status: u16) -> Reply {
+    Reply {
+        status,
+        headers: Vec::new(),
+        body: String::new(),
+        delay: Duration::ZERO,
+    }
+}
+
+/// What the test server received.
+struct Seen {
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Json,
+}
+
+async fn serve(reply: Reply) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (reply, tx) = (reply.clone(), tx.clone());
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let (reply, tx) = (reply.clone(), tx.clone());
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.unwrap().to_bytes();
+                    let body = serde_json::from_slice(&body).unwrap_or(Json::Null);
+                    let path = parts.uri.path().to_owned();
+                    let _ = tx.send(Seen {
+                        method: parts.method,
+                        path,
+                        headers: parts.headers,
+                        body,
+                    });
+                    tokio::time::sleep(reply.delay).await;
+                    let mut response = Response::builder().status(reply.status);
+                    for (name, value) in &reply.headers {
+                        response = response.header(*name, value);
+                    }
+                    Ok::<_, Infallible>(response.body(Full::new(Bytes::from(reply.body))).unwrap())
+                }
+            });
+            tokio::spawn(async move {
+                let io = TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+fn client() -> reqwest::Client {
+    // Err when another test installed it first.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+fn event() -> Event {
+    Event {
+        event: EventMeta {
+            id: "evt_1".into(),
+            source: "crave".into(),
+            kind: "crave".into(),
+            event_type: "order.created".into(),
+            occurred_at: None,
+            received_at: "2026-11-23T10:00:00Z".into(),
+        },
+        payload: json!({"data": {"orderId": "ord_456"}}),
+        views: Views {
+            order: Some(Order {
+                id: Some("ord_456".into()),
+                channel: Some("delivery".into()),
+                total_cents: Some(2798),
+                items: vec![Item {
+                    name: Some("Pizza".into()),
+                    quantity: 2,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+fn delivery(attempt: u32) -> Delivery {
+    Delivery {
+        key: expeditor_api::delivery_key("crave", "evt_1", "kds"),
+        attempt,
+        event: Arc::new(event()),
+    }
+}
+
+struct Build {
+    url: String,
+    headers: Vec<(HeaderName, &'static str)>,
+    body: Option<Json>,
+    timeout: Duration,
+}
+
+fn build(addr: SocketAddr) -> Build {
+    Build {
+        url: format!("http://{addr}/tickets/{{{{ order.id }}}}"),
+        headers: vec![(
+            header_name("Authorization").unwrap(),
+            "Bearer s3cret-{{ event.source }}",
+        )],
+        body: None,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+impl Build {
+    fn sink(self) -> HttpSink {
+        let mut set = TemplateSet::new();
+        let url = set.text("sinks.kds.url", &self.url).unwrap();
+        let headers = self
+            .headers
+            .into_iter()
+            .map(|(name, source)| {
+                let id = set.text(&format!("sinks.kds.headers.{name}"), source).unwrap();
+                (name, id)
+            })
+            .collect();
+        let body = self.body.map(|b| set.structured("sinks.kds.body", &b).unwrap());
+        let cfg = HttpSinkConfig {
+            name: "kds".into(),
+            method: Method::POST,
+            url,
+            headers,
+            body,
+            timeout: self.timeout,
+            templates: set.finish(),
+        };
+        HttpSink::new(cfg, client())
+    }
+}
+
+async fn deliver_one(sink: &HttpSink, attempt: u32) -> Result<(), DeliveryError> {
+    let mut outcomes = sink.deliver(&[delivery(attempt)]).await;
+    assert_eq!(outcomes.len(), 1);
+    outcomes.pop().unwrap()
+}
+
+async fn status_outcome(reply: Reply) -> DeliveryError {
+    let (addr, _seen) = serve(reply).await;
+    deliver_one(&build(addr).sink(), 1).await.unwrap_err()
+}
+
+#[tokio::test]
+async fn sends_the_rendered_body_and_headers() {
+    let (addr, mut seen) = serve(reply(201)).await;
+    let mut b = build(addr);
+    b.body = Some(json!({
+        "external_id": "{{ order.id }}",
+        "total": "{{ order.total_cents }}",
+        "items": "{{ order.items }}",
+        "label": "Order {{ order.id }}",
+        "fixed": 7,
+    }));
+    let sink = b.sink();
+    assert_eq!(sink.max_batch(), 1);
+    deliver_one(&sink, 3).await.unwrap();
+
+    let req = seen.recv().await.unwrap();
+    assert_eq!(req.method, Method::POST);
+    assert_eq!(req.path, "/tickets/ord_456");
+    assert_eq!(
+        req.body,
+        json!({
+            "external_id": "ord_456",
+            "total": 2798,
+            "items": [{"name": "Pizza", "quantity": 2, "unit_price_cents": null, "total_cents": null, "modifiers": []}],
+            "label": "Order ord_456",
+            "fixed": 7,
+        })
+    );
+    let h = &req.headers;
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(h["idempotency-key"], delivery(3).key.as_str());
+    assert_eq!(h["x-expeditor-attempt"], "3");
+    assert_eq!(h["authorization"], "Bearer s3cret-crave");
+    assert!(h["user-agent"].to_str().unwrap().starts_with("expeditor/"));
+}
+
+#[tokio::test]
+async fn default_body_is_the_whole_event() {
+    let (addr, mut seen) = serve(reply(200)).await;
+    deliver_one(&build(addr).sink(), 1).await.unwrap();
+    assert_eq!(seen.recv().await.unwrap().body, serde_json::to_value(event()).unwrap());
+}
+
+#[tokio::test]
+async fn configured_headers_cannot_replace_the_idempotency_key() {
+    let (addr, mut seen) = serve(reply(200)).await;
+    let mut b = build(addr);
+    // Past `header_name`, which refuses these at `check`.
+    b.headers.push((HeaderName::from_static("idempotency-key"), "mine"));
+    b.headers.push((HeaderName::from_static("x-expeditor-attempt"), "99"));
+    deliver_one(&b.sink(), 2).await.unwrap();
+    let req = seen.recv().await.unwrap();
+    assert_eq!(req.headers["idempotency-key"], delivery(2).key.as_str());
+    assert_eq!(req.headers["x-expeditor-attempt"], "2");
+    assert_eq!(req.headers.get_all("idempotency-key").iter().count(), 1);
+}
+
+#[test]
+fn header_names_are_checked() {
+    assert_eq!(header_name("X-Api-Key").unwrap().as_str(), "x-api-key");
+    assert!(header_name("Idempotency-Key").unwrap_err().contains("set by expeditor"));
+    assert!(header_name("Content-Length").is_err());
+    assert!(
+        header_name("bad header")
+            .unwrap_err()
+            .contains("not a valid header name")
+    );
+}
+
+#[tokio::test]
+async fn unavailable_with_retry_after_is_retryable() {
+    let mut r = reply(503);
+    r.headers.push(("retry-after", "7".into()));
+    r.body = "upstream\n  down\t(maintenance)".into();
+    let err = status_outcome(r).await;
+    assert!(err.retryable);
+    assert_eq!(err.retry_after, Some(Duration::from_secs(7)));
+    assert_eq!(err.message, "HTTP 503 Service Unavailable: upstream down (maintenance)");
+}
+
+#[tokio::test]
+async fn too_many_requests_honours_an_http_date() {
+    let mut r = reply(429);
+    let at = SystemTime::now() + Duration::from_secs(120);
+    r.headers.push(("retry-after", httpdate::fmt_http_date(at)));
+    let err = status_outcome(r).await;
+    assert!(err.retryable);
+    let after = err.retry_after.unwrap();
+    assert!(
+        after > Duration::from_secs(100) && after <= Duration::from_secs(120),
+        "{after:?}"
+    );
+    assert_eq!(err.message, "HTTP 429 Too Many Requests");
+}
+
+#[tokio::test]
+async fn timeouts_and_server_errors_are_retryable() {
+    for status in [408, 500, 502, 504, 599] {
+        let err = status_outcome(reply(status)).await;
+        assert!(err.retryable, "{status}");
+        assert_eq!(err.retry_after, None, "{status}");
+    }
+    assert_eq!(status_outcome(reply(599)).await.message, "HTTP 599");
+}
+
+#[tokio::test]
+async fn bad_request_is_permanent_with_a_short_body() {
+    let mut r = reply(400);
+    r.body = format!("{{\"error\":\n\"bad ticket\"}}{}", "x".repeat(500));
+    let err = status_outcome(r).await;
+    assert!(!err.retryable);
+    assert!(
+        err.message
+            .starts_with("HTTP 400 Bad Request: {\"error\": \"bad ticket\"}xxx"),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.len() <= "HTTP 400 Bad Request: ".len() + 200,
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test]
+async fn not_found_is_permanent() {
+    let err = status_outcome(reply(404)).await;
+    assert!(!err.retryable);
+    assert_eq!(err.message, "HTTP 404 Not Found");
+}
+
+#[tokio::test]
+async fn redirects_are_permanent_and_not_followed() {
+    let mut r = reply(302);
+    r.headers.push(("location", "/elsewhere".into()));
+    let (addr, mut seen) = serve(r).await;
+    let err = deliver_one(&build(addr).sink(), 1).await.unwrap_err();
+    assert!(!err.retryable);
+    assert_eq!(err.message, "HTTP 302 Found (redirects are not followed)");
+    assert_eq!(seen.recv().await.unwrap().path, "/tickets/ord_456");
+    assert!(seen.try_recv().is_err(), "the redirect was followed");
+}
+
+#[tokio::test]
+async fn a_slow_server_times_out_retryably() {
+    let mut r = reply(200);
+    r.delay = Duration::from_secs(5);
+    let (addr, _seen) = serve(r).await;
+    let mut b = build(addr);
+    b.timeout = Duration::from_millis(200);
+    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+    assert!(err.retryable);
+    assert_eq!(err.message, "timed out after 200ms");
+}
+
+#[tokio::test]
+async fn connection_refused_is_retryable() {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let err = deliver_one(&build(addr).sink(), 1).await.unwrap_err();
+    assert!(err.retryable);
+    assert_eq!(err.message, "connection refused");
+}
+
+#[tokio::test]
+async fn a_template_error_is_permanent_and_names_the_key() {
+    let (addr, mut seen) = serve(reply(200)).await;
+    let mut b = build(addr);
+    b.body = Some(json!({"points": "{{ order.id + 1 }}"}));
+    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+    assert!(!err.retryable);
+    assert!(err.message.starts_with("sinks.kds.body.points: "), "{}", err.message);
+    assert!(seen.try_recv().is_err(), "nothing should have been sent");
+}
+
+#[tokio::test]
+async fn bad_rendered_url_or_header_is_permanent_and_quotes_neither() {
+    let (addr, _seen) = serve(reply(200)).await;
+    let mut b = build(addr);
+    b.url = "{{ order.customer.id }}/tickets?token=s3cret".into();
+    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+    assert!(!err.retryable);
+    assert_eq!(
+        err.message,
+        "sinks.kds.url: not a valid URL (relative URL without a base)"
+    );
+
+    let mut b = build(addr);
+    b.headers = vec![(header_name("X-Token").unwrap(), "s3cret\n{{ order.id }}")];
+    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+    assert!(!err.retryable);
+    assert_eq!(
+        err.message,
+        "sinks.kds.headers.x-token: rendered value is not a valid header value"
+    );
+}
+
+#[test]
+fn retry_after_forms() {
+    let now = SystemTime::now();
+    let header = |v: &str| {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", v.parse().unwrap());
+        h
+    };
+    assert_eq!(retry_after(&header(" 30 "), now), Some(Duration::from_secs(30)));
+    let past = httpdate::fmt_http_date(now - Duration::from_secs(60));
+    assert_eq!(retry_after(&header(&past), now), Some(Duration::ZERO));
+    let soon = httpdate::fmt_http_date(now + Duration::from_secs(61));
+    let d = retry_after(&header(&soon), now).unwrap();
+    assert!(d > Duration::from_secs(59) && d <= Duration::from_secs(61), "{d:?}");
+    assert_eq!(retry_after(&header("soon"), now), None);
+    assert_eq!(retry_after(&HeaderMap::new(), now), None);
+}
+
+#[test]
+fn one_line_flattens_control_characters() {
+    assert_eq!(one_line(b"a\r\nb\t\x1b[31mc  "), "a b [31mc");
+    assert_eq!(one_line(b""), "");
+}

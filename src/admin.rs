@@ -1,0 +1,265 @@
+//! The admin listener: health, and the JSON API behind the CLI's listing and
+//! replay commands. When a token is configured every request but `/healthz`
+//! must carry it as a bearer token.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::ingest::{Body, error, json_response};
+use crate::store::{DeliveryFilter, EventFilter, ReplayTarget, Status, Store, StoreError, now_ms};
+
+pub struct Admin {
+    pub config: Arc<Config>,
+    pub store: Arc<dyn Store>,
+    pub wake: crate::pipeline::Wake,
+}
+
+const DEFAULT_LIMIT: usize = 50;
+const MAX_LIMIT: usize = 10_000;
+
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let admin = admin.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(handle(req, &admin).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => { conn.as_mut().graceful_shutdown(); let _ = conn.await; }
+            }
+        });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    if path == "/healthz" {
+        return text(StatusCode::OK, "ok\n");
+    }
+    if let Some(token) = &admin.config.admin.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(given.as_bytes().ct_eq(token.expose())) {
+            let mut resp = error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+            return resp;
+        }
+    }
+    let query = parse_query(req.uri().query().unwrap_or(""));
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(DEFAULT_LIMIT)
+        .min(MAX_LIMIT);
+    let result = match (req.method(), path.as_str()) {
+        (&Method::GET, "/api/events") => admin
+            .store
+            .events(EventFilter {
+                source: query.get("source").cloned(),
+                event_type: query.get("type").cloned(),
+                limit,
+            })
+            .await
+            .map(|events| serde_json::json!({ "events": events })),
+        (&Method::GET, "/api/deliveries") | (&Method::GET, "/api/dead-letters") => {
+            let status = if path == "/api/dead-letters" {
+                Some(Status::Dead)
+            } else {
+                match query.get("status").map(|s| s.parse::<Status>()) {
+                    None => None,
+                    Some(Ok(s)) => Some(s),
+                    Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
+                }
+            };
+            admin
+                .store
+                .deliveries(DeliveryFilter {
+                    sink: query.get("sink").cloned(),
+                    status,
+                    limit,
+                })
+                .await
+                .map(|d| serde_json::json!({ "deliveries": d }))
+        }
+        (&Method::POST, "/api/replay") => return replay(req, admin).await,
+        (_, "/api/events" | "/api/deliveries" | "/api/dead-letters" | "/api/replay") => {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        }
+        _ => return error(StatusCode::NOT_FOUND, "not found"),
+    };
+    match result {
+        Ok(v) => json_response(StatusCode::OK, v.to_string()),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    #[serde(default)]
+    dead_letters: bool,
+    event: Option<EventRef>,
+    sink: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventRef {
+    source: String,
+    id: String,
+}
+
+async fn replay(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
+    let Ok(body) = Limited::new(req.into_body(), 64 * 1024)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+    else {
+        return error(StatusCode::BAD_REQUEST, "body could not be read");
+    };
+    let r: ReplayRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid replay request: {e}")),
+    };
+    if let Some(sink) = &r.sink
+        && !admin.config.sinks.contains_key(sink)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("no sink named {sink:?} in the running config"),
+        );
+    }
+    let target = match (r.dead_letters, r.event) {
+        (true, None) => ReplayTarget::DeadLetters { sink: r.sink.clone() },
+        (false, Some(e)) => ReplayTarget::Event {
+            source: e.source,
+            id: e.id,
+            sink: r.sink.clone(),
+        },
+        _ => return error(StatusCode::BAD_REQUEST, "give either dead_letters: true or an event"),
+    };
+    match admin.store.replay(target.clone(), now_ms()).await {
+        Ok(n) => {
+            tracing::info!(?target, deliveries = n, "replay requested");
+            let sinks: Vec<String> = match &r.sink {
+                Some(s) => vec![s.clone()],
+                None => admin.config.sinks.keys().cloned().collect(),
+            };
+            (admin.wake)(&sinks);
+            json_response(StatusCode::OK, serde_json::json!({ "replayed": n }).to_string())
+        }
+        Err(e) => store_error(e),
+    }
+}
+
+fn store_error(e: StoreError) -> Response<Body> {
+    match e {
+        StoreError::NotFound => error(StatusCode::NOT_FOUND, "no such event"),
+        StoreError::Pruned => error(
+            StatusCode::GONE,
+            "the event's payload has been pruned; it cannot be replayed",
+        ),
+        StoreError::Unavailable(detail) => {
+            tracing::error!(error = %detail, "admin request failed: store unavailable");
+            error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// `a=1&b=x%20y` -> {a: "1", b: "x y"}.
+fn parse_query(q: &str) -> HashMap<String, String> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((percent_decode(k)?, percent_decode(v)?))
+        })
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_parsing() {
+        let q = parse_query("source=crumb&type=order.created&limit=5&x=&y=a%20b+c");
+        assert_eq!(q["source"], "crumb");
+        assert_eq!(q["type"], "order.created");
+        assert_eq!(q["limit"], "5");
+        assert!(!q.contains_key("x"));
+        assert_eq!(q["y"], "a b c");
+        assert!(parse_query("a=%zz").is_empty());
+    }
+}

@@ -1,0 +1,424 @@
+//! Command line: the daemon (`run`), config validation (`check`), a vendor
+//! "send test webhook" button (`send`), and the operator commands that talk
+//! to a running daemon through its admin API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use crate::config::{self, Config, Scheme};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "expeditor",
+    version,
+    about = "Receives signed restaurant webhooks, stores them durably and fans them out to sinks"
+)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, default_value = "config.toml", env = "EXPEDITOR_CONFIG")]
+    pub config: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon.
+    Run,
+    /// Validate the configuration without starting anything.
+    Check,
+    /// Sign a realistic sample event of a source's vendor and POST it.
+    Send {
+        /// The source (`[sources.NAME]`) whose kind and secret to use.
+        source: String,
+        /// The event type, e.g. order.created.
+        event_type: String,
+        /// Where to post; default: this config's ingest listener.
+        #[arg(long)]
+        url: Option<String>,
+        /// The event id; default: a fresh one.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// List recent events.
+    Events {
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// List deliveries.
+    Deliveries {
+        #[arg(long)]
+        sink: Option<String>,
+        /// pending, delivered or dead
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// List dead letters: deliveries that failed for good.
+    DeadLetters {
+        #[arg(long)]
+        sink: Option<String>,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Deliver again: every dead letter, or one event.
+    Replay {
+        /// Replay dead letters (of --sink, or all).
+        #[arg(long, conflicts_with = "event", required_unless_present = "event")]
+        dead_letters: bool,
+        /// Replay one event, SOURCE:ID.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only to this sink.
+        #[arg(long)]
+        sink: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// At most this many rows.
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Print the API's JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
+    config::load(&cli.config).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
+        ExitCode::from(2)
+    })
+}
+
+pub fn check(cli: &Cli) -> ExitCode {
+    match load_config(cli) {
+        Ok(cfg) => {
+            println!(
+                "{}: ok ({} sources, {} sinks, {} routes)",
+                cli.config.display(),
+                cfg.sources.len(),
+                cfg.sinks.len(),
+                cfg.router.routes().len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+/// The URL to reach a listener from this machine (`0.0.0.0` -> loopback).
+fn local_url(addr: std::net::SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
+}
+
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?)
+}
+
+pub async fn send(
+    cfg: &Config,
+    source: &str,
+    event_type: &str,
+    url: Option<String>,
+    id: Option<String>,
+) -> anyhow::Result<bool> {
+    let Some(src) = cfg.sources.get(source) else {
+        let known = cfg.sources.keys().cloned().collect::<Vec<_>>().join(", ");
+        bail!(
+            "no source named {source:?} in {} (configured: {known})",
+            cfg.file.display()
+        );
+    };
+    let id = id.unwrap_or_else(|| format!("evt_test_{:016x}", fastrand::u64(..)));
+    let Some(payload) = crate::sample::sample_event(src.kind(), event_type, &id, fastrand::u64(..1000)) else {
+        let known = match src.kind() {
+            "crumbpos" => crate::sample::CRUMBPOS_EVENTS.join(", "),
+            "crave" => crate::sample::CRAVE_EVENTS.join(", "),
+            _ => String::from("any"),
+        };
+        bail!(
+            "no sample for {event_type:?} events of kind {}; known: {known}",
+            src.kind()
+        );
+    };
+    let body = serde_json::to_vec(&payload)?;
+    let now = crate::store::now_ms() / 1000;
+    let url = url.unwrap_or_else(|| format!("{}/webhooks/{source}", local_url(cfg.server.listen)));
+    let mut req = client()?.post(&url).header("content-type", "application/json");
+    match &src.scheme {
+        Scheme::CrumbPos(v) => {
+            let secret = v.secrets.first().context("source has no secret")?;
+            req = req.header(
+                "Crumb-Signature",
+                crate::verify::sign_crumbpos(secret.expose(), now, &body),
+            );
+        }
+        Scheme::Crave(v) => {
+            let secret = v.secrets.first().context("source has no secret")?;
+            req = req.header("X-Crave-Signature", crate::verify::sign_crave(secret.expose(), &body));
+        }
+        Scheme::Hmac(v) => {
+            let secret = v.secrets.first().context("source has no secret")?;
+            for (name, value) in v.sign(secret.expose(), Some(now), &body) {
+                req = req.header(name, value);
+            }
+        }
+    }
+    let resp = req
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    println!("HTTP {}", status.as_u16());
+    println!("{text}");
+    Ok(status.is_success())
+}
+
+/// A client of the running daemon's admin API.
+pub struct AdminClient {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl AdminClient {
+    pub fn new(cfg: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            base: local_url(cfg.admin.listen),
+            token: cfg
+                .admin
+                .token
+                .as_ref()
+                .map(|t| String::from_utf8_lossy(t.expose()).into_owned()),
+            http: client()?,
+        })
+    }
+
+    async fn call(&self, req: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.with_context(|| {
+            format!(
+                "cannot reach the admin API at {} (is `expeditor run` running?)",
+                self.base
+            )
+        })?;
+        let status = resp.status();
+        let body: Value = resp
+            .json()
+            .await
+            .context("the admin API answered with something that is not JSON")?;
+        if !status.is_success() {
+            let msg = body.get("error").and_then(Value::as_str).unwrap_or("error");
+            bail!("admin API: HTTP {}: {msg}", status.as_u16());
+        }
+        Ok(body)
+    }
+
+    pub async fn get(&self, path: &str, query: &[(&str, Option<&str>)]) -> anyhow::Result<Value> {
+        let mut url = reqwest::Url::parse(&format!("{}{path}", self.base))?;
+        for (k, v) in query {
+            if let Some(v) = v {
+                url.query_pairs_mut().append_pair(k, v);
+            }
+        }
+        self.call(self.http.get(url)).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        self.call(self.http.post(format!("{}{path}", self.base)).json(body))
+            .await
+    }
+}
+
+pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
+    let admin = AdminClient::new(cfg)?;
+    match command {
+        Command::Events {
+            source,
+            event_type,
+            list,
+        } => {
+            let limit = list.limit.to_string();
+            let v = admin
+                .get(
+                    "/api/events",
+                    &[
+                        ("source", source.as_deref()),
+                        ("type", event_type.as_deref()),
+                        ("limit", Some(&limit)),
+                    ],
+                )
+                .await?;
+            if list.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            let rows = v["events"].as_array().cloned().unwrap_or_default();
+            let table: Vec<Vec<String>> = rows
+                .iter()
+                .map(|e| {
+                    let deliveries = e["deliveries"]
+                        .as_array()
+                        .map(|ds| {
+                            ds.iter()
+                                .map(|d| format!("{}:{}", s(&d["sink"]), s(&d["status"])))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        })
+                        .unwrap_or_default();
+                    vec![
+                        s(&e["received_at"]),
+                        s(&e["source"]),
+                        s(&e["id"]),
+                        s(&e["type"]),
+                        if deliveries.is_empty() {
+                            "(unrouted)".into()
+                        } else {
+                            deliveries
+                        },
+                    ]
+                })
+                .collect();
+            print_table(&["RECEIVED", "SOURCE", "ID", "TYPE", "DELIVERIES"], &table);
+        }
+        Command::Deliveries { sink, status, list } => {
+            let limit = list.limit.to_string();
+            let v = admin
+                .get(
+                    "/api/deliveries",
+                    &[
+                        ("sink", sink.as_deref()),
+                        ("status", status.as_deref()),
+                        ("limit", Some(&limit)),
+                    ],
+                )
+                .await?;
+            print_deliveries(&v, list.json)?;
+        }
+        Command::DeadLetters { sink, list } => {
+            let limit = list.limit.to_string();
+            let v = admin
+                .get(
+                    "/api/dead-letters",
+                    &[("sink", sink.as_deref()), ("limit", Some(&limit))],
+                )
+                .await?;
+            print_deliveries(&v, list.json)?;
+        }
+        Command::Replay {
+            dead_letters,
+            event,
+            sink,
+        } => {
+            let body = if *dead_letters {
+                serde_json::json!({ "dead_letters": true, "sink": sink })
+            } else {
+                let event = event.as_deref().unwrap_or_default();
+                let Some((source, id)) = event.split_once(':') else {
+                    bail!("--event takes SOURCE:ID, e.g. crumb:evt_abc123");
+                };
+                serde_json::json!({ "event": { "source": source, "id": id }, "sink": sink })
+            };
+            let v = admin.post("/api/replay", &body).await?;
+            println!("replayed {} deliveries", v["replayed"].as_u64().unwrap_or(0));
+        }
+        _ => unreachable!("only listing commands come here"),
+    }
+    Ok(())
+}
+
+fn print_deliveries(v: &Value, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(v)?);
+        return Ok(());
+    }
+    let rows = v["deliveries"].as_array().cloned().unwrap_or_default();
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|d| {
+            vec![
+                s(&d["updated_at"]),
+                s(&d["sink"]),
+                format!("{}:{}", s(&d["source"]), s(&d["event_id"])),
+                s(&d["event_type"]),
+                s(&d["status"]),
+                d["attempts"].to_string(),
+                s(&d["last_error"]),
+            ]
+        })
+        .collect();
+    print_table(
+        &["UPDATED", "SINK", "EVENT", "TYPE", "STATUS", "ATTEMPTS", "LAST ERROR"],
+        &table,
+    );
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    if rows.is_empty() {
+        println!("(none)");
+        return;
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}

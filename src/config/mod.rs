@@ -1,0 +1,1086 @@
+//! Loading and validating `config.toml`.
+//!
+//! Validation is pure and complete before anything starts: [`load`] returns
+//! either a [`Config`] that the daemon builds from without re-checking, or
+//! every problem found, each naming the file, line, column and key. `${VAR}`
+//! is resolved from the environment; an unset variable is an error, never "".
+
+mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use expeditor_api::{RetryPolicy, TemplateSet};
+use expeditor_file::FileSinkConfig;
+use expeditor_http::HttpSinkConfig;
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::normalize::{FieldPath, Normalizer};
+use crate::route::{Glob, Route, Router};
+use crate::verify::{CraveVerifier, CrumbPosVerifier, Encoding, HmacVerifier, Secret, SignedPayload, Verify};
+use raw::*;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    /// 1-based line and column, when the problem has a place in the file.
+    pub position: Option<(usize, usize)>,
+    /// Dotted key path (`sinks.kds.url`), empty for the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let Some((line, col)) = self.position {
+            write!(f, ":{line}:{col}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Everything wrong with a config file.
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A validated configuration.
+#[derive(Debug)]
+pub struct Config {
+    pub file: PathBuf,
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+    pub sources: BTreeMap<String, Arc<Source>>,
+    pub sinks: BTreeMap<String, SinkSpec>,
+    pub router: Router,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Directory of the embedded store.
+    pub path: PathBuf,
+    pub dedupe_window: Duration,
+    pub keep_delivered: Duration,
+    pub keep_dead_letters: Duration,
+}
+
+/// A configured webhook source (`[sources.NAME]`, served at `/webhooks/NAME`).
+#[derive(Debug)]
+pub struct Source {
+    pub name: String,
+    pub scheme: Scheme,
+    pub normalizer: Normalizer,
+}
+
+impl Source {
+    pub fn kind(&self) -> &'static str {
+        match self.scheme {
+            Scheme::CrumbPos(_) => "crumbpos",
+            Scheme::Crave(_) => "crave",
+            Scheme::Hmac(_) => "hmac",
+        }
+    }
+
+    pub fn verifier(&self) -> &dyn Verify {
+        match &self.scheme {
+            Scheme::CrumbPos(v) => v,
+            Scheme::Crave(v) => v,
+            Scheme::Hmac(v) => v,
+        }
+    }
+}
+
+/// The signature scheme of a source, with its secrets.
+#[derive(Debug)]
+pub enum Scheme {
+    CrumbPos(CrumbPosVerifier),
+    Crave(CraveVerifier),
+    Hmac(HmacVerifier),
+}
+
+/// What every sink has, whatever its type.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkCommon {
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+#[derive(Debug)]
+pub struct SinkSpec {
+    pub name: String,
+    pub common: SinkCommon,
+    pub kind: SinkKind,
+}
+
+pub enum SinkKind {
+    Http(HttpSinkConfig),
+    File(FileSinkConfig),
+}
+
+impl fmt::Debug for SinkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The http config holds resolved headers (tokens): say only the type.
+        f.write_str(match self {
+            SinkKind::Http(_) => "Http",
+            SinkKind::File(_) => "File",
+        })
+    }
+}
+
+impl SinkKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SinkKind::Http(_) => "http",
+            SinkKind::File(_) => "file",
+        }
+    }
+}
+
+const SINK_TYPES: &str = "http, file";
+const SOURCE_KINDS: &str = "crumbpos, crave, hmac";
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.display().to_string(),
+            position: None,
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    parse(path, &text, &|name| std::env::var(name).ok())
+}
+
+/// Validates config text; `env` resolves `${VAR}` (the process environment in
+/// production, a map in tests).
+pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let mut cx = Cx {
+        file: path.display().to_string(),
+        text,
+        env,
+        errors: Vec::new(),
+    };
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let doc = match DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            cx.toml_error("", e);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let raw = match RawConfig::deserialize(doc.clone().into_deserializer()) {
+        Ok(raw) => raw,
+        Err(e) => {
+            cx.toml_error("", e);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+
+    let server = cx.server(raw.server.as_ref());
+    let admin = cx.admin(raw.admin.as_ref());
+    let store = cx.store(raw.store.as_ref(), &base_dir);
+    let mut sources = BTreeMap::new();
+    for (name, src) in &raw.sources {
+        if let Some(source) = cx.source(name, src) {
+            sources.insert(name.clone(), Arc::new(source));
+        }
+    }
+    let mut sinks = BTreeMap::new();
+    if let Some(table) = doc.get_ref().get("sinks") {
+        match table.get_ref() {
+            DeValue::Table(table) => {
+                for (name, value) in table.iter() {
+                    if let Some(sink) = cx.sink(name.get_ref(), value, &base_dir) {
+                        sinks.insert(name.get_ref().to_string(), sink);
+                    }
+                }
+            }
+            _ => cx.error_at(table.span(), "sinks", "must be a table of sinks: [sinks.NAME]"),
+        }
+    }
+    let router = cx.router(&raw.routes, &sources, &sinks);
+
+    if !cx.errors.is_empty() {
+        return Err(ConfigErrors(cx.errors));
+    }
+    Ok(Config {
+        file: path.to_path_buf(),
+        server: server.expect("no errors means a server section"),
+        admin: admin.expect("no errors means an admin section"),
+        store: store.expect("no errors means a store section"),
+        sources,
+        sinks,
+        router: router.expect("no errors means a router"),
+    })
+}
+
+/// Validation context: the text (for line numbers), the environment, and
+/// the errors found so far.
+struct Cx<'a> {
+    file: String,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn position(&self, offset: usize) -> (usize, usize) {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
+        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+        (line, col)
+    }
+
+    fn error_at(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let position = Some(self.position(span.start));
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            position,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn toml_error(&mut self, key: &str, e: toml::de::Error) {
+        let position = e.span().map(|s| self.position(s.start));
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            position,
+            key: key.to_string(),
+            message: e.message().trim().to_string(),
+        });
+    }
+
+    /// Resolves `${VAR}` in a string value.
+    fn resolve(&mut self, s: &Str, key: &str) -> Option<String> {
+        match interpolate(s.get_ref(), self.env) {
+            Ok(v) => Some(v),
+            Err(msg) => {
+                self.error_at(s.span(), key, msg);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, s: Option<&Str>, key: &str, default: Duration) -> Option<Duration> {
+        let Some(s) = s else { return Some(default) };
+        let v = self.resolve(s, key)?;
+        match humantime::parse_duration(v.trim()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error_at(
+                    s.span(),
+                    key,
+                    format!("invalid duration {v:?} ({e}); write e.g. \"30s\", \"5m\", \"7d\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn size(&mut self, s: Option<&Str>, key: &str, default: usize) -> Option<usize> {
+        let Some(s) = s else { return Some(default) };
+        let v = self.resolve(s, key)?;
+        match v.trim().parse::<bytesize::ByteSize>() {
+            Ok(b) if b.as_u64() > 0 && b.as_u64() <= usize::MAX as u64 => Some(b.as_u64() as usize),
+            _ => {
+                self.error_at(
+                    s.span(),
+                    key,
+                    format!("invalid size {v:?}; write e.g. \"1MiB\", \"512KiB\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn int(&mut self, v: Option<&Spanned<i64>>, key: &str, default: i64, range: Range<i64>) -> Option<i64> {
+        let Some(v) = v else { return Some(default) };
+        if range.contains(v.get_ref()) {
+            Some(*v.get_ref())
+        } else {
+            self.error_at(
+                v.span(),
+                key,
+                format!("must be between {} and {}", range.start, range.end - 1),
+            );
+            None
+        }
+    }
+
+    fn addr(&mut self, s: Option<&Str>, key: &str, default: &str) -> Option<SocketAddr> {
+        let (v, span) = match s {
+            Some(s) => (self.resolve(s, key)?, s.span()),
+            None => return default.parse().ok(),
+        };
+        match v.trim().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error_at(
+                    span,
+                    key,
+                    format!("invalid address {v:?}; write IP:PORT, e.g. \"0.0.0.0:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn server(&mut self, raw: Option<&Spanned<RawServer>>) -> Option<ServerConfig> {
+        let r = raw.map(Spanned::get_ref);
+        let listen = self.addr(r.and_then(|r| r.listen.as_ref()), "server.listen", "0.0.0.0:8080");
+        let max_body = self.size(r.and_then(|r| r.max_body.as_ref()), "server.max_body", 1 << 20);
+        let header_timeout = self.duration(
+            r.and_then(|r| r.header_timeout.as_ref()),
+            "server.header_timeout",
+            Duration::from_secs(10),
+        );
+        let body_timeout = self.duration(
+            r.and_then(|r| r.body_timeout.as_ref()),
+            "server.body_timeout",
+            Duration::from_secs(10),
+        );
+        let max_connections = self.int(
+            r.and_then(|r| r.max_connections.as_ref()),
+            "server.max_connections",
+            1024,
+            1..1_000_001,
+        );
+        Some(ServerConfig {
+            listen: listen?,
+            max_body: max_body?,
+            header_timeout: header_timeout?,
+            body_timeout: body_timeout?,
+            max_connections: max_connections? as usize,
+        })
+    }
+
+    fn admin(&mut self, raw: Option<&Spanned<RawAdmin>>) -> Option<AdminConfig> {
+        let r = raw.map(Spanned::get_ref);
+        let listen = self.addr(r.and_then(|r| r.listen.as_ref()), "admin.listen", "127.0.0.1:9090")?;
+        let token = match r.and_then(|r| r.token.as_ref()) {
+            Some(t) => {
+                let v = self.resolve(t, "admin.token")?;
+                if v.trim().is_empty() {
+                    self.error_at(t.span(), "admin.token", "is empty");
+                    return None;
+                }
+                Some(Secret::new(v))
+            }
+            None => None,
+        };
+        if token.is_none() && !listen.ip().is_loopback() {
+            let span = raw.map_or(0..0, |r| r.span());
+            self.error_at(
+                span,
+                "admin.token",
+                format!("is required when admin.listen ({listen}) is not a loopback address"),
+            );
+            return None;
+        }
+        Some(AdminConfig { listen, token })
+    }
+
+    fn store(&mut self, raw: Option<&Spanned<RawStore>>, base: &Path) -> Option<StoreConfig> {
+        let r = raw.map(Spanned::get_ref);
+        if let Some(url) = r.and_then(|r| r.url.as_ref()) {
+            self.error_at(
+                url.span(),
+                "store.url",
+                "the PostgreSQL store is not available in this version; use store.path (embedded SQLite)",
+            );
+            return None;
+        }
+        let path = match r.and_then(|r| r.path.as_ref()) {
+            Some(p) => {
+                let v = self.resolve(p, "store.path")?;
+                if v.trim().is_empty() {
+                    self.error_at(p.span(), "store.path", "is empty");
+                    return None;
+                }
+                base.join(v)
+            }
+            None => base.join("data"),
+        };
+        let day = Duration::from_secs(86_400);
+        let dedupe_window = self.duration(r.and_then(|r| r.dedupe_window.as_ref()), "store.dedupe_window", 7 * day);
+        let keep_delivered = self.duration(r.and_then(|r| r.keep_delivered.as_ref()), "store.keep_delivered", day);
+        let keep_dead_letters = self.duration(
+            r.and_then(|r| r.keep_dead_letters.as_ref()),
+            "store.keep_dead_letters",
+            30 * day,
+        );
+        let dedupe_window = dedupe_window?;
+        // The longest vendor retry horizon (Crave, about 5.3 h) must be covered,
+        // or a late retry is delivered twice.
+        if dedupe_window < Duration::from_secs(6 * 3600)
+            && let Some(s) = r.and_then(|r| r.dedupe_window.as_ref())
+        {
+            self.error_at(
+                s.span(),
+                "store.dedupe_window",
+                "must be at least 6h: vendors retry for up to about 5.3 hours (Crave)",
+            );
+        }
+        Some(StoreConfig {
+            path,
+            dedupe_window,
+            keep_delivered: keep_delivered?,
+            keep_dead_letters: keep_dead_letters?,
+        })
+    }
+
+    fn source(&mut self, name: &str, raw: &Spanned<RawSource>) -> Option<Source> {
+        let key = format!("sources.{name}");
+        if !valid_name(name) {
+            self.error_at(
+                raw.span(),
+                &key,
+                "source names may use letters, digits, '-' and '_' (they are URL paths)",
+            );
+        }
+        let r = raw.get_ref();
+        let mut secrets = Vec::new();
+        if r.secrets.get_ref().is_empty() {
+            self.error_at(r.secrets.span(), &format!("{key}.secrets"), "needs at least one secret");
+        }
+        for (i, s) in r.secrets.get_ref().iter().enumerate() {
+            let k = format!("{key}.secrets[{i}]");
+            if let Some(v) = self.resolve(s, &k) {
+                if v.is_empty() {
+                    self.error_at(s.span(), &k, "is empty");
+                } else {
+                    secrets.push(Secret::new(v));
+                }
+            }
+        }
+        let tolerance = self.duration(
+            r.tolerance.as_ref(),
+            &format!("{key}.tolerance"),
+            Duration::from_secs(300),
+        );
+        let kind = r.kind.get_ref().as_str();
+        let hmac_only = [
+            ("header", &r.header),
+            ("encoding", &r.encoding),
+            ("prefix", &r.prefix),
+            ("timestamp_header", &r.timestamp_header),
+            ("signed", &r.signed),
+            ("id_field", &r.id_field),
+            ("type_field", &r.type_field),
+            ("time_field", &r.time_field),
+        ];
+        if kind != "hmac" {
+            for (k, v) in hmac_only {
+                if let Some(v) = v {
+                    self.error_at(
+                        v.span(),
+                        &format!("{key}.{k}"),
+                        format!("is only valid for kind = \"hmac\", not \"{kind}\""),
+                    );
+                }
+            }
+        }
+        if kind == "crave" && r.tolerance.is_some() {
+            let span = r.tolerance.as_ref().map_or(0..0, |t| t.span());
+            self.error_at(
+                span,
+                &format!("{key}.tolerance"),
+                "Crave signs no timestamp, so there is no tolerance to set",
+            );
+        }
+        let (scheme, normalizer) = match kind {
+            "crumbpos" => (
+                Scheme::CrumbPos(CrumbPosVerifier {
+                    secrets,
+                    tolerance: tolerance?,
+                }),
+                Normalizer::CrumbPos,
+            ),
+            "crave" => (Scheme::Crave(CraveVerifier { secrets }), Normalizer::Crave),
+            "hmac" => self.hmac_source(&key, raw, secrets, tolerance?)?,
+            other => {
+                self.error_at(
+                    r.kind.span(),
+                    &format!("{key}.kind"),
+                    format!("unknown source kind {other:?}; expected one of {SOURCE_KINDS}"),
+                );
+                return None;
+            }
+        };
+        Some(Source {
+            name: name.to_string(),
+            scheme,
+            normalizer,
+        })
+    }
+
+    fn hmac_source(
+        &mut self,
+        key: &str,
+        raw: &Spanned<RawSource>,
+        secrets: Vec<Secret>,
+        tolerance: Duration,
+    ) -> Option<(Scheme, Normalizer)> {
+        let r = raw.get_ref();
+        let header = match &r.header {
+            Some(h) => self.header_name(h, &format!("{key}.header")),
+            None => {
+                self.error_at(
+                    raw.span(),
+                    &format!("{key}.header"),
+                    "is required for kind = \"hmac\" (e.g. \"X-Signature\")",
+                );
+                None
+            }
+        };
+        let timestamp_header = match &r.timestamp_header {
+            Some(h) => Some(self.header_name(h, &format!("{key}.timestamp_header"))?),
+            None => None,
+        };
+        let encoding = match r.encoding.as_ref().map(|e| (e.get_ref().as_str(), e.span())) {
+            None | Some(("hex", _)) => Some(Encoding::Hex),
+            Some(("base64", _)) => Some(Encoding::Base64),
+            Some((other, span)) => {
+                self.error_at(
+                    span,
+                    &format!("{key}.encoding"),
+                    format!("unknown encoding {other:?}; expected hex or base64"),
+                );
+                None
+            }
+        };
+        let prefix = match &r.prefix {
+            Some(p) => Some(self.resolve(p, &format!("{key}.prefix"))?),
+            None => None,
+        };
+        let default_signed = if timestamp_header.is_some() {
+            "{timestamp}.{body}"
+        } else {
+            "{body}"
+        };
+        let signed_src = r.signed.as_ref().map_or(default_signed, |s| s.get_ref().as_str());
+        let signed = match SignedPayload::parse(signed_src) {
+            Ok(s) => {
+                if signed_src.contains("{timestamp}") && timestamp_header.is_none() {
+                    let span = r.signed.as_ref().map_or(raw.span(), |s| s.span());
+                    self.error_at(
+                        span,
+                        &format!("{key}.signed"),
+                        "uses {timestamp} but no timestamp_header is set",
+                    );
+                }
+                Some(s)
+            }
+            Err(e) => {
+                let span = r.signed.as_ref().map_or(raw.span(), |s| s.span());
+                self.error_at(span, &format!("{key}.signed"), e);
+                None
+            }
+        };
+        let mut field = |f: &Option<Str>, name: &str, default: Option<&str>| -> Option<Option<FieldPath>> {
+            let (text, span) = match f {
+                Some(f) => (f.get_ref().as_str(), f.span()),
+                None => match default {
+                    Some(d) => (d, raw.span()),
+                    None => return Some(None),
+                },
+            };
+            match FieldPath::parse(text) {
+                Ok(p) => Some(Some(p)),
+                Err(e) => {
+                    self.error_at(span, &format!("{key}.{name}"), e);
+                    None
+                }
+            }
+        };
+        let id_field = field(&r.id_field, "id_field", Some("id"));
+        let type_field = field(&r.type_field, "type_field", Some("type"));
+        let time_field = field(&r.time_field, "time_field", None);
+        let verifier = HmacVerifier {
+            secrets,
+            header: header?,
+            encoding: encoding?,
+            prefix,
+            timestamp_header,
+            signed: signed?,
+            tolerance,
+        };
+        let normalizer = Normalizer::Hmac {
+            id_field: id_field??,
+            type_field: type_field??,
+            time_field: time_field?,
+        };
+        Some((Scheme::Hmac(verifier), normalizer))
+    }
+
+    fn header_name(&mut self, h: &Str, key: &str) -> Option<http::HeaderName> {
+        match http::HeaderName::from_bytes(h.get_ref().trim().as_bytes()) {
+            Ok(n) => Some(n),
+            Err(_) => {
+                self.error_at(
+                    h.span(),
+                    key,
+                    format!("{:?} is not a valid HTTP header name", h.get_ref()),
+                );
+                None
+            }
+        }
+    }
+
+    fn sink(&mut self, name: &str, value: &Spanned<DeValue<'_>>, base: &Path) -> Option<SinkSpec> {
+        let key = format!("sinks.{name}");
+        if !valid_name(name) {
+            self.error_at(value.span(), &key, "sink names may use letters, digits, '-' and '_'");
+        }
+        let DeValue::Table(table) = value.get_ref() else {
+            self.error_at(value.span(), &key, "must be a table: [sinks.NAME]");
+            return None;
+        };
+        let Some(ty) = table.get("type") else {
+            self.error_at(
+                value.span(),
+                &format!("{key}.type"),
+                format!("is required; one of {SINK_TYPES}"),
+            );
+            return None;
+        };
+        let ty_name = ty.get_ref().as_str().unwrap_or("").to_string();
+        let body = table.get("body");
+        match ty_name.as_str() {
+            "http" => {
+                let r: RawHttpSink = self.typed(value, &key)?;
+                let common = self.sink_common(&key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+                let mut set = TemplateSet::new();
+                let method = match &r.method {
+                    Some(m) => match http::Method::from_bytes(m.get_ref().trim().to_ascii_uppercase().as_bytes()) {
+                        Ok(m) => Some(m),
+                        Err(_) => {
+                            self.error_at(
+                                m.span(),
+                                &format!("{key}.method"),
+                                "is not an HTTP method (e.g. \"POST\")",
+                            );
+                            None
+                        }
+                    },
+                    None => Some(http::Method::POST),
+                };
+                let url = self.resolve(&r.url, &format!("{key}.url")).and_then(|u| {
+                    let static_part = u.split("{{").next().unwrap_or("");
+                    if !(static_part.starts_with("http://") || static_part.starts_with("https://")) {
+                        self.error_at(
+                            r.url.span(),
+                            &format!("{key}.url"),
+                            "must start with http:// or https://",
+                        );
+                        return None;
+                    }
+                    self.template(&mut set, &format!("{key}.url"), &u, r.url.span())
+                });
+                let mut headers = Vec::new();
+                for (hname, hval) in &r.headers {
+                    let hkey = format!("{key}.headers.{hname}");
+                    let Ok(n) = http::HeaderName::from_bytes(hname.as_bytes()) else {
+                        self.error_at(hval.span(), &hkey, format!("{hname:?} is not a valid HTTP header name"));
+                        continue;
+                    };
+                    if n == "idempotency-key" {
+                        self.error_at(
+                            hval.span(),
+                            &hkey,
+                            "is set by expeditor from the delivery key and cannot be overridden",
+                        );
+                        continue;
+                    }
+                    if let Some(v) = self.resolve(hval, &hkey)
+                        && let Some(t) = self.template(&mut set, &hkey, &v, hval.span())
+                    {
+                        headers.push((n, t));
+                    }
+                }
+                let body = match body {
+                    Some(b) => Some(self.structured(&mut set, &format!("{key}.body"), b)?),
+                    None => None,
+                };
+                let common = common?;
+                Some(SinkSpec {
+                    name: name.to_string(),
+                    common,
+                    kind: SinkKind::Http(HttpSinkConfig {
+                        name: name.to_string(),
+                        method: method?,
+                        url: url?,
+                        headers,
+                        body,
+                        timeout: common.timeout,
+                        templates: set.finish(),
+                    }),
+                })
+            }
+            "file" => {
+                let r: RawFileSink = self.typed(value, &key)?;
+                let common = self.sink_common(&key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+                let path = self.resolve(&r.path, &format!("{key}.path"))?;
+                let mut set = TemplateSet::new();
+                let body = match body {
+                    Some(b) => Some(self.structured(&mut set, &format!("{key}.body"), b)?),
+                    None => None,
+                };
+                Some(SinkSpec {
+                    name: name.to_string(),
+                    common: common?,
+                    kind: SinkKind::File(FileSinkConfig {
+                        name: name.to_string(),
+                        path: base.join(path),
+                        body,
+                        templates: set.finish(),
+                    }),
+                })
+            }
+            other => {
+                self.error_at(
+                    ty.span(),
+                    &format!("{key}.type"),
+                    format!("unknown sink type {other:?}; expected one of {SINK_TYPES}"),
+                );
+                None
+            }
+        }
+    }
+
+    fn typed<T: for<'de> Deserialize<'de>>(&mut self, value: &Spanned<DeValue<'_>>, key: &str) -> Option<T> {
+        match T::deserialize(value.clone().into_deserializer()) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.toml_error(key, e);
+                None
+            }
+        }
+    }
+
+    fn template(
+        &mut self,
+        set: &mut TemplateSet,
+        key: &str,
+        source: &str,
+        span: Range<usize>,
+    ) -> Option<expeditor_api::TemplateId> {
+        match set.text(key, source) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.error_at(span, key, format!("invalid template: {}", e.message));
+                None
+            }
+        }
+    }
+
+    /// A `body`/`row` table: resolves `${VAR}`s, converts to JSON and
+    /// compiles each string leaf.
+    fn structured(
+        &mut self,
+        set: &mut TemplateSet,
+        key: &str,
+        value: &Spanned<DeValue<'_>>,
+    ) -> Option<expeditor_api::Structured> {
+        let json = self.json_value(key, value)?;
+        match set.structured(key, &json) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                // The message starts with the leaf's key path; point at the table.
+                self.error_at(value.span(), "", format!("invalid template: {}", e.message));
+                None
+            }
+        }
+    }
+
+    fn json_value(&mut self, key: &str, value: &Spanned<DeValue<'_>>) -> Option<serde_json::Value> {
+        use serde_json::Value as J;
+        Some(match value.get_ref() {
+            DeValue::String(s) => match interpolate(s, self.env) {
+                Ok(v) => J::String(v),
+                Err(msg) => {
+                    self.error_at(value.span(), key, msg);
+                    return None;
+                }
+            },
+            DeValue::Integer(i) => match i64::from_str_radix(&i.as_str().replace('_', ""), i.radix()) {
+                Ok(n) => J::from(n),
+                Err(_) => {
+                    self.error_at(value.span(), key, "integer out of range");
+                    return None;
+                }
+            },
+            DeValue::Float(f) => match f
+                .as_str()
+                .replace('_', "")
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+            {
+                Some(n) => J::Number(n),
+                None => {
+                    self.error_at(value.span(), key, "float cannot be written as JSON");
+                    return None;
+                }
+            },
+            DeValue::Boolean(b) => J::Bool(*b),
+            DeValue::Datetime(d) => J::String(d.to_string()),
+            DeValue::Array(items) => {
+                let mut out = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    out.push(self.json_value(&format!("{key}[{i}]"), item)?);
+                }
+                J::Array(out)
+            }
+            DeValue::Table(t) => {
+                let mut out = serde_json::Map::new();
+                for (k, v) in t.iter() {
+                    out.insert(
+                        k.get_ref().to_string(),
+                        self.json_value(&format!("{key}.{}", k.get_ref()), v)?,
+                    );
+                }
+                J::Object(out)
+            }
+        })
+    }
+
+    fn sink_common(
+        &mut self,
+        key: &str,
+        concurrency: Option<&Spanned<i64>>,
+        timeout: Option<&Str>,
+        retry: Option<&Spanned<RawRetry>>,
+    ) -> Option<SinkCommon> {
+        let concurrency = self.int(concurrency, &format!("{key}.concurrency"), 8, 1..1025);
+        let timeout = self.duration(timeout, &format!("{key}.timeout"), Duration::from_secs(10));
+        let default = RetryPolicy::default();
+        let retry = match retry {
+            None => Some(default),
+            Some(r) => {
+                let rk = format!("{key}.retry");
+                let rr = r.get_ref();
+                let max_attempts = self.int(
+                    rr.max_attempts.as_ref(),
+                    &format!("{rk}.max_attempts"),
+                    10,
+                    1..1_000_001,
+                );
+                let initial = self.duration(rr.initial.as_ref(), &format!("{rk}.initial"), default.initial);
+                let max = self.duration(rr.max.as_ref(), &format!("{rk}.max"), default.max);
+                match (max_attempts, initial, max) {
+                    (Some(a), Some(i), Some(m)) if i <= m => Some(RetryPolicy {
+                        max_attempts: a as u32,
+                        initial: i,
+                        max: m,
+                    }),
+                    (Some(_), Some(_), Some(_)) => {
+                        self.error_at(r.span(), &rk, "initial must not be longer than max");
+                        None
+                    }
+                    _ => None,
+                }
+            }
+        };
+        let timeout = timeout?;
+        if timeout.is_zero() {
+            self.error_at(0..0, &format!("{key}.timeout"), "must be longer than 0s");
+            return None;
+        }
+        Some(SinkCommon {
+            concurrency: concurrency? as usize,
+            timeout,
+            retry: retry?,
+        })
+    }
+
+    fn router(
+        &mut self,
+        raw: &[Spanned<RawRoute>],
+        sources: &BTreeMap<String, Arc<Source>>,
+        sinks: &BTreeMap<String, SinkSpec>,
+    ) -> Option<Router> {
+        let mut set = TemplateSet::new();
+        let mut routes = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut ok = true;
+        for (i, r) in raw.iter().enumerate() {
+            let rr = r.get_ref();
+            let name = rr
+                .name
+                .as_ref()
+                .map_or_else(|| format!("routes[{i}]"), |n| n.get_ref().clone());
+            let key = format!("routes[{i}]");
+            if !names.insert(name.clone()) {
+                let span = rr.name.as_ref().map_or(r.span(), |n| n.span());
+                self.error_at(
+                    span,
+                    &format!("{key}.name"),
+                    format!("route name {name:?} is used twice"),
+                );
+                ok = false;
+            }
+            let mut route_sources = None;
+            if let Some(list) = &rr.sources {
+                let mut names = Vec::new();
+                for (j, s) in list.iter().enumerate() {
+                    if sources.contains_key(s.get_ref()) {
+                        names.push(s.get_ref().clone());
+                    } else {
+                        let known = sources.keys().cloned().collect::<Vec<_>>().join(", ");
+                        self.error_at(
+                            s.span(),
+                            &format!("{key}.sources[{j}]"),
+                            format!("no source named {:?} (configured: {known})", s.get_ref()),
+                        );
+                        ok = false;
+                    }
+                }
+                route_sources = Some(names);
+            }
+            let mut events = None;
+            if let Some(list) = &rr.events {
+                let mut globs = Vec::new();
+                for (j, e) in list.iter().enumerate() {
+                    match Glob::new(e.get_ref()) {
+                        Ok(g) => globs.push(g),
+                        Err(msg) => {
+                            self.error_at(e.span(), &format!("{key}.events[{j}]"), msg);
+                            ok = false;
+                        }
+                    }
+                }
+                events = Some(globs);
+            }
+            let when = match &rr.when {
+                Some(w) => match set.expression(&format!("{key}.when"), w.get_ref()) {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        self.error_at(
+                            w.span(),
+                            &format!("{key}.when"),
+                            format!("invalid expression: {}", e.message),
+                        );
+                        ok = false;
+                        None
+                    }
+                },
+                None => None,
+            };
+            if rr.sinks.get_ref().is_empty() {
+                self.error_at(rr.sinks.span(), &format!("{key}.sinks"), "names no sink");
+                ok = false;
+            }
+            let mut route_sinks = Vec::new();
+            for (j, s) in rr.sinks.get_ref().iter().enumerate() {
+                if sinks.contains_key(s.get_ref()) {
+                    route_sinks.push(s.get_ref().clone());
+                } else {
+                    let known = sinks.keys().cloned().collect::<Vec<_>>().join(", ");
+                    self.error_at(
+                        s.span(),
+                        &format!("{key}.sinks[{j}]"),
+                        format!("no sink named {:?} (configured: {known})", s.get_ref()),
+                    );
+                    ok = false;
+                }
+            }
+            routes.push(Route {
+                name,
+                sources: route_sources,
+                events,
+                when,
+                sinks: route_sinks,
+            });
+        }
+        ok.then(|| Router::new(routes, set.finish()))
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Replaces `${NAME}` with the variable's value. `$$` is a literal `$`.
+fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    if !s.contains('$') {
+        return Ok(s.to_string());
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(inner) = after.strip_prefix('{') {
+            let end = inner.find('}').ok_or("unterminated ${...}")?;
+            let name = &inner[..end];
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("invalid variable name in ${{{name}}}"));
+            }
+            // The value is never shown: it may be a secret.
+            let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            out.push_str(&value);
+            rest = &inner[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,187 @@
+//! The webhook listener: `POST /webhooks/{source}`.
+//!
+//! Each request goes through limits (size, time, content type), the source's
+//! verifier on the raw bytes, normalization, routing, and one durable insert
+//! of the event with its deliveries; only then is it acknowledged. Error
+//! bodies are short fixed phrases: no internals, secrets or payload.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::pipeline::{Accepted, Pipeline, Rejected};
+
+pub type Body = Full<Bytes>;
+
+/// Serves the ingest listener until `shutdown`, then lets in-flight requests
+/// finish (each is bounded by the read timeouts and one store commit).
+pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
+    let limits = pipeline.limits();
+    let connections = Arc::new(Semaphore::new(limits.max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let permit = tokio::select! {
+            p = connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let pipeline = pipeline.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let service = service_fn(move |req| {
+                let pipeline = pipeline.clone();
+                async move { Ok::<_, Infallible>(handle(req, &pipeline, peer).await) }
+            });
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => { let _ = r; }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    tracker.wait().await;
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+}
+
+async fn handle(req: Request<Incoming>, pipeline: &Pipeline, peer: SocketAddr) -> Response<Body> {
+    let Some(source_name) = req.uri().path().strip_prefix("/webhooks/") else {
+        return error(StatusCode::NOT_FOUND, "not found");
+    };
+    if req.method() != Method::POST {
+        let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return resp;
+    }
+    let Some(source) = pipeline.source(source_name) else {
+        return error(StatusCode::NOT_FOUND, "unknown source");
+    };
+    let limits = pipeline.limits();
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body as u64) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    }
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
+        && !is_json_content_type(ct)
+    {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content type must be application/json",
+        );
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(limits.body_timeout, Limited::new(body, limits.max_body).collect()).await {
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "body could not be read"),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    match pipeline.accept(&source, &parts.headers, body).await {
+        Ok(Accepted::New(id)) => accepted("accepted", &id),
+        Ok(Accepted::Duplicate(id)) => accepted("duplicate", &id),
+        Err(Rejected::Verification(reason)) => {
+            tracing::warn!(source = %source.name, %peer, reason = reason.reason(), "webhook rejected: signature verification failed");
+            error(StatusCode::UNAUTHORIZED, "signature verification failed")
+        }
+        Err(Rejected::Invalid(e)) => {
+            tracing::warn!(source = %source.name, %peer, error = %e, "webhook rejected: invalid event");
+            error(StatusCode::BAD_REQUEST, &e.to_string())
+        }
+        Err(Rejected::Store(e)) => {
+            tracing::error!(source = %source.name, error = %e, "webhook not acknowledged: store unavailable");
+            let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable, retry later");
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            resp
+        }
+    }
+}
+
+/// `application/json`, `application/<anything>+json`, with parameters.
+fn is_json_content_type(value: &HeaderValue) -> bool {
+    let Ok(v) = value.to_str() else { return false };
+    let essence = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+fn accepted(status: &str, id: &str) -> Response<Body> {
+    let body = serde_json::json!({ "status": status, "id": id }).to_string();
+    json_response(StatusCode::OK, body)
+}
+
+pub fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, serde_json::json!({ "error": message }).to_string())
+}
+
+pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        let ok = |s: &'static str| is_json_content_type(&HeaderValue::from_static(s));
+        assert!(ok("application/json"));
+        assert!(ok("application/json; charset=utf-8"));
+        assert!(ok("Application/JSON"));
+        assert!(ok("application/vnd.crumb+json"));
+        assert!(!ok("text/html"));
+        assert!(!ok("application/x-www-form-urlencoded"));
+        assert!(!ok("text/json+html"));
+    }
+}

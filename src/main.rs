@@ -1,0 +1,58 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+use expeditor::cli::{self, Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // One TLS crypto provider for the whole process, before any client exists.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    init_logging(cli.log_format);
+    if let Command::Check = cli.command {
+        return cli::check(&cli);
+    }
+    let config = match cli::load_config(&cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Command::Run => expeditor::daemon::run(config).await.map(|()| true),
+            Command::Send {
+                source,
+                event_type,
+                url,
+                id,
+            } => cli::send(&config, source, event_type, url.clone(), id.clone()).await,
+            Command::Check => unreachable!("handled above"),
+            other => cli::list(&config, other).await.map(|()| true),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("EXPEDITOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,181 @@
+//! From verified bytes to a durable event: the part of ingest that does not
+//! know about HTTP (so the benchmark and `expeditor test` can drive it too).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use expeditor_api::{Event, EventMeta, Templates, Views};
+use http::HeaderMap;
+
+use crate::config::{Config, Source};
+use crate::ingest::Limits;
+use crate::normalize::{NormalizeError, Normalizer};
+use crate::store::{Inserted, NewEvent, Store, StoreError, StoredEvent, format_time, now_ms};
+use crate::verify::VerifyError;
+
+pub enum Accepted {
+    New(String),
+    Duplicate(String),
+}
+
+pub enum Rejected {
+    Verification(VerifyError),
+    Invalid(NormalizeError),
+    Store(StoreError),
+}
+
+/// Tells the delivery engine that sinks have new work.
+pub type Wake = Arc<dyn Fn(&[String]) + Send + Sync>;
+
+pub struct Pipeline {
+    config: Arc<Config>,
+    sources: HashMap<String, Arc<Source>>,
+    store: Arc<dyn Store>,
+    wake: Wake,
+}
+
+impl Pipeline {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, wake: Wake) -> Self {
+        let sources = config.sources.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Self {
+            config,
+            sources,
+            store,
+            wake,
+        }
+    }
+
+    pub fn source(&self, name: &str) -> Option<Arc<Source>> {
+        self.sources.get(name).cloned()
+    }
+
+    pub fn limits(&self) -> Limits {
+        let s = &self.config.server;
+        Limits {
+            max_body: s.max_body,
+            header_timeout: s.header_timeout,
+            body_timeout: s.body_timeout,
+            max_connections: s.max_connections,
+        }
+    }
+
+    /// Verifies, normalizes, routes and stores one webhook. `Ok` means the
+    /// event is on disk (or was already).
+    pub async fn accept(&self, source: &Source, headers: &HeaderMap, body: Bytes) -> Result<Accepted, Rejected> {
+        let received_at = now_ms();
+        let verified = source
+            .verifier()
+            .verify(headers, &body, received_at / 1000)
+            .map_err(Rejected::Verification)?;
+        let n = source
+            .normalizer
+            .normalize(verified.body())
+            .map_err(Rejected::Invalid)?;
+        let occurred_at = n.occurred_at.map(|t| t.as_millisecond());
+        let decision = self.config.router.route(&source.name, &n.event_type, || {
+            let event = event(
+                &source.name,
+                source.kind(),
+                &n.id,
+                &n.event_type,
+                occurred_at,
+                received_at,
+                n.payload.clone(),
+                n.views.clone(),
+            );
+            Templates::context(&event)
+        });
+        for (route, error) in &decision.when_errors {
+            tracing::warn!(source = %source.name, event_id = %n.id, route = %route, %error, "route condition failed to evaluate; route not taken");
+        }
+        let sinks = decision.sinks;
+        let inserted = self
+            .store
+            .insert(NewEvent {
+                source: source.name.clone(),
+                event_id: n.id.clone(),
+                kind: source.kind().to_string(),
+                event_type: n.event_type.clone(),
+                occurred_at,
+                received_at,
+                body,
+                sinks: sinks.clone(),
+            })
+            .await
+            .map_err(Rejected::Store)?;
+        match inserted {
+            Inserted::New => {
+                if sinks.is_empty() {
+                    tracing::info!(source = %source.name, event_id = %n.id, event_type = %n.event_type, "event stored; no route takes it");
+                } else {
+                    tracing::debug!(source = %source.name, event_id = %n.id, event_type = %n.event_type, sinks = ?sinks, "event stored");
+                    (self.wake)(&sinks);
+                }
+                Ok(Accepted::New(n.id))
+            }
+            Inserted::Duplicate => {
+                tracing::debug!(source = %source.name, event_id = %n.id, "duplicate event dropped");
+                Ok(Accepted::Duplicate(n.id))
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event(
+    source: &str,
+    kind: &str,
+    id: &str,
+    event_type: &str,
+    occurred_at: Option<i64>,
+    received_at: i64,
+    payload: serde_json::Value,
+    views: Views,
+) -> Event {
+    Event {
+        event: EventMeta {
+            id: id.to_string(),
+            source: source.to_string(),
+            kind: kind.to_string(),
+            event_type: event_type.to_string(),
+            occurred_at: occurred_at.map(format_time),
+            received_at: format_time(received_at),
+        },
+        payload,
+        views,
+    }
+}
+
+/// Rebuilds what sinks see from a stored event. Normalization is a pure
+/// function of the kind and the raw body, so the views are recomputed rather
+/// than stored.
+pub fn rebuild(stored: &StoredEvent) -> Result<Event, String> {
+    let normalizer = match stored.kind.as_str() {
+        "crumbpos" => Some(Normalizer::CrumbPos),
+        "crave" => Some(Normalizer::Crave),
+        _ => None,
+    };
+    let (payload, views) = match normalizer {
+        Some(n) => {
+            let n = n
+                .normalize(&stored.body)
+                .map_err(|e| format!("stored event cannot be normalized: {e}"))?;
+            (n.payload, n.views)
+        }
+        None => (
+            serde_json::from_slice(&stored.body).map_err(|_| "stored event is not JSON".to_string())?,
+            Views::default(),
+        ),
+    };
+    Ok(event(
+        &stored.source,
+        &stored.kind,
+        &stored.event_id,
+        &stored.event_type,
+        stored.occurred_at,
+        stored.received_at,
+        payload,
+        views,
+    ))
+}

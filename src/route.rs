@@ -1,0 +1,220 @@
+//! Routing: which sinks an event goes to.
+//!
+//! Routes are evaluated at ingest, before the event is stored, so the event
+//! and its deliveries are committed together. Several routes may choose the
+//! same sink: it gets the event once.
+
+use std::sync::Arc;
+
+use expeditor_api::{TemplateId, Templates};
+use minijinja::Value;
+
+/// An event type pattern: exact, or with `*` (any run of characters) and `?`
+/// (one character). `order.*` matches `order.created` but not `payment.completed`.
+#[derive(Debug, Clone)]
+pub struct Glob(String);
+
+impl Glob {
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        if pattern.trim().is_empty() {
+            return Err("an empty event pattern matches nothing; remove it or write \"*\"".into());
+        }
+        Ok(Self(pattern.to_string()))
+    }
+
+    pub fn matches(&self, text: &str) -> bool {
+        glob_match(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+/// Iterative wildcard match with single-star backtracking: linear in practice,
+/// no recursion, so no pattern can blow the stack.
+fn glob_match(p: &[u8], t: &[u8]) -> bool {
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+#[derive(Debug)]
+pub struct Route {
+    pub name: String,
+    /// `None`: every source.
+    pub sources: Option<Vec<String>>,
+    /// `None`: every event type.
+    pub events: Option<Vec<Glob>>,
+    pub when: Option<TemplateId>,
+    pub sinks: Vec<String>,
+}
+
+/// What routing decided for one event.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// Distinct sinks, in the order routes named them.
+    pub sinks: Vec<String>,
+    /// Routes whose `when` failed to evaluate: the event is still stored and
+    /// can be replayed to a sink once the expression is fixed.
+    pub when_errors: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct Router {
+    routes: Vec<Route>,
+    templates: Arc<Templates>,
+}
+
+impl Router {
+    pub fn new(routes: Vec<Route>, templates: Arc<Templates>) -> Self {
+        Self { routes, templates }
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+
+    /// Routes an event. `context` builds the template context, and is called
+    /// only if a route with a `when` matched on source and type (it costs a
+    /// conversion of the payload).
+    pub fn route(&self, source: &str, event_type: &str, context: impl FnOnce() -> Value) -> Decision {
+        let mut decision = Decision::default();
+        let mut context = Some(context);
+        let mut ctx: Option<Value> = None;
+        for route in &self.routes {
+            if let Some(sources) = &route.sources
+                && !sources.iter().any(|s| s == source)
+            {
+                continue;
+            }
+            if let Some(events) = &route.events
+                && !events.iter().any(|g| g.matches(event_type))
+            {
+                continue;
+            }
+            if route.sinks.iter().all(|s| decision.sinks.contains(s)) {
+                continue;
+            }
+            if let Some(when) = &route.when {
+                let ctx = ctx.get_or_insert_with(|| (context.take().expect("context built once"))());
+                match self.templates.is_true(when, ctx) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        decision.when_errors.push((route.name.clone(), e.message));
+                        continue;
+                    }
+                }
+            }
+            for sink in &route.sinks {
+                if !decision.sinks.contains(sink) {
+                    decision.sinks.push(sink.clone());
+                }
+            }
+        }
+        decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expeditor_api::TemplateSet;
+    use minijinja::context;
+
+    #[test]
+    fn globs() {
+        let g = |p: &str, t: &str| Glob::new(p).unwrap().matches(t);
+        assert!(g("order.*", "order.created"));
+        assert!(!g("order.*", "payment.completed"));
+        assert!(g("*", "anything"));
+        assert!(g("order.created", "order.created"));
+        assert!(!g("order.created", "order.created2"));
+        assert!(g("*.low_stock", "inventory.low_stock"));
+        assert!(g("order.?????", "order.ready"));
+        assert!(!g("order.?????", "order.created"));
+        assert!(g("a*b*c", "axxbyyc"));
+        assert!(!g("a*b*c", "axxbyy"));
+        assert!(Glob::new(" ").is_err());
+    }
+
+    /// (name, sources, events, when, sinks)
+    type RouteSpec<'a> = (
+        &'a str,
+        Option<&'a [&'a str]>,
+        Option<&'a [&'a str]>,
+        Option<&'a str>,
+        &'a [&'a str],
+    );
+
+    fn router(routes: Vec<RouteSpec<'_>>) -> Router {
+        let mut set = TemplateSet::new();
+        let routes = routes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, sources, events, when, sinks))| Route {
+                name: name.into(),
+                sources: sources.map(|s| s.iter().map(|x| x.to_string()).collect()),
+                events: events.map(|e| e.iter().map(|x| Glob::new(x).unwrap()).collect()),
+                when: when.map(|w| set.expression(&format!("routes[{i}].when"), w).unwrap()),
+                sinks: sinks.iter().map(|x| x.to_string()).collect(),
+            })
+            .collect();
+        Router::new(routes, set.finish())
+    }
+
+    #[test]
+    fn routes_by_source_type_and_when_and_dedupes_sinks() {
+        let r = router(vec![
+            (
+                "kitchen",
+                Some(&["crumb", "crave"]),
+                Some(&["order.created"]),
+                None,
+                &["kds"],
+            ),
+            (
+                "big",
+                None,
+                Some(&["order.*"]),
+                Some("order.total_cents > 3000"),
+                &["slack", "kds"],
+            ),
+            ("all", Some(&["crave"]), None, None, &["warehouse"]),
+        ]);
+        let big = || context! { order => context! { total_cents => 4250 } };
+        let small = || context! { order => context! { total_cents => 2798 } };
+        assert_eq!(r.route("crumb", "order.created", big).sinks, vec!["kds", "slack"]);
+        assert_eq!(r.route("crumb", "order.created", small).sinks, vec!["kds"]);
+        assert_eq!(r.route("crave", "order.ready", small).sinks, vec!["warehouse"]);
+        assert_eq!(r.route("crumb", "payment.completed", big).sinks, Vec::<String>::new());
+    }
+
+    #[test]
+    fn context_is_only_built_when_needed() {
+        let r = router(vec![("a", None, None, None, &["x"])]);
+        let d = r.route("s", "t", || panic!("no when, no context"));
+        assert_eq!(d.sinks, vec!["x"]);
+    }
+
+    #[test]
+    fn when_errors_are_reported_not_routed() {
+        let r = router(vec![("bad", None, None, Some("order.total_cents > 'x' + 1"), &["x"])]);
+        let d = r.route("s", "t", || context! { order => context! { total_cents => 1 } });
+        assert!(d.sinks.is_empty());
+        assert_eq!(d.when_errors.len(), 1);
+        assert_eq!(d.when_errors[0].0, "bad");
+    }
+}

@@ -1,0 +1,262 @@
+//! Durable state: events (also the dedupe keys) and their deliveries.
+//!
+//! The [`Store`] trait is what ingest, the delivery engine and the admin API
+//! use; the embedded SQLite store implements it, and a shared PostgreSQL
+//! store can, because nothing here relies on in-process locks: deliveries are
+//! claimed with leases that expire, so a crashed worker's claims run again.
+//!
+//! Times are Unix milliseconds.
+
+pub mod sqlite;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Serialize;
+
+/// An event to store, with the sinks routing chose for it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub source: String,
+    pub event_id: String,
+    pub kind: String,
+    pub event_type: String,
+    pub occurred_at: Option<i64>,
+    pub received_at: i64,
+    /// The raw body exactly as received and verified.
+    pub body: Bytes,
+    pub sinks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New,
+    /// (source, event id) was already stored: nothing was written.
+    Duplicate,
+}
+
+/// A stored event, as the delivery engine needs it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub source: String,
+    pub event_id: String,
+    pub kind: String,
+    pub event_type: String,
+    pub occurred_at: Option<i64>,
+    pub received_at: i64,
+    pub body: Vec<u8>,
+}
+
+/// A delivery claimed by this process until its lease runs out.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub delivery_id: i64,
+    pub sink: String,
+    /// The attempt this claim is: 1 for the first.
+    pub attempt: u32,
+    pub event: StoredEvent,
+}
+
+#[derive(Debug, Clone)]
+pub enum Completed {
+    Delivered,
+    Retry { due_at: i64, error: String },
+    Dead { error: String },
+}
+
+/// The end of one attempt.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub delivery_id: i64,
+    pub attempt: u32,
+    pub finished_at: i64,
+    pub result: Completed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Delivered,
+    Dead,
+}
+
+impl Status {
+    fn code(self) -> i64 {
+        match self {
+            Status::Pending => 0,
+            Status::Delivered => 1,
+            Status::Dead => 2,
+        }
+    }
+
+    fn from_code(code: i64) -> Self {
+        match code {
+            1 => Status::Delivered,
+            2 => Status::Dead,
+            _ => Status::Pending,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Delivered => "delivered",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+impl std::str::FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pending" => Ok(Status::Pending),
+            "delivered" => Ok(Status::Delivered),
+            "dead" => Ok(Status::Dead),
+            _ => Err(format!("unknown status {s:?}; expected pending, delivered or dead")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    pub source: Option<String>,
+    pub event_type: Option<String>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub sink: Option<String>,
+    pub status: Option<Status>,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliverySummary {
+    pub sink: String,
+    pub status: Status,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventSummary {
+    pub source: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(serialize_with = "opt_time")]
+    pub occurred_at: Option<i64>,
+    #[serde(serialize_with = "time")]
+    pub received_at: i64,
+    pub deliveries: Vec<DeliverySummary>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryRow {
+    pub id: i64,
+    pub key: String,
+    pub source: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub sink: String,
+    pub status: Status,
+    pub attempts: u32,
+    /// When the next attempt is due (pending deliveries only).
+    #[serde(serialize_with = "opt_time")]
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    #[serde(serialize_with = "time")]
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplayTarget {
+    /// Every dead letter (of one sink).
+    DeadLetters { sink: Option<String> },
+    /// One event's deliveries (to one sink, added if the event never had it).
+    Event {
+        source: String,
+        id: String,
+        sink: Option<String>,
+    },
+}
+
+/// How long things are kept.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub dedupe_window: Duration,
+    pub keep_delivered: Duration,
+    pub keep_dead_letters: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    pub deliveries_deleted: u64,
+    pub events_compacted: u64,
+    pub events_deleted: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The store could not read or commit (disk full, I/O error, closed).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("no such event")]
+    NotFound,
+    /// The event was delivered and compacted: only its dedupe key is left.
+    #[error("the event's payload has been pruned")]
+    Pruned,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores a new event and one pending delivery per sink, in one durable
+    /// transaction; returns only once it is on disk.
+    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError>;
+
+    /// Claims up to `limit` due deliveries of `sink` for `lease`.
+    async fn claim(&self, sink: &str, limit: usize, lease: Duration, now: i64) -> Result<Vec<Claimed>, StoreError>;
+
+    /// Records the ends of attempts (and releases their leases).
+    async fn complete(&self, done: Vec<Completion>) -> Result<(), StoreError>;
+
+    /// When the next delivery of `sink` may be claimed, if any is pending.
+    async fn next_due(&self, sink: &str) -> Result<Option<i64>, StoreError>;
+
+    async fn events(&self, filter: EventFilter) -> Result<Vec<EventSummary>, StoreError>;
+
+    async fn deliveries(&self, filter: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError>;
+
+    /// Makes deliveries due again with a fresh attempt budget; returns how many.
+    async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError>;
+
+    /// Deletes what retention no longer needs.
+    async fn prune(&self, retention: Retention, now: i64) -> Result<PruneStats, StoreError>;
+
+    /// Finishes queued writes and closes.
+    async fn close(&self);
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+pub fn format_time(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.to_string())
+}
+
+fn time<S: serde::Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_time(*ms))
+}
+
+fn opt_time<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match ms {
+        Some(ms) => s.serialize_str(&format_time(*ms)),
+        None => s.serialize_none(),
+    }
+}

@@ -1,0 +1,585 @@
+//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+//!
+//! One writer thread owns the write connection and commits in groups: it
+//! takes every operation queued while the previous commit was running and
+//! applies them in one transaction (each in its own savepoint, so one
+//! failing operation does not fail its neighbours), then fsyncs once. Under
+//! load, many acks share an fsync; when idle, an ack waits for just one.
+//! Reads (listings) use a second connection and never block the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::*;
+
+/// Operations in one commit at most: bounds the latency a commit adds.
+const MAX_GROUP: usize = 1024;
+/// Rows a prune statement touches at once, so pruning never holds the write
+/// lock for long.
+const PRUNE_CHUNK: i64 = 5000;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    occurred_at INTEGER,
+    received_at INTEGER NOT NULL,
+    body        BLOB,               -- NULL once compacted: the row is then only a dedupe key
+    UNIQUE (source, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id          INTEGER PRIMARY KEY,
+    event_seq   INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+    sink        TEXT NOT NULL,
+    state       INTEGER NOT NULL,   -- 0 pending, 1 delivered, 2 dead
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    due_at      INTEGER NOT NULL,
+    lease_until INTEGER,
+    last_error  TEXT,
+    updated_at  INTEGER NOT NULL,
+    UNIQUE (event_seq, sink)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, due_at) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, updated_at);
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    finished_at INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,      -- delivered | retry | dead
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+";
+
+type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+enum Op {
+    Insert(NewEvent, oneshot::Sender<Result<Inserted, StoreError>>),
+    Claim {
+        sink: String,
+        limit: usize,
+        lease_until: i64,
+        now: i64,
+        reply: oneshot::Sender<Result<Vec<Claimed>, StoreError>>,
+    },
+    Complete(Vec<Completion>, oneshot::Sender<Result<(), StoreError>>),
+    Replay(ReplayTarget, i64, oneshot::Sender<Result<u64, StoreError>>),
+    Prune(Retention, i64, oneshot::Sender<Result<PruneStats, StoreError>>),
+}
+
+pub struct SqliteStore {
+    writer: mpsc::Sender<Op>,
+    reader: Arc<Mutex<Connection>>,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(file)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL: the WAL is fsync'd at every commit, so an ack survives power loss.
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store under `dir`, and releases leases
+    /// a previous run left: this store serves one process, so whatever that
+    /// process had claimed was not finished.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
+        let file: PathBuf = dir.join("expeditor.db");
+        let conn = open_connection(&file).map_err(|e| unavailable(format!("cannot open {}: {e}", file.display())))?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let released = conn
+            .execute(
+                "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL",
+                [],
+            )
+            .map_err(unavailable)?;
+        if released > 0 {
+            tracing::info!(
+                deliveries = released,
+                "released deliveries claimed before the last stop; they run again"
+            );
+        }
+        let reader = open_connection(&file).map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(8192);
+        std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer_loop(conn, rx))
+            .map_err(unavailable)?;
+        Ok(Self {
+            writer: tx,
+            reader: Arc::new(Mutex::new(reader)),
+        })
+    }
+
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(make(tx))
+            .await
+            .map_err(|_| unavailable("store is closed"))?;
+        rx.await.map_err(|_| unavailable("store writer stopped"))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = reader.lock().map_err(|_| unavailable("reader poisoned"))?;
+            f(&conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+    let mut ops = Vec::with_capacity(MAX_GROUP);
+    while let Some(op) = rx.blocking_recv() {
+        ops.push(op);
+        while ops.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => ops.push(op),
+                Err(_) => break,
+            }
+        }
+        commit_group(&mut conn, &mut ops);
+    }
+    // All senders are gone: checkpoint so the WAL does not outlive us.
+    let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+}
+
+fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
+    let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => {
+            let err = unavailable(e);
+            for op in ops.drain(..) {
+                fail(op, &err);
+            }
+            return;
+        }
+    };
+    let mut tx = tx;
+    for op in ops.drain(..) {
+        replies.push(apply(&mut tx, op));
+    }
+    match tx.commit() {
+        Ok(()) => replies.into_iter().for_each(|r| r(None)),
+        Err(e) => {
+            tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
+            let err = unavailable(e);
+            replies.into_iter().for_each(|r| r(Some(&err)));
+        }
+    }
+}
+
+fn fail(op: Op, err: &StoreError) {
+    match op {
+        Op::Insert(_, r) => drop(r.send(Err(err.clone()))),
+        Op::Claim { reply, .. } => drop(reply.send(Err(err.clone()))),
+        Op::Complete(_, r) => drop(r.send(Err(err.clone()))),
+        Op::Replay(_, _, r) => drop(r.send(Err(err.clone()))),
+        Op::Prune(_, _, r) => drop(r.send(Err(err.clone()))),
+    }
+}
+
+/// Runs one operation in its own savepoint and returns how to answer it once
+/// the group's commit is known.
+fn apply(tx: &mut Transaction<'_>, op: Op) -> Reply {
+    fn reply<T: Send + 'static>(
+        sender: oneshot::Sender<Result<T, StoreError>>,
+        result: Result<T, StoreError>,
+    ) -> Reply {
+        Box::new(move |commit_error: Option<&StoreError>| {
+            let _ = sender.send(match commit_error {
+                Some(e) => Err(e.clone()),
+                None => result,
+            });
+        })
+    }
+    fn in_savepoint<T>(
+        tx: &mut Transaction<'_>,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let sp = tx.savepoint().map_err(unavailable)?;
+        match f(&sp) {
+            Ok(v) => {
+                sp.commit().map_err(unavailable)?;
+                Ok(v)
+            }
+            Err(e) => Err(e), // dropping the savepoint rolls it back
+        }
+    }
+    match op {
+        Op::Insert(ev, r) => reply(r, in_savepoint(tx, |t| insert(t, &ev))),
+        Op::Claim {
+            sink,
+            limit,
+            lease_until,
+            now,
+            reply: r,
+        } => reply(r, in_savepoint(tx, |t| claim(t, &sink, limit, lease_until, now))),
+        Op::Complete(done, r) => reply(r, in_savepoint(tx, |t| complete(t, &done))),
+        Op::Replay(target, now, r) => reply(r, in_savepoint(tx, |t| replay(t, &target, now))),
+        Op::Prune(retention, now, r) => reply(r, in_savepoint(tx, |t| prune(t, retention, now))),
+    }
+}
+
+fn insert(t: &Connection, ev: &NewEvent) -> Result<Inserted, StoreError> {
+    let mut stmt = t
+        .prepare_cached(
+            "INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (source, event_id) DO NOTHING",
+        )
+        .map_err(unavailable)?;
+    let n = stmt
+        .execute(params![
+            ev.source,
+            ev.event_id,
+            ev.kind,
+            ev.event_type,
+            ev.occurred_at,
+            ev.received_at,
+            &ev.body[..]
+        ])
+        .map_err(unavailable)?;
+    if n == 0 {
+        return Ok(Inserted::Duplicate);
+    }
+    let seq = t.last_insert_rowid();
+    let mut stmt = t
+        .prepare_cached(
+            "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (?1, ?2, 0, ?3, ?3)",
+        )
+        .map_err(unavailable)?;
+    for sink in &ev.sinks {
+        stmt.execute(params![seq, sink, ev.received_at]).map_err(unavailable)?;
+    }
+    Ok(Inserted::New)
+}
+
+fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -> Result<Vec<Claimed>, StoreError> {
+    let mut select = t
+        .prepare_cached(
+            "SELECT d.id, d.attempts, e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
+             FROM deliveries d JOIN events e ON e.seq = d.event_seq
+             WHERE d.sink = ?1 AND d.state = 0 AND d.due_at <= ?2
+               AND (d.lease_until IS NULL OR d.lease_until <= ?2)
+             ORDER BY d.due_at LIMIT ?3",
+        )
+        .map_err(unavailable)?;
+    let rows = select
+        .query_map(params![sink, now, limit as i64], |r| {
+            Ok(Claimed {
+                delivery_id: r.get(0)?,
+                sink: sink.to_string(),
+                attempt: r.get::<_, u32>(1)? + 1,
+                event: StoredEvent {
+                    source: r.get(2)?,
+                    event_id: r.get(3)?,
+                    kind: r.get(4)?,
+                    event_type: r.get(5)?,
+                    occurred_at: r.get(6)?,
+                    received_at: r.get(7)?,
+                    body: r.get::<_, Option<Vec<u8>>>(8)?.unwrap_or_default(),
+                },
+            })
+        })
+        .map_err(unavailable)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(unavailable)?;
+    let mut lease = t
+        .prepare_cached("UPDATE deliveries SET lease_until = ?2, attempts = attempts + 1 WHERE id = ?1")
+        .map_err(unavailable)?;
+    for c in &rows {
+        lease
+            .execute(params![c.delivery_id, lease_until])
+            .map_err(unavailable)?;
+    }
+    Ok(rows)
+}
+
+fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
+    let mut update = t
+        .prepare_cached(
+            "UPDATE deliveries SET state = ?2, due_at = COALESCE(?3, due_at), lease_until = NULL,
+             last_error = ?4, updated_at = ?5 WHERE id = ?1",
+        )
+        .map_err(unavailable)?;
+    let mut log = t
+        .prepare_cached(
+            "INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .map_err(unavailable)?;
+    for c in done {
+        let (state, due, error, outcome) = match &c.result {
+            Completed::Delivered => (Status::Delivered, None, None, "delivered"),
+            Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(error.as_str()), "retry"),
+            Completed::Dead { error } => (Status::Dead, None, Some(error.as_str()), "dead"),
+        };
+        let n = update
+            .execute(params![c.delivery_id, state.code(), due, error, c.finished_at])
+            .map_err(unavailable)?;
+        // The delivery may have been pruned meanwhile (a very late completion).
+        if n > 0 {
+            log.execute(params![c.delivery_id, c.attempt, c.finished_at, outcome, error])
+                .map_err(unavailable)?;
+        }
+    }
+    Ok(())
+}
+
+fn replay(t: &Connection, target: &ReplayTarget, now: i64) -> Result<u64, StoreError> {
+    const REQUEUE: &str =
+        "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?1, lease_until = NULL, updated_at = ?1";
+    match target {
+        ReplayTarget::DeadLetters { sink } => {
+            // Dead letters always still have their payload: compaction only
+            // touches events with no deliveries left.
+            let n = match sink {
+                Some(s) => t.execute(&format!("{REQUEUE} WHERE state = 2 AND sink = ?2"), params![now, s]),
+                None => t.execute(&format!("{REQUEUE} WHERE state = 2"), params![now]),
+            }
+            .map_err(unavailable)?;
+            Ok(n as u64)
+        }
+        ReplayTarget::Event { source, id, sink } => {
+            let found: Option<(i64, bool)> = t
+                .query_row(
+                    "SELECT seq, body IS NOT NULL FROM events WHERE source = ?1 AND event_id = ?2",
+                    params![source, id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let Some((seq, has_body)) = found else {
+                return Err(StoreError::NotFound);
+            };
+            if !has_body {
+                return Err(StoreError::Pruned);
+            }
+            let n = match sink {
+                Some(s) => t
+                    .execute(
+                        "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (?1, ?2, 0, ?3, ?3)
+                         ON CONFLICT (event_seq, sink) DO UPDATE SET state = 0, attempts = 0, due_at = ?3,
+                         lease_until = NULL, updated_at = ?3",
+                        params![seq, s, now],
+                    )
+                    .map_err(unavailable)?,
+                None => t
+                    .execute(&format!("{REQUEUE} WHERE event_seq = ?2"), params![now, seq])
+                    .map_err(unavailable)?,
+            };
+            Ok(n as u64)
+        }
+    }
+}
+
+fn prune(t: &Connection, r: Retention, now: i64) -> Result<PruneStats, StoreError> {
+    let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+    let delivered_cutoff = now.saturating_sub(ms(r.keep_delivered));
+    let dead_cutoff = now.saturating_sub(ms(r.keep_dead_letters));
+    let dedupe_cutoff = now.saturating_sub(ms(r.dedupe_window.max(r.keep_delivered)));
+    let mut stats = PruneStats::default();
+    let run = |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
+        t.execute(sql, params![cutoff, PRUNE_CHUNK])
+            .map(|n| n as u64)
+            .map_err(unavailable)
+    };
+    stats.deliveries_deleted += run(
+        "DELETE FROM deliveries WHERE id IN
+         (SELECT id FROM deliveries WHERE state = 1 AND updated_at < ?1 LIMIT ?2)",
+        delivered_cutoff,
+    )?;
+    stats.deliveries_deleted += run(
+        "DELETE FROM deliveries WHERE id IN
+         (SELECT id FROM deliveries WHERE state = 2 AND updated_at < ?1 LIMIT ?2)",
+        dead_cutoff,
+    )?;
+    stats.events_compacted = run(
+        "UPDATE events SET body = NULL WHERE seq IN
+         (SELECT seq FROM events e WHERE body IS NOT NULL AND received_at < ?1
+          AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) LIMIT ?2)",
+        delivered_cutoff,
+    )?;
+    stats.events_deleted = run(
+        "DELETE FROM events WHERE seq IN
+         (SELECT seq FROM events e WHERE received_at < ?1
+          AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) LIMIT ?2)",
+        dedupe_cutoff,
+    )?;
+    Ok(stats)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
+        self.submit(|r| Op::Insert(event, r)).await
+    }
+
+    async fn claim(&self, sink: &str, limit: usize, lease: Duration, now: i64) -> Result<Vec<Claimed>, StoreError> {
+        let lease_until = now.saturating_add(lease.as_millis() as i64);
+        let sink = sink.to_string();
+        self.submit(|reply| Op::Claim {
+            sink,
+            limit,
+            lease_until,
+            now,
+            reply,
+        })
+        .await
+    }
+
+    async fn complete(&self, done: Vec<Completion>) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.submit(|r| Op::Complete(done, r)).await
+    }
+
+    async fn next_due(&self, sink: &str) -> Result<Option<i64>, StoreError> {
+        let sink = sink.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT MIN(CASE WHEN lease_until > due_at THEN lease_until ELSE due_at END)
+                 FROM deliveries WHERE sink = ?1 AND state = 0",
+            )
+            .and_then(|mut s| s.query_row([sink], |r| r.get(0)))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn events(&self, f: EventFilter) -> Result<Vec<EventSummary>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
+                     WHERE (?1 IS NULL OR source = ?1) AND (?2 IS NULL OR type = ?2)
+                     ORDER BY seq DESC LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            let events = stmt
+                .query_map(params![f.source, f.event_type, f.limit as i64], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        EventSummary {
+                            source: r.get(1)?,
+                            id: r.get(2)?,
+                            event_type: r.get(3)?,
+                            occurred_at: r.get(4)?,
+                            received_at: r.get(5)?,
+                            deliveries: Vec::new(),
+                        },
+                    ))
+                })
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            let mut ds = c
+                .prepare_cached("SELECT sink, state, attempts FROM deliveries WHERE event_seq = ?1 ORDER BY id")
+                .map_err(unavailable)?;
+            let mut out = Vec::with_capacity(events.len());
+            for (seq, mut ev) in events {
+                ev.deliveries = ds
+                    .query_map([seq], |r| {
+                        Ok(DeliverySummary {
+                            sink: r.get(0)?,
+                            status: Status::from_code(r.get(1)?),
+                            attempts: r.get(2)?,
+                        })
+                    })
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                out.push(ev);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn deliveries(&self, f: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
+                            d.last_error, d.updated_at
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE (?1 IS NULL OR d.sink = ?1) AND (?2 IS NULL OR d.state = ?2)
+                     ORDER BY d.updated_at DESC, d.id DESC LIMIT ?3",
+                )
+                .map_err(unavailable)?;
+            stmt.query_map(params![f.sink, f.status.map(Status::code), f.limit as i64], |r| {
+                let source: String = r.get(1)?;
+                let event_id: String = r.get(2)?;
+                let sink: String = r.get(4)?;
+                let status = Status::from_code(r.get(5)?);
+                Ok(DeliveryRow {
+                    id: r.get(0)?,
+                    key: expeditor_api::delivery_key(&source, &event_id, &sink),
+                    source,
+                    event_id,
+                    event_type: r.get(3)?,
+                    sink,
+                    status,
+                    attempts: r.get(6)?,
+                    next_attempt_at: (status == Status::Pending).then(|| r.get(7)).transpose()?,
+                    last_error: r.get(8)?,
+                    updated_at: r.get(9)?,
+                })
+            })
+            .map_err(unavailable)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError> {
+        self.submit(|r| Op::Replay(target, now, r)).await
+    }
+
+    async fn prune(&self, retention: Retention, now: i64) -> Result<PruneStats, StoreError> {
+        self.submit(|r| Op::Prune(retention, now, r)).await
+    }
+
+    async fn close(&self) {
+        // A barrier: operations are applied in order, so once this empty one
+        // has committed, everything queued before it is on disk. The writer
+        // thread ends (and checkpoints) when the store is dropped.
+        let _ = self.submit(|r| Op::Complete(Vec::new(), r)).await;
+    }
+}

@@ -1,0 +1,292 @@
+//! `expeditor check`: the shipped config passes; each broken config fails
+//! with exit code 1 and a message naming the problem and its line.
+//!
+//! Each broken config below marks the line the error must point at with a
+//! trailing `# <- here` comment.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::harness::{BIN, output_text};
+
+const UNSET_VAR: &str = "EXPEDITOR_IT_SURELY_UNSET_VAR";
+
+/// A valid config; the cases below each break one line of it.
+const VALID: &str = r#"[server]
+listen = "127.0.0.1:18080"
+max_body = "1MiB"
+
+[admin]
+listen = "127.0.0.1:19090"
+
+[store]
+path = "./data"
+
+[sources.crumb]
+kind = "crumbpos"
+secrets = ["s3cret"]
+tolerance = "5m"
+
+[sinks.kds]
+type = "http"
+url = "http://127.0.0.1:9/tickets"
+timeout = "2s"
+retry = { max_attempts = 5, initial = "1s", max = "1m" }
+
+[sinks.kds.body]
+external_id = "{{ order.id }}"
+
+[[routes]]
+name = "kitchen"
+events = ["order.created"]
+when = "order.total_cents > 0"
+sinks = ["kds"]
+"#;
+
+fn check(dir: &Path, config: &str) -> Output {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).expect("write config");
+    Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .current_dir(dir)
+        .env_remove(UNSET_VAR)
+        .output()
+        .expect("run expeditor check")
+}
+
+/// Replaces the line starting with `prefix` by `replacement` (marked).
+fn break_line(prefix: &str, replacement: &str) -> String {
+    let mut found = false;
+    let lines: Vec<String> = VALID
+        .lines()
+        .map(|line| {
+            if !found && line.starts_with(prefix) {
+                found = true;
+                format!("{replacement} # <- here")
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect();
+    assert!(found, "no line starts with {prefix:?}");
+    lines.join("\n") + "\n"
+}
+
+fn marked_line(config: &str) -> usize {
+    config
+        .lines()
+        .position(|l| l.contains("# <- here"))
+        .expect("a marked line")
+        + 1
+}
+
+#[test]
+fn the_valid_base_config_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = check(dir.path(), VALID);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "check of a valid config: {}",
+        output_text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "stdout: {}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn the_shipped_config_passes() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+    let text = std::fs::read_to_string(&shipped).expect("the repository ships config.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(&shipped).arg("check").current_dir(dir.path());
+    // Give every `${VAR}` it uses a value.
+    for var in env_vars(&text) {
+        cmd.env(var, "it-test-value");
+    }
+    let out = cmd.output().expect("run expeditor check");
+    assert_eq!(out.status.code(), Some(0), "check config.toml: {}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ok"),
+        "{}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn the_shipped_config_names_an_unset_variable() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
+    let text = std::fs::read_to_string(&shipped).expect("the repository ships config.toml");
+    let vars = env_vars(&text);
+    let Some(first) = vars.first() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(&shipped).arg("check").current_dir(dir.path());
+    for var in &vars {
+        cmd.env(var, "it-test-value");
+    }
+    cmd.env_remove(first);
+    let out = cmd.output().expect("run expeditor check");
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains(first.as_str()),
+        "must name {first}: {}",
+        output_text(&out)
+    );
+}
+
+/// The names in `${NAME}` occurrences outside comments.
+fn env_vars(toml: &str) -> Vec<String> {
+    let mut vars = Vec::new();
+    for line in toml.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else { break };
+            let name = after[..end].to_owned();
+            if !vars.contains(&name) {
+                vars.push(name);
+            }
+            rest = &after[end..];
+        }
+    }
+    vars
+}
+
+#[test]
+fn broken_configs_fail_naming_the_problem_and_line() {
+    let cases: Vec<(&str, String, &[&str])> = vec![
+        (
+            "unknown key",
+            break_line("max_body", r#"max_bodee = "1MiB""#),
+            &["max_bodee"],
+        ),
+        (
+            "unknown key in a sink",
+            break_line("timeout", r#"timeuot = "2s""#),
+            &["timeuot"],
+        ),
+        (
+            "route naming a missing sink",
+            break_line("sinks = ", r#"sinks = ["kds", "nowhere"]"#),
+            &["nowhere"],
+        ),
+        (
+            "unset ${VAR}",
+            break_line("secrets", &format!(r#"secrets = ["${{{UNSET_VAR}}}"]"#)),
+            &[UNSET_VAR],
+        ),
+        (
+            "bad duration",
+            break_line("tolerance", r#"tolerance = "5 parsecs""#),
+            &["tolerance"],
+        ),
+        (
+            "bad duration in retry",
+            break_line("retry", r#"retry = { max_attempts = 5, initial = "soon", max = "1m" }"#),
+            &["initial"],
+        ),
+        (
+            "bad size",
+            break_line("max_body", r#"max_body = "lots""#),
+            &["max_body"],
+        ),
+        (
+            "invalid when",
+            break_line("when", r#"when = "order.total_cents >""#),
+            &["when"],
+        ),
+        (
+            "template that does not compile",
+            break_line("external_id", r#"external_id = "{{ order.id ""#),
+            &["external_id"],
+        ),
+        (
+            "unknown source kind",
+            break_line("kind", r#"kind = "squarepos""#),
+            &["squarepos"],
+        ),
+        (
+            "unknown sink type",
+            break_line("type", r#"type = "carrier-pigeon""#),
+            &["carrier-pigeon"],
+        ),
+        ("TOML syntax error", break_line("path", "path = "), &[]),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (case, config, needles) in &cases {
+        let out = check(dir.path(), config);
+        let text = output_text(&out);
+        let line = marked_line(config);
+        let mut problems = Vec::new();
+        if out.status.code() != Some(1) {
+            problems.push(format!("exit {:?}, expected 1", out.status.code()));
+        }
+        if !text.contains(&format!("config.toml:{line}:")) {
+            problems.push(format!("no `config.toml:{line}:` location"));
+        }
+        for needle in *needles {
+            if !text.contains(needle) {
+                problems.push(format!("does not name {needle:?}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{case}: {}\n    output: {}",
+                problems.join("; "),
+                text.trim_end()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "check got these wrong:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn every_error_is_reported_not_only_the_first() {
+    let config = VALID.replace(r#"sinks = ["kds"]"#, r#"sinks = ["nowhere"]"#)
+        + "\n[[routes]]\nname = \"second\"\nwhen = \"order.total_cents >\"\nsinks = [\"kds\"]\n";
+    let dir = tempfile::tempdir().unwrap();
+    let out = check(dir.path(), &config);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let sinks_line = config.lines().position(|l| l.contains("nowhere")).unwrap() + 1;
+    let when_line = config.lines().position(|l| l.contains("total_cents >\"")).unwrap() + 1;
+    assert!(
+        text.contains(&format!("config.toml:{sinks_line}:")),
+        "missing sink error: {text}"
+    );
+    assert!(
+        text.contains(&format!("config.toml:{when_line}:")),
+        "invalid when error: {text}"
+    );
+}
+
+#[test]
+fn a_missing_config_file_fails_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-config.toml");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&missing)
+        .arg("check")
+        .current_dir(dir.path())
+        .output()
+        .expect("run expeditor check");
+    assert!(
+        !out.status.success(),
+        "check of a missing file succeeded: {}",
+        output_text(&out)
+    );
+    assert!(
+        output_text(&out).contains("no-such-config.toml"),
+        "must name the file: {}",
+        output_text(&out)
+    );
+}

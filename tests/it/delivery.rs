@@ -1,0 +1,232 @@
+//! Delivery: a vendor's retries are deduped, a sink's failures are retried
+//! with one `Idempotency-Key`, permanent failures become dead letters that
+//! `replay` brings back.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::fake_sink::FakeSink;
+use crate::harness::{Daemon, assert_success, one_sink_config, output_text};
+use crate::vendor::{CRUMB_SECRET, crumb_order, crumb_signature, now};
+
+const SECS_10: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn vendor_retries_of_one_event_are_delivered_once() {
+    let sink = FakeSink::start().await;
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    let body = serde_json::to_vec(&crumb_order("evt_dup", 4250)).unwrap();
+
+    // The vendor signs each retry afresh: a new `t`, so a new header.
+    let mut statuses = Vec::new();
+    for age in [0, 30, 60] {
+        let sig = crumb_signature(CRUMB_SECRET, now() - age, &body);
+        let reply = d
+            .post(
+                "crumb",
+                &[("content-type", "application/json"), ("crumb-signature", &sig)],
+                body.clone(),
+            )
+            .await;
+        assert_eq!(reply.status, 200, "attempt with t = now - {age}: {}", reply.body);
+        statuses.push(reply.json()["status"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(statuses, ["accepted", "duplicate", "duplicate"]);
+
+    d.wait_delivery("crumb", "evt_dup", "hook", "delivered").await;
+    let got = sink.settle().await;
+    assert_eq!(got.len(), 1, "the sink must see the event once: {got:#?}");
+    assert_eq!(got[0].event_id(), "evt_dup");
+    assert_eq!(d.events().await.len(), 1);
+    assert_eq!(d.deliveries().await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_503_twice_then_200_is_three_attempts_with_one_key() {
+    let sink = FakeSink::start().await;
+    sink.script(&[503, 503], 200);
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_retry", 4250)).await.status, 200);
+
+    let delivery = d.wait_delivery("crumb", "evt_retry", "hook", "delivered").await;
+    let got = sink.settle().await;
+    assert_eq!(got.len(), 3, "503, 503, 200: {got:#?}");
+    let key = got[0].idempotency_key();
+    assert!(!key.is_empty());
+    for (i, request) in got.iter().enumerate() {
+        assert_eq!(
+            request.idempotency_key(),
+            key,
+            "attempt {} changed the Idempotency-Key",
+            i + 1
+        );
+        assert_eq!(request.event_id(), "evt_retry");
+        assert_eq!(request.method, "POST");
+        assert_eq!(request.path, "/hook");
+    }
+    assert_eq!(delivery["attempts"], 3, "delivery: {delivery}");
+    assert_eq!(
+        delivery["key"],
+        key.as_str(),
+        "the stored key is the header: {delivery}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_408_and_429_are_retried() {
+    let sink = FakeSink::start().await;
+    sink.script(&[408, 429, 500], 200);
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    // max_attempts = 3 in one_sink_config: 408, 429 and 500 use them all up.
+    assert_eq!(d.post_crumb(&crumb_order("evt_4xx_retry", 4250)).await.status, 200);
+    let dead = d.wait_delivery("crumb", "evt_4xx_retry", "hook", "dead").await;
+    let got = sink.settle().await;
+    assert_eq!(
+        got.len(),
+        3,
+        "408, 429 and 500 are each retried until attempts run out: {got:#?}"
+    );
+    assert_eq!(dead["attempts"], 3, "{dead}");
+    assert!(
+        dead["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "last_error: {dead}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sink_400_is_a_dead_letter_that_replay_brings_back() {
+    let sink = FakeSink::start().await;
+    sink.script(&[], 400);
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_dead", 4250)).await.status, 200);
+
+    // A 400 is permanent: one attempt, then a dead letter.
+    let dead = d.wait_delivery("crumb", "evt_dead", "hook", "dead").await;
+    let got = sink.settle().await;
+    assert_eq!(got.len(), 1, "a 400 is not retried: {got:#?}");
+    let key = got[0].idempotency_key();
+    assert_eq!(dead["attempts"], 1, "{dead}");
+    let listed = dead_letters(&d).await;
+    assert_eq!(listed.len(), 1, "dead-letters --json: {listed:#?}");
+    assert_eq!(listed[0]["event_id"], "evt_dead");
+    assert_eq!(listed[0]["sink"], "hook");
+    assert_eq!(listed[0]["status"], "dead");
+    let table = d.cli(&["dead-letters"]).await;
+    assert_success(&table, &["dead-letters"]);
+    assert!(
+        output_text(&table).contains("evt_dead"),
+        "dead-letters table: {}",
+        output_text(&table)
+    );
+
+    // The sink is fixed; replaying the dead letters delivers it once more.
+    sink.script(&[], 200);
+    let out = d.cli(&["replay", "--dead-letters"]).await;
+    assert_success(&out, &["replay", "--dead-letters"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 1 deliveries"),
+        "replay output: {}",
+        output_text(&out)
+    );
+    d.wait_delivery("crumb", "evt_dead", "hook", "delivered").await;
+    let got = sink.settle().await;
+    assert_eq!(got.len(), 2, "one more delivery after replay: {got:#?}");
+    assert_eq!(got[1].idempotency_key(), key, "replay keeps the Idempotency-Key");
+    assert_eq!(got[1].event_id(), "evt_dead");
+    assert!(
+        dead_letters(&d).await.is_empty(),
+        "no dead letters after a successful replay"
+    );
+
+    // Nothing is dead now: replaying dead letters again does nothing.
+    let out = d.cli(&["replay", "--dead-letters"]).await;
+    assert_success(&out, &["replay", "--dead-letters"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 0 deliveries"),
+        "{}",
+        output_text(&out)
+    );
+
+    // Replaying one event re-sends it, with the same key, even if delivered.
+    let out = d.cli(&["replay", "--event", "crumb:evt_dead"]).await;
+    assert_success(&out, &["replay", "--event", "crumb:evt_dead"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 1 deliveries"),
+        "{}",
+        output_text(&out)
+    );
+    let got = sink.wait_for(3, SECS_10).await;
+    assert_eq!(got[2].idempotency_key(), key);
+    assert_eq!(got[2].event_id(), "evt_dead");
+    d.wait_delivery("crumb", "evt_dead", "hook", "delivered").await;
+    assert_eq!(sink.settle().await.len(), 3, "replay --event delivers once");
+
+    // An event that does not exist is an error or zero, never a delivery.
+    let out = d.cli(&["replay", "--event", "crumb:evt_never_seen"]).await;
+    let text = output_text(&out);
+    assert!(
+        !out.status.success() || text.contains("replayed 0"),
+        "replay of an unknown event: {text}"
+    );
+    assert_eq!(sink.settle().await.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_dead_letters_of_one_sink_only() {
+    let sink_a = FakeSink::start().await;
+    let sink_b = FakeSink::start().await;
+    sink_a.script(&[], 400);
+    sink_b.script(&[], 422);
+    let config = format!(
+        r#"{base}
+{sources}
+[sinks.a]
+type = "http"
+url = "{a}"
+retry = {{ max_attempts = 2, initial = "50ms", max = "200ms" }}
+
+[sinks.b]
+type = "http"
+url = "{b}"
+retry = {{ max_attempts = 2, initial = "50ms", max = "200ms" }}
+
+[[routes]]
+name = "both"
+sinks = ["a", "b"]
+"#,
+        base = crate::harness::base_config(""),
+        sources = crate::vendor::SOURCES,
+        a = sink_a.url("/a"),
+        b = sink_b.url("/b"),
+    );
+    let d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_two_dead", 4250)).await.status, 200);
+    d.wait_delivery("crumb", "evt_two_dead", "a", "dead").await;
+    d.wait_delivery("crumb", "evt_two_dead", "b", "dead").await;
+    assert_eq!(dead_letters(&d).await.len(), 2);
+
+    sink_a.script(&[], 200);
+    let out = d.cli(&["replay", "--dead-letters", "--sink", "a"]).await;
+    assert_success(&out, &["replay", "--dead-letters", "--sink", "a"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 1 deliveries"),
+        "{}",
+        output_text(&out)
+    );
+    d.wait_delivery("crumb", "evt_two_dead", "a", "delivered").await;
+    let left = dead_letters(&d).await;
+    assert_eq!(left.len(), 1, "{left:#?}");
+    assert_eq!(left[0]["sink"], "b");
+    assert_eq!(sink_b.settle().await.len(), 1, "sink b is not replayed");
+    assert_eq!(sink_a.requests().len(), 2);
+}
+
+async fn dead_letters(d: &Daemon) -> Vec<Value> {
+    let listed = d.cli_json(&["dead-letters", "--json"]).await;
+    // "Same shape as deliveries"; the key may name either.
+    match (&listed["deliveries"], &listed["dead_letters"]) {
+        (Value::Array(items), _) | (_, Value::Array(items)) => items.clone(),
+        _ => panic!("dead-letters --json is not {{\"deliveries\": [...]}}: {listed}"),
+    }
+}

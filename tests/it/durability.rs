@@ -1,0 +1,98 @@
+//! Nothing acknowledged is lost: not to a sink outage, not to `kill -9`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::fake_sink::FakeSink;
+use crate::harness::{Daemon, base_config};
+use crate::vendor::{SOURCES, crumb_order};
+
+const EVENTS: usize = 200;
+const TASKS: usize = 20;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn acknowledged_events_survive_kill_9_and_a_sink_outage() {
+    let sink = FakeSink::down();
+    // Generous retries: nothing may dead-letter while the sink is down.
+    let config = format!(
+        r#"{base}
+{SOURCES}
+[sinks.hook]
+type = "http"
+url = "{url}"
+timeout = "2s"
+concurrency = 8
+retry = {{ max_attempts = 1000, initial = "50ms", max = "500ms" }}
+
+[[routes]]
+name = "everything"
+sinks = ["hook"]
+"#,
+        base = base_config(""),
+        url = sink.url("/hook"),
+    );
+    let mut d = Daemon::start(&config).await;
+
+    // 200 distinct events from 20 concurrent senders, every one acknowledged.
+    let daemon = Arc::new(d);
+    let mut senders = Vec::new();
+    for task in 0..TASKS {
+        let daemon = daemon.clone();
+        senders.push(tokio::spawn(async move {
+            for i in (task..EVENTS).step_by(TASKS) {
+                let id = format!("evt_durable_{i:03}");
+                let reply = daemon.post_crumb(&crumb_order(&id, 1000 + i as i64)).await;
+                assert_eq!(reply.status, 200, "{id}: {}", reply.body);
+                assert_eq!(reply.json()["status"], "accepted", "{id}: {}", reply.body);
+            }
+        }));
+    }
+    for sender in senders {
+        sender.await.expect("sender task");
+    }
+    d = Arc::into_inner(daemon).expect("senders are done");
+    let sent: BTreeSet<String> = (0..EVENTS).map(|i| format!("evt_durable_{i:03}")).collect();
+
+    // Crash, come back, and only then let the sink up.
+    d.kill9();
+    d.restart().await;
+    sink.up().await;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (keys, ids) = loop {
+        let got = sink.requests();
+        let keys: BTreeSet<String> = got.iter().map(|r| r.idempotency_key()).collect();
+        let ids: BTreeSet<String> = got.iter().map(|r| r.event_id()).collect();
+        if ids.len() >= EVENTS || Instant::now() > deadline {
+            break (keys, ids);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let missing: Vec<_> = sent.difference(&ids).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events never arrived: {missing:?}",
+        missing.len()
+    );
+    assert_eq!(ids, sent, "the sink got events nobody sent");
+    assert_eq!(keys.len(), EVENTS, "one Idempotency-Key per (event, sink)");
+
+    // And the store agrees: every delivery done, none dead.
+    let deliveries = d.deliveries().await;
+    assert_eq!(deliveries.len(), EVENTS);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending: Vec<_> = d
+            .deliveries()
+            .await
+            .into_iter()
+            .filter(|x| x["status"] != "delivered")
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "deliveries not delivered: {pending:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

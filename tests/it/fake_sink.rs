@@ -1,0 +1,203 @@
+//! A fake downstream HTTP server: records every request, answers from a script.
+//!
+//! ```ignore
+//! let sink = FakeSink::start().await;          // answers 200
+//! sink.script(&[503, 503], 200);               // then 503, 503, then 200 forever
+//! let got = sink.wait_for(3, SECS_10).await;   // polls until 3 requests arrived
+//! ```
+//! `FakeSink::down()` reserves a port without listening on it (the daemon gets
+//! "connection refused"); `up()` later starts listening on that same port.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{HeaderMap, Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// One request as the sink saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn idempotency_key(&self) -> String {
+        self.header("idempotency-key")
+            .unwrap_or_else(|| panic!("request without Idempotency-Key: {self:?}"))
+            .to_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "sink got a non-JSON body ({e}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// `event.id` of the default body (the whole event JSON).
+    pub fn event_id(&self) -> String {
+        let body = self.json();
+        body["event"]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no event.id in sink body: {body}"))
+            .to_owned()
+    }
+}
+
+struct Script {
+    queue: VecDeque<u16>,
+    default: u16,
+}
+
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    script: Mutex<Script>,
+}
+
+pub struct FakeSink {
+    addr: SocketAddr,
+    state: Arc<State>,
+    server: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl FakeSink {
+    /// A sink listening now, answering 200.
+    pub async fn start() -> FakeSink {
+        let sink = FakeSink::down();
+        sink.up().await;
+        sink
+    }
+
+    /// A sink whose port is reserved but closed: connections are refused.
+    pub fn down() -> FakeSink {
+        let addr = crate::harness::free_addr();
+        let state = State {
+            requests: Mutex::new(Vec::new()),
+            script: Mutex::new(Script {
+                queue: VecDeque::new(),
+                default: 200,
+            }),
+        };
+        FakeSink {
+            addr,
+            state: Arc::new(state),
+            server: Mutex::new(None),
+        }
+    }
+
+    /// Starts listening on the reserved port.
+    pub async fn up(&self) {
+        let listener = TcpListener::bind(self.addr)
+            .await
+            .unwrap_or_else(|e| panic!("fake sink cannot bind {}: {e}", self.addr));
+        let state = self.state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let state = state.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req| handle(state.clone(), req));
+                    // A connection the daemon drops mid-request is not our concern.
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let previous = self.server.lock().unwrap().replace(task);
+        assert!(previous.is_none(), "fake sink started twice");
+    }
+
+    /// `http://127.0.0.1:PORT{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Answer the next requests with `first` in order, then `default` forever.
+    pub fn script(&self, first: &[u16], default: u16) {
+        let mut script = self.state.script.lock().unwrap();
+        script.queue = first.iter().copied().collect();
+        script.default = default;
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Polls until at least `n` requests have arrived; panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Recorded> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let got = self.requests();
+            if got.len() >= n {
+                return got;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "fake sink: expected {n} requests within {timeout:?}, got {}: {got:#?}",
+                    got.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits a short quiet period, then returns everything received; used to
+    /// assert that nothing *more* arrives (no duplicate delivery).
+    pub async fn settle(&self) -> Vec<Recorded> {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        self.requests()
+    }
+}
+
+impl Drop for FakeSink {
+    fn drop(&mut self) {
+        if let Some(task) = self.server.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let status = {
+        let mut script = state.script.lock().unwrap();
+        let default = script.default;
+        script.queue.pop_front().unwrap_or(default)
+    };
+    state.requests.lock().unwrap().push(Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_owned(),
+        headers: parts.headers,
+        body,
+    });
+    let response = Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .expect("valid response");
+    Ok(response)
+}

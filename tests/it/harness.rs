@@ -1,0 +1,369 @@
+//! The daemon under test: the real binary, on free loopback ports, with its
+//! store in a temp dir that lives as long as the [`Daemon`].
+//!
+//! A test writes its whole config with three placeholders, which
+//! [`Daemon::start`] fills in: `{INGEST}` and `{ADMIN}` (free `127.0.0.1`
+//! ports) and `{DIR}` (the temp dir). [`base_config`] writes the usual
+//! `[server]`, `[admin]` and `[store]` sections with them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use reqwest::header::HeaderMap;
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::vendor;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_expeditor");
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `[server]`, `[admin]` and `[store]` on the placeholders; `server_extra` is
+/// appended to `[server]` (e.g. `max_body = "1KiB"`).
+pub fn base_config(server_extra: &str) -> String {
+    format!(
+        r#"[server]
+listen = "{{INGEST}}"
+{server_extra}
+
+[admin]
+listen = "{{ADMIN}}"
+
+[store]
+path = "{{DIR}}/store"
+"#
+    )
+}
+
+/// The usual sources plus one `http` sink `hook` at `url` that every event
+/// is routed to, with fast retries; `server_extra` as in [`base_config`].
+pub fn one_sink_config(server_extra: &str, url: &str) -> String {
+    format!(
+        r#"{base}
+{sources}
+[sinks.hook]
+type = "http"
+url = "{url}"
+timeout = "2s"
+retry = {{ max_attempts = 3, initial = "50ms", max = "200ms" }}
+
+[[routes]]
+name = "everything"
+sinks = ["hook"]
+"#,
+        base = base_config(server_extra),
+        sources = vendor::SOURCES,
+    )
+}
+
+/// A free `127.0.0.1` port: bound to learn it, then released.
+pub fn free_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr")
+}
+
+pub fn http_client() -> reqwest::Client {
+    static PROVIDER: Once = Once::new();
+    // reqwest is built with `rustls-no-provider`; plain http never uses it,
+    // but building a client requires one.
+    PROVIDER.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// An HTTP answer from the daemon.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("reply body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+pub struct Daemon {
+    pub dir: TempDir,
+    pub config_path: PathBuf,
+    pub ingest: SocketAddr,
+    pub admin: SocketAddr,
+    child: Option<Child>,
+    runs: usize,
+    http: reqwest::Client,
+}
+
+impl Daemon {
+    /// Writes the config (placeholders filled in), runs `expeditor run`, and
+    /// waits until `/healthz` answers 200 and the ingest port accepts.
+    pub async fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ingest = free_addr();
+        let admin = free_addr();
+        let config = config
+            .replace("{INGEST}", &ingest.to_string())
+            .replace("{ADMIN}", &admin.to_string())
+            .replace("{DIR}", dir.path().to_str().expect("utf-8 temp dir"));
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut daemon = Daemon {
+            dir,
+            config_path,
+            ingest,
+            admin,
+            child: None,
+            runs: 0,
+            http: http_client(),
+        };
+        daemon.spawn();
+        daemon.wait_ready().await;
+        daemon
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.runs += 1;
+        let out = std::fs::File::create(self.dir.path().join(format!("run-{}.out", self.runs))).expect("log");
+        let err = std::fs::File::create(self.dir.path().join(format!("run-{}.err", self.runs))).expect("log");
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("run")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn expeditor run");
+        self.child = Some(child);
+    }
+
+    async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().expect("try_wait") {
+                self.child = None;
+                panic!("expeditor run exited early with {status}\n{}", self.log());
+            }
+            let healthy = self
+                .http
+                .get(format!("http://{}/healthz", self.admin))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if healthy && tokio::net::TcpStream::connect(self.ingest).await.is_ok() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("expeditor not ready within {READY_TIMEOUT:?}\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `kill -9`: no shutdown path runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().expect("SIGKILL");
+            child.wait().expect("reap");
+        }
+    }
+
+    /// Same config, same ports, same store.
+    pub async fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Everything the daemon wrote to stdout and stderr, every run.
+    pub fn log(&self) -> String {
+        let mut log = String::new();
+        for run in 1..=self.runs {
+            for stream in ["out", "err"] {
+                let path = self.dir.path().join(format!("run-{run}.{stream}"));
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                log.push_str(&format!("--- run {run} std{stream} ---\n{text}"));
+            }
+        }
+        log
+    }
+
+    // ---- ingest ----------------------------------------------------------
+
+    /// Any request to the ingest listener.
+    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self
+            .http
+            .request(method, format!("http://{}{path}", self.ingest))
+            .body(body);
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}\n{}", self.log()));
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.text().await.expect("reply body");
+        Reply { status, headers, body }
+    }
+
+    /// `POST /webhooks/{source}` with exactly these headers and bytes.
+    pub async fn post(&self, source: &str, headers: &[(&str, &str)], body: impl Into<Vec<u8>>) -> Reply {
+        self.request("POST", &format!("/webhooks/{source}"), headers, body.into())
+            .await
+    }
+
+    /// A CrumbPOS event, signed now, as JSON.
+    pub async fn post_crumb(&self, event: &Value) -> Reply {
+        let body = serde_json::to_vec(event).expect("json");
+        let sig = vendor::crumb_signature(vendor::CRUMB_SECRET, vendor::now(), &body);
+        self.post(
+            "crumb",
+            &[("content-type", "application/json"), ("crumb-signature", &sig)],
+            body,
+        )
+        .await
+    }
+
+    /// A Crave event, signed, as JSON.
+    pub async fn post_crave(&self, event: &Value) -> Reply {
+        let body = serde_json::to_vec(event).expect("json");
+        let sig = vendor::crave_signature(vendor::CRAVE_SECRET, &body);
+        self.post(
+            "crave",
+            &[("content-type", "application/json"), ("x-crave-signature", &sig)],
+            body,
+        )
+        .await
+    }
+
+    // ---- admin API: what the store holds --------------------------------
+
+    pub async fn api(&self, path_and_query: &str) -> Value {
+        let resp = self
+            .http
+            .get(format!("http://{}{path_and_query}", self.admin))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("admin {path_and_query}: {e}"));
+        let status = resp.status();
+        let body = resp.text().await.expect("admin body");
+        assert_eq!(status, 200, "admin {path_and_query} answered {status}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("admin {path_and_query}: not JSON ({e}): {body}"))
+    }
+
+    /// `GET /api/events`: every stored event.
+    pub async fn events(&self) -> Vec<Value> {
+        list(self.api("/api/events?limit=1000").await, "events")
+    }
+
+    /// `GET /api/deliveries`: every delivery.
+    pub async fn deliveries(&self) -> Vec<Value> {
+        list(self.api("/api/deliveries?limit=1000").await, "deliveries")
+    }
+
+    /// Waits (up to 15 s) until the delivery of `source:event_id` to `sink`
+    /// has `status`; returns it.
+    pub async fn wait_delivery(&self, source: &str, event_id: &str, sink: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let mine = self
+                .deliveries()
+                .await
+                .into_iter()
+                .find(|d| d["source"] == source && d["event_id"] == event_id && d["sink"] == sink);
+            match mine {
+                Some(d) if d["status"] == status => return d,
+                _ if Instant::now() > deadline => {
+                    panic!("delivery {source}:{event_id} -> {sink} never became {status}; last seen: {mine:?}")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(25)).await,
+            }
+        }
+    }
+
+    // ---- CLI ---------------------------------------------------------------
+
+    /// `expeditor --config <this daemon's config> ARGS...`.
+    pub async fn cli(&self, args: &[&str]) -> Output {
+        run_cli(&self.config_path, self.dir.path(), args).await
+    }
+
+    /// `cli(args)`, asserting success and parsing stdout as JSON.
+    pub async fn cli_json(&self, args: &[&str]) -> Value {
+        let out = self.cli(args).await;
+        assert_success(&out, args);
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "expeditor {args:?}: stdout is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "==== expeditor log ({}) ====\n{}",
+                self.dir.path().display(),
+                self.log()
+            );
+        }
+    }
+}
+
+fn list(mut body: Value, key: &str) -> Vec<Value> {
+    match body[key].take() {
+        Value::Array(items) => items,
+        other => panic!("expected {{\"{key}\": [...]}}, got {key} = {other}"),
+    }
+}
+
+/// Runs the binary off the async runtime so the fake sink keeps serving.
+pub async fn run_cli(config: &Path, cwd: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(cwd)
+        .stdin(Stdio::null());
+    tokio::task::spawn_blocking(move || cmd.output().expect("run expeditor"))
+        .await
+        .expect("cli task")
+}
+
+pub fn assert_success(out: &Output, args: &[&str]) {
+    assert!(
+        out.status.success(),
+        "expeditor {args:?} failed with {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// stdout and stderr together, for messages whichever stream they use.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
