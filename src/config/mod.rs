@@ -242,7 +242,27 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
             _ => cx.error_at(table.span(), "sinks", "must be a table of sinks: [sinks.NAME]"),
         }
     }
-    let router = cx.router(&raw.routes, &sources, &sinks);
+    let mut file_paths: BTreeMap<&Path, &str> = BTreeMap::new();
+    for (name, sink) in &sinks {
+        if let SinkKind::File(f) = &sink.kind
+            && let Some(other) = file_paths.insert(&f.path, name)
+        {
+            cx.errors.push(ConfigError {
+                file: cx.file.clone(),
+                position: None,
+                key: format!("sinks.{name}.path"),
+                message: format!("sinks {other} and {name} write the same file; give each file sink its own path"),
+            });
+        }
+    }
+    // Routes are checked against every declared name, so one broken sink
+    // is reported once, not again by each route that names it.
+    let declared_sources: BTreeSet<String> = raw.sources.keys().cloned().collect();
+    let declared_sinks: BTreeSet<String> = match doc.get_ref().get("sinks").map(|t| t.get_ref()) {
+        Some(DeValue::Table(t)) => t.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+        _ => BTreeSet::new(),
+    };
+    let router = cx.router(&raw.routes, &declared_sources, &declared_sinks);
 
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
@@ -726,18 +746,13 @@ impl Cx<'_> {
                 let mut headers = Vec::new();
                 for (hname, hval) in &r.headers {
                     let hkey = format!("{key}.headers.{hname}");
-                    let Ok(n) = http::HeaderName::from_bytes(hname.as_bytes()) else {
-                        self.error_at(hval.span(), &hkey, format!("{hname:?} is not a valid HTTP header name"));
-                        continue;
+                    let n = match expeditor_http::header_name(hname) {
+                        Ok(n) => n,
+                        Err(msg) => {
+                            self.error_at(hval.span(), &hkey, msg);
+                            continue;
+                        }
                     };
-                    if n == "idempotency-key" {
-                        self.error_at(
-                            hval.span(),
-                            &hkey,
-                            "is set by expeditor from the delivery key and cannot be overridden",
-                        );
-                        continue;
-                    }
                     if let Some(v) = self.resolve(hval, &hkey)
                         && let Some(t) = self.template(&mut set, &hkey, &v, hval.span())
                     {
@@ -832,8 +847,13 @@ impl Cx<'_> {
         match set.structured(key, &json) {
             Ok(s) => Some(s),
             Err(e) => {
-                // The message starts with the leaf's key path; point at the table.
-                self.error_at(value.span(), "", format!("invalid template: {}", e.message));
+                // The message starts with the leaf's key path: point at the leaf.
+                let (leaf, detail) = e.message.split_once(": ").unwrap_or(("", &e.message));
+                let span = leaf
+                    .strip_prefix(key)
+                    .and_then(|rest| find_span(value, rest))
+                    .unwrap_or_else(|| value.span());
+                self.error_at(span, leaf, format!("invalid template: {detail}"));
                 None
             }
         }
@@ -943,8 +963,8 @@ impl Cx<'_> {
     fn router(
         &mut self,
         raw: &[Spanned<RawRoute>],
-        sources: &BTreeMap<String, Arc<Source>>,
-        sinks: &BTreeMap<String, SinkSpec>,
+        sources: &BTreeSet<String>,
+        sinks: &BTreeSet<String>,
     ) -> Option<Router> {
         let mut set = TemplateSet::new();
         let mut routes = Vec::new();
@@ -970,10 +990,10 @@ impl Cx<'_> {
             if let Some(list) = &rr.sources {
                 let mut names = Vec::new();
                 for (j, s) in list.iter().enumerate() {
-                    if sources.contains_key(s.get_ref()) {
+                    if sources.contains(s.get_ref()) {
                         names.push(s.get_ref().clone());
                     } else {
-                        let known = sources.keys().cloned().collect::<Vec<_>>().join(", ");
+                        let known = sources.iter().cloned().collect::<Vec<_>>().join(", ");
                         self.error_at(
                             s.span(),
                             &format!("{key}.sources[{j}]"),
@@ -1019,10 +1039,10 @@ impl Cx<'_> {
             }
             let mut route_sinks = Vec::new();
             for (j, s) in rr.sinks.get_ref().iter().enumerate() {
-                if sinks.contains_key(s.get_ref()) {
+                if sinks.contains(s.get_ref()) {
                     route_sinks.push(s.get_ref().clone());
                 } else {
-                    let known = sinks.keys().cloned().collect::<Vec<_>>().join(", ");
+                    let known = sinks.iter().cloned().collect::<Vec<_>>().join(", ");
                     self.error_at(
                         s.span(),
                         &format!("{key}.sinks[{j}]"),
@@ -1041,6 +1061,27 @@ impl Cx<'_> {
         }
         ok.then(|| Router::new(routes, set.finish()))
     }
+}
+
+/// The span of `.a.b[2]` below `value`.
+fn find_span(value: &Spanned<DeValue<'_>>, path: &str) -> Option<Range<usize>> {
+    if path.is_empty() {
+        return Some(value.span());
+    }
+    if let Some(rest) = path.strip_prefix('[') {
+        let (index, rest) = rest.split_once(']')?;
+        let DeValue::Array(items) = value.get_ref() else {
+            return None;
+        };
+        return find_span(items.iter().nth(index.parse().ok()?)?, rest);
+    }
+    let rest = path.strip_prefix('.')?;
+    let end = rest.find(['.', '[']).unwrap_or(rest.len());
+    let DeValue::Table(t) = value.get_ref() else {
+        return None;
+    };
+    let (_, child) = t.iter().find(|(k, _)| k.get_ref() == &rest[..end])?;
+    find_span(child, &rest[end..])
 }
 
 fn valid_name(name: &str) -> bool {

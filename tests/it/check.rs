@@ -119,25 +119,50 @@ fn the_shipped_config_passes() {
     );
 }
 
+/// The shipped config as its comments say to run it in production: the
+/// first source secret read from the environment.
 #[test]
-fn the_shipped_config_names_an_unset_variable() {
+fn the_shipped_config_with_secrets_from_the_environment() {
+    const VAR: &str = "EXPEDITOR_IT_CRUMB_SECRET";
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");
     let text = std::fs::read_to_string(&shipped).expect("the repository ships config.toml");
-    let vars = env_vars(&text);
-    let Some(first) = vars.first() else { return };
+    let mut replaced = false;
+    let production: String = text
+        .lines()
+        .map(|line| {
+            if !replaced && line.starts_with("secrets = [") {
+                replaced = true;
+                format!("secrets = [\"${{{VAR}}}\"] # <- here\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    assert!(replaced, "the shipped config has no `secrets = [` line");
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("--config").arg(&shipped).arg("check").current_dir(dir.path());
-    for var in &vars {
-        cmd.env(var, "it-test-value");
-    }
-    cmd.env_remove(first);
-    let out = cmd.output().expect("run expeditor check");
-    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, &production).unwrap();
+    let run = |set: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config").arg(&path).arg("check").current_dir(dir.path());
+        for var in env_vars(&production) {
+            cmd.env(var, "it-test-value");
+        }
+        if !set {
+            cmd.env_remove(VAR);
+        }
+        cmd.output().expect("run expeditor check")
+    };
+    let out = run(true);
+    assert_eq!(out.status.code(), Some(0), "{VAR} set: {}", output_text(&out));
+    let out = run(false);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{VAR} unset: {text}");
+    assert!(text.contains(VAR), "must name {VAR}: {text}");
+    let line = marked_line(&production);
     assert!(
-        output_text(&out).contains(first.as_str()),
-        "must name {first}: {}",
-        output_text(&out)
+        text.contains(&format!("config.toml:{line}:")),
+        "must point at line {line}: {text}"
     );
 }
 
@@ -236,6 +261,10 @@ fn broken_configs_fail_naming_the_problem_and_line() {
             if !text.contains(needle) {
                 problems.push(format!("does not name {needle:?}"));
             }
+        }
+        // One mistake, one message: a sink with a bad field is still defined.
+        if text.contains(r#"no sink named "kds""#) {
+            problems.push("claims the defined sink `kds` does not exist".to_owned());
         }
         if !problems.is_empty() {
             failures.push(format!(

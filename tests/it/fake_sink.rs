@@ -3,6 +3,7 @@
 //! ```ignore
 //! let sink = FakeSink::start().await;          // answers 200
 //! sink.script(&[503, 503], 200);               // then 503, 503, then 200 forever
+//! sink.script_answers(&[Answer::status(429).retry_after("1")], Answer::status(200));
 //! let got = sink.wait_for(3, SECS_10).await;   // polls until 3 requests arrived
 //! ```
 //! `FakeSink::down()` reserves a port without listening on it (the daemon gets
@@ -32,6 +33,8 @@ pub struct Recorded {
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 impl Recorded {
@@ -64,9 +67,40 @@ impl Recorded {
     }
 }
 
+/// How the sink answers one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Answer {
+    status: u16,
+    delay: Duration,
+    retry_after: Option<&'static str>,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Answer {
+        Answer {
+            status,
+            delay: Duration::ZERO,
+            retry_after: None,
+        }
+    }
+
+    /// Answer only after `delay` (to make the daemon's request time out).
+    pub fn after(self, delay: Duration) -> Answer {
+        Answer { delay, ..self }
+    }
+
+    /// With a `Retry-After` header.
+    pub fn retry_after(self, value: &'static str) -> Answer {
+        Answer {
+            retry_after: Some(value),
+            ..self
+        }
+    }
+}
+
 struct Script {
-    queue: VecDeque<u16>,
-    default: u16,
+    queue: VecDeque<Answer>,
+    default: Answer,
 }
 
 struct State {
@@ -137,6 +171,12 @@ impl FakeSink {
 
     /// Answer the next requests with `first` in order, then `default` forever.
     pub fn script(&self, first: &[u16], default: u16) {
+        let first: Vec<Answer> = first.iter().map(|&s| Answer::status(s)).collect();
+        self.script_answers(&first, Answer::status(default));
+    }
+
+    /// Like [`FakeSink::script`], with delays and headers.
+    pub fn script_answers(&self, first: &[Answer], default: Answer) {
         let mut script = self.state.script.lock().unwrap();
         script.queue = first.iter().copied().collect();
         script.default = default;
@@ -181,9 +221,10 @@ impl Drop for FakeSink {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let at = Instant::now();
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let status = {
+    let answer = {
         let mut script = state.script.lock().unwrap();
         let default = script.default;
         script.queue.pop_front().unwrap_or(default)
@@ -193,11 +234,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         path: parts.uri.path().to_owned(),
         headers: parts.headers,
         body,
+        at,
     });
-    let response = Response::builder()
-        .status(status)
-        .header("content-type", "application/json")
+    tokio::time::sleep(answer.delay).await;
+    let mut response = Response::builder()
+        .status(answer.status)
+        .header("content-type", "application/json");
+    if let Some(after) = answer.retry_after {
+        response = response.header("retry-after", after);
+    }
+    Ok(response
         .body(Full::new(Bytes::from_static(b"{}")))
-        .expect("valid response");
-    Ok(response)
+        .expect("valid response"))
 }

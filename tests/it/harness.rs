@@ -98,6 +98,8 @@ pub struct Daemon {
     pub config_path: PathBuf,
     pub ingest: SocketAddr,
     pub admin: SocketAddr,
+    /// `[admin] token`, sent as a bearer token by [`Daemon::api`].
+    pub admin_token: Option<String>,
     child: Option<Child>,
     runs: usize,
     http: reqwest::Client,
@@ -114,6 +116,10 @@ impl Daemon {
             .replace("{INGEST}", &ingest.to_string())
             .replace("{ADMIN}", &admin.to_string())
             .replace("{DIR}", dir.path().to_str().expect("utf-8 temp dir"));
+        let admin_token = config
+            .lines()
+            .find_map(|line| line.strip_prefix("token = \"")?.split('"').next())
+            .map(str::to_owned);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config).expect("write config");
         let mut daemon = Daemon {
@@ -121,6 +127,7 @@ impl Daemon {
             config_path,
             ingest,
             admin,
+            admin_token,
             child: None,
             runs: 0,
             http: http_client(),
@@ -254,9 +261,11 @@ impl Daemon {
     // ---- admin API: what the store holds --------------------------------
 
     pub async fn api(&self, path_and_query: &str) -> Value {
-        let resp = self
-            .http
-            .get(format!("http://{}{path_and_query}", self.admin))
+        let mut req = self.http.get(format!("http://{}{path_and_query}", self.admin));
+        if let Some(token) = &self.admin_token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
             .send()
             .await
             .unwrap_or_else(|e| panic!("admin {path_and_query}: {e}"));

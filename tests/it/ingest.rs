@@ -11,6 +11,9 @@ use crate::fake_sink::FakeSink;
 use crate::harness::{Daemon, Reply, base_config, one_sink_config};
 use crate::vendor::{CRAVE_SECRET, CRUMB_SECRET, crave_order, crave_signature, crumb_order, crumb_signature, now};
 
+/// Signs a body: the `Crumb-Signature` a test case sends.
+type Signer = fn(&[u8]) -> String;
+
 const JSON: (&str, &str) = ("content-type", "application/json");
 
 fn bytes(event: &Value) -> Vec<u8> {
@@ -250,14 +253,14 @@ tolerance = "30s"
         base = base_config("")
     );
     let d = Daemon::start(&config).await;
-    let post = |source: &'static str, id: &str, header: fn(&[u8]) -> String| {
+    let post = |source: &'static str, id: &str, header: Signer| {
         let body = bytes(&crumb_order(id, 4250));
         let sig = header(&body);
         let d = &d;
         async move { d.post(source, &[JSON, ("crumb-signature", &sig)], body).await }
     };
 
-    let cases: [(&str, &str, fn(&[u8]) -> String, u16); 7] = [
+    let cases: [(&str, &str, Signer, u16); 7] = [
         (
             "either secret: old",
             "evt_rot_old",
