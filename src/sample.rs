@@ -205,7 +205,7 @@ impl SampleOrder {
             lines,
             location: LOCATIONS[idx],
             location_name: LOCATION_NAMES[idx],
-            customer: (mix(seq, 5) % 3 != 0).then(|| *pick(CUSTOMERS, seq, 6)),
+            customer: (!mix(seq, 5).is_multiple_of(3)).then(|| *pick(CUSTOMERS, seq, 6)),
         }
     }
 }
@@ -258,7 +258,7 @@ fn crumbpos(event_type: &str, event_id: &str, seq: u64, o: &SampleOrder, now: &s
             json!({"id": order_id, "type": "order", "attributes": attributes})
         }
         "payment.completed" => {
-            let card = mix(seq, 9) % 5 != 0;
+            let card = !mix(seq, 9).is_multiple_of(5);
             let mut attributes = json!({
                 "order_id": order_id,
                 "amount": o.total,

@@ -254,11 +254,9 @@ fn parse_crumb_header(value: &str) -> Result<CrumbHeader<'_>, VerifyError> {
         let (key, val) = part.split_once('=').ok_or(VerifyError::MalformedHeader)?;
         let (key, val) = (key.trim(), val.trim());
         match key {
-            "t" => {
-                if t_text.replace(val).is_some() {
-                    return Err(VerifyError::MalformedHeader);
-                }
-            }
+            // A second `t` is ambiguous.
+            "t" if t_text.is_some() => return Err(VerifyError::MalformedHeader),
+            "t" => t_text = Some(val),
             "v1" => v1.push(decode_hex_tag(val)),
             _ => {}
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::fake_sink::FakeSink;
+use crate::fake_sink::{Answer, FakeSink};
 use crate::harness::{Daemon, assert_success, one_sink_config, output_text};
 use crate::vendor::{CRUMB_SECRET, crumb_order, crumb_signature, now};
 
@@ -229,4 +229,78 @@ async fn dead_letters(d: &Daemon) -> Vec<Value> {
         (Value::Array(items), _) | (_, Value::Array(items)) => items.clone(),
         _ => panic!("dead-letters --json is not {{\"deliveries\": [...]}}: {listed}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_is_honoured_within_the_retry_max() {
+    let patient = FakeSink::start().await;
+    let capped = FakeSink::start().await;
+    patient.script_answers(&[Answer::status(429).retry_after("1")], Answer::status(200));
+    capped.script_answers(&[Answer::status(503).retry_after("3600")], Answer::status(200));
+    let config = format!(
+        r#"{base}
+{sources}
+[sinks.patient]
+type = "http"
+url = "{patient}"
+retry = {{ max_attempts = 3, initial = "50ms", max = "5s" }}
+
+[sinks.capped]
+type = "http"
+url = "{capped}"
+retry = {{ max_attempts = 3, initial = "50ms", max = "300ms" }}
+
+[[routes]]
+name = "both"
+sinks = ["patient", "capped"]
+"#,
+        base = crate::harness::base_config(""),
+        sources = crate::vendor::SOURCES,
+        patient = patient.url("/p"),
+        capped = capped.url("/c"),
+    );
+    let d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_retry_after", 4250)).await.status, 200);
+
+    // Retry-After: 1 waits about a second, far beyond the 50 ms backoff.
+    let got = patient.wait_for(2, SECS_10).await;
+    let waited = got[1].at - got[0].at;
+    assert!(waited >= Duration::from_millis(900), "Retry-After: 1 not honoured: retried after {waited:?}");
+    // Retry-After: 3600 is capped by retry.max (300 ms).
+    let got = capped.wait_for(2, SECS_10).await;
+    let waited = got[1].at - got[0].at;
+    assert!(waited < Duration::from_secs(3), "Retry-After beyond retry.max not capped: {waited:?}");
+    d.wait_delivery("crumb", "evt_retry_after", "patient", "delivered").await;
+    d.wait_delivery("crumb", "evt_retry_after", "capped", "delivered").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_that_times_out_is_retried() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[Answer::status(200).after(Duration::from_secs(3))], Answer::status(200));
+    let config = format!(
+        r#"{base}
+{sources}
+[sinks.slow]
+type = "http"
+url = "{url}"
+timeout = "300ms"
+retry = {{ max_attempts = 3, initial = "50ms", max = "200ms" }}
+
+[[routes]]
+name = "all"
+sinks = ["slow"]
+"#,
+        base = crate::harness::base_config(""),
+        sources = crate::vendor::SOURCES,
+        url = sink.url("/slow"),
+    );
+    let d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_slow", 4250)).await.status, 200);
+    let delivery = d.wait_delivery("crumb", "evt_slow", "slow", "delivered").await;
+    let got = sink.requests();
+    assert_eq!(got.len(), 2, "one timed-out attempt, one success: {got:#?}");
+    assert_eq!(got[0].idempotency_key(), got[1].idempotency_key());
+    assert!(got[1].at - got[0].at < Duration::from_secs(2), "the timeout (300ms) did not cut the first attempt short");
+    assert_eq!(delivery["attempts"], 2, "{delivery}");
 }

@@ -95,4 +95,9 @@ sinks = ["hook"]
         assert!(Instant::now() < deadline, "deliveries not delivered: {pending:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Dedupe keys survived the crash too: the vendor retrying is a duplicate.
+    let reply = d.post_crumb(&crumb_order("evt_durable_007", 1007)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["status"], "duplicate", "{}", reply.body);
 }
