@@ -646,77 +646,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CRUMB_ORDER: &str = r#"{
-  "id": "evt_abc123",
-  "type": "order.created",
-  "created_at": "2024-10-05T14:30:00Z",
-  "data": {
-    "id": "ord_xyz789",
-    "type": "order",
-    "attributes": {
-      "status": "open",
-      "source": "pos",
-      "total": 4250,
-      "tax": 340,
-      "items": [
-        {
-          "id": "oi_111",
-          "menu_item_id": "mi_burger",
-          "name": "Burger Deluxe",
-          "quantity": 2,
-          "price": 1500,
-          "modifiers": [
-            { "id": "mod_no_onions", "name": "No Onions", "price": 0 }
-          ]
-        }
-      ],
-      "location_id": "loc_main",
-      "created_at": "2024-10-05T14:30:00Z"
-    }
-  }
-}"#;
+    const CRUMB_ORDER: &str = include_str!("../tests/fixtures/crumbpos-order-created.json");
 
-    const CRUMB_PAYMENT: &str = r#"{
-  "id": "evt_def456",
-  "type": "payment.completed",
-  "created_at": "2024-10-05T14:32:00Z",
-  "data": {
-    "id": "pay_ghi789",
-    "type": "payment",
-    "attributes": {
-      "order_id": "ord_xyz789",
-      "amount": 4250,
-      "tip": 850,
-      "method": "card",
-      "card_brand": "visa",
-      "card_last_four": "4242",
-      "status": "completed"
-    }
-  }
-}"#;
+    const CRUMB_PAYMENT: &str = include_str!("../tests/fixtures/crumbpos-payment-completed.json");
 
-    const CRAVE_ORDER: &str = r#"{
-  "id": "evt_abc123",
-  "type": "order.created",
-  "createdAt": "2025-03-15T18:30:00Z",
-  "data": {
-    "orderId": "ord_456",
-    "cartId": "cart_789",
-    "locationId": "loc_123",
-    "customerName": "Alex Johnson",
-    "customerEmail": "alex@example.com",
-    "total": "27.98",
-    "currency": "usd",
-    "fulfillmentMethod": "delivery",
-    "items": [
-      {
-        "name": "Margherita Pizza",
-        "quantity": 2,
-        "total": "25.98"
-      }
-    ]
-  }
-}"#;
+    const CRAVE_ORDER: &str = include_str!("../tests/fixtures/crave-order-created.json");
 
     fn ts(s: &str) -> Option<jiff::Timestamp> {
         Some(s.parse().unwrap())
