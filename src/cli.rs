@@ -107,7 +107,7 @@ pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
     config::load(&cli.config).map_err(|errors| {
         eprintln!("{errors}");
         eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
-        ExitCode::from(2)
+        ExitCode::FAILURE
     })
 }
 

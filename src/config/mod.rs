@@ -1073,7 +1073,7 @@ fn find_span(value: &Spanned<DeValue<'_>>, path: &str) -> Option<Range<usize>> {
         let DeValue::Array(items) = value.get_ref() else {
             return None;
         };
-        return find_span(items.iter().nth(index.parse().ok()?)?, rest);
+        return find_span(items.get(index.parse::<usize>().ok()?)?, rest);
     }
     let rest = path.strip_prefix('.')?;
     let end = rest.find(['.', '[']).unwrap_or(rest.len());

@@ -260,3 +260,6 @@ fn opt_time<S: serde::Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Er
         None => s.serialize_none(),
     }
 }
+
+#[cfg(test)]
+mod tests;

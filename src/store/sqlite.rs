@@ -75,6 +75,8 @@ enum Op {
     Complete(Vec<Completion>, oneshot::Sender<Result<(), StoreError>>),
     Replay(ReplayTarget, i64, oneshot::Sender<Result<u64, StoreError>>),
     Prune(Retention, i64, oneshot::Sender<Result<PruneStats, StoreError>>),
+    /// Commit what came before, checkpoint, and stop.
+    Close(oneshot::Sender<()>),
 }
 
 pub struct SqliteStore {
@@ -164,6 +166,7 @@ impl SqliteStore {
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     let mut ops = Vec::with_capacity(MAX_GROUP);
+    let mut closed = None;
     while let Some(op) = rx.blocking_recv() {
         ops.push(op);
         while ops.len() < MAX_GROUP {
@@ -172,15 +175,39 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 Err(_) => break,
             }
         }
+        if let Some(i) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
+            // Everything queued after the close is refused, as if it came later.
+            for op in ops.drain(i + 1..) {
+                fail(op, &unavailable("store is closed"));
+            }
+            if let Some(Op::Close(reply)) = ops.pop() {
+                closed = Some(reply);
+            }
+        }
         commit_group(&mut conn, &mut ops);
+        if closed.is_some() {
+            break;
+        }
     }
-    // All senders are gone: checkpoint so the WAL does not outlive us.
+    rx.close();
+    while let Ok(op) = rx.try_recv() {
+        fail(op, &unavailable("store is closed"));
+    }
+    // Fold the WAL into the database so the next start has nothing to replay.
     let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    drop(conn);
+    if let Some(reply) = closed {
+        let _ = reply.send(());
+    }
 }
 
 fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
     let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
-    let tx = match conn.transaction() {
+    // IMMEDIATE: take the write lock up front. A deferred transaction that
+    // reads before it writes (claims do) cannot wait for a lock held by
+    // another connection; SQLite fails it at once instead of using the busy
+    // timeout, and every operation in the group with it.
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => {
             let err = unavailable(e);
@@ -211,6 +238,7 @@ fn fail(op: Op, err: &StoreError) {
         Op::Complete(_, r) => drop(r.send(Err(err.clone()))),
         Op::Replay(_, _, r) => drop(r.send(Err(err.clone()))),
         Op::Prune(_, _, r) => drop(r.send(Err(err.clone()))),
+        Op::Close(r) => drop(r.send(())),
     }
 }
 
@@ -253,6 +281,7 @@ fn apply(tx: &mut Transaction<'_>, op: Op) -> Reply {
         Op::Complete(done, r) => reply(r, in_savepoint(tx, |t| complete(t, &done))),
         Op::Replay(target, now, r) => reply(r, in_savepoint(tx, |t| replay(t, &target, now))),
         Op::Prune(retention, now, r) => reply(r, in_savepoint(tx, |t| prune(t, retention, now))),
+        Op::Close(r) => Box::new(move |_| drop(r.send(()))),
     }
 }
 
@@ -334,7 +363,7 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
     let mut update = t
         .prepare_cached(
             "UPDATE deliveries SET state = ?2, due_at = COALESCE(?3, due_at), lease_until = NULL,
-             last_error = ?4, updated_at = ?5 WHERE id = ?1",
+             last_error = ?4, updated_at = ?5 WHERE id = ?1 AND state = 0 AND attempts = ?6",
         )
         .map_err(unavailable)?;
     let mut log = t
@@ -349,9 +378,18 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
             Completed::Dead { error } => (Status::Dead, None, Some(error.as_str()), "dead"),
         };
         let n = update
-            .execute(params![c.delivery_id, state.code(), due, error, c.finished_at])
+            .execute(params![
+                c.delivery_id,
+                state.code(),
+                due,
+                error,
+                c.finished_at,
+                c.attempt
+            ])
             .map_err(unavailable)?;
-        // The delivery may have been pruned meanwhile (a very late completion).
+        // Only the holder of the current attempt may finish it: a completion
+        // that arrives after its lease ran out and the delivery was claimed
+        // again (or replayed, or pruned) must not overwrite the newer state.
         if n > 0 {
             log.execute(params![c.delivery_id, c.attempt, c.finished_at, outcome, error])
                 .map_err(unavailable)?;
@@ -577,9 +615,12 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        // A barrier: operations are applied in order, so once this empty one
-        // has committed, everything queued before it is on disk. The writer
-        // thread ends (and checkpoints) when the store is dropped.
-        let _ = self.submit(|r| Op::Complete(Vec::new(), r)).await;
+        // Operations are applied in order: once the writer answers, everything
+        // queued before is committed, the WAL is checkpointed and the write
+        // connection is closed.
+        let (tx, rx) = oneshot::channel();
+        if self.writer.send(Op::Close(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }

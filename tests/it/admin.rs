@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use crate::fake_sink::FakeSink;
-use crate::harness::{Daemon, assert_success, base_config, http_client, output_text};
+use crate::harness::{Daemon, assert_success, http_client, output_text};
 use crate::vendor::{SOURCES, crave_order, crumb_order, crumb_payment};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -11,7 +11,15 @@ async fn the_api_needs_the_token_and_the_cli_sends_it() {
     let sink = FakeSink::start().await;
     sink.script(&[], 400);
     let config = format!(
-        r#"{base}token = "it-admin-token"
+        r#"[server]
+listen = "{{INGEST}}"
+
+[admin]
+listen = "{{ADMIN}}"
+token = "it-admin-token"
+
+[store]
+path = "{{DIR}}/store"
 
 {SOURCES}
 [sinks.hook]
@@ -24,15 +32,22 @@ name = "orders"
 events = ["order.*"]
 sinks = ["hook"]
 "#,
-        base = base_config(""),
         url = sink.url("/hook"),
     );
     let d = Daemon::start(&config).await;
-    assert_eq!(d.admin_token.as_deref(), Some("it-admin-token"), "harness reads the token");
+    assert_eq!(
+        d.admin_token.as_deref(),
+        Some("it-admin-token"),
+        "harness reads the token"
+    );
 
     let http = http_client();
     let url = format!("http://{}/api/events", d.admin);
-    for (case, token) in [("no token", None), ("wrong token", Some("nope")), ("prefix of it", Some("it-admin"))] {
+    for (case, token) in [
+        ("no token", None),
+        ("wrong token", Some("nope")),
+        ("prefix of it", Some("it-admin")),
+    ] {
         let mut req = http.get(&url);
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -51,21 +66,57 @@ sinks = ["hook"]
     d.wait_delivery("crave", "evt_adm_crave", "hook", "dead").await;
 
     // Filters.
-    let ids = |v: serde_json::Value, key: &str| -> Vec<String> {
-        let mut ids: Vec<String> =
-            v[key].as_array().unwrap().iter().map(|e| e[if key == "events" { "id" } else { "event_id" }].as_str().unwrap().to_owned()).collect();
+    // The event ids in a listing, sorted.
+    let ids = |listing: serde_json::Value, key: &str| -> Vec<String> {
+        let id_field = if key == "events" { "id" } else { "event_id" };
+        let items = listing[key]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {key}: {listing}"))
+            .clone();
+        let mut ids: Vec<String> = items
+            .iter()
+            .map(|e| e[id_field].as_str().unwrap_or_default().to_owned())
+            .collect();
         ids.sort();
         ids
     };
-    assert_eq!(ids(d.api("/api/events?source=crave").await, "events"), ["evt_adm_crave"]);
-    assert_eq!(ids(d.api("/api/events?type=payment.completed").await, "events"), ["evt_adm_pay"]);
-    assert_eq!(d.api("/api/events?limit=1").await["events"].as_array().map(Vec::len), Some(1));
-    assert_eq!(ids(d.api("/api/deliveries?status=dead").await, "deliveries"), ["evt_adm_1", "evt_adm_crave"]);
-    assert_eq!(ids(d.api("/api/deliveries?status=delivered").await, "deliveries"), Vec::<String>::new());
-    assert_eq!(ids(d.api("/api/deliveries?sink=nosuch").await, "deliveries"), Vec::<String>::new());
+    assert_eq!(
+        ids(d.api("/api/events?source=crave").await, "events"),
+        ["evt_adm_crave"]
+    );
+    assert_eq!(
+        ids(d.api("/api/events?type=payment.completed").await, "events"),
+        ["evt_adm_pay"]
+    );
+    assert_eq!(
+        d.api("/api/events?limit=1").await["events"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(
+        ids(d.api("/api/deliveries?status=dead").await, "deliveries"),
+        ["evt_adm_1", "evt_adm_crave"]
+    );
+    assert_eq!(
+        ids(d.api("/api/deliveries?status=delivered").await, "deliveries"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ids(d.api("/api/deliveries?sink=nosuch").await, "deliveries"),
+        Vec::<String>::new()
+    );
     let events = d.api("/api/events?source=crumb").await;
-    let crumb = events["events"].as_array().unwrap().iter().find(|e| e["id"] == "evt_adm_1").unwrap().clone();
-    assert_eq!(crumb["deliveries"], json!([{"sink": "hook", "status": "dead", "attempts": 1}]), "{crumb}");
+    let crumb = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == "evt_adm_1")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        crumb["deliveries"],
+        json!([{"sink": "hook", "status": "dead", "attempts": 1}]),
+        "{crumb}"
+    );
 
     // The CLI reads the token from the config.
     let listed = d.cli_json(&["deliveries", "--json"]).await;
@@ -73,23 +124,34 @@ sinks = ["hook"]
 
     // Replay errors are errors.
     let out = d.cli(&["replay", "--dead-letters", "--sink", "nosuch"]).await;
-    assert!(!out.status.success(), "replay to a sink that does not exist: {}", output_text(&out));
+    assert!(
+        !out.status.success(),
+        "replay to a sink that does not exist: {}",
+        output_text(&out)
+    );
     assert!(output_text(&out).contains("nosuch"), "{}", output_text(&out));
     let out = d.cli(&["replay", "--event", "not-a-source-and-id"]).await;
-    assert!(!out.status.success(), "replay --event without SOURCE:ID: {}", output_text(&out));
+    assert!(
+        !out.status.success(),
+        "replay --event without SOURCE:ID: {}",
+        output_text(&out)
+    );
 
     // Replaying one sink's dead letters via the API directly.
     sink.script(&[], 200);
     let resp = http
         .post(format!("http://{}/api/replay", d.admin))
         .bearer_auth("it-admin-token")
-        .json(&json!({"dead_letters": true, "sink": "hook"}))
+        .header("content-type", "application/json")
+        .body(json!({"dead_letters": true, "sink": "hook"}).to_string())
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.json::<serde_json::Value>().await.unwrap(), json!({"replayed": 2}));
+    let body: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(body, json!({"replayed": 2}));
     d.wait_delivery("crumb", "evt_adm_1", "hook", "delivered").await;
+    d.wait_delivery("crave", "evt_adm_crave", "hook", "delivered").await;
     let out = d.cli(&["dead-letters", "--json"]).await;
     assert_success(&out, &["dead-letters", "--json"]);
 }

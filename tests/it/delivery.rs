@@ -265,19 +265,29 @@ sinks = ["patient", "capped"]
     // Retry-After: 1 waits about a second, far beyond the 50 ms backoff.
     let got = patient.wait_for(2, SECS_10).await;
     let waited = got[1].at - got[0].at;
-    assert!(waited >= Duration::from_millis(900), "Retry-After: 1 not honoured: retried after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900),
+        "Retry-After: 1 not honoured: retried after {waited:?}"
+    );
     // Retry-After: 3600 is capped by retry.max (300 ms).
     let got = capped.wait_for(2, SECS_10).await;
     let waited = got[1].at - got[0].at;
-    assert!(waited < Duration::from_secs(3), "Retry-After beyond retry.max not capped: {waited:?}");
-    d.wait_delivery("crumb", "evt_retry_after", "patient", "delivered").await;
+    assert!(
+        waited < Duration::from_secs(3),
+        "Retry-After beyond retry.max not capped: {waited:?}"
+    );
+    d.wait_delivery("crumb", "evt_retry_after", "patient", "delivered")
+        .await;
     d.wait_delivery("crumb", "evt_retry_after", "capped", "delivered").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sink_that_times_out_is_retried() {
     let sink = FakeSink::start().await;
-    sink.script_answers(&[Answer::status(200).after(Duration::from_secs(3))], Answer::status(200));
+    sink.script_answers(
+        &[Answer::status(200).after(Duration::from_secs(3))],
+        Answer::status(200),
+    );
     let config = format!(
         r#"{base}
 {sources}
@@ -301,6 +311,9 @@ sinks = ["slow"]
     let got = sink.requests();
     assert_eq!(got.len(), 2, "one timed-out attempt, one success: {got:#?}");
     assert_eq!(got[0].idempotency_key(), got[1].idempotency_key());
-    assert!(got[1].at - got[0].at < Duration::from_secs(2), "the timeout (300ms) did not cut the first attempt short");
+    assert!(
+        got[1].at - got[0].at < Duration::from_secs(2),
+        "the timeout (300ms) did not cut the first attempt short"
+    );
     assert_eq!(delivery["attempts"], 2, "{delivery}");
 }

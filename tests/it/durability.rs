@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fake_sink::FakeSink;
+use crate::fake_sink::{Answer, FakeSink};
 use crate::harness::{Daemon, base_config};
 use crate::vendor::{SOURCES, crumb_order};
 
@@ -100,4 +100,40 @@ sinks = ["hook"]
     let reply = d.post_crumb(&crumb_order("evt_durable_007", 1007)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.json()["status"], "duplicate", "{}", reply.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delivery_in_flight_at_kill_9_runs_again_after_restart() {
+    let sink = FakeSink::start().await;
+    // The first attempt hangs; the daemon is killed while it waits.
+    sink.script_answers(
+        &[Answer::status(200).after(Duration::from_secs(30))],
+        Answer::status(200),
+    );
+    let config = format!(
+        r#"{base}
+{SOURCES}
+[sinks.hook]
+type = "http"
+url = "{url}"
+timeout = "60s"
+retry = {{ max_attempts = 5, initial = "50ms", max = "200ms" }}
+
+[[routes]]
+name = "everything"
+sinks = ["hook"]
+"#,
+        base = base_config(""),
+        url = sink.url("/hook"),
+    );
+    let mut d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_in_flight", 4250)).await.status, 200);
+    let first = sink.wait_for(1, Duration::from_secs(10)).await;
+
+    d.kill9();
+    d.restart().await;
+    let got = sink.wait_for(2, Duration::from_secs(15)).await;
+    assert_eq!(got[1].idempotency_key(), first[0].idempotency_key());
+    assert_eq!(got[1].event_id(), "evt_in_flight");
+    d.wait_delivery("crumb", "evt_in_flight", "hook", "delivered").await;
 }

@@ -129,7 +129,7 @@ impl FakeSink {
             requests: Mutex::new(Vec::new()),
             script: Mutex::new(Script {
                 queue: VecDeque::new(),
-                default: 200,
+                default: Answer::status(200),
             }),
         };
         FakeSink {

@@ -52,22 +52,42 @@ sinks = ["archive", "summary"]
     let d = Daemon::start(&config).await;
     assert_eq!(d.post_crumb(&crumb_order("evt_file_1", 4250)).await.status, 200);
     assert_eq!(d.post_crave(&crave_order("evt_file_2", "27.98")).await.status, 200);
-    assert_eq!(d.post_crumb(&crumb_order("evt_file_1", 4250)).await.json()["status"], "duplicate");
+    assert_eq!(
+        d.post_crumb(&crumb_order("evt_file_1", 4250)).await.json()["status"],
+        "duplicate"
+    );
 
     d.wait_delivery("crumb", "evt_file_1", "archive", "delivered").await;
     d.wait_delivery("crave", "evt_file_2", "archive", "delivered").await;
     let lines = wait_lines(&d.dir.path().join("events.jsonl"), 2).await;
-    let mut ids: Vec<&str> = lines.iter().map(|l| l["event"]["id"].as_str().unwrap_or_default()).collect();
+    let mut ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["event"]["id"].as_str().unwrap_or_default())
+        .collect();
     ids.sort();
     assert_eq!(ids, ["evt_file_1", "evt_file_2"], "{lines:#?}");
-    assert!(lines.iter().all(|l| l["payload"].is_object()), "whole events: {lines:#?}");
+    assert!(
+        lines.iter().all(|l| l["payload"].is_object()),
+        "whole events: {lines:#?}"
+    );
 
     d.wait_delivery("crave", "evt_file_2", "summary", "delivered").await;
     d.wait_delivery("crumb", "evt_file_1", "summary", "delivered").await;
     let mut lines = wait_lines(&d.dir.path().join("summary.jsonl"), 2).await;
     lines.sort_by_key(|l| l["id"].as_str().unwrap_or_default().to_owned());
+    // Each line also carries its delivery key, so a reader can drop a copy
+    // written twice (connectors/file: "Line format").
+    let keys: Vec<Value> = lines
+        .iter_mut()
+        .filter_map(|l| l.as_object_mut()?.remove("delivery_key"))
+        .collect();
+    assert_eq!(keys.len(), 2, "every line has a delivery_key");
+    assert_ne!(keys[0], keys[1], "one key per (event, sink)");
     assert_eq!(
         lines,
-        [json!({"id": "evt_file_1", "total": 4250}), json!({"id": "evt_file_2", "total": 2798})]
+        [
+            json!({"id": "evt_file_1", "total": 4250}),
+            json!({"id": "evt_file_2", "total": 2798})
+        ]
     );
 }

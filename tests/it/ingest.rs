@@ -429,3 +429,160 @@ async fn raw_status(addr: SocketAddr, request: &[u8], timeout: Duration) -> u16 
         .and_then(|code| code.parse().ok())
         .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"))
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hmac_sources_are_configured_not_coded() {
+    use base64::Engine as _;
+    let config = format!(
+        r#"{base}
+[sources.generic]
+kind = "hmac"
+secrets = ["generic-secret"]
+header = "X-Signature"
+encoding = "base64"
+prefix = "sha256="
+timestamp_header = "X-Timestamp"
+tolerance = "5m"
+id_field = "meta.event_id"
+type_field = "meta.kind"
+
+[sources.plain]
+kind = "hmac"
+secrets = ["plain-secret"]
+header = "X-Hub-Signature"
+"#,
+        base = base_config("")
+    );
+    let d = Daemon::start(&config).await;
+    let b64 = |mac: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(mac);
+
+    // generic: base64 of HMAC("<t>.<body>"), with a prefix and a timestamp header.
+    let body = bytes(&json!({"meta": {"event_id": "gen_1", "kind": "thing.happened"}, "value": 1}));
+    let sign = |t: i64, body: &[u8]| {
+        let t = t.to_string();
+        format!(
+            "sha256={}",
+            b64(crate::vendor::hmac_sha256(
+                "generic-secret",
+                &[t.as_bytes(), b".", body]
+            ))
+        )
+    };
+    let t = now().to_string();
+    let reply = d
+        .post(
+            "generic",
+            &[JSON, ("x-timestamp", &t), ("x-signature", &sign(now(), &body))],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(reply.status, 200, "generic, well signed: {}", reply.body);
+    assert_eq!(reply.json(), json!({"status": "accepted", "id": "gen_1"}));
+
+    // Each case signs the same new event, with one thing wrong.
+    let body = bytes(&json!({"meta": {"event_id": "gen_2", "kind": "thing.happened"}}));
+    let mac = |parts: &[&[u8]]| crate::vendor::hmac_sha256("generic-secret", parts);
+    let hex_mac = format!("sha256={}", hex::encode(mac(&[t.as_bytes(), b".", &body])));
+    let body_only = format!("sha256={}", b64(mac(&[&body])));
+    let old = (now() - 600).to_string();
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        (
+            "hex instead of base64",
+            vec![("x-timestamp", t.clone()), ("x-signature", hex_mac)],
+        ),
+        (
+            "stale timestamp",
+            vec![("x-timestamp", old), ("x-signature", sign(now() - 600, &body))],
+        ),
+        (
+            "timestamp not the signed one",
+            vec![
+                ("x-timestamp", (now() - 1).to_string()),
+                ("x-signature", sign(now() + 1, &body)),
+            ],
+        ),
+        ("no timestamp header", vec![("x-signature", sign(now(), &body))]),
+        ("no signature header", vec![("x-timestamp", t.clone())]),
+        (
+            "MAC of the body alone",
+            vec![("x-timestamp", t.clone()), ("x-signature", body_only)],
+        ),
+    ];
+    for (case, headers) in cases {
+        let mut all: Vec<(&str, &str)> = vec![JSON];
+        all.extend(headers.iter().map(|(k, v)| (*k, v.as_str())));
+        let reply = d.post("generic", &all, body.clone()).await;
+        assert_rejected(&format!("hmac generic: {case}"), &reply, 401);
+    }
+    let no_id = bytes(&json!({"meta": {"kind": "thing.happened"}}));
+    let reply = d
+        .post(
+            "generic",
+            &[JSON, ("x-timestamp", &t), ("x-signature", &sign(now(), &no_id))],
+            no_id,
+        )
+        .await;
+    assert_rejected("hmac generic: no meta.event_id", &reply, 400);
+
+    // plain: hex HMAC of the body, defaults id / type.
+    let body = bytes(&json!({"id": "plain_1", "type": "ping"}));
+    let good = hex::encode(crate::vendor::hmac_sha256("plain-secret", &[&body]));
+    let reply = d.post("plain", &[JSON, ("x-hub-signature", &good)], body.clone()).await;
+    assert_eq!(reply.status, 200, "plain, well signed: {}", reply.body);
+    let bad = hex::encode(crate::vendor::hmac_sha256("other", &[&body]));
+    assert_rejected(
+        "hmac plain: wrong secret",
+        &d.post("plain", &[JSON, ("x-hub-signature", &bad)], body).await,
+        401,
+    );
+
+    let mut stored: Vec<(String, String)> = d
+        .events()
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap_or_default().to_owned(),
+                e["type"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            ("gen_1".to_owned(), "thing.happened".to_owned()),
+            ("plain_1".to_owned(), "ping".to_owned())
+        ]
+    );
+}
+
+/// While another process holds the SQLite write lock, the daemon cannot
+/// commit: it must answer 503 and acknowledge nothing, so the vendor's retry
+/// is accepted as new once the store is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn store_that_cannot_commit_is_503_and_nothing_is_acknowledged() {
+    let sink = FakeSink::start().await;
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    let db = d.dir.path().join("store").join("expeditor.db");
+    assert!(db.exists(), "the store is <store.path>/expeditor.db");
+
+    let locker = rusqlite::Connection::open(&db).expect("open the daemon's database");
+    locker.execute_batch("BEGIN EXCLUSIVE").expect("take the write lock");
+    let event = crumb_order("evt_503", 4250);
+    let reply = d.post_crumb(&event).await;
+    assert_rejected("store locked", &reply, 503);
+    locker.execute_batch("ROLLBACK").expect("release the write lock");
+    drop(locker);
+
+    let reply = d.post_crumb(&event).await;
+    assert_eq!(reply.status, 200, "store back: {}", reply.body);
+    assert_eq!(
+        reply.json()["status"],
+        "accepted",
+        "the 503 must not have stored it: {}",
+        reply.body
+    );
+    d.wait_delivery("crumb", "evt_503", "hook", "delivered").await;
+    assert_eq!(sink.settle().await.len(), 1);
+}

@@ -18,14 +18,18 @@
 //! - [`check`]: `expeditor check` on the shipped and on broken configs.
 //! - [`send`]: `expeditor send` against a running daemon.
 //! - [`http_body`]: what the `http` sink puts on the wire.
+//! - [`file_sink`]: what the `file` sink appends.
+//! - [`admin`]: the admin API's token, filters and replay errors.
 
 mod fake_sink;
 mod harness;
 mod vendor;
 
+mod admin;
 mod check;
 mod delivery;
 mod durability;
+mod file_sink;
 mod http_body;
 mod ingest;
 mod routing;

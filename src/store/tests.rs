@@ -1,0 +1,952 @@
+//! The store's contract, written once against `Arc<dyn Store>` and run on
+//! every backend (`store_tests!` below instantiates each test per backend as
+//! `store::tests::<test>::<backend>`).
+//!
+//! Every time the store sees comes from the test (`received_at`, `now`,
+//! `finished_at`), counted from the fixed instant [`T0`], so nothing here
+//! sleeps or depends on the clock; the exceptions are the two SQLite-only
+//! lock tests, which hold a lock from another connection and wait on the
+//! writer's busy timeout.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tempfile::TempDir;
+
+use super::sqlite::SqliteStore;
+use super::*;
+
+/// An arbitrary fixed "now" (2023-11-14T22:13:20Z), in Unix milliseconds.
+const T0: i64 = 1_700_000_000_000;
+const SECOND: i64 = 1_000;
+const HOUR: i64 = 3_600 * SECOND;
+const DAY: i64 = 24 * HOUR;
+const LEASE: Duration = Duration::from_secs(30);
+const LEASE_MS: i64 = 30 * SECOND;
+/// Larger than any number of rows a test creates.
+const ALL: usize = 10_000;
+
+// ---------------------------------------------------------------------------
+// Backends
+
+/// A fresh, empty SQLite store in its own directory; the directory lives as
+/// long as the returned guard.
+fn sqlite() -> (Arc<dyn Store>, TempDir) {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let store = SqliteStore::open(dir.path()).expect("open the SQLite store");
+    (Arc::new(store), dir)
+}
+
+/// Instantiates each test once per backend, as `<test>::<backend>`.
+///
+/// Every backend must pass every test listed here. The PostgreSQL store
+/// (issue 6) adds one function per test here: a fresh schema per test on
+/// `EXPEDITOR_TEST_POSTGRES_URL`, skipped with a visible message when that
+/// variable is unset. Tests that only make sense for one backend are plain
+/// `#[tokio::test]`s further down, named after it.
+macro_rules! store_tests {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                let (store, _dir) = super::sqlite();
+                super::$test(store).await;
+            }
+        }
+    )*};
+}
+
+store_tests!(
+    insert_dedupes_by_source_and_event_id,
+    claim_returns_the_event_once_per_sink,
+    event_without_sinks_is_stored_and_claims_nothing,
+    lease_hides_a_claimed_delivery_until_it_runs_out,
+    delivered_is_never_claimed_again,
+    retry_is_claimable_at_its_due_time_with_the_next_attempt,
+    dead_is_listed_and_never_claimed,
+    replay_dead_letters_requeues_them_with_fresh_attempts,
+    replay_dead_letters_of_one_sink,
+    replay_event_requeues_every_delivery_even_delivered,
+    replay_event_to_a_new_sink_adds_a_delivery,
+    replay_unknown_event_is_not_found,
+    prune_follows_retention,
+    prune_never_touches_pending_deliveries,
+    claim_returns_earliest_due_first_within_limit,
+    concurrent_inserts_are_all_stored,
+    events_filters_and_fields,
+    deliveries_filters_and_fields,
+);
+
+// SQLite only (plain tests at the end of this file, not in `store_tests!`):
+// - `sqlite_reopen_keeps_everything_and_releases_leases`: releasing every
+//   lease at open is right only for a store one process owns; a shared store
+//   must leave other live instances' leases alone (they run out instead).
+// - `sqlite_insert_is_unavailable_while_the_database_is_locked` and
+//   `sqlite_a_briefly_held_lock_is_waited_out`: they lock the database file
+//   from a second SQLite connection.
+
+// ---------------------------------------------------------------------------
+// Helpers
+
+fn sinks(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// A CrumbPOS `order.created` received at [`T0`], routed to `sinks`.
+fn new_event(id: &str, sinks_: &[&str]) -> NewEvent {
+    NewEvent {
+        source: "crumb".into(),
+        event_id: id.into(),
+        kind: "crumbpos".into(),
+        event_type: "order.created".into(),
+        occurred_at: Some(T0 - 5 * SECOND),
+        received_at: T0,
+        body: Bytes::from(format!(r#"{{"id":"{id}","type":"order.created"}}"#)),
+        sinks: sinks(sinks_),
+    }
+}
+
+/// `new_event`, received at `at` (new deliveries are due when received).
+fn event_at(id: &str, sinks_: &[&str], at: i64) -> NewEvent {
+    NewEvent {
+        received_at: at,
+        ..new_event(id, sinks_)
+    }
+}
+
+async fn insert(store: &dyn Store, event: NewEvent) -> Inserted {
+    store.insert(event).await.expect("insert")
+}
+
+async fn claim(store: &dyn Store, sink: &str, now: i64) -> Vec<Claimed> {
+    store.claim(sink, ALL, LEASE, now).await.expect("claim")
+}
+
+fn sorted<T: Ord>(mut v: Vec<T>) -> Vec<T> {
+    v.sort_unstable();
+    v
+}
+
+/// (event id, attempt) of each claim, in the order returned.
+fn attempts(claimed: &[Claimed]) -> Vec<(&str, u32)> {
+    claimed.iter().map(|c| (c.event.event_id.as_str(), c.attempt)).collect()
+}
+
+async fn complete(store: &dyn Store, claimed: &Claimed, finished_at: i64, result: Completed) {
+    let done = Completion {
+        delivery_id: claimed.delivery_id,
+        attempt: claimed.attempt,
+        finished_at,
+        result,
+    };
+    store.complete(vec![done]).await.expect("complete");
+}
+
+/// Claims every due delivery of `sink` at `now` and ends each with `result`.
+async fn finish_all(store: &dyn Store, sink: &str, now: i64, result: Completed) -> usize {
+    let claimed = claim(store, sink, now).await;
+    for c in &claimed {
+        complete(store, c, now, result.clone()).await;
+    }
+    claimed.len()
+}
+
+fn dead(error: &str) -> Completed {
+    Completed::Dead { error: error.into() }
+}
+
+async fn deliveries(store: &dyn Store, sink: Option<&str>, status: Option<Status>) -> Vec<DeliveryRow> {
+    store
+        .deliveries(DeliveryFilter {
+            sink: sink.map(str::to_string),
+            status,
+            limit: ALL,
+        })
+        .await
+        .expect("list deliveries")
+}
+
+/// (event id, sink) of each row, sorted.
+fn pairs(rows: &[DeliveryRow]) -> Vec<(&str, &str)> {
+    sorted(rows.iter().map(|r| (r.event_id.as_str(), r.sink.as_str())).collect())
+}
+
+async fn events(store: &dyn Store, source: Option<&str>, event_type: Option<&str>) -> Vec<EventSummary> {
+    store
+        .events(EventFilter {
+            source: source.map(str::to_string),
+            event_type: event_type.map(str::to_string),
+            limit: ALL,
+        })
+        .await
+        .expect("list events")
+}
+
+/// Event ids of a listing, sorted.
+fn event_ids(events: &[EventSummary]) -> Vec<&str> {
+    sorted(events.iter().map(|e| e.id.as_str()).collect())
+}
+
+fn event_target(id: &str, sink: Option<&str>) -> ReplayTarget {
+    ReplayTarget::Event {
+        source: "crumb".into(),
+        id: id.into(),
+        sink: sink.map(str::to_string),
+    }
+}
+
+fn assert_same_event(stored: &StoredEvent, sent: &NewEvent) {
+    assert_eq!(stored.source, sent.source);
+    assert_eq!(stored.event_id, sent.event_id);
+    assert_eq!(stored.kind, sent.kind);
+    assert_eq!(stored.event_type, sent.event_type);
+    assert_eq!(stored.occurred_at, sent.occurred_at);
+    assert_eq!(stored.received_at, sent.received_at);
+    assert!(stored.body == sent.body[..], "the body came back changed");
+}
+
+// ---------------------------------------------------------------------------
+// Insert and dedupe
+
+async fn insert_dedupes_by_source_and_event_id(store: Arc<dyn Store>) {
+    let first = new_event("evt_1", &["a"]);
+    assert_eq!(insert(&*store, first.clone()).await, Inserted::New);
+
+    // The vendor's retry of the same event, even routed differently now,
+    // writes nothing: no new delivery, no new body.
+    let retry = NewEvent {
+        received_at: T0 + SECOND,
+        body: Bytes::from_static(b"{\"retried\":true}"),
+        sinks: sinks(&["a", "b"]),
+        ..first.clone()
+    };
+    assert_eq!(insert(&*store, retry).await, Inserted::Duplicate);
+    assert_eq!(pairs(&deliveries(&*store, None, None).await), [("evt_1", "a")]);
+    assert!(claim(&*store, "b", T0 + HOUR).await.is_empty());
+    let claimed = claim(&*store, "a", T0 + HOUR).await;
+    assert_eq!(attempts(&claimed), [("evt_1", 1)]);
+    assert_same_event(&claimed[0].event, &first);
+
+    // Dedupe is per source: the same id from another vendor is another event.
+    let other = NewEvent {
+        source: "crave".into(),
+        kind: "crave".into(),
+        ..new_event("evt_1", &["a"])
+    };
+    assert_eq!(insert(&*store, other.clone()).await, Inserted::New);
+    assert_eq!(events(&*store, None, None).await.len(), 2);
+    assert_eq!(deliveries(&*store, None, None).await.len(), 2);
+    let claimed = claim(&*store, "a", T0 + HOUR).await;
+    assert_eq!(claimed.len(), 1);
+    assert_same_event(&claimed[0].event, &other);
+}
+
+async fn claim_returns_the_event_once_per_sink(store: Arc<dyn Store>) {
+    // Not UTF-8, with NULs, and large: the body is opaque bytes.
+    let body: Vec<u8> = (0..=255u8).cycle().take(200_000).collect();
+    let event = NewEvent {
+        source: "crave".into(),
+        event_id: "ord_9f8e7d".into(),
+        kind: "crave".into(),
+        event_type: "order.ready".into(),
+        occurred_at: Some(T0 - 42),
+        received_at: T0,
+        body: Bytes::from(body),
+        sinks: sinks(&["a", "b"]),
+    };
+    assert_eq!(insert(&*store, event.clone()).await, Inserted::New);
+
+    for sink in ["a", "b"] {
+        let claimed = claim(&*store, sink, T0).await;
+        assert_eq!(claimed.len(), 1, "sink {sink}");
+        assert_eq!(claimed[0].sink, sink);
+        assert_eq!(claimed[0].attempt, 1);
+        assert_same_event(&claimed[0].event, &event);
+    }
+    assert!(claim(&*store, "c", T0).await.is_empty());
+
+    // An event without an occurred_at keeps it absent.
+    let untimed = NewEvent {
+        occurred_at: None,
+        ..new_event("evt_untimed", &["c"])
+    };
+    insert(&*store, untimed.clone()).await;
+    let claimed = claim(&*store, "c", T0).await;
+    assert_eq!(claimed.len(), 1);
+    assert_same_event(&claimed[0].event, &untimed);
+}
+
+async fn event_without_sinks_is_stored_and_claims_nothing(store: Arc<dyn Store>) {
+    assert_eq!(insert(&*store, new_event("evt_1", &[])).await, Inserted::New);
+
+    let listed = events(&*store, None, None).await;
+    assert_eq!(event_ids(&listed), ["evt_1"]);
+    assert!(listed[0].deliveries.is_empty());
+    assert!(deliveries(&*store, None, None).await.is_empty());
+    assert!(claim(&*store, "a", T0 + HOUR).await.is_empty());
+    assert_eq!(store.next_due("a").await.unwrap(), None);
+    // It still dedupes.
+    assert_eq!(insert(&*store, new_event("evt_1", &["a"])).await, Inserted::Duplicate);
+}
+
+// ---------------------------------------------------------------------------
+// Leases and completions
+
+async fn lease_hides_a_claimed_delivery_until_it_runs_out(store: Arc<dyn Store>) {
+    insert(&*store, event_at("evt_1", &["a"], T0)).await;
+    insert(&*store, event_at("evt_2", &["a"], T0 + 1)).await;
+
+    let first = store.claim("a", 1, LEASE, T0 + 1).await.unwrap();
+    assert_eq!(attempts(&first), [("evt_1", 1)]);
+    // The lease holds one delivery, not the sink: another worker gets the next.
+    let second = store.claim("a", 1, LEASE, T0 + 10).await.unwrap();
+    assert_eq!(attempts(&second), [("evt_2", 1)]);
+
+    assert!(claim(&*store, "a", T0 + 11).await.is_empty());
+    assert!(claim(&*store, "a", T0 + 1 + LEASE_MS - 1).await.is_empty());
+    assert_eq!(store.next_due("a").await.unwrap(), Some(T0 + 1 + LEASE_MS));
+
+    // The worker holding evt_1 died: its lease ran out, so it runs again.
+    let again = claim(&*store, "a", T0 + 1 + LEASE_MS + 1).await;
+    assert_eq!(attempts(&again), [("evt_1", 2)]);
+    assert_eq!(again[0].delivery_id, first[0].delivery_id);
+}
+
+async fn delivered_is_never_claimed_again(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a"])).await;
+    let claimed = claim(&*store, "a", T0).await;
+    complete(&*store, &claimed[0], T0 + 5, Completed::Delivered).await;
+
+    assert!(claim(&*store, "a", T0 + LEASE_MS + 1).await.is_empty());
+    assert!(claim(&*store, "a", T0 + 365 * DAY).await.is_empty());
+    assert_eq!(store.next_due("a").await.unwrap(), None);
+    let delivered = deliveries(&*store, None, Some(Status::Delivered)).await;
+    assert_eq!(pairs(&delivered), [("evt_1", "a")]);
+    assert_eq!(delivered[0].attempts, 1);
+    assert!(deliveries(&*store, None, Some(Status::Pending)).await.is_empty());
+}
+
+async fn retry_is_claimable_at_its_due_time_with_the_next_attempt(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a"])).await;
+    let first = claim(&*store, "a", T0).await;
+    assert_eq!(attempts(&first), [("evt_1", 1)]);
+
+    // Due before the lease would have run out: completing released the lease.
+    let due = T0 + 10 * SECOND;
+    let retry = Completed::Retry {
+        due_at: due,
+        error: "HTTP 503".into(),
+    };
+    complete(&*store, &first[0], T0 + 100, retry).await;
+    assert_eq!(store.next_due("a").await.unwrap(), Some(due));
+    assert!(claim(&*store, "a", due - 1).await.is_empty());
+    let second = claim(&*store, "a", due).await;
+    assert_eq!(attempts(&second), [("evt_1", 2)]);
+    assert_eq!(second[0].delivery_id, first[0].delivery_id);
+
+    let due = T0 + HOUR;
+    let retry = Completed::Retry {
+        due_at: due,
+        error: "timed out".into(),
+    };
+    complete(&*store, &second[0], T0 + 11 * SECOND, retry).await;
+    assert_eq!(store.next_due("a").await.unwrap(), Some(due));
+    assert!(claim(&*store, "a", due - 1).await.is_empty());
+    assert_eq!(attempts(&claim(&*store, "a", due).await), [("evt_1", 3)]);
+}
+
+async fn dead_is_listed_and_never_claimed(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a"])).await;
+    let claimed = claim(&*store, "a", T0).await;
+    complete(&*store, &claimed[0], T0 + 5, dead("HTTP 400: bad ticket")).await;
+
+    let dead_letters = deliveries(&*store, None, Some(Status::Dead)).await;
+    assert_eq!(pairs(&dead_letters), [("evt_1", "a")]);
+    assert_eq!(dead_letters[0].attempts, 1);
+    assert_eq!(dead_letters[0].last_error.as_deref(), Some("HTTP 400: bad ticket"));
+    assert!(claim(&*store, "a", T0 + 365 * DAY).await.is_empty());
+    assert_eq!(store.next_due("a").await.unwrap(), None);
+    assert!(deliveries(&*store, None, Some(Status::Pending)).await.is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Replay
+
+async fn replay_dead_letters_requeues_them_with_fresh_attempts(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a", "b"])).await;
+    insert(&*store, new_event("evt_2", &["a"])).await;
+    insert(&*store, new_event("evt_3", &["c"])).await;
+    assert_eq!(store.replay(ReplayTarget::DeadLetters { sink: None }, T0).await, Ok(0));
+
+    // evt_1 -> a dies on its second attempt, the others on their first.
+    let c = claim(&*store, "a", T0).await;
+    let evt_1 = c.iter().find(|c| c.event.event_id == "evt_1").unwrap();
+    let retry = Completed::Retry {
+        due_at: T0 + SECOND,
+        error: "HTTP 503".into(),
+    };
+    complete(&*store, evt_1, T0, retry).await;
+    let evt_2 = c.iter().find(|c| c.event.event_id == "evt_2").unwrap();
+    complete(&*store, evt_2, T0, dead("HTTP 400")).await;
+    assert_eq!(finish_all(&*store, "a", T0 + SECOND, dead("HTTP 400")).await, 1);
+    assert_eq!(finish_all(&*store, "b", T0, dead("HTTP 404")).await, 1);
+    assert_eq!(finish_all(&*store, "c", T0, Completed::Delivered).await, 1);
+    assert_eq!(deliveries(&*store, None, Some(Status::Dead)).await.len(), 3);
+
+    let now = T0 + HOUR;
+    assert_eq!(store.replay(ReplayTarget::DeadLetters { sink: None }, now).await, Ok(3));
+    assert!(deliveries(&*store, None, Some(Status::Dead)).await.is_empty());
+    assert_eq!(store.next_due("a").await.unwrap(), Some(now));
+    let a = claim(&*store, "a", now).await;
+    assert_eq!(sorted(attempts(&a)), [("evt_1", 1), ("evt_2", 1)]);
+    assert_eq!(attempts(&claim(&*store, "b", now).await), [("evt_1", 1)]);
+    // Delivered ones are not dead letters.
+    assert!(claim(&*store, "c", now).await.is_empty());
+}
+
+async fn replay_dead_letters_of_one_sink(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a", "b"])).await;
+    finish_all(&*store, "a", T0, dead("HTTP 400")).await;
+    finish_all(&*store, "b", T0, dead("HTTP 400")).await;
+
+    let now = T0 + HOUR;
+    let target = |sink: &str| ReplayTarget::DeadLetters {
+        sink: Some(sink.into()),
+    };
+    assert_eq!(store.replay(target("zzz"), now).await, Ok(0));
+    assert_eq!(store.replay(target("a"), now).await, Ok(1));
+    assert_eq!(attempts(&claim(&*store, "a", now).await), [("evt_1", 1)]);
+    assert!(claim(&*store, "b", now).await.is_empty());
+    let still_dead = deliveries(&*store, None, Some(Status::Dead)).await;
+    assert_eq!(pairs(&still_dead), [("evt_1", "b")]);
+}
+
+async fn replay_event_requeues_every_delivery_even_delivered(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a", "b"])).await;
+    let a = claim(&*store, "a", T0).await;
+    complete(&*store, &a[0], T0, Completed::Delivered).await;
+    finish_all(&*store, "b", T0, dead("HTTP 400")).await;
+    insert(&*store, new_event("evt_2", &["a"])).await; // pending, untouched
+
+    let now = T0 + HOUR;
+    assert_eq!(store.replay(event_target("evt_1", None), now).await, Ok(2));
+    let a = claim(&*store, "a", now).await;
+    assert_eq!(sorted(attempts(&a)), [("evt_1", 1), ("evt_2", 1)]);
+    let b = claim(&*store, "b", now).await;
+    assert_eq!(attempts(&b), [("evt_1", 1)]);
+    assert_same_event(&b[0].event, &new_event("evt_1", &[]));
+}
+
+async fn replay_event_to_a_new_sink_adds_a_delivery(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a"])).await;
+    finish_all(&*store, "a", T0, Completed::Delivered).await;
+
+    let now = T0 + HOUR;
+    assert_eq!(store.replay(event_target("evt_1", Some("z")), now).await, Ok(1));
+    let z = claim(&*store, "z", now).await;
+    assert_eq!(attempts(&z), [("evt_1", 1)]);
+    assert_same_event(&z[0].event, &new_event("evt_1", &[]));
+    // Only the named sink was replayed.
+    assert!(claim(&*store, "a", now).await.is_empty());
+    assert_eq!(
+        pairs(&deliveries(&*store, None, None).await),
+        [("evt_1", "a"), ("evt_1", "z")]
+    );
+
+    // Naming a sink the event already has re-queues that one.
+    assert_eq!(store.replay(event_target("evt_1", Some("a")), now).await, Ok(1));
+    assert_eq!(attempts(&claim(&*store, "a", now).await), [("evt_1", 1)]);
+    assert_eq!(deliveries(&*store, None, None).await.len(), 2);
+}
+
+async fn replay_unknown_event_is_not_found(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a"])).await;
+
+    let unknown_id = event_target("nope", None);
+    assert_eq!(store.replay(unknown_id, T0).await, Err(StoreError::NotFound));
+    let unknown_id_with_sink = event_target("nope", Some("a"));
+    assert_eq!(store.replay(unknown_id_with_sink, T0).await, Err(StoreError::NotFound));
+    let other_source = ReplayTarget::Event {
+        source: "crave".into(),
+        id: "evt_1".into(),
+        sink: None,
+    };
+    assert_eq!(store.replay(other_source, T0).await, Err(StoreError::NotFound));
+    assert_eq!(pairs(&deliveries(&*store, None, None).await), [("evt_1", "a")]);
+}
+
+// ---------------------------------------------------------------------------
+// Retention
+
+async fn prune_follows_retention(store: Arc<dyn Store>) {
+    let retention = Retention {
+        dedupe_window: Duration::from_secs(7 * 24 * 3600),
+        keep_delivered: Duration::from_secs(24 * 3600),
+        keep_dead_letters: Duration::from_secs(3 * 24 * 3600),
+    };
+    // Everything received at T0, finished at T0 + 1.
+    insert(&*store, new_event("delivered", &["a"])).await;
+    insert(&*store, new_event("dead", &["b"])).await;
+    insert(&*store, new_event("pending", &["c"])).await;
+    insert(&*store, new_event("unrouted", &[])).await;
+    finish_all(&*store, "a", T0 + 1, Completed::Delivered).await;
+    finish_all(&*store, "b", T0 + 1, dead("HTTP 400")).await;
+
+    // Just before keep_delivered: nothing goes.
+    let stats = store.prune(retention, T0 + 1 + DAY - 1).await.unwrap();
+    assert_eq!(stats, PruneStats::default());
+    assert_eq!(deliveries(&*store, None, None).await.len(), 3);
+
+    // After keep_delivered: the delivered delivery goes, and the events with
+    // no deliveries left lose their bodies but keep their dedupe keys.
+    let stats = store.prune(retention, T0 + 1 + DAY + 1).await.unwrap();
+    let expected = PruneStats {
+        deliveries_deleted: 1,
+        events_compacted: 2,
+        events_deleted: 0,
+    };
+    assert_eq!(stats, expected);
+    assert_eq!(
+        pairs(&deliveries(&*store, None, None).await),
+        [("dead", "b"), ("pending", "c")]
+    );
+    for id in ["delivered", "unrouted"] {
+        assert_eq!(
+            store.replay(event_target(id, None), T0 + 2 * DAY).await,
+            Err(StoreError::Pruned)
+        );
+        assert_eq!(insert(&*store, new_event(id, &["a"])).await, Inserted::Duplicate);
+    }
+
+    // Dead letters stay until keep_dead_letters, then go the same way.
+    let stats = store.prune(retention, T0 + 1 + 3 * DAY - 1).await.unwrap();
+    assert_eq!(stats, PruneStats::default());
+    assert_eq!(
+        pairs(&deliveries(&*store, None, Some(Status::Dead)).await),
+        [("dead", "b")]
+    );
+    let stats = store.prune(retention, T0 + 1 + 3 * DAY + 1).await.unwrap();
+    let expected = PruneStats {
+        deliveries_deleted: 1,
+        events_compacted: 1,
+        events_deleted: 0,
+    };
+    assert_eq!(stats, expected);
+    assert!(deliveries(&*store, None, Some(Status::Dead)).await.is_empty());
+    assert_eq!(
+        store.replay(event_target("dead", None), T0 + 4 * DAY).await,
+        Err(StoreError::Pruned)
+    );
+
+    // Dedupe keys last until the dedupe window, then go too.
+    let stats = store.prune(retention, T0 + 7 * DAY - 1).await.unwrap();
+    assert_eq!(stats, PruneStats::default());
+    for id in ["delivered", "dead", "unrouted"] {
+        assert_eq!(insert(&*store, new_event(id, &[])).await, Inserted::Duplicate, "{id}");
+    }
+    let stats = store.prune(retention, T0 + 7 * DAY + 1).await.unwrap();
+    let expected = PruneStats {
+        deliveries_deleted: 0,
+        events_compacted: 0,
+        events_deleted: 3,
+    };
+    assert_eq!(stats, expected);
+    assert_eq!(event_ids(&events(&*store, None, None).await), ["pending"]);
+    assert_eq!(
+        store.replay(event_target("delivered", None), T0 + 8 * DAY).await,
+        Err(StoreError::NotFound)
+    );
+    let later = T0 + 8 * DAY;
+    for id in ["delivered", "dead", "unrouted"] {
+        assert_eq!(
+            insert(&*store, event_at(id, &["d"], later)).await,
+            Inserted::New,
+            "{id}"
+        );
+    }
+    assert_eq!(claim(&*store, "d", later).await.len(), 3);
+
+    // The pending delivery outlived everything, payload intact.
+    let c = claim(&*store, "c", T0 + 1000 * DAY).await;
+    assert_eq!(attempts(&c), [("pending", 1)]);
+    assert_same_event(&c[0].event, &new_event("pending", &[]));
+}
+
+async fn prune_never_touches_pending_deliveries(store: Arc<dyn Store>) {
+    let keep_nothing = Retention {
+        dedupe_window: Duration::ZERO,
+        keep_delivered: Duration::ZERO,
+        keep_dead_letters: Duration::ZERO,
+    };
+    insert(&*store, new_event("fresh", &["a"])).await;
+    insert(&*store, new_event("leased", &["b"])).await;
+    insert(&*store, new_event("retrying", &["c"])).await;
+    claim(&*store, "b", T0).await;
+    let retry = Completed::Retry {
+        due_at: T0 + 900 * DAY,
+        error: "HTTP 503".into(),
+    };
+    finish_all(&*store, "c", T0, retry).await;
+
+    let far = T0 + 1000 * DAY;
+    assert_eq!(store.prune(keep_nothing, far).await.unwrap(), PruneStats::default());
+    let pending = deliveries(&*store, None, Some(Status::Pending)).await;
+    assert_eq!(pairs(&pending), [("fresh", "a"), ("leased", "b"), ("retrying", "c")]);
+    for (sink, id, attempt) in [("a", "fresh", 1), ("b", "leased", 2), ("c", "retrying", 2)] {
+        let c = claim(&*store, sink, far).await;
+        assert_eq!(attempts(&c), [(id, attempt)]);
+        assert_same_event(&c[0].event, &new_event(id, &[]));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Ordering and concurrency
+
+async fn claim_returns_earliest_due_first_within_limit(store: Arc<dyn Store>) {
+    // New deliveries are due when received: first come, first served.
+    insert(&*store, event_at("evt_30", &["a"], T0 + 30)).await;
+    insert(&*store, event_at("evt_10", &["a"], T0 + 10)).await;
+    insert(&*store, event_at("evt_20", &["a"], T0 + 20)).await;
+
+    let now = T0 + 100;
+    let first = store.claim("a", 2, LEASE, now).await.unwrap();
+    assert_eq!(attempts(&first), [("evt_10", 1), ("evt_20", 1)]);
+    let rest = store.claim("a", 2, LEASE, now).await.unwrap();
+    assert_eq!(attempts(&rest), [("evt_30", 1)]);
+    assert!(store.claim("a", 2, LEASE, now).await.unwrap().is_empty());
+
+    // Retries order by their own due times.
+    for (c, due_at) in [(&first[0], T0 + 250), (&first[1], T0 + 300), (&rest[0], T0 + 200)] {
+        let retry = Completed::Retry {
+            due_at,
+            error: "HTTP 503".into(),
+        };
+        complete(&*store, c, now, retry).await;
+    }
+    let later = T0 + 1000;
+    let one = store.claim("a", 1, LEASE, later).await.unwrap();
+    assert_eq!(attempts(&one), [("evt_30", 2)]);
+    let all = claim(&*store, "a", later).await;
+    assert_eq!(attempts(&all), [("evt_10", 2), ("evt_20", 2)]);
+}
+
+async fn concurrent_inserts_are_all_stored(store: Arc<dyn Store>) {
+    const N: usize = 500;
+    // Each event twice, from different tasks, all at once: the copies land in
+    // the same commit groups and exactly one of each pair is new.
+    let mut tasks = tokio::task::JoinSet::new();
+    for copy in 0..2 {
+        for i in 0..N {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let id = format!("evt_{i:03}");
+                (copy, id.clone(), store.insert(new_event(&id, &["a", "b"])).await)
+            });
+        }
+    }
+    let mut new = BTreeSet::new();
+    let mut duplicates = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (_, id, result) = joined.expect("insert task");
+        match result.expect("insert") {
+            Inserted::New => assert!(new.insert(id.clone()), "{id} was new twice"),
+            Inserted::Duplicate => duplicates += 1,
+        }
+    }
+    assert_eq!(new.len(), N);
+    assert_eq!(duplicates, N);
+
+    for sink in ["a", "b"] {
+        let claimed = claim(&*store, sink, T0).await;
+        let ids: BTreeSet<_> = claimed.iter().map(|c| c.event.event_id.clone()).collect();
+        assert_eq!(claimed.len(), N, "sink {sink}");
+        assert_eq!(ids, new, "sink {sink}");
+        assert!(claimed.iter().all(|c| c.attempt == 1));
+    }
+    assert_eq!(events(&*store, None, None).await.len(), N);
+}
+
+// ---------------------------------------------------------------------------
+// Listings
+
+async fn events_filters_and_fields(store: Arc<dyn Store>) {
+    let typed = |source: &str, kind: &str, id: &str, event_type: &str, sinks_: &[&str], at: i64| NewEvent {
+        source: source.into(),
+        kind: kind.into(),
+        event_type: event_type.into(),
+        ..event_at(id, sinks_, at)
+    };
+    let e1 = typed("crumb", "crumbpos", "evt_1", "order.created", &["a", "b"], T0);
+    insert(&*store, e1.clone()).await;
+    insert(
+        &*store,
+        typed("crumb", "crumbpos", "evt_2", "payment.completed", &["a"], T0 + 1),
+    )
+    .await;
+    let e3 = NewEvent {
+        occurred_at: None,
+        ..typed("crave", "crave", "evt_3", "order.created", &[], T0 + 2)
+    };
+    insert(&*store, e3).await;
+    insert(&*store, typed("crave", "crave", "evt_4", "order.ready", &["b"], T0 + 3)).await;
+
+    assert_eq!(
+        event_ids(&events(&*store, None, None).await),
+        ["evt_1", "evt_2", "evt_3", "evt_4"]
+    );
+    assert_eq!(
+        event_ids(&events(&*store, Some("crumb"), None).await),
+        ["evt_1", "evt_2"]
+    );
+    assert_eq!(
+        event_ids(&events(&*store, None, Some("order.created")).await),
+        ["evt_1", "evt_3"]
+    );
+    assert_eq!(
+        event_ids(&events(&*store, Some("crave"), Some("order.created")).await),
+        ["evt_3"]
+    );
+    assert!(events(&*store, Some("nope"), None).await.is_empty());
+    assert!(events(&*store, None, Some("order.*")).await.is_empty());
+
+    // The limit keeps the newest.
+    let newest = store
+        .events(EventFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let ids: Vec<_> = newest.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["evt_4", "evt_3"]);
+
+    let a = claim(&*store, "a", T0 + 10).await;
+    let evt_1 = a.iter().find(|c| c.event.event_id == "evt_1").unwrap();
+    complete(&*store, evt_1, T0 + 20, Completed::Delivered).await;
+
+    let listed = events(&*store, None, None).await;
+    let one = listed.iter().find(|e| e.id == "evt_1").unwrap();
+    assert_eq!(one.source, e1.source);
+    assert_eq!(one.event_type, e1.event_type);
+    assert_eq!(one.occurred_at, e1.occurred_at);
+    assert_eq!(one.received_at, e1.received_at);
+    let mut ds: Vec<_> = one
+        .deliveries
+        .iter()
+        .map(|d| (d.sink.as_str(), d.status, d.attempts))
+        .collect();
+    ds.sort_unstable_by_key(|d| d.0);
+    assert_eq!(ds, [("a", Status::Delivered, 1), ("b", Status::Pending, 0)]);
+    let two = listed.iter().find(|e| e.id == "evt_2").unwrap();
+    let ds: Vec<_> = two
+        .deliveries
+        .iter()
+        .map(|d| (d.sink.as_str(), d.status, d.attempts))
+        .collect();
+    assert_eq!(ds, [("a", Status::Pending, 1)], "claimed, not finished");
+    let three = listed.iter().find(|e| e.id == "evt_3").unwrap();
+    assert_eq!(three.source, "crave");
+    assert_eq!(three.occurred_at, None);
+    assert!(three.deliveries.is_empty());
+}
+
+async fn deliveries_filters_and_fields(store: Arc<dyn Store>) {
+    let e2 = NewEvent {
+        event_type: "payment.completed".into(),
+        ..event_at("evt_2", &["a"], T0 + 1)
+    };
+    insert(&*store, new_event("evt_1", &["a", "b"])).await;
+    insert(&*store, e2).await;
+    let a = claim(&*store, "a", T0 + 10).await;
+    assert_eq!(attempts(&a), [("evt_1", 1), ("evt_2", 1)]);
+    let retry = Completed::Retry {
+        due_at: T0 + HOUR,
+        error: "HTTP 503".into(),
+    };
+    complete(&*store, &a[0], T0 + 20, retry).await;
+    complete(&*store, &a[1], T0 + 21, dead("HTTP 400: bad ticket")).await;
+
+    // Filters.
+    let filtered = async |sink: Option<&str>, status: Option<Status>| deliveries(&*store, sink, status).await;
+    assert_eq!(
+        pairs(&filtered(None, None).await),
+        [("evt_1", "a"), ("evt_1", "b"), ("evt_2", "a")]
+    );
+    assert_eq!(
+        pairs(&filtered(Some("a"), None).await),
+        [("evt_1", "a"), ("evt_2", "a")]
+    );
+    assert_eq!(pairs(&filtered(Some("b"), None).await), [("evt_1", "b")]);
+    assert_eq!(pairs(&filtered(Some("zzz"), None).await), []);
+    assert_eq!(
+        pairs(&filtered(None, Some(Status::Pending)).await),
+        [("evt_1", "a"), ("evt_1", "b")]
+    );
+    assert_eq!(pairs(&filtered(None, Some(Status::Dead)).await), [("evt_2", "a")]);
+    assert_eq!(pairs(&filtered(None, Some(Status::Delivered)).await), []);
+    assert_eq!(
+        pairs(&filtered(Some("a"), Some(Status::Pending)).await),
+        [("evt_1", "a")]
+    );
+    for limit in [1, 2] {
+        let limited = store
+            .deliveries(DeliveryFilter {
+                limit,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(limited.len(), limit);
+    }
+
+    // Fields.
+    let rows = deliveries(&*store, None, None).await;
+    let row = |id: &str, sink: &str| {
+        rows.iter()
+            .find(|r| r.event_id == id && r.sink == sink)
+            .unwrap()
+            .clone()
+    };
+    let keys: BTreeSet<_> = rows.iter().map(|r| r.key.clone()).collect();
+    assert_eq!(keys.len(), 3, "keys are distinct per (event, sink)");
+
+    let fresh = row("evt_1", "b");
+    assert_eq!(fresh.key, expeditor_api::delivery_key("crumb", "evt_1", "b"));
+    assert_eq!(fresh.source, "crumb");
+    assert_eq!(fresh.event_type, "order.created");
+    assert_eq!(fresh.status, Status::Pending);
+    assert_eq!(fresh.attempts, 0);
+    assert_eq!(fresh.next_attempt_at, Some(T0), "due when received");
+    assert_eq!(fresh.last_error, None);
+
+    let retrying = row("evt_1", "a");
+    assert_eq!(retrying.id, a[0].delivery_id);
+    assert_eq!(retrying.key, expeditor_api::delivery_key("crumb", "evt_1", "a"));
+    assert_eq!(retrying.status, Status::Pending);
+    assert_eq!(retrying.attempts, 1);
+    assert_eq!(retrying.next_attempt_at, Some(T0 + HOUR));
+    assert_eq!(retrying.last_error.as_deref(), Some("HTTP 503"));
+    assert_eq!(retrying.updated_at, T0 + 20);
+
+    let dead_letter = row("evt_2", "a");
+    assert_eq!(dead_letter.id, a[1].delivery_id);
+    assert_eq!(dead_letter.key, expeditor_api::delivery_key("crumb", "evt_2", "a"));
+    assert_eq!(dead_letter.event_type, "payment.completed");
+    assert_eq!(dead_letter.status, Status::Dead);
+    assert_eq!(dead_letter.attempts, 1);
+    assert_eq!(dead_letter.next_attempt_at, None);
+    assert_eq!(dead_letter.last_error.as_deref(), Some("HTTP 400: bad ticket"));
+    assert_eq!(dead_letter.updated_at, T0 + 21);
+
+    // Delivered on the second attempt.
+    let again = claim(&*store, "a", T0 + HOUR).await;
+    assert_eq!(attempts(&again), [("evt_1", 2)]);
+    complete(&*store, &again[0], T0 + HOUR + 5, Completed::Delivered).await;
+    let rows = deliveries(&*store, Some("a"), Some(Status::Delivered)).await;
+    assert_eq!(pairs(&rows), [("evt_1", "a")]);
+    assert_eq!(rows[0].key, retrying.key);
+    assert_eq!(rows[0].attempts, 2);
+    assert_eq!(rows[0].next_attempt_at, None);
+    assert_eq!(rows[0].updated_at, T0 + HOUR + 5);
+}
+
+// ---------------------------------------------------------------------------
+// SQLite only
+
+/// SQLite only: this store serves one process, so whatever was claimed when
+/// it stopped was not finished and `open` releases those leases at once. A
+/// shared store (PostgreSQL) must not do that (another live instance may hold
+/// them); there, leases simply run out, which the lease test covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_reopen_keeps_everything_and_releases_leases() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let e1 = new_event("evt_1", &["a", "b"]);
+    insert(&*store, e1.clone()).await;
+    insert(&*store, event_at("evt_2", &["a"], T0 + 1)).await;
+    insert(&*store, new_event("evt_3", &[])).await;
+    let leased = store.claim("a", 1, LEASE, T0 + 10).await.unwrap();
+    assert_eq!(attempts(&leased), [("evt_1", 1)]);
+    assert_eq!(finish_all(&*store, "b", T0 + 10, Completed::Delivered).await, 1);
+    drop(store); // no close(): an acknowledged write is already on disk
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    assert_eq!(
+        event_ids(&events(&*store, None, None).await),
+        ["evt_1", "evt_2", "evt_3"]
+    );
+    assert_eq!(insert(&*store, e1.clone()).await, Inserted::Duplicate);
+    assert_eq!(
+        pairs(&deliveries(&*store, None, Some(Status::Delivered)).await),
+        [("evt_1", "b")]
+    );
+    // Well within evt_1's lease, yet claimable: the lease died with the process.
+    let a = claim(&*store, "a", T0 + 11).await;
+    assert_eq!(attempts(&a), [("evt_1", 2), ("evt_2", 1)]);
+    assert_eq!(a[0].delivery_id, leased[0].delivery_id);
+    assert_same_event(&a[0].event, &e1);
+    assert!(claim(&*store, "b", T0 + 11).await.is_empty());
+}
+
+/// SQLite only: it locks the database file from a second connection. Waits
+/// out the writer's 5 s busy timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_insert_is_unavailable_while_the_database_is_locked() {
+    let (store, dir) = sqlite();
+    assert_eq!(insert(&*store, new_event("before", &["a"])).await, Inserted::New);
+
+    let other = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let blocked = new_event("blocked", &["a"]);
+    match store.insert(blocked.clone()).await {
+        Err(StoreError::Unavailable(_)) => {}
+        result => panic!("expected Unavailable while locked, got {result:?}"),
+    }
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+
+    assert_eq!(insert(&*store, new_event("after", &["a"])).await, Inserted::New);
+    assert_eq!(event_ids(&events(&*store, None, None).await), ["after", "before"]);
+    let a = claim(&*store, "a", T0).await;
+    assert_eq!(sorted(attempts(&a)), [("after", 1), ("before", 1)]);
+    // Not stored, so the vendor's retry of it is new, not a duplicate.
+    assert_eq!(insert(&*store, blocked).await, Inserted::New);
+}
+
+/// SQLite only: a lock held by another connection for less than the writer's
+/// busy timeout (5 s) is waited out by every kind of write, not only by
+/// inserts. Holds the lock for a moment, the one other wait in this suite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_briefly_held_lock_is_waited_out() {
+    let (store, dir) = sqlite();
+    insert(&*store, new_event("evt_1", &["a"])).await;
+    finish_all(&*store, "a", T0, dead("HTTP 400")).await;
+    insert(&*store, new_event("evt_2", &["a"])).await;
+
+    let other = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
+    let hold = |other: rusqlite::Connection| {
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            other.execute_batch("COMMIT").unwrap();
+            other
+        })
+    };
+
+    let holder = hold(other);
+    let claimed = store.claim("a", ALL, LEASE, T0).await;
+    let other = holder.join().unwrap();
+    assert_eq!(attempts(&claimed.expect("claim")), [("evt_2", 1)]);
+
+    let holder = hold(other);
+    let replayed = store.replay(event_target("evt_1", Some("b")), T0).await;
+    let other = holder.join().unwrap();
+    assert_eq!(replayed, Ok(1));
+
+    let holder = hold(other);
+    let inserted = store.insert(new_event("evt_3", &["a"])).await;
+    holder.join().unwrap();
+    assert_eq!(inserted, Ok(Inserted::New));
+}
