@@ -238,7 +238,9 @@ fn fail(op: Op, err: &StoreError) {
         Op::Complete(_, r) => drop(r.send(Err(err.clone()))),
         Op::Replay(_, _, r) => drop(r.send(Err(err.clone()))),
         Op::Prune(_, _, r) => drop(r.send(Err(err.clone()))),
-        Op::Close(r) => drop(r.send(())),
+        Op::Close(r) => {
+            let _ = r.send(());
+        }
     }
 }
 
@@ -281,7 +283,9 @@ fn apply(tx: &mut Transaction<'_>, op: Op) -> Reply {
         Op::Complete(done, r) => reply(r, in_savepoint(tx, |t| complete(t, &done))),
         Op::Replay(target, now, r) => reply(r, in_savepoint(tx, |t| replay(t, &target, now))),
         Op::Prune(retention, now, r) => reply(r, in_savepoint(tx, |t| prune(t, retention, now))),
-        Op::Close(r) => Box::new(move |_| drop(r.send(()))),
+        Op::Close(r) => Box::new(move |_| {
+            let _ = r.send(());
+        }),
     }
 }
 
