@@ -19,20 +19,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
 use crate::ingest::{Body, error, json_response};
-use crate::store::{DeliveryFilter, EventFilter, ReplayTarget, Status, Store, StoreError, now_ms};
-
-pub struct Admin {
-    pub config: Arc<Config>,
-    pub store: Arc<dyn Store>,
-    pub wake: crate::pipeline::Wake,
-}
+use crate::state::Shared;
+use crate::store::{DeliveryFilter, EventFilter, ReplayTarget, Status, StoreError, now_ms};
 
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 10_000;
 
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, admin: Arc<Shared>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     loop {
         let stream = tokio::select! {
@@ -64,12 +58,18 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
     tracker.wait().await;
 }
 
-async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
+async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
         return text(StatusCode::OK, "ok\n");
     }
-    if let Some(token) = &admin.config.admin.token {
+    let current = admin.current.load_full();
+    if path == "/readyz" {
+        return readyz(admin, &current).await;
+    }
+    // Everything else may reveal operational data: it needs the token when
+    // one is configured (always, off loopback).
+    if let Some(token) = &current.config.admin.token {
         let given = req
             .headers()
             .get(header::AUTHORIZATION)
@@ -89,16 +89,54 @@ async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
         .and_then(|l| l.parse().ok())
         .unwrap_or(DEFAULT_LIMIT)
         .min(MAX_LIMIT);
+    let since = match query.get("since").map(|s| parse_since(s)) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let source = query.get("source").cloned();
+    let event_type = query.get("type").cloned();
+    let sink = query.get("sink").cloned();
     let result = match (req.method(), path.as_str()) {
+        (&Method::GET, "/metrics") => {
+            return match admin.store.queue_stats().await {
+                Ok(queues) => {
+                    let sinks: Vec<String> = current.config.sinks.keys().cloned().collect();
+                    let body = admin.metrics.render(&queues, &sinks, now_ms());
+                    let mut resp = Response::new(Full::new(Bytes::from(body)));
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+                    );
+                    resp
+                }
+                Err(e) => store_error(e),
+            };
+        }
         (&Method::GET, "/api/events") => admin
             .store
             .events(EventFilter {
-                source: query.get("source").cloned(),
-                event_type: query.get("type").cloned(),
+                source,
+                event_type,
+                since,
                 limit,
             })
             .await
             .map(|events| serde_json::json!({ "events": events })),
+        (&Method::GET, p) if p.starts_with("/api/events/") => {
+            let rest = &p["/api/events/".len()..];
+            let Some((source, id)) = rest
+                .split_once('/')
+                .and_then(|(s, i)| Some((percent_decode(s)?, percent_decode(i)?)))
+            else {
+                return error(StatusCode::NOT_FOUND, "use /api/events/SOURCE/ID");
+            };
+            admin
+                .store
+                .event_detail(&source, &id)
+                .await
+                .map(|d| serde_json::json!({ "event": d }))
+        }
         (&Method::GET, "/api/deliveries") | (&Method::GET, "/api/dead-letters") => {
             let status = if path == "/api/dead-letters" {
                 Some(Status::Dead)
@@ -112,15 +150,18 @@ async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
             admin
                 .store
                 .deliveries(DeliveryFilter {
-                    sink: query.get("sink").cloned(),
+                    sink,
                     status,
+                    source,
+                    event_type,
+                    since,
                     limit,
                 })
                 .await
                 .map(|d| serde_json::json!({ "deliveries": d }))
         }
-        (&Method::POST, "/api/replay") => return replay(req, admin).await,
-        (_, "/api/events" | "/api/deliveries" | "/api/dead-letters" | "/api/replay") => {
+        (&Method::POST, "/api/replay") => return replay(req, admin, &current).await,
+        (_, "/metrics" | "/api/events" | "/api/deliveries" | "/api/dead-letters" | "/api/replay") => {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         }
         _ => return error(StatusCode::NOT_FOUND, "not found"),
@@ -131,6 +172,31 @@ async fn handle(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
     }
 }
 
+/// Ready: the store takes writes and every sink worker runs.
+async fn readyz(admin: &Shared, current: &crate::state::Current) -> Response<Body> {
+    let store = tokio::time::timeout(std::time::Duration::from_secs(5), admin.store.ping()).await;
+    let store_ok = matches!(store, Ok(Ok(())));
+    let workers_ok = current.engine.running();
+    let body = serde_json::json!({ "store": if store_ok { "ok" } else { "unavailable" },
+                                   "workers": if workers_ok { "ok" } else { "stopped" } });
+    let status = if store_ok && workers_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json_response(status, body.to_string())
+}
+
+/// `since=1h` (that long ago) or `since=2026-11-23T10:00:00Z`.
+fn parse_since(s: &str) -> Result<i64, String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(now_ms().saturating_sub(d.as_millis() as i64));
+    }
+    s.parse::<jiff::Timestamp>()
+        .map(|t| t.as_millisecond())
+        .map_err(|_| format!("invalid since {s:?}: write a duration (\"1h\") or an RFC 3339 time"))
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReplayRequest {
@@ -138,6 +204,11 @@ struct ReplayRequest {
     dead_letters: bool,
     event: Option<EventRef>,
     sink: Option<String>,
+    /// Dead-letter filters.
+    source: Option<String>,
+    #[serde(rename = "type")]
+    event_type: Option<String>,
+    since: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,7 +218,7 @@ struct EventRef {
     id: String,
 }
 
-async fn replay(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
+async fn replay(req: Request<Incoming>, admin: &Shared, current: &crate::state::Current) -> Response<Body> {
     let Ok(body) = Limited::new(req.into_body(), 64 * 1024)
         .collect()
         .await
@@ -160,20 +231,36 @@ async fn replay(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
         Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid replay request: {e}")),
     };
     if let Some(sink) = &r.sink
-        && !admin.config.sinks.contains_key(sink)
+        && !current.config.sinks.contains_key(sink)
     {
         return error(
             StatusCode::BAD_REQUEST,
             &format!("no sink named {sink:?} in the running config"),
         );
     }
+    let since = match r.since.as_deref().map(parse_since) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
+    };
     let target = match (r.dead_letters, r.event) {
-        (true, None) => ReplayTarget::DeadLetters { sink: r.sink.clone() },
-        (false, Some(e)) => ReplayTarget::Event {
+        (true, None) => ReplayTarget::DeadLetters {
+            sink: r.sink.clone(),
+            source: r.source,
+            event_type: r.event_type,
+            since,
+        },
+        (false, Some(e)) if r.source.is_none() && r.event_type.is_none() && since.is_none() => ReplayTarget::Event {
             source: e.source,
             id: e.id,
             sink: r.sink.clone(),
         },
+        (false, Some(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "source, type and since filter dead letters only",
+            );
+        }
         _ => return error(StatusCode::BAD_REQUEST, "give either dead_letters: true or an event"),
     };
     match admin.store.replay(target.clone(), now_ms()).await {
@@ -181,9 +268,9 @@ async fn replay(req: Request<Incoming>, admin: &Admin) -> Response<Body> {
             tracing::info!(?target, deliveries = n, "replay requested");
             let sinks: Vec<String> = match &r.sink {
                 Some(s) => vec![s.clone()],
-                None => admin.config.sinks.keys().cloned().collect(),
+                None => current.config.sinks.keys().cloned().collect(),
             };
-            (admin.wake)(&sinks);
+            (current.wake)(&sinks);
             json_response(StatusCode::OK, serde_json::json!({ "replayed": n }).to_string())
         }
         Err(e) => store_error(e),

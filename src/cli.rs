@@ -53,8 +53,11 @@ pub enum Command {
         #[arg(long)]
         id: Option<String>,
     },
-    /// List recent events.
+    /// List recent events, or show one (`events show SOURCE:ID`).
+    #[command(args_conflicts_with_subcommands = true)]
     Events {
+        #[command(subcommand)]
+        action: Option<EventsAction>,
         #[arg(long)]
         source: Option<String>,
         #[arg(long = "type")]
@@ -69,6 +72,10 @@ pub enum Command {
         /// pending, delivered or dead
         #[arg(long)]
         status: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long = "type")]
+        event_type: Option<String>,
         #[command(flatten)]
         list: ListArgs,
     },
@@ -76,12 +83,16 @@ pub enum Command {
     DeadLetters {
         #[arg(long)]
         sink: Option<String>,
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long = "type")]
+        event_type: Option<String>,
         #[command(flatten)]
         list: ListArgs,
     },
-    /// Deliver again: every dead letter, or one event.
+    /// Deliver again: dead letters (all, or filtered), or one event.
     Replay {
-        /// Replay dead letters (of --sink, or all).
+        /// Replay dead letters (all, or those matching --sink/--source/--type/--since).
         #[arg(long, conflicts_with = "event", required_unless_present = "event")]
         dead_letters: bool,
         /// Replay one event, SOURCE:ID.
@@ -90,6 +101,25 @@ pub enum Command {
         /// Only to this sink.
         #[arg(long)]
         sink: Option<String>,
+        #[arg(long, requires = "dead_letters")]
+        source: Option<String>,
+        #[arg(long = "type", requires = "dead_letters")]
+        event_type: Option<String>,
+        /// Dead-lettered at or after: a duration ago ("2h") or an RFC 3339 time.
+        #[arg(long, requires = "dead_letters")]
+        since: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EventsAction {
+    /// One event: its payload and every delivery attempt with its error.
+    Show {
+        /// SOURCE:ID, e.g. crumb:evt_abc123
+        event: String,
+        /// Print the API's JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -98,6 +128,9 @@ pub struct ListArgs {
     /// At most this many rows.
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
+    /// Only since: a duration ago ("1h", "2d") or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -267,6 +300,20 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
     let admin = AdminClient::new(cfg)?;
     match command {
         Command::Events {
+            action: Some(EventsAction::Show { event, json }),
+            ..
+        } => {
+            let (source, id) = split_event_ref(event)?;
+            let path = format!("/api/events/{}/{}", encode_segment(source), encode_segment(id));
+            let v = admin.get(&path, &[]).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_event_detail(&v["event"]);
+            }
+        }
+        Command::Events {
+            action: None,
             source,
             event_type,
             list,
@@ -278,6 +325,7 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
                     &[
                         ("source", source.as_deref()),
                         ("type", event_type.as_deref()),
+                        ("since", list.since.as_deref()),
                         ("limit", Some(&limit)),
                     ],
                 )
@@ -314,7 +362,13 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
                 .collect();
             print_table(&["RECEIVED", "SOURCE", "ID", "TYPE", "DELIVERIES"], &table);
         }
-        Command::Deliveries { sink, status, list } => {
+        Command::Deliveries {
+            sink,
+            status,
+            source,
+            event_type,
+            list,
+        } => {
             let limit = list.limit.to_string();
             let v = admin
                 .get(
@@ -322,18 +376,32 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
                     &[
                         ("sink", sink.as_deref()),
                         ("status", status.as_deref()),
+                        ("source", source.as_deref()),
+                        ("type", event_type.as_deref()),
+                        ("since", list.since.as_deref()),
                         ("limit", Some(&limit)),
                     ],
                 )
                 .await?;
             print_deliveries(&v, list.json)?;
         }
-        Command::DeadLetters { sink, list } => {
+        Command::DeadLetters {
+            sink,
+            source,
+            event_type,
+            list,
+        } => {
             let limit = list.limit.to_string();
             let v = admin
                 .get(
                     "/api/dead-letters",
-                    &[("sink", sink.as_deref()), ("limit", Some(&limit))],
+                    &[
+                        ("sink", sink.as_deref()),
+                        ("source", source.as_deref()),
+                        ("type", event_type.as_deref()),
+                        ("since", list.since.as_deref()),
+                        ("limit", Some(&limit)),
+                    ],
                 )
                 .await?;
             print_deliveries(&v, list.json)?;
@@ -342,14 +410,14 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
             dead_letters,
             event,
             sink,
+            source,
+            event_type,
+            since,
         } => {
             let body = if *dead_letters {
-                serde_json::json!({ "dead_letters": true, "sink": sink })
+                serde_json::json!({ "dead_letters": true, "sink": sink, "source": source, "type": event_type, "since": since })
             } else {
-                let event = event.as_deref().unwrap_or_default();
-                let Some((source, id)) = event.split_once(':') else {
-                    bail!("--event takes SOURCE:ID, e.g. crumb:evt_abc123");
-                };
+                let (source, id) = split_event_ref(event.as_deref().unwrap_or_default())?;
                 serde_json::json!({ "event": { "source": source, "id": id }, "sink": sink })
             };
             let v = admin.post("/api/replay", &body).await?;
@@ -358,6 +426,68 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
         _ => unreachable!("only listing commands come here"),
     }
     Ok(())
+}
+
+fn split_event_ref(event: &str) -> anyhow::Result<(&str, &str)> {
+    match event.split_once(':') {
+        Some((source, id)) if !source.is_empty() && !id.is_empty() => Ok((source, id)),
+        _ => bail!("expected SOURCE:ID, e.g. crumb:evt_abc123, not {event:?}"),
+    }
+}
+
+/// Percent-encodes a path segment (event ids are the vendor's bytes).
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn print_event_detail(e: &Value) {
+    println!("event     {}:{}", s(&e["source"]), s(&e["id"]));
+    println!("type      {} ({})", s(&e["type"]), s(&e["kind"]));
+    println!("occurred  {}", s(&e["occurred_at"]));
+    println!("received  {}", s(&e["received_at"]));
+    println!();
+    match e["payload"].as_str() {
+        Some(p) => match serde_json::from_str::<Value>(p) {
+            Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| p.to_string())),
+            Err(_) => println!("{p}"),
+        },
+        None => println!("(payload pruned by retention)"),
+    }
+    let deliveries = e["deliveries"].as_array().cloned().unwrap_or_default();
+    if deliveries.is_empty() {
+        println!("\nno deliveries: no route took this event");
+    }
+    for d in deliveries {
+        println!();
+        println!(
+            "delivery to {}: {} after {} attempt(s), key {}",
+            s(&d["sink"]),
+            s(&d["status"]),
+            d["attempts"],
+            s(&d["key"])
+        );
+        if d["status"] == "pending" {
+            println!("  next attempt at {}", s(&d["next_attempt_at"]));
+        }
+        for a in d["attempt_log"].as_array().cloned().unwrap_or_default() {
+            let error = a["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
+            println!(
+                "  #{} {} {}{}",
+                a["attempt"],
+                s(&a["finished_at"]),
+                s(&a["outcome"]),
+                error
+            );
+        }
+    }
 }
 
 fn print_deliveries(v: &Value, json: bool) -> anyhow::Result<()> {

@@ -1,31 +1,42 @@
 //! `expeditor run`: opens the store, binds the listeners, starts the delivery
-//! engine, and on SIGTERM/SIGINT stops in order: stop accepting, finish
-//! requests in flight, finish attempts in flight, record their outcomes.
+//! engine, and then serves signals:
+//!
+//! - SIGHUP re-reads the config file. A valid one replaces sources, routes
+//!   and sinks atomically (new requests see all of the new config, none see
+//!   half); pending deliveries stay in the store and the new sink workers
+//!   pick them up. An invalid one is refused, logged, and the old config
+//!   keeps running. Listener addresses and the store need a restart.
+//! - SIGTERM/SIGINT stop in order, within `server.shutdown_timeout`: stop
+//!   accepting, finish requests in flight, finish attempts in flight, record
+//!   their outcomes, close the store. Work cut off by the bound is not lost:
+//!   unacknowledged requests are retried by the vendor, and unfinished
+//!   deliveries run again at the next start.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Admin};
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::deliver::Engine;
-use crate::ingest;
+use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
-use crate::store::sqlite::SqliteStore;
+use crate::state::{Current, Shared};
 use crate::store::{Retention, Store, now_ms};
+use crate::{admin, ingest, systemd};
 
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.store.path)
-            .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?,
-    );
+    // PostgreSQL: connects now and fails fast when the database is unreachable.
+    let store: Arc<dyn Store> = crate::store::open(&config.store.backend).await?;
     let ingest_listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on server.listen = {}", config.server.listen))?;
@@ -34,6 +45,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on admin.listen = {}", config.admin.listen))?;
 
     let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
     // Sinks share one connection pool; redirects are not followed (a 3xx
     // from a webhook sink is a misconfiguration, not a place to resend to).
     let client = reqwest::Client::builder()
@@ -41,55 +53,202 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .context("cannot build the HTTP client")?;
-    let engine = Engine::start(&config, store.clone(), client, shutdown.clone()).await?;
-    let pipeline = Arc::new(Pipeline::new(config.clone(), store.clone(), engine.waker()));
-    let admin = Arc::new(Admin {
-        config: config.clone(),
+    let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown).await?;
+    let shared = Arc::new(Shared {
+        current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics)),
         store: store.clone(),
-        wake: engine.waker(),
+        metrics: metrics.clone(),
     });
 
-    let ingest_task = tokio::spawn(ingest::serve(ingest_listener, pipeline, shutdown.clone()));
-    let admin_task = tokio::spawn(admin::serve(admin_listener, admin, shutdown.clone()));
-    let prune_task = tokio::spawn(prune_loop(config.clone(), store.clone(), shutdown.clone()));
+    let limits = shared.current.load().pipeline.limits();
+    let ingest_task = tokio::spawn(ingest::serve(ingest_listener, shared.clone(), limits, shutdown.clone()));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown.clone()));
+    let prune_task = tokio::spawn(prune_loop(shared.clone(), shutdown.clone()));
+    let watchdog_task = tokio::spawn(systemd::watchdog(shared.clone(), shutdown.clone()));
     tracing::info!(
         ingest = %config.server.listen,
         admin = %config.admin.listen,
-        store = %config.store.path.display(),
+        store = %config.store.backend,
         sources = config.sources.len(),
         sinks = config.sinks.len(),
         routes = config.router.routes().len(),
         "expeditor ready"
     );
+    systemd::ready(&summary(&config));
 
-    wait_for_signal().await;
-    tracing::info!("stopping: finishing requests and deliveries in flight");
+    let mut engine = engine;
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => {
+                systemd::reloading();
+                engine = reload(&config.file, engine, &shared, &client, &shutdown).await;
+                systemd::ready(&summary(&shared.current.load().config));
+            }
+        }
+    }
+
+    let bound = shared.current.load().config.server.shutdown_timeout;
+    tracing::info!(bound = ?bound, "stopping: finishing requests and deliveries in flight");
+    systemd::stopping();
     shutdown.cancel();
-    let _ = ingest_task.await;
-    let _ = admin_task.await;
-    let _ = prune_task.await;
-    engine.stopped().await;
-    store.close().await;
+    let drained = tokio::time::timeout(bound, async {
+        let _ = ingest_task.await;
+        let _ = admin_task.await;
+        let _ = prune_task.await;
+        let _ = watchdog_task.await;
+        engine.stopped().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            bound = ?bound,
+            "stop bound reached with work in flight; unacknowledged requests will be retried by the vendors, \
+             unfinished deliveries run again at the next start"
+        );
+    }
+    // Bounded too: a wedged store must not hold the exit.
+    if tokio::time::timeout(Duration::from_secs(5), store.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("store did not close in time");
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+fn summary(config: &Config) -> String {
+    format!(
+        "serving {} sources, {} sinks, {} routes on {}",
+        config.sources.len(),
+        config.sinks.len(),
+        config.router.routes().len(),
+        config.server.listen
+    )
+}
+
+fn current(config: &Arc<Config>, store: &Arc<dyn Store>, engine: &Engine, metrics: &Arc<Metrics>) -> Current {
+    let wake = engine.waker();
+    Current {
+        config: config.clone(),
+        pipeline: Arc::new(Pipeline::new(
+            config.clone(),
+            store.clone(),
+            wake.clone(),
+            metrics.clone(),
+        )),
+        wake,
+        engine: engine.health(),
     }
 }
 
-async fn prune_loop(config: Arc<Config>, store: Arc<dyn Store>, shutdown: CancellationToken) {
-    let retention = Retention {
-        dedupe_window: config.store.dedupe_window,
-        keep_delivered: config.store.keep_delivered,
-        keep_dead_letters: config.store.keep_dead_letters,
+/// Applies the config file anew, or keeps the running one. Returns the
+/// engine that is running afterwards.
+async fn reload(
+    file: &Path,
+    old_engine: Engine,
+    shared: &Arc<Shared>,
+    client: &reqwest::Client,
+    shutdown: &CancellationToken,
+) -> Engine {
+    let old = shared.current.load_full();
+    let refuse = |why: String| {
+        tracing::error!(file = %file.display(), "reload refused, the running configuration stays: {why}");
+        systemd::status(&format!("reload refused: {}", why.lines().next().unwrap_or("")));
+        shared.metrics.reload(false);
     };
+    let path = file.to_path_buf();
+    // Loading may read plugins and certificates: keep it off the runtime threads.
+    let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
+    let new = match loaded {
+        Ok(Ok(c)) => Arc::new(c),
+        Ok(Err(errors)) => {
+            refuse(errors.to_string());
+            return old_engine;
+        }
+        Err(e) => {
+            refuse(format!("loading failed: {e}"));
+            return old_engine;
+        }
+    };
+    let fixed = [
+        ("server.listen", old.config.server.listen != new.server.listen),
+        ("admin.listen", old.config.admin.listen != new.admin.listen),
+        ("store.path/store.url", old.config.store.backend != new.store.backend),
+        ("server.max_body", old.config.server.max_body != new.server.max_body),
+        (
+            "server.header_timeout",
+            old.config.server.header_timeout != new.server.header_timeout,
+        ),
+        (
+            "server.body_timeout",
+            old.config.server.body_timeout != new.server.body_timeout,
+        ),
+        (
+            "server.max_connections",
+            old.config.server.max_connections != new.server.max_connections,
+        ),
+    ];
+    let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
+    if !changed.is_empty() {
+        refuse(format!("{} can only change with a restart", changed.join(", ")));
+        return old_engine;
+    }
+    let engine = match Engine::start(
+        &new,
+        shared.store.clone(),
+        client.clone(),
+        shared.metrics.clone(),
+        shutdown,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            refuse(format!("{e:#}"));
+            return old_engine;
+        }
+    };
+    shared
+        .current
+        .store(Arc::new(current(&new, &shared.store, &engine, &shared.metrics)));
+    // The old workers finish their attempts in flight and stop; the new ones
+    // claim everything else (the store's leases keep them from doubling up).
+    old_engine.stopped().await;
+    shared.metrics.reload(true);
+    tracing::info!(
+        sources = new.sources.len(),
+        sinks = new.sinks.len(),
+        routes = new.router.routes().len(),
+        "configuration reloaded"
+    );
+    report_orphans(shared, &new).await;
+    engine
+}
+
+/// Pending deliveries of sinks the config no longer has are kept, and said.
+async fn report_orphans(shared: &Shared, config: &Config) {
+    let Ok(queues) = shared.store.queue_stats().await else {
+        return;
+    };
+    for q in queues
+        .iter()
+        .filter(|q| q.pending > 0 && !config.sinks.contains_key(&q.sink))
+    {
+        tracing::warn!(
+            sink = %q.sink,
+            pending = q.pending,
+            "sink is no longer configured; its pending deliveries are kept and resume if it comes back"
+        );
+    }
+}
+
+async fn prune_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
     let mut next = Duration::from_secs(10);
     loop {
         tokio::select! {
@@ -97,10 +256,16 @@ async fn prune_loop(config: Arc<Config>, store: Arc<dyn Store>, shutdown: Cancel
             _ = shutdown.cancelled() => return,
         }
         next = PRUNE_EVERY;
+        let store = &shared.current.load().config.store;
+        let retention = Retention {
+            dedupe_window: store.dedupe_window,
+            keep_delivered: store.keep_delivered,
+            keep_dead_letters: store.keep_dead_letters,
+        };
         // Chunked, so one pass never holds the writer for long; repeat while
         // there is more to do.
         for _ in 0..1000 {
-            match store.prune(retention, now_ms()).await {
+            match shared.store.prune(retention, now_ms()).await {
                 Ok(stats) if stats == Default::default() => break,
                 Ok(stats) => tracing::info!(?stats, "pruned"),
                 Err(e) => {

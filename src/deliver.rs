@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use expeditor_api::{Delivery, DeliveryError, Outcome, Sink, delivery_key};
 use tokio::sync::{Notify, Semaphore, mpsc};
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SinkCommon, SinkKind};
+use crate::metrics::{AttemptOutcome, Metrics};
 use crate::pipeline::{Wake, rebuild};
 use crate::store::{Claimed, Completed, Completion, Store, now_ms};
 
@@ -28,6 +30,39 @@ pub struct Engine {
     notifies: Arc<HashMap<String, Arc<Notify>>>,
     tracker: TaskTracker,
     completions: Option<mpsc::Sender<(String, Completion)>>,
+    /// This engine's own stop signal: a child of the daemon's, so a reload
+    /// can retire one engine while the daemon runs on.
+    stop: CancellationToken,
+    health: EngineHealth,
+}
+
+/// Whether every sink worker of an engine is still running (`/readyz`).
+#[derive(Clone, Debug)]
+pub struct EngineHealth {
+    live: Arc<AtomicUsize>,
+    expected: usize,
+}
+
+impl EngineHealth {
+    pub fn running(&self) -> bool {
+        self.live.load(Ordering::Relaxed) == self.expected
+    }
+}
+
+/// Counts a worker as live while it exists.
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl LiveGuard {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        Self(live.clone())
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Builds the sink a spec describes.
@@ -35,17 +70,28 @@ pub async fn build_sink(kind: &SinkKind, client: &reqwest::Client) -> anyhow::Re
     Ok(match kind {
         SinkKind::Http(cfg) => Arc::new(expeditor_http::HttpSink::new(cfg.clone(), client.clone())),
         SinkKind::File(cfg) => Arc::new(expeditor_file::FileSink::open(cfg.clone()).await?),
+        SinkKind::Slack(cfg) => Arc::new(expeditor_slack::SlackSink::new(cfg.clone())?),
+        SinkKind::Email(cfg) => Arc::new(expeditor_email::EmailSink::new(cfg.clone()).map_err(anyhow::Error::msg)?),
+        SinkKind::BigQuery(cfg) => {
+            Arc::new(expeditor_bigquery::BigQuerySink::new(cfg.clone()).map_err(anyhow::Error::msg)?)
+        }
+        // The plugin was loaded (and its `init` judged the config) when the
+        // config was; a reloaded config carries a freshly loaded plugin.
+        SinkKind::Wasm(plugin) => Arc::new(expeditor_wasm::WasmSink::new(plugin.clone())),
     })
 }
 
 impl Engine {
-    /// Starts one worker per configured sink.
+    /// Builds every configured sink and starts one worker per sink. Fails,
+    /// starting nothing, if a sink cannot be built.
     pub async fn start(
         config: &Config,
         store: Arc<dyn Store>,
         client: reqwest::Client,
-        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+        parent: &CancellationToken,
     ) -> anyhow::Result<Self> {
+        let stop = parent.child_token();
         let tracker = TaskTracker::new();
         let mut notifies = HashMap::new();
         let mut sinks = Vec::new();
@@ -59,6 +105,10 @@ impl Engine {
         let notifies = Arc::new(notifies);
         let (tx, rx) = mpsc::channel(4096);
         tracker.spawn(record_completions(rx, store.clone(), notifies.clone()));
+        let health = EngineHealth {
+            live: Arc::new(AtomicUsize::new(0)),
+            expected: sinks.len(),
+        };
         for (name, common, sink) in sinks {
             let worker = Worker {
                 name: name.clone(),
@@ -67,14 +117,31 @@ impl Engine {
                 store: store.clone(),
                 notify: notifies[&name].clone(),
                 completions: tx.clone(),
+                metrics: metrics.clone(),
             };
-            tracker.spawn(worker.run(shutdown.clone()));
+            let live = LiveGuard::new(&health.live);
+            let stop = stop.clone();
+            tracker.spawn(async move {
+                let _live = live;
+                worker.run(stop).await;
+            });
         }
         Ok(Self {
             notifies,
             tracker,
             completions: Some(tx),
+            stop,
+            health,
         })
+    }
+
+    pub fn health(&self) -> EngineHealth {
+        self.health.clone()
+    }
+
+    /// Tells the workers to stop claiming; see [`Engine::stopped`].
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     /// A handle ingest calls after committing new deliveries.
@@ -89,9 +156,10 @@ impl Engine {
         })
     }
 
-    /// Waits for the workers (stopped by the shutdown token) to finish their
-    /// attempts in flight and for every outcome to be recorded.
+    /// Stops the workers, waits for their attempts in flight to finish and
+    /// for every outcome to be recorded.
     pub async fn stopped(mut self) {
+        self.stop.cancel();
         self.completions.take();
         self.tracker.close();
         self.tracker.wait().await;
@@ -105,6 +173,7 @@ struct Worker {
     store: Arc<dyn Store>,
     notify: Arc<Notify>,
     completions: mpsc::Sender<(String, Completion)>,
+    metrics: Arc<Metrics>,
 }
 
 impl Worker {
@@ -112,6 +181,7 @@ impl Worker {
         let this = Arc::new(self);
         let permits = Arc::new(Semaphore::new(this.common.concurrency));
         let max_batch = this.sink.max_batch().max(1);
+        let linger = this.sink.linger();
         // Long enough for the attempt and its recording; after that another
         // worker may take the delivery over.
         let lease = this.common.timeout * 2 + Duration::from_secs(30);
@@ -149,6 +219,10 @@ impl Worker {
                 }
                 continue;
             }
+            let mut claimed = claimed;
+            if !linger.is_zero() && max_batch > 1 && claimed.len() < max_batch {
+                this.fill(&mut claimed, max_batch, linger, lease, &shutdown).await;
+            }
             let mut first = Some(permit);
             let mut batches = claimed.into_iter().peekable();
             while batches.peek().is_some() {
@@ -172,7 +246,42 @@ impl Worker {
         // nothing new is claimed.
         in_flight.close();
         in_flight.wait().await;
-        self_close(&this).await;
+        this.sink.close().await;
+    }
+
+    /// A sink's `linger`: holds a batch smaller than `max_batch` for up to
+    /// `linger`, claiming what else becomes due when ingest wakes the worker,
+    /// and once more at the end. Shutdown sends what is held at once.
+    async fn fill(
+        &self,
+        claimed: &mut Vec<Claimed>,
+        max_batch: usize,
+        linger: Duration,
+        lease: Duration,
+        shutdown: &CancellationToken,
+    ) {
+        let deadline = tokio::time::Instant::now() + linger;
+        while claimed.len() < max_batch {
+            let last = tokio::select! {
+                _ = self.notify.notified() => false,
+                _ = tokio::time::sleep_until(deadline) => true,
+                _ = shutdown.cancelled() => return,
+            };
+            match self
+                .store
+                .claim(&self.name, max_batch - claimed.len(), lease, now_ms())
+                .await
+            {
+                Ok(more) => claimed.extend(more),
+                Err(e) => {
+                    tracing::warn!(sink = %self.name, error = %e, "cannot claim deliveries");
+                    return;
+                }
+            }
+            if last {
+                return;
+            }
+        }
     }
 
     async fn attempt(&self, batch: Vec<Claimed>) {
@@ -191,6 +300,7 @@ impl Worker {
                 Err(e) => outcomes.push(Some(Err(DeliveryError::permanent(e)))),
             }
         }
+        let started = Instant::now();
         if !deliveries.is_empty() {
             // A backstop: sinks enforce their own timeout, which reports better.
             let limit = self.common.timeout + Duration::from_millis(500);
@@ -216,9 +326,16 @@ impl Worker {
             }
         }
         let finished_at = now_ms();
+        let elapsed = started.elapsed();
         for (c, outcome) in batch.into_iter().zip(outcomes) {
             let outcome = outcome.unwrap_or_else(|| Err(DeliveryError::retryable("no outcome")));
             let result = self.judge(&c, outcome, finished_at);
+            let label = match result {
+                Completed::Delivered => AttemptOutcome::delivered,
+                Completed::Retry { .. } => AttemptOutcome::retry,
+                Completed::Dead { .. } => AttemptOutcome::dead,
+            };
+            self.metrics.attempt(&self.name, label, elapsed, 1);
             let completion = Completion {
                 delivery_id: c.delivery_id,
                 attempt: c.attempt,
@@ -259,10 +376,6 @@ impl Worker {
             }
         }
     }
-}
-
-async fn self_close(worker: &Worker) {
-    worker.sink.close().await;
 }
 
 /// Records outcomes in groups (one store commit for many), and wakes a sink's

@@ -22,14 +22,16 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::pipeline::{Accepted, Pipeline, Rejected};
+use crate::metrics::{RequestOutcome, SourceLabels, VerifyLabels};
+use crate::pipeline::{Accepted, Rejected};
+use crate::state::Shared;
 
 pub type Body = Full<Bytes>;
 
 /// Serves the ingest listener until `shutdown`, then lets in-flight requests
 /// finish (each is bounded by the read timeouts and one store commit).
-pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>, shutdown: CancellationToken) {
-    let limits = pipeline.limits();
+/// `limits` are fixed for the listener's life (changing them needs a restart).
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
     loop {
@@ -50,13 +52,13 @@ pub async fn serve(listener: TcpListener, pipeline: Arc<Pipeline>, shutdown: Can
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let pipeline = pipeline.clone();
+        let shared = shared.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
-                let pipeline = pipeline.clone();
-                async move { Ok::<_, Infallible>(handle(req, &pipeline, peer).await) }
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(req, &shared, limits, peer).await) }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -85,31 +87,42 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
-async fn handle(req: Request<Incoming>, pipeline: &Pipeline, peer: SocketAddr) -> Response<Body> {
+async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: SocketAddr) -> Response<Body> {
+    let started = std::time::Instant::now();
+    let metrics = &shared.metrics;
     let Some(source_name) = req.uri().path().strip_prefix("/webhooks/") else {
+        metrics.request("", RequestOutcome::not_found);
         return error(StatusCode::NOT_FOUND, "not found");
     };
     if req.method() != Method::POST {
+        metrics.request("", RequestOutcome::method_not_allowed);
         let mut resp = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
         resp.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         return resp;
     }
+    // One snapshot for the whole request: a reload cannot split it.
+    let current = shared.current.load_full();
+    let pipeline = &current.pipeline;
     let Some(source) = pipeline.source(source_name) else {
+        // The name is the client's, not ours: it is not a metric label.
+        metrics.request("", RequestOutcome::unknown_source);
         return error(StatusCode::NOT_FOUND, "unknown source");
     };
-    let limits = pipeline.limits();
+    let outcome = |o| metrics.request(&source.name, o);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body as u64) {
+        outcome(RequestOutcome::too_large);
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
     if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
         && !is_json_content_type(ct)
     {
+        outcome(RequestOutcome::unsupported_media_type);
         return error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "content type must be application/json",
@@ -117,25 +130,54 @@ async fn handle(req: Request<Incoming>, pipeline: &Pipeline, peer: SocketAddr) -
     }
     let (parts, body) = req.into_parts();
     let body = match tokio::time::timeout(limits.body_timeout, Limited::new(body, limits.max_body).collect()).await {
-        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "body not received in time"),
+        Err(_) => {
+            outcome(RequestOutcome::timeout);
+            return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
+        }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            outcome(RequestOutcome::too_large);
             return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
         }
-        Ok(Err(_)) => return error(StatusCode::BAD_REQUEST, "body could not be read"),
+        Ok(Err(_)) => {
+            outcome(RequestOutcome::invalid);
+            return error(StatusCode::BAD_REQUEST, "body could not be read");
+        }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
     match pipeline.accept(&source, &parts.headers, body).await {
-        Ok(Accepted::New(id)) => accepted("accepted", &id),
-        Ok(Accepted::Duplicate(id)) => accepted("duplicate", &id),
+        Ok(accepted) => {
+            let (status, id, o) = match accepted {
+                Accepted::New(id) => ("accepted", id, RequestOutcome::accepted),
+                Accepted::Duplicate(id) => ("duplicate", id, RequestOutcome::duplicate),
+            };
+            outcome(o);
+            metrics
+                .ack_duration
+                .get_or_create(&SourceLabels {
+                    source: source.name.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            self::accepted(status, &id)
+        }
         Err(Rejected::Verification(reason)) => {
+            outcome(RequestOutcome::unauthorized);
+            metrics
+                .verification_failures
+                .get_or_create(&VerifyLabels {
+                    source: source.name.clone(),
+                    reason: reason.reason(),
+                })
+                .inc();
             tracing::warn!(source = %source.name, %peer, reason = reason.reason(), "webhook rejected: signature verification failed");
             error(StatusCode::UNAUTHORIZED, "signature verification failed")
         }
         Err(Rejected::Invalid(e)) => {
+            outcome(RequestOutcome::invalid);
             tracing::warn!(source = %source.name, %peer, error = %e, "webhook rejected: invalid event");
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }
         Err(Rejected::Store(e)) => {
+            outcome(RequestOutcome::unavailable);
             tracing::error!(source = %source.name, error = %e, "webhook not acknowledged: store unavailable");
             let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable, retry later");
             resp.headers_mut()

@@ -10,6 +10,7 @@ use http::HeaderMap;
 
 use crate::config::{Config, Source};
 use crate::ingest::Limits;
+use crate::metrics::{Metrics, SourceLabels};
 use crate::normalize::{NormalizeError, Normalizer};
 use crate::store::{Inserted, NewEvent, Store, StoreError, StoredEvent, format_time, now_ms};
 use crate::verify::VerifyError;
@@ -33,16 +34,18 @@ pub struct Pipeline {
     sources: HashMap<String, Arc<Source>>,
     store: Arc<dyn Store>,
     wake: Wake,
+    metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, wake: Wake) -> Self {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, wake: Wake, metrics: Arc<Metrics>) -> Self {
         let sources = config.sources.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Self {
             config,
             sources,
             store,
             wake,
+            metrics,
         }
     }
 
@@ -106,9 +109,14 @@ impl Pipeline {
             .map_err(Rejected::Store)?;
         match inserted {
             Inserted::New => {
+                let labels = SourceLabels {
+                    source: source.name.clone(),
+                };
                 if sinks.is_empty() {
+                    self.metrics.events_unrouted.get_or_create(&labels).inc();
                     tracing::info!(source = %source.name, event_id = %n.id, event_type = %n.event_type, "event stored; no route takes it");
                 } else {
+                    self.metrics.events_routed.get_or_create(&labels).inc();
                     tracing::debug!(source = %source.name, event_id = %n.id, event_type = %n.event_type, sinks = ?sinks, "event stored");
                     (self.wake)(&sinks);
                 }

@@ -5,7 +5,11 @@
 //! every problem found, each naming the file, line, column and key. `${VAR}`
 //! is resolved from the environment; an unset variable is an error, never "".
 
+mod bigquery;
+mod email;
 mod raw;
+mod slack;
+mod wasm;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -89,6 +93,8 @@ pub struct ServerConfig {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_connections: usize,
+    /// How long SIGTERM waits for requests and attempts in flight.
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -99,11 +105,45 @@ pub struct AdminConfig {
 
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
-    /// Directory of the embedded store.
-    pub path: PathBuf,
+    pub backend: StoreBackend,
     pub dedupe_window: Duration,
     pub keep_delivered: Duration,
     pub keep_dead_letters: Duration,
+}
+
+/// Where events and deliveries are kept (`store.path` or `store.url`).
+#[derive(Debug, Clone)]
+pub enum StoreBackend {
+    /// Embedded SQLite: the database is `<path>/expeditor.db`.
+    Sqlite { path: PathBuf },
+    /// Shared PostgreSQL. The URL may hold a password, so it is a [`Secret`]:
+    /// `Debug` hides it, and [`fmt::Display`] shows only `host:port/db`.
+    Postgres { url: Secret },
+}
+
+impl PartialEq for StoreBackend {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (StoreBackend::Sqlite { path: a }, StoreBackend::Sqlite { path: b }) => a == b,
+            (StoreBackend::Postgres { url: a }, StoreBackend::Postgres { url: b }) => a.expose() == b.expose(),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for StoreBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreBackend::Sqlite { path } => write!(f, "{}", path.display()),
+            StoreBackend::Postgres { url } => {
+                let url = std::str::from_utf8(url.expose()).unwrap_or_default();
+                match crate::store::postgres::parse_url(url) {
+                    Ok(config) => write!(f, "postgres://{}", crate::store::postgres::target(&config)),
+                    Err(_) => f.write_str("postgres://(invalid URL)"),
+                }
+            }
+        }
+    }
 }
 
 /// A configured webhook source (`[sources.NAME]`, served at `/webhooks/NAME`).
@@ -158,6 +198,12 @@ pub struct SinkSpec {
 pub enum SinkKind {
     Http(HttpSinkConfig),
     File(FileSinkConfig),
+    Slack(expeditor_slack::SlackSinkConfig),
+    Email(expeditor_email::EmailSinkConfig),
+    BigQuery(expeditor_bigquery::BigQuerySinkConfig),
+    /// Loaded and checked at config load (`init` included); building the sink
+    /// only makes instances of it.
+    Wasm(Arc<expeditor_wasm::Plugin>),
 }
 
 impl fmt::Debug for SinkKind {
@@ -166,6 +212,10 @@ impl fmt::Debug for SinkKind {
         f.write_str(match self {
             SinkKind::Http(_) => "Http",
             SinkKind::File(_) => "File",
+            SinkKind::Slack(_) => "Slack",
+            SinkKind::Email(_) => "Email",
+            SinkKind::BigQuery(_) => "BigQuery",
+            SinkKind::Wasm(_) => "Wasm",
         })
     }
 }
@@ -175,11 +225,15 @@ impl SinkKind {
         match self {
             SinkKind::Http(_) => "http",
             SinkKind::File(_) => "file",
+            SinkKind::Slack(_) => "slack",
+            SinkKind::Email(_) => "email",
+            SinkKind::BigQuery(_) => "bigquery",
+            SinkKind::Wasm(_) => "wasm",
         }
     }
 }
 
-const SINK_TYPES: &str = "http, file";
+const SINK_TYPES: &str = "http, file, wasm, slack, email, bigquery";
 const SOURCE_KINDS: &str = "crumbpos, crave, hmac";
 
 /// Reads and validates a config file.
@@ -203,6 +257,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         text,
         env,
         errors: Vec::new(),
+        plugin_cache: None,
     };
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let doc = match DeTable::parse(text) {
@@ -223,6 +278,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
     let server = cx.server(raw.server.as_ref());
     let admin = cx.admin(raw.admin.as_ref());
     let store = cx.store(raw.store.as_ref(), &base_dir);
+    cx.plugin_cache = store.as_ref().and_then(wasm::plugin_cache);
     let mut sources = BTreeMap::new();
     for (name, src) in &raw.sources {
         if let Some(source) = cx.source(name, src) {
@@ -285,6 +341,8 @@ struct Cx<'a> {
     text: &'a str,
     env: &'a dyn Fn(&str) -> Option<String>,
     errors: Vec<ConfigError>,
+    /// Where `wasm` sinks keep compiled plugins (under the store's path).
+    plugin_cache: Option<PathBuf>,
 }
 
 impl Cx<'_> {
@@ -411,12 +469,18 @@ impl Cx<'_> {
             1024,
             1..1_000_001,
         );
+        let shutdown_timeout = self.duration(
+            r.and_then(|r| r.shutdown_timeout.as_ref()),
+            "server.shutdown_timeout",
+            Duration::from_secs(25),
+        );
         Some(ServerConfig {
             listen: listen?,
             max_body: max_body?,
             header_timeout: header_timeout?,
             body_timeout: body_timeout?,
             max_connections: max_connections? as usize,
+            shutdown_timeout: shutdown_timeout?,
         })
     }
 
@@ -448,24 +512,38 @@ impl Cx<'_> {
 
     fn store(&mut self, raw: Option<&Spanned<RawStore>>, base: &Path) -> Option<StoreConfig> {
         let r = raw.map(Spanned::get_ref);
-        if let Some(url) = r.and_then(|r| r.url.as_ref()) {
-            self.error_at(
-                url.span(),
-                "store.url",
-                "the PostgreSQL store is not available in this version; use store.path (embedded SQLite)",
-            );
-            return None;
-        }
-        let path = match r.and_then(|r| r.path.as_ref()) {
-            Some(p) => {
-                let v = self.resolve(p, "store.path")?;
-                if v.trim().is_empty() {
-                    self.error_at(p.span(), "store.path", "is empty");
-                    return None;
-                }
-                base.join(v)
+        let backend = match (r.and_then(|r| r.path.as_ref()), r.and_then(|r| r.url.as_ref())) {
+            (Some(_), Some(url)) => {
+                self.error_at(
+                    url.span(),
+                    "store.url",
+                    "cannot be set together with store.path: set path for the embedded SQLite store, \
+                     or url for a shared PostgreSQL store",
+                );
+                None
             }
-            None => base.join("data"),
+            (None, Some(u)) => match self.resolve(u, "store.url") {
+                // The form only: whether the database answers is `run`'s to find out.
+                Some(v) => match crate::store::postgres::parse_url(&v) {
+                    Ok(_) => Some(StoreBackend::Postgres { url: Secret::new(v) }),
+                    Err(msg) => {
+                        self.error_at(u.span(), "store.url", msg);
+                        None
+                    }
+                },
+                None => None,
+            },
+            (Some(p), None) => match self.resolve(p, "store.path") {
+                Some(v) if v.trim().is_empty() => {
+                    self.error_at(p.span(), "store.path", "is empty");
+                    None
+                }
+                Some(v) => Some(StoreBackend::Sqlite { path: base.join(v) }),
+                None => None,
+            },
+            (None, None) => Some(StoreBackend::Sqlite {
+                path: base.join("data"),
+            }),
         };
         let day = Duration::from_secs(86_400);
         let dedupe_window = self.duration(r.and_then(|r| r.dedupe_window.as_ref()), "store.dedupe_window", 7 * day);
@@ -488,7 +566,7 @@ impl Cx<'_> {
             );
         }
         Some(StoreConfig {
-            path,
+            backend: backend?,
             dedupe_window,
             keep_delivered: keep_delivered?,
             keep_dead_letters: keep_dead_letters?,
@@ -778,6 +856,10 @@ impl Cx<'_> {
                     }),
                 })
             }
+            "wasm" => self.wasm_sink(name, &key, value, base),
+            "slack" => self.slack_sink(name, &key, value),
+            "email" => self.email_sink(name, &key, value, base),
+            "bigquery" => self.bigquery_sink(name, &key, value, base),
             "file" => {
                 let r: RawFileSink = self.typed(value, &key)?;
                 let common = self.sink_common(&key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());

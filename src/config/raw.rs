@@ -33,6 +33,7 @@ pub struct RawServer {
     pub header_timeout: Option<Str>,
     pub body_timeout: Option<Str>,
     pub max_connections: Option<Spanned<i64>>,
+    pub shutdown_timeout: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -116,4 +117,110 @@ pub struct RawFileSink {
     pub path: Str,
     #[allow(dead_code)]
     pub body: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWasmSink {
+    #[serde(rename = "type")]
+    pub _type: Str,
+    pub concurrency: Option<Spanned<i64>>,
+    pub timeout: Option<Str>,
+    pub retry: Option<Spanned<RawRetry>>,
+    /// `NAME` (`plugins/NAME.wasm` next to the config file) or a path.
+    pub plugin: Str,
+    /// `host:port` entries the plugin may send HTTP requests to.
+    pub allow_http: Option<Spanned<Vec<Str>>>,
+    /// Linear memory of one instance (`"64MiB"`).
+    pub memory: Option<Str>,
+    /// CPU time of one call (`"1s"`).
+    pub cpu: Option<Str>,
+    pub max_batch: Option<Spanned<i64>>,
+    /// Converted by hand (env, spans) into the JSON handed to `init`.
+    #[allow(dead_code)]
+    pub config: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSlackSink {
+    #[serde(rename = "type")]
+    pub _type: Str,
+    pub concurrency: Option<Spanned<i64>>,
+    pub timeout: Option<Str>,
+    pub retry: Option<Spanned<RawRetry>>,
+    /// A bot token (`xoxb-...`), with `channel`: `chat.postMessage`.
+    pub token: Option<Str>,
+    pub channel: Option<Str>,
+    /// The Web API base URL (default `https://slack.com/api`).
+    pub api_url: Option<Str>,
+    /// An incoming webhook, instead of `token` and `channel`.
+    pub webhook_url: Option<Str>,
+    pub text: Option<Str>,
+    /// Converted by hand (env, spans) from the document tree.
+    #[allow(dead_code)]
+    pub blocks: Option<IgnoredAny>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmailSink {
+    #[serde(rename = "type")]
+    pub _type: Str,
+    pub concurrency: Option<Spanned<i64>>,
+    pub timeout: Option<Str>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub smtp: Spanned<RawSmtp>,
+    pub from: Str,
+    pub to: Str,
+    pub to_name: Option<Str>,
+    pub subject: Str,
+    pub text: Str,
+    pub html: Option<Str>,
+}
+
+/// `smtp = { host, port, tls, username, password, ca_file }` of an email sink.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSmtp {
+    pub host: Str,
+    pub port: Option<Spanned<i64>>,
+    /// `starttls` (default), `tls` or `none`.
+    pub tls: Option<Str>,
+    pub username: Option<Str>,
+    pub password: Option<Str>,
+    /// PEM file of extra trusted root certificates (a private CA).
+    pub ca_file: Option<Str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBigQuerySink {
+    #[serde(rename = "type")]
+    pub _type: Str,
+    pub concurrency: Option<Spanned<i64>>,
+    pub timeout: Option<Str>,
+    pub retry: Option<Spanned<RawRetry>>,
+    pub project: Str,
+    pub dataset: Str,
+    pub table: Str,
+    pub batch: Option<Spanned<RawBatch>>,
+    /// Replaces `https://bigquery.googleapis.com` (an emulator, a test server).
+    pub endpoint: Option<Str>,
+    /// `application-default` (default) or `none` (only with `endpoint`).
+    pub auth: Option<Str>,
+    /// A credentials JSON file instead of the application-default chain.
+    pub credentials: Option<Str>,
+    /// Converted by hand (env, spans) from the document tree.
+    #[allow(dead_code)]
+    pub row: Option<IgnoredAny>,
+}
+
+/// `batch = { max_rows, max_bytes, linger }` of a bigquery sink.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    pub max_rows: Option<Spanned<i64>>,
+    pub max_bytes: Option<Str>,
+    pub linger: Option<Str>,
 }

@@ -60,11 +60,10 @@ fn valid_config_loads_with_defaults_and_resolved_env() {
     assert_eq!(cfg.server.listen.to_string(), "127.0.0.1:8080");
     assert_eq!(cfg.server.max_body, 1 << 20);
     assert_eq!(cfg.admin.listen.to_string(), "127.0.0.1:9090");
-    assert_eq!(
-        cfg.store.path,
-        Path::new("/etc/expeditor/data"),
-        "relative to the config file"
-    );
+    let StoreBackend::Sqlite { path } = &cfg.store.backend else {
+        panic!("SQLite by default: {:?}", cfg.store.backend)
+    };
+    assert_eq!(path, Path::new("/etc/expeditor/data"), "relative to the config file");
     assert_eq!(cfg.store.dedupe_window, Duration::from_secs(7 * 86400));
     let crumb = &cfg.sources["crumb"];
     assert_eq!(crumb.kind(), "crumbpos");
@@ -298,4 +297,606 @@ fn interpolation() {
     assert!(interpolate("${B}", &env).unwrap_err().contains("B is not set"));
     assert!(interpolate("${A", &env).unwrap_err().contains("unterminated"));
     assert!(interpolate("${A-B}", &env).is_err());
+}
+
+// ---------------------------------------------------------------------------
+// [store] url: the shared PostgreSQL store
+
+fn with_store(store: &str) -> String {
+    BASE.replace("[store]\npath = \"data\"", &format!("[store]\n{store}"))
+}
+
+#[test]
+fn store_url_selects_postgres_and_hides_the_password() {
+    let mut env = env();
+    env.insert("PG_PASSWORD", "pg-pa55word");
+    let text = with_store(r#"url = "postgres://expeditor:${PG_PASSWORD}@db.internal:6432/orders""#);
+    let cfg = parse_with(&text, &env).unwrap();
+    let StoreBackend::Postgres { url } = &cfg.store.backend else {
+        panic!("expected PostgreSQL: {:?}", cfg.store.backend)
+    };
+    assert_eq!(
+        url.expose(),
+        b"postgres://expeditor:pg-pa55word@db.internal:6432/orders"
+    );
+    let debug = format!("{cfg:?}");
+    assert!(!debug.contains("pg-pa55word"), "{debug}");
+    assert_eq!(cfg.store.backend.to_string(), "postgres://db.internal:6432/orders");
+    assert_eq!(
+        cfg.store.dedupe_window,
+        Duration::from_secs(7 * 86400),
+        "retention still applies"
+    );
+
+    // postgresql:// too, and a Unix socket directory as the host.
+    let socket = with_store(r#"url = "postgresql://expeditor@/orders?host=/run/postgresql""#);
+    let cfg = parse_with(&socket, &env).unwrap();
+    assert_eq!(cfg.store.backend.to_string(), "postgres:///run/postgresql:5432/orders");
+}
+
+#[test]
+fn store_url_and_path_are_mutually_exclusive() {
+    let text = BASE.replace(
+        "path = \"data\"",
+        "path = \"data\"\nurl = \"postgres://expeditor@db/expeditor\"",
+    );
+    let e = one_error(&text, &["store.url", "store.path", "together"]);
+    assert!(e.contains(":7:"), "points at the url line: {e}");
+}
+
+#[test]
+fn store_url_form_is_checked_without_printing_the_password() {
+    let mut env = env();
+    env.insert("PG_PASSWORD", "pg-pa55word");
+    for (url, needles) in [
+        (
+            "mysql://expeditor:${PG_PASSWORD}@db/x",
+            &["store.url", "postgres://"][..],
+        ),
+        ("db.internal:5432", &["store.url", "postgres://"][..]),
+        (
+            "postgres://expeditor:${PG_PASSWORD}@db:notaport/x",
+            &["store.url", "invalid PostgreSQL URL"][..],
+        ),
+        (
+            "postgres://expeditor:${PG_PASSWORD}@db/x?sslmode=sometimes",
+            &["store.url", "sslmode"][..],
+        ),
+        (
+            "postgres://expeditor:${PG_PASSWORD}@db/x?colour=blue",
+            &["store.url", "colour"][..],
+        ),
+        (
+            "postgres://expeditor:${PG_PASSWORD}@db/x?sslmode=require",
+            &["store.url", "sslmode=require", "not supported"][..],
+        ),
+    ] {
+        let text = with_store(&format!("url = \"{url}\""));
+        let errs = match parse_with(&text, &env) {
+            Ok(_) => panic!("{url} should be refused"),
+            Err(e) => e.0,
+        };
+        assert_eq!(errs.len(), 1, "{url}: {errs:#?}");
+        let e = errs[0].to_string();
+        for n in needles {
+            assert!(e.contains(n), "{url}: {e:?} does not contain {n:?}");
+        }
+        assert!(!e.contains("pg-pa55word"), "{url}: the password leaked: {e}");
+        assert!(e.contains(":6:"), "{url}: points at the line: {e}");
+    }
+}
+
+#[test]
+fn store_url_with_an_unset_variable_names_it() {
+    let text = with_store(r#"url = "postgres://expeditor:${PG_PASSWORD}@db/x""#);
+    one_error(&text, &["store.url", "PG_PASSWORD is not set"]);
+}
+
+// ---------------------------------------------------------------------------
+// type = "slack" and type = "email"
+
+fn sink_env() -> HashMap<&'static str, &'static str> {
+    let mut env = env();
+    env.insert("SLACK_BOT_TOKEN", "xoxb-1-2-slack-secret");
+    env.insert(
+        "SLACK_WEBHOOK_URL",
+        "https://hooks.slack.com/services/T0/B0/webhook-secret",
+    );
+    env.insert("SMTP_PASSWORD", "smtp-pa55word");
+    env
+}
+
+fn with_sink(sink: &str) -> String {
+    format!("{BASE}\n{sink}\n")
+}
+
+fn sink_errors(sink: &str) -> Vec<String> {
+    match parse_with(&with_sink(sink), &sink_env()) {
+        Ok(_) => panic!("expected errors for:\n{sink}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+/// The single error of a config with `sink` added, which must contain every
+/// `needle` and no secret.
+fn one_sink_error(sink: &str, needles: &[&str]) -> String {
+    let errs = sink_errors(sink);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    for n in needles {
+        assert!(errs[0].contains(n), "{:?} does not contain {n:?}", errs[0]);
+    }
+    for secret in ["slack-secret", "webhook-secret", "smtp-pa55word"] {
+        assert!(!errs[0].contains(secret), "a secret leaked: {}", errs[0]);
+    }
+    errs.into_iter().next().unwrap()
+}
+
+const SLACK: &str = r##"[sinks.alerts]
+type = "slack"
+token = "${SLACK_BOT_TOKEN}"
+channel = "#inventory-alerts"
+text = "Low stock: {{ stock.name }}"
+
+[[sinks.alerts.blocks]]
+type = "section"
+text = { type = "mrkdwn", text = "*{{ stock.name }}*: {{ stock.quantity }} left" }
+"##;
+
+#[test]
+fn slack_sink_loads_in_both_modes_and_hides_credentials() {
+    let cfg = parse_with(&with_sink(SLACK), &sink_env()).unwrap();
+    let SinkKind::Slack(s) = &cfg.sinks["alerts"].kind else {
+        panic!("{:?}", cfg.sinks["alerts"].kind)
+    };
+    let expeditor_slack::SlackTarget::Api { token, api_url, .. } = &s.target else {
+        panic!("{:?}", s.target)
+    };
+    assert_eq!(token, "xoxb-1-2-slack-secret");
+    assert_eq!(api_url.as_str(), "https://slack.com/api");
+    assert!(s.text.is_some() && s.blocks.is_some());
+    assert_eq!(cfg.sinks["alerts"].kind.type_name(), "slack");
+
+    let webhook = "[sinks.alerts]\ntype = \"slack\"\nwebhook_url = \"${SLACK_WEBHOOK_URL}\"\ntext = \"hi\"\n";
+    let cfg2 = parse_with(&with_sink(webhook), &sink_env()).unwrap();
+    let SinkKind::Slack(s) = &cfg2.sinks["alerts"].kind else {
+        panic!()
+    };
+    assert!(
+        matches!(&s.target, expeditor_slack::SlackTarget::Webhook { url } if url.as_str().ends_with("webhook-secret"))
+    );
+    for debug in [format!("{cfg:?}"), format!("{cfg2:?}")] {
+        assert!(
+            !debug.contains("slack-secret") && !debug.contains("webhook-secret"),
+            "{debug}"
+        );
+    }
+}
+
+#[test]
+fn broken_slack_sinks_are_check_errors() {
+    one_sink_error(
+        &SLACK.replace("channel = \"#inventory-alerts\"\n", ""),
+        &["sinks.alerts.channel", "required"],
+    );
+    one_sink_error(
+        &SLACK.replace("token = \"${SLACK_BOT_TOKEN}\"\n", ""),
+        &["sinks.alerts.token", "required", "webhook_url"],
+    );
+    one_sink_error(
+        &SLACK.replace("${SLACK_BOT_TOKEN}", "${SLACK_SIGNING_SECRET}"),
+        &["sinks.alerts.token", "SLACK_SIGNING_SECRET is not set"],
+    );
+    one_sink_error(
+        &SLACK.replace("${SLACK_BOT_TOKEN}", "8f14e45fceea167a5a36"),
+        &["sinks.alerts.token", "xoxb-"],
+    );
+    one_sink_error(
+        &SLACK.replace(
+            "type = \"slack\"",
+            "type = \"slack\"\nwebhook_url = \"${SLACK_WEBHOOK_URL}\"",
+        ),
+        &["sinks.alerts.webhook_url", "not both"],
+    );
+    one_sink_error(
+        &SLACK.replace(
+            "type = \"slack\"",
+            "type = \"slack\"\napi_url = \"http://slack.internal/api\"",
+        ),
+        &["sinks.alerts.api_url", "https://"],
+    );
+    one_sink_error(
+        &SLACK.replace("Low stock: {{ stock.name }}", "Low stock: {{ stock.name "),
+        &["sinks.alerts.text", "invalid template"],
+    );
+    let broken = SLACK.replace("{{ stock.quantity }} left", "{{ stock.quantity left");
+    let e = one_sink_error(&broken, &["sinks.alerts.blocks[0].text.text", "invalid template"]);
+    let line = with_sink(&broken)
+        .lines()
+        .position(|l| l.contains("quantity left"))
+        .unwrap()
+        + 1;
+    assert!(
+        e.contains(&format!(":{line}:")),
+        "points at the block's line {line}: {e}"
+    );
+    one_sink_error(
+        "[sinks.alerts]\ntype = \"slack\"\nwebhook_url = \"${SLACK_WEBHOOK_URL}\"\nchannel = \"#x\"\ntext = \"hi\"\n",
+        &["sinks.alerts.channel", "incoming webhook"],
+    );
+    one_sink_error(
+        "[sinks.alerts]\ntype = \"slack\"\nwebhook_url = \"${SLACK_WEBHOOK_URL}\"\n",
+        &["sinks.alerts.text", "required"],
+    );
+    one_sink_error(
+        "[sinks.alerts]\ntype = \"slack\"\nwebhook_url = \"${SLACK_WEBHOOK_URL}\"\ntext = \"x\"\nblocks = { type = \"divider\" }\n",
+        &["sinks.alerts.blocks", "array"],
+    );
+    one_sink_error(
+        &SLACK.replace("type = \"slack\"", "type = \"slack\"\nchanel = \"#x\""),
+        &["sinks.alerts", "chanel"],
+    );
+}
+
+const EMAIL: &str = r#"[sinks.confirm]
+type = "email"
+smtp = { host = "smtp.example.com", username = "orders@example.com", password = "${SMTP_PASSWORD}" }
+from = "Crêperie Zoë <orders@example.com>"
+to = "{{ order.customer.email }}"
+to_name = "{{ order.customer.name }}"
+subject = "Order {{ order.id }} confirmed"
+text = "Thanks, {{ order.customer.name }}!"
+html = "<p>Thanks, {{ order.customer.name }}!</p>"
+"#;
+
+#[test]
+fn email_sink_loads_with_defaults_and_hides_the_password() {
+    let cfg = parse_with(&with_sink(EMAIL), &sink_env()).unwrap();
+    let SinkKind::Email(e) = &cfg.sinks["confirm"].kind else {
+        panic!("{:?}", cfg.sinks["confirm"].kind)
+    };
+    assert_eq!(e.smtp.host, "smtp.example.com");
+    assert_eq!(e.smtp.tls, expeditor_email::TlsMode::StartTls, "STARTTLS by default");
+    assert_eq!(e.smtp.port, 587, "the submission port for STARTTLS");
+    assert_eq!(
+        e.smtp.credentials,
+        Some(("orders@example.com".to_string(), "smtp-pa55word".to_string()))
+    );
+    assert_eq!(e.from.email.to_string(), "orders@example.com");
+    assert_eq!(e.from.name.as_deref(), Some("Crêperie Zoë"));
+    assert!(e.html.is_some() && e.to_name.is_some());
+    assert_eq!(cfg.sinks["confirm"].kind.type_name(), "email");
+    let debug = format!("{cfg:?}");
+    assert!(!debug.contains("smtp-pa55word"), "{debug}");
+
+    let tls = EMAIL.replace(
+        "host = \"smtp.example.com\"",
+        "host = \"smtp.example.com\", tls = \"tls\"",
+    );
+    let cfg = parse_with(&with_sink(&tls), &sink_env()).unwrap();
+    let SinkKind::Email(e) = &cfg.sinks["confirm"].kind else {
+        panic!()
+    };
+    assert_eq!((e.smtp.tls, e.smtp.port), (expeditor_email::TlsMode::Tls, 465));
+}
+
+#[test]
+fn broken_email_sinks_are_check_errors() {
+    let smtp = |s: &str| EMAIL.replace("host = \"smtp.example.com\"", s);
+    one_sink_error(
+        &smtp("host = \"smtp.example.com\", tls = \"ssl\""),
+        &["sinks.confirm.smtp.tls", "\"ssl\"", "starttls"],
+    );
+    one_sink_error(
+        &smtp("host = \"smtp.example.com\", tls = \"none\""),
+        &["sinks.confirm.smtp.tls", "clear text"],
+    );
+    one_sink_error(
+        &smtp("host = \"smtp.example.com\", port = 70000"),
+        &["sinks.confirm.smtp.port", "between 1"],
+    );
+    one_sink_error(
+        &smtp("host = \"smtp://smtp.example.com:587\""),
+        &["sinks.confirm.smtp.host", "host name"],
+    );
+    one_sink_error(
+        &smtp("host = \"smtp.example.com\", ca_file = \"no-such-ca.pem\""),
+        &["sinks.confirm.smtp.ca_file", "cannot read", "no-such-ca.pem"],
+    );
+    one_sink_error(
+        &smtp("host = \"smtp.example.com\", user = \"x\""),
+        &["sinks.confirm", "user"],
+    );
+    one_sink_error(
+        &EMAIL.replace(", password = \"${SMTP_PASSWORD}\"", ""),
+        &["sinks.confirm.smtp.password", "required with username"],
+    );
+    one_sink_error(
+        &EMAIL.replace("from = \"Crêperie Zoë <orders@example.com>\"\n", ""),
+        &["sinks.confirm", "from"],
+    );
+    one_sink_error(
+        &EMAIL.replace("<orders@example.com>", "orders"),
+        &["sinks.confirm.from", "not an email address"],
+    );
+    one_sink_error(
+        &EMAIL.replace("Order {{ order.id }} confirmed", "Order {{ order.id confirmed"),
+        &["sinks.confirm.subject", "invalid template"],
+    );
+    one_sink_error(
+        &EMAIL.replace("<p>Thanks", "<p>{% if %}Thanks"),
+        &["sinks.confirm.html", "invalid template"],
+    );
+    one_sink_error(
+        &EMAIL.replace("to = \"{{ order.customer.email }}\"", "to = \"\""),
+        &["sinks.confirm.to", "empty"],
+    );
+    one_sink_error(
+        &EMAIL.replace("${SMTP_PASSWORD}", "${SMTP_PASWORD}"),
+        &["sinks.confirm.smtp.password", "SMTP_PASWORD is not set"],
+    );
+}
+
+// ---------------------------------------------------------------------------
+// type = "bigquery"
+
+const BIGQUERY: &str = r#"[sinks.warehouse]
+type = "bigquery"
+project = "crumb-analytics"
+dataset = "restaurant"
+table = "orders"
+credentials = "${BQ_KEY}"
+timeout = "20s"
+batch = { max_rows = 200, max_bytes = "2MiB", linger = "500ms" }
+
+[sinks.warehouse.row]
+order_id = "{{ order.id }}"
+total_cents = "{{ order.total_cents }}"
+received_at = "{{ event.received_at }}"
+"#;
+
+const SERVICE_ACCOUNT: &str = r#"{"type": "service_account", "client_email": "writer@crumb-analytics.iam.gserviceaccount.com",
+  "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"}"#;
+
+/// A temp dir with a service-account key file in it.
+fn bigquery_key() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bq-writer.json");
+    std::fs::write(&path, SERVICE_ACCOUNT).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+/// `env()` plus these; `HOME` points where no gcloud credentials are.
+fn bigquery_env<'a>(extra: &[(&'a str, &'a str)]) -> HashMap<&'a str, &'a str> {
+    let mut env = env();
+    env.insert("HOME", "/nonexistent-home");
+    env.extend(extra.iter().copied());
+    env
+}
+
+fn bigquery_errors(sink: &str, env: &HashMap<&str, &str>) -> Vec<String> {
+    match parse_with(&with_sink(sink), env) {
+        Ok(_) => panic!("expected errors for:\n{sink}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn one_bigquery_error(sink: &str, env: &HashMap<&str, &str>, needles: &[&str]) -> String {
+    let errs = bigquery_errors(sink, env);
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+    for n in needles {
+        assert!(errs[0].contains(n), "{:?} does not contain {n:?}", errs[0]);
+    }
+    errs.into_iter().next().unwrap()
+}
+
+/// Compute Engine (and GKE) count as a way to authenticate (the metadata
+/// server): there, "no credentials" is not an error.
+fn on_compute_engine() -> bool {
+    std::fs::read(expeditor_bigquery::DMI_PRODUCT_NAME).is_ok_and(|n| n.starts_with(b"Google"))
+}
+
+#[test]
+fn bigquery_sink_loads() {
+    let (_dir, key) = bigquery_key();
+    let cfg = parse_with(&with_sink(BIGQUERY), &bigquery_env(&[("BQ_KEY", &key)])).unwrap();
+    let spec = &cfg.sinks["warehouse"];
+    assert_eq!(spec.kind.type_name(), "bigquery");
+    let SinkKind::BigQuery(b) = &spec.kind else {
+        panic!("{:?}", spec.kind)
+    };
+    assert_eq!(
+        (b.project.as_str(), b.dataset.as_str(), b.table.as_str()),
+        ("crumb-analytics", "restaurant", "orders")
+    );
+    assert_eq!(b.auth, expeditor_bigquery::Auth::File(key.into()));
+    assert_eq!(b.max_rows, 200);
+    assert_eq!(b.max_bytes, 2 * 1024 * 1024);
+    assert_eq!(b.linger, Duration::from_millis(500));
+    assert_eq!(b.timeout, Duration::from_secs(20));
+    assert_eq!(b.endpoint, None);
+    assert!(b.skip_invalid_rows);
+
+    // Defaults, and application-default credentials from the environment.
+    let minimal = BIGQUERY
+        .replace("credentials = \"${BQ_KEY}\"\n", "")
+        .replace("timeout = \"20s\"\n", "")
+        .replace(
+            "batch = { max_rows = 200, max_bytes = \"2MiB\", linger = \"500ms\" }\n",
+            "",
+        );
+    let (_dir, key) = bigquery_key();
+    let cfg = parse_with(
+        &with_sink(&minimal),
+        &bigquery_env(&[("GOOGLE_APPLICATION_CREDENTIALS", &key)]),
+    )
+    .unwrap();
+    let SinkKind::BigQuery(b) = &cfg.sinks["warehouse"].kind else {
+        panic!()
+    };
+    assert_eq!(b.auth, expeditor_bigquery::Auth::ApplicationDefault);
+    assert_eq!(
+        (b.max_rows, b.max_bytes, b.linger),
+        (500, 5 * 1024 * 1024, Duration::ZERO)
+    );
+
+    // An emulator.
+    let emulator = minimal.replace(
+        "table = \"orders\"\n",
+        "table = \"orders\"\nendpoint = \"http://127.0.0.1:9050/\"\nauth = \"none\"\n",
+    );
+    let cfg = parse_with(&with_sink(&emulator), &bigquery_env(&[])).unwrap();
+    let SinkKind::BigQuery(b) = &cfg.sinks["warehouse"].kind else {
+        panic!()
+    };
+    assert_eq!(b.auth, expeditor_bigquery::Auth::None);
+    assert_eq!(b.endpoint.as_deref(), Some("http://127.0.0.1:9050"));
+}
+
+#[test]
+fn a_bigquery_sink_with_no_way_to_authenticate_is_a_check_error() {
+    let minimal = BIGQUERY.replace("credentials = \"${BQ_KEY}\"\n", "");
+    if !on_compute_engine() {
+        let err = one_bigquery_error(
+            &minimal,
+            &bigquery_env(&[]),
+            &[
+                "sinks.warehouse: no way to authenticate to BigQuery",
+                "GOOGLE_APPLICATION_CREDENTIALS",
+            ],
+        );
+        // It points at the sink's table.
+        let line = with_sink(&minimal)
+            .lines()
+            .position(|l| l == "[sinks.warehouse]")
+            .unwrap()
+            + 1;
+        assert!(err.contains(&format!("config.toml:{line}:")), "{err}");
+    }
+    // Set, but to nothing usable.
+    one_bigquery_error(
+        &minimal,
+        &bigquery_env(&[("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/key.json")]),
+        &["GOOGLE_APPLICATION_CREDENTIALS names /nonexistent/key.json, which cannot be read"],
+    );
+    one_bigquery_error(
+        BIGQUERY,
+        &bigquery_env(&[("BQ_KEY", "/nonexistent/key.json")]),
+        &["sinks.warehouse.credentials", "cannot read /nonexistent/key.json"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"type": "service_account", "client_email": "w@x"}"#).unwrap();
+    one_bigquery_error(
+        BIGQUERY,
+        &bigquery_env(&[("BQ_KEY", bad.to_str().unwrap())]),
+        &[
+            "sinks.warehouse.credentials",
+            "a service-account key without private_key",
+        ],
+    );
+    // The metadata server, where the platform says so.
+    let cfg = parse_with(&with_sink(&minimal), &bigquery_env(&[("K_SERVICE", "expeditor")]));
+    assert!(cfg.is_ok(), "{:?}", cfg.err());
+    // No credentials for an emulator, and only there.
+    let none = minimal.replace("table = \"orders\"\n", "table = \"orders\"\nauth = \"none\"\n");
+    one_bigquery_error(
+        &none,
+        &bigquery_env(&[]),
+        &["sinks.warehouse.auth", "only an emulator accepts: set endpoint"],
+    );
+}
+
+#[test]
+fn broken_bigquery_sinks_are_check_errors() {
+    let (_dir, key) = bigquery_key();
+    let env = bigquery_env(&[("BQ_KEY", &key)]);
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "project = \"crumb-analytics\"",
+            "project = \"Crumb_Analytics\"",
+            &["sinks.warehouse.project", "not a Google Cloud project id"],
+        ),
+        (
+            "dataset = \"restaurant\"",
+            "dataset = \"rest-aurant\"",
+            &["sinks.warehouse.dataset", "not a BigQuery dataset id"],
+        ),
+        (
+            "table = \"orders\"",
+            "table = \"orders/2026\"",
+            &["sinks.warehouse.table", "not a table id"],
+        ),
+        (
+            "max_rows = 200",
+            "max_rows = 0",
+            &["sinks.warehouse.batch.max_rows", "between 1 and 50000"],
+        ),
+        (
+            "max_rows = 200",
+            "max_rows = 50001",
+            &["sinks.warehouse.batch.max_rows", "between 1 and 50000"],
+        ),
+        (
+            "max_bytes = \"2MiB\"",
+            "max_bytes = \"20MiB\"",
+            &["sinks.warehouse.batch.max_bytes", "10MiB"],
+        ),
+        (
+            "max_bytes = \"2MiB\"",
+            "max_bytes = \"lots\"",
+            &["sinks.warehouse.batch.max_bytes", "invalid size"],
+        ),
+        (
+            "linger = \"500ms\"",
+            "linger = \"1m\"",
+            &["sinks.warehouse.batch.linger", "at most 10s"],
+        ),
+        ("linger = \"500ms\"", "lingr = \"500ms\"", &["unknown field `lingr`"]),
+        (
+            "timeout = \"20s\"",
+            "skip_invalid_rows = false",
+            &["unknown field `skip_invalid_rows`"],
+        ),
+        (
+            "timeout = \"20s\"",
+            "auth = \"oauth\"",
+            &["sinks.warehouse.auth", "unknown auth \"oauth\""],
+        ),
+        (
+            "timeout = \"20s\"",
+            "auth = \"none\"\nendpoint = \"http://127.0.0.1:9050\"",
+            &["sinks.warehouse.credentials", "not used with auth = \"none\""],
+        ),
+        (
+            "timeout = \"20s\"",
+            "endpoint = \"127.0.0.1:9050\"",
+            &["sinks.warehouse.endpoint", "must start with http:// or https://"],
+        ),
+        (
+            "timeout = \"20s\"",
+            "endpoint = \"http://127.0.0.1:9050/bigquery/v2\"",
+            &["sinks.warehouse.endpoint", "scheme and host only"],
+        ),
+        (
+            "order_id = \"{{ order.id }}\"",
+            "order_id = \"{{ order.id \"",
+            &["sinks.warehouse.row.order_id", "invalid template"],
+        ),
+        (
+            "project = \"crumb-analytics\"",
+            "project = \"${BQ_PROJECT}\"",
+            &["sinks.warehouse.project", "BQ_PROJECT is not set"],
+        ),
+    ];
+    for (from, to, needles) in cases {
+        assert!(BIGQUERY.contains(from), "{from}");
+        one_bigquery_error(&BIGQUERY.replacen(from, to, 1), &env, needles);
+    }
+    let no_row = &BIGQUERY[..BIGQUERY.find("[sinks.warehouse.row]").unwrap()];
+    one_bigquery_error(no_row, &env, &["sinks.warehouse.row", "is required"]);
+    let flat_row = format!("{no_row}row = \"{{{{ order }}}}\"\n");
+    one_bigquery_error(&flat_row, &env, &["sinks.warehouse.row", "must be a table"]);
+    let missing = BIGQUERY.replace("dataset = \"restaurant\"\n", "");
+    one_bigquery_error(&missing, &env, &["missing field `dataset`"]);
 }

@@ -6,7 +6,12 @@
 //! claimed with leases that expire, so a crashed worker's claims run again.
 //!
 //! Times are Unix milliseconds.
+//!
+//! Two backends: [`sqlite::SqliteStore`] (embedded, one instance) and
+//! [`postgres::PostgresStore`] (shared by several instances); [`open`] picks
+//! the one `[store]` configures.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::time::Duration;
@@ -124,6 +129,8 @@ impl std::str::FromStr for Status {
 pub struct EventFilter {
     pub source: Option<String>,
     pub event_type: Option<String>,
+    /// Received at or after (Unix ms).
+    pub since: Option<i64>,
     pub limit: usize,
 }
 
@@ -131,7 +138,56 @@ pub struct EventFilter {
 pub struct DeliveryFilter {
     pub sink: Option<String>,
     pub status: Option<Status>,
+    pub source: Option<String>,
+    pub event_type: Option<String>,
+    /// Last changed at or after (Unix ms).
+    pub since: Option<i64>,
     pub limit: usize,
+}
+
+/// One attempt of a delivery, as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub attempt: u32,
+    #[serde(serialize_with = "time")]
+    pub finished_at: i64,
+    /// `delivered`, `retry` or `dead`.
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryDetail {
+    #[serde(flatten)]
+    pub delivery: DeliveryRow,
+    pub attempt_log: Vec<AttemptRow>,
+}
+
+/// Everything about one event: for `expeditor events show`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventDetail {
+    pub source: String,
+    pub id: String,
+    pub kind: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[serde(serialize_with = "opt_time")]
+    pub occurred_at: Option<i64>,
+    #[serde(serialize_with = "time")]
+    pub received_at: i64,
+    /// The raw body as received; `None` once compacted by retention.
+    pub payload: Option<String>,
+    pub deliveries: Vec<DeliveryDetail>,
+}
+
+/// The delivery queue of one sink, for gauges and reload reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkQueue {
+    pub sink: String,
+    pub pending: u64,
+    pub dead: u64,
+    /// When the event behind the oldest pending delivery was received.
+    pub oldest_pending_received_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -174,8 +230,13 @@ pub struct DeliveryRow {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplayTarget {
-    /// Every dead letter (of one sink).
-    DeadLetters { sink: Option<String> },
+    /// Dead letters, all or those matching the filters.
+    DeadLetters {
+        sink: Option<String>,
+        source: Option<String>,
+        event_type: Option<String>,
+        since: Option<i64>,
+    },
     /// One event's deliveries (to one sink, added if the event never had it).
     Event {
         source: String,
@@ -230,6 +291,15 @@ pub trait Store: Send + Sync + 'static {
 
     async fn deliveries(&self, filter: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError>;
 
+    /// One event with its payload, deliveries and every recorded attempt.
+    async fn event_detail(&self, source: &str, id: &str) -> Result<EventDetail, StoreError>;
+
+    /// Pending and dead deliveries per sink (sinks with neither are omitted).
+    async fn queue_stats(&self) -> Result<Vec<SinkQueue>, StoreError>;
+
+    /// Whether the store can commit a write now (readiness, watchdog).
+    async fn ping(&self) -> Result<(), StoreError>;
+
     /// Makes deliveries due again with a fresh attempt budget; returns how many.
     async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError>;
 
@@ -238,6 +308,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes queued writes and closes.
     async fn close(&self);
+}
+
+/// Opens the configured store: the SQLite file under `store.path`, or the
+/// PostgreSQL database at `store.url` (connected now, migrated if needed).
+/// Errors name the file or `host:port/db`, never a password.
+pub async fn open(backend: &crate::config::StoreBackend) -> anyhow::Result<std::sync::Arc<dyn Store>> {
+    use crate::config::StoreBackend;
+    let message = |e: StoreError| match e {
+        StoreError::Unavailable(m) => m,
+        other => other.to_string(),
+    };
+    Ok(match backend {
+        StoreBackend::Sqlite { path } => std::sync::Arc::new(
+            sqlite::SqliteStore::open(path)
+                .map_err(|e| anyhow::anyhow!("cannot open the store at {}: {}", path.display(), message(e)))?,
+        ),
+        StoreBackend::Postgres { url } => {
+            let url = std::str::from_utf8(url.expose()).unwrap_or_default();
+            std::sync::Arc::new(
+                postgres::PostgresStore::connect(url)
+                    .await
+                    .map_err(|e| anyhow::anyhow!(message(e)))?,
+            )
+        }
+    })
 }
 
 pub fn now_ms() -> i64 {

@@ -406,14 +406,24 @@ fn replay(t: &Connection, target: &ReplayTarget, now: i64) -> Result<u64, StoreE
     const REQUEUE: &str =
         "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?1, lease_until = NULL, updated_at = ?1";
     match target {
-        ReplayTarget::DeadLetters { sink } => {
+        ReplayTarget::DeadLetters {
+            sink,
+            source,
+            event_type,
+            since,
+        } => {
             // Dead letters always still have their payload: compaction only
             // touches events with no deliveries left.
-            let n = match sink {
-                Some(s) => t.execute(&format!("{REQUEUE} WHERE state = 2 AND sink = ?2"), params![now, s]),
-                None => t.execute(&format!("{REQUEUE} WHERE state = 2"), params![now]),
-            }
-            .map_err(unavailable)?;
+            let n = t
+                .execute(
+                    &format!(
+                        "{REQUEUE} WHERE state = 2 AND (?2 IS NULL OR sink = ?2) AND (?5 IS NULL OR updated_at >= ?5)
+                         AND (?3 IS NULL AND ?4 IS NULL OR event_seq IN (SELECT seq FROM events
+                              WHERE (?3 IS NULL OR source = ?3) AND (?4 IS NULL OR type = ?4)))"
+                    ),
+                    params![now, sink, source, event_type, since],
+                )
+                .map_err(unavailable)?;
             Ok(n as u64)
         }
         ReplayTarget::Event { source, id, sink } => {
@@ -447,6 +457,28 @@ fn replay(t: &Connection, target: &ReplayTarget, now: i64) -> Result<u64, StoreE
             Ok(n as u64)
         }
     }
+}
+
+/// A row of `SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state,
+/// d.attempts, d.due_at, d.last_error, d.updated_at`.
+fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    let source: String = r.get(1)?;
+    let event_id: String = r.get(2)?;
+    let sink: String = r.get(4)?;
+    let status = Status::from_code(r.get(5)?);
+    Ok(DeliveryRow {
+        id: r.get(0)?,
+        key: expeditor_api::delivery_key(&source, &event_id, &sink),
+        source,
+        event_id,
+        event_type: r.get(3)?,
+        sink,
+        status,
+        attempts: r.get(6)?,
+        next_attempt_at: (status == Status::Pending).then(|| r.get(7)).transpose()?,
+        last_error: r.get(8)?,
+        updated_at: r.get(9)?,
+    })
 }
 
 fn prune(t: &Connection, r: Retention, now: i64) -> Result<PruneStats, StoreError> {
@@ -530,11 +562,12 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
                      WHERE (?1 IS NULL OR source = ?1) AND (?2 IS NULL OR type = ?2)
+                       AND (?4 IS NULL OR received_at >= ?4)
                      ORDER BY seq DESC LIMIT ?3",
                 )
                 .map_err(unavailable)?;
             let events = stmt
-                .query_map(params![f.source, f.event_type, f.limit as i64], |r| {
+                .query_map(params![f.source, f.event_type, f.limit as i64, f.since], |r| {
                     Ok((
                         r.get::<_, i64>(0)?,
                         EventSummary {
@@ -581,33 +614,140 @@ impl Store for SqliteStore {
                             d.last_error, d.updated_at
                      FROM deliveries d JOIN events e ON e.seq = d.event_seq
                      WHERE (?1 IS NULL OR d.sink = ?1) AND (?2 IS NULL OR d.state = ?2)
+                       AND (?4 IS NULL OR e.source = ?4) AND (?5 IS NULL OR e.type = ?5)
+                       AND (?6 IS NULL OR d.updated_at >= ?6)
                      ORDER BY d.updated_at DESC, d.id DESC LIMIT ?3",
                 )
                 .map_err(unavailable)?;
-            stmt.query_map(params![f.sink, f.status.map(Status::code), f.limit as i64], |r| {
-                let source: String = r.get(1)?;
-                let event_id: String = r.get(2)?;
-                let sink: String = r.get(4)?;
-                let status = Status::from_code(r.get(5)?);
-                Ok(DeliveryRow {
-                    id: r.get(0)?,
-                    key: expeditor_api::delivery_key(&source, &event_id, &sink),
-                    source,
-                    event_id,
-                    event_type: r.get(3)?,
-                    sink,
-                    status,
-                    attempts: r.get(6)?,
-                    next_attempt_at: (status == Status::Pending).then(|| r.get(7)).transpose()?,
-                    last_error: r.get(8)?,
-                    updated_at: r.get(9)?,
-                })
-            })
+            stmt.query_map(
+                params![
+                    f.sink,
+                    f.status.map(Status::code),
+                    f.limit as i64,
+                    f.source,
+                    f.event_type,
+                    f.since
+                ],
+                delivery_row,
+            )
             .map_err(unavailable)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(unavailable)
         })
         .await
+    }
+
+    async fn event_detail(&self, source: &str, id: &str) -> Result<EventDetail, StoreError> {
+        let (source, id) = (source.to_string(), id.to_string());
+        self.read(move |c| {
+            let found = c
+                .query_row(
+                    "SELECT seq, kind, type, occurred_at, received_at, body FROM events WHERE source = ?1 AND event_id = ?2",
+                    params![source, id],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, i64>(4)?,
+                            r.get::<_, Option<Vec<u8>>>(5)?,
+                        ))
+                    },
+                )
+                .optional()
+                .map_err(unavailable)?;
+            let Some((seq, kind, event_type, occurred_at, received_at, body)) = found else {
+                return Err(StoreError::NotFound);
+            };
+            let mut ds = c
+                .prepare_cached(
+                    "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
+                            d.last_error, d.updated_at
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.event_seq = ?1 ORDER BY d.id",
+                )
+                .map_err(unavailable)?;
+            let rows = ds
+                .query_map([seq], delivery_row)
+                .map_err(unavailable)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            let mut log = c
+                .prepare_cached(
+                    "SELECT attempt, finished_at, outcome, error FROM attempts WHERE delivery_id = ?1 ORDER BY id",
+                )
+                .map_err(unavailable)?;
+            let mut deliveries = Vec::with_capacity(rows.len());
+            for delivery in rows {
+                let attempt_log = log
+                    .query_map([delivery.id], |r| {
+                        Ok(AttemptRow { attempt: r.get(0)?, finished_at: r.get(1)?, outcome: r.get(2)?, error: r.get(3)? })
+                    })
+                    .map_err(unavailable)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(unavailable)?;
+                deliveries.push(DeliveryDetail { delivery, attempt_log });
+            }
+            Ok(EventDetail {
+                source,
+                id,
+                kind,
+                event_type,
+                occurred_at,
+                received_at,
+                payload: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                deliveries,
+            })
+        })
+        .await
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<SinkQueue>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT d.sink, d.state, COUNT(*), MIN(e.received_at)
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.state IN (0, 2) GROUP BY d.sink, d.state ORDER BY d.sink",
+                )
+                .map_err(unavailable)?;
+            let mut out: Vec<SinkQueue> = Vec::new();
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                        r.get(3)?,
+                    ))
+                })
+                .map_err(unavailable)?;
+            for row in rows {
+                let (sink, state, count, oldest): (String, i64, i64, Option<i64>) = row.map_err(unavailable)?;
+                let count = count.max(0) as u64;
+                if out.last().is_none_or(|q| q.sink != sink) {
+                    out.push(SinkQueue {
+                        sink,
+                        ..Default::default()
+                    });
+                }
+                let q = out.last_mut().expect("pushed above");
+                if state == 0 {
+                    q.pending = count;
+                    q.oldest_pending_received_at = oldest;
+                } else {
+                    q.dead = count;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        // An empty group still begins and commits an IMMEDIATE transaction:
+        // the writer is alive and the database takes writes.
+        self.submit(|r| Op::Complete(Vec::new(), r)).await
     }
 
     async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError> {

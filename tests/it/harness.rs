@@ -103,12 +103,19 @@ pub struct Daemon {
     child: Option<Child>,
     runs: usize,
     http: reqwest::Client,
+    /// Extra environment for the daemon (`NOTIFY_SOCKET`, `EXPEDITOR_LOG`, ...).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// Writes the config (placeholders filled in), runs `expeditor run`, and
     /// waits until `/healthz` answers 200 and the ingest port accepts.
     pub async fn start(config: &str) -> Daemon {
+        Self::start_with_env(config, &[]).await
+    }
+
+    /// [`Daemon::start`] with extra environment variables for the daemon.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let ingest = free_addr();
         let admin = free_addr();
@@ -131,6 +138,7 @@ impl Daemon {
             child: None,
             runs: 0,
             http: http_client(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         daemon.spawn();
         daemon.wait_ready().await;
@@ -146,6 +154,7 @@ impl Daemon {
             .arg("--config")
             .arg(&self.config_path)
             .arg("run")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(out)
@@ -176,6 +185,53 @@ impl Daemon {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// Sends a signal by name (`TERM`, `HUP`, ...) to the running daemon.
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().expect("daemon running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
+    /// Waits for the daemon to exit by itself and returns its status.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .expect("daemon running")
+                .try_wait()
+                .expect("try_wait")
+            {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("expeditor did not exit within {timeout:?}\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Replaces the config file (same placeholders as [`Daemon::start`]).
+    pub fn rewrite_config(&self, config: &str) {
+        let config = config
+            .replace("{INGEST}", &self.ingest.to_string())
+            .replace("{ADMIN}", &self.admin.to_string())
+            .replace("{DIR}", self.dir.path().to_str().expect("utf-8 temp dir"));
+        std::fs::write(&self.config_path, config).expect("rewrite config");
+    }
+
+    /// Starts the daemon again after it exited (same config, ports, store).
+    pub async fn start_again(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
     }
 
     /// `kill -9`: no shutdown path runs.
@@ -276,6 +332,20 @@ impl Daemon {
     }
 
     /// `GET /api/events`: every stored event.
+    /// A GET on the admin listener (with the token), as text.
+    pub async fn api_text(&self, path: &str) -> String {
+        let mut req = self.http.get(format!("http://{}{path}", self.admin));
+        if let Some(t) = &self.admin_token {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+            .await
+            .expect("admin request")
+            .text()
+            .await
+            .expect("admin body")
+    }
+
     pub async fn events(&self) -> Vec<Value> {
         list(self.api("/api/events?limit=1000").await, "events")
     }
@@ -308,8 +378,19 @@ impl Daemon {
     // ---- CLI ---------------------------------------------------------------
 
     /// `expeditor --config <this daemon's config> ARGS...`.
+    /// It runs with the daemon's extra environment: the CLI loads the same
+    /// config, `${VAR}`s included.
     pub async fn cli(&self, args: &[&str]) -> Output {
-        run_cli(&self.config_path, self.dir.path(), args).await
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&self.config_path)
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null());
+        tokio::task::spawn_blocking(move || cmd.output().expect("run expeditor"))
+            .await
+            .expect("cli task")
     }
 
     /// `cli(args)`, asserting success and parsing stdout as JSON.

@@ -10,6 +10,7 @@
 //!   structured templates whose single-expression leaves keep their JSON type.
 
 pub mod event;
+pub mod message;
 pub mod retry;
 pub mod sink;
 pub mod template;

@@ -68,6 +68,13 @@ pub trait Sink: Send + Sync + 'static {
         1
     }
 
+    /// How long the engine may hold a batch smaller than [`Sink::max_batch`]
+    /// while it waits for more due deliveries to fill it (BigQuery's
+    /// `batch.linger`). Zero (the default): send what is due at once.
+    fn linger(&self) -> Duration {
+        Duration::ZERO
+    }
+
     /// Delivers a batch and returns exactly one outcome per delivery, in order.
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome>;
 

@@ -74,6 +74,15 @@ impl TemplateSet {
         // order): a missing one renders empty and is false in a `when`, rather
         // than failing the delivery.
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        // A field the vendor sent as null (or the event's views left out, as
+        // `order.customer.email` of a guest) renders empty like a missing
+        // one, not as the word "none" (an email to "none", a Slack "at none").
+        env.set_formatter(|out, state, value| {
+            if value.is_none() {
+                return Ok(());
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
         env.add_filter("money", money_filter);
         Self { env }
     }
@@ -324,6 +333,22 @@ mod tests {
             .structured("sinks.kds.body", &json!({"x": "{{ order.id "}))
             .unwrap_err();
         assert!(err.message.starts_with("sinks.kds.body.x"), "{}", err.message);
+    }
+
+    #[test]
+    fn null_fields_render_empty_in_text() {
+        let mut set = TemplateSet::new();
+        let t = set
+            .text(
+                "sinks.mail.to",
+                "[{{ order.customer.email }}][{{ order.tax_cents }}][{{ order.nope }}]",
+            )
+            .unwrap();
+        let t2 = set.text("sinks.mail.subject", "{{ none }}|{{ 0 }}").unwrap();
+        let templates = set.finish();
+        let ctx = Templates::context(&event());
+        assert_eq!(templates.render(&t, &ctx).unwrap(), "[][][]");
+        assert_eq!(templates.render(&t2, &ctx).unwrap(), "|0");
     }
 
     #[test]

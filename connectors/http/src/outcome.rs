@@ -66,25 +66,8 @@ pub(crate) fn transport_error(err: &reqwest::Error, timeout: Duration) -> Delive
     }
 }
 
-/// The innermost cause, which says what happened (`connection refused`),
-/// rather than reqwest's own message, which quotes the URL.
-pub(crate) fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut cause = err;
-    while let Some(source) = cause.source() {
-        cause = source;
-    }
-    let text = cause.to_string();
-    // "Connection refused (os error 111)" -> "connection refused"
-    let text = match text.rfind(" (os error ") {
-        Some(at) if text.ends_with(')') => &text[..at],
-        _ => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::from("unknown error"),
-    }
-}
+/// The innermost cause, not the client's message (which quotes the URL).
+pub(crate) use expeditor_api::message::root_cause;
 
 /// `Retry-After` as delta-seconds or an HTTP-date; a date in the past means now.
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {

@@ -1,0 +1,292 @@
+//! expeditor under test: the real binary (`expeditor run`) with a generated
+//! config in a temp dir, its start-to-ready time and memory, a clean stop
+//! with SIGTERM, and what its store holds afterwards.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::load::{CRAVE_SECRET, CRUMB_SECRET};
+use crate::proc::{self, ProcStats};
+
+const READY_LIMIT: Duration = Duration::from_secs(30);
+/// SIGTERM drains in-flight work; this is far more than it should need.
+const STOP_LIMIT: Duration = Duration::from_secs(60);
+
+/// Where routing sends the events.
+#[derive(Debug, Clone, Copy)]
+pub enum Routing {
+    /// A route that matches no event type: routing runs, nothing is delivered.
+    Nowhere,
+    /// Every event to `sinks` `http` sinks at the sink server (`/s1`..),
+    /// each with `concurrency` attempts in flight (expeditor's default if
+    /// `None`).
+    Sinks {
+        addr: SocketAddr,
+        sinks: usize,
+        concurrency: Option<usize>,
+    },
+}
+
+pub struct Daemon {
+    /// `None` once stopped; dropping a running daemon kills it.
+    child: Option<Child>,
+    dir: Option<TempDir>,
+    pub ingest: SocketAddr,
+    /// Spawn until `GET /healthz` answered 200.
+    pub ready: Duration,
+    /// Resident memory just after ready.
+    pub idle: ProcStats,
+}
+
+/// How a run ended.
+pub struct Stopped {
+    /// Exited 0 after SIGTERM, within the limit.
+    pub clean: bool,
+    pub how: String,
+    pub dir: TempDir,
+}
+
+impl Daemon {
+    /// Runs `bin` with its config and store in a new temp dir under `parent`
+    /// (the system's temp dir if `None`): the disk the store fsyncs to.
+    pub async fn start(bin: &Path, parent: Option<&Path>, routing: Routing) -> anyhow::Result<Self> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("expeditor-bench-");
+        let dir = match parent {
+            Some(p) => builder.tempdir_in(p),
+            None => builder.tempdir(),
+        }
+        .context("cannot create a temp dir for expeditor")?;
+        let ingest = free_addr()?;
+        let admin = free_addr()?;
+        let config = config(dir.path(), ingest, admin, routing);
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("expeditor.log"))?;
+        let started = Instant::now();
+        let mut child = Command::new(bin)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("run")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        loop {
+            if healthz(admin).await {
+                break;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "expeditor exited before it was ready ({status}); its log:\n{}",
+                    log_tail(dir.path())
+                );
+            }
+            if started.elapsed() > READY_LIMIT {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "expeditor was not ready after {READY_LIMIT:?}; its log:\n{}",
+                    log_tail(dir.path())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let ready = started.elapsed();
+        let idle = ProcStats::read(child.id()).context("cannot read expeditor's /proc status")?;
+        Ok(Self {
+            child: Some(child),
+            dir: Some(dir),
+            ingest,
+            ready,
+            idle,
+        })
+    }
+
+    pub fn stats(&self) -> Option<ProcStats> {
+        ProcStats::read(self.child.as_ref()?.id())
+    }
+
+    /// CPU time so far by thread name.
+    pub fn threads(&self) -> std::collections::BTreeMap<String, Duration> {
+        self.child.as_ref().map(|c| proc::threads(c.id())).unwrap_or_default()
+    }
+
+    /// SIGTERM, and waits for the exit.
+    pub async fn stop(mut self) -> anyhow::Result<Stopped> {
+        let mut child = self.child.take().expect("running until stopped");
+        let dir = self.dir.take().expect("kept until stopped");
+        if let Err(e) = proc::terminate(&child) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(anyhow::Error::from(e).context("cannot send SIGTERM to expeditor"));
+        }
+        let (clean, how) = match proc::wait_for(&mut child, STOP_LIMIT).await {
+            Ok(Some(status)) => (status.success(), status.to_string()),
+            Ok(None) | Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                (false, format!("still running {STOP_LIMIT:?} after SIGTERM; killed"))
+            }
+        };
+        Ok(Stopped { clean, how, dir })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Stopped {
+    pub fn log_tail(&self) -> String {
+        log_tail(self.dir.path())
+    }
+
+    /// What the store holds, read from the database file after the stop.
+    pub fn store(&self) -> anyhow::Result<StoreContents> {
+        StoreContents::read(&self.dir.path().join("data").join("expeditor.db"))
+    }
+}
+
+/// The store's events, and how many deliveries are dead letters.
+pub struct StoreContents {
+    /// `source:event_id`.
+    pub events: HashSet<String>,
+    pub dead: u64,
+}
+
+impl StoreContents {
+    fn read(db: &PathBuf) -> anyhow::Result<Self> {
+        use rusqlite::{Connection, OpenFlags};
+        let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("cannot open {}", db.display()))?;
+        let mut events = HashSet::new();
+        let mut stmt = conn.prepare("SELECT source, event_id FROM events")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let source: String = row.get(0)?;
+            let id: String = row.get(1)?;
+            events.insert(format!("{source}:{id}"));
+        }
+        // state: 0 pending, 1 delivered, 2 dead.
+        let dead: i64 = conn.query_row("SELECT COUNT(*) FROM deliveries WHERE state = 2", [], |r| r.get(0))?;
+        Ok(Self {
+            events,
+            dead: dead as u64,
+        })
+    }
+}
+
+fn config(dir: &Path, ingest: SocketAddr, admin: SocketAddr, routing: Routing) -> String {
+    let mut c = format!(
+        r#"# Generated by expeditor-bench.
+[server]
+listen = "{ingest}"
+
+[admin]
+listen = "{admin}"
+
+[store]
+path = "{store}"
+
+[sources.crumb]
+kind = "crumbpos"
+secrets = ["{CRUMB_SECRET}"]
+
+[sources.crave]
+kind = "crave"
+secrets = ["{CRAVE_SECRET}"]
+"#,
+        store = dir.join("data").display(),
+    );
+    match routing {
+        Routing::Nowhere => c.push_str(
+            r#"
+# Never called: the only route matches no event type.
+[sinks.unused]
+type = "http"
+url = "http://127.0.0.1:9/unused"
+
+[[routes]]
+name = "nowhere"
+events = ["never.happens"]
+sinks = ["unused"]
+"#,
+        ),
+        Routing::Sinks {
+            addr,
+            sinks,
+            concurrency,
+        } => {
+            let names: Vec<String> = (1..=sinks).map(|k| format!("s{k}")).collect();
+            let concurrency = concurrency.map(|n| format!("concurrency = {n}\n")).unwrap_or_default();
+            for name in &names {
+                c.push_str(&format!(
+                    r#"
+[sinks.{name}]
+type = "http"
+url = "http://{addr}/{name}"
+{concurrency}
+[sinks.{name}.body]
+id = "{{{{ event.id }}}}"
+"#
+                ));
+            }
+            let list: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+            c.push_str(&format!(
+                r#"
+[[routes]]
+name = "orders"
+events = ["order.*"]
+sinks = [{}]
+"#,
+                list.join(", ")
+            ));
+        }
+    }
+    c
+}
+
+/// A free 127.0.0.1 port: bound to learn it, then released.
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// One `GET /healthz` on a fresh connection; true on 200.
+async fn healthz(admin: SocketAddr) -> bool {
+    let attempt = async {
+        let mut stream = TcpStream::connect(admin).await?;
+        stream
+            .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), attempt).await,
+        Ok(Ok(true))
+    )
+}
+
+fn log_tail(dir: &Path) -> String {
+    let text = std::fs::read_to_string(dir.join("expeditor.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}

@@ -1,0 +1,482 @@
+//! The load generator: a corpus of distinct, signed vendor events, and the
+//! workers that send them over keep-alive HTTP/1.1 connections, flat out
+//! (closed loop) or at a fixed rate (open loop).
+//!
+//! Every event is sent at most once per run, so each request is a new event:
+//! a duplicate would take expeditor's cheaper dedupe path and flatter it.
+//!
+//! In open loop, request `i` is due at `start + i / rate`, and its latency is
+//! measured from that moment, not from when a connection was free to send
+//! it: when the target falls behind, the wait counts (no coordinated
+//! omission).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{HeaderName, HeaderValue, Method, Request, header};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+pub const CRUMB_SECRET: &str = "bench-crumb-secret";
+pub const CRAVE_SECRET: &str = "bench-crave-secret";
+
+/// One request waits at most this long for its answer (Crave gives up after
+/// 10 s, CrumbPOS after 30 s).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Order events of each vendor, in rotation.
+const CRUMB_TYPES: &[&str] = &["order.created", "order.updated"];
+const CRAVE_TYPES: &[&str] = &["order.created", "order.confirmed", "order.ready", "order.completed"];
+
+/// Nanoseconds since the process's time origin. The load generator's send
+/// times and the sink server's receipt times share it, so they compare.
+pub fn now_ns() -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vendor {
+    Crumb,
+    Crave,
+}
+
+impl Vendor {
+    /// The source name in the generated config (`/webhooks/<name>`).
+    pub fn source(self) -> &'static str {
+        match self {
+            Vendor::Crumb => "crumb",
+            Vendor::Crave => "crave",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Vendor::Crumb => "crumbpos",
+            Vendor::Crave => "crave",
+        }
+    }
+
+    fn path(self) -> &'static str {
+        match self {
+            Vendor::Crumb => "/webhooks/crumb",
+            Vendor::Crave => "/webhooks/crave",
+        }
+    }
+
+    fn signature_header(self) -> HeaderName {
+        match self {
+            Vendor::Crumb => expeditor::verify::CRUMB_SIGNATURE,
+            Vendor::Crave => expeditor::verify::CRAVE_SIGNATURE,
+        }
+    }
+}
+
+/// The event id of corpus entry `i`; [`index_of`] reverses it.
+pub fn event_id(i: usize) -> String {
+    format!("evt_bench_{i:08}")
+}
+
+pub fn index_of(id: &str) -> Option<usize> {
+    id.strip_prefix("evt_bench_")?.parse().ok()
+}
+
+pub struct Event {
+    pub vendor: Vendor,
+    body: Bytes,
+}
+
+/// The N events of a run: even entries CrumbPOS, odd ones Crave.
+pub struct Corpus {
+    events: Vec<Event>,
+}
+
+impl Corpus {
+    /// Builds `n` distinct events from expeditor's sample vendor payloads.
+    pub fn build(n: usize) -> anyhow::Result<Self> {
+        let mut events = Vec::with_capacity(n);
+        for i in 0..n {
+            let (vendor, types) = if i % 2 == 0 {
+                (Vendor::Crumb, CRUMB_TYPES)
+            } else {
+                (Vendor::Crave, CRAVE_TYPES)
+            };
+            let event_type = types[(i / 2) % types.len()];
+            let value = expeditor::sample::sample_event(vendor.kind(), event_type, &event_id(i), i as u64)
+                .with_context(|| format!("no sample {} {event_type} event", vendor.kind()))?;
+            let body = Bytes::from(serde_json::to_vec(&value)?);
+            events.push(Event { vendor, body });
+        }
+        Ok(Self { events })
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn get(&self, i: usize) -> &Event {
+        &self.events[i]
+    }
+
+    pub fn mean_body_len(&self) -> usize {
+        let total: usize = self.events.iter().map(|e| e.body.len()).sum();
+        total / self.events.len().max(1)
+    }
+}
+
+/// The corpus signed with the real schemes as of one moment. CrumbPOS signs
+/// a timestamp that must be within 5 minutes of the receiver's clock, so
+/// each row signs again just before it starts.
+pub struct Signed {
+    corpus: Arc<Corpus>,
+    signatures: Vec<HeaderValue>,
+}
+
+impl Signed {
+    pub fn new(corpus: Arc<Corpus>, now_unix: i64) -> Self {
+        let signatures = corpus
+            .events
+            .iter()
+            .map(|e| {
+                let value = match e.vendor {
+                    Vendor::Crumb => expeditor::verify::sign_crumbpos(CRUMB_SECRET.as_bytes(), now_unix, &e.body),
+                    Vendor::Crave => expeditor::verify::sign_crave(CRAVE_SECRET.as_bytes(), &e.body),
+                };
+                HeaderValue::try_from(value).expect("signatures are ASCII")
+            })
+            .collect();
+        Self { corpus, signatures }
+    }
+
+    pub fn now(corpus: Arc<Corpus>) -> Self {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        Self::new(corpus, now)
+    }
+
+    pub fn len(&self) -> usize {
+        self.corpus.len()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Pace {
+    /// Closed loop: each connection sends its next request as soon as the
+    /// previous one is answered.
+    FlatOut,
+    /// Open loop: requests per second, whatever the answers do.
+    Rate(f64),
+}
+
+impl std::fmt::Display for Pace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pace::FlatOut => f.write_str("flat out"),
+            Pace::Rate(r) => write!(f, "{} req/s", crate::report::thousands(*r)),
+        }
+    }
+}
+
+pub struct Plan {
+    pub target: SocketAddr,
+    pub connections: usize,
+    pub pace: Pace,
+    /// Events to send: the first `count` of the corpus.
+    pub count: usize,
+    /// Flat out: stop sending after this long.
+    pub duration: Duration,
+}
+
+/// What one load run saw.
+pub struct LoadResult {
+    /// Requests answered (any status).
+    pub answered: u64,
+    /// Answered 2xx with `"duplicate"` in the body (none expected: every
+    /// event is new).
+    pub duplicates: u64,
+    /// Answers that were not 2xx, by status.
+    pub rejected: BTreeMap<u16, u64>,
+    /// Connection errors and timeouts.
+    pub errors: u64,
+    /// Send (or, in open loop, scheduled) to answer, in microseconds.
+    pub ack_us: Histogram<u64>,
+    /// Open loop: how late the generator sent after the scheduled time, in
+    /// microseconds (all connections busy, or the wake-up was late). Part of
+    /// `ack_us`; when this is large, the generator, not the target, is slow.
+    pub late_us: Histogram<u64>,
+    /// Corpus indices answered 2xx: every one must be in the store.
+    pub acked: Vec<usize>,
+    /// Per corpus index: when latency starts counting (ns, [`now_ns`]); 0 if
+    /// the event was never sent.
+    pub sent_ns: Vec<u64>,
+    pub first_send_ns: u64,
+    pub last_answer_ns: u64,
+}
+
+impl LoadResult {
+    pub fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.last_answer_ns.saturating_sub(self.first_send_ns))
+    }
+
+    /// Answered requests per second, first send to last answer.
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed().as_secs_f64();
+        if secs > 0.0 { self.answered as f64 / secs } else { 0.0 }
+    }
+}
+
+/// A histogram of microseconds from 1 µs to 10 minutes, 3 significant digits.
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+struct Shared {
+    signed: Arc<Signed>,
+    host: HeaderValue,
+    pace: Pace,
+    count: usize,
+    next: AtomicUsize,
+    sent_ns: Vec<AtomicU64>,
+    start_ns: u64,
+    /// No request is started after this.
+    deadline: Instant,
+    /// Open loop: one permit per request that is due.
+    due: Semaphore,
+}
+
+struct WorkerResult {
+    answered: u64,
+    duplicates: u64,
+    rejected: BTreeMap<u16, u64>,
+    errors: u64,
+    ack_us: Histogram<u64>,
+    late_us: Histogram<u64>,
+    acked: Vec<usize>,
+    last_answer_ns: u64,
+}
+
+type Connection = SendRequest<Full<Bytes>>;
+
+async fn connect(target: SocketAddr) -> anyhow::Result<Connection> {
+    let stream = TcpStream::connect(target)
+        .await
+        .with_context(|| format!("cannot connect to {target}"))?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Sends the plan's events and waits for every answer (or its timeout).
+pub async fn run(signed: Arc<Signed>, plan: Plan) -> anyhow::Result<LoadResult> {
+    let count = plan.count.min(signed.len());
+    let connections = plan.connections.max(1);
+    // Connections are opened before the clock starts: setting them up is not
+    // what is measured.
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        conns.push(connect(plan.target).await?);
+    }
+    let start = Instant::now();
+    let start_ns = now_ns();
+    let sending_for = match plan.pace {
+        Pace::FlatOut => plan.duration,
+        // Open loop ends when the last request is due; the margin lets a
+        // target that fell behind catch up, within bounds.
+        Pace::Rate(r) => Duration::from_secs_f64(count as f64 / r) + Duration::from_secs(30),
+    };
+    let shared = Arc::new(Shared {
+        signed,
+        host: HeaderValue::try_from(plan.target.to_string())?,
+        pace: plan.pace,
+        count,
+        next: AtomicUsize::new(0),
+        sent_ns: (0..count).map(|_| AtomicU64::new(0)).collect(),
+        start_ns,
+        deadline: start + sending_for,
+        due: Semaphore::new(0),
+    });
+    let stop_pacer = Arc::new(AtomicBool::new(false));
+    let pacer = match plan.pace {
+        Pace::Rate(rate) => Some(spawn_pacer(
+            shared.clone(),
+            rate,
+            connections,
+            start,
+            stop_pacer.clone(),
+        )?),
+        Pace::FlatOut => None,
+    };
+
+    let mut workers = tokio::task::JoinSet::new();
+    for conn in conns {
+        workers.spawn(worker(shared.clone(), plan.target, conn));
+    }
+    let mut results = Vec::with_capacity(connections);
+    let hard_stop = tokio::time::Instant::from_std(shared.deadline + REQUEST_TIMEOUT + Duration::from_secs(5));
+    loop {
+        match tokio::time::timeout_at(hard_stop, workers.join_next()).await {
+            Ok(Some(r)) => results.push(r.context("load worker panicked")?),
+            Ok(None) => break,
+            Err(_) => {
+                eprintln!("  load: workers still busy at the time limit; stopping them");
+                workers.abort_all();
+                break;
+            }
+        }
+    }
+    stop_pacer.store(true, Ordering::Relaxed);
+    if let Some(p) = pacer {
+        let _ = p.join();
+    }
+
+    let mut out = LoadResult {
+        answered: 0,
+        duplicates: 0,
+        rejected: BTreeMap::new(),
+        errors: 0,
+        ack_us: histogram(),
+        late_us: histogram(),
+        acked: Vec::new(),
+        sent_ns: shared.sent_ns.iter().map(|t| t.load(Ordering::Relaxed)).collect(),
+        first_send_ns: start_ns,
+        last_answer_ns: start_ns,
+    };
+    for r in results {
+        out.answered += r.answered;
+        out.duplicates += r.duplicates;
+        out.errors += r.errors;
+        for (status, n) in r.rejected {
+            *out.rejected.entry(status).or_default() += n;
+        }
+        out.ack_us.add(&r.ack_us).expect("same histogram bounds");
+        out.late_us.add(&r.late_us).expect("same histogram bounds");
+        out.acked.extend(r.acked);
+        out.last_answer_ns = out.last_answer_ns.max(r.last_answer_ns);
+    }
+    // Requests never answered (aborted at the time limit) are errors too.
+    let started = shared.next.load(Ordering::Relaxed).min(count) as u64;
+    out.errors += started.saturating_sub(out.answered + out.errors);
+    out.acked.sort_unstable();
+    Ok(out)
+}
+
+/// Open loop: a thread (finer-grained than the async timer's 1 ms) that adds
+/// one permit per request as it falls due.
+fn spawn_pacer(
+    shared: Arc<Shared>,
+    rate: f64,
+    connections: usize,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let handle = std::thread::Builder::new().name("pacer".into()).spawn(move || {
+        let mut released = 0usize;
+        while released < shared.count && !stop.load(Ordering::Relaxed) {
+            let due = ((start.elapsed().as_secs_f64() * rate) as usize + 1).min(shared.count);
+            if due > released {
+                shared.due.add_permits(due - released);
+                released = due;
+            }
+            let next = start + Duration::from_secs_f64(released as f64 / rate);
+            let wait = next.saturating_duration_since(Instant::now());
+            std::thread::sleep(wait.clamp(Duration::from_micros(20), Duration::from_millis(10)));
+        }
+        // Wakes the workers still waiting, so they find nothing left and end.
+        shared.due.add_permits(connections);
+    })?;
+    Ok(handle)
+}
+
+async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -> WorkerResult {
+    let mut r = WorkerResult {
+        answered: 0,
+        duplicates: 0,
+        rejected: BTreeMap::new(),
+        errors: 0,
+        ack_us: histogram(),
+        late_us: histogram(),
+        acked: Vec::new(),
+        last_answer_ns: 0,
+    };
+    loop {
+        if let Pace::Rate(_) = shared.pace {
+            match shared.due.acquire().await {
+                Ok(permit) => permit.forget(),
+                Err(_) => break,
+            }
+        }
+        if Instant::now() >= shared.deadline {
+            break;
+        }
+        let i = shared.next.fetch_add(1, Ordering::Relaxed);
+        if i >= shared.count {
+            break;
+        }
+        let counts_from = match shared.pace {
+            Pace::FlatOut => now_ns(),
+            Pace::Rate(rate) => shared.start_ns + (i as f64 / rate * 1e9) as u64,
+        };
+        shared.sent_ns[i].store(counts_from.max(1), Ordering::Relaxed);
+        let event = shared.signed.corpus.get(i);
+        let signature = shared.signed.signatures[i].clone();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(event.vendor.path())
+            .header(header::HOST, shared.host.clone())
+            .header(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header(event.vendor.signature_header(), signature)
+            .body(Full::new(event.body.clone()))
+            .expect("a valid request");
+        if let Pace::Rate(_) = shared.pace {
+            r.late_us
+                .saturating_record((now_ns().saturating_sub(counts_from) / 1000).max(1));
+        }
+        let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
+            conn.ready().await?;
+            let response = conn.send_request(request).await?;
+            let status = response.status();
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        })
+        .await;
+        let done_ns = now_ns();
+        match answer {
+            Ok(Ok((status, body))) => {
+                r.answered += 1;
+                r.last_answer_ns = r.last_answer_ns.max(done_ns);
+                let us = (done_ns.saturating_sub(counts_from) / 1000).max(1);
+                r.ack_us.saturating_record(us);
+                if status.is_success() {
+                    if body.windows(9).any(|w| w == b"duplicate") {
+                        r.duplicates += 1;
+                    }
+                    r.acked.push(i);
+                } else {
+                    *r.rejected.entry(status.as_u16()).or_default() += 1;
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
+                r.errors += 1;
+                // The connection is unusable (or stuck): open another, once.
+                match connect(target).await {
+                    Ok(c) => conn = c,
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+    r
+}

@@ -1,0 +1,247 @@
+//! expeditor-bench: how fast expeditor acknowledges and delivers webhooks,
+//! against what this machine can do (a bare hyper server), in one run.
+//!
+//! # Layout
+//!
+//! - [`load`]: the corpus of signed vendor events, and the load generator:
+//!   C keep-alive connections, flat out or at a fixed rate, HDR histograms.
+//! - [`servers`]: the baseline server (a separate process: this binary's
+//!   hidden `baseline-server` subcommand) and the sink server expeditor
+//!   delivers to (in this process, recording each event's arrival).
+//! - [`expeditor`]: the daemon under test: generated config, start-to-ready
+//!   time, SIGTERM, and its store read back afterwards.
+//! - [`rows`]: one table row: target up, load, drain, stop, loss check.
+//! - [`report`]: the markdown table and the issue's targets.
+//! - [`proc`]: memory and CPU from `/proc`, and signals.
+//!
+//! See BENCHMARKS.md at the repository root for the figures and how to
+//! reproduce them.
+
+mod expeditor;
+mod load;
+mod proc;
+mod report;
+mod rows;
+mod servers;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+use crate::load::{Corpus, Pace};
+use crate::rows::{Row, RowKind, Settings};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "expeditor-bench",
+    about = "Load-tests expeditor against a bare hyper server on this machine and prints one table",
+    after_help = "Rows: baseline (bare hyper server), ingest (verify, dedupe, durable store; routes choose no sink), \
+                  e2e (every event to one http sink), fanout (to five). After each flat-out expeditor row, the same \
+                  row runs again in open loop at half the rate it reached, for the latency targets.\n\
+                  Exits non-zero if an acknowledged event is missing from the store or a sink, a request is not \
+                  answered 2xx, or expeditor does not exit 0 on SIGTERM."
+)]
+struct Cli {
+    /// Distinct events to build; each row sends each at most once.
+    #[arg(long)]
+    events: Option<usize>,
+    /// Concurrent keep-alive connections.
+    #[arg(long)]
+    connections: Option<usize>,
+    /// Flat out: stop sending after this long. At a rate: send for this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Send at this many requests per second (open loop) instead of flat out;
+    /// the half-rate runs are then skipped.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Rows to run, comma-separated: baseline, ingest, e2e, fanout.
+    #[arg(long, value_delimiter = ',', default_value = "baseline,ingest,e2e,fanout")]
+    rows: Vec<RowKind>,
+    /// The expeditor binary.
+    #[arg(long, default_value = "target/release/expeditor")]
+    expeditor: PathBuf,
+    /// Where expeditor's store goes (a temp dir inside this directory): the
+    /// disk whose fsync every ack waits for. Default: the system temp dir.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// `concurrency` of each http sink in the generated config. Default:
+    /// expeditor's own default, as a user gets it.
+    #[arg(long)]
+    sink_concurrency: Option<usize>,
+    /// Skip the open-loop runs at half of each row's maximum rate.
+    #[arg(long)]
+    no_half_rate: bool,
+    /// A few seconds for CI: 1000 events, 8 connections, no half-rate runs
+    /// (the options above override).
+    #[arg(long)]
+    smoke: bool,
+    #[command(subcommand)]
+    command: Option<Hidden>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Hidden {
+    /// The baseline server; run by the bench itself.
+    #[command(hide = true)]
+    BaselineServer,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Hidden::BaselineServer) = cli.command {
+        return servers::baseline_main();
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the rows and prints the table; false if anything was lost or failed.
+async fn run(cli: Cli) -> anyhow::Result<bool> {
+    let events = cli.events.unwrap_or(if cli.smoke { 1_000 } else { 200_000 });
+    let mut settings = Settings {
+        connections: cli.connections.unwrap_or(if cli.smoke { 8 } else { 64 }),
+        duration: cli.duration.unwrap_or(if cli.smoke {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(10)
+        }),
+        expeditor: cli.expeditor.clone(),
+        dir: cli.dir.clone(),
+        sink_concurrency: cli.sink_concurrency,
+    };
+    let half_rate = !cli.no_half_rate && !cli.smoke && cli.rate.is_none();
+    let pace = cli.rate.map_or(Pace::FlatOut, Pace::Rate);
+    if cli.rows.iter().any(|r| *r != RowKind::Baseline) {
+        if !settings.expeditor.is_file() {
+            anyhow::bail!(
+                "no expeditor binary at {} (build it with `cargo build --release -p expeditor`, or pass --expeditor)",
+                settings.expeditor.display()
+            );
+        }
+        // expeditor runs in its temp dir: a relative path would not resolve there.
+        settings.expeditor = std::fs::canonicalize(&settings.expeditor)?;
+    }
+
+    let version = if cli.rows.iter().any(|r| *r != RowKind::Baseline) {
+        std::process::Command::new(&settings.expeditor)
+            .arg("--version")
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    } else {
+        String::new()
+    };
+    eprintln!("machine: {}", proc::machine_summary());
+    eprintln!("target: {} ({version})", settings.expeditor.display());
+    let built = Instant::now();
+    let corpus = Arc::new(Corpus::build(events)?);
+    eprintln!(
+        "built {} events (mean body {} bytes) in {:.1}s; {} connections, {}, up to {:?} per row",
+        corpus.len(),
+        corpus.mean_body_len(),
+        built.elapsed().as_secs_f64(),
+        settings.connections,
+        pace,
+        settings.duration,
+    );
+
+    let mut rows: Vec<Row> = Vec::new();
+    for kind in RowKind::ALL.into_iter().filter(|k| cli.rows.contains(k)) {
+        let row = match kind {
+            RowKind::Baseline => rows::baseline(&corpus, pace, false, &settings).await?,
+            _ => rows::expeditor(kind, &corpus, pace, false, &settings).await?,
+        };
+        progress(&row);
+        let half = (half_rate && kind != RowKind::Baseline).then(|| row.max_rate() / 2.0);
+        rows.push(row);
+        if let Some(rate) = half {
+            if rate < 1.0 {
+                eprintln!("{}: no rate to halve; skipping its half-rate run", kind.name());
+                continue;
+            }
+            let row = rows::expeditor(kind, &corpus, Pace::Rate(rate), true, &settings).await?;
+            progress(&row);
+            rows.push(row);
+            // What the bare server's latency is at the same rate: the floor
+            // for the ingest latency target on this machine.
+            if kind == RowKind::Ingest && cli.rows.contains(&RowKind::Baseline) {
+                let row = rows::baseline(&corpus, Pace::Rate(rate), true, &settings).await?;
+                progress(&row);
+                rows.push(row);
+            }
+        }
+    }
+
+    println!("{}", report::table(&rows));
+    let targets = report::targets(&rows);
+    if cli.smoke {
+        println!("Smoke run: too short (and usually a debug build) to judge the targets; see BENCHMARKS.md.\n");
+    } else if !targets.is_empty() {
+        println!("{targets}");
+    }
+    let problems: Vec<&String> = rows.iter().flat_map(|r| &r.problems).collect();
+    if problems.is_empty() {
+        println!("Nothing lost: every acknowledged event is in the store and reached every sink it was routed to.");
+        Ok(true)
+    } else {
+        println!("FAILED:");
+        for p in problems {
+            println!("- {p}");
+        }
+        Ok(false)
+    }
+}
+
+fn progress(row: &Row) {
+    let mut line = format!(
+        "{}: {} answered in {:.1}s ({} req/s, p99 ack {:.2} ms)",
+        row.label(),
+        row.load.answered,
+        row.load.elapsed().as_secs_f64(),
+        report::thousands(row.load.rate()),
+        row.load.ack_us.value_at_quantile(0.99) as f64 / 1000.0,
+    );
+    if let Pace::Rate(_) = row.pace {
+        line.push_str(&format!(
+            ", sent late p99 {:.2} ms",
+            row.load.late_us.value_at_quantile(0.99) as f64 / 1000.0
+        ));
+    }
+    if !row.server.threads.is_empty() {
+        let threads: Vec<String> = row
+            .server
+            .threads
+            .iter()
+            .map(|(name, c)| format!("{name} {:.0}%", c * 100.0))
+            .collect();
+        line.push_str(&format!("; expeditor threads (% of a core): {}", threads.join(", ")));
+    }
+    if let Some(d) = &row.delivered {
+        line.push_str(&format!(
+            "; {} delivered ({} events/s, p99 e2e {:.1} ms, {} received twice)",
+            d.events,
+            report::thousands(d.rate),
+            d.e2e_us.value_at_quantile(0.99) as f64 / 1000.0,
+            d.duplicates,
+        ));
+    }
+    eprintln!("{line}");
+}

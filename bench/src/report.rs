@@ -1,0 +1,207 @@
+//! The markdown table, and the issue's targets against it.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+
+use crate::load::Pace;
+use crate::rows::{Row, RowKind};
+
+/// `12345.6` -> `12,346`.
+pub fn thousands(x: f64) -> String {
+    let n = x.round().max(0.0) as u64;
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Microseconds as milliseconds.
+fn ms(us: u64) -> String {
+    let ms = us as f64 / 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2}")
+    } else if ms < 100.0 {
+        format!("{ms:.1}")
+    } else {
+        format!("{ms:.0}")
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn p(h: &Histogram<u64>, q: f64) -> u64 {
+    h.value_at_quantile(q)
+}
+
+fn baseline_rate(rows: &[Row]) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.kind == RowKind::Baseline && !r.half_rate && r.pace == Pace::FlatOut)
+        .map(|r| r.load.rate())
+}
+
+pub fn table(rows: &[Row]) -> String {
+    let base = baseline_rate(rows);
+    let mut out = String::new();
+    out.push_str(
+        "| row | load | events | req/s | delivered ev/s | ack p50 | ack p99 | ack p99.9 | ack max \
+         | e2e p50 | e2e p99 | peak RSS | idle RSS | ready | vs baseline | CPU server / bench / other | lost |\n",
+    );
+    out.push_str("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    let dash = || "–".to_string();
+    for r in rows {
+        let load = match r.pace {
+            Pace::FlatOut => format!("flat out, C={}", r.connections),
+            Pace::Rate(rate) => format!("{}/s, C={}", thousands(rate), r.connections),
+        };
+        let ratio = match (base, r.half_rate, r.pace) {
+            (Some(b), false, _) if b > 0.0 => format!("{:.2}", r.load.rate() / b),
+            _ => dash(),
+        };
+        let (delivered, e2e50, e2e99) = match &r.delivered {
+            Some(d) => (thousands(d.rate), ms(p(&d.e2e_us, 0.5)), ms(p(&d.e2e_us, 0.99))),
+            None => (dash(), dash(), dash()),
+        };
+        let lost = r.missing_in_store as u64 + r.delivered.as_ref().map_or(0, |d| d.missing);
+        let h = &r.load.ack_us;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} / {:.2} | {} |",
+            r.label(),
+            load,
+            thousands(r.load.answered as f64),
+            thousands(r.load.rate()),
+            delivered,
+            ms(p(h, 0.5)),
+            ms(p(h, 0.99)),
+            ms(p(h, 0.999)),
+            ms(h.max()),
+            e2e50,
+            e2e99,
+            mib(r.server.peak_rss),
+            r.server.idle_rss.map_or_else(dash, mib),
+            r.server.ready.map_or_else(dash, |d| format!("{} ms", d.as_millis())),
+            ratio,
+            r.server.cpu_cores,
+            r.bench_cpu_cores,
+            r.other_cpu_cores,
+            lost,
+        );
+    }
+    let late: Vec<String> = rows
+        .iter()
+        .filter(|r| matches!(r.pace, Pace::Rate(_)))
+        .map(|r| format!("{} {} ms", r.label(), ms(p(&r.load.late_us, 0.99))))
+        .collect();
+    if !late.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nOpen loop, how late the generator sent (p99, part of ack latency): {}.",
+            late.join(", ")
+        );
+    }
+    out.push_str("\nLatencies in ms. ack: request sent (in open loop: scheduled) to response. e2e: request sent to the sink server's receipt, per delivery. delivered ev/s: acknowledged events that reached every sink, first send to last receipt. CPU: cores used during the load by the server, this bench (load generator and sink server), and everything else on the machine (should be near 0).\n");
+    out
+}
+
+/// The issue's targets, each with what this run measured. Only rows that
+/// ran are judged.
+pub fn targets(rows: &[Row]) -> String {
+    let find = |kind: RowKind, half: bool| rows.iter().find(|r| r.kind == kind && r.half_rate == half);
+    let mut out = String::new();
+    let mut line = |target: &str, measured: String, met: bool| {
+        let _ = writeln!(
+            out,
+            "| {target} | {measured} | {} |",
+            if met { "met" } else { "**not met**" }
+        );
+    };
+    if let (Some(b), Some(i)) = (find(RowKind::Baseline, false), find(RowKind::Ingest, false)) {
+        let ratio = i.load.rate() / b.load.rate().max(1.0);
+        line(
+            "durable ingest ≥ 50% of baseline req/s",
+            format!(
+                "{:.0}% ({} vs {} req/s)",
+                ratio * 100.0,
+                thousands(i.load.rate()),
+                thousands(b.load.rate())
+            ),
+            ratio >= 0.5,
+        );
+    }
+    if let Some(r) = find(RowKind::Ingest, true) {
+        let p99 = p(&r.load.ack_us, 0.99);
+        let floor = find(RowKind::Baseline, true)
+            .map(|b| format!(" (baseline at the same rate: {} ms)", ms(p(&b.load.ack_us, 0.99))))
+            .unwrap_or_default();
+        line(
+            "p99 ack ≤ 5 ms at half of ingest's max rate",
+            format!("{} ms at {}{floor}", ms(p99), r.pace),
+            p99 <= 5_000,
+        );
+    }
+    if let Some(d) = find(RowKind::EndToEnd, false).and_then(|r| r.delivered.as_ref()) {
+        line(
+            "end to end (1 http sink) ≥ 10,000 events/s",
+            format!("{} events/s", thousands(d.rate)),
+            d.rate >= 10_000.0,
+        );
+    }
+    if let Some(r) = find(RowKind::EndToEnd, true)
+        && let Some(d) = &r.delivered
+    {
+        let p99 = p(&d.e2e_us, 0.99);
+        line(
+            "p99 send-to-sink ≤ 50 ms at half the e2e rate",
+            format!("{} ms at {}", ms(p99), r.pace),
+            p99 <= 50_000,
+        );
+        let ack = p(&r.load.ack_us, 0.99);
+        line(
+            "p99 ack ≤ 5 ms at half the e2e rate (delivery running)",
+            format!("{} ms at {}", ms(ack), r.pace),
+            ack <= 5_000,
+        );
+    }
+    if let Some(d) = find(RowKind::FanOut, false).and_then(|r| r.delivered.as_ref()) {
+        line(
+            "fan-out to 5 sinks ≥ 4,000 events/s",
+            format!("{} events/s", thousands(d.rate)),
+            d.rate >= 4_000.0,
+        );
+    }
+    let expeditor: Vec<&Row> = rows.iter().filter(|r| r.kind != RowKind::Baseline).collect();
+    if let Some(r) = expeditor.iter().max_by_key(|r| r.server.peak_rss) {
+        line(
+            "peak RSS ≤ 64 MiB under load",
+            format!("{} ({})", mib(r.server.peak_rss), r.label()),
+            r.server.peak_rss <= 64 << 20,
+        );
+    }
+    if let Some(idle) = expeditor.iter().filter_map(|r| r.server.idle_rss).max() {
+        line(
+            "idle RSS ≤ 20 MiB",
+            format!("{} (largest)", mib(idle)),
+            idle <= 20 << 20,
+        );
+    }
+    if let Some(ready) = expeditor.iter().filter_map(|r| r.server.ready).max() {
+        line(
+            "start to ready ≤ 200 ms",
+            format!("{} ms (slowest)", ready.as_millis()),
+            ready <= Duration::from_millis(200),
+        );
+    }
+    if out.is_empty() {
+        return out;
+    }
+    format!("| target | measured | |\n|---|---|---|\n{out}")
+}

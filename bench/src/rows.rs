@@ -1,0 +1,425 @@
+//! One row of the table: start the target, drive the load, wait for
+//! deliveries, stop the target, and check that nothing acknowledged was lost.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::expeditor::{Daemon, Routing};
+use crate::load::{self, Corpus, LoadResult, Pace, Plan, Signed, event_id};
+use crate::proc::{self, ProcStats};
+use crate::servers::{Baseline, SinkServer, SinkState};
+
+/// Give up waiting for deliveries when none arrived for this long...
+const DRAIN_STALL: Duration = Duration::from_secs(20);
+/// ... or after this long in all.
+const DRAIN_LIMIT: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowKind {
+    Baseline,
+    Ingest,
+    EndToEnd,
+    FanOut,
+}
+
+impl RowKind {
+    pub const ALL: [RowKind; 4] = [RowKind::Baseline, RowKind::Ingest, RowKind::EndToEnd, RowKind::FanOut];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RowKind::Baseline => "baseline",
+            RowKind::Ingest => "ingest",
+            RowKind::EndToEnd => "e2e",
+            RowKind::FanOut => "fanout",
+        }
+    }
+
+    /// `http` sinks every event is routed to.
+    pub fn sinks(self) -> usize {
+        match self {
+            RowKind::Baseline | RowKind::Ingest => 0,
+            RowKind::EndToEnd => 1,
+            RowKind::FanOut => 5,
+        }
+    }
+}
+
+impl std::str::FromStr for RowKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        RowKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| format!("unknown row {s:?}; expected baseline, ingest, e2e or fanout"))
+    }
+}
+
+/// What the rows share.
+pub struct Settings {
+    pub connections: usize,
+    pub duration: Duration,
+    pub expeditor: PathBuf,
+    /// Where expeditor's temp dirs (config, store) go; default: the system's.
+    pub dir: Option<PathBuf>,
+    /// `concurrency` of each sink; default: expeditor's.
+    pub sink_concurrency: Option<usize>,
+}
+
+/// Deliveries seen by the sink server for one row.
+pub struct Delivered {
+    /// Acknowledged events that reached every sink.
+    pub events: u64,
+    /// Those events per second, first send to last receipt.
+    pub rate: f64,
+    /// Send (scheduled send, in open loop) to the sink's receipt, per
+    /// delivery, in microseconds.
+    pub e2e_us: Histogram<u64>,
+    /// Acknowledged (event, sink) pairs that never arrived.
+    pub missing: u64,
+    /// Deliveries received more than once (allowed: at least once).
+    pub duplicates: u64,
+}
+
+/// The target process during the row.
+pub struct Server {
+    /// Spawn to `/healthz` 200 (expeditor only).
+    pub ready: Option<Duration>,
+    /// Resident memory just after ready (expeditor only).
+    pub idle_rss: Option<u64>,
+    /// Peak resident memory at the end of the row.
+    pub peak_rss: u64,
+    /// CPU the server used while the load ran, in cores.
+    pub cpu_cores: f64,
+    /// The same by thread name (expeditor only): is one thread the limit?
+    pub threads: Vec<(String, f64)>,
+}
+
+pub struct Row {
+    pub kind: RowKind,
+    pub pace: Pace,
+    /// The run at half of a flat-out row's maximum rate.
+    pub half_rate: bool,
+    pub connections: usize,
+    pub load: LoadResult,
+    pub delivered: Option<Delivered>,
+    pub server: Server,
+    /// CPU this bench process used while the load ran, in cores.
+    pub bench_cpu_cores: f64,
+    /// CPU everything else on the machine used meanwhile, in cores: other
+    /// work disturbs the figures.
+    pub other_cpu_cores: f64,
+    /// Acknowledged events not in the store (expeditor rows).
+    pub missing_in_store: usize,
+    /// Everything that makes this run fail: loss, non-2xx, unclean exit.
+    pub problems: Vec<String>,
+}
+
+impl Row {
+    pub fn label(&self) -> String {
+        label(self.kind, self.half_rate)
+    }
+
+    /// The most this row's target sustained: acks per second for baseline
+    /// and ingest, delivered events per second when events go to sinks.
+    pub fn max_rate(&self) -> f64 {
+        match &self.delivered {
+            Some(d) => d.rate,
+            None => self.load.rate(),
+        }
+    }
+}
+
+/// CPU counters of the server, this process and the machine.
+#[derive(Clone, Copy)]
+struct Cpu {
+    server: ProcStats,
+    bench: ProcStats,
+    machine: Duration,
+}
+
+impl Cpu {
+    fn now(server: Option<ProcStats>) -> Self {
+        Self {
+            server: server.unwrap_or_default(),
+            bench: ProcStats::me().unwrap_or_default(),
+            machine: proc::machine_busy().unwrap_or_default(),
+        }
+    }
+
+    /// (server, bench, other) in cores over `wall`.
+    fn since(&self, before: &Cpu, wall: Duration) -> (f64, f64, f64) {
+        let server = cores(self.server.cpu.saturating_sub(before.server.cpu), wall);
+        let bench = cores(self.bench.cpu.saturating_sub(before.bench.cpu), wall);
+        let machine = cores(self.machine.saturating_sub(before.machine), wall);
+        (server, bench, (machine - server - bench).max(0.0))
+    }
+}
+
+fn cores(cpu: Duration, wall: Duration) -> f64 {
+    if wall.is_zero() {
+        0.0
+    } else {
+        cpu.as_secs_f64() / wall.as_secs_f64()
+    }
+}
+
+fn label(kind: RowKind, half_rate: bool) -> String {
+    match (kind, half_rate) {
+        (_, false) => kind.name().to_string(),
+        // The machine's floor for the ingest latency target.
+        (RowKind::Baseline, true) => "baseline @ ingest 50%".to_string(),
+        (_, true) => format!("{} @ 50%", kind.name()),
+    }
+}
+
+fn count_for(pace: Pace, settings: &Settings, corpus_len: usize) -> usize {
+    match pace {
+        Pace::FlatOut => corpus_len,
+        Pace::Rate(r) => ((r * settings.duration.as_secs_f64()).ceil() as usize).clamp(1, corpus_len),
+    }
+}
+
+fn load_problems(row: &str, load: &LoadResult, problems: &mut Vec<String>) {
+    for (status, n) in &load.rejected {
+        problems.push(format!("{row}: {n} requests answered {status}"));
+    }
+    if load.errors > 0 {
+        problems.push(format!(
+            "{row}: {} requests failed (connection error or timeout)",
+            load.errors
+        ));
+    }
+    if load.duplicates > 0 {
+        problems.push(format!("{row}: {} new events answered as duplicates", load.duplicates));
+    }
+}
+
+/// The baseline; `half_rate`: at ingest's half rate, for comparison.
+pub async fn baseline(corpus: &Arc<Corpus>, pace: Pace, half_rate: bool, settings: &Settings) -> anyhow::Result<Row> {
+    let server = Baseline::start()?;
+    let signed = Arc::new(Signed::now(corpus.clone()));
+    let plan = Plan {
+        target: server.addr,
+        connections: settings.connections,
+        pace,
+        count: count_for(pace, settings, corpus.len()),
+        duration: settings.duration,
+    };
+    let before = Cpu::now(server.stats());
+    let started = Instant::now();
+    let load = load::run(signed, plan).await?;
+    let wall = started.elapsed();
+    let after = Cpu::now(server.stats());
+    let (server_cpu, bench_cpu, other_cpu) = after.since(&before, wall);
+    server.stop().await;
+    let mut problems = Vec::new();
+    load_problems(&label(RowKind::Baseline, half_rate), &load, &mut problems);
+    Ok(Row {
+        kind: RowKind::Baseline,
+        pace,
+        half_rate,
+        connections: settings.connections,
+        load,
+        delivered: None,
+        server: Server {
+            ready: None,
+            idle_rss: None,
+            peak_rss: after.server.peak_rss,
+            cpu_cores: server_cpu,
+            threads: Vec::new(),
+        },
+        bench_cpu_cores: bench_cpu,
+        other_cpu_cores: other_cpu,
+        missing_in_store: 0,
+        problems,
+    })
+}
+
+pub async fn expeditor(
+    kind: RowKind,
+    corpus: &Arc<Corpus>,
+    pace: Pace,
+    half_rate: bool,
+    settings: &Settings,
+) -> anyhow::Result<Row> {
+    let label = label(kind, half_rate);
+    let sink_server = match kind.sinks() {
+        0 => None,
+        n => Some(SinkServer::start(n, corpus.len()).await?),
+    };
+    let routing = match &sink_server {
+        None => Routing::Nowhere,
+        Some(s) => Routing::Sinks {
+            addr: s.addr,
+            sinks: kind.sinks(),
+            concurrency: settings.sink_concurrency,
+        },
+    };
+    let daemon = Daemon::start(&settings.expeditor, settings.dir.as_deref(), routing).await?;
+    let signed = Arc::new(Signed::now(corpus.clone()));
+    let plan = Plan {
+        target: daemon.ingest,
+        connections: settings.connections,
+        pace,
+        count: count_for(pace, settings, corpus.len()),
+        duration: settings.duration,
+    };
+    let before = Cpu::now(daemon.stats());
+    let threads_before = daemon.threads();
+    let started = Instant::now();
+    let load = load::run(signed, plan).await?;
+    let wall = started.elapsed();
+    let (server_cpu, bench_cpu, other_cpu) = Cpu::now(daemon.stats()).since(&before, wall);
+    let threads = daemon
+        .threads()
+        .into_iter()
+        .map(|(name, cpu)| {
+            let spent = cpu.saturating_sub(threads_before.get(&name).copied().unwrap_or_default());
+            (name, cores(spent, wall))
+        })
+        .filter(|(_, c)| *c >= 0.01)
+        .collect();
+    let mut problems = Vec::new();
+    load_problems(&label, &load, &mut problems);
+
+    let delivered = match &sink_server {
+        Some(s) => {
+            drain(&s.state, &load.acked).await;
+            Some(delivered(&s.state, &load))
+        }
+        None => None,
+    };
+    let peak_rss = daemon.stats().map_or(0, |s| s.peak_rss);
+    let (ready, idle_rss) = (daemon.ready, daemon.idle.rss);
+    let stopped = daemon.stop().await?;
+    if let Some(s) = sink_server {
+        let unknown = s.state.unknown.load(std::sync::atomic::Ordering::Relaxed);
+        if unknown > 0 {
+            problems.push(format!(
+                "{label}: the sink server got {unknown} requests it could not place"
+            ));
+        }
+        s.stop();
+    }
+    if !stopped.clean {
+        problems.push(format!(
+            "{label}: expeditor did not exit 0 after SIGTERM ({}); its log ends:\n{}",
+            stopped.how,
+            stopped.log_tail()
+        ));
+    }
+
+    // Every acknowledged event must be in the store.
+    let store = stopped.store()?;
+    let missing_in_store = load
+        .acked
+        .iter()
+        .filter(|&&i| {
+            let source = corpus.get(i).vendor.source();
+            !store.events.contains(&format!("{source}:{}", event_id(i)))
+        })
+        .count();
+    if missing_in_store > 0 {
+        problems.push(format!(
+            "{label}: {missing_in_store} acknowledged events are not in the store"
+        ));
+    }
+    if let Some(d) = &delivered {
+        if d.missing > 0 {
+            problems.push(format!(
+                "{label}: {} acknowledged deliveries never reached their sink (waited up to {DRAIN_STALL:?} without progress)",
+                d.missing
+            ));
+        }
+        if store.dead > 0 {
+            problems.push(format!("{label}: {} deliveries are dead letters", store.dead));
+        }
+    }
+    Ok(Row {
+        kind,
+        pace,
+        half_rate,
+        connections: settings.connections,
+        load,
+        delivered,
+        server: Server {
+            ready: Some(ready),
+            idle_rss: Some(idle_rss),
+            peak_rss,
+            cpu_cores: server_cpu,
+            threads,
+        },
+        bench_cpu_cores: bench_cpu,
+        other_cpu_cores: other_cpu,
+        missing_in_store,
+        problems,
+    })
+}
+
+/// (event, sink) pairs acknowledged but not yet received.
+fn missing(state: &SinkState, acked: &[usize]) -> u64 {
+    state
+        .sinks
+        .iter()
+        .map(|r| acked.iter().filter(|&&i| r.first(i).is_none()).count() as u64)
+        .sum()
+}
+
+/// Waits until every acknowledged event reached every sink, or deliveries
+/// stall, or the time limit.
+async fn drain(state: &SinkState, acked: &[usize]) {
+    let started = Instant::now();
+    let mut last = u64::MAX;
+    let mut progress_at = Instant::now();
+    loop {
+        let left = missing(state, acked);
+        if left == 0 {
+            return;
+        }
+        if left < last {
+            last = left;
+            progress_at = Instant::now();
+        }
+        if progress_at.elapsed() > DRAIN_STALL || started.elapsed() > DRAIN_LIMIT {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn delivered(state: &SinkState, load: &LoadResult) -> Delivered {
+    let mut e2e_us = load::histogram();
+    let mut events = 0u64;
+    let mut missing = 0u64;
+    let mut last_ns = load.first_send_ns;
+    for &i in &load.acked {
+        let sent = load.sent_ns[i];
+        let mut everywhere = true;
+        for r in &state.sinks {
+            match r.first(i) {
+                Some(at) => {
+                    e2e_us.saturating_record((at.saturating_sub(sent) / 1000).max(1));
+                    last_ns = last_ns.max(at);
+                }
+                None => {
+                    everywhere = false;
+                    missing += 1;
+                }
+            }
+        }
+        if everywhere {
+            events += 1;
+        }
+    }
+    let secs = Duration::from_nanos(last_ns.saturating_sub(load.first_send_ns)).as_secs_f64();
+    Delivered {
+        events,
+        rate: if secs > 0.0 { events as f64 / secs } else { 0.0 },
+        e2e_us,
+        missing,
+        duplicates: state.sinks.iter().map(|r| r.duplicates()).sum(),
+    }
+}

@@ -1,0 +1,261 @@
+//! The two servers of the bench: the baseline (a bare hyper server that reads
+//! the body and answers 200, run as a separate process like expeditor), and
+//! the sink server (in this process) that expeditor's `http` sinks deliver to
+//! and that records when each event arrived.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::load::{index_of, now_ns};
+use crate::proc::{self, ProcStats};
+
+/// Accepts connections until the task is aborted; dropping the `JoinSet`
+/// aborts the connections too.
+async fn serve<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let handle = handle.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req| {
+                let handle = handle.clone();
+                async move { Ok::<_, Infallible>(handle(req).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        // Reap finished connections so the set does not grow without bound.
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Baseline
+
+/// The hidden `baseline-server` subcommand: binds 127.0.0.1:0, prints the
+/// address on stdout, serves until killed.
+pub fn baseline_main() -> ExitCode {
+    // The same runtime expeditor uses: multi-threaded, one worker per core.
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baseline-server: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let listener = match TcpListener::bind("127.0.0.1:0").await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("baseline-server: cannot bind: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match listener.local_addr() {
+            Ok(addr) => println!("{addr}"),
+            Err(_) => return ExitCode::FAILURE,
+        }
+        tokio::select! {
+            _ = serve(listener, baseline_handle) => {}
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminated() => {}
+        }
+        ExitCode::SUCCESS
+    })
+}
+
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}
+
+async fn baseline_handle(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    // Reads the whole body, like any receiver must before it can verify.
+    let status = match req.into_body().collect().await {
+        Ok(_) => StatusCode::OK,
+        Err(_) => StatusCode::BAD_REQUEST,
+    };
+    let mut resp = Response::new(Full::new(Bytes::from_static(br#"{"status":"accepted"}"#)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// The baseline server, running as a child process (re-executed bench binary).
+pub struct Baseline {
+    /// `None` once stopped; dropping a running baseline kills it.
+    child: Option<Child>,
+    pub addr: SocketAddr,
+}
+
+impl Baseline {
+    pub fn start() -> anyhow::Result<Self> {
+        let exe = std::env::current_exe().context("cannot find the bench binary to re-run")?;
+        let mut child = Command::new(exe)
+            .arg("baseline-server")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start the baseline server")?;
+        let stdout = child.stdout.take().context("baseline stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .context("cannot read the baseline server's address")?;
+        let addr = match line.trim().parse() {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("the baseline server did not print its address (got {line:?})");
+            }
+        };
+        Ok(Self {
+            child: Some(child),
+            addr,
+        })
+    }
+
+    pub fn stats(&self) -> Option<ProcStats> {
+        ProcStats::read(self.child.as_ref()?.id())
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = proc::terminate(&child);
+            let _ = proc::wait_for(&mut child, Duration::from_secs(5)).await;
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Sink server
+
+/// What one sink (one path) received.
+pub struct Receipts {
+    /// Per corpus index: first receipt (ns, [`now_ns`], +1 so 0 means none).
+    first_ns: Vec<AtomicU64>,
+    duplicates: AtomicU64,
+}
+
+impl Receipts {
+    pub fn first(&self, i: usize) -> Option<u64> {
+        match self.first_ns.get(i)?.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
+        }
+    }
+
+    pub fn duplicates(&self) -> u64 {
+        self.duplicates.load(Ordering::Relaxed)
+    }
+}
+
+pub struct SinkState {
+    pub sinks: Vec<Receipts>,
+    /// Requests to an unknown path or with an id not from the corpus.
+    pub unknown: AtomicU64,
+}
+
+/// The local sink: `POST /s1` .. `/sK`, a body `{"id": "<event id>"}`.
+pub struct SinkServer {
+    pub addr: SocketAddr,
+    pub state: Arc<SinkState>,
+    task: JoinHandle<()>,
+}
+
+impl SinkServer {
+    pub async fn start(sinks: usize, corpus_len: usize) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(SinkState {
+            sinks: (0..sinks)
+                .map(|_| Receipts {
+                    first_ns: (0..corpus_len).map(|_| AtomicU64::new(0)).collect(),
+                    duplicates: AtomicU64::new(0),
+                })
+                .collect(),
+            unknown: AtomicU64::new(0),
+        });
+        let s = state.clone();
+        let task = tokio::spawn(serve(listener, move |req| sink_handle(s.clone(), req)));
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+async fn sink_handle(state: Arc<SinkState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let sink = req
+        .uri()
+        .path()
+        .strip_prefix("/s")
+        .and_then(|k| k.parse::<usize>().ok())
+        .and_then(|k| k.checked_sub(1))
+        .filter(|k| *k < state.sinks.len());
+    let body = req.into_body().collect().await.map(|b| b.to_bytes());
+    let index = body
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("id")?.as_str().and_then(index_of));
+    let at = now_ns();
+    match (sink, index) {
+        (Some(k), Some(i)) if i < state.sinks[k].first_ns.len() => {
+            let r = &state.sinks[k];
+            if r.first_ns[i]
+                .compare_exchange(0, at + 1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                r.duplicates.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        _ => {
+            state.unknown.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    Response::new(Full::new(Bytes::new()))
+}

@@ -1,0 +1,46 @@
+//! Error text that sinks store and the CLI shows.
+
+/// The innermost cause of an error (`connection refused`), not the outer
+/// message, which in HTTP clients quotes the URL (and with it, sometimes,
+/// a token in the query).
+pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = err;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let text = cause.to_string();
+    // "Connection refused (os error 111)" -> "connection refused"
+    let text = match text.rfind(" (os error ") {
+        Some(at) if text.ends_with(')') => &text[..at],
+        _ => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::from("unknown error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error sending request for url (https://kds.example.com/?token=secret)")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn innermost_cause_without_the_url() {
+        let err = Outer(std::io::Error::from_raw_os_error(111));
+        assert_eq!(root_cause(&err), "connection refused");
+    }
+}

@@ -1,0 +1,167 @@
+//! Rendering and encoding; the SMTP exchanges themselves are tested end to
+//! end against a real SMTP server in `tests/it/email.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use expeditor_api::{Customer, Delivery, Event, EventMeta, Order, TemplateSet, Views};
+use serde_json::json;
+
+use super::*;
+
+fn event(email: Option<&str>) -> Event {
+    Event {
+        event: EventMeta {
+            id: "evt_1".into(),
+            source: "crave".into(),
+            kind: "crave".into(),
+            event_type: "order.created".into(),
+            occurred_at: None,
+            received_at: "2026-11-23T10:00:00Z".into(),
+        },
+        payload: json!({}),
+        views: Views {
+            order: Some(Order {
+                id: Some("ord_456".into()),
+                total_cents: Some(2798),
+                customer: Some(Customer {
+                    id: None,
+                    name: Some("Zoë Ångström".into()),
+                    email: email.map(Into::into),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    }
+}
+
+fn delivery(email: Option<&str>) -> Delivery {
+    Delivery {
+        key: "0123456789abcdef0123456789abcdef".into(),
+        attempt: 1,
+        event: Arc::new(event(email)),
+    }
+}
+
+fn config(to: &str, to_name: Option<&str>, html: Option<&str>) -> EmailSinkConfig {
+    let mut set = TemplateSet::new();
+    let to = set.text("sinks.confirm.to", to).unwrap();
+    let to_name = to_name.map(|n| set.text("sinks.confirm.to_name", n).unwrap());
+    let subject = set
+        .text("sinks.confirm.subject", "Commande confirmée — {{ order.id }}")
+        .unwrap();
+    let text = set
+        .text(
+            "sinks.confirm.text",
+            "Merci {{ order.customer.name }}! Total {{ order.total_cents | money }}",
+        )
+        .unwrap();
+    let html = html.map(|h| set.text("sinks.confirm.html", h).unwrap());
+    EmailSinkConfig {
+        name: "confirm".into(),
+        smtp: SmtpConfig {
+            host: "127.0.0.1".into(),
+            port: 2525,
+            tls: TlsMode::None,
+            credentials: None,
+            ca_pem: None,
+        },
+        from: parse_mailbox("Crêperie Zoë <orders@crave.example>").unwrap(),
+        to,
+        to_name,
+        subject,
+        text,
+        html,
+        timeout: Duration::from_secs(5),
+        templates: set.finish(),
+    }
+}
+
+fn formatted(cfg: &EmailSinkConfig, d: &Delivery) -> String {
+    String::from_utf8(message::render(cfg, d).unwrap().formatted()).unwrap()
+}
+
+#[test]
+fn headers_are_encoded_and_the_message_id_is_the_delivery_key() {
+    let cfg = config("{{ order.customer.email }}", Some("{{ order.customer.name }}"), None);
+    let raw = formatted(&cfg, &delivery(Some("zoe@example.com")));
+    assert!(raw.is_ascii(), "a message on the wire is 7-bit: {raw}");
+    assert!(
+        raw.contains("Message-ID: <0123456789abcdef0123456789abcdef@crave.example>\r\n"),
+        "{raw}"
+    );
+    // RFC 2047 encoded-words, never raw UTF-8 in a header.
+    assert!(raw.contains("Subject: Commande =?utf-8?"), "{raw}");
+    assert!(raw.contains("From: =?utf-8?"), "{raw}");
+    assert!(raw.contains("<orders@crave.example>"), "{raw}");
+    assert!(raw.contains("To: =?utf-8?"), "{raw}");
+    assert!(raw.contains("<zoe@example.com>"), "{raw}");
+    assert!(raw.contains("Content-Type: text/plain; charset=utf-8"), "{raw}");
+}
+
+#[test]
+fn the_same_delivery_renders_the_same_message_id() {
+    let cfg = config("{{ order.customer.email }}", None, Some("<p>Merci</p>"));
+    let a = message::render(&cfg, &delivery(Some("zoe@example.com"))).unwrap();
+    let b = message::render(&cfg, &delivery(Some("zoe@example.com"))).unwrap();
+    let id = |m: &lettre::Message| {
+        m.headers()
+            .get_raw("Message-ID")
+            .map(str::to_owned)
+            .expect("a Message-ID")
+    };
+    assert_eq!(id(&a), id(&b));
+    let raw = String::from_utf8(a.formatted()).unwrap();
+    assert!(raw.contains("multipart/alternative"), "{raw}");
+    assert!(raw.contains("text/html"), "{raw}");
+}
+
+#[test]
+fn an_empty_or_invalid_recipient_is_permanent() {
+    let cfg = config("{{ order.customer.email }}", None, None);
+    let err = message::render(&cfg, &delivery(None)).unwrap_err();
+    assert!(!err.retryable, "{err:?}");
+    assert!(
+        err.message.contains("sinks.confirm.to") && err.message.contains("empty"),
+        "{err:?}"
+    );
+    let err = message::render(&cfg, &delivery(Some("not-an-address"))).unwrap_err();
+    assert!(!err.retryable, "{err:?}");
+    assert!(
+        !err.message.contains("not-an-address"),
+        "the address is not quoted: {err:?}"
+    );
+    let cfg = config("a@example.com, b@example.com", Some("x"), None);
+    let err = message::render(&cfg, &delivery(None)).unwrap_err();
+    assert!(err.message.contains("to_name"), "{err:?}");
+}
+
+#[test]
+fn several_recipients() {
+    let cfg = config("a@example.com, Kitchen <kitchen@example.com>", None, None);
+    let m = message::render(&cfg, &delivery(None)).unwrap();
+    let to: Vec<String> = m.envelope().to().iter().map(ToString::to_string).collect();
+    assert_eq!(to, ["a@example.com", "kitchen@example.com"]);
+}
+
+#[test]
+fn config_helpers() {
+    assert!(parse_mailbox("orders@example.com").is_ok());
+    assert!(parse_mailbox("Crave <orders@example.com>").is_ok());
+    assert!(parse_mailbox("orders").is_err());
+    assert_eq!("starttls".parse(), Ok(TlsMode::StartTls));
+    assert_eq!("tls".parse(), Ok(TlsMode::Tls));
+    assert_eq!("none".parse(), Ok(TlsMode::None));
+    assert!("ssl".parse::<TlsMode>().unwrap_err().contains("starttls"));
+    assert!(parse_ca(b"hello").is_err());
+}
+
+#[test]
+fn debug_hides_the_password() {
+    let mut cfg = config("a@example.com", None, None);
+    cfg.smtp.credentials = Some(("user".into(), "hunter2-secret".into()));
+    let debug = format!("{cfg:?}");
+    assert!(!debug.contains("hunter2-secret"), "{debug}");
+    assert!(debug.contains("user"), "{debug}");
+}

@@ -1,0 +1,154 @@
+//! `allow_http`: the hosts a plugin may send HTTP requests to.
+//!
+//! Every request a plugin makes through `wasi:http/outgoing-handler` passes
+//! [`Egress::send_request`]. A request is allowed when its `host:port` (the
+//! port defaulting from the scheme) is granted by name, or when it names an IP
+//! address, or a name that resolves only to addresses, that `allow_http`
+//! grants as IP:port. A grant by name trusts that name's DNS answers. Anything
+//! else is denied and logged; the plugin sees `HttpRequestDenied`, an ordinary
+//! error it can report (as retryable, so a fixed grant lets the delivery
+//! through).
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Scheme;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use crate::config::{Grant, GrantHost};
+
+pub(crate) struct Egress {
+    sink: Arc<str>,
+    grants: Arc<[Grant]>,
+    /// Bounds every phase of a request (connect, first byte, between bytes).
+    timeout: Duration,
+}
+
+impl Egress {
+    pub fn new(sink: Arc<str>, grants: Vec<Grant>, timeout: Duration) -> Self {
+        Self {
+            sink,
+            grants: grants.into(),
+            timeout,
+        }
+    }
+}
+
+/// Whether `host:port` may be reached; resolves the name when only IP
+/// grants could match.
+async fn allowed(grants: &[Grant], host: &str, port: u16) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let literal: Option<IpAddr> = host.parse().ok();
+    let by_name = grants.iter().any(|g| {
+        g.port == port
+            && match (&g.host, literal) {
+                (GrantHost::Name(n), None) => *n == host,
+                (GrantHost::Ip(ip), Some(lit)) => *ip == lit,
+                _ => false,
+            }
+    });
+    if by_name || literal.is_some() {
+        return by_name;
+    }
+    let ip_grants: Vec<IpAddr> = grants
+        .iter()
+        .filter(|g| g.port == port)
+        .filter_map(|g| match g.host {
+            GrantHost::Ip(ip) => Some(ip),
+            GrantHost::Name(_) => None,
+        })
+        .collect();
+    if ip_grants.is_empty() {
+        return false;
+    }
+    match tokio::net::lookup_host((host.as_str(), port)).await {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| ip_grants.contains(&a.ip()))
+        }
+        Err(_) => false,
+    }
+}
+
+impl WasiHttpHooks for Egress {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (
+                        http::Response<WasiBody>,
+                        Box<dyn Future<Output = Result<(), Error>> + Send>,
+                    ),
+                    Error,
+                >,
+            > + Send,
+    > {
+        _ = fut;
+        let sink = self.sink.clone();
+        let grants = self.grants.clone();
+        let timeout = self.timeout;
+        Box::new(async move {
+            use http_body_util::BodyExt;
+
+            let uri = request.uri().clone();
+            let Some(authority) = uri.authority() else {
+                return Err(Error::HttpRequestUriInvalid);
+            };
+            let port = authority
+                .port_u16()
+                .unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 });
+            if !allowed(&grants, authority.host(), port).await {
+                tracing::warn!(
+                    sink = %sink,
+                    host = authority.host(),
+                    port,
+                    "plugin HTTP request denied: {}:{port} is not in the sink's allow_http",
+                    authority.host()
+                );
+                return Err(Error::HttpRequestDenied);
+            }
+            let cap = |t: Option<Duration>| Some(t.map_or(timeout, |t| t.min(timeout)));
+            let options = RequestOptions {
+                connect_timeout: cap(options.and_then(|o| o.connect_timeout)),
+                first_byte_timeout: cap(options.and_then(|o| o.first_byte_timeout)),
+                between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout)),
+            };
+            tracing::debug!(sink = %sink, method = %request.method(), uri = %uri, "plugin HTTP request");
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_grant;
+
+    fn grants(list: &[&str]) -> Vec<Grant> {
+        list.iter().map(|g| parse_grant(g).unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn names_ports_and_addresses() {
+        let g = grants(&["Reports.Example.com:443", "127.0.0.1:8080", "[::1]:9000"]);
+        assert!(allowed(&g, "reports.example.com", 443).await);
+        assert!(allowed(&g, "REPORTS.example.com", 443).await);
+        assert!(!allowed(&g, "reports.example.com", 80).await);
+        assert!(!allowed(&g, "evil.example.com", 443).await);
+        assert!(allowed(&g, "127.0.0.1", 8080).await);
+        assert!(!allowed(&g, "127.0.0.1", 9090).await);
+        assert!(allowed(&g, "[::1]", 9000).await);
+        // A name is checked by what it resolves to, against IP grants.
+        assert!(!allowed(&g, "localhost", 9090).await);
+        assert!(!allowed(&[], "127.0.0.1", 8080).await);
+    }
+}

@@ -1,0 +1,370 @@
+//! Loading a plugin: read, compile (or take from the cache), check that it is
+//! built against our world, and call `init` once with its config.
+//!
+//! [`Plugin::load`] is everything `expeditor check` reports about a plugin,
+//! and also the reload path: it always reads the file anew, so building the
+//! sink again from a reloaded config picks up a replaced `.wasm`.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use wasmtime::component::Component;
+use wasmtime::{Store, Trap};
+
+use crate::bindings::{self, Event, SinkPre};
+use crate::cache;
+use crate::runtime::runtime;
+use crate::state::{State, Stopped, human_bytes, human_duration};
+use crate::{Limits, WasmSinkConfig};
+
+/// The WIT package (and version) this host implements: `plugins/wit`.
+pub const WIT_PACKAGE: &str = "expeditor:sink@0.1.0";
+const WIT_NAME: &str = "expeditor:sink";
+const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+
+/// Why a plugin cannot be used; the message names the file and says what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginError {
+    pub kind: PluginErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginErrorKind {
+    /// The file does not exist or cannot be read.
+    Missing,
+    /// Not WebAssembly, a core module instead of a component, or does not compile.
+    NotComponent,
+    /// Built against another version of `expeditor:sink`, or another world.
+    WrongWorld,
+    /// Imports `wasi:http` but the sink grants no hosts.
+    HttpNotGranted,
+    /// `init` returned an error, or trapped.
+    Init,
+    /// The WebAssembly runtime could not be started.
+    Runtime,
+}
+
+impl fmt::Display for PluginError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+fn err(kind: PluginErrorKind, message: impl Into<String>) -> PluginError {
+    PluginError {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// A loaded, checked plugin, ready to be instantiated for a sink.
+pub struct Plugin {
+    pub(crate) cfg: WasmSinkConfig,
+    sink: Arc<str>,
+    pre: SinkPre<State>,
+    engine: wasmtime::Engine,
+    /// SHA-256 of the `.wasm`, for logs.
+    pub(crate) hash: String,
+}
+
+impl fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plugin")
+            .field("cfg", &self.cfg)
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One instance of a plugin, `init` done: a store and the bindings into it.
+pub(crate) struct Instance {
+    store: Store<State>,
+    bindings: bindings::Sink,
+}
+
+/// A call that did not return normally; the instance cannot be used again.
+#[derive(Debug, Clone)]
+pub(crate) struct CallFailed(pub String);
+
+impl Plugin {
+    /// Reads the plugin file, compiles it (or loads the compiled form from
+    /// `cfg.cache_dir`), checks its imports and exports against
+    /// `expeditor:sink@0.1.0` and the sink's grants, and runs `init` with the
+    /// config once (then `shutdown`) in a throwaway instance.
+    ///
+    /// Blocking (compiling takes up to a few hundred milliseconds): call it
+    /// off the async runtime (`spawn_blocking`) when one is running.
+    pub fn load(cfg: &WasmSinkConfig) -> Result<Plugin, PluginError> {
+        let path = cfg.plugin.as_path();
+        let shown = path.display();
+        let rt = runtime().map_err(|e| err(PluginErrorKind::Runtime, e))?;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(err(
+                    PluginErrorKind::Missing,
+                    format!("plugin file {shown} does not exist"),
+                ));
+            }
+            Err(e) => {
+                return Err(err(
+                    PluginErrorKind::Missing,
+                    format!("cannot read plugin file {shown}: {e}"),
+                ));
+            }
+        };
+        check_header(path, &bytes)?;
+        let hash = cache::hash(&bytes);
+        let started = Instant::now();
+        let (component, source) =
+            cache::component(&rt.engine, cfg.cache_dir.as_deref(), &hash, &bytes).map_err(|e| {
+                err(
+                    PluginErrorKind::NotComponent,
+                    format!("{shown} does not compile: {e:#}"),
+                )
+            })?;
+        tracing::debug!(
+            sink = %cfg.name,
+            plugin = %shown,
+            sha256 = %hash,
+            from = ?source,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "plugin compiled",
+        );
+        let uses_http = check_imports(&rt.engine, &component, cfg)?;
+        let linker = if uses_http { &rt.http } else { &rt.plain };
+        let pre = linker.instantiate_pre(&component).map_err(|e| {
+            err(
+                PluginErrorKind::WrongWorld,
+                format!("{shown} needs something expeditor does not provide: {e:#}"),
+            )
+        })?;
+        let pre = SinkPre::new(pre).map_err(|e| {
+            err(
+                PluginErrorKind::WrongWorld,
+                format!("{shown} does not implement the world sink of {WIT_PACKAGE} (plugins/wit): {e:#}"),
+            )
+        })?;
+        let plugin = Plugin {
+            cfg: cfg.clone(),
+            sink: cfg.name.as_str().into(),
+            pre,
+            engine: rt.engine.clone(),
+            hash,
+        };
+        // `init` judges the config now, so `expeditor check` reports it.
+        let instance = plugin.instantiate().map_err(|e| match e {
+            InitFailed::Rejected(msg) => err(
+                PluginErrorKind::Init,
+                format!("{shown}: init rejected the config: {msg}"),
+            ),
+            InitFailed::Failed(CallFailed(msg)) => err(PluginErrorKind::Init, format!("{shown}: init failed: {msg}")),
+        })?;
+        plugin.shutdown(instance);
+        Ok(plugin)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    pub fn config(&self) -> &WasmSinkConfig {
+        &self.cfg
+    }
+
+    /// A fresh instance with `init` done.
+    pub(crate) fn instantiate(&self) -> Result<Instance, InitFailed> {
+        let mut store = State::store(&self.engine, State::new(&self.cfg, self.sink.clone()));
+        State::start_call(&mut store);
+        let bindings = match self.pre.instantiate(&mut store) {
+            Ok(b) => b,
+            Err(e) => return Err(InitFailed::Failed(describe(&store, &e, "instantiating"))),
+        };
+        match bindings.call_init(&mut store, &self.cfg.config) {
+            Ok(Ok(())) => Ok(Instance { store, bindings }),
+            Ok(Err(msg)) => Err(InitFailed::Rejected(msg)),
+            Err(e) => Err(InitFailed::Failed(describe(&store, &e, "init"))),
+        }
+    }
+
+    /// One `deliver` call. An `Err` means the instance trapped (or was
+    /// stopped) and must be dropped.
+    pub(crate) fn deliver(
+        &self,
+        instance: &mut Instance,
+        events: &[Event],
+    ) -> Result<Vec<Result<(), bindings::DeliveryError>>, CallFailed> {
+        State::start_call(&mut instance.store);
+        instance
+            .bindings
+            .call_deliver(&mut instance.store, events)
+            .map_err(|e| describe(&instance.store, &e, "deliver"))
+    }
+
+    /// The shutdown contract: `shutdown` under the usual limits, then the
+    /// instance is dropped. A failure is logged, never propagated: the sink is
+    /// going away either way.
+    pub(crate) fn shutdown(&self, mut instance: Instance) {
+        State::start_call(&mut instance.store);
+        if let Err(e) = instance.bindings.call_shutdown(&mut instance.store) {
+            let CallFailed(msg) = describe(&instance.store, &e, "shutdown");
+            tracing::warn!(sink = %self.cfg.name, error = %msg, "plugin shutdown failed");
+        }
+    }
+}
+
+pub(crate) enum InitFailed {
+    /// `init` returned an error: the config is wrong.
+    Rejected(String),
+    Failed(CallFailed),
+}
+
+impl InitFailed {
+    pub fn message(&self) -> String {
+        match self {
+            InitFailed::Rejected(msg) => format!("plugin init rejected the config: {msg}"),
+            InitFailed::Failed(CallFailed(msg)) => msg.clone(),
+        }
+    }
+}
+
+/// What stopped a call, in words for the delivery's error and the log.
+fn describe(store: &Store<State>, e: &wasmtime::Error, call: &str) -> CallFailed {
+    let limits: Limits = store.data().limits();
+    let msg = match store.data().stopped {
+        Some(Stopped::Cpu) => format!(
+            "plugin {call} used more than its CPU limit of {} and was stopped",
+            human_duration(limits.cpu)
+        ),
+        Some(Stopped::Timeout) => format!(
+            "plugin {call} ran past the sink timeout of {} and was stopped",
+            human_duration(limits.timeout)
+        ),
+        Some(Stopped::Memory) => format!(
+            "plugin {call} reached its memory limit of {} and was stopped",
+            human_bytes(limits.memory)
+        ),
+        None => match e.downcast_ref::<Trap>() {
+            Some(Trap::UnreachableCodeReached) => format!("plugin {call} trapped (a panic or abort): {e}"),
+            Some(trap) => format!("plugin {call} trapped: {trap}"),
+            None => format!("plugin {call} failed: {e:#}"),
+        },
+    };
+    CallFailed(msg)
+}
+
+/// Tells a component from a core module or something else entirely by the
+/// header, for a clear message before the compiler's.
+fn check_header(path: &Path, bytes: &[u8]) -> Result<(), PluginError> {
+    let shown = path.display();
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        return Err(err(
+            PluginErrorKind::NotComponent,
+            format!("{shown} is not a WebAssembly file"),
+        ));
+    }
+    // Version 1 with layer 0 is a core module; components are layer 1.
+    if bytes[4..8] == [1, 0, 0, 0] {
+        return Err(err(
+            PluginErrorKind::NotComponent,
+            format!(
+                "{shown} is a core WebAssembly module, not a component: build the plugin for the \
+                 wasm32-wasip2 target (see plugins/README.md)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the component's imports: our package at a version we implement,
+/// and `wasi:http` only when the sink grants hosts. Returns whether it
+/// imports `wasi:http`.
+fn check_imports(engine: &wasmtime::Engine, component: &Component, cfg: &WasmSinkConfig) -> Result<bool, PluginError> {
+    let shown = cfg.plugin.display();
+    let ty = component.component_type();
+    let mut ours = false;
+    let mut uses_http = false;
+    for (name, _) in ty.imports(engine) {
+        if let Some(rest) = name.strip_prefix(WIT_NAME).and_then(|r| r.strip_prefix('/')) {
+            ours = true;
+            let version = rest.split_once('@').map(|(_, v)| v).unwrap_or("");
+            if !compatible(version) {
+                return Err(err(
+                    PluginErrorKind::WrongWorld,
+                    format!(
+                        "{shown} was built against {WIT_NAME}@{}, but this expeditor implements {WIT_PACKAGE}: \
+                         rebuild the plugin against plugins/wit from this release",
+                        if version.is_empty() { "(no version)" } else { version }
+                    ),
+                ));
+            }
+        } else if name.starts_with("wasi:http/") {
+            uses_http = true;
+        }
+    }
+    if !ours {
+        return Err(err(
+            PluginErrorKind::WrongWorld,
+            format!("{shown} is not an expeditor plugin: it does not use {WIT_PACKAGE} (build it against plugins/wit)"),
+        ));
+    }
+    if uses_http && cfg.allow_http.is_empty() {
+        return Err(err(
+            PluginErrorKind::HttpNotGranted,
+            format!(
+                "{shown} makes outbound HTTP requests (it imports wasi:http), but the sink grants no hosts: \
+                 add allow_http = [\"host:port\", ...]"
+            ),
+        ));
+    }
+    Ok(uses_http)
+}
+
+/// Whether a plugin's `expeditor:sink` version is one we implement: the same
+/// major version, or for 0.x the same minor (semver), and not newer.
+fn compatible(version: &str) -> bool {
+    let mut parts = version.split(['.', '-', '+']).map(|p| p.parse::<u64>());
+    let (Some(Ok(major)), Some(Ok(minor)), Some(Ok(patch))) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (our_major, our_minor, our_patch) = WIT_VERSION;
+    if major != our_major {
+        return false;
+    }
+    if major == 0 {
+        minor == our_minor && patch <= our_patch
+    } else {
+        (minor, patch) <= (our_minor, our_patch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert!(compatible("0.1.0"));
+        assert!(!compatible("0.2.0"));
+        assert!(!compatible("0.1.1"), "newer than what we implement");
+        assert!(!compatible("1.0.0"));
+        assert!(!compatible(""));
+    }
+
+    #[test]
+    fn headers() {
+        let p = Path::new("x.wasm");
+        assert_eq!(
+            check_header(p, b"hello world").unwrap_err().kind,
+            PluginErrorKind::NotComponent
+        );
+        let core = check_header(p, b"\0asm\x01\0\0\0").unwrap_err();
+        assert!(core.message.contains("core WebAssembly module"), "{core}");
+        assert!(check_header(p, b"\0asm\x0d\0\x01\0").is_ok());
+    }
+}

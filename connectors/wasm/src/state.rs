@@ -1,0 +1,182 @@
+//! What one instance's store holds, and what the host does for the plugin.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{ResourceLimiter, Store, StoreContextMut, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
+
+use crate::bindings::{self, Level};
+use crate::egress::Egress;
+use crate::runtime::TICK;
+use crate::{Limits, WasmSinkConfig};
+
+/// Longest log line a plugin may write; the rest is cut.
+const MAX_LOG: usize = 4096;
+
+/// Why the last call was stopped, when the host stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stopped {
+    Cpu,
+    Timeout,
+    Memory,
+}
+
+pub(crate) struct State {
+    sink: Arc<str>,
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    egress: Egress,
+    limits: Limits,
+    /// Epoch ticks the current call may still run.
+    ticks_left: u64,
+    /// When the current call runs out of wall-clock time.
+    deadline: Instant,
+    pub stopped: Option<Stopped>,
+}
+
+impl State {
+    pub fn new(cfg: &WasmSinkConfig, sink: Arc<str>) -> Self {
+        // Nothing inherited: no environment, arguments, preopened
+        // directories or stdio; no sockets or name lookups.
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        Self {
+            egress: Egress::new(sink.clone(), cfg.allow_http.clone(), cfg.limits.timeout),
+            sink,
+            wasi,
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            limits: cfg.limits,
+            ticks_left: 0,
+            deadline: Instant::now(),
+            stopped: None,
+        }
+    }
+
+    /// A store with the limits and the epoch callback in place.
+    pub fn store(engine: &wasmtime::Engine, state: State) -> Store<State> {
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| s);
+        store.epoch_deadline_callback(on_tick);
+        store
+    }
+
+    /// Arms the CPU and wall-clock budgets for one call.
+    pub fn start_call(store: &mut Store<State>) {
+        let s = store.data_mut();
+        s.ticks_left = (s.limits.cpu.as_nanos() / TICK.as_nanos()).max(1) as u64;
+        s.deadline = Instant::now() + s.limits.timeout;
+        s.stopped = None;
+        store.set_epoch_deadline(1);
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+}
+
+/// Called when the epoch passes the store's deadline while the plugin runs:
+/// once per tick of guest execution (time in host calls, such as waiting for
+/// an HTTP answer, is not counted against the CPU budget).
+fn on_tick(mut cx: StoreContextMut<'_, State>) -> wasmtime::Result<UpdateDeadline> {
+    let s = cx.data_mut();
+    if Instant::now() >= s.deadline {
+        s.stopped = Some(Stopped::Timeout);
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    if s.ticks_left == 0 {
+        s.stopped = Some(Stopped::Cpu);
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    s.ticks_left -= 1;
+    Ok(UpdateDeadline::Continue(1))
+}
+
+impl ResourceLimiter for State {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.limits.memory {
+            self.stopped = Some(Stopped::Memory);
+            // An error traps at once with a readable reason; returning false
+            // would make a Rust guest abort with a bare `unreachable`.
+            return Err(wasmtime::format_err!(
+                "plugin memory limit of {} reached (it asked for {desired} bytes)",
+                human_bytes(self.limits.memory)
+            ));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+pub(crate) fn human_bytes(n: usize) -> String {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
+        format!("{}GiB", n >> 30)
+    } else if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{}MiB", n >> 20)
+    } else if n >= 1 << 10 && n.is_multiple_of(1 << 10) {
+        format!("{}KiB", n >> 10)
+    } else {
+        format!("{n}B")
+    }
+}
+
+pub(crate) fn human_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for State {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.egress,
+        }
+    }
+}
+
+impl bindings::expeditor::sink::types::Host for State {}
+
+impl bindings::expeditor::sink::host::Host for State {
+    fn log(&mut self, level: Level, message: String) {
+        let mut message = message;
+        if message.len() > MAX_LOG {
+            let mut cut = MAX_LOG;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        let sink = &*self.sink;
+        match level {
+            Level::Trace => tracing::trace!(target: "expeditor::plugin", sink = %sink, "{message}"),
+            Level::Debug => tracing::debug!(target: "expeditor::plugin", sink = %sink, "{message}"),
+            Level::Info => tracing::info!(target: "expeditor::plugin", sink = %sink, "{message}"),
+            Level::Warn => tracing::warn!(target: "expeditor::plugin", sink = %sink, "{message}"),
+            Level::Error => tracing::error!(target: "expeditor::plugin", sink = %sink, "{message}"),
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! A plugin that misbehaves on request, for expeditor's tests: each event's
+//! payload may carry `"behave": "..."`:
+//!
+//! - `"panic"`: panics (a trap);
+//! - `"loop"`: spins forever (stopped by the CPU limit);
+//! - `"oom"`: allocates until the memory limit stops it;
+//! - `"retry"`: a retryable error, with `retry_after_ms` from the payload
+//!   when given;
+//! - `"permanent"`: a permanent error;
+//! - anything else, or nothing: delivered, and logged through the host.
+//!
+//! The config may say `{"reject": "why"}`: `init` then fails with that text.
+//! `{"fail_shutdown": true}` makes `shutdown` panic, to test that a failing
+//! shutdown does not stop the daemon's.
+
+use std::cell::Cell;
+
+use serde_json::Value;
+
+wit_bindgen::generate!({
+    path: "../../wit",
+    world: "sink",
+});
+
+use expeditor::sink::host::log;
+use expeditor::sink::types::{Level, RetryHint};
+
+thread_local! {
+    static FAIL_SHUTDOWN: Cell<bool> = const { Cell::new(false) };
+    static DELIVERED: Cell<u64> = const { Cell::new(0) };
+}
+
+struct Plugin;
+
+impl Guest for Plugin {
+    fn init(config: String) -> Result<(), String> {
+        let config: Value = serde_json::from_str(&config).map_err(|e| format!("config is not JSON: {e}"))?;
+        if let Some(why) = config["reject"].as_str() {
+            return Err(why.to_owned());
+        }
+        FAIL_SHUTDOWN.with(|f| f.set(config["fail_shutdown"].as_bool().unwrap_or(false)));
+        Ok(())
+    }
+
+    fn deliver(events: Vec<Event>) -> Vec<Result<(), DeliveryError>> {
+        events.iter().map(behave).collect()
+    }
+
+    fn shutdown() {
+        let delivered = DELIVERED.with(Cell::get);
+        log(
+            Level::Info,
+            &format!("misbehave shutting down after {delivered} deliveries"),
+        );
+        if FAIL_SHUTDOWN.with(Cell::get) {
+            panic!("asked to fail at shutdown");
+        }
+    }
+}
+
+fn behave(event: &Event) -> Result<(), DeliveryError> {
+    let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+    match payload["behave"].as_str().unwrap_or("") {
+        "panic" => panic!("asked to panic by event {}", event.id),
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "oom" => {
+            let mut hoard: Vec<Vec<u8>> = Vec::new();
+            loop {
+                // Touch every page so the memory is really used.
+                hoard.push(vec![1u8; 16 << 20]);
+                std::hint::black_box(&hoard);
+            }
+        }
+        "retry" => Err(DeliveryError::Retryable(RetryHint {
+            message: format!("asked to retry by event {}", event.id),
+            retry_after_ms: payload["retry_after_ms"].as_u64(),
+        })),
+        "permanent" => Err(DeliveryError::Permanent(format!("asked to fail by event {}", event.id))),
+        _ => {
+            DELIVERED.with(|d| d.set(d.get() + 1));
+            log(
+                Level::Info,
+                &format!(
+                    "misbehave delivered {} (attempt {}, key {})",
+                    event.id, event.attempt, event.delivery_key
+                ),
+            );
+            Ok(())
+        }
+    }
+}
+
+export!(Plugin);

@@ -1,0 +1,29 @@
+//! What the listeners share, and what a reload swaps.
+//!
+//! Requests and admin calls read [`Shared::current`] once and use that
+//! snapshot to the end, so a SIGHUP reload is atomic for each of them: a
+//! request is handled entirely by the old config or entirely by the new.
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::Config;
+use crate::deliver::EngineHealth;
+use crate::metrics::Metrics;
+use crate::pipeline::{Pipeline, Wake};
+use crate::store::Store;
+
+/// The running configuration and what was built from it.
+pub struct Current {
+    pub config: Arc<Config>,
+    pub pipeline: Arc<Pipeline>,
+    pub wake: Wake,
+    pub engine: EngineHealth,
+}
+
+pub struct Shared {
+    pub current: ArcSwap<Current>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Arc<Metrics>,
+}

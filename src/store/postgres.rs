@@ -1,0 +1,789 @@
+//! The shared store: PostgreSQL, for several expeditor instances behind a
+//! load balancer (`[store] url = "postgres://..."`).
+//!
+//! Same tables and the same semantics as the SQLite store; what changes is
+//! who may be running next to us. Every instance inserts into one dedupe
+//! table (`ON CONFLICT (source, event_id) DO NOTHING`: the second copy of an
+//! event waits for the first one's transaction and then writes nothing), and
+//! claims from one delivery queue with `FOR UPDATE SKIP LOCKED` plus a lease
+//! (`lease_until`): a claim is visible to every instance, and a dead
+//! instance's claims are taken over by the others once their leases run out.
+//! Nothing is released at start, since other instances may be alive.
+//!
+//! Every operation is one transaction on a pooled connection; the hot ones
+//! (insert, claim, complete) are one statement each, so one round trip.
+//! Group commit is the server's business: concurrent commits share WAL
+//! flushes. Connection loss, refused connections and server errors are
+//! [`StoreError::Unavailable`]; the pool drops dead connections and opens new
+//! ones when the server is back.
+//!
+//! Connections are plain TCP or a Unix socket (`NoTls`): a URL asking for
+//! `sslmode=require` is refused by [`parse_url`] until TLS support is added.
+
+use std::error::Error as _;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Config as PgConfig, NoTls};
+
+use super::*;
+
+/// Connections per instance. Several instances share the server's
+/// `max_connections` (100 by default).
+const POOL_SIZE: usize = 16;
+/// How long an operation waits for a pooled connection, or for a new one.
+const POOL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default for a URL without `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bounds the hot operations (insert, claim, complete, next_due), so a hung
+/// server turns into 503s instead of requests that never end. An insert that
+/// times out may still commit: the vendor's retry is then a duplicate, and the
+/// event is delivered, so nothing acknowledged is lost.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows a prune statement touches at once.
+const PRUNE_CHUNK: i64 = 5000;
+/// Key of the advisory lock that serializes migrations ("expedito").
+const MIGRATION_LOCK: i64 = 0x6578_7065_6469_746f;
+
+/// Schema migrations, applied in order at start; `schema_version` records how
+/// many have run. Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE events (
+    seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    source      text NOT NULL,
+    event_id    text NOT NULL,
+    kind        text NOT NULL,
+    type        text NOT NULL,
+    occurred_at bigint,
+    received_at bigint NOT NULL,
+    body        bytea,              -- NULL once compacted: the row is then only a dedupe key
+    UNIQUE (source, event_id)
+);
+CREATE INDEX events_received ON events (received_at);
+CREATE TABLE deliveries (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_seq   bigint NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+    sink        text NOT NULL,
+    state       integer NOT NULL,   -- 0 pending, 1 delivered, 2 dead
+    attempts    integer NOT NULL DEFAULT 0,
+    due_at      bigint NOT NULL,
+    lease_until bigint,
+    last_error  text,
+    updated_at  bigint NOT NULL,
+    UNIQUE (event_seq, sink)
+);
+CREATE INDEX deliveries_due ON deliveries (sink, due_at) WHERE state = 0;
+CREATE INDEX deliveries_state ON deliveries (state, updated_at);
+CREATE TABLE attempts (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    delivery_id bigint NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    attempt     integer NOT NULL,
+    finished_at bigint NOT NULL,
+    outcome     text NOT NULL,      -- delivered | retry | dead
+    error       text
+);
+CREATE INDEX attempts_delivery ON attempts (delivery_id);
+"];
+
+/// One statement: the event, and its deliveries only if the event is new.
+/// Returns the new event's seq, or no row for a duplicate.
+const INSERT: &str = "
+WITH e AS (
+    INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
+    VALUES ($1, $2, $3, $4, $5, $6, $7)
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING seq
+), d AS (
+    INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at)
+    SELECT e.seq, s.sink, 0, $6, $6 FROM e CROSS JOIN unnest($8::text[]) AS s (sink)
+    ON CONFLICT (event_seq, sink) DO NOTHING
+)
+SELECT seq FROM e";
+
+/// Locks due, unleased deliveries other transactions have not locked, leases
+/// them and counts the attempt, and returns them with their events.
+const CLAIM: &str = "
+WITH c AS (
+    SELECT id FROM deliveries
+    WHERE sink = $1 AND state = 0 AND due_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)
+    ORDER BY due_at, id
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+), u AS (
+    UPDATE deliveries d SET lease_until = $4, attempts = d.attempts + 1
+    FROM c WHERE d.id = c.id
+    RETURNING d.id, d.attempts, d.event_seq, d.due_at
+)
+SELECT u.id, u.attempts, e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
+FROM u JOIN events e ON e.seq = u.event_seq
+ORDER BY u.due_at, u.id";
+
+/// Ends attempts: only the holder of a delivery's current attempt may end it
+/// (`state = 0 AND attempts = attempt`), and each ending is logged.
+const COMPLETE: &str = "
+WITH done AS (
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[], $4::bigint[], $5::text[], $6::bigint[], $7::text[])
+        AS t (id, attempt, state, due_at, error, finished_at, outcome)
+), updated AS (
+    UPDATE deliveries d
+    SET state = done.state, due_at = COALESCE(done.due_at, d.due_at), lease_until = NULL,
+        last_error = done.error, updated_at = done.finished_at
+    FROM done
+    WHERE d.id = done.id AND d.state = 0 AND d.attempts = done.attempt
+    RETURNING d.id, done.attempt, done.finished_at, done.outcome, done.error
+)
+INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error)
+SELECT id, attempt, finished_at, outcome, error FROM updated";
+
+const REQUEUE: &str = "UPDATE deliveries SET state = 0, attempts = 0, due_at = $1, lease_until = NULL, updated_at = $1";
+
+pub struct PostgresStore {
+    pool: Pool,
+    /// `host:port/dbname`, for messages: never the password.
+    target: String,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parses and checks a `store.url`. The error never contains the password.
+pub fn parse_url(url: &str) -> Result<PgConfig, String> {
+    let url = url.trim();
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err("must be a postgres:// URL, e.g. \"postgres://expeditor@db.internal/expeditor\"".into());
+    }
+    let config: PgConfig = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| redact(&format!("invalid PostgreSQL URL: {}", describe(&e)), url))?;
+    if config.get_ssl_mode() == SslMode::Require {
+        return Err("sslmode=require is not supported yet (no TLS to PostgreSQL); \
+                    use a Unix socket or a trusted network with sslmode=disable or prefer"
+            .into());
+    }
+    if config.get_hosts().is_empty() {
+        return Err("names no host; write e.g. postgres://user@host/db, or ?host=/run/postgresql for a socket".into());
+    }
+    Ok(config)
+}
+
+/// Removes the URL's password from a message, should a parser ever echo it.
+fn redact(message: &str, url: &str) -> String {
+    let password = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split(['/', '?']).next())
+        .and_then(|authority| authority.rsplit_once('@'))
+        .and_then(|(userinfo, _)| userinfo.split_once(':'))
+        .map(|(_, password)| password)
+        .filter(|p| !p.is_empty());
+    match password {
+        Some(p) => message.replace(p, "***"),
+        None => message.to_string(),
+    }
+}
+
+/// `host:port/dbname` (hosts and ports as configured), without user or
+/// password.
+pub fn target(config: &PgConfig) -> String {
+    let ports = config.get_ports();
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+            match host {
+                Host::Tcp(h) if h.contains(':') => format!("[{h}]:{port}"),
+                Host::Tcp(h) => format!("{h}:{port}"),
+                Host::Unix(dir) => format!("{}:{port}", dir.display()),
+            }
+        })
+        .collect();
+    let db = config.get_dbname().or(config.get_user()).unwrap_or("postgres");
+    format!("{}/{db}", hosts.join(","))
+}
+
+/// What a driver error says, with the server's message when there is one.
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+    }
+    match e.source() {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+fn pool_message(e: &PoolError) -> String {
+    match e {
+        PoolError::Backend(e) => describe(e),
+        PoolError::Timeout(_) => "timed out waiting for a database connection".into(),
+        PoolError::Closed => "store is closed".into(),
+        other => other.to_string(),
+    }
+}
+
+fn db_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Unavailable(describe(&e))
+}
+
+impl PostgresStore {
+    /// Connects to `url` and applies pending migrations. Fails at once when
+    /// the database cannot be reached, naming it (never the password).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_config(parse_url(url).map_err(StoreError::Unavailable)?).await
+    }
+
+    pub async fn connect_config(mut config: PgConfig) -> Result<Self, StoreError> {
+        let target = target(&config);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("expeditor");
+        }
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_TIMEOUT))
+            .create_timeout(Some(POOL_TIMEOUT))
+            .recycle_timeout(Some(POOL_TIMEOUT))
+            .build()
+            .map_err(|e| StoreError::Unavailable(format!("cannot build the connection pool: {e}")))?;
+        let store = Self { pool, target };
+        let mut client = store.pool.get().await.map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot connect to the PostgreSQL store at {}: {}",
+                store.target,
+                pool_message(&e)
+            ))
+        })?;
+        migrate(&mut client).await.map_err(|e| {
+            StoreError::Unavailable(format!("cannot prepare the PostgreSQL store at {}: {e}", store.target))
+        })?;
+        match client.query_one("SHOW synchronous_commit", &[]).await {
+            Ok(row) if row.get::<_, String>(0) == "off" => tracing::warn!(
+                store = %store.target,
+                "synchronous_commit is off on this server: an acknowledged event can be lost in a crash; \
+                 set it to on for expeditor's role or database"
+            ),
+            _ => {}
+        }
+        Ok(store)
+    }
+
+    /// `host:port/dbname`.
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool
+            .get()
+            .await
+            .map_err(|e| StoreError::Unavailable(pool_message(&e)))
+    }
+}
+
+/// Applies the migrations this database has not seen, under an advisory lock
+/// held until commit, so instances starting at once take turns and only the
+/// first one migrates.
+async fn migrate(client: &mut Object) -> Result<(), String> {
+    let tx = client.transaction().await.map_err(|e| describe(&e))?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| describe(&e))?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_version (
+             version    integer PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await
+    .map_err(|e| describe(&e))?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .await
+        .map_err(|e| describe(&e))?
+        .get(0);
+    let known = MIGRATIONS.len();
+    if current as usize > known {
+        return Err(format!(
+            "its schema is version {current}, newer than this expeditor knows ({known}); upgrade expeditor"
+        ));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i32 + 1;
+        tx.batch_execute(sql)
+            .await
+            .map_err(|e| format!("migration {version}: {}", describe(&e)))?;
+        tx.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&version])
+            .await
+            .map_err(|e| describe(&e))?;
+        tracing::info!(version, "store schema migrated");
+    }
+    tx.commit().await.map_err(|e| describe(&e))
+}
+
+/// Bounds a hot operation by [`OP_TIMEOUT`].
+async fn bounded<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+    tokio::time::timeout(OP_TIMEOUT, op)
+        .await
+        .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))))
+}
+
+/// The columns [`delivery_row`] reads.
+const DELIVERY_COLUMNS: &str = "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
+    d.last_error, d.updated_at";
+
+fn delivery_row(r: &tokio_postgres::Row) -> DeliveryRow {
+    let source: String = r.get(1);
+    let event_id: String = r.get(2);
+    let sink: String = r.get(4);
+    let status = status(r.get(5));
+    DeliveryRow {
+        id: r.get(0),
+        key: expeditor_api::delivery_key(&source, &event_id, &sink),
+        source,
+        event_id,
+        event_type: r.get(3),
+        sink,
+        status,
+        attempts: attempts(r.get(6)),
+        next_attempt_at: (status == Status::Pending).then(|| r.get(7)),
+        last_error: r.get(8),
+        updated_at: r.get(9),
+    }
+}
+
+fn status(code: i32) -> Status {
+    Status::from_code(code.into())
+}
+
+fn attempts(n: i32) -> u32 {
+    n.max(0) as u32
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn insert(&self, ev: NewEvent) -> Result<Inserted, StoreError> {
+        bounded(async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(INSERT).await.map_err(db_error)?;
+            let row = client
+                .query_opt(
+                    &stmt,
+                    &[
+                        &ev.source,
+                        &ev.event_id,
+                        &ev.kind,
+                        &ev.event_type,
+                        &ev.occurred_at,
+                        &ev.received_at,
+                        &&ev.body[..],
+                        &ev.sinks,
+                    ],
+                )
+                .await
+                .map_err(db_error)?;
+            Ok(if row.is_some() {
+                Inserted::New
+            } else {
+                Inserted::Duplicate
+            })
+        })
+        .await
+    }
+
+    async fn claim(&self, sink: &str, limit: usize, lease: Duration, now: i64) -> Result<Vec<Claimed>, StoreError> {
+        let lease_until = now.saturating_add(lease.as_millis().min(i64::MAX as u128) as i64);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        bounded(async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(CLAIM).await.map_err(db_error)?;
+            let rows = client
+                .query(&stmt, &[&sink, &now, &limit, &lease_until])
+                .await
+                .map_err(db_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| Claimed {
+                    delivery_id: r.get(0),
+                    sink: sink.to_string(),
+                    attempt: attempts(r.get(1)),
+                    event: StoredEvent {
+                        source: r.get(2),
+                        event_id: r.get(3),
+                        kind: r.get(4),
+                        event_type: r.get(5),
+                        occurred_at: r.get(6),
+                        received_at: r.get(7),
+                        body: r.get::<_, Option<Vec<u8>>>(8).unwrap_or_default(),
+                    },
+                })
+                .collect())
+        })
+        .await
+    }
+
+    async fn complete(&self, done: Vec<Completion>) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let n = done.len();
+        let (mut ids, mut tries, mut states) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut dues, mut errors, mut finished, mut outcomes) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for c in &done {
+            let (state, due, error, outcome): (Status, Option<i64>, Option<&str>, &str) = match &c.result {
+                Completed::Delivered => (Status::Delivered, None, None, "delivered"),
+                Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(error), "retry"),
+                Completed::Dead { error } => (Status::Dead, None, Some(error), "dead"),
+            };
+            ids.push(c.delivery_id);
+            tries.push(c.attempt.min(i32::MAX as u32) as i32);
+            states.push(state.code() as i32);
+            dues.push(due);
+            errors.push(error);
+            finished.push(c.finished_at);
+            outcomes.push(outcome);
+        }
+        bounded(async {
+            let client = self.client().await?;
+            let stmt = client.prepare_cached(COMPLETE).await.map_err(db_error)?;
+            client
+                .execute(&stmt, &[&ids, &tries, &states, &dues, &errors, &finished, &outcomes])
+                .await
+                .map_err(db_error)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn next_due(&self, sink: &str) -> Result<Option<i64>, StoreError> {
+        bounded(async {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(
+                    "SELECT MIN(GREATEST(due_at, lease_until)) FROM deliveries WHERE sink = $1 AND state = 0",
+                )
+                .await
+                .map_err(db_error)?;
+            let row = client.query_one(&stmt, &[&sink]).await.map_err(db_error)?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    async fn events(&self, f: EventFilter) -> Result<Vec<EventSummary>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
+                 WHERE ($1::text IS NULL OR source = $1) AND ($2::text IS NULL OR type = $2)
+                   AND ($4::bigint IS NULL OR received_at >= $4)
+                 ORDER BY seq DESC LIMIT $3",
+            )
+            .await
+            .map_err(db_error)?;
+        let limit = f.limit.min(i64::MAX as usize) as i64;
+        let rows = client
+            .query(&stmt, &[&f.source, &f.event_type, &limit, &f.since])
+            .await
+            .map_err(db_error)?;
+        let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let mut events: Vec<EventSummary> = rows
+            .iter()
+            .map(|r| EventSummary {
+                source: r.get(1),
+                id: r.get(2),
+                event_type: r.get(3),
+                occurred_at: r.get(4),
+                received_at: r.get(5),
+                deliveries: Vec::new(),
+            })
+            .collect();
+        if seqs.is_empty() {
+            return Ok(events);
+        }
+        let stmt = client
+            .prepare_cached(
+                "SELECT event_seq, sink, state, attempts FROM deliveries WHERE event_seq = ANY($1) ORDER BY id",
+            )
+            .await
+            .map_err(db_error)?;
+        let index: std::collections::HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        for r in client.query(&stmt, &[&seqs]).await.map_err(db_error)? {
+            if let Some(&i) = index.get(&r.get::<_, i64>(0)) {
+                events[i].deliveries.push(DeliverySummary {
+                    sink: r.get(1),
+                    status: status(r.get(2)),
+                    attempts: attempts(r.get(3)),
+                });
+            }
+        }
+        Ok(events)
+    }
+
+    async fn deliveries(&self, f: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
+                        d.last_error, d.updated_at
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE ($1::text IS NULL OR d.sink = $1) AND ($2::integer IS NULL OR d.state = $2)
+                   AND ($4::text IS NULL OR e.source = $4) AND ($5::text IS NULL OR e.type = $5)
+                   AND ($6::bigint IS NULL OR d.updated_at >= $6)
+                 ORDER BY d.updated_at DESC, d.id DESC LIMIT $3",
+            )
+            .await
+            .map_err(db_error)?;
+        let state = f.status.map(|s| s.code() as i32);
+        let limit = f.limit.min(i64::MAX as usize) as i64;
+        let rows = client
+            .query(&stmt, &[&f.sink, &state, &limit, &f.source, &f.event_type, &f.since])
+            .await
+            .map_err(db_error)?;
+        Ok(rows.iter().map(delivery_row).collect())
+    }
+
+    async fn event_detail(&self, source: &str, id: &str) -> Result<EventDetail, StoreError> {
+        let client = self.client().await?;
+        let found = client
+            .query_opt(
+                "SELECT seq, kind, type, occurred_at, received_at, body FROM events WHERE source = $1 AND event_id = $2",
+                &[&source, &id],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(event) = found else {
+            return Err(StoreError::NotFound);
+        };
+        let seq: i64 = event.get(0);
+        let rows = client
+            .query(
+                &format!("{DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.event_seq = $1 ORDER BY d.id"),
+                &[&seq],
+            )
+            .await
+            .map_err(db_error)?;
+        let log = client
+            .query(
+                "SELECT a.delivery_id, a.attempt, a.finished_at, a.outcome, a.error
+                 FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                 WHERE d.event_seq = $1 ORDER BY a.id",
+                &[&seq],
+            )
+            .await
+            .map_err(db_error)?;
+        let deliveries = rows
+            .iter()
+            .map(|r| {
+                let delivery = delivery_row(r);
+                let attempt_log = log
+                    .iter()
+                    .filter(|a| a.get::<_, i64>(0) == delivery.id)
+                    .map(|a| AttemptRow {
+                        attempt: attempts(a.get(1)),
+                        finished_at: a.get(2),
+                        outcome: a.get(3),
+                        error: a.get(4),
+                    })
+                    .collect();
+                DeliveryDetail { delivery, attempt_log }
+            })
+            .collect();
+        let body: Option<Vec<u8>> = event.get(5);
+        Ok(EventDetail {
+            source: source.to_string(),
+            id: id.to_string(),
+            kind: event.get(1),
+            event_type: event.get(2),
+            occurred_at: event.get(3),
+            received_at: event.get(4),
+            payload: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+            deliveries,
+        })
+    }
+
+    async fn queue_stats(&self) -> Result<Vec<SinkQueue>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT d.sink, d.state, COUNT(*), MIN(e.received_at)
+                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                 WHERE d.state IN (0, 2) GROUP BY d.sink, d.state ORDER BY d.sink",
+                &[],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut out: Vec<SinkQueue> = Vec::new();
+        for r in &rows {
+            let sink: String = r.get(0);
+            let state: i32 = r.get(1);
+            let count = r.get::<_, i64>(2).max(0) as u64;
+            if out.last().is_none_or(|q| q.sink != sink) {
+                out.push(SinkQueue {
+                    sink,
+                    ..Default::default()
+                });
+            }
+            let q = out.last_mut().expect("pushed above");
+            if state == 0 {
+                q.pending = count;
+                q.oldest_pending_received_at = r.get(3);
+            } else {
+                q.dead = count;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        bounded(async {
+            let client = self.client().await?;
+            // A standby answers queries but takes no writes.
+            let row = client
+                .query_one("SELECT pg_is_in_recovery()", &[])
+                .await
+                .map_err(db_error)?;
+            if row.get::<_, bool>(0) {
+                return Err(StoreError::Unavailable(
+                    "the PostgreSQL server is a read-only standby".into(),
+                ));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError> {
+        let mut client = self.client().await?;
+        match target {
+            ReplayTarget::DeadLetters {
+                sink,
+                source,
+                event_type,
+                since,
+            } => {
+                // Dead letters always still have their payload: compaction
+                // only touches events with no deliveries left.
+                let sql = format!(
+                    "{REQUEUE} WHERE state = 2 AND ($2::text IS NULL OR sink = $2)
+                     AND ($5::bigint IS NULL OR updated_at >= $5)
+                     AND ($3::text IS NULL AND $4::text IS NULL OR event_seq IN (SELECT seq FROM events
+                          WHERE ($3::text IS NULL OR source = $3) AND ($4::text IS NULL OR type = $4)))"
+                );
+                client
+                    .execute(&sql, &[&now, &sink, &source, &event_type, &since])
+                    .await
+                    .map_err(db_error)
+            }
+            ReplayTarget::Event { source, id, sink } => {
+                let tx = client.transaction().await.map_err(db_error)?;
+                // FOR SHARE: pruning skips locked events, so it cannot delete
+                // or compact this one while its deliveries are re-queued.
+                let found = tx
+                    .query_opt(
+                        "SELECT seq, body IS NOT NULL FROM events WHERE source = $1 AND event_id = $2 FOR SHARE",
+                        &[&source, &id],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let Some(row) = found else {
+                    return Err(StoreError::NotFound);
+                };
+                let (seq, has_body): (i64, bool) = (row.get(0), row.get(1));
+                if !has_body {
+                    return Err(StoreError::Pruned);
+                }
+                let n = match sink {
+                    Some(s) => tx
+                        .execute(
+                            "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at)
+                             VALUES ($1, $2, 0, $3, $3)
+                             ON CONFLICT (event_seq, sink) DO UPDATE SET state = 0, attempts = 0, due_at = $3,
+                             lease_until = NULL, updated_at = $3",
+                            &[&seq, &s, &now],
+                        )
+                        .await
+                        .map_err(db_error)?,
+                    None => tx
+                        .execute(&format!("{REQUEUE} WHERE event_seq = $2"), &[&now, &seq])
+                        .await
+                        .map_err(db_error)?,
+                };
+                tx.commit().await.map_err(db_error)?;
+                Ok(n)
+            }
+        }
+    }
+
+    async fn prune(&self, r: Retention, now: i64) -> Result<PruneStats, StoreError> {
+        let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
+        let delivered_cutoff = now.saturating_sub(ms(r.keep_delivered));
+        let dead_cutoff = now.saturating_sub(ms(r.keep_dead_letters));
+        let dedupe_cutoff = now.saturating_sub(ms(r.dedupe_window.max(r.keep_delivered)));
+        let client = self.client().await?;
+        // One chunk per statement, each its own short transaction; rows other
+        // transactions hold (a claim, a completion, a replay) are skipped,
+        // not waited for: the next pass gets them.
+        let run = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
+            client.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await.map_err(db_error)
+        };
+        let mut stats = PruneStats::default();
+        stats.deliveries_deleted += run(
+            "DELETE FROM deliveries WHERE id IN
+             (SELECT id FROM deliveries WHERE state = 1 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            delivered_cutoff,
+        )
+        .await?;
+        stats.deliveries_deleted += run(
+            "DELETE FROM deliveries WHERE id IN
+             (SELECT id FROM deliveries WHERE state = 2 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            dead_cutoff,
+        )
+        .await?;
+        stats.events_compacted = run(
+            "UPDATE events SET body = NULL WHERE seq IN
+             (SELECT seq FROM events e WHERE body IS NOT NULL AND received_at < $1
+              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
+              LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            delivered_cutoff,
+        )
+        .await?;
+        stats.events_deleted = run(
+            "DELETE FROM events WHERE seq IN
+             (SELECT seq FROM events e WHERE received_at < $1
+              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
+              LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            dedupe_cutoff,
+        )
+        .await?;
+        Ok(stats)
+    }
+
+    async fn close(&self) {
+        // Every acknowledged write is already committed; closing only ends
+        // the connections (those in use close when returned).
+        self.pool.close();
+    }
+}

@@ -1,0 +1,73 @@
+//! systemd integration: `Type=notify` readiness, status lines and the
+//! watchdog. Every call is a no-op when not run by systemd (`NOTIFY_SOCKET`
+//! unset), so the daemon behaves the same in a terminal.
+
+use std::sync::Arc;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::Shared;
+
+fn send(states: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+pub fn ready(status: &str) {
+    send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+pub fn status(status: &str) {
+    send(&[NotifyState::Status(status)]);
+}
+
+pub fn reloading() {
+    let now = sd_notify::NotifyState::monotonic_usec_now().ok();
+    match now {
+        Some(now) => send(&[
+            NotifyState::Reloading,
+            now,
+            NotifyState::Status("reloading the configuration"),
+        ]),
+        None => send(&[
+            NotifyState::Reloading,
+            NotifyState::Status("reloading the configuration"),
+        ]),
+    }
+}
+
+pub fn stopping() {
+    send(&[
+        NotifyState::Stopping,
+        NotifyState::Status("stopping: finishing work in flight"),
+    ]);
+}
+
+/// Pings the watchdog at half its interval, but only while the daemon is
+/// healthy: the store commits and every sink worker runs. A wedged process
+/// (stuck writer, dead workers) stops pinging and systemd restarts it.
+pub async fn watchdog(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let every = interval / 2;
+    tracing::info!(interval = ?interval, "systemd watchdog enabled");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let store_ok = matches!(tokio::time::timeout(every, shared.store.ping()).await, Ok(Ok(())));
+        let workers_ok = shared.current.load().engine.running();
+        if store_ok && workers_ok {
+            send(&[NotifyState::Watchdog]);
+        } else {
+            tracing::error!(store_ok, workers_ok, "unhealthy: not pinging the systemd watchdog");
+        }
+    }
+}

@@ -1,0 +1,474 @@
+//! `type = "wasm"` sinks with the plugins in `plugins/`, built from source
+//! (once per test run, into the target directory): delivery over `wasi:http`
+//! to a granted host, denied egress, containment of a plugin that panics,
+//! loops or allocates without end, the retry policy for its errors, and
+//! `expeditor check` refusing plugins it cannot use.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fake_sink::FakeSink;
+use crate::harness::{BIN, Daemon, base_config, http_client, output_text};
+use crate::vendor::{self, crumb_order};
+
+/// Builds `plugins/` (release, wasm32-wasip2) once per test binary and
+/// returns the directory holding the `.wasm` files.
+///
+/// The nested cargo gets its own target directory next to ours, so it
+/// neither waits on nor invalidates the outer build; CI builds the same
+/// thing beforehand (`.ci/run`), which makes this a no-op there.
+pub fn plugins() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let target = plugin_target_dir();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--locked",
+                "--target",
+                "wasm32-wasip2",
+                "--manifest-path",
+            ])
+            .arg(root.join("plugins/Cargo.toml"))
+            .env("CARGO_TARGET_DIR", &target)
+            // The outer build's flags are for the host, not for guests.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
+            .env_remove("CARGO_BUILD_RUSTFLAGS")
+            .output()
+            .expect("run cargo to build the plugins");
+        assert!(
+            out.status.success(),
+            "building plugins/ failed (is the target installed? `rustup target add wasm32-wasip2`):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target.join("wasm32-wasip2/release")
+    })
+}
+
+/// `EXPEDITOR_PLUGIN_TARGET_DIR` when set (CI builds there first), else
+/// `plugins` beside this test binary's temp dir in the target directory.
+fn plugin_target_dir() -> PathBuf {
+    match std::env::var_os("EXPEDITOR_PLUGIN_TARGET_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_TARGET_TMPDIR")).join("../plugins"),
+    }
+}
+
+fn plugin(name: &str) -> PathBuf {
+    let path = plugins().join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} was not built", path.display());
+    path
+}
+
+/// Copies a built plugin to `<dir>/plugins/<as_name>.wasm`, where `plugin =
+/// "<as_name>"` finds it.
+fn install(dir: &Path, name: &str, as_name: &str) {
+    let plugins = dir.join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::fs::copy(plugin(name), plugins.join(format!("{as_name}.wasm"))).unwrap();
+}
+
+/// `host:port` of a fake sink.
+fn authority(sink: &FakeSink) -> String {
+    sink.url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// A config with the usual sources, the given sinks, and a route sending
+/// every event to each sink in `routed`.
+fn config(sinks: &str, routed: &[&str]) -> String {
+    let routes: Vec<String> = routed.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "{base}\n{sources}\n{sinks}\n[[routes]]\nname = \"everything\"\nsinks = [{routes}]\n",
+        base = base_config(""),
+        sources = vendor::SOURCES,
+        routes = routes.join(", ")
+    )
+}
+
+/// Starts the daemon with built plugins copied to a directory of their own,
+/// which `{PLUGINS}` in the config names. The directory (which also holds
+/// the store, its plugin cache already warm) lives as long as the returned
+/// guard.
+async fn start_with_plugins(config: &str, plugins: &[(&str, &str)]) -> (Daemon, tempfile::TempDir) {
+    let staging = tempfile::tempdir().unwrap();
+    for (name, as_name) in plugins {
+        install(staging.path(), name, as_name);
+    }
+    // A debug build of the compiler takes seconds per plugin; the daemon
+    // would do that at every start of every test. The cache is keyed by
+    // content, so a copy of one filled by `check` serves every test.
+    let store = staging.path().join("store");
+    copy_dir(warm_cache(), &store.join("plugin-cache"));
+    let config = config
+        .replace("{DIR}/store", store.to_str().unwrap())
+        .replace("{PLUGINS}", staging.path().join("plugins").to_str().unwrap());
+    let d = Daemon::start(&config).await;
+    (d, staging)
+}
+
+/// A plugin cache holding every plugin the daemon tests use, filled once by
+/// `expeditor check` (which compiles and caches what it loads).
+fn warm_cache() -> &'static Path {
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        install(&dir, "misbehave", "misbehave");
+        install(&dir, "loyalty_tier", "loyalty_tier");
+        install(&dir, "franchise_report", "franchise_report");
+        let sinks = r#"
+[sinks.a]
+type = "wasm"
+plugin = "misbehave"
+
+[sinks.b]
+type = "wasm"
+plugin = "loyalty_tier"
+
+[sinks.c]
+type = "wasm"
+plugin = "franchise_report"
+allow_http = ["127.0.0.1:9"]
+config = { endpoint = "http://127.0.0.1:9/", franchise_id = "warm" }
+"#;
+        let (ok, out) = check_config(&dir, sinks, "a");
+        assert!(ok, "check with every test plugin: {out}");
+        dir.join("data/plugin-cache")
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
+}
+
+/// The log without terminal colours.
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut chars = log.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ ... final byte in @..~
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) && c != '[' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn with_behaviour(mut event: Value, behave: &str) -> Value {
+    event["behave"] = json!(behave);
+    event
+}
+
+async fn healthz(d: &Daemon) -> u16 {
+    http_client()
+        .get(format!("http://{}/healthz", d.admin))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn franchise_plugin_posts_the_report_to_its_granted_endpoint() {
+    let api = FakeSink::start().await;
+    let sinks = format!(
+        r#"[sinks.franchise]
+type = "wasm"
+plugin = "{{PLUGINS}}/franchise.wasm"
+allow_http = ["{auth}"]
+timeout = "5s"
+retry = {{ max_attempts = 3, initial = "50ms", max = "200ms" }}
+
+[sinks.franchise.config]
+endpoint = "{url}"
+franchise_id = "FR-0042"
+api_key = "k-123"
+"#,
+        auth = authority(&api),
+        url = api.url("/v1/sales"),
+    );
+    let (d, _plugins) = start_with_plugins(&config(&sinks, &["franchise"]), &[("franchise_report", "franchise")]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_fr_1", 4250)).await.status, 200);
+
+    let delivery = d.wait_delivery("crumb", "evt_fr_1", "franchise", "delivered").await;
+    let got = api.settle().await;
+    assert_eq!(got.len(), 1, "one report: {got:#?}");
+    let report = &got[0];
+    assert_eq!(report.method, "POST");
+    assert_eq!(report.path, "/v1/sales");
+    assert_eq!(report.header("authorization"), Some("Bearer k-123"));
+    assert_eq!(
+        report.idempotency_key(),
+        delivery["key"].as_str().unwrap(),
+        "the delivery key is the report's dedupe handle"
+    );
+    let body = report.json();
+    assert_eq!(body["franchise_id"], "FR-0042");
+    assert_eq!(body["order_id"], "ord_xyz789");
+    assert_eq!(body["store"], "loc_main");
+    assert_eq!(body["sales_cents"], 4250);
+    assert_eq!(body["item_count"], 2);
+    assert_eq!(body["event"], "order.created");
+    assert_eq!(body["report_id"], delivery["key"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_to_a_host_not_granted_is_denied_logged_and_retried() {
+    let api = FakeSink::start().await;
+    // Granted: some other port on the same host. The endpoint is not.
+    let other = crate::harness::free_addr();
+    let sinks = format!(
+        r#"[sinks.franchise]
+type = "wasm"
+plugin = "{{PLUGINS}}/franchise.wasm"
+allow_http = ["{other}"]
+retry = {{ max_attempts = 2, initial = "50ms", max = "100ms" }}
+
+[sinks.franchise.config]
+endpoint = "{url}"
+franchise_id = "FR-0042"
+"#,
+        url = api.url("/v1/sales"),
+    );
+    let (d, _plugins) = start_with_plugins(&config(&sinks, &["franchise"]), &[("franchise_report", "franchise")]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_fr_denied", 4250)).await.status, 200);
+
+    let dead = d.wait_delivery("crumb", "evt_fr_denied", "franchise", "dead").await;
+    assert_eq!(dead["attempts"], 2, "retried by the policy, then dead-lettered: {dead}");
+    assert!(
+        dead["last_error"].as_str().unwrap_or_default().contains("denied"),
+        "the error says why: {dead}"
+    );
+    assert!(
+        api.requests().is_empty(),
+        "nothing may reach a host that is not granted"
+    );
+    let log = plain(&d.log());
+    assert!(
+        log.contains("plugin HTTP request denied") && log.contains(&authority(&api)),
+        "the denial is logged with the host:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn panic_infinite_loop_and_memory_bomb_are_contained() {
+    let sinks = r#"[sinks.wild]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+cpu = "200ms"
+memory = "32MiB"
+concurrency = 2
+retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["wild"]), &[("misbehave", "misbehave")]).await;
+    for (id, behave) in [("evt_panic", "panic"), ("evt_loop", "loop"), ("evt_oom", "oom")] {
+        assert_eq!(
+            d.post_crumb(&with_behaviour(crumb_order(id, 100), behave)).await.status,
+            200
+        );
+    }
+    assert_eq!(d.post_crumb(&crumb_order("evt_fine_1", 100)).await.status, 200);
+
+    let expect = [
+        ("evt_panic", "trapped"),
+        ("evt_loop", "CPU limit of 200ms"),
+        ("evt_oom", "memory limit of 32MiB"),
+    ];
+    for (id, why) in expect {
+        let dead = d.wait_delivery("crumb", id, "wild", "dead").await;
+        assert_eq!(dead["attempts"], 2, "a trap is retryable: {dead}");
+        let text = dead.to_string();
+        assert!(text.contains(why), "{id}: expected {why:?} in {dead}");
+    }
+    d.wait_delivery("crumb", "evt_fine_1", "wild", "delivered").await;
+    assert_eq!(healthz(&d).await, 200, "the daemon answers after every trap");
+
+    // The next delivery gets a fresh instance.
+    assert_eq!(d.post_crumb(&crumb_order("evt_fine_2", 100)).await.status, 200);
+    d.wait_delivery("crumb", "evt_fine_2", "wild", "delivered").await;
+    let log = plain(&d.log());
+    assert!(log.contains("misbehave delivered evt_fine_2"), "{log}");
+    assert!(log.contains("the next delivery gets a fresh one"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_errors_follow_the_retry_policy() {
+    let sinks = r#"[sinks.wild]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+retry = { max_attempts = 3, initial = "50ms", max = "100ms" }
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["wild"]), &[("misbehave", "misbehave")]).await;
+    let started = Instant::now();
+    assert_eq!(
+        d.post_crumb(&with_behaviour(crumb_order("evt_perm", 100), "permanent"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        d.post_crumb(&with_behaviour(crumb_order("evt_retry", 100), "retry"))
+            .await
+            .status,
+        200
+    );
+
+    let perm = d.wait_delivery("crumb", "evt_perm", "wild", "dead").await;
+    assert_eq!(
+        perm["attempts"], 1,
+        "a permanent error is dead-lettered at once: {perm}"
+    );
+    assert!(perm.to_string().contains("asked to fail by event evt_perm"), "{perm}");
+
+    let retried = d.wait_delivery("crumb", "evt_retry", "wild", "dead").await;
+    assert_eq!(retried["attempts"], 3, "retried up to max_attempts: {retried}");
+    assert!(
+        retried.to_string().contains("asked to retry by event evt_retry"),
+        "{retried}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(50),
+        "retries wait for the backoff"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loyalty_plugin_computes_the_tier_and_logs_through_the_host() {
+    let sinks = r#"[sinks.loyalty]
+type = "wasm"
+plugin = "{PLUGINS}/loyalty.wasm"
+
+[sinks.loyalty.config]
+points_per_dollar = 2
+tiers = [
+  { name = "gold", min_cents = 10000 },
+  { name = "silver", min_cents = 4000 },
+  { name = "bronze", min_cents = 0 },
+]
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["loyalty"]), &[("loyalty_tier", "loyalty")]).await;
+    let mut order = crumb_order("evt_loyal", 4250);
+    order["data"]["attributes"]["customer_id"] = json!("cus_9");
+    assert_eq!(d.post_crumb(&order).await.status, 200);
+    d.wait_delivery("crumb", "evt_loyal", "loyalty", "delivered").await;
+    let log = plain(&d.log());
+    let line = log
+        .lines()
+        .find(|l| l.contains("loyalty: customer cus_9 earns 84 points, tier silver"))
+        .unwrap_or_else(|| panic!("the plugin's log line, through the host:\n{log}"));
+    assert!(line.contains("sink=loyalty"), "plugin logs carry the sink name: {line}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_picks_up_a_replaced_plugin_and_retires_the_old_one() {
+    let sinks = r#"[sinks.p]
+type = "wasm"
+plugin = "{PLUGINS}/p.wasm"
+"#;
+    let (d, plugins) = start_with_plugins(&config(sinks, &["p"]), &[("misbehave", "p")]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_before", 4250)).await.status, 200);
+    d.wait_delivery("crumb", "evt_before", "p", "delivered").await;
+
+    // A new build of the plugin is dropped in place (here: another plugin).
+    std::fs::copy(plugin("loyalty_tier"), plugins.path().join("plugins/p.wasm")).unwrap();
+    d.signal("HUP");
+    wait_log(&d, "configuration reloaded").await;
+    // The shutdown contract: the retired sink's instances had `shutdown`.
+    wait_log(&d, "misbehave shutting down after 1 deliveries").await;
+
+    let mut order = crumb_order("evt_after", 4250);
+    order["data"]["attributes"]["customer_id"] = json!("cus_7");
+    assert_eq!(d.post_crumb(&order).await.status, 200);
+    d.wait_delivery("crumb", "evt_after", "p", "delivered").await;
+    wait_log(&d, "loyalty: customer cus_7 earns 42 points").await;
+}
+
+async fn wait_log(d: &Daemon, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !plain(&d.log()).contains(needle) {
+        assert!(Instant::now() < deadline, "never logged {needle:?}:\n{}", d.log());
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// `expeditor check` on a config with one wasm sink `p`, from `dir`.
+fn check(dir: &Path, sink: &str) -> (bool, String) {
+    check_config(dir, sink, "p")
+}
+
+fn check_config(dir: &Path, sinks: &str, routed: &str) -> (bool, String) {
+    let config = format!(
+        "[store]\npath = \"./data\"\n{sources}\n{sinks}\n[[routes]]\nname = \"all\"\nsinks = [\"{routed}\"]\n",
+        sources = vendor::SOURCES
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .current_dir(dir)
+        .output()
+        .expect("run expeditor check");
+    (out.status.success(), output_text(&out))
+}
+
+#[test]
+fn check_loads_every_plugin_and_refuses_those_it_cannot_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    install(d, "misbehave", "misbehave");
+    install(d, "wrong_version", "future");
+    install(d, "franchise_report", "franchise");
+    std::fs::write(d.join("plugins/core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    std::fs::write(d.join("plugins/text.wasm"), b"not wasm at all").unwrap();
+
+    let (ok, out) = check(d, "[sinks.p]\ntype = \"wasm\"\nplugin = \"misbehave\"\n");
+    assert!(ok, "a good plugin passes: {out}");
+    assert!(
+        d.join("data/plugin-cache").is_dir(),
+        "check leaves the compiled plugin in the cache"
+    );
+
+    let cases = [
+        ("plugin = \"future\"", "built against expeditor:sink@0.2.0"),
+        ("plugin = \"missing\"", "does not exist"),
+        ("plugin = \"core\"", "core WebAssembly module, not a component"),
+        ("plugin = \"text\"", "is not a WebAssembly file"),
+        ("plugin = \"franchise\"", "grants no hosts"),
+        (
+            "plugin = \"misbehave\"\n[sinks.p.config]\nreject = \"no api key configured\"",
+            "init rejected the config: no api key configured",
+        ),
+        ("plugin = \"misbehave\"\nmemory = \"8GiB\"", "between 1MiB and 4GiB"),
+        ("plugin = \"misbehave\"\nallow_http = [\"example.com\"]", "has no port"),
+    ];
+    for (lines, expected) in cases {
+        let (ok, out) = check(d, &format!("[sinks.p]\ntype = \"wasm\"\n{lines}\n"));
+        assert!(!ok, "{lines}: check must fail");
+        assert!(out.contains(expected), "{lines}: expected {expected:?} in:\n{out}");
+        assert!(out.contains("sinks.p."), "{lines}: the error names the sink:\n{out}");
+    }
+    let (_, out) = check(d, "[sinks.p]\ntype = \"wasm\"\nplugin = \"future\"\n");
+    assert!(out.contains("future.wasm"), "the error names the file:\n{out}");
+}
