@@ -16,6 +16,84 @@ use tokio::net::TcpStream;
 use crate::load::{CRAVE_SECRET, CRUMB_SECRET};
 use crate::proc::{self, ProcStats};
 
+/// Which store expeditor runs on.
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    /// The embedded SQLite file, in the row's temp dir.
+    Sqlite,
+    /// A fresh database per row on this PostgreSQL server (the URL names any
+    /// database the bench may connect to, to create and drop its own).
+    Postgres { server: String },
+}
+
+/// The row's own PostgreSQL database, dropped when the row is done.
+struct PgDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn create(server: &str) -> anyhow::Result<Self> {
+        let name = format!(
+            "expeditor_bench_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
+        let url = with_database(server, &name)?;
+        connect(server)
+            .await?
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .with_context(|| format!("cannot create the database {name}"))?;
+        Ok(Self {
+            server: server.to_string(),
+            name,
+            url,
+        })
+    }
+
+    async fn drop_database(&self) {
+        let dropped = async {
+            connect(&self.server)
+                .await?
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        if let Err(e) = dropped.await {
+            eprintln!("could not drop the bench database {}: {e:#}", self.name);
+        }
+    }
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// `url` with its database (the path) replaced by `db`.
+fn with_database(url: &str, db: &str) -> anyhow::Result<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        bail!("--postgres must be a postgres:// URL");
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((a, q)) => (a, Some(q)),
+        None => (rest, None),
+    };
+    let authority = before_query.split('/').next().unwrap_or_default();
+    Ok(match query {
+        Some(q) => format!("{scheme}://{authority}/{db}?{q}"),
+        None => format!("{scheme}://{authority}/{db}"),
+    })
+}
+
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// SIGTERM drains in-flight work; this is far more than it should need.
 const STOP_LIMIT: Duration = Duration::from_secs(60);
@@ -39,6 +117,7 @@ pub struct Daemon {
     /// `None` once stopped; dropping a running daemon kills it.
     child: Option<Child>,
     dir: Option<TempDir>,
+    database: Option<PgDatabase>,
     pub ingest: SocketAddr,
     /// Spawn until `GET /healthz` answered 200.
     pub ready: Duration,
@@ -52,12 +131,13 @@ pub struct Stopped {
     pub clean: bool,
     pub how: String,
     pub dir: TempDir,
+    database: Option<PgDatabase>,
 }
 
 impl Daemon {
     /// Runs `bin` with its config and store in a new temp dir under `parent`
     /// (the system's temp dir if `None`): the disk the store fsyncs to.
-    pub async fn start(bin: &Path, parent: Option<&Path>, routing: Routing) -> anyhow::Result<Self> {
+    pub async fn start(bin: &Path, parent: Option<&Path>, store: &StoreKind, routing: Routing) -> anyhow::Result<Self> {
         let mut builder = tempfile::Builder::new();
         builder.prefix("expeditor-bench-");
         let dir = match parent {
@@ -67,7 +147,15 @@ impl Daemon {
         .context("cannot create a temp dir for expeditor")?;
         let ingest = free_addr()?;
         let admin = free_addr()?;
-        let config = config(dir.path(), ingest, admin, routing);
+        let database = match store {
+            StoreKind::Sqlite => None,
+            StoreKind::Postgres { server } => Some(PgDatabase::create(server).await?),
+        };
+        let store_line = match &database {
+            None => format!("path = \"{}\"", dir.path().join("data").display()),
+            Some(db) => format!("url = \"{}\"", db.url),
+        };
+        let config = config(ingest, admin, &store_line, routing);
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("expeditor.log"))?;
@@ -107,6 +195,7 @@ impl Daemon {
         Ok(Self {
             child: Some(child),
             dir: Some(dir),
+            database,
             ingest,
             ready,
             idle,
@@ -126,6 +215,7 @@ impl Daemon {
     pub async fn stop(mut self) -> anyhow::Result<Stopped> {
         let mut child = self.child.take().expect("running until stopped");
         let dir = self.dir.take().expect("kept until stopped");
+        let database = self.database.take();
         if let Err(e) = proc::terminate(&child) {
             let _ = child.kill();
             let _ = child.wait();
@@ -139,7 +229,12 @@ impl Daemon {
                 (false, format!("still running {STOP_LIMIT:?} after SIGTERM; killed"))
             }
         };
-        Ok(Stopped { clean, how, dir })
+        Ok(Stopped {
+            clean,
+            how,
+            dir,
+            database,
+        })
     }
 }
 
@@ -157,9 +252,17 @@ impl Stopped {
         log_tail(self.dir.path())
     }
 
-    /// What the store holds, read from the database file after the stop.
-    pub fn store(&self) -> anyhow::Result<StoreContents> {
-        StoreContents::read(&self.dir.path().join("data").join("expeditor.db"))
+    /// What the store holds, read after the stop (and the row's PostgreSQL
+    /// database dropped).
+    pub async fn store(&self) -> anyhow::Result<StoreContents> {
+        match &self.database {
+            None => StoreContents::read(&self.dir.path().join("data").join("expeditor.db")),
+            Some(db) => {
+                let contents = StoreContents::read_postgres(&db.url).await;
+                db.drop_database().await;
+                contents
+            }
+        }
     }
 }
 
@@ -190,9 +293,27 @@ impl StoreContents {
             dead: dead as u64,
         })
     }
+
+    async fn read_postgres(url: &str) -> anyhow::Result<Self> {
+        let client = connect(url).await?;
+        let events = client
+            .query("SELECT source, event_id FROM events", &[])
+            .await?
+            .iter()
+            .map(|r| format!("{}:{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+            .collect();
+        let dead: i64 = client
+            .query_one("SELECT COUNT(*) FROM deliveries WHERE state = 2", &[])
+            .await?
+            .get(0);
+        Ok(Self {
+            events,
+            dead: dead as u64,
+        })
+    }
 }
 
-fn config(dir: &Path, ingest: SocketAddr, admin: SocketAddr, routing: Routing) -> String {
+fn config(ingest: SocketAddr, admin: SocketAddr, store_line: &str, routing: Routing) -> String {
     let mut c = format!(
         r#"# Generated by expeditor-bench.
 [server]
@@ -202,7 +323,7 @@ listen = "{ingest}"
 listen = "{admin}"
 
 [store]
-path = "{store}"
+{store_line}
 
 [sources.crumb]
 kind = "crumbpos"
@@ -211,8 +332,7 @@ secrets = ["{CRUMB_SECRET}"]
 [sources.crave]
 kind = "crave"
 secrets = ["{CRAVE_SECRET}"]
-"#,
-        store = dir.join("data").display(),
+"#
     );
     match routing {
         Routing::Nowhere => c.push_str(

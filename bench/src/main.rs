@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
+use crate::expeditor::StoreKind;
 use crate::load::{Corpus, Pace};
 use crate::rows::{Row, RowKind, Settings};
 
@@ -68,6 +69,11 @@ struct Cli {
     /// disk whose fsync every ack waits for. Default: the system temp dir.
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Run expeditor on PostgreSQL instead of its embedded SQLite store: a
+    /// fresh database per row on this server, e.g.
+    /// `postgres://postgres@127.0.0.1:5432/postgres`.
+    #[arg(long, value_name = "URL")]
+    postgres: Option<String>,
     /// `concurrency` of each http sink in the generated config. Default:
     /// expeditor's own default, as a user gets it.
     #[arg(long)]
@@ -125,6 +131,10 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         expeditor: cli.expeditor.clone(),
         dir: cli.dir.clone(),
         sink_concurrency: cli.sink_concurrency,
+        store: match &cli.postgres {
+            Some(server) => StoreKind::Postgres { server: server.clone() },
+            None => StoreKind::Sqlite,
+        },
     };
     let half_rate = !cli.no_half_rate && !cli.smoke && cli.rate.is_none();
     let pace = cli.rate.map_or(Pace::FlatOut, Pace::Rate);
@@ -150,7 +160,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         String::new()
     };
     eprintln!("machine: {}", proc::machine_summary());
-    eprintln!("target: {} ({version})", settings.expeditor.display());
+    eprintln!(
+        "target: {} ({version}) on {}",
+        settings.expeditor.display(),
+        match &cli.postgres {
+            Some(_) => "PostgreSQL",
+            None => "SQLite",
+        }
+    );
     let built = Instant::now();
     let corpus = Arc::new(Corpus::build(events)?);
     eprintln!(

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::expeditor::{Daemon, Routing};
+use crate::expeditor::{Daemon, Routing, StoreKind};
 use crate::load::{self, Corpus, LoadResult, Pace, Plan, Signed, event_id};
 use crate::proc::{self, ProcStats};
 use crate::servers::{Baseline, SinkServer, SinkState};
@@ -66,6 +66,7 @@ pub struct Settings {
     pub dir: Option<PathBuf>,
     /// `concurrency` of each sink; default: expeditor's.
     pub sink_concurrency: Option<usize>,
+    pub store: StoreKind,
 }
 
 /// Deliveries seen by the sink server for one row.
@@ -258,7 +259,7 @@ pub async fn expeditor(
             concurrency: settings.sink_concurrency,
         },
     };
-    let daemon = Daemon::start(&settings.expeditor, settings.dir.as_deref(), routing).await?;
+    let daemon = Daemon::start(&settings.expeditor, settings.dir.as_deref(), &settings.store, routing).await?;
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = Plan {
         target: daemon.ingest,
@@ -313,7 +314,7 @@ pub async fn expeditor(
     }
 
     // Every acknowledged event must be in the store.
-    let store = stopped.store()?;
+    let store = stopped.store().await?;
     let missing_in_store = load
         .acked
         .iter()
