@@ -34,6 +34,12 @@ use crate::{admin, ingest, systemd};
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: from here on SIGTERM means "stop cleanly" and SIGHUP
+    // "reload", never the default action (exit), even in the instant after
+    // READY=1 when systemd or a script may already send one.
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let config = Arc::new(config);
     // PostgreSQL: connects now and fails fast when the database is unreachable.
     let store: Arc<dyn Store> = crate::store::open(&config.store.backend).await?;
@@ -77,9 +83,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     systemd::ready(&summary(&config));
 
     let mut engine = engine;
-    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     loop {
         tokio::select! {
             _ = term.recv() => break,

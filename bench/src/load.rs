@@ -127,6 +127,11 @@ impl Corpus {
         &self.events[i]
     }
 
+    /// A typical body (the first event's), for rows the bench writes itself.
+    pub fn typical_body(&self) -> &[u8] {
+        self.events.first().map_or(&[], |e| &e.body[..])
+    }
+
     pub fn mean_body_len(&self) -> usize {
         let total: usize = self.events.iter().map(|e| e.body.len()).sum();
         total / self.events.len().max(1)

@@ -19,6 +19,7 @@
 
 mod expeditor;
 mod load;
+mod preload;
 mod proc;
 mod report;
 mod rows;
@@ -74,6 +75,10 @@ struct Cli {
     /// `postgres://postgres@127.0.0.1:5432/postgres`.
     #[arg(long, value_name = "URL")]
     postgres: Option<String>,
+    /// Fill the store with this many events (a week of them, as pruning
+    /// leaves it) before each expeditor row: does a big store slow it down?
+    #[arg(long, default_value_t = 0)]
+    preload: usize,
     /// `concurrency` of each http sink in the generated config. Default:
     /// expeditor's own default, as a user gets it.
     #[arg(long)]
@@ -131,6 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         expeditor: cli.expeditor.clone(),
         dir: cli.dir.clone(),
         sink_concurrency: cli.sink_concurrency,
+        preload: cli.preload,
         store: match &cli.postgres {
             Some(server) => StoreKind::Postgres { server: server.clone() },
             None => StoreKind::Sqlite,

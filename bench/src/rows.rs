@@ -67,6 +67,8 @@ pub struct Settings {
     /// `concurrency` of each sink; default: expeditor's.
     pub sink_concurrency: Option<usize>,
     pub store: StoreKind,
+    /// Events in the store before each expeditor row starts.
+    pub preload: usize,
 }
 
 /// Deliveries seen by the sink server for one row.
@@ -259,7 +261,14 @@ pub async fn expeditor(
             concurrency: settings.sink_concurrency,
         },
     };
-    let daemon = Daemon::start(&settings.expeditor, settings.dir.as_deref(), &settings.store, routing).await?;
+    let daemon = Daemon::start(
+        &settings.expeditor,
+        settings.dir.as_deref(),
+        &settings.store,
+        routing,
+        (settings.preload > 0).then(|| (settings.preload, corpus.typical_body())),
+    )
+    .await?;
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = Plan {
         target: daemon.ingest,

@@ -49,7 +49,8 @@ const MIGRATION_LOCK: i64 = 0x6578_7065_6469_746f;
 
 /// Schema migrations, applied in order at start; `schema_version` records how
 /// many have run. Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &["
+pub(super) const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE events (
     seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source      text NOT NULL,
@@ -85,7 +86,12 @@ CREATE TABLE attempts (
     error       text
 );
 CREATE INDEX attempts_delivery ON attempts (delivery_id);
-"];
+",
+    "
+-- Compaction looks only at events that still have a body.
+CREATE INDEX events_uncompacted ON events (received_at) WHERE body IS NOT NULL;
+",
+];
 
 /// One statement: the event, and its deliveries only if the event is new.
 /// Returns the new event's seq, or no row for a duplicate.

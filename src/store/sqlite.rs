@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (source, event_id)
 );
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+-- Compaction looks only at events that still have a body: without this it
+-- would walk every compacted dedupe key (days of them) on each pass.
+CREATE INDEX IF NOT EXISTS events_uncompacted ON events (received_at) WHERE body IS NOT NULL;
 CREATE TABLE IF NOT EXISTS deliveries (
     id          INTEGER PRIMARY KEY,
     event_seq   INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
@@ -116,7 +119,9 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         let released = conn
             .execute(
-                "UPDATE deliveries SET lease_until = NULL WHERE lease_until IS NOT NULL",
+                // `state = 0` lets this read the small pending index, not every
+                // delivery the store remembers.
+                "UPDATE deliveries SET lease_until = NULL WHERE state = 0 AND lease_until IS NOT NULL",
                 [],
             )
             .map_err(unavailable)?;

@@ -1,0 +1,114 @@
+//! `--preload N`: a store that already holds N events, as one that has run
+//! for a week does, so a row shows whether ingest and claiming slow down as
+//! the store grows.
+//!
+//! The events are spread over the last 7 days (the default dedupe window):
+//! those of the last day keep their body and have one delivered delivery per
+//! sink with its attempt; older ones are compacted to dedupe keys, as
+//! pruning leaves them. Written straight into the tables expeditor created
+//! (the schema is expeditor's; the bench follows it), in one transaction.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+
+const WEEK_MS: i64 = 7 * 24 * 3600 * 1000;
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+/// Where the preloaded events sit in time.
+struct Spread {
+    /// received_at of the newest (a minute ago).
+    newest: i64,
+    /// Milliseconds between consecutive events.
+    step: i64,
+    /// Events younger than this keep their body and deliveries (a little
+    /// under a day, so pruning does not race the row for them).
+    fresh: i64,
+}
+
+impl Spread {
+    fn new(n: usize) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as i64;
+        Self {
+            newest: now - 60_000,
+            // Stay inside the week so nothing is due for deletion either.
+            step: ((WEEK_MS - 2 * 3_600_000) / n.max(1) as i64).max(1),
+            fresh: DAY_MS - 3_600_000,
+        }
+    }
+}
+
+pub fn sqlite(db: &std::path::Path, n: usize, body: &[u8], sinks: &[String]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let spread = Spread::new(n);
+    let mut conn = rusqlite::Connection::open(db).with_context(|| format!("cannot open {}", db.display()))?;
+    let tx = conn.transaction()?;
+    tx.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1)
+         INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
+         SELECT 'crumb', 'preload_' || i, 'crumbpos', 'order.created', ?2 - i * ?3, ?2 - i * ?3,
+                CASE WHEN i * ?3 < ?4 THEN ?5 END
+         FROM n",
+        rusqlite::params![n as i64, spread.newest, spread.step, spread.fresh, body],
+    )?;
+    for sink in sinks {
+        tx.execute(
+            "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, updated_at)
+             SELECT seq, ?1, 1, 1, received_at, received_at + 50 FROM events
+             WHERE body IS NOT NULL AND event_id LIKE 'preload\\_%' ESCAPE '\\'",
+            [sink],
+        )?;
+    }
+    tx.execute(
+        "INSERT INTO attempts (delivery_id, attempt, finished_at, outcome)
+         SELECT id, 1, updated_at, 'delivered' FROM deliveries",
+        [],
+    )?;
+    tx.commit()?;
+    Ok(started.elapsed())
+}
+
+pub async fn postgres(
+    client: &tokio_postgres::Client,
+    n: usize,
+    body: &[u8],
+    sinks: &[String],
+) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let spread = Spread::new(n);
+    client.batch_execute("BEGIN").await?;
+    client
+        .execute(
+            "INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
+             SELECT 'crumb', 'preload_' || i, 'crumbpos', 'order.created',
+                    $2::bigint - i * $3::bigint, $2::bigint - i * $3::bigint,
+                    CASE WHEN i * $3::bigint < $4::bigint THEN $5::bytea END
+             FROM generate_series(0::bigint, $1::bigint - 1) AS i",
+            &[&(n as i64), &spread.newest, &spread.step, &spread.fresh, &body],
+        )
+        .await?;
+    for sink in sinks {
+        client
+            .execute(
+                "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, updated_at)
+                 SELECT seq, $1, 1, 1, received_at, received_at + 50 FROM events
+                 WHERE body IS NOT NULL AND event_id LIKE 'preload\\_%'",
+                &[sink],
+            )
+            .await?;
+    }
+    client
+        .execute(
+            "INSERT INTO attempts (delivery_id, attempt, finished_at, outcome)
+             SELECT id, 1, updated_at, 'delivered' FROM deliveries",
+            &[],
+        )
+        .await?;
+    client.batch_execute("COMMIT").await?;
+    // Autovacuum analyzes a table this size within a minute in production.
+    client.batch_execute("ANALYZE").await?;
+    Ok(started.elapsed())
+}
