@@ -25,6 +25,13 @@ use crate::store::{Claimed, Completed, Completion, Store, now_ms};
 /// Longest a worker sleeps without looking at the store: other instances
 /// sharing a store add work without waking us.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// How many rounds of attempts (`concurrency` batches each) a worker keeps
+/// claimed ahead, so a claim's store round trip never leaves the sink idle.
+const PREFETCH_ROUNDS: usize = 2;
+/// Lease left after an attempt's timeout, to record its outcome.
+const LEASE_MARGIN_MS: i64 = 10_000;
+/// The least a worker keeps claimed ahead.
+const MIN_PREFETCH: usize = 64;
 
 pub struct Engine {
     notifies: Arc<HashMap<String, Arc<Notify>>>,
@@ -177,110 +184,180 @@ struct Worker {
 }
 
 impl Worker {
+    /// Two loops: a claimer keeps a small queue of claimed deliveries topped
+    /// up, and the dispatcher starts attempts from it as permits free up. So
+    /// the store round trip of the next claim overlaps the attempts of the
+    /// last one instead of idling the sink between them.
     async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
-        let permits = Arc::new(Semaphore::new(this.common.concurrency));
         let max_batch = this.sink.max_batch().max(1);
-        let linger = this.sink.linger();
+        let concurrency = this.common.concurrency;
+        // Claimed but not started: every permit twice over, and enough that
+        // one claim per store commit keeps a fast sink busy.
+        let depth = (PREFETCH_ROUNDS * concurrency * max_batch).max(MIN_PREFETCH);
         // Long enough for the attempt and its recording; after that another
-        // worker may take the delivery over.
+        // worker may take the delivery over. A claim that waited in the queue
+        // until too little of its lease is left is given back, not attempted.
         let lease = this.common.timeout * 2 + Duration::from_secs(30);
+        let slots = Arc::new(Semaphore::new(depth));
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let stop_claiming = shutdown.child_token();
+        let claimer =
+            tokio::spawn(
+                this.clone()
+                    .claim_loop(slots.clone(), queue_tx, depth, lease, stop_claiming.clone()),
+            );
+        this.clone().dispatch_loop(slots, queue_rx, max_batch, shutdown).await;
+        stop_claiming.cancel();
+        let _ = claimer.await;
+        this.sink.close().await;
+    }
+
+    /// Claims as many deliveries as the queue has room for whenever it has
+    /// any; sleeps until ingest wakes it, the next retry is due, or the idle
+    /// poll when the store has nothing due.
+    async fn claim_loop(
+        self: Arc<Self>,
+        slots: Arc<Semaphore>,
+        queue: mpsc::UnboundedSender<Claimed>,
+        depth: usize,
+        lease: Duration,
+        stop: CancellationToken,
+    ) {
+        loop {
+            let room = tokio::select! {
+                p = slots.acquire_many(1) => p.expect("semaphore is never closed"),
+                _ = stop.cancelled() => return,
+            };
+            room.forget();
+            let mut want = 1;
+            while want < depth {
+                match slots.try_acquire() {
+                    Ok(p) => {
+                        p.forget();
+                        want += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let claimed = match self.store.claim(&self.name, want, lease, now_ms()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(sink = %self.name, error = %e, "cannot claim deliveries");
+                    slots.add_permits(want);
+                    tokio::select! {
+                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    continue;
+                }
+            };
+            let got = claimed.len();
+            slots.add_permits(want - got);
+            for c in claimed {
+                if let Err(unsent) = queue.send(c) {
+                    // The dispatcher has stopped: give the claim back.
+                    self.release(vec![unsent.0]).await;
+                }
+            }
+            if got == want {
+                continue; // likely more due: claim again as soon as there is room
+            }
+            // Nothing more due now. A wake-up that came during the claim is
+            // kept by the Notify, so none is missed.
+            let wait = match self.store.next_due(&self.name).await {
+                Ok(Some(due)) => Duration::from_millis((due - now_ms()).clamp(1, IDLE_POLL.as_millis() as i64) as u64),
+                _ => IDLE_POLL,
+            };
+            tokio::select! {
+                _ = self.notify.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Starts an attempt per batch as permits allow; a sink's `linger` holds
+    /// a batch smaller than `max_batch` for up to that long to fill it.
+    /// Stops at shutdown: attempts in flight finish, queued claims are given
+    /// back.
+    async fn dispatch_loop(
+        self: Arc<Self>,
+        slots: Arc<Semaphore>,
+        mut queue: mpsc::UnboundedReceiver<Claimed>,
+        max_batch: usize,
+        shutdown: CancellationToken,
+    ) {
+        let permits = Arc::new(Semaphore::new(self.common.concurrency));
+        let linger = self.sink.linger();
         let in_flight = TaskTracker::new();
+        let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
         loop {
             let permit = tokio::select! {
                 p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
                 _ = shutdown.cancelled() => break,
             };
-            let want = (1 + permits.available_permits()) * max_batch;
-            let claimed = match this.store.claim(&this.name, want, lease, now_ms()).await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(sink = %this.name, error = %e, "cannot claim deliveries");
-                    drop(permit);
+            tokio::select! {
+                n = queue.recv_many(&mut batch, max_batch) => if n == 0 { break },
+                _ = shutdown.cancelled() => break,
+            }
+            if !linger.is_zero() && batch.len() < max_batch {
+                let deadline = tokio::time::Instant::now() + linger;
+                while batch.len() < max_batch {
+                    let room = max_batch - batch.len();
                     tokio::select! {
-                        _ = tokio::time::sleep(IDLE_POLL) => {}
+                        n = queue.recv_many(&mut batch, room) => if n == 0 { break },
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        // Shutdown sends what is held at once.
                         _ = shutdown.cancelled() => break,
                     }
+                }
+            }
+            slots.add_permits(batch.len());
+            // An attempt must end (timeout) and be recorded within the lease.
+            let must_start_by = now_ms() + self.common.timeout.as_millis() as i64 + LEASE_MARGIN_MS;
+            if batch.iter().any(|c| c.lease_until < must_start_by) {
+                let (fresh, stale): (Vec<Claimed>, Vec<Claimed>) =
+                    batch.drain(..).partition(|c| c.lease_until >= must_start_by);
+                self.release(stale).await;
+                batch = fresh;
+                if batch.is_empty() {
                     continue;
                 }
-            };
-            if claimed.is_empty() {
+            }
+            let this = self.clone();
+            let taken = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
+            in_flight.spawn(async move {
+                this.attempt(taken).await;
                 drop(permit);
-                let wait = match this.store.next_due(&this.name).await {
-                    Ok(Some(due)) => {
-                        Duration::from_millis((due - now_ms()).clamp(1, IDLE_POLL.as_millis() as i64) as u64)
-                    }
-                    _ => IDLE_POLL,
-                };
-                tokio::select! {
-                    _ = this.notify.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => break,
-                }
-                continue;
-            }
-            let mut claimed = claimed;
-            if !linger.is_zero() && max_batch > 1 && claimed.len() < max_batch {
-                this.fill(&mut claimed, max_batch, linger, lease, &shutdown).await;
-            }
-            let mut first = Some(permit);
-            let mut batches = claimed.into_iter().peekable();
-            while batches.peek().is_some() {
-                let batch: Vec<Claimed> = batches.by_ref().take(max_batch).collect();
-                let permit = match first.take() {
-                    Some(p) => p,
-                    None => permits
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .expect("semaphore is never closed"),
-                };
-                let this = this.clone();
-                in_flight.spawn(async move {
-                    this.attempt(batch).await;
-                    drop(permit);
-                });
-            }
+            });
         }
-        // Attempts in flight finish (each is bounded by the sink timeout);
-        // nothing new is claimed.
+        // Claimed but never started: give them back so they run at once
+        // elsewhere or after the restart, not after the lease.
+        queue.close();
+        while let Ok(c) = queue.try_recv() {
+            batch.push(c);
+        }
+        if !batch.is_empty() {
+            self.release(batch).await;
+        }
+        // Attempts in flight finish (each is bounded by the sink timeout).
         in_flight.close();
         in_flight.wait().await;
-        this.sink.close().await;
     }
 
-    /// A sink's `linger`: holds a batch smaller than `max_batch` for up to
-    /// `linger`, claiming what else becomes due when ingest wakes the worker,
-    /// and once more at the end. Shutdown sends what is held at once.
-    async fn fill(
-        &self,
-        claimed: &mut Vec<Claimed>,
-        max_batch: usize,
-        linger: Duration,
-        lease: Duration,
-        shutdown: &CancellationToken,
-    ) {
-        let deadline = tokio::time::Instant::now() + linger;
-        while claimed.len() < max_batch {
-            let last = tokio::select! {
-                _ = self.notify.notified() => false,
-                _ = tokio::time::sleep_until(deadline) => true,
-                _ = shutdown.cancelled() => return,
+    async fn release(&self, claims: Vec<Claimed>) {
+        let finished_at = now_ms();
+        for c in claims {
+            let completion = Completion {
+                delivery_id: c.delivery_id,
+                attempt: c.attempt,
+                finished_at,
+                result: Completed::Released {
+                    lease_until: c.lease_until,
+                },
             };
-            match self
-                .store
-                .claim(&self.name, max_batch - claimed.len(), lease, now_ms())
-                .await
-            {
-                Ok(more) => claimed.extend(more),
-                Err(e) => {
-                    tracing::warn!(sink = %self.name, error = %e, "cannot claim deliveries");
-                    return;
-                }
-            }
-            if last {
-                return;
-            }
+            let _ = self.completions.send((self.name.clone(), completion)).await;
         }
     }
 
@@ -334,6 +411,7 @@ impl Worker {
                 Completed::Delivered => AttemptOutcome::delivered,
                 Completed::Retry { .. } => AttemptOutcome::retry,
                 Completed::Dead { .. } => AttemptOutcome::dead,
+                Completed::Released { .. } => continue,
             };
             self.metrics.attempt(&self.name, label, elapsed, 1);
             let completion = Completion {

@@ -114,7 +114,9 @@ impl Pipeline {
                 };
                 if sinks.is_empty() {
                     self.metrics.events_unrouted.get_or_create(&labels).inc();
-                    tracing::info!(source = %source.name, event_id = %n.id, event_type = %n.event_type, "event stored; no route takes it");
+                    // Debug, not info: a source whose routes take a few types sends
+                    // many that none takes; the counter above shows them.
+                    tracing::debug!(source = %source.name, event_id = %n.id, event_type = %n.event_type, "event stored; no route takes it");
                 } else {
                     self.metrics.events_routed.get_or_create(&labels).inc();
                     tracing::debug!(source = %source.name, event_id = %n.id, event_type = %n.event_type, sinks = ?sinks, "event stored");

@@ -242,6 +242,16 @@ impl Stopped {
         log_tail(self.dir.path())
     }
 
+    /// The warnings and errors expeditor logged (slow commits, failures).
+    pub fn warnings(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("expeditor.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// What the store holds, read after the stop (and the row's PostgreSQL
     /// database dropped).
     pub async fn store(&self) -> anyhow::Result<StoreContents> {

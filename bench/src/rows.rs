@@ -314,6 +314,13 @@ pub async fn expeditor(
         }
         s.stop();
     }
+    let warnings = stopped.warnings();
+    if !warnings.is_empty() {
+        eprintln!("{label}: expeditor logged {} warnings or errors; the first:", warnings.len());
+        for w in warnings.iter().take(5) {
+            eprintln!("  {w}");
+        }
+    }
     if !stopped.clean {
         problems.push(format!(
             "{label}: expeditor did not exit 0 after SIGTERM ({}); its log ends:\n{}",

@@ -60,14 +60,28 @@ pub struct Claimed {
     pub sink: String,
     /// The attempt this claim is: 1 for the first.
     pub attempt: u32,
+    /// When the lease runs out; with the id, it names this claim alone (a
+    /// later claim of the same delivery has a later lease).
+    pub lease_until: i64,
     pub event: StoredEvent,
 }
 
 #[derive(Debug, Clone)]
 pub enum Completed {
     Delivered,
-    Retry { due_at: i64, error: String },
-    Dead { error: String },
+    Retry {
+        due_at: i64,
+        error: String,
+    },
+    Dead {
+        error: String,
+    },
+    /// Claimed but never attempted (the worker stopped first): the lease is
+    /// given back and the attempt not counted, as if it was never claimed.
+    /// Only while the claim (`lease_until`) is still the current one.
+    Released {
+        lease_until: i64,
+    },
 }
 
 /// The end of one attempt.

@@ -130,18 +130,22 @@ ORDER BY u.due_at, u.id";
 /// (`state = 0 AND attempts = attempt`), and each ending is logged.
 const COMPLETE: &str = "
 WITH done AS (
-    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[], $4::bigint[], $5::text[], $6::bigint[], $7::text[])
-        AS t (id, attempt, state, due_at, error, finished_at, outcome)
+    SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[], $4::bigint[], $5::text[], $6::bigint[], $7::text[],
+                         $8::bigint[])
+        AS t (id, attempt, state, due_at, error, finished_at, outcome, lease_until)
 ), updated AS (
     UPDATE deliveries d
     SET state = done.state, due_at = COALESCE(done.due_at, d.due_at), lease_until = NULL,
-        last_error = done.error, updated_at = done.finished_at
+        attempts = CASE WHEN done.outcome = 'released' THEN d.attempts - 1 ELSE d.attempts END,
+        last_error = CASE WHEN done.outcome = 'released' THEN d.last_error ELSE done.error END,
+        updated_at = CASE WHEN done.outcome = 'released' THEN d.updated_at ELSE done.finished_at END
     FROM done
     WHERE d.id = done.id AND d.state = 0 AND d.attempts = done.attempt
+      AND (done.outcome <> 'released' OR d.lease_until = done.lease_until)
     RETURNING d.id, done.attempt, done.finished_at, done.outcome, done.error
 )
 INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error)
-SELECT id, attempt, finished_at, outcome, error FROM updated";
+SELECT id, attempt, finished_at, outcome, error FROM updated WHERE outcome <> 'released'";
 
 const REQUEUE: &str = "UPDATE deliveries SET state = 0, attempts = 0, due_at = $1, lease_until = NULL, updated_at = $1";
 
@@ -430,6 +434,7 @@ impl Store for PostgresStore {
                     delivery_id: r.get(0),
                     sink: sink.to_string(),
                     attempt: attempts(r.get(1)),
+                    lease_until,
                     event: StoredEvent {
                         source: r.get(2),
                         event_id: r.get(3),
@@ -451,6 +456,7 @@ impl Store for PostgresStore {
         }
         let n = done.len();
         let (mut ids, mut tries, mut states) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut leases: Vec<Option<i64>> = Vec::with_capacity(n);
         let (mut dues, mut errors, mut finished, mut outcomes) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -462,7 +468,12 @@ impl Store for PostgresStore {
                 Completed::Delivered => (Status::Delivered, None, None, "delivered"),
                 Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(error), "retry"),
                 Completed::Dead { error } => (Status::Dead, None, Some(error), "dead"),
+                Completed::Released { .. } => (Status::Pending, None, None, "released"),
             };
+            leases.push(match c.result {
+                Completed::Released { lease_until } => Some(lease_until),
+                _ => None,
+            });
             ids.push(c.delivery_id);
             tries.push(c.attempt.min(i32::MAX as u32) as i32);
             states.push(state.code() as i32);
@@ -475,7 +486,10 @@ impl Store for PostgresStore {
             let client = self.client().await?;
             let stmt = client.prepare_cached(COMPLETE).await.map_err(db_error)?;
             client
-                .execute(&stmt, &[&ids, &tries, &states, &dues, &errors, &finished, &outcomes])
+                .execute(
+                    &stmt,
+                    &[&ids, &tries, &states, &dues, &errors, &finished, &outcomes, &leases],
+                )
                 .await
                 .map_err(db_error)?;
             Ok(())

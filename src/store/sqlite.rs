@@ -206,7 +206,12 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
     }
 }
 
+/// A commit slower than this is logged: every ack in it waited that long.
+const SLOW_COMMIT: Duration = Duration::from_millis(100);
+
 fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
+    let started = std::time::Instant::now();
+    let group = ops.len();
     let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
     // IMMEDIATE: take the write lock up front. A deferred transaction that
     // reads before it writes (claims do) cannot wait for a lock held by
@@ -226,7 +231,13 @@ fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
     for op in ops.drain(..) {
         replies.push(apply(&mut tx, op));
     }
-    match tx.commit() {
+    let applied = started.elapsed();
+    let committed = tx.commit();
+    let took = started.elapsed();
+    if took > SLOW_COMMIT {
+        tracing::warn!(operations = group, applied_ms = applied.as_millis() as u64, total_ms = took.as_millis() as u64, "slow store commit");
+    }
+    match committed {
         Ok(()) => replies.into_iter().for_each(|r| r(None)),
         Err(e) => {
             tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
@@ -343,6 +354,7 @@ fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -
                 delivery_id: r.get(0)?,
                 sink: sink.to_string(),
                 attempt: r.get::<_, u32>(1)? + 1,
+                lease_until,
                 event: StoredEvent {
                     source: r.get(2)?,
                     event_id: r.get(3)?,
@@ -380,11 +392,23 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
             "INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error) VALUES (?1, ?2, ?3, ?4, ?5)",
         )
         .map_err(unavailable)?;
+    let mut release = t
+        .prepare_cached(
+            "UPDATE deliveries SET lease_until = NULL, attempts = attempts - 1
+             WHERE id = ?1 AND state = 0 AND attempts = ?2 AND lease_until = ?3",
+        )
+        .map_err(unavailable)?;
     for c in done {
         let (state, due, error, outcome) = match &c.result {
             Completed::Delivered => (Status::Delivered, None, None, "delivered"),
             Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(error.as_str()), "retry"),
             Completed::Dead { error } => (Status::Dead, None, Some(error.as_str()), "dead"),
+            Completed::Released { lease_until } => {
+                release
+                    .execute(params![c.delivery_id, c.attempt, lease_until])
+                    .map_err(unavailable)?;
+                continue;
+            }
         };
         let n = update
             .execute(params![

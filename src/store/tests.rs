@@ -164,6 +164,7 @@ store_tests!(
     lease_hides_a_claimed_delivery_until_it_runs_out,
     delivered_is_never_claimed_again,
     retry_is_claimable_at_its_due_time_with_the_next_attempt,
+    released_claims_run_again_at_once_with_the_same_attempt,
     dead_is_listed_and_never_claimed,
     replay_dead_letters_requeues_them_with_fresh_attempts,
     replay_dead_letters_of_one_sink,
@@ -437,6 +438,39 @@ async fn delivered_is_never_claimed_again(store: Arc<dyn Store>) {
     assert_eq!(pairs(&delivered), [("evt_1", "a")]);
     assert_eq!(delivered[0].attempts, 1);
     assert!(deliveries(&*store, None, Some(Status::Pending)).await.is_empty());
+}
+
+/// A worker that stops with claims it never attempted gives them back: they
+/// are claimable at once (no waiting out the lease), the unmade attempt is not
+/// counted and leaves no trace in the attempt log, and a stale release (the
+/// delivery was claimed again meanwhile) changes nothing.
+async fn released_claims_run_again_at_once_with_the_same_attempt(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a"])).await;
+    let first = claim(&*store, "a", T0).await;
+    assert_eq!(attempts(&first), [("evt_1", 1)]);
+    let release = |c: &Claimed| Completed::Released {
+        lease_until: c.lease_until,
+    };
+    complete(&*store, &first[0], T0 + 1, release(&first[0])).await;
+
+    let again = claim(&*store, "a", T0 + 2).await;
+    assert_eq!(
+        attempts(&again),
+        [("evt_1", 1)],
+        "same attempt number: the first never ran"
+    );
+    let pending = deliveries(&*store, None, Some(Status::Pending)).await;
+    assert_eq!(pending[0].attempts, 1);
+    assert_eq!(pending[0].last_error, None);
+
+    // Released again by a worker that no longer holds it: ignored.
+    complete(&*store, &first[0], T0 + 3, release(&first[0])).await;
+    complete(&*store, &again[0], T0 + 4, Completed::Delivered).await;
+    assert!(claim(&*store, "a", T0 + 5).await.is_empty());
+    let detail = store.event_detail("crumb", "evt_1").await.unwrap();
+    let log = &detail.deliveries[0].attempt_log;
+    assert_eq!(log.len(), 1, "only the real attempt is logged: {log:?}");
+    assert_eq!(deliveries(&*store, None, Some(Status::Delivered)).await[0].attempts, 1);
 }
 
 async fn retry_is_claimable_at_its_due_time_with_the_next_attempt(store: Arc<dyn Store>) {
