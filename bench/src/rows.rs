@@ -316,7 +316,10 @@ pub async fn expeditor(
     }
     let warnings = stopped.warnings();
     if !warnings.is_empty() {
-        eprintln!("{label}: expeditor logged {} warnings or errors; the first:", warnings.len());
+        eprintln!(
+            "{label}: expeditor logged {} warnings or errors; the first:",
+            warnings.len()
+        );
         for w in warnings.iter().take(5) {
             eprintln!("  {w}");
         }

@@ -235,7 +235,12 @@ fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
     let committed = tx.commit();
     let took = started.elapsed();
     if took > SLOW_COMMIT {
-        tracing::warn!(operations = group, applied_ms = applied.as_millis() as u64, total_ms = took.as_millis() as u64, "slow store commit");
+        tracing::warn!(
+            operations = group,
+            applied_ms = applied.as_millis() as u64,
+            total_ms = took.as_millis() as u64,
+            "slow store commit"
+        );
     }
     match committed {
         Ok(()) => replies.into_iter().for_each(|r| r(None)),
