@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use crate::fake_sink::FakeSink;
+use crate::fake_sink::{Answer, FakeSink};
 use crate::harness::{Daemon, base_config, http_client, one_sink_config};
 use crate::vendor::{self, crumb_order};
 
@@ -178,6 +178,40 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
         "acknowledged but not stored: {:?}",
         acked.difference(&stored).next()
     );
+}
+
+/// A worker claims deliveries ahead of its attempts. At a stop, those it
+/// never started are given back: after the restart they go out at once, as
+/// their first attempt (not counted as a failed one), and the one in flight
+/// at the stop finished before the exit.
+#[tokio::test(flavor = "multi_thread")]
+async fn stop_gives_back_claims_it_never_attempted() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_millis(1500)));
+    let config =
+        one_sink_config("", &sink.url("/hook")).replace("timeout = \"2s\"", "timeout = \"5s\"\nconcurrency = 1");
+    assert!(config.contains("concurrency = 1"), "{config}");
+    let mut d = Daemon::start(&config).await;
+    let ids: Vec<String> = (0..5).map(|i| format!("evt_release_{i}")).collect();
+    for id in &ids {
+        let reply = d.post_crumb(&crumb_order(id, 1000)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+    }
+    // One attempt in flight (the sink holds it 1.5 s), four claimed behind it.
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status}\n{}", d.log());
+    assert_eq!(sink.requests().len(), 1, "nothing new started after the stop");
+
+    sink.script_answers(&[], Answer::status(200));
+    d.start_again().await;
+    let want: BTreeSet<String> = ids.iter().cloned().collect();
+    wait_ids(&sink, &want, Duration::from_secs(20)).await;
+    for id in &ids {
+        let delivery = d.wait_delivery("crumb", id, "hook", "delivered").await;
+        assert_eq!(delivery["attempts"], 1, "{id}: {delivery}");
+    }
 }
 
 fn two_sink_config(a: &str, b: Option<&str>, extra_route: &str) -> String {
