@@ -387,15 +387,7 @@ impl Worker {
                     tracing::error!(sink = %self.name, expected = deliveries.len(), got = r.len(), "sink returned the wrong number of outcomes");
                     vec![Err(DeliveryError::retryable("sink returned no outcome for this delivery")); deliveries.len()]
                 }
-                Err(_) => {
-                    vec![
-                        Err(DeliveryError::retryable(format!(
-                            "timed out after {:?}",
-                            self.common.timeout
-                        )));
-                        deliveries.len()
-                    ]
-                }
+                Err(_) => vec![Err(DeliveryError::timed_out(self.common.timeout)); deliveries.len()],
             };
             let mut results = results.into_iter();
             for slot in outcomes.iter_mut().filter(|o| o.is_none()) {

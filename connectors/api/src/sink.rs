@@ -58,6 +58,25 @@ impl DeliveryError {
         self.retry_after = after;
         self
     }
+
+    /// No answer within the sink's timeout: worth another attempt.
+    pub fn timed_out(timeout: Duration) -> Self {
+        Self::retryable(format!("timed out after {timeout:?}"))
+    }
+}
+
+/// [`Sink::deliver`] for sinks that take one delivery per call
+/// (`max_batch` 1): sends each in turn, one outcome per delivery.
+pub async fn one_by_one<'a, F, Fut>(batch: &'a [Delivery], mut send: F) -> Vec<Outcome>
+where
+    F: FnMut(&'a Delivery) -> Fut,
+    Fut: std::future::Future<Output = Outcome>,
+{
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        outcomes.push(send(delivery).await);
+    }
+    outcomes
 }
 
 /// A destination for events.

@@ -109,7 +109,7 @@ pub(crate) fn request_error(err: &BqError, timeout: Duration) -> DeliveryError {
                 };
                 classify(retryable_status(status.as_u16()), message)
             } else if e.is_timeout() {
-                DeliveryError::retryable(format!("timed out after {timeout:?}"))
+                DeliveryError::timed_out(timeout)
             } else if e.is_decode() {
                 // Rows may or may not be in; retrying is safe (insertId).
                 DeliveryError::retryable(one_line(&format!("cannot read BigQuery's answer: {}", root_cause(e))))

@@ -98,7 +98,7 @@ impl BigQuerySink {
         let outcomes = match answer {
             Ok(Ok(response)) => outcome::rows(indices.len(), response),
             Ok(Err(e)) => vec![Err(outcome::request_error(&e, cfg.timeout)); indices.len()],
-            Err(_) => vec![Err(timed_out(cfg.timeout)); indices.len()],
+            Err(_) => vec![Err(DeliveryError::timed_out(cfg.timeout)); indices.len()],
         };
         let failed = outcomes.iter().filter(|o| o.is_err()).count();
         tracing::debug!(
@@ -117,10 +117,6 @@ fn credentials_error(err: &dyn std::fmt::Display) -> DeliveryError {
     // Retried: the metadata server or the token endpoint may be back soon; a
     // key Google refuses uses up the attempts and is dead-lettered.
     DeliveryError::retryable(outcome::one_line(&format!("cannot get Google credentials: {err}")))
-}
-
-fn timed_out(timeout: Duration) -> DeliveryError {
-    DeliveryError::retryable(format!("timed out after {timeout:?}"))
 }
 
 #[async_trait::async_trait]
@@ -162,7 +158,7 @@ impl Sink for BigQuerySink {
                 Ok(Err(e)) => rows.iter().for_each(|r| outcomes[r.index] = Some(Err(e.clone()))),
                 Err(_) => rows
                     .iter()
-                    .for_each(|r| outcomes[r.index] = Some(Err(timed_out(self.cfg.timeout)))),
+                    .for_each(|r| outcomes[r.index] = Some(Err(DeliveryError::timed_out(self.cfg.timeout)))),
             }
         }
         outcomes

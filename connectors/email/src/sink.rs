@@ -60,10 +60,7 @@ impl EmailSink {
         let outcome = match tokio::time::timeout(self.cfg.timeout, self.transport.send(message)).await {
             Ok(Ok(_response)) => Ok(()),
             Ok(Err(err)) => Err(outcome::classify(&err)),
-            Err(_) => Err(DeliveryError::retryable(format!(
-                "timed out after {:?}",
-                self.cfg.timeout
-            ))),
+            Err(_) => Err(DeliveryError::timed_out(self.cfg.timeout)),
         };
         tracing::debug!(
             sink = %self.cfg.name,
@@ -85,11 +82,7 @@ impl Sink for EmailSink {
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            outcomes.push(self.send(delivery).await);
-        }
-        outcomes
+        expeditor_api::one_by_one(batch, |d| self.send(d)).await
     }
 
     async fn close(&self) {

@@ -56,7 +56,7 @@ pub(crate) async fn from_response(response: Response) -> Outcome {
 /// request reqwest refused to build is not.
 pub(crate) fn transport_error(err: &reqwest::Error, timeout: Duration) -> DeliveryError {
     if err.is_timeout() {
-        return DeliveryError::retryable(format!("timed out after {timeout:?}"));
+        return DeliveryError::timed_out(timeout);
     }
     let cause = root_cause(err);
     if err.is_builder() {

@@ -50,10 +50,6 @@ impl Sink for HttpSink {
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            outcomes.push(self.send(delivery).await);
-        }
-        outcomes
+        expeditor_api::one_by_one(batch, |d| self.send(d)).await
     }
 }

@@ -68,10 +68,7 @@ impl SlackSink {
         let post = self.post(message);
         let outcome = match tokio::time::timeout(self.cfg.timeout, post).await {
             Ok(outcome) => outcome,
-            Err(_) => Err(DeliveryError::retryable(format!(
-                "timed out after {:?}",
-                self.cfg.timeout
-            ))),
+            Err(_) => Err(DeliveryError::timed_out(self.cfg.timeout)),
         };
         tracing::debug!(
             sink = %self.cfg.name,
@@ -119,10 +116,6 @@ impl Sink for SlackSink {
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for delivery in batch {
-            outcomes.push(self.send(delivery).await);
-        }
-        outcomes
+        expeditor_api::one_by_one(batch, |d| self.send(d)).await
     }
 }
