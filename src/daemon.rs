@@ -142,7 +142,7 @@ fn current(config: &Arc<Config>, store: &Arc<dyn Store>, engine: &Engine, metric
         pipeline: Arc::new(Pipeline::new(
             config.clone(),
             store.clone(),
-            wake.clone(),
+            engine.handoff(),
             metrics.clone(),
         )),
         wake,

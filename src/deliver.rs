@@ -2,25 +2,28 @@
 //! to the sink in batches, and records each outcome through the one shared
 //! retry policy.
 //!
-//! Workers never hold deliveries in memory beyond an attempt: the store is
-//! the queue, and claims are leases, so a crash at any point means those
-//! deliveries run again (at least once; the delivery key lets the sink drop
-//! the repeat).
+//! The store is the queue, and claims are leases, so a crash at any point
+//! means those deliveries run again (at least once; the delivery key lets
+//! the sink drop the repeat). A worker holds in memory only a bounded queue
+//! of claims it is about to attempt. Ingest puts a new event's deliveries
+//! there directly when there is room ([`Handoff`]): they are written already
+//! claimed, and the event it has just normalized goes with them, so the
+//! common case needs no claim and no second parse.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use expeditor_api::{Delivery, DeliveryError, Outcome, Sink, delivery_key};
-use tokio::sync::{Notify, Semaphore, mpsc};
+use expeditor_api::{Delivery, DeliveryError, Event, Outcome, Sink, delivery_key};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SinkCommon, SinkKind};
 use crate::metrics::{AttemptOutcome, Metrics};
 use crate::pipeline::{Wake, rebuild};
-use crate::store::{Claimed, Completed, Completion, Store, now_ms};
+use crate::store::{Claimed, Completed, Completion, Held, Store, StoredEvent, now_ms};
 
 /// Longest a worker sleeps without looking at the store: other instances
 /// sharing a store add work without waking us.
@@ -35,6 +38,7 @@ const MIN_PREFETCH: usize = 64;
 
 pub struct Engine {
     notifies: Arc<HashMap<String, Arc<Notify>>>,
+    handoff: Arc<Handoff>,
     tracker: TaskTracker,
     completions: Option<mpsc::Sender<(String, Completion)>>,
     /// This engine's own stop signal: a child of the daemon's, so a reload
@@ -116,7 +120,26 @@ impl Engine {
             live: Arc::new(AtomicUsize::new(0)),
             expected: sinks.len(),
         };
+        let mut hot = HashMap::new();
         for (name, common, sink) in sinks {
+            let max_batch = sink.max_batch().max(1);
+            // Claimed but not started: every permit twice over, and enough that
+            // one claim per store commit keeps a fast sink busy.
+            let depth = (PREFETCH_ROUNDS * common.concurrency * max_batch).max(MIN_PREFETCH);
+            // Long enough for the attempt and its recording; after that another
+            // worker may take the delivery over. A claim that waited in the queue
+            // until too little of its lease is left is given back, not attempted.
+            let lease = common.timeout * 2 + Duration::from_secs(30);
+            let slots = Arc::new(Semaphore::new(depth));
+            let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+            hot.insert(
+                name.clone(),
+                HotSink {
+                    slots: slots.clone(),
+                    queue: queue_tx.clone(),
+                    lease,
+                },
+            );
             let worker = Worker {
                 name: name.clone(),
                 sink,
@@ -128,13 +151,26 @@ impl Engine {
             };
             let live = LiveGuard::new(&health.live);
             let stop = stop.clone();
+            let queue = Queue {
+                slots,
+                tx: queue_tx,
+                rx: queue_rx,
+                depth,
+                lease,
+                max_batch,
+            };
             tracker.spawn(async move {
                 let _live = live;
-                worker.run(stop).await;
+                worker.run(queue, stop).await;
             });
         }
+        let handoff = Arc::new(Handoff {
+            sinks: hot,
+            notifies: notifies.clone(),
+        });
         Ok(Self {
             notifies,
+            handoff,
             tracker,
             completions: Some(tx),
             stop,
@@ -163,6 +199,11 @@ impl Engine {
         })
     }
 
+    /// What ingest uses to start the deliveries of the events it stores.
+    pub fn handoff(&self) -> Arc<Handoff> {
+        self.handoff.clone()
+    }
+
     /// Stops the workers, waits for their attempts in flight to finish and
     /// for every outcome to be recorded.
     pub async fn stopped(mut self) {
@@ -170,6 +211,118 @@ impl Engine {
         self.completions.take();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// A worker's queue of claims about to be attempted, and its bound.
+struct Queue {
+    /// Room left in the queue: the claimer and ingest take it, the
+    /// dispatcher gives it back as it starts attempts.
+    slots: Arc<Semaphore>,
+    tx: mpsc::UnboundedSender<Claimed>,
+    rx: mpsc::UnboundedReceiver<Claimed>,
+    depth: usize,
+    lease: Duration,
+    max_batch: usize,
+}
+
+struct HotSink {
+    slots: Arc<Semaphore>,
+    queue: mpsc::UnboundedSender<Claimed>,
+    lease: Duration,
+}
+
+/// Lets ingest put the deliveries of a new event straight into the sink
+/// workers' queues, with the event it has already normalized, instead of
+/// leaving them for a claim to find and rebuild. Only when a queue has room:
+/// otherwise the delivery is written pending and claimed as usual.
+pub struct Handoff {
+    sinks: HashMap<String, HotSink>,
+    notifies: Arc<HashMap<String, Arc<Notify>>>,
+}
+
+/// Room taken in sink queues for one event's first attempts. Dropped
+/// unused (duplicate, store error, request gone), it gives the room back.
+pub struct Reservation {
+    permits: Vec<OwnedSemaphorePermit>,
+    /// What the store writes already claimed, in the order of `permits`.
+    pub held: Vec<Held>,
+}
+
+impl Handoff {
+    /// Takes room for the first attempt of every sink in `sinks` whose queue
+    /// has some now.
+    pub fn reserve(&self, sinks: &[String], now: i64) -> Reservation {
+        let mut r = Reservation {
+            permits: Vec::new(),
+            held: Vec::new(),
+        };
+        for sink in sinks {
+            let Some(hot) = self.sinks.get(sink) else { continue };
+            if let Ok(permit) = hot.slots.clone().try_acquire_owned() {
+                r.permits.push(permit);
+                r.held.push(Held {
+                    sink: sink.clone(),
+                    lease_until: now.saturating_add(hot.lease.as_millis() as i64),
+                });
+            }
+        }
+        r
+    }
+
+    /// After the event is stored: queues the held deliveries (`ids` as the
+    /// store returned them) and wakes the claimers of the other sinks.
+    /// Returns the claims to give back because their worker has stopped (a
+    /// reload retired this engine while the request was in flight): the
+    /// caller records them, so the next engine runs them at once rather than
+    /// after the lease.
+    #[must_use]
+    pub fn start(
+        &self,
+        reservation: Reservation,
+        ids: &[i64],
+        sinks: &[String],
+        event: &StoredEvent,
+        prepared: Arc<Event>,
+    ) -> Vec<Completion> {
+        let Reservation { permits, held } = reservation;
+        let mut give_back = Vec::new();
+        for ((permit, h), &id) in permits.into_iter().zip(held.iter()).zip(ids) {
+            let Some(hot) = self.sinks.get(&h.sink) else { continue };
+            // The dispatcher gives the room back when it takes the claim.
+            permit.forget();
+            let claim = Claimed {
+                delivery_id: id,
+                sink: h.sink.clone(),
+                attempt: 1,
+                lease_until: h.lease_until,
+                event: event.clone(),
+                prepared: Some(prepared.clone()),
+            };
+            if let Err(unsent) = hot.queue.send(claim) {
+                let c = unsent.0;
+                give_back.push(Completion {
+                    delivery_id: c.delivery_id,
+                    attempt: c.attempt,
+                    finished_at: now_ms(),
+                    result: Completed::Released {
+                        lease_until: c.lease_until,
+                    },
+                });
+            }
+        }
+        let rest: Vec<&String> = sinks.iter().filter(|s| !held.iter().any(|h| &h.sink == *s)).collect();
+        self.wake(rest);
+        give_back
+    }
+
+    /// Wakes the claimers of `sinks`: they have new pending deliveries.
+    pub fn wake<'a>(&self, sinks: impl IntoIterator<Item = &'a String>) {
+        for sink in sinks {
+            if let Some(n) = self.notifies.get(sink) {
+                n.notify_one();
+            }
+        }
     }
 }
 
@@ -188,26 +341,22 @@ impl Worker {
     /// up, and the dispatcher starts attempts from it as permits free up. So
     /// the store round trip of the next claim overlaps the attempts of the
     /// last one instead of idling the sink between them.
-    async fn run(self, shutdown: CancellationToken) {
+    async fn run(self, queue: Queue, shutdown: CancellationToken) {
         let this = Arc::new(self);
-        let max_batch = this.sink.max_batch().max(1);
-        let concurrency = this.common.concurrency;
-        // Claimed but not started: every permit twice over, and enough that
-        // one claim per store commit keeps a fast sink busy.
-        let depth = (PREFETCH_ROUNDS * concurrency * max_batch).max(MIN_PREFETCH);
-        // Long enough for the attempt and its recording; after that another
-        // worker may take the delivery over. A claim that waited in the queue
-        // until too little of its lease is left is given back, not attempted.
-        let lease = this.common.timeout * 2 + Duration::from_secs(30);
-        let slots = Arc::new(Semaphore::new(depth));
-        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let Queue {
+            slots,
+            tx,
+            rx,
+            depth,
+            lease,
+            max_batch,
+        } = queue;
         let stop_claiming = shutdown.child_token();
-        let claimer =
-            tokio::spawn(
-                this.clone()
-                    .claim_loop(slots.clone(), queue_tx, depth, lease, stop_claiming.clone()),
-            );
-        this.clone().dispatch_loop(slots, queue_rx, max_batch, shutdown).await;
+        let claimer = tokio::spawn(
+            this.clone()
+                .claim_loop(slots.clone(), tx, depth, lease, stop_claiming.clone()),
+        );
+        this.clone().dispatch_loop(slots, rx, max_batch, shutdown).await;
         stop_claiming.cancel();
         let _ = claimer.await;
         this.sink.close().await;
@@ -365,12 +514,16 @@ impl Worker {
         let mut deliveries = Vec::with_capacity(batch.len());
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
         for c in &batch {
-            match rebuild(&c.event) {
+            let event = match &c.prepared {
+                Some(event) => Ok(event.clone()),
+                None => rebuild(&c.event).map(Arc::new),
+            };
+            match event {
                 Ok(event) => {
                     deliveries.push(Delivery {
                         key: delivery_key(&c.event.source, &c.event.event_id, &self.name),
                         attempt: c.attempt,
-                        event: Arc::new(event),
+                        event,
                     });
                     outcomes.push(None);
                 }

@@ -195,7 +195,12 @@ fn is_json_content_type(value: &HeaderValue) -> bool {
 }
 
 fn accepted(status: &str, id: &str) -> Response<Body> {
-    let body = serde_json::json!({ "status": status, "id": id }).to_string();
+    #[derive(serde::Serialize)]
+    struct Ack<'a> {
+        status: &'a str,
+        id: &'a str,
+    }
+    let body = serde_json::to_string(&Ack { status, id }).unwrap_or_default();
     json_response(StatusCode::OK, body)
 }
 

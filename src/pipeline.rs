@@ -9,6 +9,7 @@ use expeditor_api::{Event, EventMeta, Templates, Views};
 use http::HeaderMap;
 
 use crate::config::{Config, Source};
+use crate::deliver::Handoff;
 use crate::ingest::Limits;
 use crate::metrics::{Metrics, SourceLabels};
 use crate::normalize::{NormalizeError, Normalizer};
@@ -33,18 +34,18 @@ pub struct Pipeline {
     config: Arc<Config>,
     sources: HashMap<String, Arc<Source>>,
     store: Arc<dyn Store>,
-    wake: Wake,
+    handoff: Arc<Handoff>,
     metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, wake: Wake, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, handoff: Arc<Handoff>, metrics: Arc<Metrics>) -> Self {
         let sources = config.sources.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Self {
             config,
             sources,
             store,
-            wake,
+            handoff,
             metrics,
         }
     }
@@ -76,39 +77,84 @@ impl Pipeline {
             .normalize(verified.body())
             .map_err(Rejected::Invalid)?;
         let occurred_at = n.occurred_at.map(|t| t.as_millisecond());
-        let decision = self.config.router.route(&source.name, &n.event_type, || {
-            let event = event(
-                &source.name,
-                source.kind(),
-                &n.id,
-                &n.event_type,
-                occurred_at,
-                received_at,
-                n.payload.clone(),
-                n.views.clone(),
-            );
-            Templates::context(&event)
-        });
+        // Built once: routes with a `when` read it, and held deliveries carry it
+        // to their sinks, so nothing parses the body again.
+        let prepared = event(
+            &source.name,
+            source.kind(),
+            &n.id,
+            &n.event_type,
+            occurred_at,
+            received_at,
+            n.payload,
+            n.views,
+        );
+        let decision = self
+            .config
+            .router
+            .route(&source.name, &n.event_type, || Templates::context(&prepared));
         for (route, error) in &decision.when_errors {
             tracing::warn!(source = %source.name, event_id = %n.id, route = %route, %error, "route condition failed to evaluate; route not taken");
         }
         let sinks = decision.sinks;
-        let inserted = self
-            .store
-            .insert(NewEvent {
-                source: source.name.clone(),
-                event_id: n.id.clone(),
-                kind: source.kind().to_string(),
-                event_type: n.event_type.clone(),
+        let reservation = self.handoff.reserve(&sinks, received_at);
+        let new = NewEvent {
+            source: source.name.clone(),
+            event_id: n.id,
+            kind: source.kind().to_string(),
+            event_type: n.event_type,
+            occurred_at,
+            received_at,
+            body,
+            sinks,
+            held: reservation.held.clone(),
+        };
+        let (id, event_type, sinks) = (new.event_id.clone(), new.event_type.clone(), new.sinks.clone());
+        let inserted = if reservation.held.is_empty() {
+            let inserted = self.store.insert(new).await.map_err(Rejected::Store)?;
+            if inserted != Inserted::Duplicate {
+                self.handoff.wake(&sinks);
+            }
+            inserted
+        } else {
+            // Its own task: once stored, the held deliveries must reach their
+            // queues even if the client hangs up and this request is dropped.
+            let store = self.store.clone();
+            let handoff = self.handoff.clone();
+            let stored = StoredEvent {
+                source: new.source.clone(),
+                event_id: new.event_id.clone(),
+                kind: new.kind.clone(),
+                event_type: new.event_type.clone(),
                 occurred_at,
                 received_at,
-                body,
-                sinks: sinks.clone(),
-            })
-            .await
-            .map_err(Rejected::Store)?;
+                body: Vec::new(),
+            };
+            let task = tokio::spawn(async move {
+                let sinks = new.sinks.clone();
+                let inserted = store.insert(new).await?;
+                if let Inserted::New(ids) = &inserted {
+                    let give_back = handoff.start(reservation, ids, &sinks, &stored, Arc::new(prepared));
+                    if !give_back.is_empty()
+                        && let Err(e) = store.complete(give_back).await
+                    {
+                        // Stored and acknowledged all the same: they run when the lease ends.
+                        tracing::warn!(error = %e, "cannot give back deliveries of a retired engine");
+                    }
+                }
+                Ok(inserted)
+            });
+            match task.await {
+                Ok(r) => r.map_err(Rejected::Store)?,
+                Err(e) => {
+                    return Err(Rejected::Store(StoreError::Unavailable(format!(
+                        "store task failed: {e}"
+                    ))));
+                }
+            }
+        };
         match inserted {
-            Inserted::New => {
+            Inserted::New(_) => {
                 let labels = SourceLabels {
                     source: source.name.clone(),
                 };
@@ -116,17 +162,16 @@ impl Pipeline {
                     self.metrics.events_unrouted.get_or_create(&labels).inc();
                     // Debug, not info: a source whose routes take a few types sends
                     // many that none takes; the counter above shows them.
-                    tracing::debug!(source = %source.name, event_id = %n.id, event_type = %n.event_type, "event stored; no route takes it");
+                    tracing::debug!(source = %source.name, event_id = %id, %event_type, "event stored; no route takes it");
                 } else {
                     self.metrics.events_routed.get_or_create(&labels).inc();
-                    tracing::debug!(source = %source.name, event_id = %n.id, event_type = %n.event_type, sinks = ?sinks, "event stored");
-                    (self.wake)(&sinks);
+                    tracing::debug!(source = %source.name, event_id = %id, %event_type, sinks = ?sinks, "event stored");
                 }
-                Ok(Accepted::New(n.id))
+                Ok(Accepted::New(id))
             }
             Inserted::Duplicate => {
-                tracing::debug!(source = %source.name, event_id = %n.id, "duplicate event dropped");
-                Ok(Accepted::Duplicate(n.id))
+                tracing::debug!(source = %source.name, event_id = %id, "duplicate event dropped");
+                Ok(Accepted::Duplicate(id))
             }
         }
     }

@@ -32,11 +32,23 @@ pub struct NewEvent {
     /// The raw body exactly as received and verified.
     pub body: Bytes,
     pub sinks: Vec<String>,
+    /// Of `sinks`, those whose first attempt this process makes itself, from
+    /// the event it still holds in memory: their deliveries are written
+    /// already claimed (attempt 1, leased), so no claim has to find them.
+    pub held: Vec<Held>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A delivery written already claimed by the process that stores it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub sink: String,
+    pub lease_until: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inserted {
-    New,
+    /// Stored; the ids of the [`NewEvent::held`] deliveries, in that order.
+    New(Vec<i64>),
     /// (source, event id) was already stored: nothing was written.
     Duplicate,
 }
@@ -64,6 +76,9 @@ pub struct Claimed {
     /// later claim of the same delivery has a later lease).
     pub lease_until: i64,
     pub event: StoredEvent,
+    /// The event as sinks see it, when the claimer still held it from
+    /// ingest (then `event.body` is empty); otherwise rebuilt from the body.
+    pub prepared: Option<std::sync::Arc<expeditor_api::Event>>,
 }
 
 #[derive(Debug, Clone)]
@@ -288,8 +303,9 @@ pub enum StoreError {
 
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
-    /// Stores a new event and one pending delivery per sink, in one durable
-    /// transaction; returns only once it is on disk.
+    /// Stores a new event and one pending delivery per sink (the held ones
+    /// already claimed), in one durable transaction; returns only once it is
+    /// on disk.
     async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError>;
 
     /// Claims up to `limit` due deliveries of `sink` for `lease`.

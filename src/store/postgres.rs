@@ -93,8 +93,10 @@ CREATE INDEX events_uncompacted ON events (received_at) WHERE body IS NOT NULL;
 ",
 ];
 
-/// One statement: the event, and its deliveries only if the event is new.
-/// Returns the new event's seq, or no row for a duplicate.
+/// One statement: the event, and its deliveries only if the event is new
+/// (those with a lease in `$9` written already claimed, as attempt 1).
+/// Returns no row for a duplicate; otherwise a row per held delivery (its
+/// id and sink), or one row with NULLs when none is held.
 const INSERT: &str = "
 WITH e AS (
     INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
@@ -102,11 +104,13 @@ WITH e AS (
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING seq
 ), d AS (
-    INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at)
-    SELECT e.seq, s.sink, 0, $6, $6 FROM e CROSS JOIN unnest($8::text[]) AS s (sink)
+    INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
+    SELECT e.seq, s.sink, 0, CASE WHEN s.lease IS NULL THEN 0 ELSE 1 END, $6, s.lease, $6
+    FROM e CROSS JOIN unnest($8::text[], $9::bigint[]) AS s (sink, lease)
     ON CONFLICT (event_seq, sink) DO NOTHING
+    RETURNING id, sink, lease_until
 )
-SELECT seq FROM e";
+SELECT e.seq, d.id, d.sink FROM e LEFT JOIN d ON d.lease_until IS NOT NULL";
 
 /// Locks due, unleased deliveries other transactions have not locked, leases
 /// them and counts the attempt, and returns them with their events.
@@ -393,8 +397,13 @@ impl Store for PostgresStore {
         bounded(async {
             let client = self.client().await?;
             let stmt = client.prepare_cached(INSERT).await.map_err(db_error)?;
-            let row = client
-                .query_opt(
+            let leases: Vec<Option<i64>> = ev
+                .sinks
+                .iter()
+                .map(|sink| ev.held.iter().find(|h| &h.sink == sink).map(|h| h.lease_until))
+                .collect();
+            let rows = client
+                .query(
                     &stmt,
                     &[
                         &ev.source,
@@ -405,15 +414,24 @@ impl Store for PostgresStore {
                         &ev.received_at,
                         &&ev.body[..],
                         &ev.sinks,
+                        &leases,
                     ],
                 )
                 .await
                 .map_err(db_error)?;
-            Ok(if row.is_some() {
-                Inserted::New
-            } else {
-                Inserted::Duplicate
-            })
+            if rows.is_empty() {
+                return Ok(Inserted::Duplicate);
+            }
+            let mut held = vec![0; ev.held.len()];
+            for row in &rows {
+                let (Some(id), Some(sink)) = (row.get::<_, Option<i64>>(1), row.get::<_, Option<String>>(2)) else {
+                    continue;
+                };
+                if let Some(i) = ev.held.iter().position(|h| h.sink == sink) {
+                    held[i] = id;
+                }
+            }
+            Ok(Inserted::New(held))
         })
         .await
     }
@@ -444,6 +462,7 @@ impl Store for PostgresStore {
                         received_at: r.get(7),
                         body: r.get::<_, Option<Vec<u8>>>(8).unwrap_or_default(),
                     },
+                    prepared: None,
                 })
                 .collect())
         })

@@ -2,17 +2,33 @@
 //!
 //! One writer thread owns the write connection and commits in groups: it
 //! takes every operation queued while the previous commit was running and
-//! applies them in one transaction (each in its own savepoint, so one
-//! failing operation does not fail its neighbours), then fsyncs once. Under
+//! applies them in one transaction, then fsyncs once. If one operation
+//! fails, the group is rolled back and each runs in a transaction of its
+//! own, so it does not fail its neighbours. Under
 //! load, many acks share an fsync; when idle, an ack waits for just one.
 //! Reads (listings) use a second connection and never block the writer.
+//!
+//! Durability is pipelined: the writer commits with `synchronous=NORMAL`
+//! (SQLite writes the WAL but does not fsync it) and hands the group's
+//! answers to a syncer thread, which fsyncs the WAL file and only then
+//! answers. So the writer applies and commits the next group while the disk
+//! flushes the last one. An ack
+//! still means the event is on disk. If an fsync ever fails, the store
+//! refuses every write from then on (the page cache can no longer be
+//! trusted to hold what was written): expeditor answers 503 and /readyz
+//! fails until it is restarted.
+//!
+//! Checkpoints (copying the WAL into the database file, with its own fsync)
+//! run on a third connection in a thread of their own, so a commit, and
+//! every ack waiting on it, never pays for one.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::*;
@@ -22,6 +38,12 @@ const MAX_GROUP: usize = 1024;
 /// Rows a prune statement touches at once, so pruning never holds the write
 /// lock for long.
 const PRUNE_CHUNK: i64 = 5000;
+/// How long the checkpointer lets commits gather before it copies them.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// WAL frames (pages) past which the checkpointer also restarts the WAL,
+/// briefly holding the writer, so the file stays bounded under a load that
+/// never pauses: 16,384 frames are 64 MiB.
+const WAL_RESTART_FRAMES: i64 = 16_384;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -64,8 +86,6 @@ CREATE TABLE IF NOT EXISTS attempts (
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
 ";
 
-type Reply = Box<dyn FnOnce(Option<&StoreError>) + Send>;
-
 enum Op {
     Insert(NewEvent, oneshot::Sender<Result<Inserted, StoreError>>),
     Claim {
@@ -104,6 +124,8 @@ fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
     // FULL: the WAL is fsync'd at every commit, so an ack survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The checkpointer thread checkpoints; commits never do.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(conn)
 }
 
@@ -131,11 +153,22 @@ impl SqliteStore {
                 "released deliveries claimed before the last stop; they run again"
             );
         }
+        // The syncer's fsync makes commits durable, not SQLite's (see above).
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(unavailable)?;
+        let wal_file = dir.join("expeditor.db-wal");
+        let wal = std::fs::File::open(&wal_file)
+            .map_err(|e| unavailable(format!("cannot open {}: {e}", wal_file.display())))?;
         let reader = open_connection(&file).map_err(unavailable)?;
+        let checkpointer = open_connection(&file).map_err(unavailable)?;
+        let (committed, commits) = std::sync::mpsc::sync_channel(1);
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, commits))
+            .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(8192);
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx))
+            .spawn(move || writer_loop(conn, rx, committed, wal))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
@@ -169,7 +202,83 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
+/// Checkpoints after commits, at most every [`CHECKPOINT_EVERY`], until the
+/// writer goes (it checkpoints one last time itself).
+fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
+    while commits.recv().is_ok() {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        // PASSIVE: copies what it can without waiting for anyone.
+        let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
+        match frames {
+            Ok(frames) if frames > WAL_RESTART_FRAMES => {
+                // The writer waits (busy timeout) while the rest is copied and the
+                // WAL starts over from its beginning.
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                    tracing::warn!(error = %e, "store checkpoint (restart) failed; retried after the next commit");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "store checkpoint failed; retried after the next commit"),
+        }
+    }
+}
+
+/// Committed operations and what they produced, waiting for the fsync that
+/// makes them durable before they are answered.
+type Unsynced = Vec<(Op, Done)>;
+
+/// Fsyncs the WAL for each committed group and then answers it.
+fn sync_loop(wal: std::fs::File, groups: std::sync::mpsc::Receiver<Unsynced>, broken: Arc<AtomicBool>) {
+    while let Ok(batch) = groups.recv() {
+        let started = std::time::Instant::now();
+        let synced = if broken.load(Ordering::Acquire) {
+            Err(unavailable(DISK_FAILED))
+        } else {
+            wal.sync_data().map_err(|e| {
+                broken.store(true, Ordering::Release);
+                tracing::error!(error = %e, "store fsync failed; refusing writes until expeditor is restarted");
+                unavailable(DISK_FAILED)
+            })
+        };
+        if started.elapsed() > SLOW_COMMIT {
+            tracing::warn!(took_ms = started.elapsed().as_millis() as u64, "slow store fsync");
+        }
+        for (op, done) in batch {
+            answer(op, done, synced.as_ref().err());
+        }
+    }
+}
+
+const DISK_FAILED: &str = "the store's disk failed to sync; restart expeditor once the disk is fixed";
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    committed: std::sync::mpsc::SyncSender<()>,
+    wal: std::fs::File,
+) {
+    let broken = Arc::new(AtomicBool::new(false));
+    // A rendezvous: a committed group waits in the writer until the syncer
+    // has finished the last fsync. Meanwhile operations queue up, so the next
+    // group is as large as one fsync's worth of arrivals (small groups would
+    // each write the same B-tree pages to the WAL again).
+    let (unsynced, groups) = std::sync::mpsc::sync_channel::<Unsynced>(0);
+    let syncer = {
+        let broken = broken.clone();
+        std::thread::Builder::new()
+            .name("store-sync".into())
+            .spawn(move || sync_loop(wal, groups, broken))
+    };
+    let syncer = match syncer {
+        Ok(handle) => handle,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the store's sync thread");
+            while let Some(op) = rx.blocking_recv() {
+                fail(op, &unavailable("store sync thread did not start"));
+            }
+            return;
+        }
+    };
     let mut ops = Vec::with_capacity(MAX_GROUP);
     let mut closed = None;
     while let Some(op) = rx.blocking_recv() {
@@ -189,11 +298,28 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
                 closed = Some(reply);
             }
         }
-        commit_group(&mut conn, &mut ops);
+        if broken.load(Ordering::Acquire) {
+            for op in ops.drain(..) {
+                fail(op, &unavailable(DISK_FAILED));
+            }
+        } else {
+            let done = commit_group(&mut conn, &mut ops);
+            if !done.is_empty() {
+                // The syncer lives as long as this loop; if it died, dropping the
+                // group here answers each operation "store writer stopped".
+                let _ = unsynced.send(done);
+            }
+            // Full means a checkpoint is already due: nothing to add.
+            let _ = committed.try_send(());
+        }
         if closed.is_some() {
             break;
         }
     }
+    drop(committed);
+    // Everything committed is answered before the close is.
+    drop(unsynced);
+    let _ = syncer.join();
     rx.close();
     while let Ok(op) = rx.try_recv() {
         fail(op, &unavailable("store is closed"));
@@ -209,10 +335,11 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>) {
 /// A commit slower than this is logged: every ack in it waited that long.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
-fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
+/// Applies and commits a group. Returns what waits for the fsync; failed
+/// operations are answered at once.
+fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) -> Unsynced {
     let started = std::time::Instant::now();
     let group = ops.len();
-    let mut replies: Vec<Reply> = Vec::with_capacity(ops.len());
     // IMMEDIATE: take the write lock up front. A deferred transaction that
     // reads before it writes (claims do) cannot wait for a lock held by
     // another connection; SQLite fails it at once instead of using the busy
@@ -224,12 +351,34 @@ fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
             for op in ops.drain(..) {
                 fail(op, &err);
             }
-            return;
+            return Vec::new();
         }
     };
-    let mut tx = tx;
-    for op in ops.drain(..) {
-        replies.push(apply(&mut tx, op));
+    let mut done = Vec::with_capacity(ops.len());
+    for op in ops.iter() {
+        let d = run(&tx, op);
+        if d.failed() {
+            break;
+        }
+        done.push(d);
+    }
+    if done.len() < ops.len() {
+        // One operation failed part way: roll back the group (no savepoint per
+        // operation on the common path; they cost a third of the writer's
+        // time) and run each on its own, so only the failing one fails.
+        drop(tx);
+        tracing::debug!(
+            operations = group,
+            "store group failed; running its operations one by one"
+        );
+        let mut unsynced = Vec::with_capacity(ops.len());
+        for op in ops.drain(..) {
+            match alone(conn, &op) {
+                Done::Failed(e) => answer(op, Done::Failed(e), None),
+                d => unsynced.push((op, d)),
+            }
+        }
+        return unsynced;
     }
     let applied = started.elapsed();
     let committed = tx.commit();
@@ -243,70 +392,114 @@ fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) {
         );
     }
     match committed {
-        Ok(()) => replies.into_iter().for_each(|r| r(None)),
+        Ok(()) => ops.drain(..).zip(done).collect(),
         Err(e) => {
             tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
             let err = unavailable(e);
-            replies.into_iter().for_each(|r| r(Some(&err)));
+            for op in ops.drain(..) {
+                fail(op, &err);
+            }
+            Vec::new()
         }
+    }
+}
+
+/// One operation in a transaction of its own.
+fn alone(conn: &mut Connection, op: &Op) -> Done {
+    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => return Done::Failed(unavailable(e)),
+    };
+    let d = run(&tx, op);
+    if d.failed() {
+        return d; // dropping the transaction rolls it back
+    }
+    match tx.commit() {
+        Ok(()) => d,
+        Err(e) => Done::Failed(unavailable(e)),
     }
 }
 
 fn fail(op: Op, err: &StoreError) {
-    match op {
-        Op::Insert(_, r) => drop(r.send(Err(err.clone()))),
-        Op::Claim { reply, .. } => drop(reply.send(Err(err.clone()))),
-        Op::Complete(_, r) => drop(r.send(Err(err.clone()))),
-        Op::Replay(_, _, r) => drop(r.send(Err(err.clone()))),
-        Op::Prune(_, _, r) => drop(r.send(Err(err.clone()))),
-        Op::Close(r) => {
-            let _ = r.send(());
-        }
+    answer(op, Done::Failed(err.clone()), None);
+}
+
+/// What an operation produced, until its commit is known.
+enum Done {
+    Inserted(Inserted),
+    Claimed(Vec<Claimed>),
+    Completed,
+    Replayed(u64),
+    Pruned(PruneStats),
+    Closed,
+    /// An answer that wrote nothing (no such event for a replay).
+    Refused(StoreError),
+    /// The database failed the operation part way: its transaction must go.
+    Failed(StoreError),
+}
+
+impl Done {
+    fn failed(&self) -> bool {
+        matches!(self, Done::Failed(_))
     }
 }
 
-/// Runs one operation in its own savepoint and returns how to answer it once
-/// the group's commit is known.
-fn apply(tx: &mut Transaction<'_>, op: Op) -> Reply {
-    fn reply<T: Send + 'static>(
-        sender: oneshot::Sender<Result<T, StoreError>>,
-        result: Result<T, StoreError>,
-    ) -> Reply {
-        Box::new(move |commit_error: Option<&StoreError>| {
-            let _ = sender.send(match commit_error {
-                Some(e) => Err(e.clone()),
-                None => result,
-            });
-        })
-    }
-    fn in_savepoint<T>(
-        tx: &mut Transaction<'_>,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let sp = tx.savepoint().map_err(unavailable)?;
-        match f(&sp) {
-            Ok(v) => {
-                sp.commit().map_err(unavailable)?;
-                Ok(v)
-            }
-            Err(e) => Err(e), // dropping the savepoint rolls it back
-        }
-    }
+/// Runs one operation inside the group's transaction.
+fn run(t: &Connection, op: &Op) -> Done {
+    let refused_or_failed = |e: StoreError| match e {
+        StoreError::Unavailable(_) => Done::Failed(e),
+        other => Done::Refused(other),
+    };
     match op {
-        Op::Insert(ev, r) => reply(r, in_savepoint(tx, |t| insert(t, &ev))),
+        Op::Insert(ev, _) => insert(t, ev).map_or_else(refused_or_failed, Done::Inserted),
         Op::Claim {
             sink,
             limit,
             lease_until,
             now,
-            reply: r,
-        } => reply(r, in_savepoint(tx, |t| claim(t, &sink, limit, lease_until, now))),
-        Op::Complete(done, r) => reply(r, in_savepoint(tx, |t| complete(t, &done))),
-        Op::Replay(target, now, r) => reply(r, in_savepoint(tx, |t| replay(t, &target, now))),
-        Op::Prune(retention, now, r) => reply(r, in_savepoint(tx, |t| prune(t, retention, now))),
-        Op::Close(r) => Box::new(move |_| {
-            let _ = r.send(());
-        }),
+            ..
+        } => claim(t, sink, *limit, *lease_until, *now).map_or_else(refused_or_failed, Done::Claimed),
+        Op::Complete(done, _) => complete(t, done).map_or_else(refused_or_failed, |()| Done::Completed),
+        Op::Replay(target, now, _) => replay(t, target, *now).map_or_else(refused_or_failed, Done::Replayed),
+        Op::Prune(retention, now, _) => prune(t, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
+        Op::Close(_) => Done::Closed,
+    }
+}
+
+/// Answers an operation: with what it produced, or the commit's error.
+fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
+    fn send<T>(to: oneshot::Sender<Result<T, StoreError>>, r: Result<T, StoreError>, commit: Option<&StoreError>) {
+        let _ = to.send(match commit {
+            Some(e) => Err(e.clone()),
+            None => r,
+        });
+    }
+    let done = match done {
+        Done::Refused(e) | Done::Failed(e) => Err(e),
+        d => Ok(d),
+    };
+    macro_rules! reply {
+        ($to:expr, $pat:pat => $v:expr) => {
+            send(
+                $to,
+                match done {
+                    Err(e) => Err(e),
+                    Ok($pat) => Ok($v),
+                    Ok(_) => Err(unavailable("store answered the wrong operation")),
+                },
+                commit_error,
+            )
+        };
+    }
+    match op {
+        Op::Insert(_, to) => reply!(to, Done::Inserted(i) => i),
+        Op::Claim { reply: to, .. } => reply!(to, Done::Claimed(c) => c),
+        Op::Complete(_, to) => reply!(to, Done::Completed => ()),
+        Op::Replay(_, _, to) => reply!(to, Done::Replayed(n) => n),
+        Op::Prune(_, _, to) => reply!(to, Done::Pruned(p) => p),
+        Op::Close(to) => {
+            let _ = to.send(());
+        }
     }
 }
 
@@ -334,13 +527,21 @@ fn insert(t: &Connection, ev: &NewEvent) -> Result<Inserted, StoreError> {
     let seq = t.last_insert_rowid();
     let mut stmt = t
         .prepare_cached(
-            "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (?1, ?2, 0, ?3, ?3)",
+            "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
+             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?4)",
         )
         .map_err(unavailable)?;
+    let mut held = vec![0; ev.held.len()];
     for sink in &ev.sinks {
-        stmt.execute(params![seq, sink, ev.received_at]).map_err(unavailable)?;
+        let h = ev.held.iter().position(|h| &h.sink == sink);
+        let lease_until = h.map(|i| ev.held[i].lease_until);
+        stmt.execute(params![seq, sink, h.is_some() as i64, ev.received_at, lease_until])
+            .map_err(unavailable)?;
+        if let Some(i) = h {
+            held[i] = t.last_insert_rowid();
+        }
     }
-    Ok(Inserted::New)
+    Ok(Inserted::New(held))
 }
 
 fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -> Result<Vec<Claimed>, StoreError> {
@@ -369,6 +570,7 @@ fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -
                     received_at: r.get(7)?,
                     body: r.get::<_, Option<Vec<u8>>>(8)?.unwrap_or_default(),
                 },
+                prepared: None,
             })
         })
         .map_err(unavailable)?

@@ -162,6 +162,7 @@ store_tests!(
     claim_returns_the_event_once_per_sink,
     event_without_sinks_is_stored_and_claims_nothing,
     lease_hides_a_claimed_delivery_until_it_runs_out,
+    held_deliveries_are_written_claimed_by_the_inserter,
     delivered_is_never_claimed_again,
     retry_is_claimable_at_its_due_time_with_the_next_attempt,
     released_claims_run_again_at_once_with_the_same_attempt,
@@ -215,6 +216,7 @@ fn new_event(id: &str, sinks_: &[&str]) -> NewEvent {
         received_at: T0,
         body: Bytes::from(format!(r#"{{"id":"{id}","type":"order.created"}}"#)),
         sinks: sinks(sinks_),
+        held: vec![],
     }
 }
 
@@ -324,7 +326,7 @@ fn assert_same_event(stored: &StoredEvent, sent: &NewEvent) {
 
 async fn insert_dedupes_by_source_and_event_id(store: Arc<dyn Store>) {
     let first = new_event("evt_1", &["a"]);
-    assert_eq!(insert(&*store, first.clone()).await, Inserted::New);
+    assert_eq!(insert(&*store, first.clone()).await, Inserted::New(vec![]));
 
     // The vendor's retry of the same event, even routed differently now,
     // writes nothing: no new delivery, no new body.
@@ -347,7 +349,7 @@ async fn insert_dedupes_by_source_and_event_id(store: Arc<dyn Store>) {
         kind: "crave".into(),
         ..new_event("evt_1", &["a"])
     };
-    assert_eq!(insert(&*store, other.clone()).await, Inserted::New);
+    assert_eq!(insert(&*store, other.clone()).await, Inserted::New(vec![]));
     assert_eq!(events(&*store, None, None).await.len(), 2);
     assert_eq!(deliveries(&*store, None, None).await.len(), 2);
     let claimed = claim(&*store, "a", T0 + HOUR).await;
@@ -367,8 +369,9 @@ async fn claim_returns_the_event_once_per_sink(store: Arc<dyn Store>) {
         received_at: T0,
         body: Bytes::from(body),
         sinks: sinks(&["a", "b"]),
+        held: vec![],
     };
-    assert_eq!(insert(&*store, event.clone()).await, Inserted::New);
+    assert_eq!(insert(&*store, event.clone()).await, Inserted::New(vec![]));
 
     for sink in ["a", "b"] {
         let claimed = claim(&*store, sink, T0).await;
@@ -391,7 +394,7 @@ async fn claim_returns_the_event_once_per_sink(store: Arc<dyn Store>) {
 }
 
 async fn event_without_sinks_is_stored_and_claims_nothing(store: Arc<dyn Store>) {
-    assert_eq!(insert(&*store, new_event("evt_1", &[])).await, Inserted::New);
+    assert_eq!(insert(&*store, new_event("evt_1", &[])).await, Inserted::New(vec![]));
 
     let listed = events(&*store, None, None).await;
     assert_eq!(event_ids(&listed), ["evt_1"]);
@@ -424,6 +427,60 @@ async fn lease_hides_a_claimed_delivery_until_it_runs_out(store: Arc<dyn Store>)
     let again = claim(&*store, "a", T0 + 1 + LEASE_MS + 1).await;
     assert_eq!(attempts(&again), [("evt_1", 2)]);
     assert_eq!(again[0].delivery_id, first[0].delivery_id);
+}
+
+/// Ingest may hold some of a new event's deliveries (it starts them itself):
+/// they are written already claimed as attempt 1, their ids come back in the
+/// order asked, and no claim sees them until their lease runs out or they are
+/// given back; the others are pending as usual.
+async fn held_deliveries_are_written_claimed_by_the_inserter(store: Arc<dyn Store>) {
+    let lease_until = T0 + LEASE_MS;
+    let held = |sink: &str| Held {
+        sink: sink.into(),
+        lease_until,
+    };
+    let event = NewEvent {
+        held: vec![held("c"), held("a")],
+        ..new_event("evt_1", &["a", "b", "c"])
+    };
+    let Inserted::New(ids) = insert(&*store, event.clone()).await else {
+        panic!("a new event")
+    };
+    assert_eq!(ids.len(), 2);
+    let rows = deliveries(&*store, None, None).await;
+    let id_of = |sink: &str| rows.iter().find(|r| r.sink == sink).expect("a delivery").id;
+    assert_eq!(ids, [id_of("c"), id_of("a")]);
+    let pending = deliveries(&*store, Some("a"), Some(Status::Pending)).await;
+    assert_eq!(pending[0].attempts, 1, "a held delivery is its first attempt");
+
+    assert!(claim(&*store, "a", T0 + 1).await.is_empty());
+    assert!(claim(&*store, "c", T0 + 1).await.is_empty());
+    assert_eq!(attempts(&claim(&*store, "b", T0 + 1).await), [("evt_1", 1)]);
+
+    // The holder finishes "a" like any claim, and gives "c" back unattempted.
+    let finish = |id: i64, result: Completed| Completion {
+        delivery_id: id,
+        attempt: 1,
+        finished_at: T0 + 2,
+        result,
+    };
+    store
+        .complete(vec![
+            finish(ids[1], Completed::Delivered),
+            finish(ids[0], Completed::Released { lease_until }),
+        ])
+        .await
+        .expect("complete");
+    assert_eq!(
+        pairs(&deliveries(&*store, None, Some(Status::Delivered)).await),
+        [("evt_1", "a")]
+    );
+    let again = claim(&*store, "c", T0 + 3).await;
+    assert_eq!(attempts(&again), [("evt_1", 1)]);
+    assert_eq!(again[0].delivery_id, ids[0]);
+
+    // A duplicate holds nothing and returns no ids.
+    assert_eq!(insert(&*store, event).await, Inserted::Duplicate);
 }
 
 async fn delivered_is_never_claimed_again(store: Arc<dyn Store>) {
@@ -736,7 +793,7 @@ async fn prune_follows_retention(store: Arc<dyn Store>) {
     for id in ["delivered", "dead", "unrouted"] {
         assert_eq!(
             insert(&*store, event_at(id, &["d"], later)).await,
-            Inserted::New,
+            Inserted::New(vec![]),
             "{id}"
         );
     }
@@ -825,7 +882,7 @@ async fn concurrent_inserts_are_all_stored(store: Arc<dyn Store>) {
     while let Some(joined) = tasks.join_next().await {
         let (_, id, result) = joined.expect("insert task");
         match result.expect("insert") {
-            Inserted::New => assert!(new.insert(id.clone()), "{id} was new twice"),
+            Inserted::New(_) => assert!(new.insert(id.clone()), "{id} was new twice"),
             Inserted::Duplicate => duplicates += 1,
         }
     }
@@ -1064,12 +1121,48 @@ async fn sqlite_reopen_keeps_everything_and_releases_leases() {
     assert!(claim(&*store, "b", T0 + 11).await.is_empty());
 }
 
+/// SQLite only: the checkpointer thread copies commits from the WAL into the
+/// database file soon after they are made (commits themselves never
+/// checkpoint, so no ack waits for one; SQLite's own automatic checkpoint
+/// would not have run at all for this little WAL).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_commits_are_checkpointed_in_the_background() {
+    let (store, dir) = sqlite();
+    let db = dir.path().join("expeditor.db");
+    let before = std::fs::metadata(&db).unwrap().len();
+    let body = Bytes::from(vec![b'x'; 2000]);
+    for i in 0..200 {
+        let event = NewEvent {
+            body: body.clone(),
+            ..new_event(&format!("evt_{i}"), &["a"])
+        };
+        insert(&*store, event).await;
+    }
+    // 200 bodies of 2 kB: at least 400 kB of pages have to reach the file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = std::fs::metadata(&db).unwrap().len();
+        if now >= before + 400_000 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file stayed at {now} bytes: nothing was checkpointed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.close().await;
+}
+
 /// SQLite only: it locks the database file from a second connection. Waits
 /// out the writer's 5 s busy timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_insert_is_unavailable_while_the_database_is_locked() {
     let (store, dir) = sqlite();
-    assert_eq!(insert(&*store, new_event("before", &["a"])).await, Inserted::New);
+    assert_eq!(
+        insert(&*store, new_event("before", &["a"])).await,
+        Inserted::New(vec![])
+    );
 
     let other = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
     other.execute_batch("BEGIN EXCLUSIVE").unwrap();
@@ -1081,12 +1174,12 @@ async fn sqlite_insert_is_unavailable_while_the_database_is_locked() {
     other.execute_batch("ROLLBACK").unwrap();
     drop(other);
 
-    assert_eq!(insert(&*store, new_event("after", &["a"])).await, Inserted::New);
+    assert_eq!(insert(&*store, new_event("after", &["a"])).await, Inserted::New(vec![]));
     assert_eq!(event_ids(&events(&*store, None, None).await), ["after", "before"]);
     let a = claim(&*store, "a", T0).await;
     assert_eq!(sorted(attempts(&a)), [("after", 1), ("before", 1)]);
     // Not stored, so the vendor's retry of it is new, not a duplicate.
-    assert_eq!(insert(&*store, blocked).await, Inserted::New);
+    assert_eq!(insert(&*store, blocked).await, Inserted::New(vec![]));
 }
 
 /// SQLite only: a lock held by another connection for less than the writer's
@@ -1122,7 +1215,7 @@ async fn sqlite_a_briefly_held_lock_is_waited_out() {
     let holder = hold(other);
     let inserted = store.insert(new_event("evt_3", &["a"])).await;
     holder.join().unwrap();
-    assert_eq!(inserted, Ok(Inserted::New));
+    assert_eq!(inserted, Ok(Inserted::New(vec![])));
 }
 
 // ---------------------------------------------------------------------------
@@ -1329,7 +1422,7 @@ async fn postgres_instances_share_dedupe_queue_and_leases() {
     }
     let mut new = 0;
     while let Some(r) = tasks.join_next().await {
-        if r.unwrap().expect("insert") == Inserted::New {
+        if r.unwrap().expect("insert") == Inserted::New(vec![]) {
             new += 1;
         }
     }
@@ -1471,7 +1564,7 @@ async fn postgres_unavailable_while_the_database_is_gone() {
     }
     assert_eq!(
         insert(&*store, gone).await,
-        Inserted::New,
+        Inserted::New(vec![]),
         "the refused insert left nothing"
     );
     assert_eq!(insert(&*store, new_event("before", &["a"])).await, Inserted::Duplicate);

@@ -42,6 +42,21 @@ pub struct TemplateId {
     name: String,
     /// Expressions keep the type of their value; text templates are strings.
     typed: bool,
+    /// A text template without template syntax renders as itself: known
+    /// now, so rendering it needs no context.
+    literal: Option<String>,
+}
+
+impl TemplateId {
+    /// The text this template always renders, if it has no template syntax.
+    pub fn literal(&self) -> Option<&str> {
+        self.literal.as_deref()
+    }
+}
+
+/// Whether `s` holds template syntax (an expression, a statement or a comment).
+fn has_syntax(s: &str) -> bool {
+    s.contains("{{") || s.contains("{%") || s.contains("{#")
 }
 
 /// A structured template: a JSON tree whose string leaves are templates.
@@ -94,6 +109,7 @@ impl TemplateSet {
         Ok(TemplateId {
             name: name.to_owned(),
             typed: false,
+            literal: (!has_syntax(source)).then(|| source.to_owned()),
         })
     }
 
@@ -109,6 +125,7 @@ impl TemplateSet {
         Ok(TemplateId {
             name: name.to_owned(),
             typed: true,
+            literal: None,
         })
     }
 
@@ -119,7 +136,7 @@ impl TemplateSet {
             Json::String(s) => {
                 if let Some(expr) = single_expression(s) {
                     Structured::Template(self.expression(name, expr).map_err(|e| at(name, e))?)
-                } else if s.contains("{{") || s.contains("{%") || s.contains("{#") {
+                } else if has_syntax(s) {
                     Structured::Template(self.text(name, s).map_err(|e| at(name, e))?)
                 } else {
                     Structured::Literal(value.clone())
@@ -196,6 +213,9 @@ impl Templates {
 
     /// Renders a text template, or an expression's value as text.
     pub fn render(&self, id: &TemplateId, ctx: &Value) -> Result<String, TemplateError> {
+        if let Some(text) = &id.literal {
+            return Ok(text.clone());
+        }
         if id.typed {
             let v = self.eval(id, ctx)?;
             return Ok(if v.is_undefined() || v.is_none() {

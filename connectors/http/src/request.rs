@@ -1,5 +1,7 @@
 //! Renders one delivery into a request.
 
+use std::cell::OnceCell;
+
 use expeditor_api::{Delivery, DeliveryError, TemplateError, Templates};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use reqwest::{Client, Request, Url};
@@ -12,24 +14,25 @@ const AGENT: &str = concat!("expeditor/", env!("CARGO_PKG_VERSION"));
 
 /// Everything that can fail here is in the config or the event, not the
 /// network, so every error is permanent.
-pub(crate) fn build(cfg: &HttpSinkConfig, client: &Client, delivery: &Delivery) -> Result<Request, DeliveryError> {
+pub(crate) fn build(
+    cfg: &HttpSinkConfig,
+    url: Option<&Url>,
+    client: &Client,
+    delivery: &Delivery,
+) -> Result<Request, DeliveryError> {
     let templates = &cfg.templates;
-    // Rendered once: the event is serialized into the template context here.
-    let ctx = Templates::context(&delivery.event);
+    // Built at most once, and only if a template needs it: turning the event
+    // into the template context costs about as much as the request itself.
+    let ctx = OnceCell::new();
+    let ctx = || ctx.get_or_init(|| Templates::context(&delivery.event));
 
-    let url = templates.render(&cfg.url, &ctx).map_err(render_error)?;
-    // The URL may carry a secret (a token in the query): never quote it.
-    let url = Url::parse(&url)
-        .map_err(|e| DeliveryError::permanent(format!("sinks.{}.url: not a valid URL ({e})", cfg.name)))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        return Err(DeliveryError::permanent(format!(
-            "sinks.{}.url: scheme must be http or https",
-            cfg.name
-        )));
-    }
+    let url = match url {
+        Some(url) => url.clone(),
+        None => parse_url(cfg, &templates.render(&cfg.url, ctx()).map_err(render_error)?)?,
+    };
 
     let body = match &cfg.body {
-        Some(body) => serde_json::to_vec(&templates.render_json(body, &ctx).map_err(render_error)?),
+        Some(body) => serde_json::to_vec(&templates.render_json(body, ctx()).map_err(render_error)?),
         None => serde_json::to_vec(&*delivery.event),
     }
     .map_err(|e| DeliveryError::permanent(format!("body cannot be written as JSON: {e}")))?;
@@ -38,7 +41,10 @@ pub(crate) fn build(cfg: &HttpSinkConfig, client: &Client, delivery: &Delivery) 
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(USER_AGENT, HeaderValue::from_static(AGENT));
     for (name, template) in &cfg.headers {
-        let value = templates.render(template, &ctx).map_err(render_error)?;
+        let value = match template.literal() {
+            Some(text) => text.to_owned(),
+            None => templates.render(template, ctx()).map_err(render_error)?,
+        };
         let mut value = HeaderValue::try_from(value).map_err(|_| {
             DeliveryError::permanent(format!(
                 "sinks.{}.headers.{name}: rendered value is not a valid header value",
@@ -62,6 +68,20 @@ pub(crate) fn build(cfg: &HttpSinkConfig, client: &Client, delivery: &Delivery) 
         .timeout(cfg.timeout)
         .build()
         .map_err(|e| DeliveryError::permanent(format!("invalid request: {}", crate::outcome::root_cause(&e))))
+}
+
+/// A rendered (or literal) `url`, checked. The URL may carry a secret (a
+/// token in the query): errors never quote it.
+pub(crate) fn parse_url(cfg: &HttpSinkConfig, url: &str) -> Result<Url, DeliveryError> {
+    let url = Url::parse(url)
+        .map_err(|e| DeliveryError::permanent(format!("sinks.{}.url: not a valid URL ({e})", cfg.name)))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(DeliveryError::permanent(format!(
+            "sinks.{}.url: scheme must be http or https",
+            cfg.name
+        )));
+    }
+    Ok(url)
 }
 
 /// The message starts with the template's key path (`sinks.kds.body.total`).

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use expeditor_api::{Delivery, Outcome, Sink};
-use reqwest::Client;
+use reqwest::{Client, Url};
 
 use crate::{HttpSinkConfig, outcome, request};
 
@@ -11,6 +11,9 @@ use crate::{HttpSinkConfig, outcome, request};
 pub struct HttpSink {
     cfg: HttpSinkConfig,
     client: Client,
+    /// `url`, parsed once when it is not a template; an invalid one is left
+    /// for each delivery to report.
+    url: Option<Url>,
 }
 
 impl HttpSink {
@@ -20,11 +23,12 @@ impl HttpSink {
     /// a followed redirect would replay the request (or turn a POST into a
     /// GET) somewhere the config never named, so a 3xx is a permanent error.
     pub fn new(cfg: HttpSinkConfig, client: Client) -> Self {
-        Self { cfg, client }
+        let url = cfg.url.literal().and_then(|u| request::parse_url(&cfg, u).ok());
+        Self { cfg, client, url }
     }
 
     async fn send(&self, delivery: &Delivery) -> Outcome {
-        let request = request::build(&self.cfg, &self.client, delivery)?;
+        let request = request::build(&self.cfg, self.url.as_ref(), &self.client, delivery)?;
         let started = Instant::now();
         let outcome = match self.client.execute(request).await {
             Ok(response) => outcome::from_response(response).await,
