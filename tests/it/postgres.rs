@@ -420,7 +420,9 @@ async fn database_going_away_mid_load_loses_nothing_acknowledged() {
     let d = Arc::new(Daemon::start(&instance_config(&db.url, "a", &sink, "5s")).await);
 
     // Senders act like vendors: an event not acknowledged is sent again.
-    const EVENTS: usize = 240;
+    // Enough events that the senders are still sending when the database
+    // goes away (240 could all be acknowledged before it was gone).
+    const EVENTS: usize = 960;
     const SENDERS: usize = 8;
     let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
