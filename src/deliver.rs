@@ -37,7 +37,6 @@ const LEASE_MARGIN_MS: i64 = 10_000;
 const MIN_PREFETCH: usize = 64;
 
 pub struct Engine {
-    notifies: Arc<HashMap<String, Arc<Notify>>>,
     handoff: Arc<Handoff>,
     tracker: TaskTracker,
     completions: Option<mpsc::Sender<(String, Completion)>>,
@@ -164,12 +163,8 @@ impl Engine {
                 worker.run(queue, stop).await;
             });
         }
-        let handoff = Arc::new(Handoff {
-            sinks: hot,
-            notifies: notifies.clone(),
-        });
+        let handoff = Arc::new(Handoff { sinks: hot, notifies });
         Ok(Self {
-            notifies,
             handoff,
             tracker,
             completions: Some(tx),
@@ -189,14 +184,8 @@ impl Engine {
 
     /// A handle ingest calls after committing new deliveries.
     pub fn waker(&self) -> Wake {
-        let notifies = self.notifies.clone();
-        Arc::new(move |sinks: &[String]| {
-            for s in sinks {
-                if let Some(n) = notifies.get(s) {
-                    n.notify_one();
-                }
-            }
-        })
+        let handoff = self.handoff.clone();
+        Arc::new(move |sinks: &[String]| handoff.wake(sinks))
     }
 
     /// What ingest uses to start the deliveries of the events it stores.
@@ -211,6 +200,18 @@ impl Engine {
         self.completions.take();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// Gives a claim back unattempted: only while it is still the current claim.
+fn released(c: &Claimed, at: i64) -> Completion {
+    Completion {
+        delivery_id: c.delivery_id,
+        attempt: c.attempt,
+        finished_at: at,
+        result: Completed::Released {
+            lease_until: c.lease_until,
+        },
     }
 }
 
@@ -300,15 +301,7 @@ impl Handoff {
                 prepared: Some(prepared.clone()),
             };
             if let Err(unsent) = hot.queue.send(claim) {
-                let c = unsent.0;
-                give_back.push(Completion {
-                    delivery_id: c.delivery_id,
-                    attempt: c.attempt,
-                    finished_at: now_ms(),
-                    result: Completed::Released {
-                        lease_until: c.lease_until,
-                    },
-                });
+                give_back.push(released(&unsent.0, now_ms()));
             }
         }
         let rest: Vec<&String> = sinks.iter().filter(|s| !held.iter().any(|h| &h.sink == *s)).collect();
@@ -498,14 +491,7 @@ impl Worker {
     async fn release(&self, claims: Vec<Claimed>) {
         let finished_at = now_ms();
         for c in claims {
-            let completion = Completion {
-                delivery_id: c.delivery_id,
-                attempt: c.attempt,
-                finished_at,
-                result: Completed::Released {
-                    lease_until: c.lease_until,
-                },
-            };
+            let completion = released(&c, finished_at);
             let _ = self.completions.send((self.name.clone(), completion)).await;
         }
     }
