@@ -1,8 +1,8 @@
-//! The embedded store: one SQLite file in WAL mode with `synchronous=FULL`.
+//! The embedded store: one SQLite file in WAL mode; every ack waits for an fsync of the WAL.
 //!
-//! One writer thread owns the write connection and commits in groups: it
-//! takes every operation queued while the previous commit was running and
-//! applies them in one transaction, then fsyncs once. If one operation
+//! One writer thread owns the write connection and commits in groups: every
+//! operation that arrived while the previous group was being made durable
+//! goes into one transaction, and one fsync. If one operation
 //! fails, the group is rolled back and each runs in a transaction of its
 //! own, so it does not fail its neighbours. Under
 //! load, many acks share an fsync; when idle, an ack waits for just one.
@@ -11,8 +11,9 @@
 //! Durability is pipelined: the writer commits with `synchronous=NORMAL`
 //! (SQLite writes the WAL but does not fsync it) and hands the group's
 //! answers to a syncer thread, which fsyncs the WAL file and only then
-//! answers. So the writer applies and commits the next group while the disk
-//! flushes the last one. An ack
+//! answers. While that fsync runs, the writer applies whatever arrives to
+//! the next open transaction, and commits it the moment the syncer is free:
+//! an operation waits for the rest of one fsync and then its own. An ack
 //! still means the event is on disk. If an fsync ever fails, the store
 //! refuses every write from then on (the page cache can no longer be
 //! trusted to hold what was written): expeditor answers 503 and /readyz
@@ -100,6 +101,8 @@ enum Op {
     Prune(Retention, i64, oneshot::Sender<Result<PruneStats, StoreError>>),
     /// Commit what came before, checkpoint, and stop.
     Close(oneshot::Sender<()>),
+    /// From the syncer: the last fsync is done (a wake-up, not a request).
+    Synced,
 }
 
 pub struct SqliteStore {
@@ -117,9 +120,24 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// Waits for a lock held by another connection of this process (the
+/// checkpointer's, the writer's), for up to about five seconds. SQLite's own
+/// busy timeout sleeps 1, 2, 5, 10 ms and more between tries, so a writer
+/// that met a lock held for one millisecond would lose ten; this tries again
+/// every 100 µs at first.
+fn busy(tries: i32) -> bool {
+    let pause = if tries < 100 {
+        Duration::from_micros(100)
+    } else {
+        Duration::from_millis(1)
+    };
+    std::thread::sleep(pause);
+    tries < 5_100
+}
+
 fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
-    let conn = Connection::open(file)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut conn = Connection::open(file)?;
+    conn.busy_handler(Some(busy))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL: the WAL is fsync'd at every commit, so an ack survives power loss.
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -166,9 +184,10 @@ impl SqliteStore {
             .spawn(move || checkpoint_loop(checkpointer, commits))
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(8192);
+        let me = tx.downgrade();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, committed, wal))
+            .spawn(move || writer_loop(conn, rx, me, committed, wal))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
@@ -227,8 +246,15 @@ fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
 /// makes them durable before they are answered.
 type Unsynced = Vec<(Op, Done)>;
 
-/// Fsyncs the WAL for each committed group and then answers it.
-fn sync_loop(wal: std::fs::File, groups: std::sync::mpsc::Receiver<Unsynced>, broken: Arc<AtomicBool>) {
+/// Fsyncs the WAL for each committed group, answers it, and tells the writer
+/// it is free for the next.
+fn sync_loop(
+    wal: std::fs::File,
+    groups: std::sync::mpsc::Receiver<Unsynced>,
+    broken: Arc<AtomicBool>,
+    syncing: Arc<AtomicBool>,
+    writer: mpsc::WeakSender<Op>,
+) {
     while let Ok(batch) = groups.recv() {
         let started = std::time::Instant::now();
         let synced = if broken.load(Ordering::Acquire) {
@@ -243,6 +269,12 @@ fn sync_loop(wal: std::fs::File, groups: std::sync::mpsc::Receiver<Unsynced>, br
         if started.elapsed() > SLOW_COMMIT {
             tracing::warn!(took_ms = started.elapsed().as_millis() as u64, "slow store fsync");
         }
+        syncing.store(false, Ordering::Release);
+        // Wakes a writer that waits for operations with a transaction open. If
+        // the queue is full the writer is busy anyway and sees the flag.
+        if let Some(writer) = writer.upgrade() {
+            let _ = writer.try_send(Op::Synced);
+        }
         for (op, done) in batch {
             answer(op, done, synced.as_ref().err());
         }
@@ -251,23 +283,36 @@ fn sync_loop(wal: std::fs::File, groups: std::sync::mpsc::Receiver<Unsynced>, br
 
 const DISK_FAILED: &str = "the store's disk failed to sync; restart expeditor once the disk is fixed";
 
+/// The write connection and the operations it holds between arrival and
+/// answer: applied in the open transaction, or committed and waiting for
+/// the syncer.
+struct Writer {
+    conn: Connection,
+    /// Applied in the open transaction (`BEGIN` done, no `COMMIT` yet).
+    open: Option<Unsynced>,
+    /// Committed, not yet handed to the syncer.
+    committed: Unsynced,
+}
+
 fn writer_loop(
-    mut conn: Connection,
+    conn: Connection,
     mut rx: mpsc::Receiver<Op>,
-    committed: std::sync::mpsc::SyncSender<()>,
+    me: mpsc::WeakSender<Op>,
+    checkpoint_due: std::sync::mpsc::SyncSender<()>,
     wal: std::fs::File,
 ) {
     let broken = Arc::new(AtomicBool::new(false));
-    // A rendezvous: a committed group waits in the writer until the syncer
-    // has finished the last fsync. Meanwhile operations queue up, so the next
-    // group is as large as one fsync's worth of arrivals (small groups would
-    // each write the same B-tree pages to the WAL again).
-    let (unsynced, groups) = std::sync::mpsc::sync_channel::<Unsynced>(0);
+    // The writer hands a group over only while the syncer is idle, so one slot
+    // is all the channel needs. Until then it keeps applying what arrives to
+    // the open transaction: the next group holds everything that came during
+    // the last fsync, and commits the moment that fsync ends.
+    let syncing = Arc::new(AtomicBool::new(false));
+    let (to_syncer, groups) = std::sync::mpsc::sync_channel::<Unsynced>(1);
     let syncer = {
-        let broken = broken.clone();
+        let (broken, syncing) = (broken.clone(), syncing.clone());
         std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || sync_loop(wal, groups, broken))
+            .spawn(move || sync_loop(wal, groups, broken, syncing, me))
     };
     let syncer = match syncer {
         Ok(handle) => handle,
@@ -279,6 +324,11 @@ fn writer_loop(
             return;
         }
     };
+    let mut w = Writer {
+        conn,
+        open: None,
+        committed: Vec::new(),
+    };
     let mut ops = Vec::with_capacity(MAX_GROUP);
     let mut closed = None;
     while let Some(op) = rx.blocking_recv() {
@@ -289,6 +339,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        ops.retain(|op| !matches!(op, Op::Synced));
         if let Some(i) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
             // Everything queued after the close is refused, as if it came later.
             for op in ops.drain(i + 1..) {
@@ -299,34 +350,40 @@ fn writer_loop(
             }
         }
         if broken.load(Ordering::Acquire) {
+            w.abandon(&unavailable(DISK_FAILED));
             for op in ops.drain(..) {
                 fail(op, &unavailable(DISK_FAILED));
             }
         } else {
-            let done = commit_group(&mut conn, &mut ops);
-            if !done.is_empty() {
-                // The syncer lives as long as this loop; if it died, dropping the
-                // group here answers each operation "store writer stopped".
-                let _ = unsynced.send(done);
-            }
-            // Full means a checkpoint is already due: nothing to add.
-            let _ = committed.try_send(());
+            w.apply(&mut ops);
         }
         if closed.is_some() {
             break;
         }
+        if !syncing.load(Ordering::Acquire) && w.commit() {
+            syncing.store(true, Ordering::Release);
+            // The syncer lives as long as this loop; if it died, dropping the
+            // group here answers each operation "store writer stopped".
+            let _ = to_syncer.send(std::mem::take(&mut w.committed));
+            // Full means a checkpoint is already due: nothing to add.
+            let _ = checkpoint_due.try_send(());
+        }
     }
-    drop(committed);
-    // Everything committed is answered before the close is.
-    drop(unsynced);
+    // Everything applied is committed and answered before the close is (the
+    // one slot is free: the syncer has taken whatever came before).
+    if w.commit() {
+        let _ = to_syncer.send(std::mem::take(&mut w.committed));
+    }
+    drop(checkpoint_due);
+    drop(to_syncer);
     let _ = syncer.join();
     rx.close();
     while let Ok(op) = rx.try_recv() {
         fail(op, &unavailable("store is closed"));
     }
     // Fold the WAL into the database so the next start has nothing to replay.
-    let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
-    drop(conn);
+    let _ = w.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    drop(w);
     if let Some(reply) = closed {
         let _ = reply.send(());
     }
@@ -335,71 +392,92 @@ fn writer_loop(
 /// A commit slower than this is logged: every ack in it waited that long.
 const SLOW_COMMIT: Duration = Duration::from_millis(100);
 
-/// Applies and commits a group. Returns what waits for the fsync; failed
-/// operations are answered at once.
-fn commit_group(conn: &mut Connection, ops: &mut Vec<Op>) -> Unsynced {
-    let started = std::time::Instant::now();
-    let group = ops.len();
-    // IMMEDIATE: take the write lock up front. A deferred transaction that
-    // reads before it writes (claims do) cannot wait for a lock held by
-    // another connection; SQLite fails it at once instead of using the busy
-    // timeout, and every operation in the group with it.
-    let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
-        Ok(tx) => tx,
-        Err(e) => {
-            let err = unavailable(e);
-            for op in ops.drain(..) {
-                fail(op, &err);
+impl Writer {
+    /// Applies operations to the open transaction, beginning one if needed.
+    /// If one fails, the transaction is rolled back and everything in it runs
+    /// again one by one (no savepoint per operation on the common path; they
+    /// cost a third of the writer's time), so only the failing one fails.
+    fn apply(&mut self, ops: &mut Vec<Op>) {
+        if ops.is_empty() {
+            return;
+        }
+        if self.open.is_none() {
+            // IMMEDIATE: take the write lock up front. A deferred transaction that
+            // reads before it writes (claims do) cannot wait for a lock held by
+            // another connection; SQLite fails it at once instead of using the
+            // busy timeout, and every operation in the group with it.
+            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+                let err = unavailable(e);
+                for op in ops.drain(..) {
+                    fail(op, &err);
+                }
+                return;
             }
-            return Vec::new();
+            self.open = Some(Vec::with_capacity(ops.len()));
         }
-    };
-    let mut done = Vec::with_capacity(ops.len());
-    for op in ops.iter() {
-        let d = run(&tx, op);
-        if d.failed() {
-            break;
+        let open = self.open.as_mut().expect("a transaction is open");
+        let mut ops = ops.drain(..);
+        for op in ops.by_ref() {
+            let d = run(&self.conn, &op);
+            if d.failed() {
+                let mut again: Vec<Op> = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
+                again.push(op);
+                again.extend(ops);
+                self.one_by_one(again);
+                return;
+            }
+            open.push((op, d));
         }
-        done.push(d);
     }
-    if done.len() < ops.len() {
-        // One operation failed part way: roll back the group (no savepoint per
-        // operation on the common path; they cost a third of the writer's
-        // time) and run each on its own, so only the failing one fails.
-        drop(tx);
+
+    fn one_by_one(&mut self, ops: Vec<Op>) {
+        if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "store rollback failed");
+        }
         tracing::debug!(
-            operations = group,
+            operations = ops.len(),
             "store group failed; running its operations one by one"
         );
-        let mut unsynced = Vec::with_capacity(ops.len());
-        for op in ops.drain(..) {
-            match alone(conn, &op) {
+        for op in ops {
+            match alone(&mut self.conn, &op) {
                 Done::Failed(e) => answer(op, Done::Failed(e), None),
-                d => unsynced.push((op, d)),
+                d => self.committed.push((op, d)),
             }
         }
-        return unsynced;
     }
-    let applied = started.elapsed();
-    let committed = tx.commit();
-    let took = started.elapsed();
-    if took > SLOW_COMMIT {
-        tracing::warn!(
-            operations = group,
-            applied_ms = applied.as_millis() as u64,
-            total_ms = took.as_millis() as u64,
-            "slow store commit"
-        );
-    }
-    match committed {
-        Ok(()) => ops.drain(..).zip(done).collect(),
-        Err(e) => {
-            tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
-            let err = unavailable(e);
-            for op in ops.drain(..) {
-                fail(op, &err);
+
+    /// Commits the open transaction. True if anything waits for an fsync.
+    fn commit(&mut self) -> bool {
+        if let Some(open) = self.open.take() {
+            let started = std::time::Instant::now();
+            match self.conn.execute_batch("COMMIT") {
+                Ok(()) => self.committed.extend(open),
+                Err(e) => {
+                    tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    let err = unavailable(e);
+                    for (op, _) in open {
+                        fail(op, &err);
+                    }
+                }
             }
-            Vec::new()
+            if started.elapsed() > SLOW_COMMIT {
+                tracing::warn!(took_ms = started.elapsed().as_millis() as u64, "slow store commit");
+            }
+        }
+        !self.committed.is_empty()
+    }
+
+    /// Fails everything not yet handed to the syncer.
+    fn abandon(&mut self, err: &StoreError) {
+        if let Some(open) = self.open.take() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+            for (op, _) in open {
+                fail(op, err);
+            }
+        }
+        for (op, _) in self.committed.drain(..) {
+            fail(op, err);
         }
     }
 }
@@ -462,7 +540,7 @@ fn run(t: &Connection, op: &Op) -> Done {
         Op::Complete(done, _) => complete(t, done).map_or_else(refused_or_failed, |()| Done::Completed),
         Op::Replay(target, now, _) => replay(t, target, *now).map_or_else(refused_or_failed, Done::Replayed),
         Op::Prune(retention, now, _) => prune(t, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
-        Op::Close(_) => Done::Closed,
+        Op::Close(_) | Op::Synced => Done::Closed,
     }
 }
 
@@ -500,6 +578,7 @@ fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
         Op::Close(to) => {
             let _ = to.send(());
         }
+        Op::Synced => {}
     }
 }
 

@@ -863,6 +863,51 @@ async fn claim_returns_earliest_due_first_within_limit(store: Arc<dyn Store>) {
     assert_eq!(attempts(&all), [("evt_10", 2), ("evt_20", 2)]);
 }
 
+/// SQLite only: one write the database refuses part way (a sink named twice
+/// breaks the unique delivery key after the event row is in; PostgreSQL's
+/// single statement skips the second instead) among many at once: it fails
+/// and leaves nothing behind; every other write, in the same commit group or
+/// the same open transaction, succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_failing_write_fails_alone() {
+    let (store, _dir) = sqlite();
+    const N: usize = 300;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let id = format!("evt_{i:03}");
+            let sinks: &[&str] = if i % 100 == 50 { &["a", "a"] } else { &["a"] };
+            (id.clone(), store.insert(new_event(&id, sinks)).await)
+        });
+    }
+    let mut stored = BTreeSet::new();
+    let mut failed = BTreeSet::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (id, result) = joined.expect("insert task");
+        match result {
+            Ok(Inserted::New(_)) => assert!(stored.insert(id)),
+            Ok(Inserted::Duplicate) => panic!("{id} was a duplicate"),
+            Err(StoreError::Unavailable(_)) => assert!(failed.insert(id)),
+            Err(e) => panic!("{id}: unexpected {e:?}"),
+        }
+    }
+    assert_eq!(
+        failed,
+        BTreeSet::from(["evt_050".to_string(), "evt_150".into(), "evt_250".into()])
+    );
+    assert_eq!(stored.len(), N - 3);
+    let listed: BTreeSet<_> = events(&*store, None, None).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(listed, stored);
+    let claimed = claim(&*store, "a", T0).await;
+    assert_eq!(claimed.len(), N - 3);
+    // Nothing of a failed write was kept, so the vendor's retry of it is new.
+    assert_eq!(
+        insert(&*store, new_event("evt_050", &["a"])).await,
+        Inserted::New(vec![])
+    );
+}
+
 async fn concurrent_inserts_are_all_stored(store: Arc<dyn Store>) {
     const N: usize = 500;
     // Each event twice, from different tasks, all at once: the copies land in
