@@ -23,10 +23,169 @@
 //!   still carries it and the event is not refused for it;
 //! * an unparseable `occurred_at` is `None`.
 
+use std::borrow::Cow;
 use std::fmt;
 
 use expeditor_api::{Customer, Item, Modifier, Order, Payment, Stock, Views};
-use serde_json::{Map, Value};
+use serde::de::{Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+// ---------------------------------------------------------------------------
+// The parsed body
+
+/// A JSON document as normalization reads it: strings borrow from the body
+/// unless they hold escapes, and an object is a short list of its entries.
+/// Normalization reads a few dozen fields; a `serde_json::Value` (an
+/// `IndexMap` per object, a `String` per key and text) costs several times
+/// as much to build and drop, and most events never need one: only a `when`
+/// route or a sink that gets the event right away turns it into a `Value`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Json<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    String(Cow<'a, str>),
+    Array(Vec<Json<'a>>),
+    /// In body order; a key given twice means its last value, as in `Value`.
+    Object(Vec<(Cow<'a, str>, Json<'a>)>),
+}
+
+impl<'a> Json<'a> {
+    /// Parses a body; the same documents as `serde_json::from_slice::<Value>`
+    /// are accepted, with the same nesting limit.
+    pub fn parse(body: &'a [u8]) -> serde_json::Result<Json<'a>> {
+        serde_json::from_slice(body)
+    }
+
+    fn is_null(&self) -> bool {
+        matches!(self, Json::Null)
+    }
+
+    /// The entry `key` of an object (its last one).
+    pub fn get(&self, key: &str) -> Option<&Json<'a>> {
+        match self {
+            Json::Object(entries) => entries.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The `serde_json::Value` the body parses to.
+    pub fn into_value(self) -> Value {
+        match self {
+            Json::Null => Value::Null,
+            Json::Bool(b) => Value::Bool(b),
+            Json::Number(n) => Value::Number(n),
+            Json::String(s) => Value::String(s.into_owned()),
+            Json::Array(list) => Value::Array(list.into_iter().map(Json::into_value).collect()),
+            Json::Object(entries) => {
+                let mut map = Map::with_capacity(entries.len());
+                for (k, v) in entries {
+                    map.insert(k.into_owned(), v.into_value());
+                }
+                Value::Object(map)
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Json<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonVisitor)
+    }
+}
+
+struct JsonVisitor;
+
+impl<'de> Visitor<'de> for JsonVisitor {
+    type Value = Json<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Json<'de>, E> {
+        Ok(Json::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Json<'de>, E> {
+        Ok(Json::Number(v.into()))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Json<'de>, E> {
+        // What `Value` does: JSON text never holds a NaN or an infinity.
+        Ok(Number::from_f64(v).map_or(Json::Null, Json::Number))
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Borrowed(v)))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Owned(v.to_owned())))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Json<'de>, E> {
+        Ok(Json::String(Cow::Owned(v)))
+    }
+
+    fn visit_unit<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Json<'de>, E> {
+        Ok(Json::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Json<'de>, D::Error> {
+        Json::deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Json<'de>, A::Error> {
+        let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(v) = seq.next_element()? {
+            list.push(v);
+        }
+        Ok(Json::Array(list))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Json<'de>, A::Error> {
+        let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+        while let Some(Key(k)) = map.next_key()? {
+            entries.push((k, map.next_value()?));
+        }
+        Ok(Json::Object(entries))
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes (serde's own
+/// `Cow<str>` always copies).
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
 
 // ---------------------------------------------------------------------------
 // Money
@@ -79,10 +238,10 @@ pub fn parse_minor_units(s: &str, currency: Option<&str>) -> Result<i64, MoneyEr
 /// serde_json keeps non-integer numbers as `f64` and prints them as the
 /// shortest text that reads back to the same `f64`, which is the sender's
 /// text for any amount with up to 15 significant digits.
-pub fn json_minor_units(value: &Value, currency: Option<&str>) -> Result<i64, MoneyError> {
+pub fn json_minor_units(value: &Json<'_>, currency: Option<&str>) -> Result<i64, MoneyError> {
     match value {
-        Value::String(s) => parse_minor_units(s, currency),
-        Value::Number(n) => parse_minor_units(&n.to_string(), currency),
+        Json::String(s) => parse_minor_units(s, currency),
+        Json::Number(n) => parse_minor_units(&n.to_string(), currency),
         _ => Err(MoneyError::Syntax),
     }
 }
@@ -192,12 +351,12 @@ impl FieldPath {
     }
 
     /// The value at this path; `None` when absent (or `null`).
-    pub fn lookup<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+    pub fn lookup<'v, 'a>(&self, root: &'v Json<'a>) -> Option<&'v Json<'a>> {
         let mut cur = root;
         for seg in &self.segments {
             cur = match cur {
-                Value::Object(map) => map.get(seg)?,
-                Value::Array(list) => list.get(seg.parse::<usize>().ok()?)?,
+                Json::Object(_) => cur.get(seg)?,
+                Json::Array(list) => list.get(seg.parse::<usize>().ok()?)?,
                 _ => return None,
             };
         }
@@ -214,15 +373,22 @@ impl fmt::Display for FieldPath {
 // ---------------------------------------------------------------------------
 // Normalization
 
-/// A parsed, normalized event.
+/// A parsed, normalized event. It borrows the body it was read from.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Normalized {
+pub struct Normalized<'a> {
     pub id: String,
     pub event_type: String,
     pub occurred_at: Option<jiff::Timestamp>,
-    /// The vendor's JSON as parsed.
-    pub payload: Value,
+    /// The vendor's JSON as parsed; `payload` makes it a `Value`.
+    pub document: Json<'a>,
     pub views: Views,
+}
+
+impl Normalized<'_> {
+    /// The vendor's JSON as a `serde_json::Value`, for templates and sinks.
+    pub fn payload(&self) -> Value {
+        self.document.clone().into_value()
+    }
 }
 
 /// How a source kind's bodies are read.
@@ -250,23 +416,23 @@ impl Normalizer {
         }
     }
 
-    pub fn normalize(&self, body: &[u8]) -> Result<Normalized, NormalizeError> {
-        let payload: Value = serde_json::from_slice(body).map_err(|_| NormalizeError::NotJson)?;
-        let Value::Object(root) = &payload else {
+    pub fn normalize<'a>(&self, body: &'a [u8]) -> Result<Normalized<'a>, NormalizeError> {
+        let document = Json::parse(body).map_err(|_| NormalizeError::NotJson)?;
+        let Json::Object(root) = &document else {
             return Err(NormalizeError::NotObject);
         };
         let (id, event_type, occurred_at, views) = match self {
             Normalizer::CrumbPos => {
-                let id = event_id(root.get("id"), "id")?;
-                let event_type = event_type(root.get("type"), "type")?;
-                let occurred_at = timestamp(root.get("created_at"));
+                let id = event_id(document.get("id"), "id")?;
+                let event_type = event_type(document.get("type"), "type")?;
+                let occurred_at = timestamp(document.get("created_at"));
                 let views = crumbpos_views(root, &event_type)?;
                 (id, event_type, occurred_at, views)
             }
             Normalizer::Crave => {
-                let id = event_id(root.get("id"), "id")?;
-                let event_type = event_type(root.get("type"), "type")?;
-                let occurred_at = timestamp(root.get("createdAt"));
+                let id = event_id(document.get("id"), "id")?;
+                let event_type = event_type(document.get("type"), "type")?;
+                let occurred_at = timestamp(document.get("createdAt"));
                 let views = crave_views(root, &event_type)?;
                 (id, event_type, occurred_at, views)
             }
@@ -275,9 +441,9 @@ impl Normalizer {
                 type_field,
                 time_field,
             } => {
-                let id = event_id(id_field.lookup(&payload), &id_field.to_string())?;
-                let event_type = event_type(type_field.lookup(&payload), &type_field.to_string())?;
-                let occurred_at = time_field.as_ref().and_then(|f| timestamp(f.lookup(&payload)));
+                let id = event_id(id_field.lookup(&document), &id_field.to_string())?;
+                let event_type = event_type(type_field.lookup(&document), &type_field.to_string())?;
+                let occurred_at = time_field.as_ref().and_then(|f| timestamp(f.lookup(&document)));
                 (id, event_type, occurred_at, Views::default())
             }
         };
@@ -285,51 +451,51 @@ impl Normalizer {
             id,
             event_type,
             occurred_at,
-            payload,
+            document,
             views,
         })
     }
 }
 
 /// A non-empty id; a JSON number is taken as its text.
-fn event_id(value: Option<&Value>, field: &str) -> Result<String, NormalizeError> {
+fn event_id(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
-        None | Some(Value::Null) => Err(NormalizeError::MissingId),
-        Some(Value::String(s)) if s.is_empty() => Err(NormalizeError::MissingId),
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
+        None | Some(Json::Null) => Err(NormalizeError::MissingId),
+        Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingId),
+        Some(Json::String(s)) => Ok(s.to_string()),
+        Some(Json::Number(n)) => Ok(n.to_string()),
         Some(_) => Err(bad_field(field)),
     }
 }
 
 /// A non-empty type string.
-fn event_type(value: Option<&Value>, field: &str) -> Result<String, NormalizeError> {
+fn event_type(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
-        None | Some(Value::Null) => Err(NormalizeError::MissingType),
-        Some(Value::String(s)) if s.is_empty() => Err(NormalizeError::MissingType),
-        Some(Value::String(s)) => Ok(s.clone()),
+        None | Some(Json::Null) => Err(NormalizeError::MissingType),
+        Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingType),
+        Some(Json::String(s)) => Ok(s.to_string()),
         Some(_) => Err(bad_field(field)),
     }
 }
 
 /// RFC 3339 text (`Z` or an offset), or integer unix seconds; anything else
 /// is `None`.
-fn timestamp(value: Option<&Value>) -> Option<jiff::Timestamp> {
+fn timestamp(value: Option<&Json<'_>>) -> Option<jiff::Timestamp> {
     match value? {
-        Value::String(s) => s.parse::<jiff::Timestamp>().ok(),
-        Value::Number(n) => jiff::Timestamp::from_second(n.as_i64()?).ok(),
+        Json::String(s) => s.parse::<jiff::Timestamp>().ok(),
+        Json::Number(n) => jiff::Timestamp::from_second(n.as_i64()?).ok(),
         _ => None,
     }
 }
 
 /// A JSON object with its path, for typed field access with error paths.
 struct Obj<'v> {
-    map: &'v Map<String, Value>,
+    map: &'v [(Cow<'v, str>, Json<'v>)],
     path: String,
 }
 
 impl<'v> Obj<'v> {
-    fn new(map: &'v Map<String, Value>, path: impl Into<String>) -> Self {
+    fn new(map: &'v [(Cow<'v, str>, Json<'v>)], path: impl Into<String>) -> Self {
         Obj { map, path: path.into() }
     }
 
@@ -342,8 +508,14 @@ impl<'v> Obj<'v> {
     }
 
     /// Absent and `null` are both `None`.
-    fn get(&self, key: &str) -> Option<&'v Value> {
-        self.map.get(key).filter(|v| !v.is_null())
+    fn get(&self, key: &str) -> Option<&'v Json<'v>> {
+        // The last of a repeated key, as `serde_json::Value` keeps it.
+        self.map
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_null())
     }
 
     fn has(&self, key: &str) -> bool {
@@ -354,8 +526,8 @@ impl<'v> Obj<'v> {
     fn string(&self, key: &str) -> Result<Option<String>, NormalizeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(Json::String(s)) => Ok(Some(s.to_string())),
+            Some(Json::Number(n)) => Ok(Some(n.to_string())),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
@@ -363,16 +535,16 @@ impl<'v> Obj<'v> {
     fn object(&self, key: &str) -> Result<Option<Obj<'v>>, NormalizeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Object(map)) => Ok(Some(Obj::new(map, self.path_of(key)))),
+            Some(Json::Object(map)) => Ok(Some(Obj::new(map, self.path_of(key)))),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
 
     /// Absent or `null` is empty.
-    fn array(&self, key: &str) -> Result<&'v [Value], NormalizeError> {
+    fn array(&self, key: &str) -> Result<&'v [Json<'v>], NormalizeError> {
         match self.get(key) {
             None => Ok(&[]),
-            Some(Value::Array(list)) => Ok(list),
+            Some(Json::Array(list)) => Ok(list),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
@@ -381,7 +553,7 @@ impl<'v> Obj<'v> {
     fn integer(&self, key: &str) -> Result<Option<i64>, NormalizeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => integral(n).map(Some).ok_or_else(|| bad_field(self.path_of(key))),
+            Some(Json::Number(n)) => integral(n).map(Some).ok_or_else(|| bad_field(self.path_of(key))),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
@@ -390,7 +562,7 @@ impl<'v> Obj<'v> {
     fn loose_integer(&self, key: &str) -> Result<Option<i64>, NormalizeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => Ok(integral(n)),
+            Some(Json::Number(n)) => Ok(integral(n)),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
@@ -400,7 +572,7 @@ impl<'v> Obj<'v> {
     fn cents(&self, key: &str) -> Result<Option<i64>, NormalizeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Value::Number(n)) => integral(n).map(Some).ok_or_else(|| bad_money(self.path_of(key))),
+            Some(Json::Number(n)) => integral(n).map(Some).ok_or_else(|| bad_money(self.path_of(key))),
             Some(_) => Err(bad_money(self.path_of(key))),
         }
     }
@@ -427,7 +599,7 @@ impl<'v> Obj<'v> {
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::Object(map) => Ok(Obj::new(map, format!("{base}[{i}]"))),
+                Json::Object(map) => Ok(Obj::new(map, format!("{base}[{i}]"))),
                 _ => Err(bad_field(format!("{base}[{i}]"))),
             })
             .collect()
@@ -445,11 +617,11 @@ impl<'v> Obj<'v> {
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
-                Value::String(name) => Ok(Modifier {
-                    name: Some(name.clone()),
+                Json::String(name) => Ok(Modifier {
+                    name: Some(name.to_string()),
                     ..Modifier::default()
                 }),
-                Value::Object(map) => {
+                Json::Object(map) => {
                     let m = Obj::new(map, format!("{base}[{i}]"));
                     Ok(Modifier {
                         id: m.string("id")?,
@@ -470,7 +642,7 @@ fn customer(id: Option<String>, name: Option<String>, email: Option<String>) -> 
 // ---------------------------------------------------------------------------
 // CrumbPOS
 
-fn crumbpos_views(root: &Map<String, Value>, event_type: &str) -> Result<Views, NormalizeError> {
+fn crumbpos_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result<Views, NormalizeError> {
     let root = Obj::new(root, "");
     let Some(data) = root.object("data")? else {
         return Ok(Views::default());
@@ -480,7 +652,7 @@ fn crumbpos_views(root: &Map<String, Value>, event_type: &str) -> Result<Views, 
     let attrs = match data.object("attributes")? {
         Some(a) => a,
         None => {
-            attrs_map = Map::new();
+            attrs_map = Vec::new();
             Obj::new(&attrs_map, data.path_of("attributes"))
         }
     };
@@ -582,7 +754,7 @@ fn crumbpos_item(item: &Obj<'_>) -> Result<Item, NormalizeError> {
 // ---------------------------------------------------------------------------
 // Crave
 
-fn crave_views(root: &Map<String, Value>, event_type: &str) -> Result<Views, NormalizeError> {
+fn crave_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result<Views, NormalizeError> {
     let status = if let Some(status) = event_type.strip_prefix("order.") {
         status
     } else if event_type == "cart.abandoned" {
@@ -660,8 +832,80 @@ mod tests {
         Some(v.to_owned())
     }
 
-    fn norm(n: &Normalizer, v: &Value) -> Result<Normalized, NormalizeError> {
-        n.normalize(&serde_json::to_vec(v).unwrap())
+    /// A body for the test's whole run: `Normalized` borrows it.
+    fn body_of(v: &Value) -> &'static [u8] {
+        Box::leak(serde_json::to_vec(v).unwrap().into_boxed_slice())
+    }
+
+    fn norm(n: &Normalizer, v: &Value) -> Result<Normalized<'static>, NormalizeError> {
+        n.normalize(body_of(v))
+    }
+
+    /// A `Value` as the `Json` the same text parses to.
+    fn doc(v: &Value) -> Json<'static> {
+        Json::parse(body_of(v)).unwrap()
+    }
+
+    // -- the parsed document ---------------------------------------------------
+
+    #[test]
+    fn documents_become_the_value_serde_json_parses() {
+        let texts = [
+            CRUMB_ORDER,
+            CRUMB_PAYMENT,
+            CRAVE_ORDER,
+            r#"{"a\"b":"c\nd","\u00e9t\u00e9":"\ud83c\udf54","plain":"x"}"#,
+            r#"{"k":1,"other":2,"k":3}"#,
+            r#"[18446744073709551615,-9223372036854775808,1.5,-0.0,1e300,12.50,0]"#,
+            r#"{"nested":{"list":[[],{},[null,true,false]],"empty":""}}"#,
+            r#""just a string""#,
+            "null",
+        ];
+        for text in texts {
+            let expected: Value = serde_json::from_str(text).unwrap();
+            let parsed = Json::parse(text.as_bytes()).unwrap();
+            assert_eq!(parsed.into_value(), expected, "{text}");
+        }
+        // A repeated key means its last value, in its first place (as `Value`).
+        let doc = Json::parse(br#"{"k":1,"other":2,"k":3}"#).unwrap();
+        assert_eq!(doc.get("k"), Some(&Json::Number(3.into())));
+        let keys: Vec<String> = doc.into_value().as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["k", "other"]);
+        // Text without escapes is borrowed from the body, not copied.
+        let doc = Json::parse(br#"{"id":"evt_1","esc":"a\nb"}"#).unwrap();
+        assert!(matches!(doc.get("id"), Some(Json::String(Cow::Borrowed("evt_1")))));
+        assert!(matches!(doc.get("esc"), Some(Json::String(Cow::Owned(s))) if s == "a\nb"));
+    }
+
+    #[test]
+    fn documents_refuse_what_serde_json_refuses() {
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        for text in [
+            "",
+            "{",
+            r#"{"a":}"#,
+            "[1,]",
+            "nul",
+            r#"{"a":1}x"#,
+            "\"\\x\"",
+            deep.as_str(),
+        ] {
+            assert!(
+                serde_json::from_str::<Value>(text).is_err(),
+                "serde_json takes {text:?}"
+            );
+            assert!(Json::parse(text.as_bytes()).is_err(), "{text:?} parsed");
+        }
+        let ok = "[".repeat(100) + &"]".repeat(100);
+        assert!(Json::parse(ok.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn a_repeated_field_reads_its_last_value() {
+        let body = br#"{"id":"evt_1","type":"order.created","data":{"type":"order","id":"o1",
+            "attributes":{"total":100,"total":2500,"items":[]}}}"#;
+        let n = Normalizer::CrumbPos.normalize(body).unwrap();
+        assert_eq!(n.views.order.unwrap().total_cents, Some(2500));
     }
 
     // -- money --------------------------------------------------------------
@@ -759,15 +1003,15 @@ mod tests {
             (json!([1]), Err(MoneyError::Syntax)),
         ];
         for (value, expected) in cases {
-            assert_eq!(json_minor_units(&value, Some("usd")), expected, "{value}");
+            assert_eq!(json_minor_units(&doc(&value), Some("usd")), expected, "{value}");
         }
         // Numbers as they come off the wire, including ones f64 cannot hold
         // exactly: 0.1 + 0.2 style values must still be exact.
         for (text, cents) in [("19.99", 1999), ("0.30", 30), ("1234567.89", 123456789)] {
-            let v: Value = serde_json::from_str(text).unwrap();
+            let v = Json::parse(text.as_bytes()).unwrap();
             assert_eq!(json_minor_units(&v, None), Ok(cents), "{text}");
         }
-        let v: Value = serde_json::from_str("1e3").unwrap();
+        let v = Json::parse(b"1e3").unwrap();
         assert_eq!(json_minor_units(&v, None), Ok(100_000));
     }
 
@@ -777,9 +1021,12 @@ mod tests {
     fn field_paths_parse_and_look_up() {
         let p = FieldPath::parse("data.object.id").unwrap();
         assert_eq!(p.to_string(), "data.object.id");
-        let v = json!({"data": {"object": {"id": "x"}, "list": [{"id": 7}], "n": null}});
-        assert_eq!(p.lookup(&v), Some(&json!("x")));
-        assert_eq!(FieldPath::parse("data.list.0.id").unwrap().lookup(&v), Some(&json!(7)));
+        let v = doc(&json!({"data": {"object": {"id": "x"}, "list": [{"id": 7}], "n": null}}));
+        assert_eq!(p.lookup(&v), Some(&doc(&json!("x"))));
+        assert_eq!(
+            FieldPath::parse("data.list.0.id").unwrap().lookup(&v),
+            Some(&doc(&json!(7)))
+        );
         assert_eq!(FieldPath::parse("data.list.1.id").unwrap().lookup(&v), None);
         assert_eq!(FieldPath::parse("data.n").unwrap().lookup(&v), None);
         assert_eq!(FieldPath::parse("data.object.id.more").unwrap().lookup(&v), None);
@@ -869,7 +1116,7 @@ mod tests {
         assert_eq!(n.id, "evt_abc123");
         assert_eq!(n.event_type, "order.created");
         assert_eq!(n.occurred_at, ts("2024-10-05T14:30:00Z"));
-        assert_eq!(n.payload, serde_json::from_str::<Value>(CRUMB_ORDER).unwrap());
+        assert_eq!(n.payload(), serde_json::from_str::<Value>(CRUMB_ORDER).unwrap());
         assert_eq!(n.views.payment, None);
         assert_eq!(n.views.stock, None);
         let expected = Order {
@@ -1155,7 +1402,7 @@ mod tests {
         assert_eq!(n.id, "evt_abc123");
         assert_eq!(n.event_type, "order.created");
         assert_eq!(n.occurred_at, ts("2025-03-15T18:30:00Z"));
-        assert_eq!(n.payload, serde_json::from_str::<Value>(CRAVE_ORDER).unwrap());
+        assert_eq!(n.payload(), serde_json::from_str::<Value>(CRAVE_ORDER).unwrap());
         assert_eq!(n.views.payment, None);
         assert_eq!(n.views.stock, None);
         let expected = Order {
@@ -1328,7 +1575,7 @@ mod tests {
         assert_eq!(out.event_type, "order.created");
         assert_eq!(out.occurred_at, ts("2025-01-01T00:00:00Z"));
         assert_eq!(out.views, Views::default());
-        assert_eq!(out.payload, v);
+        assert_eq!(out.payload(), v);
         let err = norm(&n, &json!({"meta": {"event_id": "", "kind": "x"}})).unwrap_err();
         assert_eq!(err, NormalizeError::MissingId);
         let err = norm(&n, &json!({"meta": {"event_id": "1"}})).unwrap_err();

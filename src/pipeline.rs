@@ -1,6 +1,7 @@
 //! From verified bytes to a durable event: the part of ingest that does not
 //! know about HTTP (so the benchmark and `expeditor test` can drive it too).
 
+use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use crate::config::{Config, Source};
 use crate::deliver::Handoff;
 use crate::ingest::Limits;
 use crate::metrics::{Metrics, SourceLabels};
-use crate::normalize::{NormalizeError, Normalizer};
+use crate::normalize::{Json, NormalizeError, Normalizer};
 use crate::store::{Inserted, NewEvent, Store, StoreError, StoredEvent, format_time, now_ms};
 use crate::verify::VerifyError;
 
@@ -77,46 +78,60 @@ impl Pipeline {
             .normalize(verified.body())
             .map_err(Rejected::Invalid)?;
         let occurred_at = n.occurred_at.map(|t| t.as_millisecond());
-        // Built once: routes with a `when` read it, and held deliveries carry it
-        // to their sinks, so nothing parses the body again.
-        let prepared = event(
-            &source.name,
-            source.kind(),
-            &n.id,
-            &n.event_type,
-            occurred_at,
-            received_at,
-            n.payload,
-            n.views,
-        );
-        let decision = self
-            .config
-            .router
-            .route(&source.name, &n.event_type, || Templates::context(&prepared));
+        // What sinks see (the event with its payload as a `Value`), built at
+        // most once and only if needed: a route with a `when` reads it, and
+        // held deliveries carry it to their sinks, so nothing parses the body
+        // again. Most events need neither.
+        let (id, event_type) = (n.id, n.event_type);
+        let (decision, hand_off) = {
+            let (document, views) = (Cell::new(Some(n.document)), Cell::new(Some(n.views)));
+            let prepared = OnceCell::new();
+            let prepare = || {
+                prepared.get_or_init(|| {
+                    event(
+                        &source.name,
+                        source.kind(),
+                        &id,
+                        &event_type,
+                        occurred_at,
+                        received_at,
+                        document.take().map(Json::into_value).unwrap_or_default(),
+                        views.take().unwrap_or_default(),
+                    )
+                })
+            };
+            let decision = self
+                .config
+                .router
+                .route(&source.name, &event_type, || Templates::context(prepare()));
+            let reservation = self.handoff.reserve(&decision.sinks, received_at);
+            if !reservation.held.is_empty() {
+                prepare();
+            }
+            // Held deliveries go out with the event; without one, none are held.
+            let hand_off = prepared
+                .into_inner()
+                .filter(|_| !reservation.held.is_empty())
+                .map(|prepared| (reservation, prepared));
+            (decision, hand_off)
+        };
         for (route, error) in &decision.when_errors {
-            tracing::warn!(source = %source.name, event_id = %n.id, route = %route, %error, "route condition failed to evaluate; route not taken");
+            tracing::warn!(source = %source.name, event_id = %id, route = %route, %error, "route condition failed to evaluate; route not taken");
         }
         let sinks = decision.sinks;
-        let reservation = self.handoff.reserve(&sinks, received_at);
         let new = NewEvent {
             source: source.name.clone(),
-            event_id: n.id,
+            event_id: id,
             kind: source.kind().to_string(),
-            event_type: n.event_type,
+            event_type,
             occurred_at,
             received_at,
             body,
             sinks,
-            held: reservation.held.clone(),
+            held: hand_off.as_ref().map(|(r, _)| r.held.clone()).unwrap_or_default(),
         };
         let (id, event_type, sinks) = (new.event_id.clone(), new.event_type.clone(), new.sinks.clone());
-        let inserted = if reservation.held.is_empty() {
-            let inserted = self.store.insert(new).await.map_err(Rejected::Store)?;
-            if inserted != Inserted::Duplicate {
-                self.handoff.wake(&sinks);
-            }
-            inserted
-        } else {
+        let inserted = if let Some((reservation, prepared)) = hand_off {
             // Its own task: once stored, the held deliveries must reach their
             // queues even if the client hangs up and this request is dropped.
             let store = self.store.clone();
@@ -152,6 +167,12 @@ impl Pipeline {
                     ))));
                 }
             }
+        } else {
+            let inserted = self.store.insert(new).await.map_err(Rejected::Store)?;
+            if inserted != Inserted::Duplicate {
+                self.handoff.wake(&sinks);
+            }
+            inserted
         };
         match inserted {
             Inserted::New(_) => {
@@ -216,7 +237,7 @@ pub fn rebuild(stored: &StoredEvent) -> Result<Event, String> {
             let n = n
                 .normalize(&stored.body)
                 .map_err(|e| format!("stored event cannot be normalized: {e}"))?;
-            (n.payload, n.views)
+            (n.document.into_value(), n.views)
         }
         None => (
             serde_json::from_slice(&stored.body).map_err(|_| "stored event is not JSON".to_string())?,

@@ -34,8 +34,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
-/// Operations in one commit at most: bounds the latency a commit adds.
-const MAX_GROUP: usize = 1024;
+/// Operations the writer takes from its queue at once: between batches it
+/// looks whether the syncer is free, so the open transaction can commit.
+const MAX_BATCH: usize = 1024;
 /// Rows a prune statement touches at once, so pruning never holds the write
 /// lock for long.
 const PRUNE_CHUNK: i64 = 5000;
@@ -329,11 +330,11 @@ fn writer_loop(
         open: None,
         committed: Vec::new(),
     };
-    let mut ops = Vec::with_capacity(MAX_GROUP);
+    let mut ops = Vec::with_capacity(MAX_BATCH);
     let mut closed = None;
     while let Some(op) = rx.blocking_recv() {
         ops.push(op);
-        while ops.len() < MAX_GROUP {
+        while ops.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => ops.push(op),
                 Err(_) => break,
