@@ -153,6 +153,12 @@ impl SqliteStore {
     /// a previous run left: this store serves one process, so whatever that
     /// process had claimed was not finished.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_syncing(dir, |wal| Box::new(move || wal.sync_data()))
+    }
+
+    /// `open`, with the fsync of the WAL made by `sync` from the WAL file (the
+    /// tests make it fail, as a failing disk would).
+    pub(super) fn open_syncing(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
         let file: PathBuf = dir.join("expeditor.db");
@@ -177,6 +183,7 @@ impl SqliteStore {
         let wal_file = dir.join("expeditor.db-wal");
         let wal = std::fs::File::open(&wal_file)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", wal_file.display())))?;
+        let sync_wal = sync(wal);
         let reader = open_connection(&file).map_err(unavailable)?;
         let checkpointer = open_connection(&file).map_err(unavailable)?;
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
@@ -188,7 +195,7 @@ impl SqliteStore {
         let me = tx.downgrade();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, me, committed, wal))
+            .spawn(move || writer_loop(conn, rx, me, committed, sync_wal))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
@@ -249,8 +256,11 @@ type Unsynced = Vec<(Op, Done)>;
 
 /// Fsyncs the WAL for each committed group, answers it, and tells the writer
 /// it is free for the next.
+/// Makes what was written to the WAL durable (`File::sync_data`).
+pub(super) type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
 fn sync_loop(
-    wal: std::fs::File,
+    mut sync_wal: SyncWal,
     groups: std::sync::mpsc::Receiver<Unsynced>,
     broken: Arc<AtomicBool>,
     syncing: Arc<AtomicBool>,
@@ -261,7 +271,7 @@ fn sync_loop(
         let synced = if broken.load(Ordering::Acquire) {
             Err(unavailable(DISK_FAILED))
         } else {
-            wal.sync_data().map_err(|e| {
+            sync_wal().map_err(|e| {
                 broken.store(true, Ordering::Release);
                 tracing::error!(error = %e, "store fsync failed; refusing writes until expeditor is restarted");
                 unavailable(DISK_FAILED)
@@ -300,7 +310,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Op>,
     me: mpsc::WeakSender<Op>,
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
-    wal: std::fs::File,
+    sync_wal: SyncWal,
 ) {
     let broken = Arc::new(AtomicBool::new(false));
     // The writer hands a group over only while the syncer is idle, so one slot
@@ -313,7 +323,7 @@ fn writer_loop(
         let (broken, syncing) = (broken.clone(), syncing.clone());
         std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || sync_loop(wal, groups, broken, syncing, me))
+            .spawn(move || sync_loop(sync_wal, groups, broken, syncing, me))
     };
     let syncer = match syncer {
         Ok(handle) => handle,

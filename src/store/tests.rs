@@ -197,6 +197,10 @@ store_tests!(
 // - `sqlite_insert_is_unavailable_while_the_database_is_locked` and
 //   `sqlite_a_briefly_held_lock_is_waited_out`: they lock the database file
 //   from a second SQLite connection.
+// - `sqlite_a_failing_write_fails_alone`: PostgreSQL's single insert
+//   statement skips a sink named twice instead of failing part way.
+// - `sqlite_a_failed_fsync_refuses_every_write_until_reopened`: the fsync
+//   of the WAL is SQLite's store's own (PostgreSQL does its own).
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -1225,6 +1229,70 @@ async fn sqlite_insert_is_unavailable_while_the_database_is_locked() {
     assert_eq!(sorted(attempts(&a)), [("after", 1), ("before", 1)]);
     // Not stored, so the vendor's retry of it is new, not a duplicate.
     assert_eq!(insert(&*store, blocked).await, Inserted::New(vec![]));
+}
+
+/// SQLite only: the disk fails an fsync of the WAL (injected where the syncer
+/// calls `sync_data`). The write waiting for it is not acknowledged, and every
+/// write after it is refused too, even once the disk works again: the page
+/// cache can no longer be trusted, so the store says so (503 and a failing
+/// `/readyz` upstream) until expeditor is restarted. Reopened, the store holds
+/// everything that was acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_failed_fsync_refuses_every_write_until_reopened() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let failing = Arc::new(AtomicBool::new(false));
+    let store = SqliteStore::open_syncing(dir.path(), {
+        let failing = failing.clone();
+        move |wal| {
+            Box::new(move || {
+                if failing.load(Ordering::SeqCst) {
+                    Err(std::io::Error::other("Input/output error (injected)"))
+                } else {
+                    wal.sync_data()
+                }
+            })
+        }
+    })
+    .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    assert_eq!(
+        insert(&*store, new_event("before", &["a"])).await,
+        Inserted::New(vec![])
+    );
+
+    failing.store(true, Ordering::SeqCst);
+    let refused = |r: Result<(), StoreError>| match r {
+        Err(StoreError::Unavailable(m)) => {
+            assert!(m.contains("disk failed to sync"), "{m}");
+            assert!(
+                !m.contains("injected"),
+                "the OS error goes to the log, not to clients: {m}"
+            );
+        }
+        other => panic!("expected the disk failure, got {other:?}"),
+    };
+    refused(store.insert(new_event("unsynced", &["a"])).await.map(drop));
+
+    failing.store(false, Ordering::SeqCst); // the disk answers again; the store does not trust it
+    refused(store.insert(new_event("after", &["a"])).await.map(drop));
+    refused(store.ping().await);
+    refused(store.claim("a", ALL, LEASE, T0).await.map(drop));
+    refused(store.replay(event_target("before", None), T0).await.map(drop));
+    // Reads still answer (the listings help whoever investigates).
+    assert!(event_ids(&events(&*store, None, None).await).contains(&"before"));
+    drop(store);
+
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    let listed = events(&*store, None, None).await;
+    let ids = event_ids(&listed);
+    assert!(ids.contains(&"before"), "{ids:?}");
+    assert!(!ids.contains(&"after"), "{ids:?}");
+    // The unacknowledged one may or may not have reached the disk; the
+    // vendor's retry of it is taken either way, never refused or lost.
+    assert!(store.insert(new_event("unsynced", &["a"])).await.is_ok());
+    assert!(store.ping().await.is_ok());
+    store.close().await;
 }
 
 /// SQLite only: a lock held by another connection for less than the writer's
