@@ -140,7 +140,8 @@ fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(file)?;
     conn.busy_handler(Some(busy))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL: the WAL is fsync'd at every commit, so an ack survives power loss.
+    // FULL: the WAL is fsync'd at every commit, so an ack survives power loss
+    // (the writer switches to NORMAL once open: its sync thread fsyncs).
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // The checkpointer thread checkpoints; commits never do.
