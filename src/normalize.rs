@@ -47,6 +47,9 @@ pub enum Json<'a> {
     String(Cow<'a, str>),
     Array(Vec<Json<'a>>),
     /// In body order; a key given twice means its last value, as in `Value`.
+    /// Lookups scan the list: vendor objects have a few dozen keys, and a
+    /// body is signed and capped at `max_body`, so even a contrived wide
+    /// object costs milliseconds, not more.
     Object(Vec<(Cow<'a, str>, Json<'a>)>),
 }
 
