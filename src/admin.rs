@@ -270,7 +270,7 @@ async fn replay(req: Request<Incoming>, admin: &Shared, current: &crate::state::
                 Some(s) => vec![s.clone()],
                 None => current.config.sinks.keys().cloned().collect(),
             };
-            (current.wake)(&sinks);
+            current.handoff.wake(&sinks);
             json_response(StatusCode::OK, serde_json::json!({ "replayed": n }).to_string())
         }
         Err(e) => store_error(e),

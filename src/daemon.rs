@@ -136,7 +136,6 @@ fn summary(config: &Config) -> String {
 }
 
 fn current(config: &Arc<Config>, store: &Arc<dyn Store>, engine: &Engine, metrics: &Arc<Metrics>) -> Current {
-    let wake = engine.waker();
     Current {
         config: config.clone(),
         pipeline: Arc::new(Pipeline::new(
@@ -145,7 +144,7 @@ fn current(config: &Arc<Config>, store: &Arc<dyn Store>, engine: &Engine, metric
             engine.handoff(),
             metrics.clone(),
         )),
-        wake,
+        handoff: engine.handoff(),
         engine: engine.health(),
     }
 }

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SinkCommon, SinkKind};
 use crate::metrics::{AttemptOutcome, Metrics};
-use crate::pipeline::{Wake, rebuild};
+use crate::pipeline::rebuild;
 use crate::store::{Claimed, Completed, Completion, Held, Store, StoredEvent, now_ms};
 
 /// Longest a worker sleeps without looking at the store: other instances
@@ -129,16 +129,13 @@ impl Engine {
             // worker may take the delivery over. A claim that waited in the queue
             // until too little of its lease is left is given back, not attempted.
             let lease = common.timeout * 2 + Duration::from_secs(30);
-            let slots = Arc::new(Semaphore::new(depth));
             let (queue_tx, queue_rx) = mpsc::unbounded_channel();
-            hot.insert(
-                name.clone(),
-                HotSink {
-                    slots: slots.clone(),
-                    queue: queue_tx.clone(),
-                    lease,
-                },
-            );
+            let sink_queue = HotSink {
+                slots: Arc::new(Semaphore::new(depth)),
+                queue: queue_tx,
+                lease,
+            };
+            hot.insert(name.clone(), sink_queue.clone());
             let worker = Worker {
                 name: name.clone(),
                 sink,
@@ -151,11 +148,9 @@ impl Engine {
             let live = LiveGuard::new(&health.live);
             let stop = stop.clone();
             let queue = Queue {
-                slots,
-                tx: queue_tx,
+                hot: sink_queue,
                 rx: queue_rx,
                 depth,
-                lease,
                 max_batch,
             };
             tracker.spawn(async move {
@@ -182,13 +177,8 @@ impl Engine {
         self.stop.cancel();
     }
 
-    /// A handle ingest calls after committing new deliveries.
-    pub fn waker(&self) -> Wake {
-        let handoff = self.handoff.clone();
-        Arc::new(move |sinks: &[String]| handoff.wake(sinks))
-    }
-
-    /// What ingest uses to start the deliveries of the events it stores.
+    /// What ingest uses to start the deliveries of the events it stores, and
+    /// what wakes the workers when deliveries are due again (a replay).
     pub fn handoff(&self) -> Arc<Handoff> {
         self.handoff.clone()
     }
@@ -217,19 +207,21 @@ fn released(c: &Claimed, at: i64) -> Completion {
 
 /// A worker's queue of claims about to be attempted, and its bound.
 struct Queue {
-    /// Room left in the queue: the claimer and ingest take it, the
-    /// dispatcher gives it back as it starts attempts.
-    slots: Arc<Semaphore>,
-    tx: mpsc::UnboundedSender<Claimed>,
+    /// The sending side, shared with ingest's [`Handoff`].
+    hot: HotSink,
     rx: mpsc::UnboundedReceiver<Claimed>,
     depth: usize,
-    lease: Duration,
     max_batch: usize,
 }
 
+/// What fills a worker's queue: its claimer, and ingest through [`Handoff`].
+#[derive(Clone)]
 struct HotSink {
+    /// Room left in the queue: the claimer and ingest take it, the
+    /// dispatcher gives it back as it starts attempts.
     slots: Arc<Semaphore>,
     queue: mpsc::UnboundedSender<Claimed>,
+    /// How long a claim is leased for.
     lease: Duration,
 }
 
@@ -337,11 +329,13 @@ impl Worker {
     async fn run(self, queue: Queue, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let Queue {
-            slots,
-            tx,
+            hot: HotSink {
+                slots,
+                queue: tx,
+                lease,
+            },
             rx,
             depth,
-            lease,
             max_batch,
         } = queue;
         let stop_claiming = shutdown.child_token();

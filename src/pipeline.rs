@@ -28,9 +28,6 @@ pub enum Rejected {
     Store(StoreError),
 }
 
-/// Tells the delivery engine that sinks have new work.
-pub type Wake = Arc<dyn Fn(&[String]) + Send + Sync>;
-
 pub struct Pipeline {
     config: Arc<Config>,
     sources: HashMap<String, Arc<Source>>,

@@ -9,16 +9,17 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
-use crate::deliver::EngineHealth;
+use crate::deliver::{EngineHealth, Handoff};
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, Wake};
+use crate::pipeline::Pipeline;
 use crate::store::Store;
 
 /// The running configuration and what was built from it.
 pub struct Current {
     pub config: Arc<Config>,
     pub pipeline: Arc<Pipeline>,
-    pub wake: Wake,
+    /// Wakes sink workers after a replay put deliveries back in the queue.
+    pub handoff: Arc<Handoff>,
     pub engine: EngineHealth,
 }
 
