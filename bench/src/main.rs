@@ -40,7 +40,8 @@ use crate::rows::{Row, RowKind, Settings};
 #[command(
     name = "expeditor-bench",
     about = "Load-tests expeditor against a bare hyper server on this machine and prints one table",
-    after_help = "Rows: baseline (bare hyper server), ingest (verify, dedupe, durable store; routes choose no sink), \
+    after_help = "Rows: baseline (bare hyper server), durable (the same, answering once the body is fdatasync'd to \
+                  a file next to where expeditor's store goes, in groups), ingest (verify, dedupe, durable store; routes choose no sink), \
                   e2e (every event to one http sink), fanout (to five). After each flat-out expeditor row, the same \
                   row runs again in open loop at half the rate it reached, for the latency targets.\n\
                   Exits non-zero if an acknowledged event is missing from the store or a sink, a request is not \
@@ -60,8 +61,8 @@ struct Cli {
     /// the half-rate runs are then skipped.
     #[arg(long)]
     rate: Option<f64>,
-    /// Rows to run, comma-separated: baseline, ingest, e2e, fanout.
-    #[arg(long, value_delimiter = ',', default_value = "baseline,ingest,e2e,fanout")]
+    /// Rows to run, comma-separated: baseline, durable, ingest, e2e, fanout.
+    #[arg(long, value_delimiter = ',', default_value = "baseline,durable,ingest,e2e,fanout")]
     rows: Vec<RowKind>,
     /// The expeditor binary.
     #[arg(long, default_value = "target/release/expeditor")]
@@ -98,13 +99,17 @@ struct Cli {
 enum Hidden {
     /// The baseline server; run by the bench itself.
     #[command(hide = true)]
-    BaselineServer,
+    BaselineServer {
+        /// Be the durable baseline, its journal in this directory.
+        #[arg(long)]
+        journal: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Hidden::BaselineServer) = cli.command {
-        return servers::baseline_main();
+    if let Some(Hidden::BaselineServer { journal }) = &cli.command {
+        return servers::baseline_main(journal.as_deref());
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -144,7 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     };
     let half_rate = !cli.no_half_rate && !cli.smoke && cli.rate.is_none();
     let pace = cli.rate.map_or(Pace::FlatOut, Pace::Rate);
-    if cli.rows.iter().any(|r| *r != RowKind::Baseline) {
+    if cli.rows.iter().any(|r| r.is_expeditor()) {
         if !settings.expeditor.is_file() {
             anyhow::bail!(
                 "no expeditor binary at {} (build it with `cargo build --release -p expeditor`, or pass --expeditor)",
@@ -155,7 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         settings.expeditor = std::fs::canonicalize(&settings.expeditor)?;
     }
 
-    let version = if cli.rows.iter().any(|r| *r != RowKind::Baseline) {
+    let version = if cli.rows.iter().any(|r| r.is_expeditor()) {
         std::process::Command::new(&settings.expeditor)
             .arg("--version")
             .output()
@@ -189,11 +194,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     let mut rows: Vec<Row> = Vec::new();
     for kind in RowKind::ALL.into_iter().filter(|k| cli.rows.contains(k)) {
         let row = match kind {
-            RowKind::Baseline => rows::baseline(&corpus, pace, false, &settings).await?,
+            RowKind::Baseline | RowKind::Durable => rows::baseline(kind, &corpus, pace, false, &settings).await?,
             _ => rows::expeditor(kind, &corpus, pace, false, &settings).await?,
         };
         progress(&row);
-        let half = (half_rate && kind != RowKind::Baseline).then(|| row.max_rate() / 2.0);
+        let half = (half_rate && kind.is_expeditor()).then(|| row.max_rate() / 2.0);
         rows.push(row);
         if let Some(rate) = half {
             if rate < 1.0 {
@@ -203,12 +208,14 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let row = rows::expeditor(kind, &corpus, Pace::Rate(rate), true, &settings).await?;
             progress(&row);
             rows.push(row);
-            // What the bare server's latency is at the same rate: the floor
-            // for the ingest latency target on this machine.
-            if kind == RowKind::Ingest && cli.rows.contains(&RowKind::Baseline) {
-                let row = rows::baseline(&corpus, Pace::Rate(rate), true, &settings).await?;
-                progress(&row);
-                rows.push(row);
+            // What the bench's own servers' latency is at the same rate: the
+            // floors for the ingest latency target on this machine.
+            for floor in [RowKind::Baseline, RowKind::Durable] {
+                if kind == RowKind::Ingest && cli.rows.contains(&floor) {
+                    let row = rows::baseline(floor, &corpus, Pace::Rate(rate), true, &settings).await?;
+                    progress(&row);
+                    rows.push(row);
+                }
             }
         }
     }

@@ -126,10 +126,13 @@ pub fn targets(rows: &[Row]) -> String {
     };
     if let (Some(b), Some(i)) = (find(RowKind::Baseline, false), find(RowKind::Ingest, false)) {
         let ratio = i.load.rate() / b.load.rate().max(1.0);
+        let durable = find(RowKind::Durable, false)
+            .map(|d| format!("; durable baseline: {} req/s", thousands(d.load.rate())))
+            .unwrap_or_default();
         line(
             "durable ingest ≥ 50% of baseline req/s",
             format!(
-                "{:.0}% ({} vs {} req/s)",
+                "{:.0}% ({} vs {} req/s{durable})",
                 ratio * 100.0,
                 thousands(i.load.rate()),
                 thousands(b.load.rate())
@@ -139,9 +142,15 @@ pub fn targets(rows: &[Row]) -> String {
     }
     if let Some(r) = find(RowKind::Ingest, true) {
         let p99 = p(&r.load.ack_us, 0.99);
-        let floor = find(RowKind::Baseline, true)
-            .map(|b| format!(" (baseline at the same rate: {} ms)", ms(p(&b.load.ack_us, 0.99))))
-            .unwrap_or_default();
+        let floors: Vec<String> = [RowKind::Baseline, RowKind::Durable]
+            .into_iter()
+            .filter_map(|k| find(k, true))
+            .map(|b| format!("{} {} ms", b.kind.name(), ms(p(&b.load.ack_us, 0.99))))
+            .collect();
+        let floor = match floors.is_empty() {
+            true => String::new(),
+            false => format!(" (at the same rate: {})", floors.join(", ")),
+        };
         line(
             "p99 ack ≤ 5 ms at half of ingest's max rate",
             format!("{} ms at {}{floor}", ms(p99), r.pace),
@@ -178,7 +187,7 @@ pub fn targets(rows: &[Row]) -> String {
             d.rate >= 4_000.0,
         );
     }
-    let expeditor: Vec<&Row> = rows.iter().filter(|r| r.kind != RowKind::Baseline).collect();
+    let expeditor: Vec<&Row> = rows.iter().filter(|r| r.kind.is_expeditor()).collect();
     if let Some(r) = expeditor.iter().max_by_key(|r| r.server.peak_rss) {
         line(
             "peak RSS ≤ 64 MiB under load",

@@ -20,27 +20,41 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RowKind {
     Baseline,
+    /// The baseline that answers only once the body is on disk.
+    Durable,
     Ingest,
     EndToEnd,
     FanOut,
 }
 
 impl RowKind {
-    pub const ALL: [RowKind; 4] = [RowKind::Baseline, RowKind::Ingest, RowKind::EndToEnd, RowKind::FanOut];
+    pub const ALL: [RowKind; 5] = [
+        RowKind::Baseline,
+        RowKind::Durable,
+        RowKind::Ingest,
+        RowKind::EndToEnd,
+        RowKind::FanOut,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             RowKind::Baseline => "baseline",
+            RowKind::Durable => "durable",
             RowKind::Ingest => "ingest",
             RowKind::EndToEnd => "e2e",
             RowKind::FanOut => "fanout",
         }
     }
 
+    /// Whether the row runs expeditor (not one of the bench's own servers).
+    pub fn is_expeditor(self) -> bool {
+        !matches!(self, RowKind::Baseline | RowKind::Durable)
+    }
+
     /// `http` sinks every event is routed to.
     pub fn sinks(self) -> usize {
         match self {
-            RowKind::Baseline | RowKind::Ingest => 0,
+            RowKind::Baseline | RowKind::Durable | RowKind::Ingest => 0,
             RowKind::EndToEnd => 1,
             RowKind::FanOut => 5,
         }
@@ -53,7 +67,7 @@ impl std::str::FromStr for RowKind {
         RowKind::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| format!("unknown row {s:?}; expected baseline, ingest, e2e or fanout"))
+            .ok_or_else(|| format!("unknown row {s:?}; expected baseline, durable, ingest, e2e or fanout"))
     }
 }
 
@@ -172,8 +186,8 @@ fn cores(cpu: Duration, wall: Duration) -> f64 {
 fn label(kind: RowKind, half_rate: bool) -> String {
     match (kind, half_rate) {
         (_, false) => kind.name().to_string(),
-        // The machine's floor for the ingest latency target.
-        (RowKind::Baseline, true) => "baseline @ ingest 50%".to_string(),
+        // The machine's floors for the ingest latency target.
+        (RowKind::Baseline | RowKind::Durable, true) => format!("{} @ ingest 50%", kind.name()),
         (_, true) => format!("{} @ 50%", kind.name()),
     }
 }
@@ -200,9 +214,16 @@ fn load_problems(row: &str, load: &LoadResult, problems: &mut Vec<String>) {
     }
 }
 
-/// The baseline; `half_rate`: at ingest's half rate, for comparison.
-pub async fn baseline(corpus: &Arc<Corpus>, pace: Pace, half_rate: bool, settings: &Settings) -> anyhow::Result<Row> {
-    let server = Baseline::start()?;
+/// The baseline or the durable baseline (`kind`); `half_rate`: at ingest's
+/// half rate, for comparison.
+pub async fn baseline(
+    kind: RowKind,
+    corpus: &Arc<Corpus>,
+    pace: Pace,
+    half_rate: bool,
+    settings: &Settings,
+) -> anyhow::Result<Row> {
+    let server = Baseline::start(kind == RowKind::Durable, settings.dir.as_deref())?;
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = Plan {
         target: server.addr,
@@ -219,9 +240,9 @@ pub async fn baseline(corpus: &Arc<Corpus>, pace: Pace, half_rate: bool, setting
     let (server_cpu, bench_cpu, other_cpu) = after.since(&before, wall);
     server.stop().await;
     let mut problems = Vec::new();
-    load_problems(&label(RowKind::Baseline, half_rate), &load, &mut problems);
+    load_problems(&label(kind, half_rate), &load, &mut problems);
     Ok(Row {
-        kind: RowKind::Baseline,
+        kind,
         pace,
         half_rate,
         connections: settings.connections,

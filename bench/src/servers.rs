@@ -1,14 +1,18 @@
-//! The two servers of the bench: the baseline (a bare hyper server that reads
-//! the body and answers 200, run as a separate process like expeditor), and
-//! the sink server (in this process) that expeditor's `http` sinks deliver to
-//! and that records when each event arrived.
+//! The servers of the bench: the baseline (a bare hyper server that reads
+//! the body and answers 200, run as a separate process like expeditor), the
+//! durable baseline (the same, but it answers only once the body is on disk),
+//! and the sink server (in this process) that expeditor's `http` sinks
+//! deliver to and that records when each event arrived.
 
 use std::convert::Infallible;
+use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,6 +24,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::load::{index_of, now_ns};
@@ -58,8 +63,16 @@ where
 // Baseline
 
 /// The hidden `baseline-server` subcommand: binds 127.0.0.1:0, prints the
-/// address on stdout, serves until killed.
-pub fn baseline_main() -> ExitCode {
+/// address on stdout, serves until killed. With a journal directory it is the
+/// durable baseline: each body is on disk before its 200.
+pub fn baseline_main(journal_dir: Option<&Path>) -> ExitCode {
+    let journal = match journal_dir.map(Journal::start).transpose() {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("baseline-server: cannot prepare the journal: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // The same runtime expeditor uses: multi-threaded, one worker per core.
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -80,8 +93,14 @@ pub fn baseline_main() -> ExitCode {
             Ok(addr) => println!("{addr}"),
             Err(_) => return ExitCode::FAILURE,
         }
+        let served = async move {
+            match journal {
+                None => serve(listener, |req| baseline_handle(req, None)).await,
+                Some(j) => serve(listener, move |req| baseline_handle(req, Some(j.clone()))).await,
+            }
+        };
         tokio::select! {
-            _ = serve(listener, baseline_handle) => {}
+            _ = served => {}
             _ = tokio::signal::ctrl_c() => {}
             _ = terminated() => {}
         }
@@ -98,11 +117,15 @@ async fn terminated() {
     }
 }
 
-async fn baseline_handle(req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn baseline_handle(req: Request<Incoming>, journal: Option<Arc<Journal>>) -> Response<Full<Bytes>> {
     // Reads the whole body, like any receiver must before it can verify.
-    let status = match req.into_body().collect().await {
-        Ok(_) => StatusCode::OK,
-        Err(_) => StatusCode::BAD_REQUEST,
+    let status = match (req.into_body().collect().await, journal) {
+        (Err(_), _) => StatusCode::BAD_REQUEST,
+        (Ok(_), None) => StatusCode::OK,
+        (Ok(body), Some(journal)) => match journal.append(&body.to_bytes()).await {
+            true => StatusCode::OK,
+            false => StatusCode::INTERNAL_SERVER_ERROR,
+        },
     };
     let mut resp = Response::new(Full::new(Bytes::from_static(br#"{"status":"accepted"}"#)));
     *resp.status_mut() = status;
@@ -111,18 +134,125 @@ async fn baseline_handle(req: Request<Incoming>) -> Response<Full<Bytes>> {
     resp
 }
 
+/// The durable baseline's store: the least a receiver can do and still mean
+/// "on disk" by its 200. Each body (length-prefixed) goes into one group; a
+/// syncer thread writes the group into a preallocated file, wrapping around,
+/// and fdatasyncs it once for all of the group; whatever arrives meanwhile
+/// forms the next group. No parsing, no index, no database: the floor of
+/// what this disk allows a durable ack.
+struct Journal {
+    pending: Mutex<Group>,
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Group {
+    bytes: Vec<u8>,
+    /// Told whether the group reached the disk.
+    waiters: Vec<oneshot::Sender<bool>>,
+}
+
+/// Preallocated and written once, so a group's fdatasync never has to
+/// change the file's size or allocate blocks (as a reused SQLite WAL).
+const JOURNAL_BYTES: u64 = 16 << 20;
+
+impl Journal {
+    fn start(dir: &Path) -> std::io::Result<Arc<Self>> {
+        let file = File::options()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(dir.join("journal"))?;
+        let zeros = vec![0u8; 1 << 20];
+        for i in 0..JOURNAL_BYTES / zeros.len() as u64 {
+            file.write_all_at(&zeros, i * zeros.len() as u64)?;
+        }
+        file.sync_all()?;
+        let journal = Arc::new(Self {
+            pending: Mutex::new(Group::default()),
+            arrived: Condvar::new(),
+        });
+        let j = journal.clone();
+        std::thread::Builder::new()
+            .name("journal-sync".into())
+            .spawn(move || j.sync_loop(file))?;
+        Ok(journal)
+    }
+
+    /// Resolves once `body` is on disk (true) or could not be put there.
+    async fn append(&self, body: &[u8]) -> bool {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut group = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            group.bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+            group.bytes.extend_from_slice(body);
+            group.waiters.push(tx);
+        }
+        self.arrived.notify_one();
+        rx.await.unwrap_or(false)
+    }
+
+    fn sync_loop(&self, file: File) {
+        let mut at = 0u64;
+        loop {
+            let group = {
+                let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+                while pending.waiters.is_empty() {
+                    pending = self.arrived.wait(pending).unwrap_or_else(PoisonError::into_inner);
+                }
+                std::mem::take(&mut *pending)
+            };
+            let mut write = || -> std::io::Result<()> {
+                let mut rest = &group.bytes[..];
+                while !rest.is_empty() {
+                    let n = rest.len().min((JOURNAL_BYTES - at) as usize);
+                    file.write_all_at(&rest[..n], at)?;
+                    rest = &rest[n..];
+                    at = (at + n as u64) % JOURNAL_BYTES;
+                }
+                file.sync_data()
+            };
+            let ok = write().is_ok();
+            for w in group.waiters {
+                let _ = w.send(ok);
+            }
+        }
+    }
+}
+
 /// The baseline server, running as a child process (re-executed bench binary).
 pub struct Baseline {
     /// `None` once stopped; dropping a running baseline kills it.
     child: Option<Child>,
     pub addr: SocketAddr,
+    /// The durable baseline's journal, removed when this is dropped.
+    _journal: Option<tempfile::TempDir>,
 }
 
 impl Baseline {
-    pub fn start() -> anyhow::Result<Self> {
+    /// `durable`: the durable baseline, its journal in a temp dir inside
+    /// `parent` (the system's temp dir if `None`), where expeditor's store
+    /// would go.
+    pub fn start(durable: bool, parent: Option<&Path>) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the bench binary to re-run")?;
-        let mut child = Command::new(exe)
-            .arg("baseline-server")
+        let journal = durable
+            .then(|| {
+                let mut builder = tempfile::Builder::new();
+                builder.prefix("expeditor-bench-journal-");
+                match parent {
+                    Some(p) => builder.tempdir_in(p),
+                    None => builder.tempdir(),
+                }
+            })
+            .transpose()
+            .context("cannot create the durable baseline's directory")?;
+        let mut command = Command::new(exe);
+        command.arg("baseline-server");
+        if let Some(j) = &journal {
+            command.arg("--journal").arg(j.path());
+        }
+        let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -144,6 +274,7 @@ impl Baseline {
         Ok(Self {
             child: Some(child),
             addr,
+            _journal: journal,
         })
     }
 
