@@ -84,6 +84,11 @@ struct Cli {
     /// expeditor's own default, as a user gets it.
     #[arg(long)]
     sink_concurrency: Option<usize>,
+    /// The least time between the durable baseline's fsyncs' starts. 0: the
+    /// next group is synced the moment the last fsync returns (the most it
+    /// can ack flat out); expeditor's store waits 1 ms.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    durable_interval: Duration,
     /// Skip the open-loop runs at half of each row's maximum rate.
     #[arg(long)]
     no_half_rate: bool,
@@ -103,13 +108,15 @@ enum Hidden {
         /// Be the durable baseline, its journal in this directory.
         #[arg(long)]
         journal: Option<PathBuf>,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        sync_interval: Duration,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Hidden::BaselineServer { journal }) = &cli.command {
-        return servers::baseline_main(journal.as_deref());
+    if let Some(Hidden::BaselineServer { journal, sync_interval }) = &cli.command {
+        return servers::baseline_main(journal.as_deref(), *sync_interval);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -142,6 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         dir: cli.dir.clone(),
         sink_concurrency: cli.sink_concurrency,
         preload: cli.preload,
+        durable_interval: cli.durable_interval,
         store: match &cli.postgres {
             Some(server) => StoreKind::Postgres { server: server.clone() },
             None => StoreKind::Sqlite,

@@ -83,6 +83,8 @@ pub struct Settings {
     pub store: StoreKind,
     /// Events in the store before each expeditor row starts.
     pub preload: usize,
+    /// The least time between the durable baseline's fsyncs' starts.
+    pub durable_interval: Duration,
 }
 
 /// Deliveries seen by the sink server for one row.
@@ -223,7 +225,11 @@ pub async fn baseline(
     half_rate: bool,
     settings: &Settings,
 ) -> anyhow::Result<Row> {
-    let server = Baseline::start(kind == RowKind::Durable, settings.dir.as_deref())?;
+    let server = Baseline::start(
+        kind == RowKind::Durable,
+        settings.dir.as_deref(),
+        settings.durable_interval,
+    )?;
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = Plan {
         target: server.addr,

@@ -65,8 +65,8 @@ where
 /// The hidden `baseline-server` subcommand: binds 127.0.0.1:0, prints the
 /// address on stdout, serves until killed. With a journal directory it is the
 /// durable baseline: each body is on disk before its 200.
-pub fn baseline_main(journal_dir: Option<&Path>) -> ExitCode {
-    let journal = match journal_dir.map(Journal::start).transpose() {
+pub fn baseline_main(journal_dir: Option<&Path>, sync_interval: Duration) -> ExitCode {
+    let journal = match journal_dir.map(|dir| Journal::start(dir, sync_interval)).transpose() {
         Ok(j) => j,
         Err(e) => {
             eprintln!("baseline-server: cannot prepare the journal: {e}");
@@ -143,6 +143,8 @@ async fn baseline_handle(req: Request<Incoming>, journal: Option<Arc<Journal>>) 
 struct Journal {
     pending: Mutex<Group>,
     arrived: Condvar,
+    /// The least time from one fsync's start to the next's.
+    interval: Duration,
 }
 
 #[derive(Default)]
@@ -157,7 +159,7 @@ struct Group {
 const JOURNAL_BYTES: u64 = 16 << 20;
 
 impl Journal {
-    fn start(dir: &Path) -> std::io::Result<Arc<Self>> {
+    fn start(dir: &Path, interval: Duration) -> std::io::Result<Arc<Self>> {
         let file = File::options()
             .create(true)
             .truncate(true)
@@ -172,6 +174,7 @@ impl Journal {
         let journal = Arc::new(Self {
             pending: Mutex::new(Group::default()),
             arrived: Condvar::new(),
+            interval,
         });
         let j = journal.clone();
         std::thread::Builder::new()
@@ -195,7 +198,11 @@ impl Journal {
 
     fn sync_loop(&self, file: File) {
         let mut at = 0u64;
+        let mut started = std::time::Instant::now();
         loop {
+            if let Some(rest) = self.interval.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
             let group = {
                 let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
                 while pending.waiters.is_empty() {
@@ -203,6 +210,7 @@ impl Journal {
                 }
                 std::mem::take(&mut *pending)
             };
+            started = std::time::Instant::now();
             let mut write = || -> std::io::Result<()> {
                 let mut rest = &group.bytes[..];
                 while !rest.is_empty() {
@@ -234,7 +242,8 @@ impl Baseline {
     /// `durable`: the durable baseline, its journal in a temp dir inside
     /// `parent` (the system's temp dir if `None`), where expeditor's store
     /// would go.
-    pub fn start(durable: bool, parent: Option<&Path>) -> anyhow::Result<Self> {
+    /// `sync_interval`: the least time between its fsyncs' starts.
+    pub fn start(durable: bool, parent: Option<&Path>, sync_interval: Duration) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find the bench binary to re-run")?;
         let journal = durable
             .then(|| {
@@ -251,6 +260,9 @@ impl Baseline {
         command.arg("baseline-server");
         if let Some(j) = &journal {
             command.arg("--journal").arg(j.path());
+            command
+                .arg("--sync-interval")
+                .arg(humantime::format_duration(sync_interval).to_string());
         }
         let mut child = command
             .stdin(Stdio::null())

@@ -1231,6 +1231,56 @@ async fn sqlite_insert_is_unavailable_while_the_database_is_locked() {
     assert_eq!(insert(&*store, blocked).await, Inserted::New(vec![]));
 }
 
+/// SQLite only: fsyncs start at least `MIN_SYNC_INTERVAL` apart, so under
+/// load each covers a group instead of one or two events; everything written
+/// meanwhile is acknowledged, and only after the fsync that covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_fsyncs_start_at_least_the_interval_apart() {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let store = SqliteStore::open_syncing(dir.path(), {
+        let starts = starts.clone();
+        move |wal| {
+            Box::new(move || {
+                starts.lock().unwrap().push(Instant::now());
+                wal.sync_data()
+            })
+        }
+    })
+    .unwrap();
+    let store: Arc<dyn Store> = Arc::new(store);
+    // 400 writers, each inserting its events one after another: a steady
+    // load that would otherwise get an fsync per event or two.
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..400 {
+        let store = store.clone();
+        writers.spawn(async move {
+            for e in 0..5 {
+                let id = format!("w{w}-e{e}");
+                assert_eq!(insert(&*store, new_event(&id, &["a"])).await, Inserted::New(vec![]));
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let starts = starts.lock().unwrap().clone();
+    assert!(starts.len() >= 2, "{} fsyncs", starts.len());
+    assert!(starts.len() < 2000, "an fsync per event: {}", starts.len());
+    // The syncer measures from just before it calls us; allow for the gap
+    // between its clock reading and ours.
+    let least = super::sqlite::MIN_SYNC_INTERVAL - Duration::from_micros(100);
+    for pair in starts.windows(2) {
+        let apart = pair[1] - pair[0];
+        assert!(apart >= least, "fsyncs {apart:?} apart; expected at least {least:?}");
+    }
+    drop(store);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    assert_eq!(events(&*store, None, None).await.len(), 2000);
+}
+
 /// SQLite only: the disk fails an fsync of the WAL (injected where the syncer
 /// calls `sync_data`). The write waiting for it is not acknowledged, and every
 /// write after it is refused too, even once the disk works again: the page
