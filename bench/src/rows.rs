@@ -194,10 +194,19 @@ fn label(kind: RowKind, half_rate: bool) -> String {
     }
 }
 
-fn count_for(pace: Pace, settings: &Settings, corpus_len: usize) -> usize {
-    match pace {
+/// The row's load against `target`: flat out, every event once; at a rate,
+/// as many as the duration takes.
+fn plan(target: std::net::SocketAddr, pace: Pace, settings: &Settings, corpus_len: usize) -> Plan {
+    let count = match pace {
         Pace::FlatOut => corpus_len,
         Pace::Rate(r) => ((r * settings.duration.as_secs_f64()).ceil() as usize).clamp(1, corpus_len),
+    };
+    Plan {
+        target,
+        connections: settings.connections,
+        pace,
+        count,
+        duration: settings.duration,
     }
 }
 
@@ -230,14 +239,9 @@ pub async fn baseline(
         settings.dir.as_deref(),
         settings.durable_interval,
     )?;
+    // Signed now (CrumbPOS signatures carry the time), before the clock starts.
     let signed = Arc::new(Signed::now(corpus.clone()));
-    let plan = Plan {
-        target: server.addr,
-        connections: settings.connections,
-        pace,
-        count: count_for(pace, settings, corpus.len()),
-        duration: settings.duration,
-    };
+    let plan = plan(server.addr, pace, settings, corpus.len());
     let before = Cpu::now(server.stats());
     let started = Instant::now();
     let load = load::run(signed, plan).await?;
@@ -297,13 +301,7 @@ pub async fn expeditor(
     )
     .await?;
     let signed = Arc::new(Signed::now(corpus.clone()));
-    let plan = Plan {
-        target: daemon.ingest,
-        connections: settings.connections,
-        pace,
-        count: count_for(pace, settings, corpus.len()),
-        duration: settings.duration,
-    };
+    let plan = plan(daemon.ingest, pace, settings, corpus.len());
     let before = Cpu::now(daemon.stats());
     let threads_before = daemon.threads();
     let started = Instant::now();

@@ -255,11 +255,11 @@ fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
 /// makes them durable before they are answered.
 type Unsynced = Vec<(Op, Done)>;
 
-/// Fsyncs the WAL for each committed group, answers it, and tells the writer
-/// it is free for the next.
 /// Makes what was written to the WAL durable (`File::sync_data`).
 pub(super) type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
+/// Fsyncs the WAL for each committed group, answers it, and tells the writer
+/// it is free for the next.
 fn sync_loop(
     mut sync_wal: SyncWal,
     groups: std::sync::mpsc::Receiver<Unsynced>,
@@ -281,12 +281,19 @@ fn sync_loop(
         if started.elapsed() > SLOW_COMMIT {
             tracing::warn!(took_ms = started.elapsed().as_millis() as u64, "slow store fsync");
         }
-        for (op, done) in batch {
-            answer(op, done, synced.as_ref().err());
-        }
-        // Answered first: only the next group waits out the interval.
-        if let Some(rest) = MIN_SYNC_INTERVAL.checked_sub(started.elapsed()) {
-            std::thread::sleep(rest);
+        let answer_all = |batch: Unsynced| {
+            for (op, done) in batch {
+                answer(op, done, synced.as_ref().err());
+            }
+        };
+        // Within the interval this group is answered while it runs out;
+        // past it, the writer is freed first and commits while we answer.
+        let mut batch = Some(batch);
+        if started.elapsed() < MIN_SYNC_INTERVAL {
+            answer_all(batch.take().unwrap_or_default());
+            if let Some(rest) = MIN_SYNC_INTERVAL.checked_sub(started.elapsed()) {
+                std::thread::sleep(rest);
+            }
         }
         syncing.store(false, Ordering::Release);
         // Wakes a writer that waits for operations with a transaction open. If
@@ -294,6 +301,7 @@ fn sync_loop(
         if let Some(writer) = writer.upgrade() {
             let _ = writer.try_send(Op::Synced);
         }
+        answer_all(batch.unwrap_or_default());
     }
 }
 
