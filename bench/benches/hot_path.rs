@@ -197,12 +197,34 @@ fn template(c: &mut Criterion) {
         // As the http sink does per delivery: context, render, serialize.
         g.bench_function(format!("kds ticket/{kind}"), |b| {
             b.iter(|| {
-                let ctx = Templates::context(black_box(&ev));
+                let ctx = templates.context_for(black_box(&ev));
                 let json = templates.render_json(&structured, &ctx).expect("renders");
                 serde_json::to_vec(&json).expect("JSON")
             })
         });
     }
+    // A body that reads only the event's envelope, as the benchmark's http
+    // sinks: the whole context against only what the template reads.
+    let mut set = TemplateSet::new();
+    let id_only = set
+        .structured("sinks.s1.body", &serde_json::json!({ "id": "{{ event.id }}" }))
+        .expect("compiles");
+    let templates = set.finish();
+    let raw = body("crumbpos", "order.created");
+    let n = Normalizer::CrumbPos.normalize(&raw).expect("normalizes");
+    let ev = Arc::new(event("crumb", "crumbpos", &n));
+    g.bench_function("event id only/whole context", |b| {
+        b.iter(|| {
+            let ctx = Templates::context(black_box(&ev));
+            templates.render_json(&id_only, &ctx).expect("renders")
+        })
+    });
+    g.bench_function("event id only/context_for", |b| {
+        b.iter(|| {
+            let ctx = templates.context_for(black_box(&ev));
+            templates.render_json(&id_only, &ctx).expect("renders")
+        })
+    });
     g.finish();
 }
 

@@ -159,7 +159,18 @@ impl TemplateSet {
     }
 
     pub fn finish(self) -> Arc<Templates> {
-        Arc::new(Templates { env: self.env })
+        let mut names = std::collections::HashSet::new();
+        for (_, template) in self.env.templates() {
+            names.extend(template.undeclared_variables(false));
+        }
+        let reads = if names.iter().all(|n| n == "event") {
+            Reads::Meta
+        } else if names.iter().all(|n| n == "event" || n == "payload") {
+            Reads::MetaAndPayload
+        } else {
+            Reads::All
+        };
+        Arc::new(Templates { env: self.env, reads })
     }
 }
 
@@ -197,6 +208,18 @@ fn money_filter(cents: i64) -> String {
 /// The compiled templates of one component.
 pub struct Templates {
     env: Environment<'static>,
+    reads: Reads,
+}
+
+/// What a component's templates read of the context, found when they are
+/// compiled: converting the payload and views into template values is most
+/// of a render's cost, and a body like `{ id = "{{ event.id }}" }` needs
+/// neither. Any other name (a view, a global such as `range`) reads all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reads {
+    Meta,
+    MetaAndPayload,
+    All,
 }
 
 impl std::fmt::Debug for Templates {
@@ -209,6 +232,19 @@ impl Templates {
     /// The context templates see: `event`, `payload`, `order`, `payment`, `stock`.
     pub fn context(event: &Event) -> Value {
         Value::from(Serde(event))
+    }
+
+    /// The context with only what these templates read (see [`Reads`]); the
+    /// same values as [`Templates::context`] for every name they use.
+    pub fn context_for(&self, event: &Event) -> Value {
+        let meta = || Value::from(Serde(&event.event));
+        match self.reads {
+            Reads::Meta => minijinja::context! { event => meta() },
+            Reads::MetaAndPayload => {
+                minijinja::context! { event => meta(), payload => Value::from(Serde(&event.payload)) }
+            }
+            Reads::All => Self::context(event),
+        }
     }
 
     /// Renders a text template, or an expression's value as text.
@@ -369,6 +405,54 @@ mod tests {
         let ctx = Templates::context(&event());
         assert_eq!(templates.render(&t, &ctx).unwrap(), "[][][]");
         assert_eq!(templates.render(&t2, &ctx).unwrap(), "|0");
+    }
+
+    /// `context_for` converts only the parts of the event the templates read,
+    /// and renders them exactly as the whole context does.
+    #[test]
+    fn context_for_holds_what_the_templates_read() {
+        let ev = event();
+        let cases: [(&str, &[&str], &[&str]); 4] = [
+            ("{{ event.id }}/{{ event.type }}", &["event"], &["payload", "order"]),
+            (
+                "{{ event.id }}:{{ payload.data.orderId }}",
+                &["event", "payload"],
+                &["order"],
+            ),
+            (
+                "{{ event.id }}:{{ order.total_cents | money }}:{{ payload.data.orderId }}",
+                &["event", "payload", "order"],
+                &[],
+            ),
+            // A global (or anything else) reads everything, to be safe.
+            (
+                "{% for i in range(2) %}{{ event.id }}{% endfor %}",
+                &["event", "payload", "order"],
+                &[],
+            ),
+        ];
+        for (source, present, absent) in cases {
+            let mut set = TemplateSet::new();
+            let id = set.text("sinks.x.body", source).unwrap();
+            let t = set.finish();
+            let ctx = t.context_for(&ev);
+            let whole = t.render(&id, &Templates::context(&ev)).unwrap();
+            assert_eq!(t.render(&id, &ctx).unwrap(), whole, "{source}");
+            for name in present {
+                assert!(!ctx.get_attr(name).unwrap().is_undefined(), "{source}: {name} missing");
+            }
+            for name in absent {
+                assert!(ctx.get_attr(name).unwrap().is_undefined(), "{source}: {name} converted");
+            }
+        }
+        // Structured templates and expressions count too.
+        let mut set = TemplateSet::new();
+        set.structured(
+            "sinks.kds.body",
+            &json!({"id": "{{ event.id }}", "n": "{{ order.total_cents }}"}),
+        )
+        .unwrap();
+        assert!(!set.finish().context_for(&ev).get_attr("order").unwrap().is_undefined());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Renders deliveries into insertAll rows and packs them into requests.
 
-use expeditor_api::{Delivery, DeliveryError, Templates};
+use expeditor_api::{Delivery, DeliveryError};
 use gcloud_bigquery::http::tabledata::insert_all::Row;
 use serde_json::{Map, Value};
 
@@ -23,7 +23,7 @@ pub(crate) struct Rendered {
 /// The row of one delivery; every failure is in the config or the event, so
 /// permanent.
 pub(crate) fn render(cfg: &BigQuerySinkConfig, index: usize, delivery: &Delivery) -> Result<Rendered, DeliveryError> {
-    let ctx = Templates::context(&delivery.event);
+    let ctx = cfg.templates.context_for(&delivery.event);
     // The message starts with the leaf's key path (`sinks.NAME.row.total`).
     let json = cfg
         .templates

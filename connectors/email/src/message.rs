@@ -2,7 +2,7 @@
 
 use std::str::FromStr;
 
-use expeditor_api::{Delivery, DeliveryError, TemplateError, Templates};
+use expeditor_api::{Delivery, DeliveryError, TemplateError};
 use lettre::Message;
 use lettre::message::{Mailbox, Mailboxes, MultiPart, SinglePart};
 
@@ -19,7 +19,7 @@ pub(crate) fn message_id(key: &str, from: &Mailbox) -> String {
 /// network, so every error is permanent.
 pub(crate) fn render(cfg: &EmailSinkConfig, delivery: &Delivery) -> Result<Message, DeliveryError> {
     let templates = &cfg.templates;
-    let ctx = Templates::context(&delivery.event);
+    let ctx = templates.context_for(&delivery.event);
     let render = |t| templates.render(t, &ctx).map_err(render_error);
 
     let to = render(&cfg.to)?;

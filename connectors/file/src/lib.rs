@@ -69,7 +69,7 @@ impl FileSink {
     fn line(&self, delivery: &Delivery, buf: &mut Vec<u8>) -> Result<(), DeliveryError> {
         let mut value = match &self.cfg.body {
             Some(body) => {
-                let ctx = Templates::context(&delivery.event);
+                let ctx = self.cfg.templates.context_for(&delivery.event);
                 // The message starts with the key path (`sinks.NAME.body.x`).
                 self.cfg
                     .templates

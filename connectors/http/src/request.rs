@@ -2,7 +2,7 @@
 
 use std::cell::OnceCell;
 
-use expeditor_api::{Delivery, DeliveryError, TemplateError, Templates};
+use expeditor_api::{Delivery, DeliveryError, TemplateError};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
 use reqwest::{Client, Request, Url};
 
@@ -24,7 +24,7 @@ pub(crate) fn build(
     // Built at most once, and only if a template needs it: turning the event
     // into the template context costs about as much as the request itself.
     let ctx = OnceCell::new();
-    let ctx = || ctx.get_or_init(|| Templates::context(&delivery.event));
+    let ctx = || ctx.get_or_init(|| templates.context_for(&delivery.event));
 
     let url = match url {
         Some(url) => url.clone(),

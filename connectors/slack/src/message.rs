@@ -1,6 +1,6 @@
 //! Renders one delivery into what Slack is sent.
 
-use expeditor_api::{Delivery, DeliveryError, TemplateError, Templates};
+use expeditor_api::{Delivery, DeliveryError, TemplateError};
 use serde_json::Value as Json;
 use slack_morphism::prelude::SlackBlock;
 
@@ -19,7 +19,7 @@ pub(crate) struct Message {
 /// network, so every error is permanent.
 pub(crate) fn render(cfg: &SlackSinkConfig, delivery: &Delivery) -> Result<Message, DeliveryError> {
     let templates = &cfg.templates;
-    let ctx = Templates::context(&delivery.event);
+    let ctx = templates.context_for(&delivery.event);
 
     let channel = match &cfg.target {
         SlackTarget::Api { channel, .. } => {
