@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use expeditor_api::{Event, EventMeta, Templates, Views};
+use expeditor_api::{Event, EventMeta, Views};
 use http::HeaderMap;
 
 use crate::config::{Config, Source};
@@ -100,7 +100,7 @@ impl Pipeline {
             let decision = self
                 .config
                 .router
-                .route(&source.name, &event_type, || Templates::context(prepare()));
+                .route(&source.name, &event_type, || self.config.router.context(prepare()));
             let reservation = self.handoff.reserve(&decision.sinks, received_at);
             if !reservation.held.is_empty() {
                 prepare();

@@ -86,6 +86,12 @@ impl Router {
         &self.routes
     }
 
+    /// The context the `when` expressions need: only the parts of the event
+    /// they read (`event.type == "..."` needs no payload converted).
+    pub fn context(&self, event: &expeditor_api::Event) -> Value {
+        self.templates.context_for(event)
+    }
+
     /// Routes an event. `context` builds the template context, and is called
     /// only if a route with a `when` matched on source and type (it costs a
     /// conversion of the payload).
@@ -200,6 +206,49 @@ mod tests {
         assert_eq!(r.route("crumb", "order.created", small).sinks, vec!["kds"]);
         assert_eq!(r.route("crave", "order.ready", small).sinks, vec!["warehouse"]);
         assert_eq!(r.route("crumb", "payment.completed", big).sinks, Vec::<String>::new());
+    }
+
+    /// The router's context holds what its `when`s read, and routes the same
+    /// as the whole context would.
+    #[test]
+    fn context_holds_what_the_whens_read() {
+        let event = expeditor_api::Event {
+            event: expeditor_api::EventMeta {
+                id: "evt_1".into(),
+                source: "crave".into(),
+                kind: "crave".into(),
+                event_type: "order.created".into(),
+                occurred_at: None,
+                received_at: "2026-12-02T10:00:00Z".into(),
+            },
+            payload: serde_json::json!({"data": {"channel": "pickup"}}),
+            views: expeditor_api::Views {
+                order: Some(expeditor_api::Order {
+                    total_cents: Some(4250),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        };
+        let cheap = router(vec![
+            ("src", None, None, Some("event.source == 'crave'"), &["a"]),
+            ("pickup", None, None, Some("payload.data.channel == 'pickup'"), &["b"]),
+            ("other", None, None, Some("payload.data.channel == 'delivery'"), &["c"]),
+        ]);
+        let ctx = cheap.context(&event);
+        assert!(
+            ctx.get_attr("order").unwrap().is_undefined(),
+            "views converted for nothing"
+        );
+        assert_eq!(
+            cheap.route("crave", "order.created", || ctx.clone()).sinks,
+            vec!["a", "b"]
+        );
+        let views = router(vec![("big", None, None, Some("order.total_cents > 3000"), &["d"])]);
+        assert_eq!(
+            views.route("crave", "order.created", || views.context(&event)).sinks,
+            vec!["d"]
+        );
     }
 
     #[test]

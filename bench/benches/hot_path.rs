@@ -158,7 +158,7 @@ fn route(c: &mut Criterion) {
     g.bench_function("when, with context", |b| {
         b.iter(|| {
             let d = router.route("crumb", black_box(&n.event_type), || {
-                Templates::context(&event("crumb", "crumbpos", &n))
+                router.context(&event("crumb", "crumbpos", &n))
             });
             assert_eq!(d.sinks.len(), 2);
             d
