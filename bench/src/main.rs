@@ -86,7 +86,7 @@ struct Cli {
     sink_concurrency: Option<usize>,
     /// The least time between the durable baseline's fsyncs' starts. 0: the
     /// next group is synced the moment the last fsync returns (the most it
-    /// can ack flat out); expeditor's store waits 1 ms.
+    /// can ack flat out); expeditor's store waits 0.5 ms.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     durable_interval: Duration,
     /// Skip the open-loop runs at half of each row's maximum rate.

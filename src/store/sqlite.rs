@@ -308,14 +308,15 @@ fn sync_loop(
 /// The least time from one fsync's start to the next's. Under moderate load
 /// an fsync takes a fraction of a millisecond, and starting the next one at
 /// once gives groups of one or two events: each commit rewrites the same
-/// table and index tail pages, so bytes written, writer CPU and flushes per
-/// event all grow as the load falls. Measured on the bench VM at 8,000
-/// events/s: ~5,000 fsyncs/s without the interval; with it, 15 % less CPU,
-/// steal time down from 0.10 – 0.24 cores to 0.00 – 0.09, and p99 ack
-/// 12 – 14 ms instead of 16 – 31 ms; the flat-out rate unchanged, delivery
-/// faster (BENCHMARKS.md). Sparse events (more than 1 ms apart) never wait
-/// for it.
-pub(super) const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(1);
+/// table and index tail pages, and each fsync costs the kernel (and the
+/// host) work of its own, so CPU per event grows as the load falls. With
+/// 64 clients in a closed loop the interval is also most of an ack's wait,
+/// so it is a trade: on the bench VM 1 ms cut CPU and the half-rate tail on
+/// a slow disk (session 5), and on a fast one (fsync ~0.3 ms) 0.5 ms gave
+/// ~16 % more flat-out ingest than 1 ms with delivery throughput even, while
+/// none at all cost a sixth of fan-out throughput (BENCHMARKS.md). Sparse
+/// events (more than the interval apart) never wait for it.
+pub(super) const MIN_SYNC_INTERVAL: Duration = Duration::from_micros(500);
 
 const DISK_FAILED: &str = "the store's disk failed to sync; restart expeditor once the disk is fixed";
 
