@@ -491,23 +491,58 @@ fn timestamp(value: Option<&Json<'_>>) -> Option<jiff::Timestamp> {
     }
 }
 
-/// A JSON object with its path, for typed field access with error paths.
-struct Obj<'v> {
-    map: &'v [(Cow<'v, str>, Json<'v>)],
-    path: String,
+/// Where an object sits in the body. Spelled out only for an error message,
+/// so reading a valid event builds no path strings.
+#[derive(Clone, Copy)]
+enum Path<'p> {
+    Root,
+    Field(&'p Path<'p>, &'static str),
+    Element(&'p Path<'p>, &'static str, usize),
 }
 
-impl<'v> Obj<'v> {
-    fn new(map: &'v [(Cow<'v, str>, Json<'v>)], path: impl Into<String>) -> Self {
-        Obj { map, path: path.into() }
+impl Path<'_> {
+    fn write(&self, out: &mut String) {
+        match *self {
+            Path::Root => {}
+            Path::Field(parent, key) => {
+                parent.write(out);
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Path::Element(parent, key, i) => {
+                Path::Field(parent, key).write(out);
+                out.push_str(&format!("[{i}]"));
+            }
+        }
+    }
+
+    fn spelled(&self) -> String {
+        let mut out = String::new();
+        self.write(&mut out);
+        out
+    }
+}
+
+/// A JSON object with its path, for typed field access with error paths.
+struct Obj<'v, 'p> {
+    map: &'v [(Cow<'v, str>, Json<'v>)],
+    path: Path<'p>,
+}
+
+impl<'v, 'p> Obj<'v, 'p> {
+    fn new(map: &'v [(Cow<'v, str>, Json<'v>)], path: Path<'p>) -> Self {
+        Obj { map, path }
     }
 
     fn path_of(&self, key: &str) -> String {
-        if self.path.is_empty() {
-            key.to_owned()
-        } else {
-            format!("{}.{key}", self.path)
+        let mut out = self.path.spelled();
+        if !out.is_empty() {
+            out.push('.');
         }
+        out.push_str(key);
+        out
     }
 
     /// Absent and `null` are both `None`.
@@ -535,10 +570,10 @@ impl<'v> Obj<'v> {
         }
     }
 
-    fn object(&self, key: &str) -> Result<Option<Obj<'v>>, NormalizeError> {
+    fn object(&self, key: &'static str) -> Result<Option<Obj<'v, '_>>, NormalizeError> {
         match self.get(key) {
             None => Ok(None),
-            Some(Json::Object(map)) => Ok(Some(Obj::new(map, self.path_of(key)))),
+            Some(Json::Object(map)) => Ok(Some(Obj::new(map, Path::Field(&self.path, key)))),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
@@ -596,14 +631,16 @@ impl<'v> Obj<'v> {
     }
 
     /// The objects of array `key`, with their element paths.
-    fn objects(&self, key: &str) -> Result<Vec<Obj<'v>>, NormalizeError> {
-        let base = self.path_of(key);
+    fn objects(&self, key: &'static str) -> Result<Vec<Obj<'v, '_>>, NormalizeError> {
         self.array(key)?
             .iter()
             .enumerate()
-            .map(|(i, v)| match v {
-                Json::Object(map) => Ok(Obj::new(map, format!("{base}[{i}]"))),
-                _ => Err(bad_field(format!("{base}[{i}]"))),
+            .map(|(i, v)| {
+                let path = Path::Element(&self.path, key, i);
+                match v {
+                    Json::Object(map) => Ok(Obj::new(map, path)),
+                    _ => Err(bad_field(path.spelled())),
+                }
             })
             .collect()
     }
@@ -612,10 +649,9 @@ impl<'v> Obj<'v> {
     /// (names). `price` is read by `price`.
     fn modifiers(
         &self,
-        key: &str,
-        price: impl Fn(&Obj<'v>, &str) -> Result<Option<i64>, NormalizeError>,
+        key: &'static str,
+        price: impl Fn(&Obj<'v, '_>, &'static str) -> Result<Option<i64>, NormalizeError>,
     ) -> Result<Vec<Modifier>, NormalizeError> {
-        let base = self.path_of(key);
         self.array(key)?
             .iter()
             .enumerate()
@@ -625,14 +661,14 @@ impl<'v> Obj<'v> {
                     ..Modifier::default()
                 }),
                 Json::Object(map) => {
-                    let m = Obj::new(map, format!("{base}[{i}]"));
+                    let m = Obj::new(map, Path::Element(&self.path, key, i));
                     Ok(Modifier {
                         id: m.string("id")?,
                         name: m.string("name")?,
                         price_cents: price(&m, "price")?,
                     })
                 }
-                _ => Err(bad_field(format!("{base}[{i}]"))),
+                _ => Err(bad_field(Path::Element(&self.path, key, i).spelled())),
             })
             .collect()
     }
@@ -646,7 +682,7 @@ fn customer(id: Option<String>, name: Option<String>, email: Option<String>) -> 
 // CrumbPOS
 
 fn crumbpos_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result<Views, NormalizeError> {
-    let root = Obj::new(root, "");
+    let root = Obj::new(root, Path::Root);
     let Some(data) = root.object("data")? else {
         return Ok(Views::default());
     };
@@ -656,7 +692,7 @@ fn crumbpos_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result
         Some(a) => a,
         None => {
             attrs_map = Vec::new();
-            Obj::new(&attrs_map, data.path_of("attributes"))
+            Obj::new(&attrs_map, Path::Field(&data.path, "attributes"))
         }
     };
     let data_type = data_type.as_deref();
@@ -695,7 +731,7 @@ fn crumbpos_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result
     Ok(views)
 }
 
-fn crumbpos_order(data: &Obj<'_>, attrs: &Obj<'_>) -> Result<Order, NormalizeError> {
+fn crumbpos_order(data: &Obj<'_, '_>, attrs: &Obj<'_, '_>) -> Result<Order, NormalizeError> {
     // A nested `customer` object wins field by field over the flat fields.
     let nested = attrs.object("customer")?;
     let pick = |nested_key: &str, flat_key: &str| -> Result<Option<String>, NormalizeError> {
@@ -730,7 +766,7 @@ fn crumbpos_order(data: &Obj<'_>, attrs: &Obj<'_>) -> Result<Order, NormalizeErr
     })
 }
 
-fn crumbpos_item(item: &Obj<'_>) -> Result<Item, NormalizeError> {
+fn crumbpos_item(item: &Obj<'_, '_>) -> Result<Item, NormalizeError> {
     let quantity = item.quantity("quantity")?;
     let price = item.cents("price")?;
     let modifiers = item.modifiers("modifiers", |m, key| m.cents(key))?;
@@ -765,7 +801,7 @@ fn crave_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result<Vi
     } else {
         return Ok(Views::default());
     };
-    let root = Obj::new(root, "");
+    let root = Obj::new(root, Path::Root);
     let Some(data) = root.object("data")? else {
         return Ok(Views::default());
     };
@@ -798,7 +834,7 @@ fn crave_views(root: &[(Cow<'_, str>, Json<'_>)], event_type: &str) -> Result<Vi
     })
 }
 
-fn crave_item(item: &Obj<'_>, currency: Option<&str>) -> Result<Item, NormalizeError> {
+fn crave_item(item: &Obj<'_, '_>, currency: Option<&str>) -> Result<Item, NormalizeError> {
     let quantity = item.quantity("quantity")?;
     let total = item.money("total", currency)?;
     let price_key = if item.has("price") { "price" } else { "unitPrice" };
