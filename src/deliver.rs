@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use expeditor_api::{Delivery, DeliveryError, Event, Outcome, Sink, delivery_key};
+use expeditor_api::{Delivery, DeliveryError, Event, Outcome, Reads, Sink, delivery_key};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -134,6 +134,7 @@ impl Engine {
                 slots: Arc::new(Semaphore::new(depth)),
                 queue: queue_tx,
                 lease,
+                reads: sink.reads(),
             };
             hot.insert(name.clone(), sink_queue.clone());
             let worker = Worker {
@@ -223,6 +224,8 @@ struct HotSink {
     queue: mpsc::UnboundedSender<Claimed>,
     /// How long a claim is leased for.
     lease: Duration,
+    /// What the sink reads of an event (`Sink::reads`).
+    reads: Reads,
 }
 
 /// Lets ingest put the deliveries of a new event straight into the sink
@@ -240,6 +243,8 @@ pub struct Reservation {
     permits: Vec<OwnedSemaphorePermit>,
     /// What the store writes already claimed, in the order of `permits`.
     pub held: Vec<Held>,
+    /// The most any held sink reads of the event it is handed.
+    pub reads: Reads,
 }
 
 impl Handoff {
@@ -249,11 +254,13 @@ impl Handoff {
         let mut r = Reservation {
             permits: Vec::new(),
             held: Vec::new(),
+            reads: Reads::Meta,
         };
         for sink in sinks {
             let Some(hot) = self.sinks.get(sink) else { continue };
             if let Ok(permit) = hot.slots.clone().try_acquire_owned() {
                 r.permits.push(permit);
+                r.reads = r.reads.max(hot.reads);
                 r.held.push(Held {
                     sink: sink.clone(),
                     lease_until: now.saturating_add(hot.lease.as_millis() as i64),
@@ -278,7 +285,7 @@ impl Handoff {
         event: &StoredEvent,
         prepared: Arc<Event>,
     ) -> Vec<Completion> {
-        let Reservation { permits, held } = reservation;
+        let Reservation { permits, held, .. } = reservation;
         let mut give_back = Vec::new();
         for ((permit, h), &id) in permits.into_iter().zip(held.iter()).zip(ids) {
             let Some(hot) = self.sinks.get(&h.sink) else { continue };
@@ -329,11 +336,13 @@ impl Worker {
     async fn run(self, queue: Queue, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let Queue {
-            hot: HotSink {
-                slots,
-                queue: tx,
-                lease,
-            },
+            hot:
+                HotSink {
+                    slots,
+                    queue: tx,
+                    lease,
+                    reads: _,
+                },
             rx,
             depth,
             max_batch,
@@ -496,7 +505,7 @@ impl Worker {
         for c in &batch {
             let event = match &c.prepared {
                 Some(event) => Ok(event.clone()),
-                None => rebuild(&c.event).map(Arc::new),
+                None => rebuild(&c.event, self.sink.reads()).map(Arc::new),
             };
             match event {
                 Ok(event) => {

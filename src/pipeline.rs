@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use expeditor_api::{Event, EventMeta, Views};
+use expeditor_api::{Event, EventMeta, Reads, Views};
 use http::HeaderMap;
 
 use crate::config::{Config, Source};
@@ -78,13 +78,18 @@ impl Pipeline {
         // What sinks see (the event with its payload as a `Value`), built at
         // most once and only if needed: a route with a `when` reads it, and
         // held deliveries carry it to their sinks, so nothing parses the body
-        // again. Most events need neither.
+        // again. Most events need neither. The payload is converted only if
+        // a reader reads it (the `when`s, or a held sink's templates).
         let (id, event_type) = (n.id, n.event_type);
         let (decision, hand_off) = {
             let (document, views) = (Cell::new(Some(n.document)), Cell::new(Some(n.views)));
             let prepared = OnceCell::new();
-            let prepare = || {
+            let prepare = |with_payload: bool| {
                 prepared.get_or_init(|| {
+                    let payload = match with_payload {
+                        true => document.take().map(Json::into_value).unwrap_or_default(),
+                        false => serde_json::Value::Null,
+                    };
                     event(
                         &source.name,
                         source.kind(),
@@ -92,24 +97,31 @@ impl Pipeline {
                         &event_type,
                         occurred_at,
                         received_at,
-                        document.take().map(Json::into_value).unwrap_or_default(),
+                        payload,
                         views.take().unwrap_or_default(),
                     )
                 })
             };
-            let decision = self
-                .config
-                .router
-                .route(&source.name, &event_type, || self.config.router.context(prepare()));
+            let router = &self.config.router;
+            let decision = router.route(&source.name, &event_type, || {
+                router.context(prepare(router.reads() > Reads::Meta))
+            });
             let reservation = self.handoff.reserve(&decision.sinks, received_at);
+            let held_read_payload = reservation.reads > Reads::Meta;
             if !reservation.held.is_empty() {
-                prepare();
+                prepare(held_read_payload);
             }
             // Held deliveries go out with the event; without one, none are held.
             let hand_off = prepared
                 .into_inner()
                 .filter(|_| !reservation.held.is_empty())
-                .map(|prepared| (reservation, prepared));
+                .map(|mut prepared| {
+                    // Built for `when`s that did not read the payload; a held sink does.
+                    if held_read_payload && let Some(document) = document.take() {
+                        prepared.payload = document.into_value();
+                    }
+                    (reservation, prepared)
+                });
             (decision, hand_off)
         };
         for (route, error) in &decision.when_errors {
@@ -220,23 +232,26 @@ fn event(
     }
 }
 
-/// Rebuilds what sinks see from a stored event. Normalization is a pure
-/// function of the kind and the raw body, so the views are recomputed rather
-/// than stored.
-pub fn rebuild(stored: &StoredEvent) -> Result<Event, String> {
+/// Rebuilds what sinks see from a stored event, as much of it as `reads`
+/// says the sink reads. Normalization is a pure function of the kind and the
+/// raw body, so the views are recomputed rather than stored; a sink that
+/// reads only the event's metadata gets no payload (`null`) and no views,
+/// and its deliveries parse nothing.
+pub fn rebuild(stored: &StoredEvent, reads: Reads) -> Result<Event, String> {
     let normalizer = match stored.kind.as_str() {
         "crumbpos" => Some(Normalizer::CrumbPos),
         "crave" => Some(Normalizer::Crave),
         _ => None,
     };
-    let (payload, views) = match normalizer {
-        Some(n) => {
+    let (payload, views) = match (reads, normalizer) {
+        (Reads::Meta, _) => (serde_json::Value::Null, Views::default()),
+        (Reads::All, Some(n)) => {
             let n = n
                 .normalize(&stored.body)
                 .map_err(|e| format!("stored event cannot be normalized: {e}"))?;
             (n.document.into_value(), n.views)
         }
-        None => (
+        (Reads::MetaAndPayload, _) | (Reads::All, None) => (
             serde_json::from_slice(&stored.body).map_err(|_| "stored event is not JSON".to_string())?,
             Views::default(),
         ),
@@ -251,4 +266,59 @@ pub fn rebuild(stored: &StoredEvent) -> Result<Event, String> {
         payload,
         views,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CRUMB_ORDER: &str = include_str!("../tests/fixtures/crumbpos-order-created.json");
+
+    fn stored(kind: &str) -> StoredEvent {
+        StoredEvent {
+            source: "crumb".into(),
+            event_id: "evt_1".into(),
+            kind: kind.into(),
+            event_type: "order.created".into(),
+            occurred_at: Some(1_700_000_000_000),
+            received_at: 1_700_000_001_000,
+            body: CRUMB_ORDER.as_bytes().to_vec(),
+        }
+    }
+
+    /// A sink gets as much of the stored event as it reads; what it gets is
+    /// the same as the whole rebuild's.
+    #[test]
+    fn rebuild_gives_what_the_sink_reads() {
+        let all = rebuild(&stored("crumbpos"), Reads::All).unwrap();
+        let body: serde_json::Value = serde_json::from_str(CRUMB_ORDER).unwrap();
+        assert_eq!(all.payload, body);
+        assert!(all.views.order.is_some(), "an order's view");
+
+        let payload = rebuild(&stored("crumbpos"), Reads::MetaAndPayload).unwrap();
+        assert_eq!(payload.event, all.event);
+        assert_eq!(payload.payload, all.payload);
+        assert_eq!(payload.views, Views::default(), "views are not computed");
+
+        let meta = rebuild(&stored("crumbpos"), Reads::Meta).unwrap();
+        assert_eq!(meta.event, all.event);
+        assert_eq!(meta.event.id, "evt_1");
+        assert_eq!(meta.event.event_type, "order.created");
+        assert_eq!(meta.payload, serde_json::Value::Null, "the body is not parsed");
+        assert_eq!(meta.views, Views::default());
+
+        // A generic HMAC source has no normalizer: the payload, never views.
+        let hmac = rebuild(&stored("hmac"), Reads::All).unwrap();
+        assert_eq!(hmac.payload, body);
+        assert_eq!(hmac.views, Views::default());
+    }
+
+    #[test]
+    fn rebuild_of_a_body_that_is_not_json_fails_only_for_a_reader_of_it() {
+        let mut broken = stored("crumbpos");
+        broken.body = b"{not json".to_vec();
+        assert!(rebuild(&broken, Reads::All).is_err());
+        assert!(rebuild(&broken, Reads::MetaAndPayload).is_err());
+        assert!(rebuild(&broken, Reads::Meta).is_ok());
+    }
 }

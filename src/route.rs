@@ -92,6 +92,11 @@ impl Router {
         self.templates.context_for(event)
     }
 
+    /// What the `when` expressions read of an event.
+    pub fn reads(&self) -> expeditor_api::Reads {
+        self.templates.reads()
+    }
+
     /// Routes an event. `context` builds the template context, and is called
     /// only if a route with a `when` matched on source and type (it costs a
     /// conversion of the payload).

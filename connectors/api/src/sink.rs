@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::Event;
+use crate::{Event, Reads};
 
 /// One attempt to hand one event to one sink.
 #[derive(Debug, Clone)]
@@ -92,6 +92,14 @@ pub trait Sink: Send + Sync + 'static {
     /// `batch.linger`). Zero (the default): send what is due at once.
     fn linger(&self) -> Duration {
         Duration::ZERO
+    }
+
+    /// What of each delivery's event this sink reads. An event rebuilt from
+    /// the store for a sink that reads less than [`Reads::All`] carries only
+    /// that much (a `null` payload, no views), which saves parsing the body
+    /// for every delivery. The default is all.
+    fn reads(&self) -> Reads {
+        Reads::All
     }
 
     /// Delivers a batch and returns exactly one outcome per delivery, in order.

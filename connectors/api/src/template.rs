@@ -211,14 +211,19 @@ pub struct Templates {
     reads: Reads,
 }
 
-/// What a component's templates read of the context, found when they are
-/// compiled: converting the payload and views into template values is most
-/// of a render's cost, and a body like `{ id = "{{ event.id }}" }` needs
-/// neither. Any other name (a view, a global such as `range`) reads all.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reads {
+/// What a component reads of an event. For templates it is found when they
+/// are compiled: converting the payload and views into template values is
+/// most of a render's cost, and a body like `{ id = "{{ event.id }}" }`
+/// needs neither. Any other name (a view, a global such as `range`) reads
+/// all. A sink that reads less than all is handed events rebuilt from the
+/// store with only that much (see [`crate::Sink::reads`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reads {
+    /// `event` (id, source, kind, type, times) only.
     Meta,
+    /// `event` and the vendor's `payload`, not the views.
     MetaAndPayload,
+    /// Everything, views included.
     All,
 }
 
@@ -232,6 +237,11 @@ impl Templates {
     /// The context templates see: `event`, `payload`, `order`, `payment`, `stock`.
     pub fn context(event: &Event) -> Value {
         Value::from(Serde(event))
+    }
+
+    /// What these templates read of an event.
+    pub fn reads(&self) -> Reads {
+        self.reads
     }
 
     /// The context with only what these templates read (see [`Reads`]); the

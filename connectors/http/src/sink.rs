@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use expeditor_api::{Delivery, Outcome, Sink};
+use expeditor_api::{Delivery, Outcome, Reads, Sink};
 use reqwest::{Client, Url};
 
 use crate::{HttpSinkConfig, outcome, request};
@@ -51,6 +51,15 @@ impl Sink for HttpSink {
     /// One request per event: the APIs behind this sink take one at a time.
     fn max_batch(&self) -> usize {
         1
+    }
+
+    /// What its url, headers and body templates read; the whole event when
+    /// there is no body template (the event is the body).
+    fn reads(&self) -> Reads {
+        match self.cfg.body {
+            Some(_) => self.cfg.templates.reads(),
+            None => Reads::All,
+        }
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {

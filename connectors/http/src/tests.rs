@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use expeditor_api::{Delivery, DeliveryError, Event, EventMeta, Item, Order, Sink, TemplateSet, Views};
+use expeditor_api::{Delivery, DeliveryError, Event, EventMeta, Item, Order, Reads, Sink, TemplateSet, Views};
 use http::{HeaderMap, HeaderName, Method};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -218,6 +218,43 @@ async fn sends_the_rendered_body_and_headers() {
     assert_eq!(h["x-expeditor-attempt"], "3");
     assert_eq!(h["authorization"], "Bearer s3cret-crave");
     assert!(h["user-agent"].to_str().unwrap().starts_with("expeditor/"));
+}
+
+/// What the sink reads decides what a delivery's event is rebuilt with:
+/// its url, headers and body templates together, or everything when the
+/// whole event is the body.
+#[test]
+fn reads_what_its_templates_read() {
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let with = |url: &str, body: Option<Json>| {
+        let mut b = build(addr);
+        b.url = url.to_string();
+        b.body = body;
+        b.sink().reads()
+    };
+    let meta_url = "http://127.0.0.1:9/{{ event.source }}";
+    assert_eq!(
+        with(meta_url, Some(json!({ "id": "{{ event.id }}", "n": 1 }))),
+        Reads::Meta
+    );
+    assert_eq!(
+        with(meta_url, Some(json!({ "total": "{{ payload.data.total }}" }))),
+        Reads::MetaAndPayload
+    );
+    assert_eq!(
+        with(meta_url, Some(json!({ "total": "{{ order.total_cents }}" }))),
+        Reads::All
+    );
+    // The url reads a view: all, whatever the body reads.
+    assert_eq!(
+        with(
+            "http://127.0.0.1:9/{{ order.id }}",
+            Some(json!({ "id": "{{ event.id }}" }))
+        ),
+        Reads::All
+    );
+    // No body template: the whole event is the body.
+    assert_eq!(with(meta_url, None), Reads::All);
 }
 
 #[tokio::test]
