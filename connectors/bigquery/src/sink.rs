@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use expeditor_api::{Delivery, DeliveryError, Outcome, Sink};
+use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink};
 use gcloud_bigquery::client::HttpClientConfig;
 use gcloud_bigquery::client::google_cloud_auth::credentials::CredentialsFile;
 use gcloud_bigquery::http::bigquery_tabledata_client::BigqueryTabledataClient;
@@ -127,6 +127,11 @@ impl Sink for BigQuerySink {
 
     fn linger(&self) -> Duration {
         self.cfg.linger
+    }
+
+    /// What the row's templates read.
+    fn reads(&self) -> Reads {
+        self.cfg.templates.reads()
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -672,3 +672,14 @@ fn the_auth_rule() {
     let err = auth_check(&Auth::None, None, &[], &[]).unwrap_err();
     assert!(err.contains("set endpoint"), "{err}");
 }
+
+/// The row template decides what the sink reads.
+#[tokio::test]
+async fn reads_what_its_row_reads() {
+    use expeditor_api::Reads;
+    let server = server().await;
+    assert_eq!(build(&server).sink().reads(), Reads::All, "the row names `order`");
+    let mut b = build(&server);
+    b.row = json!({ "event_id": "{{ event.id }}", "raw": "{{ payload }}" });
+    assert_eq!(b.sink().reads(), Reads::MetaAndPayload);
+}

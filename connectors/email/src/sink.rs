@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use expeditor_api::{Delivery, DeliveryError, Outcome, Sink};
+use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink};
 use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
@@ -79,6 +79,11 @@ impl Sink for EmailSink {
     /// One message per event: each has its own recipient and Message-ID.
     fn max_batch(&self) -> usize {
         1
+    }
+
+    /// What its templates read: every part of the message is one.
+    fn reads(&self) -> Reads {
+        self.cfg.templates.reads()
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -22,7 +22,7 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use expeditor_api::{Delivery, DeliveryError, Outcome, Sink, Structured, Templates};
+use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink, Structured, Templates};
 
 /// One `[sinks.NAME]` with `type = "file"`, validated and compiled by the
 /// daemon's config module.
@@ -108,6 +108,15 @@ impl Sink for FileSink {
     /// Bounded so one batch is one modest write.
     fn max_batch(&self) -> usize {
         100
+    }
+
+    /// What its body template reads; the whole event when there is none
+    /// (the event is the line).
+    fn reads(&self) -> Reads {
+        match self.cfg.body {
+            Some(_) => self.cfg.templates.reads(),
+            None => Reads::All,
+        }
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {

@@ -185,3 +185,27 @@ async fn open_errors_name_the_path() {
     let err = FileSink::open(cfg).await.unwrap_err();
     assert!(err.to_string().contains(&blocker.display().to_string()), "{err}");
 }
+
+/// A body template decides what the sink reads; without one the whole event
+/// is the line.
+#[tokio::test]
+async fn reads_what_its_body_reads() {
+    use expeditor_api::{Reads, Sink};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    assert_eq!(
+        sink(&path, Some(json!({ "id": "{{ event.id }}" }))).await.reads(),
+        Reads::Meta
+    );
+    assert_eq!(
+        sink(&path, Some(json!({ "t": "{{ payload.total }}" }))).await.reads(),
+        Reads::MetaAndPayload
+    );
+    assert_eq!(
+        sink(&path, Some(json!({ "t": "{{ order.total_cents }}" })))
+            .await
+            .reads(),
+        Reads::All
+    );
+    assert_eq!(sink(&path, None).await.reads(), Reads::All);
+}

@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
-use expeditor_api::{Delivery, DeliveryError, Outcome, Sink};
+use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink};
 use hyper_rustls::HttpsConnectorBuilder;
 use slack_morphism::prelude::*;
 
@@ -113,6 +113,11 @@ impl Sink for SlackSink {
     /// One message per event: Slack posts one message per call.
     fn max_batch(&self) -> usize {
         1
+    }
+
+    /// What its templates read: every part of the message is one.
+    fn reads(&self) -> Reads {
+        self.cfg.templates.reads()
     }
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {

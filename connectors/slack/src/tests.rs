@@ -342,3 +342,28 @@ fn debug_hides_the_token_and_the_webhook_url() {
     let debug = format!("{sink:?}");
     assert!(!debug.contains("sekrit"), "{debug}");
 }
+
+/// The message's templates decide what the sink reads: the channel, text
+/// and blocks together.
+#[test]
+fn reads_what_its_templates_read() {
+    use expeditor_api::Reads;
+    // TEXT names a view (`stock`) and the payload.
+    assert_eq!(webhook_sink("http://127.0.0.1:9/hook").reads(), Reads::All);
+    let mut set = TemplateSet::new();
+    let text = set
+        .text("sinks.alerts.text", "{{ event.type }} from {{ event.source }}")
+        .unwrap();
+    let sink = SlackSink::new(SlackSinkConfig {
+        name: "alerts".into(),
+        target: SlackTarget::Webhook {
+            url: check_url("http://127.0.0.1:9/hook").unwrap(),
+        },
+        text: Some(text),
+        blocks: None,
+        timeout: Duration::from_secs(2),
+        templates: set.finish(),
+    })
+    .unwrap();
+    assert_eq!(sink.reads(), Reads::Meta);
+}
