@@ -496,8 +496,8 @@ fn timestamp(value: Option<&Json<'_>>) -> Option<jiff::Timestamp> {
 #[derive(Clone, Copy)]
 enum Path<'p> {
     Root,
-    Field(&'p Path<'p>, &'static str),
-    Element(&'p Path<'p>, &'static str, usize),
+    Field(&'p Path<'p>, &'p str),
+    Element(&'p Path<'p>, &'p str, usize),
 }
 
 impl Path<'_> {
@@ -537,12 +537,7 @@ impl<'v, 'p> Obj<'v, 'p> {
     }
 
     fn path_of(&self, key: &str) -> String {
-        let mut out = self.path.spelled();
-        if !out.is_empty() {
-            out.push('.');
-        }
-        out.push_str(key);
-        out
+        Path::Field(&self.path, key).spelled()
     }
 
     /// Absent and `null` are both `None`.
