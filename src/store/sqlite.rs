@@ -122,19 +122,33 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Waits for a lock held by another connection of this process (the
-/// checkpointer's, the writer's), for up to about five seconds. SQLite's own
+/// checkpointer's, the writer's), for up to [`BUSY_LIMIT`]. SQLite's own
 /// busy timeout sleeps 1, 2, 5, 10 ms and more between tries, so a writer
 /// that met a lock held for one millisecond would lose ten; this tries again
-/// every 100 µs at first.
+/// every 100 µs at first. The limit is time, not a count of sleeps: on a
+/// busy machine a 1 ms sleep can take two.
 fn busy(tries: i32) -> bool {
+    thread_local! {
+        static WAITING_SINCE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
+    }
+    let since = WAITING_SINCE.with(|since| {
+        if tries == 0 || since.get().is_none() {
+            since.set(Some(std::time::Instant::now()));
+        }
+        since.get().unwrap_or_else(std::time::Instant::now)
+    });
     let pause = if tries < 100 {
         Duration::from_micros(100)
     } else {
         Duration::from_millis(1)
     };
     std::thread::sleep(pause);
-    tries < 5_100
+    since.elapsed() < BUSY_LIMIT
 }
+
+/// How long an operation waits for another process's lock on the database
+/// before it is refused (and a webhook answered 503).
+const BUSY_LIMIT: Duration = Duration::from_secs(5);
 
 fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
     let mut conn = Connection::open(file)?;
@@ -391,8 +405,20 @@ fn writer_loop(
             for op in ops.drain(..) {
                 fail(op, &unavailable(DISK_FAILED));
             }
-        } else {
-            w.apply(&mut ops);
+        } else if let Err(err) = w.apply(&mut ops) {
+            // The database stayed locked for the whole busy wait: what queued
+            // behind it has waited too, and is refused now rather than after
+            // a wait of its own.
+            while let Ok(op) = rx.try_recv() {
+                match op {
+                    Op::Synced => {}
+                    Op::Close(reply) => {
+                        closed = Some(reply);
+                        break;
+                    }
+                    op => fail(op, &err),
+                }
+            }
         }
         if closed.is_some() {
             break;
@@ -434,9 +460,9 @@ impl Writer {
     /// If one fails, the transaction is rolled back and everything in it runs
     /// again one by one (no savepoint per operation on the common path; they
     /// cost a third of the writer's time), so only the failing one fails.
-    fn apply(&mut self, ops: &mut Vec<Op>) {
+    fn apply(&mut self, ops: &mut Vec<Op>) -> Result<(), StoreError> {
         if ops.is_empty() {
-            return;
+            return Ok(());
         }
         if self.open.is_none() {
             // IMMEDIATE: take the write lock up front. A deferred transaction that
@@ -448,7 +474,7 @@ impl Writer {
                 for op in ops.drain(..) {
                     fail(op, &err);
                 }
-                return;
+                return Err(err);
             }
             self.open = Some(Vec::with_capacity(ops.len()));
         }
@@ -461,10 +487,11 @@ impl Writer {
                 again.push(op);
                 again.extend(ops);
                 self.one_by_one(again);
-                return;
+                return Ok(());
             }
             open.push((op, d));
         }
+        Ok(())
     }
 
     fn one_by_one(&mut self, ops: Vec<Op>) {

@@ -1231,6 +1231,44 @@ async fn sqlite_insert_is_unavailable_while_the_database_is_locked() {
     assert_eq!(insert(&*store, blocked).await, Inserted::New(vec![]));
 }
 
+/// SQLite only: while another process holds the database locked, a write
+/// waits about five seconds and is refused; writes that queued behind that
+/// wait are refused with it, not after a wait of their own each (a webhook
+/// client would time out on the sum).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_writes_queued_behind_a_lock_wait_are_refused_with_it() {
+    use std::time::Instant;
+    let (store, dir) = sqlite();
+    let other = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
+    other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let started = Instant::now();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.insert(new_event("first", &["a"])).await }
+    });
+    // Well inside the first one's wait: it queues behind it.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let second = store.insert(new_event("second", &["a"])).await;
+    let second_after = started.elapsed();
+    assert!(matches!(second, Err(StoreError::Unavailable(_))), "second: {second:?}");
+    let first = first.await.unwrap();
+    assert!(matches!(first, Err(StoreError::Unavailable(_))), "first: {first:?}");
+    assert!(
+        second_after >= Duration::from_secs(4),
+        "refused after {second_after:?}: the lock was not waited for"
+    );
+    assert!(
+        second_after < Duration::from_secs(8),
+        "refused after {second_after:?}: it waited a second time"
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+    assert_eq!(
+        insert(&*store, new_event("second", &["a"])).await,
+        Inserted::New(vec![])
+    );
+}
+
 /// SQLite only: fsyncs start at least `MIN_SYNC_INTERVAL` apart, so under
 /// load each covers a group instead of one or two events; everything written
 /// meanwhile is acknowledged, and only after the fsync that covers it.
