@@ -82,12 +82,48 @@ impl Vendor {
 }
 
 /// The event id of corpus entry `i`; [`index_of`] reverses it.
+///
+/// Vendors' ids are opaque and in no useful order, so consecutive entries get
+/// ids spread at random over the whole key space (a bijection of `i`, in
+/// hex): each insert lands on its own page of the store's dedupe index, as it
+/// does in production. Counting ids (`evt_00000001`, ...) would all land at
+/// the index's end and flatter the store.
 pub fn event_id(i: usize) -> String {
-    format!("evt_bench_{i:08}")
+    format!("evt_{:016x}", scatter(i as u64))
 }
 
 pub fn index_of(id: &str) -> Option<usize> {
-    id.strip_prefix("evt_bench_")?.parse().ok()
+    let hex = id.strip_prefix("evt_")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok().map(|y| unscatter(y) as usize)
+}
+
+/// Two rounds of multiply (by an odd number: a bijection of u64) and fold
+/// the high half into the low (`x ^ x >> 32` undoes itself).
+fn scatter(i: u64) -> u64 {
+    let fold = |x: u64| x ^ (x >> 32);
+    fold(fold(i.wrapping_mul(K1)).wrapping_mul(K2))
+}
+
+fn unscatter(y: u64) -> u64 {
+    let fold = |x: u64| x ^ (x >> 32);
+    fold(fold(y).wrapping_mul(inverse(K2))).wrapping_mul(inverse(K1))
+}
+
+const K1: u64 = 0x9E37_79B9_7F4A_7C15;
+const K2: u64 = 0xBF58_476D_1CE4_E5B9;
+
+/// The inverse of an odd `k` mod 2^64 (each Newton step doubles the correct bits).
+const fn inverse(k: u64) -> u64 {
+    let mut inv = k;
+    let mut step = 0;
+    while step < 6 {
+        inv = inv.wrapping_mul(2u64.wrapping_sub(k.wrapping_mul(inv)));
+        step += 1;
+    }
+    inv
 }
 
 pub struct Event {
@@ -484,4 +520,25 @@ async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -
         }
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_are_distinct_scattered_and_reversible() {
+        let ids: Vec<String> = (0..10_000).map(event_id).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(index_of(id), Some(i), "{id}");
+        }
+        let distinct: std::collections::BTreeSet<&String> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len());
+        // Consecutive entries are in no key order: about half the pairs
+        // ascend (counting ids: all of them).
+        let later = ids.windows(2).filter(|w| w[1] > w[0]).count();
+        assert!((4_000..6_000).contains(&later), "{later} of 9,999 ascend");
+        assert_eq!(index_of("evt_bench_00000001"), None);
+        assert_eq!(index_of("evt_xyz"), None);
+    }
 }

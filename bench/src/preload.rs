@@ -5,8 +5,10 @@
 //! The events are spread over the last 7 days (the default dedupe window):
 //! those of the last day keep their body and have one delivered delivery per
 //! sink with its attempt; older ones are compacted to dedupe keys, as
-//! pruning leaves them. Written straight into the tables expeditor created
-//! (the schema is expeditor's; the bench follows it), in one transaction.
+//! pruning leaves them. Their ids are random, in the corpus's format, so
+//! the run's events land among them in the dedupe index. Written straight
+//! into the tables expeditor created and left empty (the schema is
+//! expeditor's; the bench follows it), in one transaction.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -49,7 +51,7 @@ pub fn sqlite(db: &std::path::Path, n: usize, body: &[u8], sinks: &[String]) -> 
     tx.execute(
         "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1)
          INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
-         SELECT 'crumb', 'preload_' || i, 'crumbpos', 'order.created', ?2 - i * ?3, ?2 - i * ?3,
+         SELECT 'crumb', 'evt_' || lower(hex(randomblob(8))), 'crumbpos', 'order.created', ?2 - i * ?3, ?2 - i * ?3,
                 CASE WHEN i * ?3 < ?4 THEN ?5 END
          FROM n",
         rusqlite::params![n as i64, spread.newest, spread.step, spread.fresh, body],
@@ -58,7 +60,7 @@ pub fn sqlite(db: &std::path::Path, n: usize, body: &[u8], sinks: &[String]) -> 
         tx.execute(
             "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, updated_at)
              SELECT seq, ?1, 1, 1, received_at, received_at + 50 FROM events
-             WHERE body IS NOT NULL AND event_id LIKE 'preload\\_%' ESCAPE '\\'",
+             WHERE body IS NOT NULL",
             [sink],
         )?;
     }
@@ -83,7 +85,7 @@ pub async fn postgres(
     client
         .execute(
             "INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
-             SELECT 'crumb', 'preload_' || i, 'crumbpos', 'order.created',
+             SELECT 'crumb', 'evt_' || left(md5(i::text), 16), 'crumbpos', 'order.created',
                     $2::bigint - i * $3::bigint, $2::bigint - i * $3::bigint,
                     CASE WHEN i * $3::bigint < $4::bigint THEN $5::bytea END
              FROM generate_series(0::bigint, $1::bigint - 1) AS i",
@@ -95,7 +97,7 @@ pub async fn postgres(
             .execute(
                 "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, updated_at)
                  SELECT seq, $1, 1, 1, received_at, received_at + 50 FROM events
-                 WHERE body IS NOT NULL AND event_id LIKE 'preload\\_%'",
+                 WHERE body IS NOT NULL",
                 &[sink],
             )
             .await?;
