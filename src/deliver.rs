@@ -341,7 +341,7 @@ impl Worker {
                     slots,
                     queue: tx,
                     lease,
-                    reads: _,
+                    ..
                 },
             rx,
             depth,

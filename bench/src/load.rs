@@ -100,20 +100,24 @@ pub fn index_of(id: &str) -> Option<usize> {
     u64::from_str_radix(hex, 16).ok().map(|y| unscatter(y) as usize)
 }
 
-/// Two rounds of multiply (by an odd number: a bijection of u64) and fold
-/// the high half into the low (`x ^ x >> 32` undoes itself).
+/// Two rounds of multiply (by an odd number: a bijection of u64) and fold.
 fn scatter(i: u64) -> u64 {
-    let fold = |x: u64| x ^ (x >> 32);
     fold(fold(i.wrapping_mul(K1)).wrapping_mul(K2))
 }
 
 fn unscatter(y: u64) -> u64 {
-    let fold = |x: u64| x ^ (x >> 32);
-    fold(fold(y).wrapping_mul(inverse(K2))).wrapping_mul(inverse(K1))
+    fold(fold(y).wrapping_mul(K2_INV)).wrapping_mul(K1_INV)
+}
+
+/// The high half into the low; undoes itself.
+fn fold(x: u64) -> u64 {
+    x ^ (x >> 32)
 }
 
 const K1: u64 = 0x9E37_79B9_7F4A_7C15;
 const K2: u64 = 0xBF58_476D_1CE4_E5B9;
+const K1_INV: u64 = inverse(K1);
+const K2_INV: u64 = inverse(K2);
 
 /// The inverse of an odd `k` mod 2^64 (each Newton step doubles the correct bits).
 const fn inverse(k: u64) -> u64 {
