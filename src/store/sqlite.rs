@@ -407,17 +407,22 @@ fn writer_loop(
             }
         } else if let Err(err) = w.apply(&mut ops) {
             // The database stayed locked for the whole busy wait: what queued
-            // behind it has waited too, and is refused now rather than after
-            // a wait of its own.
-            while let Ok(op) = rx.try_recv() {
-                match op {
-                    Op::Synced => {}
-                    Op::Close(reply) => {
+            // behind it has waited too, and is refused with it rather than
+            // after a wait of its own. Only what was queued when the wait
+            // ended, and all answered after it is taken: a write sent in reply
+            // to one of these answers is not refused with them.
+            for _ in 0..rx.len() {
+                match rx.try_recv() {
+                    Ok(Op::Close(reply)) => {
                         closed = Some(reply);
                         break;
                     }
-                    op => fail(op, &err),
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
                 }
+            }
+            for op in ops.drain(..) {
+                fail(op, &err);
             }
         }
         if closed.is_some() {
@@ -460,6 +465,8 @@ impl Writer {
     /// If one fails, the transaction is rolled back and everything in it runs
     /// again one by one (no savepoint per operation on the common path; they
     /// cost a third of the writer's time), so only the failing one fails.
+    /// `Err` if no transaction could begin (the database stayed locked):
+    /// then `ops` are left for the caller to refuse.
     fn apply(&mut self, ops: &mut Vec<Op>) -> Result<(), StoreError> {
         if ops.is_empty() {
             return Ok(());
@@ -470,11 +477,8 @@ impl Writer {
             // another connection; SQLite fails it at once instead of using the
             // busy timeout, and every operation in the group with it.
             if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-                let err = unavailable(e);
-                for op in ops.drain(..) {
-                    fail(op, &err);
-                }
-                return Err(err);
+                // The caller refuses `ops`, with what queued behind them.
+                return Err(unavailable(e));
             }
             self.open = Some(Vec::with_capacity(ops.len()));
         }
