@@ -6,9 +6,11 @@
 //! those of the last day keep their body and have one delivered delivery per
 //! sink with its attempt; older ones are compacted to dedupe keys, as
 //! pruning leaves them. Their ids are random, in the corpus's format, so
-//! the run's events land among them in the dedupe index. Written straight
+//! the run's events land among them in the dedupe keys. Written straight
 //! into the tables expeditor created and left empty (the schema is
-//! expeditor's; the bench follows it), in one transaction.
+//! expeditor's; the bench follows it), in one transaction; SQLite's dedupe
+//! keys are then written by one more start of expeditor (it does that for
+//! events it finds without them).
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 

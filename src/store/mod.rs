@@ -11,6 +11,7 @@
 //! [`postgres::PostgresStore`] (shared by several instances); [`open`] picks
 //! the one `[store]` configures.
 
+mod dedupe;
 pub mod postgres;
 pub mod sqlite;
 

@@ -32,6 +32,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::dedupe::{self, Dedupe, Tuning};
 use super::*;
 
 /// Operations the writer takes from its queue at once: between batches it
@@ -47,17 +48,21 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// never pauses: 16,384 frames are 64 MiB.
 const WAL_RESTART_FRAMES: i64 = 16_384;
 
+/// The schema's version (`PRAGMA user_version`). 0, the first, kept the
+/// dedupe keys in a UNIQUE (source, event_id) index of `events`; 1 keeps them
+/// in runs (see `dedupe.rs`), and events' seq is never reused.
+const SCHEMA_VERSION: i64 = 1;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    seq         INTEGER PRIMARY KEY,
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
     source      TEXT NOT NULL,
     event_id    TEXT NOT NULL,
     kind        TEXT NOT NULL,
     type        TEXT NOT NULL,
     occurred_at INTEGER,
     received_at INTEGER NOT NULL,
-    body        BLOB,               -- NULL once compacted: the row is then only a dedupe key
-    UNIQUE (source, event_id)
+    body        BLOB                -- NULL once compacted: the row is then only a dedupe key
 );
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
 -- Compaction looks only at events that still have a body: without this it
@@ -163,22 +168,81 @@ fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Creates the schema, or brings a store written by an older expeditor up to
+/// this one's.
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(unavailable)?;
+    if version > SCHEMA_VERSION {
+        return Err(unavailable(format!(
+            "it was written by a newer expeditor (schema {version}; this one knows up to {SCHEMA_VERSION})"
+        )));
+    }
+    let has_events: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = 'events')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    let create = format!("{SCHEMA}{}PRAGMA user_version = {SCHEMA_VERSION};", dedupe::SCHEMA);
+    if version == SCHEMA_VERSION || !has_events {
+        return conn
+            .execute_batch(&format!("BEGIN IMMEDIATE; {create} COMMIT;"))
+            .map_err(unavailable);
+    }
+    // Schema 0: events is rebuilt without its UNIQUE index (SQLite cannot drop
+    // one). Foreign keys are off meanwhile, so dropping the old table leaves the
+    // deliveries that point at its rows; the open then writes their keys as a run.
+    tracing::info!("upgrading the store to schema {SCHEMA_VERSION}: dedupe keys move out of the events table");
+    conn.pragma_update(None, "foreign_keys", "OFF").map_err(unavailable)?;
+    let upgraded = conn.execute_batch(&format!(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE events_v1 (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, event_id TEXT NOT NULL,
+             kind TEXT NOT NULL, type TEXT NOT NULL, occurred_at INTEGER, received_at INTEGER NOT NULL, body BLOB);
+         INSERT INTO events_v1 (seq, source, event_id, kind, type, occurred_at, received_at, body)
+             SELECT seq, source, event_id, kind, type, occurred_at, received_at, body FROM events;
+         DROP TABLE events;
+         ALTER TABLE events_v1 RENAME TO events;
+         {create}
+         COMMIT;"
+    ));
+    if upgraded.is_err() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(unavailable)?;
+    upgraded.map_err(|e| unavailable(format!("cannot upgrade the schema: {e}")))
+}
+
 impl SqliteStore {
     /// Opens (creating if needed) the store under `dir`, and releases leases
     /// a previous run left: this store serves one process, so whatever that
     /// process had claimed was not finished.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_syncing(dir, |wal| Box::new(move || wal.sync_data()))
+        Self::open_with(dir, |wal| Box::new(move || wal.sync_data()), Tuning::default())
+    }
+
+    /// `open` with small dedupe runs, so tests see seals and merges.
+    #[cfg(test)]
+    pub(super) fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
+        Self::open_with(dir, |wal| Box::new(move || wal.sync_data()), tuning)
     }
 
     /// `open`, with the fsync of the WAL made by `sync` from the WAL file (the
     /// tests make it fail, as a failing disk would).
+    #[cfg(test)]
     pub(super) fn open_syncing(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal) -> Result<Self, StoreError> {
+        Self::open_with(dir, sync, Tuning::default())
+    }
+
+    fn open_with(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal, tuning: Tuning) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
         let file: PathBuf = dir.join("expeditor.db");
         let conn = open_connection(&file).map_err(|e| unavailable(format!("cannot open {}: {e}", file.display())))?;
-        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        migrate(&conn).map_err(|e| unavailable(format!("cannot open {}: {e}", file.display())))?;
         let released = conn
             .execute(
                 // `state = 0` lets this read the small pending index, not every
@@ -193,6 +257,8 @@ impl SqliteStore {
                 "released deliveries claimed before the last stop; they run again"
             );
         }
+        dedupe::cover(&conn, tuning)?;
+        let dedupe = Dedupe::load(&conn, tuning)?;
         // The syncer's fsync makes commits durable, not SQLite's (see above).
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(unavailable)?;
         let wal_file = dir.join("expeditor.db-wal");
@@ -210,7 +276,7 @@ impl SqliteStore {
         let me = tx.downgrade();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, rx, me, committed, sync_wal))
+            .spawn(move || writer_loop(conn, dedupe, rx, me, committed, sync_wal))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
@@ -339,6 +405,7 @@ const DISK_FAILED: &str = "the store's disk failed to sync; restart expeditor on
 /// the syncer.
 struct Writer {
     conn: Connection,
+    dedupe: Dedupe,
     /// Applied in the open transaction (`BEGIN` done, no `COMMIT` yet).
     open: Option<Unsynced>,
     /// Committed, not yet handed to the syncer.
@@ -347,6 +414,7 @@ struct Writer {
 
 fn writer_loop(
     conn: Connection,
+    dedupe: Dedupe,
     mut rx: mpsc::Receiver<Op>,
     me: mpsc::WeakSender<Op>,
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
@@ -377,6 +445,7 @@ fn writer_loop(
     };
     let mut w = Writer {
         conn,
+        dedupe,
         open: None,
         committed: Vec::new(),
     };
@@ -485,7 +554,7 @@ impl Writer {
         let open = self.open.as_mut().expect("a transaction is open");
         let mut ops = ops.drain(..);
         for op in ops.by_ref() {
-            let d = run(&self.conn, &op);
+            let d = run(&self.conn, &mut self.dedupe, &op);
             if d.failed() {
                 let mut again: Vec<Op> = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
                 again.push(op);
@@ -502,13 +571,17 @@ impl Writer {
         if let Err(e) = self.conn.execute_batch("ROLLBACK") {
             tracing::error!(error = %e, "store rollback failed");
         }
+        self.dedupe.reload(&self.conn);
         tracing::debug!(
             operations = ops.len(),
             "store group failed; running its operations one by one"
         );
         for op in ops {
-            match alone(&mut self.conn, &op) {
-                Done::Failed(e) => answer(op, Done::Failed(e), None),
+            match alone(&mut self.conn, &mut self.dedupe, &op) {
+                Done::Failed(e) => {
+                    self.dedupe.reload(&self.conn);
+                    answer(op, Done::Failed(e), None)
+                }
                 d => self.committed.push((op, d)),
             }
         }
@@ -518,11 +591,13 @@ impl Writer {
     fn commit(&mut self) -> bool {
         if let Some(open) = self.open.take() {
             let started = std::time::Instant::now();
+            self.dedupe.work(&self.conn);
             match self.conn.execute_batch("COMMIT") {
                 Ok(()) => self.committed.extend(open),
                 Err(e) => {
                     tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
                     let _ = self.conn.execute_batch("ROLLBACK");
+                    self.dedupe.reload(&self.conn);
                     let err = unavailable(e);
                     for (op, _) in open {
                         fail(op, &err);
@@ -540,6 +615,7 @@ impl Writer {
     fn abandon(&mut self, err: &StoreError) {
         if let Some(open) = self.open.take() {
             let _ = self.conn.execute_batch("ROLLBACK");
+            self.dedupe.reload(&self.conn);
             for (op, _) in open {
                 fail(op, err);
             }
@@ -551,12 +627,12 @@ impl Writer {
 }
 
 /// One operation in a transaction of its own.
-fn alone(conn: &mut Connection, op: &Op) -> Done {
+fn alone(conn: &mut Connection, dedupe: &mut Dedupe, op: &Op) -> Done {
     let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
         Ok(tx) => tx,
         Err(e) => return Done::Failed(unavailable(e)),
     };
-    let d = run(&tx, op);
+    let d = run(&tx, dedupe, op);
     if d.failed() {
         return d; // dropping the transaction rolls it back
     }
@@ -591,13 +667,13 @@ impl Done {
 }
 
 /// Runs one operation inside the group's transaction.
-fn run(t: &Connection, op: &Op) -> Done {
+fn run(t: &Connection, dedupe: &mut Dedupe, op: &Op) -> Done {
     let refused_or_failed = |e: StoreError| match e {
         StoreError::Unavailable(_) => Done::Failed(e),
         other => Done::Refused(other),
     };
     match op {
-        Op::Insert(ev, _) => insert(t, ev).map_or_else(refused_or_failed, Done::Inserted),
+        Op::Insert(ev, _) => insert(t, dedupe, ev).map_or_else(refused_or_failed, Done::Inserted),
         Op::Claim {
             sink,
             limit,
@@ -607,7 +683,7 @@ fn run(t: &Connection, op: &Op) -> Done {
         } => claim(t, sink, *limit, *lease_until, *now).map_or_else(refused_or_failed, Done::Claimed),
         Op::Complete(done, _) => complete(t, done).map_or_else(refused_or_failed, |()| Done::Completed),
         Op::Replay(target, now, _) => replay(t, target, *now).map_or_else(refused_or_failed, Done::Replayed),
-        Op::Prune(retention, now, _) => prune(t, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
+        Op::Prune(retention, now, _) => prune(t, dedupe, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
         Op::Close(_) | Op::Synced => Done::Closed,
     }
 }
@@ -650,28 +726,28 @@ fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
     }
 }
 
-fn insert(t: &Connection, ev: &NewEvent) -> Result<Inserted, StoreError> {
+fn insert(t: &Connection, dedupe: &mut Dedupe, ev: &NewEvent) -> Result<Inserted, StoreError> {
+    if dedupe.find(t, &ev.source, &ev.event_id)?.is_some() {
+        return Ok(Inserted::Duplicate);
+    }
     let mut stmt = t
         .prepare_cached(
             "INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (source, event_id) DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )
         .map_err(unavailable)?;
-    let n = stmt
-        .execute(params![
-            ev.source,
-            ev.event_id,
-            ev.kind,
-            ev.event_type,
-            ev.occurred_at,
-            ev.received_at,
-            &ev.body[..]
-        ])
-        .map_err(unavailable)?;
-    if n == 0 {
-        return Ok(Inserted::Duplicate);
-    }
+    stmt.execute(params![
+        ev.source,
+        ev.event_id,
+        ev.kind,
+        ev.event_type,
+        ev.occurred_at,
+        ev.received_at,
+        &ev.body[..]
+    ])
+    .map_err(unavailable)?;
     let seq = t.last_insert_rowid();
+    dedupe.add(&ev.source, &ev.event_id, seq);
     let mut stmt = t
         .prepare_cached(
             "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
@@ -810,17 +886,14 @@ fn replay(t: &Connection, target: &ReplayTarget, now: i64) -> Result<u64, StoreE
             Ok(n as u64)
         }
         ReplayTarget::Event { source, id, sink } => {
-            let found: Option<(i64, bool)> = t
-                .query_row(
-                    "SELECT seq, body IS NOT NULL FROM events WHERE source = ?1 AND event_id = ?2",
-                    params![source, id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(unavailable)?;
-            let Some((seq, has_body)) = found else {
+            let Some(seq) = dedupe::find_stored(t, source, id)? else {
                 return Err(StoreError::NotFound);
             };
+            let has_body: bool = t
+                .query_row("SELECT body IS NOT NULL FROM events WHERE seq = ?1", [seq], |r| {
+                    r.get(0)
+                })
+                .map_err(unavailable)?;
             if !has_body {
                 return Err(StoreError::Pruned);
             }
@@ -864,7 +937,7 @@ fn delivery_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     })
 }
 
-fn prune(t: &Connection, r: Retention, now: i64) -> Result<PruneStats, StoreError> {
+fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<PruneStats, StoreError> {
     let ms = |d: Duration| d.as_millis().min(i64::MAX as u128) as i64;
     let delivered_cutoff = now.saturating_sub(ms(r.keep_delivered));
     let dead_cutoff = now.saturating_sub(ms(r.keep_dead_letters));
@@ -897,6 +970,9 @@ fn prune(t: &Connection, r: Retention, now: i64) -> Result<PruneStats, StoreErro
           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) LIMIT ?2)",
         dedupe_cutoff,
     )?;
+    if stats.events_deleted > 0 {
+        dedupe.drop_empty_runs(t)?;
+    }
     Ok(stats)
 }
 
@@ -1023,10 +1099,15 @@ impl Store for SqliteStore {
     async fn event_detail(&self, source: &str, id: &str) -> Result<EventDetail, StoreError> {
         let (source, id) = (source.to_string(), id.to_string());
         self.read(move |c| {
+            // One snapshot: a merge that finishes meanwhile cannot hide the key.
+            let snapshot = c.unchecked_transaction().map_err(unavailable)?;
+            let Some(seq) = dedupe::find_stored(&snapshot, &source, &id)? else {
+                return Err(StoreError::NotFound);
+            };
             let found = c
                 .query_row(
-                    "SELECT seq, kind, type, occurred_at, received_at, body FROM events WHERE source = ?1 AND event_id = ?2",
-                    params![source, id],
+                    "SELECT seq, kind, type, occurred_at, received_at, body FROM events WHERE seq = ?1",
+                    [seq],
                     |r| {
                         Ok((
                             r.get::<_, i64>(0)?,
@@ -1064,7 +1145,12 @@ impl Store for SqliteStore {
             for delivery in rows {
                 let attempt_log = log
                     .query_map([delivery.id], |r| {
-                        Ok(AttemptRow { attempt: r.get(0)?, finished_at: r.get(1)?, outcome: r.get(2)?, error: r.get(3)? })
+                        Ok(AttemptRow {
+                            attempt: r.get(0)?,
+                            finished_at: r.get(1)?,
+                            outcome: r.get(2)?,
+                            error: r.get(3)?,
+                        })
                     })
                     .map_err(unavailable)?
                     .collect::<Result<Vec<_>, _>>()

@@ -1794,3 +1794,323 @@ async fn postgres_unreachable_names_the_target_not_the_password() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// SQLite dedupe runs (src/store/dedupe.rs), with runs small enough that a few
+// hundred events seal, merge and delete many of them.
+
+const TINY: super::dedupe::Tuning = super::dedupe::Tuning {
+    seal_at: 8,
+    fan_in: 3,
+    work_per_event: 12,
+    work_min: 16,
+};
+
+fn tiny(dir: &std::path::Path) -> Arc<dyn Store> {
+    Arc::new(SqliteStore::open_tuned(dir, TINY).expect("open the SQLite store"))
+}
+
+fn db(dir: &TempDir) -> rusqlite::Connection {
+    rusqlite::Connection::open(dir.path().join("expeditor.db")).expect("open the database")
+}
+
+/// (live runs, their highest level, rows of runs that are not live).
+fn runs(dir: &TempDir) -> (i64, i64, i64) {
+    db(dir)
+        .query_row(
+            "SELECT (SELECT COUNT(*) FROM dedupe_runs), (SELECT COALESCE(MAX(level), -1) FROM dedupe_runs),
+                    (SELECT COUNT(*) FROM dedupe_keys WHERE run NOT IN (SELECT id FROM dedupe_runs))",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .expect("read the runs")
+}
+
+/// Commits with nothing in them until the store has deleted every run it no
+/// longer needs (each commit does a little of that work).
+async fn settle(store: &dyn Store, dir: &TempDir) {
+    for _ in 0..2_000 {
+        if runs(dir).2 == 0 {
+            return;
+        }
+        store.ping().await.expect("ping");
+    }
+    panic!("merged runs were never deleted: {:?}", runs(dir));
+}
+
+/// Against a model: new events, vendor retries of stored and of pruned
+/// events, pruning as time passes, and reopening (closed, or dropped as a
+/// crash would leave it) in between. Every answer is the model's, the runs
+/// reach several levels, and what merges leave behind is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dedupe_runs_match_a_model_across_merges_prunes_and_reopens() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = tiny(dir.path());
+    let mut rng = fastrand::Rng::with_seed(7);
+    let retention = Retention {
+        dedupe_window: Duration::from_secs(3600),
+        keep_delivered: Duration::ZERO,
+        keep_dead_letters: Duration::ZERO,
+    };
+    // id → received_at, for the events the store should hold.
+    let mut live: std::collections::BTreeMap<String, i64> = Default::default();
+    let mut ever: Vec<String> = Vec::new();
+    let mut now = T0;
+    let mut highest_level = -1;
+    let mut reopened = 0;
+    for step in 0..1_500 {
+        now += 20 * SECOND;
+        match rng.u32(0..100) {
+            0..70 => {
+                let id = format!("evt_{:016x}", rng.u64(..));
+                assert_eq!(
+                    insert(&*store, event_at(&id, &[], now)).await,
+                    Inserted::New(vec![]),
+                    "step {step}"
+                );
+                live.insert(id.clone(), now);
+                ever.push(id);
+            }
+            70..93 if !ever.is_empty() => {
+                let id = ever[rng.usize(..ever.len())].clone();
+                let got = insert(&*store, event_at(&id, &[], now)).await;
+                match live.entry(id) {
+                    std::collections::btree_map::Entry::Occupied(stored) => {
+                        assert_eq!(
+                            got,
+                            Inserted::Duplicate,
+                            "step {step}: retry of stored {}",
+                            stored.key()
+                        );
+                    }
+                    std::collections::btree_map::Entry::Vacant(pruned) => {
+                        assert_eq!(
+                            got,
+                            Inserted::New(vec![]),
+                            "step {step}: retry of pruned {}",
+                            pruned.key()
+                        );
+                        pruned.insert(now);
+                    }
+                }
+            }
+            93..97 => {
+                store.prune(retention, now).await.expect("prune");
+                live.retain(|_, at| *at >= now - HOUR);
+            }
+            _ => {
+                if rng.bool() {
+                    store.close().await;
+                }
+                drop(store);
+                store = tiny(dir.path());
+                reopened += 1;
+            }
+        }
+        if step % 50 == 0 {
+            highest_level = highest_level.max(runs(&dir).1);
+        }
+    }
+    assert!(reopened > 10, "reopened {reopened} times");
+    assert!(highest_level >= 2, "runs reached level {highest_level} only");
+    // Every stored event is found by key from the database alone (the admin
+    // API's reader), and a pruned one is not.
+    for (id, at) in live.iter().step_by(7) {
+        let detail = store.event_detail("crumb", id).await.expect("stored event");
+        assert_eq!(detail.received_at, *at);
+    }
+    if let Some(gone) = ever.iter().find(|id| !live.contains_key(*id)) {
+        assert_eq!(
+            store.event_detail("crumb", gone).await.unwrap_err(),
+            StoreError::NotFound
+        );
+    }
+    let listed: BTreeSet<String> = events(&*store, None, None).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(listed, live.keys().cloned().collect::<BTreeSet<_>>());
+    settle(&*store, &dir).await;
+}
+
+/// Many clients send the same events at once, so one commit group holds an
+/// event and its duplicates while runs are sealed and merged: each is stored
+/// once, and everything else is answered as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_dedupe_runs_store_each_of_concurrent_duplicates_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    const IDS: usize = 300;
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..6u64 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut ids: Vec<usize> = (0..IDS).collect();
+            fastrand::Rng::with_seed(client).shuffle(&mut ids);
+            let mut new = Vec::new();
+            for i in ids {
+                if insert(&*store, new_event(&format!("evt_{i:04}"), &["a"])).await != Inserted::Duplicate {
+                    new.push(i);
+                }
+            }
+            new
+        });
+    }
+    let mut stored: Vec<usize> = tasks.join_all().await.into_iter().flatten().collect();
+    stored.sort_unstable();
+    assert_eq!(stored, (0..IDS).collect::<Vec<_>>());
+    assert_eq!(claim(&*store, "a", T0).await.len(), IDS);
+    assert!(runs(&dir).1 >= 1, "runs were merged: {:?}", runs(&dir));
+}
+
+/// The rollback path: a failed write in a group undoes the keys it added in
+/// memory too, with runs being sealed and merged around it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_dedupe_runs_forget_a_failed_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..200 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let sinks: &[&str] = if i % 50 == 25 { &["a", "a"] } else { &["a"] };
+            store.insert(new_event(&format!("evt_{i:03}"), sinks)).await.is_ok()
+        });
+    }
+    let ok = tasks.join_all().await.into_iter().filter(|ok| *ok).count();
+    assert_eq!(ok, 196);
+    for i in [25, 75, 125, 175] {
+        let id = format!("evt_{i:03}");
+        assert_eq!(
+            insert(&*store, new_event(&id, &["a"])).await,
+            Inserted::New(vec![]),
+            "{id}"
+        );
+    }
+    assert_eq!(insert(&*store, new_event("evt_024", &["a"])).await, Inserted::Duplicate);
+}
+
+/// The schema 0 store (dedupe keys in a UNIQUE index of events), as an older
+/// expeditor left it.
+const SCHEMA_0: &str = "
+CREATE TABLE events (seq INTEGER PRIMARY KEY, source TEXT NOT NULL, event_id TEXT NOT NULL, kind TEXT NOT NULL,
+    type TEXT NOT NULL, occurred_at INTEGER, received_at INTEGER NOT NULL, body BLOB, UNIQUE (source, event_id));
+CREATE INDEX events_received ON events (received_at);
+CREATE INDEX events_uncompacted ON events (received_at) WHERE body IS NOT NULL;
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY, event_seq INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
+    sink TEXT NOT NULL, state INTEGER NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, due_at INTEGER NOT NULL,
+    lease_until INTEGER, last_error TEXT, updated_at INTEGER NOT NULL, UNIQUE (event_seq, sink));
+CREATE INDEX deliveries_due ON deliveries (sink, due_at) WHERE state = 0;
+CREATE INDEX deliveries_state ON deliveries (state, updated_at);
+CREATE TABLE attempts (id INTEGER PRIMARY KEY, delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    attempt INTEGER NOT NULL, finished_at INTEGER NOT NULL, outcome TEXT NOT NULL, error TEXT);
+CREATE INDEX attempts_delivery ON attempts (delivery_id);
+";
+
+/// A schema 0 store with `n` events `old_0..`, each with a pending delivery to
+/// `a`, the first also delivered to `b` with its attempt.
+fn schema_0_store(dir: &TempDir, n: i64) {
+    let conn = db(dir);
+    conn.execute_batch("PRAGMA journal_mode = WAL").unwrap();
+    conn.execute_batch(SCHEMA_0).unwrap();
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1)
+         INSERT INTO events (source, event_id, kind, type, received_at, body)
+         SELECT 'crumb', 'old_' || i, 'crumbpos', 'order.created', ?2, X'7B7D' FROM n",
+        params![n, T0],
+    )
+    .unwrap();
+    conn.execute_batch(&format!(
+        "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) SELECT seq, 'a', 0, {T0}, {T0} FROM events;
+         INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, updated_at) VALUES (1, 'b', 1, 1, {T0}, {T0});
+         INSERT INTO attempts (delivery_id, attempt, finished_at, outcome) VALUES (last_insert_rowid(), 1, {T0}, 'delivered');"
+    ))
+    .unwrap();
+}
+
+use rusqlite::params;
+
+/// A store an older expeditor wrote is upgraded on open: its events,
+/// deliveries and attempts stay, its events still dedupe (from memory when
+/// few, from a run written at open when many), and new events follow them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_upgrades_a_schema_0_store() {
+    for n in [5, 100] {
+        let dir = tempfile::tempdir().unwrap();
+        schema_0_store(&dir, n);
+        let store = tiny(dir.path());
+        let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 1);
+        assert_eq!(runs(&dir).0, if n > 16 { 1 } else { 0 }, "{n} events");
+        for i in 0..n {
+            let id = format!("old_{i}");
+            assert_eq!(
+                insert(&*store, new_event(&id, &["a"])).await,
+                Inserted::Duplicate,
+                "{id}"
+            );
+        }
+        assert_eq!(insert(&*store, new_event("new", &["a"])).await, Inserted::New(vec![]));
+        let pending = claim(&*store, "a", T0).await;
+        assert_eq!(pending.len() as i64, n + 1);
+        assert_eq!(pending.iter().filter(|c| c.event.event_id == "new").count(), 1);
+        let first = store.event_detail("crumb", "old_0").await.unwrap();
+        assert_eq!(first.deliveries.len(), 2);
+        assert_eq!(first.deliveries[1].attempt_log.len(), 1);
+        // The new event's seq follows the old ones, and deleting an event still
+        // deletes its deliveries (the foreign key survived the rebuild).
+        let conn = db(&dir);
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM events WHERE event_id = 'new'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seq, n + 1);
+        conn.execute_batch("PRAGMA foreign_keys = ON; DELETE FROM events WHERE event_id = 'old_0'")
+            .unwrap();
+        let orphans: i64 = conn
+            .query_row("SELECT COUNT(*) FROM deliveries WHERE event_seq = 1", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(orphans, 0);
+    }
+}
+
+/// A store written by a newer expeditor is refused, not misread.
+#[test]
+fn sqlite_refuses_a_newer_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    db(&dir).execute_batch("PRAGMA user_version = 2").unwrap();
+    let err = SqliteStore::open(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("newer expeditor"), "{err}");
+}
+
+/// Events written into the tables from outside (as the benchmark's preload
+/// does) get a run at open, and rows of a run a crash cut short are deleted
+/// without being mistaken for keys; new runs number past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_open_covers_foreign_events_and_deletes_leftover_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny(dir.path()).close().await;
+    let conn = db(&dir);
+    conn.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 99)
+         INSERT INTO events (source, event_id, kind, type, received_at, body)
+         SELECT 'crumb', 'pre_' || i, 'crumbpos', 'order.created', ?1, NULL FROM n",
+        [T0],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (999, 'crumb', 'ghost', 1), (999, 'crumb', 'pre_5', 1)",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let store = tiny(dir.path());
+    assert_eq!(runs(&dir).0, 1);
+    assert_eq!(insert(&*store, new_event("pre_42", &[])).await, Inserted::Duplicate);
+    assert_eq!(insert(&*store, new_event("ghost", &[])).await, Inserted::New(vec![]));
+    for i in 0..40 {
+        insert(&*store, new_event(&format!("evt_{i}"), &[])).await;
+    }
+    settle(&*store, &dir).await;
+    let newest: i64 = db(&dir)
+        .query_row("SELECT MAX(id) FROM dedupe_runs", [], |r| r.get(0))
+        .unwrap();
+    assert!(newest > 999, "new runs number past leftovers: {newest}");
+    assert_eq!(insert(&*store, new_event("pre_5", &[])).await, Inserted::Duplicate);
+}

@@ -1,0 +1,856 @@
+//! The SQLite store's dedupe keys: which (source, event id) pairs it holds.
+//!
+//! A B-tree index over event ids puts each new event's key on a random page,
+//! so every event costs a page of its own in the WAL and again at the
+//! checkpoint, more so once the store outgrows the page cache: with two
+//! million events stored, that index was the whole of ingest's slowdown
+//! (BENCHMARKS.md). Here, as in a log-structured merge tree, the keys of
+//! recent events are held in memory (their durable copy is the event rows
+//! themselves, read back on open) and are written out in sorted runs,
+//! appended to one table in key order, so each page written is a full page of
+//! keys. Runs of one level are merged into one of the next, `fan_in` to one,
+//! so a store of N keys has O(log N) of them, and an in-memory Bloom filter
+//! per run (stored with it) lets a lookup skip the runs that cannot hold the
+//! key.
+//!
+//! Sealing, merging and deleting merged runs are done in chunks inside the
+//! writer's transactions, paced by the events stored, so no commit waits for
+//! a whole merge. A key's run can outlive its event (pruned): every hit is
+//! checked against the event row, and runs whose events are all gone are
+//! dropped. The events' `seq` is AUTOINCREMENT, never reused, so a key's seq
+//! names its event or nothing. If a transaction rolls back, the in-memory
+//! state is read again from what the database holds.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hasher;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::StoreError;
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+pub(super) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS dedupe_runs (
+    id        INTEGER PRIMARY KEY,
+    level     INTEGER NOT NULL,
+    first_seq INTEGER NOT NULL,     -- the events whose keys it holds: seq in first..=last
+    last_seq  INTEGER NOT NULL,
+    keys      INTEGER NOT NULL,
+    bloom     BLOB NOT NULL
+);
+-- Every run's keys, in key order; a run's rows are written in that order, after
+-- every older run's, so they fill pages one after another. Rows of a run not
+-- in dedupe_runs are left from a merge (or one cut short) and are deleted.
+CREATE TABLE IF NOT EXISTS dedupe_keys (
+    run      INTEGER NOT NULL,
+    source   TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    PRIMARY KEY (run, source, event_id)
+) WITHOUT ROWID;
+";
+
+/// How keys are kept. The store runs on [`Tuning::default`]; tests use small
+/// values so that seals and merges happen within a few hundred events.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Tuning {
+    /// Recent keys are written out as a run once this many have gathered
+    /// (memory, and what an open reads back, grow with it).
+    pub seal_at: usize,
+    /// Runs of one level are merged into one of the next once this many exist.
+    pub fan_in: usize,
+    /// Rows of sealing, merging and deleting done per event stored, and at
+    /// least per commit: each key is written once per level and deleted once
+    /// per merge, so this must stay above about twice the levels.
+    pub work_per_event: usize,
+    pub work_min: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            seal_at: 8192,
+            fan_in: 8,
+            work_per_event: 12,
+            work_min: 256,
+        }
+    }
+}
+
+/// Bits of Bloom filter per key: about 0.5 % false positives per run.
+const BITS_PER_KEY: usize = 12;
+/// Rows a merge reads from each input at once.
+const FILL: usize = 256;
+
+/// A key as the memory holds it: source, NUL, event id. Source names never
+/// hold a NUL (config allows `[A-Za-z0-9_-]`), so this is unambiguous, and its
+/// byte order is SQLite's order of (source, event_id).
+fn encode(buf: &mut Vec<u8>, source: &str, event_id: &str) {
+    buf.clear();
+    buf.extend_from_slice(source.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(event_id.as_bytes());
+}
+
+fn decode(key: &[u8]) -> Result<(&str, &str), StoreError> {
+    let nul = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+    let (source, rest) = key.split_at(nul);
+    let event_id = rest.get(1..).unwrap_or_default();
+    Ok((
+        std::str::from_utf8(source).map_err(unavailable)?,
+        std::str::from_utf8(event_id).map_err(unavailable)?,
+    ))
+}
+
+/// SipHash-1-3 with fixed keys: stable across builds, since filters are stored.
+fn hash(key: &[u8]) -> u64 {
+    let mut h = siphasher::sip::SipHasher13::new_with_keys(0x6578_7065_6469_746f, 0x7220_6465_6475_7065);
+    h.write(key);
+    h.finish()
+}
+
+fn hash_pair(buf: &mut Vec<u8>, source: &str, event_id: &str) -> u64 {
+    encode(buf, source, event_id);
+    hash(buf)
+}
+
+/// A blocked Bloom filter: a key sets 8 bits in one 256-bit block, one per
+/// 32-bit word, so a lookup touches one cache line however large the run.
+#[derive(Debug, Clone)]
+struct Bloom {
+    blocks: Vec<[u32; 8]>,
+}
+
+/// Odd multipliers that spread a key's high hash bits over each word.
+const SPREAD: [u32; 8] = [
+    0x9E37_79B1,
+    0x85EB_CA77,
+    0xC2B2_AE3D,
+    0x27D4_EB2F,
+    0x1656_67B1,
+    0xD3A2_646D,
+    0xFD70_46C5,
+    0xB55A_4F09,
+];
+
+impl Bloom {
+    fn with_capacity(keys: usize) -> Self {
+        let blocks = (keys.saturating_mul(BITS_PER_KEY)).div_ceil(256).max(1);
+        Self {
+            blocks: vec![[0; 8]; blocks],
+        }
+    }
+
+    /// A filter that holds everything: for a stored filter that cannot be read.
+    fn full() -> Self {
+        Self {
+            blocks: vec![[u32::MAX; 8]],
+        }
+    }
+
+    fn block(&self, h: u64) -> usize {
+        ((h as u32 as u64 * self.blocks.len() as u64) >> 32) as usize
+    }
+
+    fn insert(&mut self, h: u64) {
+        let b = self.block(h);
+        let x = (h >> 32) as u32;
+        for (word, spread) in self.blocks[b].iter_mut().zip(SPREAD) {
+            *word |= 1 << (x.wrapping_mul(spread) >> 27);
+        }
+    }
+
+    fn may_contain(&self, h: u64) -> bool {
+        let x = (h >> 32) as u32;
+        self.blocks[self.block(h)]
+            .iter()
+            .zip(SPREAD)
+            .all(|(word, spread)| word & (1 << (x.wrapping_mul(spread) >> 27)) != 0)
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        self.blocks.iter().flatten().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.is_empty() || !bytes.len().is_multiple_of(32) {
+            return None;
+        }
+        let blocks = bytes
+            .chunks_exact(32)
+            .map(|block| {
+                let mut words = [0u32; 8];
+                for (w, b) in words.iter_mut().zip(block.chunks_exact(4)) {
+                    *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                words
+            })
+            .collect();
+        Some(Self { blocks })
+    }
+}
+
+/// A sealed run of keys.
+#[derive(Debug)]
+struct Run {
+    id: i64,
+    level: u32,
+    first_seq: i64,
+    last_seq: i64,
+    keys: i64,
+    bloom: Bloom,
+    /// An input of a merge in progress (neither merged again nor dropped).
+    merging: bool,
+}
+
+/// Recent keys being written out as a run: looked up here until it is live.
+struct Seal {
+    out: i64,
+    /// Sorted by key.
+    keys: Vec<(Box<[u8]>, i64)>,
+    written: usize,
+    bloom: Bloom,
+}
+
+struct Merge {
+    out: i64,
+    level: u32,
+    inputs: Vec<Input>,
+    first_seq: i64,
+    last_seq: i64,
+    /// Keys of older events than the oldest stored are of pruned events: dropped.
+    oldest_event: i64,
+    written: i64,
+    bloom: Bloom,
+}
+
+/// One run a merge reads, in key order, a [`FILL`] at a time.
+struct Input {
+    run: i64,
+    /// The last key read.
+    after: Option<(String, String)>,
+    buf: VecDeque<(String, String, i64)>,
+    exhausted: bool,
+}
+
+impl Input {
+    fn fill(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
+        let rows: Vec<(String, String, i64)> = match &self.after {
+            None => conn
+                .prepare_cached(
+                    "SELECT source, event_id, seq FROM dedupe_keys WHERE run = ?1
+                     ORDER BY source, event_id LIMIT ?2",
+                )
+                .and_then(|mut s| s.query_map(params![self.run, FILL as i64], row)?.collect()),
+            Some((source, event_id)) => conn
+                .prepare_cached(
+                    "SELECT source, event_id, seq FROM dedupe_keys WHERE run = ?1 AND (source, event_id) > (?2, ?3)
+                     ORDER BY source, event_id LIMIT ?4",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![self.run, source, event_id, FILL as i64], row)?
+                        .collect()
+                }),
+        }
+        .map_err(unavailable)?;
+        self.exhausted = rows.len() < FILL;
+        if let Some((s, e, _)) = rows.last() {
+            self.after = Some((s.clone(), e.clone()));
+        }
+        self.buf.extend(rows);
+        Ok(())
+    }
+}
+
+/// The dedupe keys as the writer holds them.
+pub(super) struct Dedupe {
+    tuning: Tuning,
+    /// Keys of the events stored after the newest run: encoded key → seq.
+    recent: HashMap<Box<[u8]>, i64>,
+    sealing: Option<Seal>,
+    /// Live runs, oldest events first.
+    runs: Vec<Run>,
+    merges: Vec<Merge>,
+    /// Runs whose rows are left to delete.
+    garbage: Vec<i64>,
+    next_run: i64,
+    /// Events stored since the last [`Dedupe::work`]: they pace it.
+    stored: usize,
+    /// Set when the memory could not be read back after a rollback: lookups
+    /// try again, and fail until it can.
+    stale: bool,
+    scratch: Vec<u8>,
+}
+
+fn exists(conn: &Connection, seq: i64) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE seq = ?1)")
+        .and_then(|mut s| s.query_row([seq], |r| r.get(0)))
+        .map_err(unavailable)
+}
+
+fn probe(conn: &Connection, run: i64, source: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
+    conn.prepare_cached("SELECT seq FROM dedupe_keys WHERE run = ?1 AND source = ?2 AND event_id = ?3")
+        .and_then(|mut s| s.query_row(params![run, source, event_id], |r| r.get(0)).optional())
+        .map_err(unavailable)
+}
+
+fn register(conn: &Connection, run: &Run) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO dedupe_runs (id, level, first_seq, last_seq, keys, bloom) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            run.id,
+            run.level,
+            run.first_seq,
+            run.last_seq,
+            run.keys,
+            run.bloom.to_bytes()
+        ])
+    })
+    .map(drop)
+    .map_err(unavailable)
+}
+
+fn insert_key(conn: &Connection, run: i64, source: &str, event_id: &str, seq: i64) -> Result<(), StoreError> {
+    conn.prepare_cached("INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (?1, ?2, ?3, ?4)")
+        .and_then(|mut s| s.execute(params![run, source, event_id, seq]))
+        .map(drop)
+        .map_err(unavailable)
+}
+
+/// The newest event a run holds the key of; later events' keys are recent.
+fn sealed_through(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("SELECT COALESCE(MAX(last_seq), 0) FROM dedupe_runs", [], |r| r.get(0))
+        .map_err(unavailable)
+}
+
+/// The stored event with this key, from what the database holds alone (for
+/// readers without the writer's memory). Run inside one transaction, so a
+/// merge that finishes meanwhile cannot hide the key.
+pub(super) fn find_stored(conn: &Connection, source: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
+    let sealed = sealed_through(conn)?;
+    let recent = conn
+        .prepare_cached(
+            "SELECT seq FROM events WHERE seq > ?1 AND source = ?2 AND event_id = ?3 ORDER BY seq DESC LIMIT 1",
+        )
+        .and_then(|mut s| s.query_row(params![sealed, source, event_id], |r| r.get(0)).optional())
+        .map_err(unavailable)?;
+    if recent.is_some() {
+        return Ok(recent);
+    }
+    let runs: Vec<i64> = conn
+        .prepare_cached("SELECT id FROM dedupe_runs ORDER BY last_seq DESC")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .map_err(unavailable)?;
+    for run in runs {
+        if let Some(seq) = probe(conn, run, source, event_id)?
+            && exists(conn, seq)?
+        {
+            return Ok(Some(seq));
+        }
+    }
+    Ok(None)
+}
+
+/// The level a run of `keys` keys belongs to: the first whose runs are as large.
+fn level_for(tuning: Tuning, keys: usize) -> u32 {
+    let mut level = 0;
+    let mut size = tuning.seal_at.max(1);
+    while size < keys && level < 16 {
+        size = size.saturating_mul(tuning.fan_in.max(2));
+        level += 1;
+    }
+    level
+}
+
+/// On open: if more events than a seal holds have no run (a store written by
+/// an older expeditor, or one filled from outside), writes their keys as one
+/// run now, sorted by SQLite, rather than reading them all into memory.
+pub(super) fn cover(conn: &Connection, tuning: Tuning) -> Result<(), StoreError> {
+    let sealed = sealed_through(conn)?;
+    let (count, first, last): (i64, Option<i64>, Option<i64>) = conn
+        .query_row(
+            "SELECT COUNT(*), MIN(seq), MAX(seq) FROM events WHERE seq > ?1",
+            [sealed],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .map_err(unavailable)?;
+    let (Some(first), Some(last)) = (first, last) else {
+        return Ok(());
+    };
+    if (count as usize) <= 2 * tuning.seal_at {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    let tx = conn.unchecked_transaction().map_err(unavailable)?;
+    let run: i64 = tx
+        .query_row(
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM dedupe_runs), 0), COALESCE((SELECT MAX(run) FROM dedupe_keys), 0)) + 1",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(unavailable)?;
+    // Newest first within a key: if one was stored twice, its live event wins.
+    tx.execute(
+        "INSERT OR IGNORE INTO dedupe_keys (run, source, event_id, seq)
+         SELECT ?1, source, event_id, seq FROM events WHERE seq > ?2 ORDER BY source, event_id, seq DESC",
+        params![run, sealed],
+    )
+    .map_err(unavailable)?;
+    let mut bloom = Bloom::with_capacity(count as usize);
+    let mut buf = Vec::new();
+    let mut keys = 0;
+    {
+        let mut stmt = tx
+            .prepare("SELECT source, event_id FROM dedupe_keys WHERE run = ?1")
+            .map_err(unavailable)?;
+        let mut rows = stmt.query([run]).map_err(unavailable)?;
+        while let Some(row) = rows.next().map_err(unavailable)? {
+            let source = row.get_ref(0).and_then(|v| Ok(v.as_str()?)).map_err(unavailable)?;
+            let event_id = row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(unavailable)?;
+            bloom.insert(hash_pair(&mut buf, source, event_id));
+            keys += 1;
+        }
+    }
+    register(
+        &tx,
+        &Run {
+            id: run,
+            level: level_for(tuning, keys as usize),
+            first_seq: first,
+            last_seq: last,
+            keys,
+            bloom,
+            merging: false,
+        },
+    )?;
+    tx.commit().map_err(unavailable)?;
+    tracing::info!(
+        keys,
+        took_ms = started.elapsed().as_millis() as u64,
+        "wrote the dedupe keys of events stored without them as one run"
+    );
+    Ok(())
+}
+
+impl Dedupe {
+    /// Reads the runs and the recent keys from the database.
+    pub(super) fn load(conn: &Connection, tuning: Tuning) -> Result<Self, StoreError> {
+        let mut runs: Vec<Run> = conn
+            .prepare("SELECT id, level, first_seq, last_seq, keys, bloom FROM dedupe_runs ORDER BY last_seq")
+            .and_then(|mut s| {
+                s.query_map([], |r| {
+                    // Borrowed from SQLite's row: a big run's filter is megabytes.
+                    let bloom = r.get_ref(5)?.as_blob()?;
+                    Ok(Run {
+                        id: r.get(0)?,
+                        level: r.get(1)?,
+                        first_seq: r.get(2)?,
+                        last_seq: r.get(3)?,
+                        keys: r.get(4)?,
+                        bloom: Bloom::from_bytes(bloom).unwrap_or_else(|| {
+                            tracing::warn!("a dedupe run's filter is unreadable; every lookup reads that run");
+                            Bloom::full()
+                        }),
+                        merging: false,
+                    })
+                })?
+                .collect()
+            })
+            .map_err(unavailable)?;
+        runs.sort_by_key(|r| r.last_seq);
+        let sealed = runs.last().map_or(0, |r| r.last_seq);
+        // Every run with rows (one index seek each) that is not live.
+        let mut garbage = Vec::new();
+        let mut after = i64::MIN;
+        let mut next_run = runs.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        loop {
+            let run: Option<i64> = conn
+                .prepare_cached("SELECT run FROM dedupe_keys WHERE run > ?1 ORDER BY run LIMIT 1")
+                .and_then(|mut s| s.query_row([after], |r| r.get(0)).optional())
+                .map_err(unavailable)?;
+            let Some(run) = run else { break };
+            if !runs.iter().any(|r| r.id == run) {
+                garbage.push(run);
+            }
+            next_run = next_run.max(run + 1);
+            after = run;
+        }
+        let mut recent = HashMap::new();
+        let mut buf = Vec::new();
+        {
+            let mut stmt = conn
+                .prepare("SELECT seq, source, event_id FROM events WHERE seq > ?1")
+                .map_err(unavailable)?;
+            let mut rows = stmt.query([sealed]).map_err(unavailable)?;
+            while let Some(row) = rows.next().map_err(unavailable)? {
+                let seq: i64 = row.get(0).map_err(unavailable)?;
+                let source = row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(unavailable)?;
+                let event_id = row.get_ref(2).and_then(|v| Ok(v.as_str()?)).map_err(unavailable)?;
+                encode(&mut buf, source, event_id);
+                // Rows come in seq order: a key stored twice keeps its newest event.
+                recent.insert(buf.clone().into_boxed_slice(), seq);
+            }
+        }
+        Ok(Self {
+            tuning,
+            recent,
+            sealing: None,
+            runs,
+            merges: Vec::new(),
+            garbage,
+            next_run,
+            stored: 0,
+            stale: false,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// After a rollback: whatever the memory gained in the transaction is
+    /// gone from the database, so it is read again from there.
+    pub(super) fn reload(&mut self, conn: &Connection) {
+        match Self::load(conn, self.tuning) {
+            Ok(fresh) => *self = fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the dedupe keys back after a rollback; storing events waits until they can be");
+                self.stale = true;
+            }
+        }
+    }
+
+    /// The stored event with this key, if any.
+    pub(super) fn find(&mut self, conn: &Connection, source: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
+        if self.stale {
+            *self = Self::load(conn, self.tuning)?;
+        }
+        encode(&mut self.scratch, source, event_id);
+        if let Some(&seq) = self.recent.get(&self.scratch[..])
+            && exists(conn, seq)?
+        {
+            return Ok(Some(seq));
+        }
+        if let Some(seal) = &self.sealing
+            && let Ok(i) = seal.keys.binary_search_by(|(k, _)| k[..].cmp(&self.scratch[..]))
+            && exists(conn, seal.keys[i].1)?
+        {
+            return Ok(Some(seal.keys[i].1));
+        }
+        let h = hash(&self.scratch);
+        for run in self.runs.iter().rev() {
+            if run.bloom.may_contain(h)
+                && let Some(seq) = probe(conn, run.id, source, event_id)?
+                && exists(conn, seq)?
+            {
+                return Ok(Some(seq));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records the key of an event just stored as `seq`.
+    pub(super) fn add(&mut self, source: &str, event_id: &str, seq: i64) {
+        encode(&mut self.scratch, source, event_id);
+        self.recent.insert(self.scratch.clone().into_boxed_slice(), seq);
+        self.stored += 1;
+    }
+
+    /// Does a share of the sealing, merging and deleting, inside the writer's
+    /// open transaction. A failure undoes the share (to a savepoint) and reads
+    /// the state back, without failing the transaction's operations.
+    pub(super) fn work(&mut self, conn: &Connection) {
+        let mut budget = self.tuning.work_min.saturating_add(
+            self.tuning
+                .work_per_event
+                .saturating_mul(std::mem::take(&mut self.stored)),
+        );
+        let done = conn
+            .execute_batch("SAVEPOINT dedupe_work")
+            .map_err(unavailable)
+            .and_then(|()| self.work_within(conn, &mut budget))
+            .and_then(|()| conn.execute_batch("RELEASE dedupe_work").map_err(unavailable));
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "writing dedupe runs failed; started again later");
+            let _ = conn.execute_batch("ROLLBACK TO dedupe_work; RELEASE dedupe_work");
+            self.reload(conn);
+        }
+    }
+
+    fn work_within(&mut self, conn: &Connection, budget: &mut usize) -> Result<(), StoreError> {
+        if self.sealing.is_none() && self.recent.len() >= self.tuning.seal_at {
+            self.freeze();
+        }
+        if let Some(seal) = &mut self.sealing {
+            while *budget > 0 && seal.written < seal.keys.len() {
+                let (key, seq) = &seal.keys[seal.written];
+                let (source, event_id) = decode(key)?;
+                insert_key(conn, seal.out, source, event_id, *seq)?;
+                seal.bloom.insert(hash(key));
+                seal.written += 1;
+                *budget -= 1;
+            }
+            if seal.written == seal.keys.len() {
+                let seal = self.sealing.take().expect("sealing");
+                let run = Run {
+                    id: seal.out,
+                    level: 0,
+                    first_seq: seal.keys.iter().map(|k| k.1).min().unwrap_or(0),
+                    last_seq: seal.keys.iter().map(|k| k.1).max().unwrap_or(0),
+                    keys: seal.keys.len() as i64,
+                    bloom: seal.bloom,
+                    merging: false,
+                };
+                register(conn, &run)?;
+                self.runs.push(run);
+                self.schedule(conn)?;
+            }
+        }
+        while *budget > 0 {
+            let Some(i) = (0..self.merges.len()).min_by_key(|&i| self.merges[i].level) else {
+                break;
+            };
+            if self.step_merge(conn, i, budget)? {
+                self.finish_merge(conn, i)?;
+                self.schedule(conn)?;
+            }
+        }
+        while *budget > 0
+            && let Some(&run) = self.garbage.last()
+        {
+            // Up to the budget's key of the run, or the rest of it.
+            let n = conn
+                .prepare_cached(
+                    "DELETE FROM dedupe_keys WHERE run = ?1 AND (source, event_id) <=
+                     (SELECT source, event_id FROM dedupe_keys WHERE run = ?1 ORDER BY source, event_id
+                      LIMIT 1 OFFSET ?2)",
+                )
+                .and_then(|mut s| s.execute(params![run, (*budget - 1) as i64]))
+                .map_err(unavailable)?;
+            if n == 0 {
+                let rest = conn
+                    .prepare_cached("DELETE FROM dedupe_keys WHERE run = ?1")
+                    .and_then(|mut s| s.execute([run]))
+                    .map_err(unavailable)?;
+                *budget = budget.saturating_sub(rest);
+                self.garbage.pop();
+            } else {
+                *budget = budget.saturating_sub(n);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the recent keys into a seal (they are still looked up there).
+    fn freeze(&mut self) {
+        let mut keys: Vec<(Box<[u8]>, i64)> = std::mem::take(&mut self.recent).into_iter().collect();
+        keys.sort_unstable();
+        self.sealing = Some(Seal {
+            out: self.next_run,
+            bloom: Bloom::with_capacity(keys.len()),
+            keys,
+            written: 0,
+        });
+        self.next_run += 1;
+    }
+
+    /// Starts a merge for every level that has `fan_in` runs not merging.
+    fn schedule(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        let fan_in = self.tuning.fan_in.max(2);
+        loop {
+            let mut counts: HashMap<u32, usize> = HashMap::new();
+            for run in self.runs.iter().filter(|r| !r.merging) {
+                *counts.entry(run.level).or_default() += 1;
+            }
+            let Some(level) = counts.iter().filter(|(_, n)| **n >= fan_in).map(|(l, _)| *l).min() else {
+                return Ok(());
+            };
+            let oldest_event: Option<i64> = conn
+                .query_row("SELECT MIN(seq) FROM events", [], |r| r.get(0))
+                .map_err(unavailable)?;
+            let mut inputs = Vec::new();
+            let (mut first_seq, mut last_seq, mut keys) = (i64::MAX, i64::MIN, 0usize);
+            // Runs are in event order: the oldest of the level go first.
+            for run in self
+                .runs
+                .iter_mut()
+                .filter(|r| !r.merging && r.level == level)
+                .take(fan_in)
+            {
+                run.merging = true;
+                first_seq = first_seq.min(run.first_seq);
+                last_seq = last_seq.max(run.last_seq);
+                keys += run.keys.max(0) as usize;
+                inputs.push(Input {
+                    run: run.id,
+                    after: None,
+                    buf: VecDeque::new(),
+                    exhausted: false,
+                });
+            }
+            self.merges.push(Merge {
+                out: self.next_run,
+                level: level + 1,
+                inputs,
+                first_seq,
+                last_seq,
+                oldest_event: oldest_event.unwrap_or(i64::MAX),
+                written: 0,
+                bloom: Bloom::with_capacity(keys),
+            });
+            self.next_run += 1;
+        }
+    }
+
+    /// Merges keys into the output until the budget is spent; true once done.
+    fn step_merge(&mut self, conn: &Connection, i: usize, budget: &mut usize) -> Result<bool, StoreError> {
+        let m = &mut self.merges[i];
+        while *budget > 0 {
+            for input in &mut m.inputs {
+                if input.buf.is_empty() && !input.exhausted {
+                    input.fill(conn)?;
+                }
+            }
+            let Some(first) = (0..m.inputs.len())
+                .filter(|&j| !m.inputs[j].buf.is_empty())
+                .min_by(|&a, &b| {
+                    let (x, y) = (&m.inputs[a].buf[0], &m.inputs[b].buf[0]);
+                    (&x.0, &x.1).cmp(&(&y.0, &y.1))
+                })
+            else {
+                return Ok(true);
+            };
+            let (source, event_id, mut seq) = m.inputs[first].buf.pop_front().expect("not empty");
+            // The same key in another run (stored again after its event was
+            // pruned): one row, for the newest event.
+            for input in &mut m.inputs {
+                if input
+                    .buf
+                    .front()
+                    .is_some_and(|(s, e, _)| *s == source && *e == event_id)
+                {
+                    let (_, _, other) = input.buf.pop_front().expect("front");
+                    seq = seq.max(other);
+                }
+            }
+            *budget -= 1;
+            if seq < m.oldest_event {
+                continue;
+            }
+            insert_key(conn, m.out, &source, &event_id, seq)?;
+            m.bloom.insert(hash_pair(&mut self.scratch, &source, &event_id));
+            m.written += 1;
+        }
+        Ok(false)
+    }
+
+    /// Makes a finished merge's output live in place of its inputs.
+    fn finish_merge(&mut self, conn: &Connection, i: usize) -> Result<(), StoreError> {
+        let m = &self.merges[i];
+        let run = Run {
+            id: m.out,
+            level: m.level,
+            first_seq: m.first_seq,
+            last_seq: m.last_seq,
+            keys: m.written,
+            bloom: m.bloom.clone(),
+            merging: false,
+        };
+        register(conn, &run)?;
+        let mut delete = conn
+            .prepare_cached("DELETE FROM dedupe_runs WHERE id = ?1")
+            .map_err(unavailable)?;
+        for input in &m.inputs {
+            delete.execute([input.run]).map_err(unavailable)?;
+        }
+        let m = self.merges.remove(i);
+        let inputs: Vec<i64> = m.inputs.iter().map(|input| input.run).collect();
+        self.runs.retain(|r| !inputs.contains(&r.id));
+        self.garbage.extend(inputs);
+        let at = self.runs.partition_point(|r| r.last_seq < run.last_seq);
+        self.runs.insert(at, run);
+        Ok(())
+    }
+
+    /// Drops runs whose events are all gone (pruned); returns how many. Never
+    /// the newest, which marks where the recent keys begin.
+    pub(super) fn drop_empty_runs(&mut self, conn: &Connection) -> Result<u64, StoreError> {
+        let newest = self.runs.last().map(|r| r.id);
+        let mut dropped = Vec::new();
+        for run in self.runs.iter().filter(|r| !r.merging && Some(r.id) != newest) {
+            let any: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM events WHERE seq BETWEEN ?1 AND ?2)")
+                .and_then(|mut s| s.query_row([run.first_seq, run.last_seq], |r| r.get(0)))
+                .map_err(unavailable)?;
+            if !any {
+                conn.prepare_cached("DELETE FROM dedupe_runs WHERE id = ?1")
+                    .and_then(|mut s| s.execute([run.id]))
+                    .map_err(unavailable)?;
+                dropped.push(run.id);
+            }
+        }
+        self.runs.retain(|r| !dropped.contains(&r.id));
+        let n = dropped.len() as u64;
+        self.garbage.extend(dropped);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bloom_holds_what_it_was_given_and_rarely_more() {
+        let mut buf = Vec::new();
+        let mut bloom = Bloom::with_capacity(10_000);
+        for i in 0..10_000 {
+            bloom.insert(hash_pair(&mut buf, "crumb", &format!("evt_{i}")));
+        }
+        for i in 0..10_000 {
+            assert!(bloom.may_contain(hash_pair(&mut buf, "crumb", &format!("evt_{i}"))));
+        }
+        let false_positives = (10_000..110_000)
+            .filter(|i| bloom.may_contain(hash_pair(&mut buf, "crumb", &format!("evt_{i}"))))
+            .count();
+        assert!(false_positives < 1_000, "{false_positives} false positives in 100,000");
+        let again = Bloom::from_bytes(&bloom.to_bytes()).expect("round trip");
+        assert_eq!(again.blocks, bloom.blocks);
+        assert!(Bloom::from_bytes(&[1, 2, 3]).is_none());
+    }
+
+    #[test]
+    fn encoded_keys_sort_as_sqlite_sorts_source_then_event_id() {
+        let pairs = [("a", "z"), ("ab", "a"), ("a", "\u{0}x"), ("b", ""), ("a", "")];
+        let mut encoded: Vec<Vec<u8>> = pairs
+            .iter()
+            .map(|(s, e)| {
+                let mut buf = Vec::new();
+                encode(&mut buf, s, e);
+                buf
+            })
+            .collect();
+        encoded.sort();
+        let mut sorted = pairs.to_vec();
+        sorted.sort();
+        let decoded: Vec<(&str, &str)> = encoded.iter().map(|k| decode(k).unwrap()).collect();
+        assert_eq!(decoded, sorted);
+    }
+
+    #[test]
+    fn levels_grow_by_fan_in() {
+        let t = Tuning {
+            seal_at: 10,
+            fan_in: 4,
+            ..Tuning::default()
+        };
+        assert_eq!(level_for(t, 1), 0);
+        assert_eq!(level_for(t, 10), 0);
+        assert_eq!(level_for(t, 11), 1);
+        assert_eq!(level_for(t, 160), 2);
+        assert_eq!(level_for(t, 161), 3);
+    }
+}
