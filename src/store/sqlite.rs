@@ -259,6 +259,9 @@ impl SqliteStore {
         }
         dedupe::cover(&conn, tuning)?;
         let dedupe = Dedupe::load(&conn, tuning)?;
+        // Reading the runs' filters filled the page cache with pages no commit
+        // needs: megabytes of idle memory for a big store.
+        let _ = conn.execute_batch("PRAGMA shrink_memory");
         // The syncer's fsync makes commits durable, not SQLite's (see above).
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(unavailable)?;
         let wal_file = dir.join("expeditor.db-wal");
