@@ -22,6 +22,10 @@
 //! Checkpoints (copying the WAL into the database file, with its own fsync)
 //! run on a third connection in a thread of their own, so a commit, and
 //! every ack waiting on it, never pays for one.
+//!
+//! Which (source, event id) pairs are stored is not an index of `events`
+//! (a random page per event) but sorted runs the writer keeps up: see
+//! `dedupe.rs`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
