@@ -523,11 +523,19 @@ impl Dedupe {
         }
     }
 
-    /// The stored event with this key, if any.
-    pub(super) fn find(&mut self, conn: &Connection, source: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
+    /// Reads the state back if a reload failed: nothing may use memory the
+    /// database no longer matches (a merge it rolled back, keys of inserts it
+    /// rolled back).
+    fn fresh(&mut self, conn: &Connection) -> Result<(), StoreError> {
         if self.stale {
             *self = Self::load(conn, self.tuning)?;
         }
+        Ok(())
+    }
+
+    /// The stored event with this key, if any.
+    pub(super) fn find(&mut self, conn: &Connection, source: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
+        self.fresh(conn)?;
         encode(&mut self.scratch, source, event_id);
         if let Some(&seq) = self.recent.get(&self.scratch[..])
             && exists(conn, seq)?
@@ -563,6 +571,9 @@ impl Dedupe {
     /// open transaction. A failure undoes the share (to a savepoint) and reads
     /// the state back, without failing the transaction's operations.
     pub(super) fn work(&mut self, conn: &Connection) {
+        if self.fresh(conn).is_err() {
+            return;
+        }
         let mut budget = self.tuning.work_min.saturating_add(
             self.tuning
                 .work_per_event
@@ -778,6 +789,7 @@ impl Dedupe {
     /// Drops runs whose events are all gone (pruned); returns how many. Never
     /// the newest, which marks where the recent keys begin.
     pub(super) fn drop_empty_runs(&mut self, conn: &Connection) -> Result<u64, StoreError> {
+        self.fresh(conn)?;
         let newest = self.runs.last().map(|r| r.id);
         let mut dropped = Vec::new();
         for run in self.runs.iter().filter(|r| !r.merging && Some(r.id) != newest) {

@@ -172,6 +172,40 @@ fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Takes the store directory for this process alone (`expeditor.lock`, an
+/// exclusive `flock`, released when the process dies): the writer's memory of
+/// recent dedupe keys is the only one, so a second process on the same file
+/// would store duplicates. Waits up to [`BUSY_LIMIT`] for a previous owner
+/// that is still finishing (a restart).
+fn lock_store(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join("expeditor.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| unavailable(format!("cannot open {}: {e}", path.display())))?;
+    let since = std::time::Instant::now();
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if since.elapsed() < BUSY_LIMIT => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(unavailable(format!(
+                    "{} is in use by another expeditor process; an embedded store serves one \
+                     (run several instances on a PostgreSQL store)",
+                    dir.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(unavailable(format!("cannot lock {}: {e}", path.display())));
+            }
+        }
+    }
+}
+
 /// Creates the schema, or brings a store written by an older expeditor up to
 /// this one's.
 fn migrate(conn: &Connection) -> Result<(), StoreError> {
@@ -244,6 +278,7 @@ impl SqliteStore {
     fn open_with(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal, tuning: Tuning) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
+        let lock = lock_store(dir)?;
         let file: PathBuf = dir.join("expeditor.db");
         let conn = open_connection(&file).map_err(|e| unavailable(format!("cannot open {}: {e}", file.display())))?;
         migrate(&conn).map_err(|e| unavailable(format!("cannot open {}: {e}", file.display())))?;
@@ -283,7 +318,7 @@ impl SqliteStore {
         let me = tx.downgrade();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, dedupe, rx, me, committed, sync_wal))
+            .spawn(move || writer_loop(conn, dedupe, lock, rx, me, committed, sync_wal))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
@@ -422,6 +457,8 @@ struct Writer {
 fn writer_loop(
     conn: Connection,
     dedupe: Dedupe,
+    // Held until the last write is done: the next open of the store waits for it.
+    lock: std::fs::File,
     mut rx: mpsc::Receiver<Op>,
     me: mpsc::WeakSender<Op>,
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
@@ -528,6 +565,7 @@ fn writer_loop(
     // Fold the WAL into the database so the next start has nothing to replay.
     let _ = w.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
     drop(w);
+    drop(lock);
     if let Some(reply) = closed {
         let _ = reply.send(());
     }

@@ -2114,3 +2114,22 @@ async fn sqlite_open_covers_foreign_events_and_deletes_leftover_runs() {
     assert!(newest > 999, "new runs number past leftovers: {newest}");
     assert_eq!(insert(&*store, new_event("pre_5", &[])).await, Inserted::Duplicate);
 }
+
+/// One process per embedded store: a second open of the same directory
+/// while the first is alive is refused (after waiting out the lock's limit),
+/// and succeeds once the first has closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_second_open_of_a_store_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = SqliteStore::open(dir.path()).unwrap();
+    insert(&first, new_event("evt_1", &[])).await;
+    let path = dir.path().to_path_buf();
+    let second = tokio::task::spawn_blocking(move || SqliteStore::open(&path).map(drop))
+        .await
+        .unwrap();
+    let err = second.unwrap_err().to_string();
+    assert!(err.contains("in use by another expeditor process"), "{err}");
+    first.close().await;
+    let again = SqliteStore::open(dir.path()).unwrap();
+    assert_eq!(insert(&again, new_event("evt_1", &[])).await, Inserted::Duplicate);
+}
