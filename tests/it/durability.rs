@@ -137,3 +137,28 @@ sinks = ["hook"]
     assert_eq!(got[1].event_id(), "evt_in_flight");
     d.wait_delivery("crumb", "evt_in_flight", "hook", "delivered").await;
 }
+
+/// One process per embedded store: a second `expeditor run` on the same
+/// store directory (other ports) exits with a clear error instead of
+/// serving beside the first, whose dedupe it would not see.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_on_the_same_store_is_refused() {
+    let d = Daemon::start(&format!("{}\n{SOURCES}", base_config(""))).await;
+    let reply = d.post_crumb(&crumb_order("evt_owned", 1000)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+
+    let config = std::fs::read_to_string(&d.config_path)
+        .expect("read the first daemon's config")
+        .replace(&d.ingest.to_string(), &crate::harness::free_addr().to_string())
+        .replace(&d.admin.to_string(), &crate::harness::free_addr().to_string());
+    let second = d.dir.path().join("second.toml");
+    std::fs::write(&second, config).expect("write the second config");
+    let out = crate::harness::run_cli(&second, d.dir.path(), &["run"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second daemon ran: {stderr}");
+    assert!(stderr.contains("is in use by another expeditor process"), "{stderr}");
+
+    // The first is untouched and still dedupes.
+    let reply = d.post_crumb(&crumb_order("evt_owned", 1000)).await;
+    assert_eq!(reply.json()["status"], "duplicate", "{}", reply.body);
+}
