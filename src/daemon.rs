@@ -42,7 +42,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let config = Arc::new(config);
     // PostgreSQL: connects now and fails fast when the database is unreachable.
-    let store: Arc<dyn Store> = crate::store::open(&config.store.backend).await?;
+    let store: Arc<dyn Store> = {
+        let _starting = crate::systemd::Starting::new("opening the store");
+        crate::store::open(&config.store.backend).await?
+    };
     let ingest_listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on server.listen = {}", config.server.listen))?;

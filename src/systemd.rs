@@ -26,6 +26,52 @@ pub fn status(status: &str) {
     send(&[NotifyState::Status(status)]);
 }
 
+/// While alive, asks systemd every few seconds for more time to start
+/// (`EXTEND_TIMEOUT_USEC`), saying what it waits for: opening the store can
+/// take minutes once, when it upgrades a big store's schema, and a start
+/// killed at `TimeoutStartSec` would roll that back and begin again forever.
+pub struct Starting {
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How often a [`Starting`] asks, and for how much more time each time.
+const EXTEND_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const EXTEND_BY_USEC: u32 = 30_000_000;
+
+impl Starting {
+    pub fn new(what: &'static str) -> Self {
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if std::env::var_os("NOTIFY_SOCKET").is_some() {
+            let flag = done.clone();
+            let spawned = std::thread::Builder::new().name("start-timeout".into()).spawn(move || {
+                let tick = std::time::Duration::from_millis(100);
+                let mut waited = EXTEND_EVERY;
+                while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                    if waited >= EXTEND_EVERY {
+                        send(&[
+                            NotifyState::ExtendTimeoutUsec(EXTEND_BY_USEC),
+                            NotifyState::Status(what),
+                        ]);
+                        waited = std::time::Duration::ZERO;
+                    }
+                    std::thread::sleep(tick);
+                    waited += tick;
+                }
+            });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the thread that extends systemd's start timeout");
+            }
+        }
+        Self { done }
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
 pub fn reloading() {
     let now = sd_notify::NotifyState::monotonic_usec_now().ok();
     match now {

@@ -51,6 +51,13 @@ async fn systemd_ready_status_watchdog_reloading_and_stopping() {
     .await;
 
     let first = wait_for_notification(&sock, "READY=1", Duration::from_secs(5));
+    // While the store opens (minutes, once, for a big store's upgrade) it asks
+    // for more start time, so systemd does not kill the start half way.
+    assert!(
+        first[0].lines().any(|l| l == "EXTEND_TIMEOUT_USEC=30000000")
+            && first[0].lines().any(|l| l == "STATUS=opening the store"),
+        "{first:?}"
+    );
     let ready = first.last().unwrap();
     assert!(
         ready.contains("STATUS=serving 2 sources, 1 sinks, 1 routes"),
