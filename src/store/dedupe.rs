@@ -441,28 +441,48 @@ pub(super) fn cover(conn: &Connection, tuning: Tuning) -> Result<(), StoreError>
 impl Dedupe {
     /// Reads the runs and the recent keys from the database.
     pub(super) fn load(conn: &Connection, tuning: Tuning) -> Result<Self, StoreError> {
-        let mut runs: Vec<Run> = conn
-            .prepare("SELECT id, level, first_seq, last_seq, keys, bloom FROM dedupe_runs ORDER BY last_seq")
+        Self::load_keeping(conn, tuning, Vec::new())
+    }
+
+    /// `load`, taking the filters of `known` runs that are still live as they
+    /// are (a run never changes once written) instead of reading them again.
+    fn load_keeping(conn: &Connection, tuning: Tuning, mut known: Vec<Run>) -> Result<Self, StoreError> {
+        let listed: Vec<(i64, u32, i64, i64, i64)> = conn
+            .prepare("SELECT id, level, first_seq, last_seq, keys FROM dedupe_runs ORDER BY last_seq")
             .and_then(|mut s| {
-                s.query_map([], |r| {
-                    // Borrowed from SQLite's row: a big run's filter is megabytes.
-                    let bloom = r.get_ref(5)?.as_blob()?;
-                    Ok(Run {
-                        id: r.get(0)?,
-                        level: r.get(1)?,
-                        first_seq: r.get(2)?,
-                        last_seq: r.get(3)?,
-                        keys: r.get(4)?,
-                        bloom: Bloom::from_bytes(bloom).unwrap_or_else(|| {
-                            tracing::warn!("a dedupe run's filter is unreadable; every lookup reads that run");
-                            Bloom::full()
-                        }),
-                        merging: false,
-                    })
-                })?
-                .collect()
+                s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+                    .collect()
             })
             .map_err(unavailable)?;
+        let mut runs = Vec::with_capacity(listed.len());
+        for (id, level, first_seq, last_seq, keys) in listed {
+            let same = known.iter().position(|r| {
+                (r.id, r.level, r.first_seq, r.last_seq, r.keys) == (id, level, first_seq, last_seq, keys)
+            });
+            let bloom = match same {
+                Some(i) => known.swap_remove(i).bloom,
+                None => conn
+                    .prepare_cached("SELECT bloom FROM dedupe_runs WHERE id = ?1")
+                    .and_then(|mut s| {
+                        // Borrowed from SQLite's row: a big run's filter is megabytes.
+                        s.query_row([id], |r| Ok(Bloom::from_bytes(r.get_ref(0)?.as_blob()?)))
+                    })
+                    .map_err(unavailable)?
+                    .unwrap_or_else(|| {
+                        tracing::warn!("a dedupe run's filter is unreadable; every lookup reads that run");
+                        Bloom::full()
+                    }),
+            };
+            runs.push(Run {
+                id,
+                level,
+                first_seq,
+                last_seq,
+                keys,
+                bloom,
+                merging: false,
+            });
+        }
         runs.sort_by_key(|r| r.last_seq);
         let sealed = runs.last().map_or(0, |r| r.last_seq);
         // Every run with rows (one index seek each) that is not live.
@@ -514,7 +534,7 @@ impl Dedupe {
     /// After a rollback: whatever the memory gained in the transaction is
     /// gone from the database, so it is read again from there.
     pub(super) fn reload(&mut self, conn: &Connection) {
-        match Self::load(conn, self.tuning) {
+        match Self::load_keeping(conn, self.tuning, std::mem::take(&mut self.runs)) {
             Ok(fresh) => *self = fresh,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the dedupe keys back after a rollback; storing events waits until they can be");

@@ -1961,13 +1961,19 @@ async fn sqlite_dedupe_runs_store_each_of_concurrent_duplicates_once() {
 }
 
 /// The rollback path: a failed write in a group undoes the keys it added in
-/// memory too, with runs being sealed and merged around it.
+/// memory too, and only those, with runs being sealed and merged around it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_dedupe_runs_forget_a_failed_write() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny(dir.path());
+    // Some one at a time first, so runs are sealed and merged before the
+    // failures roll groups back; then the rest at once, in groups.
+    for i in 0..100 {
+        insert(&*store, new_event(&format!("evt_{i:03}"), &["a"])).await;
+    }
+    assert!(runs(&dir).0 > 0, "no runs before the failures");
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..200 {
+    for i in 100..300 {
         let store = store.clone();
         tasks.spawn(async move {
             let sinks: &[&str] = if i % 50 == 25 { &["a", "a"] } else { &["a"] };
@@ -1976,7 +1982,7 @@ async fn sqlite_dedupe_runs_forget_a_failed_write() {
     }
     let ok = tasks.join_all().await.into_iter().filter(|ok| *ok).count();
     assert_eq!(ok, 196);
-    for i in [25, 75, 125, 175] {
+    for i in [125, 175, 225, 275] {
         let id = format!("evt_{i:03}");
         assert_eq!(
             insert(&*store, new_event(&id, &["a"])).await,
@@ -1984,7 +1990,16 @@ async fn sqlite_dedupe_runs_forget_a_failed_write() {
             "{id}"
         );
     }
-    assert_eq!(insert(&*store, new_event("evt_024", &["a"])).await, Inserted::Duplicate);
+    // And nothing stored before a rollback was forgotten by it (the runs'
+    // filters are kept across the reload, not read again).
+    for i in (0..300).filter(|i| i < &100 || i % 50 != 25) {
+        let id = format!("evt_{i:03}");
+        assert_eq!(
+            insert(&*store, new_event(&id, &["a"])).await,
+            Inserted::Duplicate,
+            "{id}"
+        );
+    }
 }
 
 /// The schema 0 store (dedupe keys in a UNIQUE index of events), as an older
