@@ -587,11 +587,22 @@ impl Dedupe {
         self.stored += 1;
     }
 
+    /// Whether a seal, a merge or a deletion is due or under way: most commits
+    /// have none, and skip the savepoint.
+    fn has_work(&self) -> bool {
+        self.sealing.is_some()
+            || !self.merges.is_empty()
+            || !self.garbage.is_empty()
+            || self.recent.len() >= self.tuning.seal_at
+    }
+
     /// Does a share of the sealing, merging and deleting, inside the writer's
     /// open transaction. A failure undoes the share (to a savepoint) and reads
     /// the state back, without failing the transaction's operations.
     pub(super) fn work(&mut self, conn: &Connection) {
-        if self.fresh(conn).is_err() {
+        if self.fresh(conn).is_err() || !self.has_work() {
+            // Nothing owed: the events stored so far paced nothing.
+            self.stored = 0;
             return;
         }
         let mut budget = self.tuning.work_min.saturating_add(
@@ -779,26 +790,26 @@ impl Dedupe {
     }
 
     /// Makes a finished merge's output live in place of its inputs.
+    /// (If this fails part way, `work` undoes it and reads the state back.)
     fn finish_merge(&mut self, conn: &Connection, i: usize) -> Result<(), StoreError> {
-        let m = &self.merges[i];
+        let m = self.merges.remove(i);
         let run = Run {
             id: m.out,
             level: m.level,
             first_seq: m.first_seq,
             last_seq: m.last_seq,
             keys: m.written,
-            bloom: m.bloom.clone(),
+            bloom: m.bloom,
             merging: false,
         };
         register(conn, &run)?;
         let mut delete = conn
             .prepare_cached("DELETE FROM dedupe_runs WHERE id = ?1")
             .map_err(unavailable)?;
-        for input in &m.inputs {
-            delete.execute([input.run]).map_err(unavailable)?;
-        }
-        let m = self.merges.remove(i);
         let inputs: Vec<i64> = m.inputs.iter().map(|input| input.run).collect();
+        for input in &inputs {
+            delete.execute([input]).map_err(unavailable)?;
+        }
         self.runs.retain(|r| !inputs.contains(&r.id));
         self.garbage.extend(inputs);
         let at = self.runs.partition_point(|r| r.last_seq < run.last_seq);
