@@ -296,6 +296,15 @@ impl PostgresStore {
             ),
             _ => {}
         }
+        match client.query_one("SHOW autovacuum", &[]).await {
+            Ok(row) if row.get::<_, String>(0) == "off" => tracing::warn!(
+                store = %store.target,
+                "autovacuum is off on this server: rows that pruning deletes and that deliveries \
+                 leave behind are never reclaimed, so the tables grow without bound and claims slow; \
+                 turn it on, or VACUUM expeditor's tables regularly"
+            ),
+            _ => {}
+        }
         Ok(store)
     }
 

@@ -276,6 +276,16 @@ async fn two_instances_share_dedupe_and_the_delivery_queue() {
     let sink = FakeSink::start().await;
     let a = Arc::new(Daemon::start(&instance_config(&db.url, "a", &sink, "5s")).await);
     let b = Arc::new(Daemon::start(&instance_config(&db.url, "b", &sink, "5s")).await);
+    // Each warns at start if the server never vacuums (this machine's does not).
+    let autovacuum: String = db.admin().await.query_one("SHOW autovacuum", &[]).await.unwrap().get(0);
+    for d in [&a, &b] {
+        assert_eq!(
+            d.log().contains("autovacuum is off on this server"),
+            autovacuum == "off",
+            "autovacuum = {autovacuum}: {}",
+            d.log()
+        );
+    }
 
     // Every event twice, to different instances, from concurrent senders: the
     // vendor's retry lands on the other instance, sometimes at the same time.
