@@ -54,8 +54,12 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("EXPEDITOR_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: under systemd, stderr goes to the journal,
+    // where escape codes would be stored as text (and `grep WARN` misses them).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),

@@ -523,6 +523,17 @@ async fn logs_never_contain_secrets() {
     d.wait_exit(Duration::from_secs(10)).await;
     let log = d.log();
     assert!(log.contains("delivery failed"), "the capture covers failures: {log}");
+    // stderr is a file here, as under systemd: plain text, no colour codes,
+    // so a search for the level finds the line.
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in a log that is not a terminal:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" WARN ") && l.contains("signature verification failed")),
+        "{log}"
+    );
     for secret in [vendor::CRUMB_SECRET, vendor::CRAVE_SECRET, token, "adm-secret-77aa"] {
         assert!(!log.contains(secret), "secret {secret:?} in the log:\n{log}");
     }
