@@ -345,7 +345,7 @@ pub async fn expeditor(
             "{label}: expeditor logged {} warnings or errors; the first:",
             warnings.len()
         );
-        for w in warnings.iter().take(5) {
+        for w in warnings.iter().take(20) {
             eprintln!("  {w}");
         }
     }
