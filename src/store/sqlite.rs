@@ -54,12 +54,15 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 
 /// The schema's version (`PRAGMA user_version`). 0, the first, kept the
 /// dedupe keys in a UNIQUE (source, event_id) index of `events`; 1 keeps them
-/// in runs (see `dedupe.rs`), and events' seq is never reused.
-const SCHEMA_VERSION: i64 = 1;
+/// in runs (see `dedupe.rs`), and events' seq is never reused
+/// (`AUTOINCREMENT`); 2 hands out seqs from the writer (`store_meta`), so an
+/// older expeditor, which would let SQLite pick them, must not write to it.
+/// A store of schema 1 keeps its `AUTOINCREMENT` table (harmless, slower).
+const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq         INTEGER PRIMARY KEY,    -- from the writer, never reused (dedupe.rs: Seqs)
     source      TEXT NOT NULL,
     event_id    TEXT NOT NULL,
     kind        TEXT NOT NULL,
@@ -225,7 +228,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         )
         .map_err(unavailable)?;
     let create = format!("{SCHEMA}{}PRAGMA user_version = {SCHEMA_VERSION};", dedupe::SCHEMA);
-    if version == SCHEMA_VERSION || !has_events {
+    if version == 1 {
+        tracing::info!("upgrading the store to schema {SCHEMA_VERSION}: expeditor hands out event seqs");
+    }
+    // Schema 1 needs only `store_meta`, which the schema creates if missing.
+    if version >= 1 || !has_events {
         return conn
             .execute_batch(&format!("BEGIN IMMEDIATE; {create} COMMIT;"))
             .map_err(unavailable);
@@ -238,7 +245,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     let upgraded = conn.execute_batch(&format!(
         "BEGIN IMMEDIATE;
          CREATE TABLE events_v1 (
-             seq INTEGER PRIMARY KEY AUTOINCREMENT, source TEXT NOT NULL, event_id TEXT NOT NULL,
+             seq INTEGER PRIMARY KEY, source TEXT NOT NULL, event_id TEXT NOT NULL,
              kind TEXT NOT NULL, type TEXT NOT NULL, occurred_at INTEGER, received_at INTEGER NOT NULL, body BLOB);
          INSERT INTO events_v1 (seq, source, event_id, kind, type, occurred_at, received_at, body)
              SELECT seq, source, event_id, kind, type, occurred_at, received_at, body FROM events;
@@ -775,13 +782,15 @@ fn insert(t: &Connection, dedupe: &mut Dedupe, ev: &NewEvent) -> Result<Inserted
     if dedupe.find(t, &ev.source, &ev.event_id)?.is_some() {
         return Ok(Inserted::Duplicate);
     }
+    let seq = dedupe.next_seq(t)?;
     let mut stmt = t
         .prepare_cached(
-            "INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .map_err(unavailable)?;
     stmt.execute(params![
+        seq,
         ev.source,
         ev.event_id,
         ev.kind,
@@ -791,7 +800,6 @@ fn insert(t: &Connection, dedupe: &mut Dedupe, ev: &NewEvent) -> Result<Inserted
         &ev.body[..]
     ])
     .map_err(unavailable)?;
-    let seq = t.last_insert_rowid();
     dedupe.add(&ev.source, &ev.event_id, seq);
     let mut stmt = t
         .prepare_cached(

@@ -2052,7 +2052,7 @@ async fn sqlite_upgrades_a_schema_0_store() {
         schema_0_store(&dir, n);
         let store = tiny(dir.path());
         let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 1);
+        assert_eq!(version, 2);
         assert_eq!(runs(&dir).0, if n > 16 { 1 } else { 0 }, "{n} events");
         for i in 0..n {
             let id = format!("old_{i}");
@@ -2085,11 +2085,63 @@ async fn sqlite_upgrades_a_schema_0_store() {
     }
 }
 
+/// Seqs are never handed out twice: not after the newest events are deleted
+/// (a run may still name them), not across a reopen, and not below the
+/// `AUTOINCREMENT` counter of a schema-1 store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_never_reuses_an_event_seq() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq_of = |id: &str| -> i64 {
+        db(&dir)
+            .query_row("SELECT seq FROM events WHERE event_id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    let store = tiny(dir.path());
+    for id in ["a", "b", "c"] {
+        assert_eq!(insert(&*store, new_event(id, &[])).await, Inserted::New(vec![]));
+    }
+    assert_eq!((seq_of("a"), seq_of("b"), seq_of("c")), (1, 2, 3));
+    db(&dir)
+        .execute_batch("DELETE FROM events WHERE event_id IN ('b', 'c')")
+        .unwrap();
+    assert_eq!(insert(&*store, new_event("d", &[])).await, Inserted::New(vec![]));
+    assert_eq!(seq_of("d"), 4);
+    store.close().await;
+
+    db(&dir)
+        .execute_batch("DELETE FROM events WHERE event_id = 'd'")
+        .unwrap();
+    let store = tiny(dir.path());
+    assert_eq!(insert(&*store, new_event("e", &[])).await, Inserted::New(vec![]));
+    assert!(seq_of("e") > 4, "seq {} handed out again", seq_of("e"));
+    store.close().await;
+
+    // As schema 1 left it: no store_meta, and the AUTOINCREMENT counter above
+    // every event that is left.
+    db(&dir)
+        .execute_batch(
+            "DROP TABLE store_meta;
+             CREATE TABLE counted (x INTEGER PRIMARY KEY AUTOINCREMENT);
+             INSERT INTO sqlite_sequence (name, seq) VALUES ('events', 100000);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    let store = tiny(dir.path());
+    let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 2);
+    assert_eq!(insert(&*store, new_event("f", &[])).await, Inserted::New(vec![]));
+    assert_eq!(seq_of("f"), 100_001);
+    for id in ["a", "e", "f"] {
+        assert_eq!(insert(&*store, new_event(id, &[])).await, Inserted::Duplicate, "{id}");
+    }
+    store.close().await;
+}
+
 /// A store written by a newer expeditor is refused, not misread.
 #[test]
 fn sqlite_refuses_a_newer_schema() {
     let dir = tempfile::tempdir().unwrap();
-    db(&dir).execute_batch("PRAGMA user_version = 2").unwrap();
+    db(&dir).execute_batch("PRAGMA user_version = 3").unwrap();
     let err = SqliteStore::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("newer expeditor"), "{err}");
 }
