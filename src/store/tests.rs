@@ -2137,6 +2137,55 @@ async fn sqlite_never_reuses_an_event_seq() {
     store.close().await;
 }
 
+/// Pruning finds the dedupe window's edge by seq, not by an index on
+/// `received_at`: an event received out of seq order (requests in flight
+/// together) is never pruned early, and one the edge leaves behind goes once
+/// the events around it are old enough too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_prune_by_seq_never_prunes_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    let retention = Retention {
+        dedupe_window: Duration::from_secs(3600),
+        keep_delivered: Duration::ZERO,
+        keep_dead_letters: Duration::ZERO,
+    };
+    // In seq order; d was received before b and c, and stored after them.
+    let received = [
+        ("a", T0),
+        ("b", T0 + 20 * SECOND),
+        ("c", T0 + 25 * SECOND),
+        ("d", T0),
+        ("e", T0 + 30 * SECOND),
+    ];
+    for (id, at) in received {
+        assert_eq!(insert(&*store, event_at(id, &[], at)).await, Inserted::New(vec![]));
+    }
+    let held = |ids: Vec<&str>| ids.into_iter().map(String::from).collect::<BTreeSet<_>>();
+    // The window's edge at T0 + 10 s: a goes; b, c and e are inside it; d is
+    // past it but sits after b and c, and waits.
+    store.prune(retention, T0 + HOUR + 10 * SECOND).await.unwrap();
+    assert_eq!(
+        held(event_ids(&events(&*store, None, None).await)),
+        held(vec!["b", "c", "d", "e"])
+    );
+    assert_eq!(
+        insert(&*store, event_at("d", &[], T0 + HOUR)).await,
+        Inserted::Duplicate
+    );
+    // At T0 + 26 s: b, c and d go; e stays.
+    store.prune(retention, T0 + HOUR + 26 * SECOND).await.unwrap();
+    assert_eq!(held(event_ids(&events(&*store, None, None).await)), held(vec!["e"]));
+    for id in ["a", "d"] {
+        assert_eq!(
+            insert(&*store, event_at(id, &[], T0 + 2 * HOUR)).await,
+            Inserted::New(vec![]),
+            "{id}"
+        );
+    }
+    store.close().await;
+}
+
 /// A store written by a newer expeditor is refused, not misread.
 #[test]
 fn sqlite_refuses_a_newer_schema() {
