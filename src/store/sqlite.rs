@@ -55,9 +55,10 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 /// The schema's version (`PRAGMA user_version`). 0, the first, kept the
 /// dedupe keys in a UNIQUE (source, event_id) index of `events`; 1 keeps them
 /// in runs (see `dedupe.rs`), and events' seq is never reused
-/// (`AUTOINCREMENT`); 2 hands out seqs from the writer (`store_meta`), so an
-/// older expeditor, which would let SQLite pick them, must not write to it.
-/// A store of schema 1 keeps its `AUTOINCREMENT` table (harmless, slower).
+/// (`AUTOINCREMENT`); 2 hands out seqs from the writer (`store_meta`) and
+/// drops the index on `received_at` alone (pruning bisects seqs), so an older
+/// expeditor, which would let SQLite pick seqs, must not write to it. A store
+/// of schema 1 keeps its `AUTOINCREMENT` table (harmless, slower).
 const SCHEMA_VERSION: i64 = 2;
 
 const SCHEMA: &str = "
@@ -232,9 +233,11 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         .map_err(unavailable)?;
     let create = format!("{SCHEMA}{}PRAGMA user_version = {SCHEMA_VERSION};", dedupe::SCHEMA);
     if version == 1 {
-        tracing::info!("upgrading the store to schema {SCHEMA_VERSION}: expeditor hands out event seqs");
+        tracing::info!(
+            "upgrading the store to schema {SCHEMA_VERSION}: expeditor hands out event seqs, and one index goes"
+        );
     }
-    // Schema 1 needs only `store_meta`, which the schema creates if missing.
+    // Schema 1 needs only `store_meta` and the index dropped, both in the schema.
     if version >= 1 || !has_events {
         return conn
             .execute_batch(&format!("BEGIN IMMEDIATE; {create} COMMIT;"))
