@@ -31,7 +31,8 @@ pub fn status(status: &str) {
 /// take minutes once, when it upgrades a big store's schema, and a start
 /// killed at `TimeoutStartSec` would roll that back and begin again forever.
 pub struct Starting {
-    done: Arc<std::sync::atomic::AtomicBool>,
+    /// Dropped with the guard: the thread's wait ends at once.
+    _done: std::sync::mpsc::Sender<()>,
 }
 
 /// How often a [`Starting`] asks, and for how much more time each time.
@@ -40,35 +41,25 @@ const EXTEND_BY_USEC: u32 = 30_000_000;
 
 impl Starting {
     pub fn new(what: &'static str) -> Self {
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (done, waiting) = std::sync::mpsc::channel::<()>();
         if std::env::var_os("NOTIFY_SOCKET").is_some() {
-            let flag = done.clone();
             let spawned = std::thread::Builder::new().name("start-timeout".into()).spawn(move || {
-                let tick = std::time::Duration::from_millis(100);
-                let mut waited = EXTEND_EVERY;
-                while !flag.load(std::sync::atomic::Ordering::Acquire) {
-                    if waited >= EXTEND_EVERY {
-                        send(&[
-                            NotifyState::ExtendTimeoutUsec(EXTEND_BY_USEC),
-                            NotifyState::Status(what),
-                        ]);
-                        waited = std::time::Duration::ZERO;
+                loop {
+                    send(&[
+                        NotifyState::ExtendTimeoutUsec(EXTEND_BY_USEC),
+                        NotifyState::Status(what),
+                    ]);
+                    // Nothing is ever sent: the wait times out, or ends when the guard goes.
+                    if waiting.recv_timeout(EXTEND_EVERY) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                        break;
                     }
-                    std::thread::sleep(tick);
-                    waited += tick;
                 }
             });
             if let Err(e) = spawned {
                 tracing::warn!(error = %e, "cannot start the thread that extends systemd's start timeout");
             }
         }
-        Self { done }
-    }
-}
-
-impl Drop for Starting {
-    fn drop(&mut self) {
-        self.done.store(true, std::sync::atomic::Ordering::Release);
+        Self { _done: done }
     }
 }
 

@@ -27,10 +27,7 @@ use std::hash::Hasher;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
-}
+use super::sqlite::unavailable;
 
 pub(super) const SCHEMA: &str = "
 -- The highest event seq handed out or reserved: seq is never used twice, even

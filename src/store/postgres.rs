@@ -288,22 +288,29 @@ impl PostgresStore {
         migrate(&mut client).await.map_err(|e| {
             StoreError::Unavailable(format!("cannot prepare the PostgreSQL store at {}: {e}", store.target))
         })?;
-        match client.query_one("SHOW synchronous_commit", &[]).await {
-            Ok(row) if row.get::<_, String>(0) == "off" => tracing::warn!(
-                store = %store.target,
-                "synchronous_commit is off on this server: an acknowledged event can be lost in a crash; \
-                 set it to on for expeditor's role or database"
-            ),
-            _ => {}
-        }
-        match client.query_one("SHOW autovacuum", &[]).await {
-            Ok(row) if row.get::<_, String>(0) == "off" => tracing::warn!(
-                store = %store.target,
-                "autovacuum is off on this server: rows that pruning deletes and that deliveries \
-                 leave behind are never reclaimed, so the tables grow without bound and claims slow; \
-                 turn it on, or VACUUM expeditor's tables regularly"
-            ),
-            _ => {}
+        // Server settings that break a promise or a store's upkeep: one warning each.
+        let settings = client
+            .query_one(
+                "SELECT current_setting('synchronous_commit'), current_setting('autovacuum')",
+                &[],
+            )
+            .await;
+        if let Ok(row) = settings {
+            if row.try_get::<_, String>(0).is_ok_and(|v| v == "off") {
+                tracing::warn!(
+                    store = %store.target,
+                    "synchronous_commit is off on this server: an acknowledged event can be lost in a crash; \
+                     set it to on for expeditor's role or database"
+                );
+            }
+            if row.try_get::<_, String>(1).is_ok_and(|v| v == "off") {
+                tracing::warn!(
+                    store = %store.target,
+                    "autovacuum is off on this server: rows that pruning deletes and that deliveries \
+                     leave behind are never reclaimed, so the tables grow without bound and claims slow; \
+                     turn it on, or VACUUM expeditor's tables regularly"
+                );
+            }
         }
         Ok(store)
     }

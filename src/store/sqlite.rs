@@ -133,7 +133,7 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
+pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
@@ -740,7 +740,7 @@ fn run(t: &Connection, dedupe: &mut Dedupe, op: &Op) -> Done {
             ..
         } => claim(t, sink, *limit, *lease_until, *now).map_or_else(refused_or_failed, Done::Claimed),
         Op::Complete(done, _) => complete(t, done).map_or_else(refused_or_failed, |()| Done::Completed),
-        Op::Replay(target, now, _) => replay(t, target, *now).map_or_else(refused_or_failed, Done::Replayed),
+        Op::Replay(target, now, _) => replay(t, dedupe, target, *now).map_or_else(refused_or_failed, Done::Replayed),
         Op::Prune(retention, now, _) => prune(t, dedupe, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
         Op::Close(_) | Op::Synced => Done::Closed,
     }
@@ -920,7 +920,7 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn replay(t: &Connection, target: &ReplayTarget, now: i64) -> Result<u64, StoreError> {
+fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) -> Result<u64, StoreError> {
     const REQUEUE: &str =
         "UPDATE deliveries SET state = 0, attempts = 0, due_at = ?1, lease_until = NULL, updated_at = ?1";
     match target {
@@ -945,7 +945,7 @@ fn replay(t: &Connection, target: &ReplayTarget, now: i64) -> Result<u64, StoreE
             Ok(n as u64)
         }
         ReplayTarget::Event { source, id, sink } => {
-            let Some(seq) = dedupe::find_stored(t, source, id)? else {
+            let Some(seq) = dedupe.find(t, source, id)? else {
                 return Err(StoreError::NotFound);
             };
             let has_body: bool = t
