@@ -27,7 +27,7 @@ use std::hash::Hasher;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use super::sqlite::unavailable;
+use super::sqlite::{exec, unavailable};
 
 pub(super) const SCHEMA: &str = "
 -- The highest event seq handed out or reserved: seq is never used twice, even
@@ -269,11 +269,16 @@ impl Input {
     }
 }
 
+/// Recent keys: looked up and added once per event. foldhash rather than
+/// the std SipHash (keyed per process all the same; the keys are event ids
+/// that passed signature verification).
+type Recent = HashMap<Box<[u8]>, i64, foldhash::fast::RandomState>;
+
 /// The dedupe keys as the writer holds them.
 pub(super) struct Dedupe {
     tuning: Tuning,
     /// Keys of the events stored after the newest run: encoded key → seq.
-    recent: HashMap<Box<[u8]>, i64>,
+    recent: Recent,
     sealing: Option<Seal>,
     /// Live runs, oldest events first.
     runs: Vec<Run>,
@@ -388,12 +393,8 @@ fn register(conn: &Connection, run: &Run) -> Result<(), StoreError> {
     .map_err(unavailable)
 }
 
-fn insert_key(conn: &Connection, run: i64, source: &str, event_id: &str, seq: i64) -> Result<(), StoreError> {
-    conn.prepare_cached("INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (?1, ?2, ?3, ?4)")
-        .and_then(|mut s| s.execute(params![run, source, event_id, seq]))
-        .map(drop)
-        .map_err(unavailable)
-}
+/// Writes one key of a run; prepared once per share of work, not per key.
+const INSERT_KEY: &str = "INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (?1, ?2, ?3, ?4)";
 
 /// The newest event a run holds the key of; later events' keys are recent.
 fn sealed_through(conn: &Connection) -> Result<i64, StoreError> {
@@ -573,7 +574,7 @@ impl Dedupe {
             next_run = next_run.max(run + 1);
             after = run;
         }
-        let mut recent = HashMap::new();
+        let mut recent = Recent::default();
         let mut buf = Vec::new();
         {
             let mut stmt = conn
@@ -689,11 +690,10 @@ impl Dedupe {
                 .work_per_event
                 .saturating_mul(std::mem::take(&mut self.stored)),
         );
-        let done = conn
-            .execute_batch("SAVEPOINT dedupe_work")
+        let done = exec(conn, "SAVEPOINT dedupe_work")
             .map_err(unavailable)
             .and_then(|()| self.work_within(conn, &mut budget))
-            .and_then(|()| conn.execute_batch("RELEASE dedupe_work").map_err(unavailable));
+            .and_then(|()| exec(conn, "RELEASE dedupe_work").map_err(unavailable));
         if let Err(e) = done {
             tracing::warn!(error = %e, "writing dedupe runs failed; started again later");
             let _ = conn.execute_batch("ROLLBACK TO dedupe_work; RELEASE dedupe_work");
@@ -706,10 +706,13 @@ impl Dedupe {
             self.freeze();
         }
         if let Some(seal) = &mut self.sealing {
+            let mut insert = conn.prepare_cached(INSERT_KEY).map_err(unavailable)?;
             while *budget > 0 && seal.written < seal.keys.len() {
                 let (key, seq) = &seal.keys[seal.written];
                 let (source, event_id) = decode(key)?;
-                insert_key(conn, seal.out, source, event_id, *seq)?;
+                insert
+                    .execute(params![seal.out, source, event_id, *seq])
+                    .map_err(unavailable)?;
                 seal.bloom.insert(hash(key));
                 seal.written += 1;
                 *budget -= 1;
@@ -829,6 +832,7 @@ impl Dedupe {
     /// Merges keys into the output until the budget is spent; true once done.
     fn step_merge(&mut self, conn: &Connection, i: usize, budget: &mut usize) -> Result<bool, StoreError> {
         let m = &mut self.merges[i];
+        let mut insert = conn.prepare_cached(INSERT_KEY).map_err(unavailable)?;
         while *budget > 0 {
             for input in &mut m.inputs {
                 if input.buf.is_empty() && !input.exhausted {
@@ -861,7 +865,9 @@ impl Dedupe {
             if seq < m.oldest_event {
                 continue;
             }
-            insert_key(conn, m.out, &source, &event_id, seq)?;
+            insert
+                .execute(params![m.out, source, event_id, seq])
+                .map_err(unavailable)?;
             m.bloom.insert(hash_pair(&mut self.scratch, &source, &event_id));
             m.written += 1;
         }

@@ -316,6 +316,10 @@ impl SqliteStore {
         let _ = conn.execute_batch("PRAGMA shrink_memory");
         // The syncer's fsync makes commits durable, not SQLite's (see above).
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(unavailable)?;
+        // Every statement the writer runs stays prepared: rusqlite keeps 16,
+        // fewer than ingest, delivery and the dedupe upkeep use between them,
+        // and one evicted is parsed and planned again when next needed.
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENTS);
         let wal_file = dir.join("expeditor.db-wal");
         let wal = std::fs::File::open(&wal_file)
             .map_err(|e| unavailable(format!("cannot open {}: {e}", wal_file.display())))?;
@@ -438,6 +442,15 @@ fn sync_loop(
         }
         answer_all(batch.unwrap_or_default());
     }
+}
+
+/// Statements the writer keeps prepared (about 30 distinct ones are in use).
+const WRITER_STATEMENTS: usize = 64;
+
+/// Runs a statement that returns no rows (`BEGIN`, `COMMIT`), prepared once:
+/// `execute_batch` would parse it again for every group.
+pub(super) fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
 }
 
 /// The least time from one fsync's start to the next's. Under moderate load
@@ -603,17 +616,19 @@ impl Writer {
             // reads before it writes (claims do) cannot wait for a lock held by
             // another connection; SQLite fails it at once instead of using the
             // busy timeout, and every operation in the group with it.
-            if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+            if let Err(e) = exec(&self.conn, "BEGIN IMMEDIATE") {
                 // The caller refuses `ops`, with what queued behind them.
                 return Err(unavailable(e));
             }
             self.open = Some(Vec::with_capacity(ops.len()));
         }
         let open = self.open.as_mut().expect("a transaction is open");
+        let mut inserts = Inserts::default();
         let mut ops = ops.drain(..);
         for op in ops.by_ref() {
-            let d = run(&self.conn, &mut self.dedupe, &op);
+            let d = run(&self.conn, &mut self.dedupe, &op, &mut inserts);
             if d.failed() {
+                drop(inserts);
                 let mut again: Vec<Op> = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
                 again.push(op);
                 again.extend(ops);
@@ -650,7 +665,7 @@ impl Writer {
         if let Some(open) = self.open.take() {
             let started = std::time::Instant::now();
             self.dedupe.work(&self.conn);
-            match self.conn.execute_batch("COMMIT") {
+            match exec(&self.conn, "COMMIT") {
                 Ok(()) => self.committed.extend(open),
                 Err(e) => {
                     tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
@@ -690,7 +705,9 @@ fn alone(conn: &mut Connection, dedupe: &mut Dedupe, op: &Op) -> Done {
         Ok(tx) => tx,
         Err(e) => return Done::Failed(unavailable(e)),
     };
-    let d = run(&tx, dedupe, op);
+    let mut inserts = Inserts::default();
+    let d = run(&tx, dedupe, op, &mut inserts);
+    drop(inserts);
     if d.failed() {
         return d; // dropping the transaction rolls it back
     }
@@ -725,13 +742,13 @@ impl Done {
 }
 
 /// Runs one operation inside the group's transaction.
-fn run(t: &Connection, dedupe: &mut Dedupe, op: &Op) -> Done {
+fn run<'c>(t: &'c Connection, dedupe: &mut Dedupe, op: &Op, inserts: &mut Inserts<'c>) -> Done {
     let refused_or_failed = |e: StoreError| match e {
         StoreError::Unavailable(_) => Done::Failed(e),
         other => Done::Refused(other),
     };
     match op {
-        Op::Insert(ev, _) => insert(t, dedupe, ev).map_or_else(refused_or_failed, Done::Inserted),
+        Op::Insert(ev, _) => insert(t, dedupe, ev, inserts).map_or_else(refused_or_failed, Done::Inserted),
         Op::Claim {
             sink,
             limit,
@@ -784,17 +801,43 @@ fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
     }
 }
 
-fn insert(t: &Connection, dedupe: &mut Dedupe, ev: &NewEvent) -> Result<Inserted, StoreError> {
+/// The statements every insert runs, prepared once per batch of operations
+/// instead of fetched from rusqlite's cache per event (which hashes the SQL
+/// text and reorders its list each time: about 6 % of the writer's
+/// instructions, by callgrind).
+#[derive(Default)]
+struct Inserts<'c> {
+    event: Option<rusqlite::CachedStatement<'c>>,
+    delivery: Option<rusqlite::CachedStatement<'c>>,
+}
+
+fn prepared<'s, 'c>(
+    slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
+    t: &'c Connection,
+    sql: &str,
+) -> Result<&'s mut rusqlite::CachedStatement<'c>, StoreError> {
+    if slot.is_none() {
+        *slot = Some(t.prepare_cached(sql).map_err(unavailable)?);
+    }
+    Ok(slot.as_mut().expect("prepared above"))
+}
+
+fn insert<'c>(
+    t: &'c Connection,
+    dedupe: &mut Dedupe,
+    ev: &NewEvent,
+    inserts: &mut Inserts<'c>,
+) -> Result<Inserted, StoreError> {
     if dedupe.find(t, &ev.source, &ev.event_id)?.is_some() {
         return Ok(Inserted::Duplicate);
     }
     let seq = dedupe.next_seq(t)?;
-    let mut stmt = t
-        .prepare_cached(
-            "INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .map_err(unavailable)?;
+    let stmt = prepared(
+        &mut inserts.event,
+        t,
+        "INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
     stmt.execute(params![
         seq,
         ev.source,
@@ -807,12 +850,15 @@ fn insert(t: &Connection, dedupe: &mut Dedupe, ev: &NewEvent) -> Result<Inserted
     ])
     .map_err(unavailable)?;
     dedupe.add(&ev.source, &ev.event_id, seq);
-    let mut stmt = t
-        .prepare_cached(
-            "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
-             VALUES (?1, ?2, 0, ?3, ?4, ?5, ?4)",
-        )
-        .map_err(unavailable)?;
+    if ev.sinks.is_empty() {
+        return Ok(Inserted::New(Vec::new()));
+    }
+    let stmt = prepared(
+        &mut inserts.delivery,
+        t,
+        "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
+         VALUES (?1, ?2, 0, ?3, ?4, ?5, ?4)",
+    )?;
     let mut held = vec![0; ev.held.len()];
     for sink in &ev.sinks {
         let h = ev.held.iter().position(|h| &h.sink == sink);
