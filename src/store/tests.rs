@@ -2085,6 +2085,32 @@ async fn sqlite_upgrades_a_schema_0_store() {
     }
 }
 
+#[tokio::test]
+async fn sqlite_claims_are_planned_once_whatever_their_limit() {
+    // A claim's limit is the room in its sink's queue: it changes nearly every
+    // time. SQLite plans a statement again when a bound LIMIT changes unless
+    // the connection asks for one plan per statement (QPSG).
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    for id in ["a", "b", "c", "d"] {
+        insert(&*store, new_event(id, &["a"])).await;
+    }
+    store.close().await;
+    let conn = super::sqlite::open_connection(&dir.path().join("expeditor.db")).unwrap();
+    let mut claim = conn.prepare(super::sqlite::CLAIM).unwrap();
+    let mut claimed = Vec::new();
+    for limit in [1, 3, 2, 64, 1] {
+        let ids: Vec<i64> = claim
+            .query_map(rusqlite::params!["a", T0 + 1, limit], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        claimed.push(ids.len());
+    }
+    assert_eq!(claimed, [1, 3, 2, 4, 1], "each claim still honours its limit");
+    assert_eq!(claim.get_status(rusqlite::StatementStatus::RePrepare), 0);
+}
+
 /// Seqs are never handed out twice: not after the newest events are deleted
 /// (a run may still name them), not across a reopen, and not below the
 /// `AUTOINCREMENT` counter of a schema-1 store.
