@@ -393,8 +393,61 @@ fn register(conn: &Connection, run: &Run) -> Result<(), StoreError> {
     .map_err(unavailable)
 }
 
-/// Writes one key of a run; prepared once per share of work, not per key.
-const INSERT_KEY: &str = "INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (?1, ?2, ?3, ?4)";
+/// Keys a seal or merge writes with one statement, so a statement's fixed
+/// cost (step, halt, reset, the cache) is paid once per this many rows.
+const KEYS_PER_INSERT: usize = 32;
+
+/// `INSERT INTO dedupe_keys` of `rows` keys.
+fn insert_keys_sql(rows: usize) -> String {
+    let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
+    format!("INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES {values}")
+}
+
+/// Writes keys of run `run` (in key order, as given), [`KEYS_PER_INSERT`]
+/// to a statement; both statements are prepared once per share of work.
+struct KeyWriter<'c> {
+    conn: &'c Connection,
+    run: i64,
+    many: Option<rusqlite::CachedStatement<'c>>,
+    one: Option<rusqlite::CachedStatement<'c>>,
+}
+
+impl<'c> KeyWriter<'c> {
+    fn new(conn: &'c Connection, run: i64) -> Self {
+        Self {
+            conn,
+            run,
+            many: None,
+            one: None,
+        }
+    }
+
+    fn write<'k>(&mut self, keys: impl ExactSizeIterator<Item = (&'k str, &'k str, i64)>) -> Result<(), StoreError> {
+        let mut keys = keys.peekable();
+        while keys.peek().is_some() {
+            let n = if keys.len() >= KEYS_PER_INSERT {
+                KEYS_PER_INSERT
+            } else {
+                1
+            };
+            let slot = if n > 1 { &mut self.many } else { &mut self.one };
+            if slot.is_none() {
+                *slot = Some(self.conn.prepare_cached(&insert_keys_sql(n)).map_err(unavailable)?);
+            }
+            let stmt = slot.as_mut().expect("prepared above");
+            for (i, (source, event_id, seq)) in keys.by_ref().take(n).enumerate() {
+                let at = i * 4;
+                stmt.raw_bind_parameter(at + 1, self.run)
+                    .and_then(|()| stmt.raw_bind_parameter(at + 2, source))
+                    .and_then(|()| stmt.raw_bind_parameter(at + 3, event_id))
+                    .and_then(|()| stmt.raw_bind_parameter(at + 4, seq))
+                    .map_err(unavailable)?;
+            }
+            stmt.raw_execute().map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
 
 /// The newest event a run holds the key of; later events' keys are recent.
 fn sealed_through(conn: &Connection) -> Result<i64, StoreError> {
@@ -706,17 +759,18 @@ impl Dedupe {
             self.freeze();
         }
         if let Some(seal) = &mut self.sealing {
-            let mut insert = conn.prepare_cached(INSERT_KEY).map_err(unavailable)?;
-            while *budget > 0 && seal.written < seal.keys.len() {
-                let (key, seq) = &seal.keys[seal.written];
-                let (source, event_id) = decode(key)?;
-                insert
-                    .execute(params![seal.out, source, event_id, *seq])
-                    .map_err(unavailable)?;
+            let n = (*budget).min(seal.keys.len() - seal.written);
+            let share = &seal.keys[seal.written..seal.written + n];
+            let decoded = share
+                .iter()
+                .map(|(key, seq)| decode(key).map(|(source, event_id)| (source, event_id, *seq)))
+                .collect::<Result<Vec<_>, _>>()?;
+            KeyWriter::new(conn, seal.out).write(decoded.into_iter())?;
+            for (key, _) in share {
                 seal.bloom.insert(hash(key));
-                seal.written += 1;
-                *budget -= 1;
             }
+            seal.written += n;
+            *budget -= n;
             if seal.written == seal.keys.len() {
                 let seal = self.sealing.take().expect("sealing");
                 let run = Run {
@@ -832,7 +886,9 @@ impl Dedupe {
     /// Merges keys into the output until the budget is spent; true once done.
     fn step_merge(&mut self, conn: &Connection, i: usize, budget: &mut usize) -> Result<bool, StoreError> {
         let m = &mut self.merges[i];
-        let mut insert = conn.prepare_cached(INSERT_KEY).map_err(unavailable)?;
+        // Written at the end of the share (or of the merge), many to a statement.
+        let mut out: Vec<(String, String, i64)> = Vec::new();
+        let mut done = false;
         while *budget > 0 {
             for input in &mut m.inputs {
                 if input.buf.is_empty() && !input.exhausted {
@@ -846,7 +902,8 @@ impl Dedupe {
                     (&x.0, &x.1).cmp(&(&y.0, &y.1))
                 })
             else {
-                return Ok(true);
+                done = true;
+                break;
             };
             let (source, event_id, mut seq) = m.inputs[first].buf.pop_front().expect("not empty");
             // The same key in another run (stored again after its event was
@@ -865,13 +922,12 @@ impl Dedupe {
             if seq < m.oldest_event {
                 continue;
             }
-            insert
-                .execute(params![m.out, source, event_id, seq])
-                .map_err(unavailable)?;
             m.bloom.insert(hash_pair(&mut self.scratch, &source, &event_id));
             m.written += 1;
+            out.push((source, event_id, seq));
         }
-        Ok(false)
+        KeyWriter::new(conn, m.out).write(out.iter().map(|(s, e, seq)| (s.as_str(), e.as_str(), *seq)))?;
+        Ok(done)
     }
 
     /// Makes a finished merge's output live in place of its inputs.

@@ -1844,11 +1844,35 @@ async fn settle(store: &dyn Store, dir: &TempDir) {
 /// reach several levels, and what merges leave behind is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_dedupe_runs_match_a_model_across_merges_prunes_and_reopens() {
+    dedupe_runs_match_a_model(TINY, HOUR).await;
+}
+
+/// The same with shares of work of more than `KEYS_PER_INSERT` keys, so
+/// seals and merges write keys many to a statement as well as one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_dedupe_runs_match_a_model_when_keys_are_written_many_at_once() {
+    // Seals of 36 keys and shares of at least 40: both write 32 keys to a
+    // statement and the rest one by one. A longer window keeps enough keys
+    // alive for runs of level 2.
+    let tuning = super::dedupe::Tuning {
+        seal_at: 36,
+        fan_in: 2,
+        work_per_event: 12,
+        work_min: 40,
+    };
+    dedupe_runs_match_a_model(tuning, 2 * HOUR).await;
+}
+
+/// `window`: the dedupe window, in ms.
+async fn dedupe_runs_match_a_model(tuning: super::dedupe::Tuning, window: i64) {
     let dir = tempfile::tempdir().unwrap();
-    let mut store = tiny(dir.path());
+    let open = |dir: &std::path::Path| -> Arc<dyn Store> {
+        Arc::new(SqliteStore::open_tuned(dir, tuning).expect("open the SQLite store"))
+    };
+    let mut store = open(dir.path());
     let mut rng = fastrand::Rng::with_seed(7);
     let retention = Retention {
-        dedupe_window: Duration::from_secs(3600),
+        dedupe_window: Duration::from_millis(window as u64),
         keep_delivered: Duration::ZERO,
         keep_dead_letters: Duration::ZERO,
     };
@@ -1896,14 +1920,14 @@ async fn sqlite_dedupe_runs_match_a_model_across_merges_prunes_and_reopens() {
             }
             93..97 => {
                 store.prune(retention, now).await.expect("prune");
-                live.retain(|_, at| *at >= now - HOUR);
+                live.retain(|_, at| *at >= now - window);
             }
             _ => {
                 if rng.bool() {
                     store.close().await;
                 }
                 drop(store);
-                store = tiny(dir.path());
+                store = open(dir.path());
                 reopened += 1;
             }
         }
