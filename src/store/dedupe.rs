@@ -27,7 +27,7 @@ use std::hash::Hasher;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use super::sqlite::{exec, unavailable};
+use super::sqlite::{exec, prepared, unavailable};
 
 pub(super) const SCHEMA: &str = "
 -- The highest event seq handed out or reserved: seq is never used twice, even
@@ -397,11 +397,13 @@ fn register(conn: &Connection, run: &Run) -> Result<(), StoreError> {
 /// cost (step, halt, reset, the cache) is paid once per this many rows.
 const KEYS_PER_INSERT: usize = 32;
 
-/// `INSERT INTO dedupe_keys` of `rows` keys.
-fn insert_keys_sql(rows: usize) -> String {
-    let values = vec!["(?, ?, ?, ?)"; rows].join(", ");
+const INSERT_KEY: &str = "INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (?, ?, ?, ?)";
+
+/// `INSERT INTO dedupe_keys` of [`KEYS_PER_INSERT`] keys, built once.
+static INSERT_KEYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let values = vec!["(?, ?, ?, ?)"; KEYS_PER_INSERT].join(", ");
     format!("INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES {values}")
-}
+});
 
 /// Writes keys of run `run` (in key order, as given), [`KEYS_PER_INSERT`]
 /// to a statement; both statements are prepared once per share of work.
@@ -430,11 +432,10 @@ impl<'c> KeyWriter<'c> {
             } else {
                 1
             };
-            let slot = if n > 1 { &mut self.many } else { &mut self.one };
-            if slot.is_none() {
-                *slot = Some(self.conn.prepare_cached(&insert_keys_sql(n)).map_err(unavailable)?);
-            }
-            let stmt = slot.as_mut().expect("prepared above");
+            let stmt = match n {
+                1 => prepared(&mut self.one, self.conn, INSERT_KEY)?,
+                _ => prepared(&mut self.many, self.conn, &INSERT_KEYS)?,
+            };
             for (i, (source, event_id, seq)) in keys.by_ref().take(n).enumerate() {
                 let at = i * 4;
                 stmt.raw_bind_parameter(at + 1, self.run)

@@ -817,7 +817,8 @@ struct Inserts<'c> {
     delivery: Option<rusqlite::CachedStatement<'c>>,
 }
 
-fn prepared<'s, 'c>(
+/// The statement in `slot`, prepared (from rusqlite's cache) on first use.
+pub(super) fn prepared<'s, 'c>(
     slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
     t: &'c Connection,
     sql: &str,
