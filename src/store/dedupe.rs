@@ -8,17 +8,19 @@
 //! recent events are held in memory (their durable copy is the event rows
 //! themselves, read back on open) and are written out in sorted runs,
 //! appended to one table in key order, so each page written is a full page of
-//! keys. Runs of one level are merged into one of the next, `fan_in` to one,
-//! so a store of N keys has O(log N) of them, and an in-memory Bloom filter
-//! per run (stored with it) lets a lookup skip the runs that cannot hold the
-//! key.
+//! keys. A run's keys are packed into blocks of a few dozen (prefix-coded,
+//! one row each), so sealing, merging and deleting cost a B-tree operation
+//! per block rather than per key, and a lookup reads one block. Runs of one
+//! level are merged into one of the next, `fan_in` to one, so a store of N
+//! keys has O(log N) of them, and an in-memory Bloom filter per run (stored
+//! with it) lets a lookup skip the runs that cannot hold the key.
 //!
 //! Sealing, merging and deleting merged runs are done in chunks inside the
 //! writer's transactions, paced by the events stored, so no commit waits for
 //! a whole merge. A key's run can outlive its event (pruned): every hit is
 //! checked against the event row, and runs whose events are all gone are
-//! dropped. The events' `seq` is AUTOINCREMENT, never reused, so a key's seq
-//! names its event or nothing. If a transaction rolls back, the in-memory
+//! dropped. An event's `seq` is never used again (see `Seqs`), so a key's
+//! seq names its event or nothing. If a transaction rolls back, the in-memory
 //! state is read again from what the database holds.
 
 use std::collections::{HashMap, VecDeque};
@@ -44,15 +46,16 @@ CREATE TABLE IF NOT EXISTS dedupe_runs (
     keys      INTEGER NOT NULL,
     bloom     BLOB NOT NULL
 );
--- Every run's keys, in key order; a run's rows are written in that order, after
--- every older run's, so they fill pages one after another. Rows of a run not
--- in dedupe_runs are left from a merge (or one cut short) and are deleted.
-CREATE TABLE IF NOT EXISTS dedupe_keys (
-    run      INTEGER NOT NULL,
-    source   TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    seq      INTEGER NOT NULL,
-    PRIMARY KEY (run, source, event_id)
+-- Every run's keys, in key order, packed into blocks (see `Blocks`); a run's
+-- blocks are written in that order, after every older run's, so they fill
+-- pages one after another. A block is found by its greatest key. Blocks of a
+-- run not in dedupe_runs are left from a merge (or one cut short) and are
+-- deleted.
+CREATE TABLE IF NOT EXISTS dedupe_blocks (
+    run   INTEGER NOT NULL,
+    last  BLOB NOT NULL,
+    keys  BLOB NOT NULL,
+    PRIMARY KEY (run, last)
 ) WITHOUT ROWID;
 ";
 
@@ -85,8 +88,15 @@ impl Default for Tuning {
 
 /// Bits of Bloom filter per key: about 0.5 % false positives per run.
 const BITS_PER_KEY: usize = 12;
-/// Rows a merge reads from each input at once.
-const FILL: usize = 256;
+/// Blocks a merge reads from each input at once.
+const FILL: usize = 8;
+/// Packed bytes per block at most: with the block's greatest key beside them
+/// the row stays within a 4 KiB leaf page (SQLite moves a WITHOUT ROWID row's
+/// bytes past about 1,000 to an overflow page, a second page to read).
+const BLOCK_BYTES: usize = 900;
+/// What deleting one block counts against the upkeep's budget, which is
+/// counted in keys: about the keys a block holds.
+const BLOCK_COST: usize = 16;
 
 /// A key as the memory holds it: source, NUL, event id. Source names never
 /// hold a NUL (config allows `[A-Za-z0-9_-]`), so this is unambiguous, and its
@@ -98,16 +108,6 @@ fn encode(buf: &mut Vec<u8>, source: &str, event_id: &str) {
     buf.extend_from_slice(event_id.as_bytes());
 }
 
-fn decode(key: &[u8]) -> Result<(&str, &str), StoreError> {
-    let nul = key.iter().position(|&b| b == 0).unwrap_or(key.len());
-    let (source, rest) = key.split_at(nul);
-    let event_id = rest.get(1..).unwrap_or_default();
-    Ok((
-        std::str::from_utf8(source).map_err(unavailable)?,
-        std::str::from_utf8(event_id).map_err(unavailable)?,
-    ))
-}
-
 /// SipHash-1-3 with fixed keys: stable across builds, since filters are stored.
 fn hash(key: &[u8]) -> u64 {
     let mut h = siphasher::sip::SipHasher13::new_with_keys(0x6578_7065_6469_746f, 0x7220_6465_6475_7065);
@@ -115,9 +115,145 @@ fn hash(key: &[u8]) -> u64 {
     h.finish()
 }
 
+#[cfg(test)]
 fn hash_pair(buf: &mut Vec<u8>, source: &str, event_id: &str) -> u64 {
     encode(buf, source, event_id);
     hash(buf)
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn get_varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+    let mut v = 0u64;
+    let mut shift = 0;
+    loop {
+        let b = *bytes.get(*at)?;
+        *at += 1;
+        if shift > 63 {
+            return None;
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Some(v);
+        }
+        shift += 7;
+    }
+}
+
+/// Builds a run's blocks from its keys, given in strictly increasing order.
+/// A block holds each key as the length it shares with the key before it
+/// (none for a block's first), the length of the rest, the rest, and its
+/// seq, all lengths and seqs as LEB128 varints. Event ids of one vendor
+/// share most of their bytes with their neighbours, so a block holds a few
+/// dozen keys.
+#[derive(Default)]
+struct Blocks {
+    bytes: Vec<u8>,
+    last: Vec<u8>,
+    /// Blocks closed and not yet written: (greatest key, packed keys).
+    full: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Blocks {
+    fn push(&mut self, key: &[u8], seq: i64) {
+        let mut shared = match self.bytes.is_empty() {
+            true => 0,
+            false => self.last.iter().zip(key).take_while(|(a, b)| a == b).count(),
+        };
+        // Room for the rest of the key and three varints.
+        if !self.bytes.is_empty() && self.bytes.len() + (key.len() - shared) + 20 > BLOCK_BYTES {
+            self.close();
+            shared = 0;
+        }
+        put_varint(&mut self.bytes, shared as u64);
+        put_varint(&mut self.bytes, (key.len() - shared) as u64);
+        self.bytes.extend_from_slice(&key[shared..]);
+        put_varint(&mut self.bytes, seq as u64);
+        self.last.clear();
+        self.last.extend_from_slice(key);
+    }
+
+    /// Closes the block being filled (at the end of a run).
+    fn close(&mut self) {
+        if !self.bytes.is_empty() {
+            self.full.push((self.last.clone(), std::mem::take(&mut self.bytes)));
+        }
+    }
+
+    /// Writes the closed blocks as blocks of run `run`.
+    fn write(&mut self, conn: &Connection, run: i64) -> Result<(), StoreError> {
+        if self.full.is_empty() {
+            return Ok(());
+        }
+        let mut stmt = None;
+        let stmt = prepared(
+            &mut stmt,
+            conn,
+            "INSERT INTO dedupe_blocks (run, last, keys) VALUES (?1, ?2, ?3)",
+        )?;
+        for (last, keys) in self.full.drain(..) {
+            stmt.execute(params![run, last, keys]).map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+/// One block of `keys` (in key order), as (greatest key, packed keys): for
+/// tests that write a store's tables from outside.
+#[cfg(test)]
+pub(super) fn block_of(keys: &[(&str, &str, i64)]) -> (Vec<u8>, Vec<u8>) {
+    let mut blocks = Blocks::default();
+    let mut key = Vec::new();
+    for (source, event_id, seq) in keys {
+        encode(&mut key, source, event_id);
+        blocks.push(&key, *seq);
+    }
+    blocks.close();
+    blocks.full.pop().unwrap_or_default()
+}
+
+/// Reads a block's keys in order; each key in turn is in `key`.
+struct BlockKeys<'b> {
+    bytes: &'b [u8],
+    at: usize,
+    key: Vec<u8>,
+}
+
+impl<'b> BlockKeys<'b> {
+    fn new(bytes: &'b [u8]) -> Self {
+        Self {
+            bytes,
+            at: 0,
+            key: Vec::new(),
+        }
+    }
+
+    /// The next key's seq (the key in `self.key`), or None past the last.
+    fn next_seq(&mut self) -> Result<Option<i64>, StoreError> {
+        if self.at >= self.bytes.len() {
+            return Ok(None);
+        }
+        let corrupt = || unavailable("a stored dedupe block is unreadable");
+        let shared = get_varint(self.bytes, &mut self.at).ok_or_else(corrupt)? as usize;
+        let len = get_varint(self.bytes, &mut self.at).ok_or_else(corrupt)? as usize;
+        let rest = self
+            .at
+            .checked_add(len)
+            .and_then(|end| self.bytes.get(self.at..end))
+            .filter(|_| shared <= self.key.len())
+            .ok_or_else(corrupt)?;
+        self.key.truncate(shared);
+        self.key.extend_from_slice(rest);
+        self.at += len;
+        let seq = get_varint(self.bytes, &mut self.at).ok_or_else(corrupt)?;
+        Ok(Some(seq as i64))
+    }
 }
 
 /// A blocked Bloom filter: a key sets 8 bits in one 256-bit block, one per
@@ -215,6 +351,7 @@ struct Seal {
     /// Sorted by key.
     keys: Vec<(Box<[u8]>, i64)>,
     written: usize,
+    blocks: Blocks,
     bloom: Bloom,
 }
 
@@ -227,44 +364,41 @@ struct Merge {
     /// Keys of older events than the oldest stored are of pruned events: dropped.
     oldest_event: i64,
     written: i64,
+    blocks: Blocks,
     bloom: Bloom,
 }
 
-/// One run a merge reads, in key order, a [`FILL`] at a time.
+/// One run a merge reads, in key order, [`FILL`] blocks at a time.
 struct Input {
     run: i64,
-    /// The last key read.
-    after: Option<(String, String)>,
-    buf: VecDeque<(String, String, i64)>,
+    /// The greatest key of the last block read (empty: none read yet; every
+    /// key is greater, since a source name is never empty).
+    after: Vec<u8>,
+    buf: VecDeque<(Box<[u8]>, i64)>,
     exhausted: bool,
 }
 
 impl Input {
     fn fill(&mut self, conn: &Connection) -> Result<(), StoreError> {
-        let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
-        let rows: Vec<(String, String, i64)> = match &self.after {
-            None => conn
-                .prepare_cached(
-                    "SELECT source, event_id, seq FROM dedupe_keys WHERE run = ?1
-                     ORDER BY source, event_id LIMIT ?2",
-                )
-                .and_then(|mut s| s.query_map(params![self.run, FILL as i64], row)?.collect()),
-            Some((source, event_id)) => conn
-                .prepare_cached(
-                    "SELECT source, event_id, seq FROM dedupe_keys WHERE run = ?1 AND (source, event_id) > (?2, ?3)
-                     ORDER BY source, event_id LIMIT ?4",
-                )
-                .and_then(|mut s| {
-                    s.query_map(params![self.run, source, event_id, FILL as i64], row)?
-                        .collect()
-                }),
+        let mut stmt = conn
+            .prepare_cached("SELECT last, keys FROM dedupe_blocks WHERE run = ?1 AND last > ?2 ORDER BY last LIMIT ?3")
+            .map_err(unavailable)?;
+        let mut rows = stmt
+            .query(params![self.run, &self.after[..], FILL as i64])
+            .map_err(unavailable)?;
+        let mut blocks = 0;
+        while let Some(row) = rows.next().map_err(unavailable)? {
+            let last = row.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(unavailable)?;
+            let keys = row.get_ref(1).and_then(|v| Ok(v.as_blob()?)).map_err(unavailable)?;
+            let mut block = BlockKeys::new(keys);
+            while let Some(seq) = block.next_seq()? {
+                self.buf.push_back((block.key.as_slice().into(), seq));
+            }
+            self.after.clear();
+            self.after.extend_from_slice(last);
+            blocks += 1;
         }
-        .map_err(unavailable)?;
-        self.exhausted = rows.len() < FILL;
-        if let Some((s, e, _)) = rows.last() {
-            self.after = Some((s.clone(), e.clone()));
-        }
-        self.buf.extend(rows);
+        self.exhausted = blocks < FILL;
         Ok(())
     }
 }
@@ -369,10 +503,24 @@ fn exists(conn: &Connection, seq: i64) -> Result<bool, StoreError> {
         .map_err(unavailable)
 }
 
-fn probe(conn: &Connection, run: i64, source: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
-    conn.prepare_cached("SELECT seq FROM dedupe_keys WHERE run = ?1 AND source = ?2 AND event_id = ?3")
-        .and_then(|mut s| s.query_row(params![run, source, event_id], |r| r.get(0)).optional())
-        .map_err(unavailable)
+/// The seq run `run` holds for `key`: one block read, found by its greatest key.
+fn probe(conn: &Connection, run: i64, key: &[u8]) -> Result<Option<i64>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT keys FROM dedupe_blocks WHERE run = ?1 AND last >= ?2 ORDER BY last LIMIT 1")
+        .map_err(unavailable)?;
+    let mut rows = stmt.query(params![run, key]).map_err(unavailable)?;
+    let Some(row) = rows.next().map_err(unavailable)? else {
+        return Ok(None);
+    };
+    let mut block = BlockKeys::new(row.get_ref(0).and_then(|v| Ok(v.as_blob()?)).map_err(unavailable)?);
+    while let Some(seq) = block.next_seq()? {
+        match block.key[..].cmp(key) {
+            std::cmp::Ordering::Less => {}
+            std::cmp::Ordering::Equal => return Ok(Some(seq)),
+            std::cmp::Ordering::Greater => break,
+        }
+    }
+    Ok(None)
 }
 
 fn register(conn: &Connection, run: &Run) -> Result<(), StoreError> {
@@ -391,63 +539,6 @@ fn register(conn: &Connection, run: &Run) -> Result<(), StoreError> {
     })
     .map(drop)
     .map_err(unavailable)
-}
-
-/// Keys a seal or merge writes with one statement, so a statement's fixed
-/// cost (step, halt, reset, the cache) is paid once per this many rows.
-const KEYS_PER_INSERT: usize = 32;
-
-const INSERT_KEY: &str = "INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (?, ?, ?, ?)";
-
-/// `INSERT INTO dedupe_keys` of [`KEYS_PER_INSERT`] keys, built once.
-static INSERT_KEYS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let values = vec!["(?, ?, ?, ?)"; KEYS_PER_INSERT].join(", ");
-    format!("INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES {values}")
-});
-
-/// Writes keys of run `run` (in key order, as given), [`KEYS_PER_INSERT`]
-/// to a statement; both statements are prepared once per share of work.
-struct KeyWriter<'c> {
-    conn: &'c Connection,
-    run: i64,
-    many: Option<rusqlite::CachedStatement<'c>>,
-    one: Option<rusqlite::CachedStatement<'c>>,
-}
-
-impl<'c> KeyWriter<'c> {
-    fn new(conn: &'c Connection, run: i64) -> Self {
-        Self {
-            conn,
-            run,
-            many: None,
-            one: None,
-        }
-    }
-
-    fn write<'k>(&mut self, keys: impl ExactSizeIterator<Item = (&'k str, &'k str, i64)>) -> Result<(), StoreError> {
-        let mut keys = keys.peekable();
-        while keys.peek().is_some() {
-            let n = if keys.len() >= KEYS_PER_INSERT {
-                KEYS_PER_INSERT
-            } else {
-                1
-            };
-            let stmt = match n {
-                1 => prepared(&mut self.one, self.conn, INSERT_KEY)?,
-                _ => prepared(&mut self.many, self.conn, &INSERT_KEYS)?,
-            };
-            for (i, (source, event_id, seq)) in keys.by_ref().take(n).enumerate() {
-                let at = i * 4;
-                stmt.raw_bind_parameter(at + 1, self.run)
-                    .and_then(|()| stmt.raw_bind_parameter(at + 2, source))
-                    .and_then(|()| stmt.raw_bind_parameter(at + 3, event_id))
-                    .and_then(|()| stmt.raw_bind_parameter(at + 4, seq))
-                    .map_err(unavailable)?;
-            }
-            stmt.raw_execute().map_err(unavailable)?;
-        }
-        Ok(())
-    }
 }
 
 /// The newest event a run holds the key of; later events' keys are recent.
@@ -474,8 +565,10 @@ pub(super) fn find_stored(conn: &Connection, source: &str, event_id: &str) -> Re
         .prepare_cached("SELECT id FROM dedupe_runs ORDER BY last_seq DESC")
         .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
         .map_err(unavailable)?;
+    let mut key = Vec::new();
+    encode(&mut key, source, event_id);
     for run in runs {
-        if let Some(seq) = probe(conn, run, source, event_id)?
+        if let Some(seq) = probe(conn, run, &key)?
             && exists(conn, seq)?
         {
             return Ok(Some(seq));
@@ -517,33 +610,42 @@ pub(super) fn cover(conn: &Connection, tuning: Tuning) -> Result<(), StoreError>
     let tx = conn.unchecked_transaction().map_err(unavailable)?;
     let run: i64 = tx
         .query_row(
-            "SELECT MAX(COALESCE((SELECT MAX(id) FROM dedupe_runs), 0), COALESCE((SELECT MAX(run) FROM dedupe_keys), 0)) + 1",
+            "SELECT MAX(COALESCE((SELECT MAX(id) FROM dedupe_runs), 0), COALESCE((SELECT MAX(run) FROM dedupe_blocks), 0)) + 1",
             [],
             |r| r.get(0),
         )
         .map_err(unavailable)?;
-    // Newest first within a key: if one was stored twice, its live event wins.
-    tx.execute(
-        "INSERT OR IGNORE INTO dedupe_keys (run, source, event_id, seq)
-         SELECT ?1, source, event_id, seq FROM events WHERE seq > ?2 ORDER BY source, event_id, seq DESC",
-        params![run, sealed],
-    )
-    .map_err(unavailable)?;
     let mut bloom = Bloom::with_capacity(count as usize);
-    let mut buf = Vec::new();
-    let mut keys = 0;
+    let mut blocks = Blocks::default();
+    let mut key = Vec::new();
+    let mut keys: i64 = 0;
     {
+        // Newest first within a key: if one was stored twice, its live event wins.
         let mut stmt = tx
-            .prepare("SELECT source, event_id FROM dedupe_keys WHERE run = ?1")
+            .prepare("SELECT source, event_id, seq FROM events WHERE seq > ?1 ORDER BY source, event_id, seq DESC")
             .map_err(unavailable)?;
-        let mut rows = stmt.query([run]).map_err(unavailable)?;
+        let mut rows = stmt.query([sealed]).map_err(unavailable)?;
         while let Some(row) = rows.next().map_err(unavailable)? {
             let source = row.get_ref(0).and_then(|v| Ok(v.as_str()?)).map_err(unavailable)?;
             let event_id = row.get_ref(1).and_then(|v| Ok(v.as_str()?)).map_err(unavailable)?;
-            bloom.insert(hash_pair(&mut buf, source, event_id));
+            let seq: i64 = row.get(2).map_err(unavailable)?;
+            encode(&mut key, source, event_id);
+            if keys > 0 && key[..] <= blocks.last[..] {
+                if key == blocks.last {
+                    continue;
+                }
+                return Err(unavailable("the events' keys did not come in key order"));
+            }
+            bloom.insert(hash(&key));
+            blocks.push(&key, seq);
             keys += 1;
+            if blocks.full.len() >= 256 {
+                blocks.write(&tx, run)?;
+            }
         }
     }
+    blocks.close();
+    blocks.write(&tx, run)?;
     register(
         &tx,
         &Run {
@@ -612,13 +714,13 @@ impl Dedupe {
         }
         runs.sort_by_key(|r| r.last_seq);
         let sealed = runs.last().map_or(0, |r| r.last_seq);
-        // Every run with rows (one index seek each) that is not live.
+        // Every run with blocks (one index seek each) that is not live.
         let mut garbage = Vec::new();
         let mut after = i64::MIN;
         let mut next_run = runs.iter().map(|r| r.id).max().unwrap_or(0) + 1;
         loop {
             let run: Option<i64> = conn
-                .prepare_cached("SELECT run FROM dedupe_keys WHERE run > ?1 ORDER BY run LIMIT 1")
+                .prepare_cached("SELECT run FROM dedupe_blocks WHERE run > ?1 ORDER BY run LIMIT 1")
                 .and_then(|mut s| s.query_row([after], |r| r.get(0)).optional())
                 .map_err(unavailable)?;
             let Some(run) = run else { break };
@@ -705,7 +807,7 @@ impl Dedupe {
         let h = hash(&self.scratch);
         for run in self.runs.iter().rev() {
             if run.bloom.may_contain(h)
-                && let Some(seq) = probe(conn, run.id, source, event_id)?
+                && let Some(seq) = probe(conn, run.id, &self.scratch)?
                 && exists(conn, seq)?
             {
                 return Ok(Some(seq));
@@ -761,17 +863,16 @@ impl Dedupe {
         }
         if let Some(seal) = &mut self.sealing {
             let n = (*budget).min(seal.keys.len() - seal.written);
-            let share = &seal.keys[seal.written..seal.written + n];
-            let decoded = share
-                .iter()
-                .map(|(key, seq)| decode(key).map(|(source, event_id)| (source, event_id, *seq)))
-                .collect::<Result<Vec<_>, _>>()?;
-            KeyWriter::new(conn, seal.out).write(decoded.into_iter())?;
-            for (key, _) in share {
+            for (key, seq) in &seal.keys[seal.written..seal.written + n] {
+                seal.blocks.push(key, *seq);
                 seal.bloom.insert(hash(key));
             }
             seal.written += n;
             *budget -= n;
+            if seal.written == seal.keys.len() {
+                seal.blocks.close();
+            }
+            seal.blocks.write(conn, seal.out)?;
             if seal.written == seal.keys.len() {
                 let seal = self.sealing.take().expect("sealing");
                 let run = Run {
@@ -800,24 +901,24 @@ impl Dedupe {
         while *budget > 0
             && let Some(&run) = self.garbage.last()
         {
-            // Up to the budget's key of the run, or the rest of it.
+            // Up to the budget's block of the run, or the rest of it.
+            let blocks = (*budget / BLOCK_COST).max(1);
             let n = conn
                 .prepare_cached(
-                    "DELETE FROM dedupe_keys WHERE run = ?1 AND (source, event_id) <=
-                     (SELECT source, event_id FROM dedupe_keys WHERE run = ?1 ORDER BY source, event_id
-                      LIMIT 1 OFFSET ?2)",
+                    "DELETE FROM dedupe_blocks WHERE run = ?1 AND last <=
+                     (SELECT last FROM dedupe_blocks WHERE run = ?1 ORDER BY last LIMIT 1 OFFSET ?2)",
                 )
-                .and_then(|mut s| s.execute(params![run, (*budget - 1) as i64]))
+                .and_then(|mut s| s.execute(params![run, (blocks - 1) as i64]))
                 .map_err(unavailable)?;
             if n == 0 {
                 let rest = conn
-                    .prepare_cached("DELETE FROM dedupe_keys WHERE run = ?1")
+                    .prepare_cached("DELETE FROM dedupe_blocks WHERE run = ?1")
                     .and_then(|mut s| s.execute([run]))
                     .map_err(unavailable)?;
-                *budget = budget.saturating_sub(rest);
+                *budget = budget.saturating_sub(rest.saturating_mul(BLOCK_COST));
                 self.garbage.pop();
             } else {
-                *budget = budget.saturating_sub(n);
+                *budget = budget.saturating_sub(n.saturating_mul(BLOCK_COST));
             }
         }
         Ok(())
@@ -832,6 +933,7 @@ impl Dedupe {
             bloom: Bloom::with_capacity(keys.len()),
             keys,
             written: 0,
+            blocks: Blocks::default(),
         });
         self.next_run += 1;
     }
@@ -865,7 +967,7 @@ impl Dedupe {
                 keys += run.keys.max(0) as usize;
                 inputs.push(Input {
                     run: run.id,
-                    after: None,
+                    after: Vec::new(),
                     buf: VecDeque::new(),
                     exhausted: false,
                 });
@@ -878,6 +980,7 @@ impl Dedupe {
                 last_seq,
                 oldest_event: oldest_event.unwrap_or(i64::MAX),
                 written: 0,
+                blocks: Blocks::default(),
                 bloom: Bloom::with_capacity(keys),
             });
             self.next_run += 1;
@@ -887,8 +990,6 @@ impl Dedupe {
     /// Merges keys into the output until the budget is spent; true once done.
     fn step_merge(&mut self, conn: &Connection, i: usize, budget: &mut usize) -> Result<bool, StoreError> {
         let m = &mut self.merges[i];
-        // Written at the end of the share (or of the merge), many to a statement.
-        let mut out: Vec<(String, String, i64)> = Vec::new();
         let mut done = false;
         while *budget > 0 {
             for input in &mut m.inputs {
@@ -898,24 +999,17 @@ impl Dedupe {
             }
             let Some(first) = (0..m.inputs.len())
                 .filter(|&j| !m.inputs[j].buf.is_empty())
-                .min_by(|&a, &b| {
-                    let (x, y) = (&m.inputs[a].buf[0], &m.inputs[b].buf[0]);
-                    (&x.0, &x.1).cmp(&(&y.0, &y.1))
-                })
+                .min_by(|&a, &b| m.inputs[a].buf[0].0.cmp(&m.inputs[b].buf[0].0))
             else {
                 done = true;
                 break;
             };
-            let (source, event_id, mut seq) = m.inputs[first].buf.pop_front().expect("not empty");
+            let (key, mut seq) = m.inputs[first].buf.pop_front().expect("not empty");
             // The same key in another run (stored again after its event was
-            // pruned): one row, for the newest event.
+            // pruned): one key, for the newest event.
             for input in &mut m.inputs {
-                if input
-                    .buf
-                    .front()
-                    .is_some_and(|(s, e, _)| *s == source && *e == event_id)
-                {
-                    let (_, _, other) = input.buf.pop_front().expect("front");
+                if input.buf.front().is_some_and(|(k, _)| *k == key) {
+                    let (_, other) = input.buf.pop_front().expect("front");
                     seq = seq.max(other);
                 }
             }
@@ -923,11 +1017,14 @@ impl Dedupe {
             if seq < m.oldest_event {
                 continue;
             }
-            m.bloom.insert(hash_pair(&mut self.scratch, &source, &event_id));
+            m.bloom.insert(hash(&key));
             m.written += 1;
-            out.push((source, event_id, seq));
+            m.blocks.push(&key, seq);
         }
-        KeyWriter::new(conn, m.out).write(out.iter().map(|(s, e, seq)| (s.as_str(), e.as_str(), *seq)))?;
+        if done {
+            m.blocks.close();
+        }
+        m.blocks.write(conn, m.out)?;
         Ok(done)
     }
 
@@ -1010,19 +1107,112 @@ mod tests {
     #[test]
     fn encoded_keys_sort_as_sqlite_sorts_source_then_event_id() {
         let pairs = [("a", "z"), ("ab", "a"), ("a", "\u{0}x"), ("b", ""), ("a", "")];
-        let mut encoded: Vec<Vec<u8>> = pairs
-            .iter()
-            .map(|(s, e)| {
-                let mut buf = Vec::new();
-                encode(&mut buf, s, e);
-                buf
-            })
-            .collect();
+        let encode_all = |pairs: &[(&str, &str)]| -> Vec<Vec<u8>> {
+            pairs
+                .iter()
+                .map(|(s, e)| {
+                    let mut buf = Vec::new();
+                    encode(&mut buf, s, e);
+                    buf
+                })
+                .collect()
+        };
+        let mut encoded = encode_all(&pairs);
         encoded.sort();
+        // SQLite's BINARY collation compares bytes, as Rust's str ordering does.
         let mut sorted = pairs.to_vec();
         sorted.sort();
-        let decoded: Vec<(&str, &str)> = encoded.iter().map(|k| decode(k).unwrap()).collect();
-        assert_eq!(decoded, sorted);
+        let sorted_then_encoded = encode_all(&sorted);
+        assert_eq!(encoded, sorted_then_encoded);
+    }
+
+    /// Keys in key order, as a run holds them: neighbours that share long
+    /// prefixes, some that share nothing, ids long enough to fill a block
+    /// alone, and seqs up to the largest.
+    fn run_keys() -> Vec<(Vec<u8>, i64)> {
+        let mut keys: Vec<(Vec<u8>, i64)> = (0..2_000)
+            .map(|i| (format!("crave\0evt_{:08x}", i * 7919), i64::from(i) * 1_000_003))
+            .chain([
+                ("a\0".to_string(), 1),
+                (format!("b\0{}", "x".repeat(1_500)), i64::MAX),
+                (format!("b\0{}y", "x".repeat(1_500)), 0),
+                ("crumb\0\u{e9}v\u{e9}nement".to_string(), 42),
+            ])
+            .map(|(k, seq)| (k.into_bytes(), seq))
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn blocks_give_back_every_key_and_seq_in_order() {
+        let keys = run_keys();
+        let mut blocks = Blocks::default();
+        for (key, seq) in &keys {
+            blocks.push(key, *seq);
+        }
+        blocks.close();
+        assert!(blocks.full.len() > 20, "{} blocks", blocks.full.len());
+        let mut read = Vec::new();
+        for (last, bytes) in &blocks.full {
+            // Small enough to stay in a leaf page, unless one key alone is not.
+            assert!(
+                bytes.len() <= BLOCK_BYTES || last.len() > BLOCK_BYTES - 20,
+                "{}",
+                bytes.len()
+            );
+            let mut block = BlockKeys::new(bytes);
+            let mut greatest = Vec::new();
+            while let Some(seq) = block.next_seq().unwrap() {
+                greatest = block.key.clone();
+                read.push((block.key.clone(), seq));
+            }
+            assert_eq!(&greatest, last, "a block is found by its greatest key");
+        }
+        assert_eq!(read, keys);
+    }
+
+    #[test]
+    fn a_damaged_block_is_an_error_not_a_panic() {
+        let mut blocks = Blocks::default();
+        for (key, seq) in run_keys().iter().take(30) {
+            blocks.push(key, *seq);
+        }
+        blocks.close();
+        let good = &blocks.full[0].1;
+        let mut damaged = vec![good[..good.len() / 2].to_vec(), vec![0xff; 12], vec![5, 200, 1]];
+        damaged.push({
+            let mut b = good.clone();
+            b[0] = 9; // shares more than the (empty) key before it
+            b
+        });
+        for bytes in damaged {
+            let mut block = BlockKeys::new(&bytes);
+            let outcome = std::iter::from_fn(|| block.next_seq().transpose()).find(Result::is_err);
+            assert!(outcome.is_some(), "{bytes:?} read without an error");
+        }
+    }
+
+    #[test]
+    fn probes_find_each_key_of_a_written_run_and_nothing_else() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(SCHEMA).unwrap();
+        let keys = run_keys();
+        let mut blocks = Blocks::default();
+        for (key, seq) in &keys {
+            blocks.push(key, *seq);
+        }
+        blocks.close();
+        blocks.write(&conn, 7).unwrap();
+        for (key, seq) in &keys {
+            assert_eq!(probe(&conn, 7, key).unwrap(), Some(*seq), "{key:?}");
+            assert_eq!(probe(&conn, 8, key).unwrap(), None, "another run");
+            let mut missing = key.clone();
+            missing.push(b'0');
+            assert_eq!(probe(&conn, 7, &missing).unwrap(), None, "{missing:?}");
+        }
+        assert_eq!(probe(&conn, 7, b"zzz\0past the last").unwrap(), None);
+        assert_eq!(probe(&conn, 7, b"0\0before the first").unwrap(), None);
     }
 
     #[test]

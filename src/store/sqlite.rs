@@ -59,8 +59,11 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 /// (`AUTOINCREMENT`); 2 hands out seqs from the writer (`store_meta`) and
 /// drops the index on `received_at` alone (pruning bisects seqs), so an older
 /// expeditor, which would let SQLite pick seqs, must not write to it. A store
-/// of schema 1 keeps its `AUTOINCREMENT` table (harmless, slower).
-const SCHEMA_VERSION: i64 = 2;
+/// of schema 1 keeps its `AUTOINCREMENT` table (harmless, slower). 3 packs
+/// the runs' keys into blocks (`dedupe_blocks`, a row per few dozen keys
+/// instead of `dedupe_keys`, a row per key): an older store's runs are
+/// dropped on upgrade and written again from its events at open.
+const SCHEMA_VERSION: i64 = 3;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -243,10 +246,20 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
             "upgrading the store to schema {SCHEMA_VERSION}: expeditor hands out event seqs, and one index goes"
         );
     }
-    // Schema 1 needs only `store_meta` and the index dropped, both in the schema.
+    if (1..=2).contains(&version) {
+        tracing::info!("upgrading the store to schema {SCHEMA_VERSION}: dedupe keys are packed into blocks");
+    }
+    // Schema 1 needs only `store_meta` and the index dropped, both in the
+    // schema; schemas 1 and 2 drop their runs of a row per key (a key whose
+    // event is gone counts for nothing, so the events alone say what the runs
+    // held, and the open writes them again).
     if version >= 1 || !has_events {
+        let drop_old_runs = match version {
+            1 | 2 => "DROP TABLE IF EXISTS dedupe_keys; DELETE FROM dedupe_runs;",
+            _ => "",
+        };
         return conn
-            .execute_batch(&format!("BEGIN IMMEDIATE; {create} COMMIT;"))
+            .execute_batch(&format!("BEGIN IMMEDIATE; {create} {drop_old_runs} COMMIT;"))
             .map_err(unavailable);
     }
     // Schema 0: events is rebuilt without its UNIQUE index (SQLite cannot drop

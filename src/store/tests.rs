@@ -1819,7 +1819,7 @@ fn runs(dir: &TempDir) -> (i64, i64, i64) {
     db(dir)
         .query_row(
             "SELECT (SELECT COUNT(*) FROM dedupe_runs), (SELECT COALESCE(MAX(level), -1) FROM dedupe_runs),
-                    (SELECT COUNT(*) FROM dedupe_keys WHERE run NOT IN (SELECT id FROM dedupe_runs))",
+                    (SELECT COUNT(*) FROM dedupe_blocks WHERE run NOT IN (SELECT id FROM dedupe_runs))",
             [],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
@@ -2076,7 +2076,7 @@ async fn sqlite_upgrades_a_schema_0_store() {
         schema_0_store(&dir, n);
         let store = tiny(dir.path());
         let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         assert_eq!(runs(&dir).0, if n > 16 { 1 } else { 0 }, "{n} events");
         for i in 0..n {
             let id = format!("old_{i}");
@@ -2178,10 +2178,68 @@ async fn sqlite_never_reuses_an_event_seq() {
         .unwrap();
     let store = tiny(dir.path());
     let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     assert_eq!(insert(&*store, new_event("f", &[])).await, Inserted::New(vec![]));
     assert_eq!(seq_of("f"), 100_001);
     for id in ["a", "e", "f"] {
+        assert_eq!(insert(&*store, new_event(id, &[])).await, Inserted::Duplicate, "{id}");
+    }
+    store.close().await;
+}
+
+/// A schema 2 store kept a run's keys a row each (`dedupe_keys`): on upgrade
+/// those runs go, the open writes the events' keys again as blocks, and every
+/// stored event still dedupes while new ones are stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_upgrades_a_schema_2_store_to_dedupe_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    for i in 0..60 {
+        insert(&*store, new_event(&format!("old_{i}"), &[])).await;
+    }
+    store.close().await;
+    db(&dir)
+        .execute_batch(
+            "DROP TABLE dedupe_blocks;
+             DELETE FROM dedupe_runs;
+             CREATE TABLE dedupe_keys (
+                 run INTEGER NOT NULL, source TEXT NOT NULL, event_id TEXT NOT NULL, seq INTEGER NOT NULL,
+                 PRIMARY KEY (run, source, event_id)) WITHOUT ROWID;
+             INSERT INTO dedupe_runs (id, level, first_seq, last_seq, keys, bloom) VALUES (1, 0, 1, 60, 60, x'');
+             INSERT INTO dedupe_keys (run, source, event_id, seq) SELECT 1, source, event_id, seq FROM events;
+             PRAGMA user_version = 2;",
+        )
+        .unwrap();
+    let store = tiny(dir.path());
+    let conn = db(&dir);
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(version, 3);
+    let old_table: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'dedupe_keys')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(!old_table, "the row-per-key table is dropped");
+    let blocks: i64 = conn
+        .query_row("SELECT COUNT(*) FROM dedupe_blocks", [], |r| r.get(0))
+        .unwrap();
+    assert!(blocks > 0, "the open wrote the events' keys as blocks");
+    for i in 0..60 {
+        let id = format!("old_{i}");
+        assert_eq!(insert(&*store, new_event(&id, &[])).await, Inserted::Duplicate, "{id}");
+    }
+    for i in 0..40 {
+        let id = format!("new_{i}");
+        assert_eq!(
+            insert(&*store, new_event(&id, &[])).await,
+            Inserted::New(vec![]),
+            "{id}"
+        );
+    }
+    settle(&*store, &dir).await;
+    for id in ["old_0", "old_59", "new_0", "new_39"] {
         assert_eq!(insert(&*store, new_event(id, &[])).await, Inserted::Duplicate, "{id}");
     }
     store.close().await;
@@ -2240,7 +2298,7 @@ async fn sqlite_prune_by_seq_never_prunes_early() {
 #[test]
 fn sqlite_refuses_a_newer_schema() {
     let dir = tempfile::tempdir().unwrap();
-    db(&dir).execute_batch("PRAGMA user_version = 3").unwrap();
+    db(&dir).execute_batch("PRAGMA user_version = 4").unwrap();
     let err = SqliteStore::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("newer expeditor"), "{err}");
 }
@@ -2260,9 +2318,10 @@ async fn sqlite_open_covers_foreign_events_and_deletes_leftover_runs() {
         [T0],
     )
     .unwrap();
+    let (last, keys) = super::dedupe::block_of(&[("crumb", "ghost", 1), ("crumb", "pre_5", 1)]);
     conn.execute(
-        "INSERT INTO dedupe_keys (run, source, event_id, seq) VALUES (999, 'crumb', 'ghost', 1), (999, 'crumb', 'pre_5', 1)",
-        [],
+        "INSERT INTO dedupe_blocks (run, last, keys) VALUES (999, ?1, ?2)",
+        rusqlite::params![last, keys],
     )
     .unwrap();
     drop(conn);
