@@ -55,9 +55,15 @@ pub enum Json<'a> {
 
 impl<'a> Json<'a> {
     /// Parses a body; the same documents as `serde_json::from_slice::<Value>`
-    /// are accepted, with the same nesting limit.
+    /// are accepted, with the same nesting limit. The body's UTF-8 is checked
+    /// once, up front: parsing from a slice checks each string on its own
+    /// (about a fifth of the parse, by callgrind), and JSON that is not
+    /// UTF-8 is refused either way (with from_slice's error, below).
     pub fn parse(body: &'a [u8]) -> serde_json::Result<Json<'a>> {
-        serde_json::from_slice(body)
+        match std::str::from_utf8(body) {
+            Ok(text) => serde_json::from_str(text),
+            Err(_) => serde_json::from_slice(body),
+        }
     }
 
     fn is_null(&self) -> bool {
@@ -932,6 +938,25 @@ mod tests {
         }
         let ok = "[".repeat(100) + &"]".repeat(100);
         assert!(Json::parse(ok.as_bytes()).is_ok());
+        // Bytes that are not UTF-8, in a string or outside one.
+        let not_utf8: [&[u8]; 4] = [
+            b"{\"a\":\"\xff\"}",
+            b"{\"a\xc3\":1}",
+            b"[1,\xe2\x82]",
+            b"\xef\xbb\xbf{}",
+        ];
+        for bytes in not_utf8 {
+            assert!(
+                serde_json::from_slice::<Value>(bytes).is_err(),
+                "serde_json takes {bytes:?}"
+            );
+            assert!(Json::parse(bytes).is_err(), "{bytes:?} parsed");
+        }
+        let doc = Json::parse("{\"name\":\"Zo\u{eb} \u{1f355}\"}".as_bytes()).unwrap();
+        assert!(matches!(
+            doc.get("name"),
+            Some(Json::String(Cow::Borrowed("Zo\u{eb} \u{1f355}")))
+        ));
     }
 
     #[test]
