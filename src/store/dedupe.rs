@@ -29,7 +29,7 @@ use std::hash::Hasher;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use super::sqlite::{exec, prepared, unavailable};
+use super::sqlite::{exec, unavailable};
 
 pub(super) const SCHEMA: &str = "
 -- The highest event seq handed out or reserved: seq is never used twice, even
@@ -191,12 +191,9 @@ impl Blocks {
         if self.full.is_empty() {
             return Ok(());
         }
-        let mut stmt = None;
-        let stmt = prepared(
-            &mut stmt,
-            conn,
-            "INSERT INTO dedupe_blocks (run, last, keys) VALUES (?1, ?2, ?3)",
-        )?;
+        let mut stmt = conn
+            .prepare_cached("INSERT INTO dedupe_blocks (run, last, keys) VALUES (?1, ?2, ?3)")
+            .map_err(unavailable)?;
         for (last, keys) in self.full.drain(..) {
             stmt.execute(params![run, last, keys]).map_err(unavailable)?;
         }

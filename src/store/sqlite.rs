@@ -831,7 +831,7 @@ struct Inserts<'c> {
 }
 
 /// The statement in `slot`, prepared (from rusqlite's cache) on first use.
-pub(super) fn prepared<'s, 'c>(
+fn prepared<'s, 'c>(
     slot: &'s mut Option<rusqlite::CachedStatement<'c>>,
     t: &'c Connection,
     sql: &str,
