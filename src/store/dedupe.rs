@@ -867,11 +867,12 @@ impl Dedupe {
             }
             seal.written += n;
             *budget -= n;
-            if seal.written == seal.keys.len() {
+            let finished = seal.written == seal.keys.len();
+            if finished {
                 seal.blocks.close();
             }
             seal.blocks.write(conn, seal.out)?;
-            if seal.written == seal.keys.len() {
+            if finished {
                 let seal = self.sealing.take().expect("sealing");
                 let run = Run {
                     id: seal.out,
