@@ -457,9 +457,11 @@ async fn cli_filters_and_events_show() {
     let sink = FakeSink::start().await;
     sink.script(&[503], 200);
     let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    // show-1 alone first, so the scripted 503 is surely its first attempt's
+    // answer: two events in flight at once reach the sink in either order.
     assert_eq!(d.post_crumb(&crumb_order("show-1", 4250)).await.status, 200);
-    assert_eq!(d.post_crave(&vendor::crave_order("show-2", "27.98")).await.status, 200);
     d.wait_delivery("crumb", "show-1", "hook", "delivered").await;
+    assert_eq!(d.post_crave(&vendor::crave_order("show-2", "27.98")).await.status, 200);
     d.wait_delivery("crave", "show-2", "hook", "delivered").await;
 
     let only_crave = d.cli_json(&["deliveries", "--json", "--source", "crave"]).await;
