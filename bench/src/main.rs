@@ -34,7 +34,7 @@ use clap::{Parser, Subcommand};
 
 use crate::expeditor::StoreKind;
 use crate::load::{Corpus, Pace};
-use crate::rows::{Row, RowKind, Settings};
+use crate::rows::{Row, RowKind, Run, Settings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -43,7 +43,8 @@ use crate::rows::{Row, RowKind, Settings};
     after_help = "Rows: baseline (bare hyper server), durable (the same, answering once the body is fdatasync'd to \
                   a file next to where expeditor's store goes, in groups), ingest (verify, dedupe, durable store; routes choose no sink), \
                   e2e (every event to one http sink), fanout (to five). After each flat-out expeditor row, the same \
-                  row runs again in open loop at half the rate it reached, for the latency targets.\n\
+                  row runs again in open loop at half the rate it reached, for the latency targets. After e2e and \
+                  fanout, open-loop runs search for the highest rate at which delivery keeps up (the sustained rate).\n\
                   Exits non-zero if an acknowledged event is missing from the store or a sink, a request is not \
                   answered 2xx, or expeditor does not exit 0 on SIGTERM."
 )]
@@ -92,6 +93,10 @@ struct Cli {
     /// Skip the open-loop runs at half of each row's maximum rate.
     #[arg(long)]
     no_half_rate: bool,
+    /// Skip the search for e2e's and fanout's sustained rate (four open-loop
+    /// runs each).
+    #[arg(long)]
+    no_sustained: bool,
     /// A few seconds for CI: 1000 events, 8 connections, no half-rate runs
     /// (the options above override).
     #[arg(long)]
@@ -156,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         },
     };
     let half_rate = !cli.no_half_rate && !cli.smoke && cli.rate.is_none();
+    let search_sustained = !cli.no_sustained && !cli.smoke && cli.rate.is_none();
     let pace = cli.rate.map_or(Pace::FlatOut, Pace::Rate);
     if cli.rows.iter().any(|r| r.is_expeditor()) {
         if !settings.expeditor.is_file() {
@@ -200,27 +206,35 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     );
 
     let mut rows: Vec<Row> = Vec::new();
+    // Loss or refusals in the sustained search's runs that are not in the table.
+    let mut probe_problems: Vec<String> = Vec::new();
     for kind in RowKind::ALL.into_iter().filter(|k| cli.rows.contains(k)) {
         let row = match kind {
-            RowKind::Baseline | RowKind::Durable => rows::baseline(kind, &corpus, pace, false, &settings).await?,
-            _ => rows::expeditor(kind, &corpus, pace, false, &settings).await?,
+            RowKind::Baseline | RowKind::Durable => rows::baseline(kind, &corpus, pace, Run::Max, &settings).await?,
+            _ => rows::expeditor(kind, &corpus, pace, Run::Max, &settings).await?,
         };
         progress(&row);
         let half = (half_rate && kind.is_expeditor()).then(|| row.max_rate() / 2.0);
+        let search = (search_sustained && kind.sinks() > 0).then(|| (row.max_rate(), row.load.rate()));
         rows.push(row);
+        if let Some((delivered, acked)) = search {
+            let (best, problems) = sustained(kind, &corpus, delivered, acked, &settings).await?;
+            probe_problems.extend(problems);
+            rows.extend(best);
+        }
         if let Some(rate) = half {
             if rate < 1.0 {
                 eprintln!("{}: no rate to halve; skipping its half-rate run", kind.name());
                 continue;
             }
-            let row = rows::expeditor(kind, &corpus, Pace::Rate(rate), true, &settings).await?;
+            let row = rows::expeditor(kind, &corpus, Pace::Rate(rate), Run::Half, &settings).await?;
             progress(&row);
             rows.push(row);
             // What the bench's own servers' latency is at the same rate: the
             // floors for the ingest latency target on this machine.
             for floor in [RowKind::Baseline, RowKind::Durable] {
                 if kind == RowKind::Ingest && cli.rows.contains(&floor) {
-                    let row = rows::baseline(floor, &corpus, Pace::Rate(rate), true, &settings).await?;
+                    let row = rows::baseline(floor, &corpus, Pace::Rate(rate), Run::Half, &settings).await?;
                     progress(&row);
                     rows.push(row);
                 }
@@ -235,7 +249,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
     } else if !targets.is_empty() {
         println!("{targets}");
     }
-    let problems: Vec<&String> = rows.iter().flat_map(|r| &r.problems).collect();
+    let problems: Vec<&String> = rows.iter().flat_map(|r| &r.problems).chain(&probe_problems).collect();
     if problems.is_empty() {
         println!("Nothing lost: every acknowledged event is in the store and reached every sink it was routed to.");
         Ok(true)
@@ -245,6 +259,84 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("- {p}");
         }
         Ok(false)
+    }
+}
+
+/// Open-loop runs of a row with sinks in the sustained search.
+const PROBES: usize = 4;
+
+/// The highest open-loop rate at which delivery keeps up (`Row::keeps_up`),
+/// searched between what the flat-out run delivered (`delivered`, which
+/// includes draining its backlog after sending stopped) and what it
+/// acknowledged meanwhile (`acked`): flat out, ingest takes CPU that
+/// delivery would have in a steady state, so the sustained rate is
+/// usually above the flat-out delivered rate, and never above the acked
+/// one. The first run is at `delivered`; each next one halves the interval
+/// (down by a quarter if nothing has kept up yet). Returns the fastest run
+/// that kept up (else the slowest tried) for the table, and the problems
+/// (loss, refusals) of the runs left out of it.
+async fn sustained(
+    kind: RowKind,
+    corpus: &Arc<Corpus>,
+    delivered: f64,
+    acked: f64,
+    settings: &Settings,
+) -> anyhow::Result<(Option<Row>, Vec<String>)> {
+    if delivered < 1.0 {
+        eprintln!(
+            "{}: nothing delivered flat out; no sustained rate to search",
+            kind.name()
+        );
+        return Ok((None, Vec::new()));
+    }
+    let mut kept: Option<Row> = None;
+    let mut behind: Option<Row> = None;
+    let mut problems = Vec::new();
+    let (mut low, mut high) = (None::<f64>, acked.max(delivered));
+    let mut rate = delivered;
+    for _ in 0..PROBES {
+        let row = rows::expeditor(kind, corpus, Pace::Rate(rate), Run::Sustained, settings).await?;
+        progress(&row);
+        let ok = row.keeps_up();
+        eprintln!(
+            "{}: delivery {} at {} events/s",
+            row.label(),
+            if ok { "kept up" } else { "fell behind" },
+            report::thousands(rate)
+        );
+        let replaced = if ok {
+            low = Some(rate);
+            kept.replace(row)
+        } else {
+            high = high.min(rate);
+            match &behind {
+                Some(b) if offered(b.pace) <= rate => Some(row),
+                _ => behind.replace(row),
+            }
+        };
+        problems.extend(replaced.into_iter().flat_map(|r| r.problems));
+        rate = match low {
+            Some(low) => (low + high) / 2.0,
+            None => rate * 0.75,
+        };
+    }
+    let best = match kept {
+        Some(k) => {
+            problems.extend(behind.into_iter().flat_map(|r| r.problems));
+            k
+        }
+        None => match behind {
+            Some(b) => b,
+            None => return Ok((None, problems)),
+        },
+    };
+    Ok((Some(best), problems))
+}
+
+fn offered(pace: Pace) -> f64 {
+    match pace {
+        Pace::Rate(rate) => rate,
+        Pace::FlatOut => f64::INFINITY,
     }
 }
 

@@ -116,11 +116,22 @@ pub struct Server {
     pub threads: Vec<(String, f64)>,
 }
 
+/// Which run of a row this is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Run {
+    /// Flat out (or at `--rate`): the most it acknowledges.
+    Max,
+    /// In open loop at half of the flat-out run's rate, for the latency targets.
+    Half,
+    /// In open loop at the highest rate at which delivery kept up (see
+    /// `keeps_up`): the sustained rate of a row with sinks.
+    Sustained,
+}
+
 pub struct Row {
     pub kind: RowKind,
     pub pace: Pace,
-    /// The run at half of a flat-out row's maximum rate.
-    pub half_rate: bool,
+    pub run: Run,
     pub connections: usize,
     pub load: LoadResult,
     pub delivered: Option<Delivered>,
@@ -138,7 +149,19 @@ pub struct Row {
 
 impl Row {
     pub fn label(&self) -> String {
-        label(self.kind, self.half_rate)
+        label(self.kind, self.run)
+    }
+
+    /// Whether delivery kept up with this open-loop run's rate: the events
+    /// reached every sink at 97 % of the rate or more, first send to last
+    /// receipt (so a backlog left when sending stopped counts against it),
+    /// and nothing was lost or refused. A run at a rate its ingest cannot
+    /// take also fails here (it sends late, and the rate falls).
+    pub fn keeps_up(&self) -> bool {
+        match (self.pace, &self.delivered) {
+            (Pace::Rate(rate), Some(d)) => self.problems.is_empty() && d.rate >= 0.97 * rate,
+            _ => false,
+        }
     }
 
     /// The most this row's target sustained: acks per second for baseline
@@ -185,12 +208,13 @@ fn cores(cpu: Duration, wall: Duration) -> f64 {
     }
 }
 
-fn label(kind: RowKind, half_rate: bool) -> String {
-    match (kind, half_rate) {
-        (_, false) => kind.name().to_string(),
+fn label(kind: RowKind, run: Run) -> String {
+    match (kind, run) {
+        (_, Run::Max) => kind.name().to_string(),
         // The machine's floors for the ingest latency target.
-        (RowKind::Baseline | RowKind::Durable, true) => format!("{} @ ingest 50%", kind.name()),
-        (_, true) => format!("{} @ 50%", kind.name()),
+        (RowKind::Baseline | RowKind::Durable, Run::Half) => format!("{} @ ingest 50%", kind.name()),
+        (_, Run::Half) => format!("{} @ 50%", kind.name()),
+        (_, Run::Sustained) => format!("{} sustained", kind.name()),
     }
 }
 
@@ -225,13 +249,13 @@ fn load_problems(row: &str, load: &LoadResult, problems: &mut Vec<String>) {
     }
 }
 
-/// The baseline or the durable baseline (`kind`); `half_rate`: at ingest's
+/// The baseline or the durable baseline (`kind`); `Run::Half`: at ingest's
 /// half rate, for comparison.
 pub async fn baseline(
     kind: RowKind,
     corpus: &Arc<Corpus>,
     pace: Pace,
-    half_rate: bool,
+    run: Run,
     settings: &Settings,
 ) -> anyhow::Result<Row> {
     let server = Baseline::start(
@@ -250,11 +274,11 @@ pub async fn baseline(
     let (server_cpu, bench_cpu, other_cpu) = after.since(&before, wall);
     server.stop().await;
     let mut problems = Vec::new();
-    load_problems(&label(kind, half_rate), &load, &mut problems);
+    load_problems(&label(kind, run), &load, &mut problems);
     Ok(Row {
         kind,
         pace,
-        half_rate,
+        run,
         connections: settings.connections,
         load,
         delivered: None,
@@ -276,10 +300,10 @@ pub async fn expeditor(
     kind: RowKind,
     corpus: &Arc<Corpus>,
     pace: Pace,
-    half_rate: bool,
+    run: Run,
     settings: &Settings,
 ) -> anyhow::Result<Row> {
-    let label = label(kind, half_rate);
+    let label = label(kind, run);
     let sink_server = match kind.sinks() {
         0 => None,
         n => Some(SinkServer::start(n, corpus.len()).await?),
@@ -386,7 +410,7 @@ pub async fn expeditor(
     Ok(Row {
         kind,
         pace,
-        half_rate,
+        run,
         connections: settings.connections,
         load,
         delivered,
@@ -466,5 +490,61 @@ fn delivered(state: &SinkState, load: &LoadResult) -> Delivered {
         e2e_us,
         missing,
         duplicates: state.sinks.iter().map(|r| r.duplicates()).sum(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(pace: Pace, delivered_rate: Option<f64>, problems: Vec<String>) -> Row {
+        Row {
+            kind: RowKind::EndToEnd,
+            pace,
+            run: Run::Sustained,
+            connections: 64,
+            load: LoadResult {
+                answered: 0,
+                duplicates: 0,
+                rejected: Default::default(),
+                errors: 0,
+                ack_us: load::histogram(),
+                late_us: load::histogram(),
+                acked: Vec::new(),
+                sent_ns: Vec::new(),
+                first_send_ns: 0,
+                last_answer_ns: 0,
+            },
+            delivered: delivered_rate.map(|rate| Delivered {
+                events: 0,
+                rate,
+                e2e_us: load::histogram(),
+                missing: 0,
+                duplicates: 0,
+            }),
+            server: Server {
+                ready: None,
+                idle_rss: None,
+                peak_rss: 0,
+                cpu_cores: 0.0,
+                threads: Vec::new(),
+            },
+            bench_cpu_cores: 0.0,
+            other_cpu_cores: 0.0,
+            missing_in_store: 0,
+            problems,
+        }
+    }
+
+    #[test]
+    fn delivery_keeps_up_at_97_percent_of_the_rate_and_no_less() {
+        assert!(row(Pace::Rate(1000.0), Some(980.0), vec![]).keeps_up());
+        assert!(row(Pace::Rate(1000.0), Some(970.0), vec![]).keeps_up());
+        assert!(!row(Pace::Rate(1000.0), Some(960.0), vec![]).keeps_up());
+        // Loss or refusals never keep up, however fast.
+        assert!(!row(Pace::Rate(1000.0), Some(1000.0), vec!["lost".into()]).keeps_up());
+        // Only an open-loop run with sinks has a rate to keep up with.
+        assert!(!row(Pace::FlatOut, Some(1000.0), vec![]).keeps_up());
+        assert!(!row(Pace::Rate(1000.0), None, vec![]).keeps_up());
     }
 }
