@@ -44,7 +44,8 @@ use crate::rows::{Row, RowKind, Run, Settings};
                   a file next to where expeditor's store goes, in groups), ingest (verify, dedupe, durable store; routes choose no sink), \
                   e2e (every event to one http sink), fanout (to five). After each flat-out expeditor row, the same \
                   row runs again in open loop at half the rate it reached, for the latency targets. After e2e and \
-                  fanout, open-loop runs search for the highest rate at which delivery keeps up (the sustained rate).\n\
+                  fanout, open-loop runs first search for the highest rate at which delivery keeps up (the sustained \
+                  rate), and their half-rate run is at half of that.\n\
                   Exits non-zero if an acknowledged event is missing from the store or a sink, a request is not \
                   answered 2xx, or expeditor does not exit 0 on SIGTERM."
 )]
@@ -214,12 +215,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             _ => rows::expeditor(kind, &corpus, pace, Run::Max, &settings).await?,
         };
         progress(&row);
-        let half = (half_rate && kind.is_expeditor()).then(|| row.max_rate() / 2.0);
+        let mut half = (half_rate && kind.is_expeditor()).then(|| row.max_rate() / 2.0);
         let search = (search_sustained && kind.sinks() > 0).then(|| (row.max_rate(), row.load.rate()));
         rows.push(row);
         if let Some((delivered, acked)) = search {
             let (best, problems) = sustained(kind, &corpus, delivered, acked, &settings).await?;
             probe_problems.extend(problems);
+            // "At half that rate": half of what delivery sustained, when a
+            // rate kept up; the flat-out delivered rate counts the drain.
+            if let Some(b) = best.as_ref().filter(|b| b.keeps_up()) {
+                half = half.map(|_| offered(b.pace) / 2.0);
+            }
             rows.extend(best);
         }
         if let Some(rate) = half {

@@ -108,7 +108,7 @@ pub fn table(rows: &[Row]) -> String {
             late.join(", ")
         );
     }
-    out.push_str("\nLatencies in ms. ack: request sent (in open loop: scheduled) to response. e2e: request sent to the sink server's receipt, per delivery. delivered ev/s: acknowledged events that reached every sink, first send to last receipt. CPU: cores used during the load by the server, this bench (load generator and sink server), and everything else on the machine (should be near 0).\n");
+    out.push_str("\nLatencies in ms. ack: request sent (in open loop: scheduled) to response. e2e: request sent to the sink server's receipt, per delivery. delivered ev/s: acknowledged events that reached every sink, first send to last receipt (flat out, that includes delivering the backlog after sending stopped). sustained: the fastest of the open-loop runs tried at which that was 97 % of the rate or more. CPU: cores used during the load by the server, this bench (load generator and sink server), and everything else on the machine (should be near 0).\n");
     out
 }
 
