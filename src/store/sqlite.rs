@@ -96,7 +96,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (event_seq, sink)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, due_at) WHERE state = 0;
-CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries (state, updated_at);
+-- One partial index per finished state instead of one over (state,
+-- updated_at): a delivery is written once into the one its outcome needs
+-- (pruning finds delivered ones by age, dead letters by sink and age),
+-- where the full index took an entry at insert and a move at completion.
+-- Pending deliveries are in deliveries_due already.
+DROP INDEX IF EXISTS deliveries_state;
+CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (updated_at) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (sink, updated_at) WHERE state = 2;
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY,
     delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
@@ -1338,9 +1345,15 @@ impl Store for SqliteStore {
         self.read(|c| {
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT d.sink, d.state, COUNT(*), MIN(e.received_at)
+                    // One branch per state, so each reads its partial index.
+                    "SELECT d.sink, 0, COUNT(*), MIN(e.received_at)
                      FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                     WHERE d.state IN (0, 2) GROUP BY d.sink, d.state ORDER BY d.sink",
+                     WHERE d.state = 0 GROUP BY d.sink
+                     UNION ALL
+                     SELECT d.sink, 2, COUNT(*), MIN(e.received_at)
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.state = 2 GROUP BY d.sink
+                     ORDER BY 1, 2",
                 )
                 .map_err(unavailable)?;
             let mut out: Vec<SinkQueue> = Vec::new();

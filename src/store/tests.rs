@@ -1552,6 +1552,8 @@ async fn queue_stats_count_pending_and_dead_per_sink(store: Arc<dyn Store>) {
     insert(&*store, event_at("evt_2", &["a"], T0 + HOUR)).await;
     insert(&*store, event_at("evt_3", &["c"], T0)).await;
     finish_all(&*store, "c", T0, dead("HTTP 400")).await;
+    // A sink with both: one line, both counts.
+    insert(&*store, event_at("evt_4", &["c"], T0 + HOUR)).await;
     let stats = store.queue_stats().await.unwrap();
     assert_eq!(
         stats,
@@ -1570,9 +1572,9 @@ async fn queue_stats_count_pending_and_dead_per_sink(store: Arc<dyn Store>) {
             },
             SinkQueue {
                 sink: "c".into(),
-                pending: 0,
+                pending: 1,
                 dead: 1,
-                oldest_pending_received_at: None
+                oldest_pending_received_at: Some(T0 + HOUR)
             },
         ]
     );
@@ -2184,6 +2186,61 @@ async fn sqlite_never_reuses_an_event_seq() {
     for id in ["a", "e", "f"] {
         assert_eq!(insert(&*store, new_event(id, &[])).await, Inserted::Duplicate, "{id}");
     }
+    store.close().await;
+}
+
+/// A store indexed deliveries by (state, updated_at), an entry per delivery
+/// moved at each completion; the open swaps that index for one partial index
+/// per finished state, and pruning and the queue's counts still find them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_swaps_the_delivery_state_index_for_partial_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    insert(&*store, event_at("evt_1", &["a"], T0)).await;
+    insert(&*store, event_at("evt_2", &["a"], T0)).await;
+    insert(&*store, event_at("evt_3", &["b"], T0)).await;
+    assert_eq!(finish_all(&*store, "a", T0, Completed::Delivered).await, 2);
+    store.close().await;
+    db(&dir)
+        .execute_batch(
+            "DROP INDEX deliveries_delivered; DROP INDEX deliveries_dead;
+             CREATE INDEX deliveries_state ON deliveries (state, updated_at);",
+        )
+        .unwrap();
+    let store = tiny(dir.path());
+    let indexes: Vec<String> = db(&dir)
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'deliveries' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        indexes,
+        [
+            "deliveries_dead",
+            "deliveries_delivered",
+            "deliveries_due",
+            "sqlite_autoindex_deliveries_1"
+        ]
+    );
+    assert_eq!(finish_all(&*store, "b", T0, dead("HTTP 400")).await, 1);
+    let stats = store.queue_stats().await.unwrap();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!((stats[0].sink.as_str(), stats[0].pending, stats[0].dead), ("b", 0, 1));
+    let pruned = store
+        .prune(
+            Retention {
+                keep_delivered: Duration::from_secs(3600),
+                keep_dead_letters: Duration::from_secs(7 * 86_400),
+                dedupe_window: Duration::from_secs(3600),
+            },
+            T0 + 2 * HOUR,
+        )
+        .await
+        .unwrap();
+    assert_eq!(pruned.deliveries_deleted, 2, "the delivered ones, found by their index");
+    assert_eq!(deliveries(&*store, None, None).await.len(), 1, "the dead letter stays");
     store.close().await;
 }
 
