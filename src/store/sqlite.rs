@@ -985,7 +985,11 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
         // Only the holder of the current attempt may finish it: a completion
         // that arrives after its lease ran out and the delivery was claimed
         // again (or replayed, or pruned) must not overwrite the newer state.
-        if n > 0 {
+        // The last attempt of a delivered delivery is on its row already
+        // (attempts, updated_at, no error): it gets no log row of its own, a
+        // table and index insert fewer for nearly every delivery (see
+        // `attempt_log`; a replay writes it out before it resets the row).
+        if n > 0 && !matches!(c.result, Completed::Delivered) {
             log.execute(params![c.delivery_id, c.attempt, c.finished_at, outcome, error])
                 .map_err(unavailable)?;
         }
@@ -1029,6 +1033,18 @@ fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) 
             if !has_body {
                 return Err(StoreError::Pruned);
             }
+            // The delivered attempts this resets live only on their rows: log
+            // them first, so the history keeps them.
+            t.execute(
+                "INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error)
+                 SELECT d.id, d.attempts, d.updated_at, 'delivered', NULL FROM deliveries d
+                 WHERE d.event_seq = ?1 AND (?2 IS NULL OR d.sink = ?2) AND d.state = 1
+                   AND NOT EXISTS (SELECT 1 FROM attempts a
+                                   WHERE a.delivery_id = d.id AND a.attempt = d.attempts AND a.outcome = 'delivered'
+                                     AND a.finished_at = d.updated_at)",
+                params![seq, sink],
+            )
+            .map_err(unavailable)?;
             let n = match sink {
                 Some(s) => t
                     .execute(
@@ -1045,6 +1061,28 @@ fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) 
             Ok(n as u64)
         }
     }
+}
+
+/// A delivery's attempts: the logged ones, then, for a delivered delivery,
+/// its last attempt from the row itself (`complete` logs no row for it; a
+/// store written before that did, with the row's attempt number and time,
+/// and then it is not added twice; a replay's logged copy of an earlier
+/// delivery has an earlier time).
+fn attempt_log(delivery: &DeliveryRow, mut logged: Vec<AttemptRow>) -> Vec<AttemptRow> {
+    let delivered = delivery.status == Status::Delivered;
+    if delivered
+        && !logged
+            .iter()
+            .any(|a| a.attempt == delivery.attempts && a.outcome == "delivered" && a.finished_at == delivery.updated_at)
+    {
+        logged.push(AttemptRow {
+            attempt: delivery.attempts,
+            finished_at: delivery.updated_at,
+            outcome: "delivered".into(),
+            error: None,
+        });
+    }
+    logged
 }
 
 /// A row of `SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state,
@@ -1313,7 +1351,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             let mut deliveries = Vec::with_capacity(rows.len());
             for delivery in rows {
-                let attempt_log = log
+                let logged = log
                     .query_map([delivery.id], |r| {
                         Ok(AttemptRow {
                             attempt: r.get(0)?,
@@ -1325,6 +1363,7 @@ impl Store for SqliteStore {
                     .map_err(unavailable)?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(unavailable)?;
+                let attempt_log = attempt_log(&delivery, logged);
                 deliveries.push(DeliveryDetail { delivery, attempt_log });
             }
             Ok(EventDetail {

@@ -672,6 +672,18 @@ async fn replay_event_requeues_every_delivery_even_delivered(store: Arc<dyn Stor
     let b = claim(&*store, "b", now).await;
     assert_eq!(attempts(&b), [("evt_1", 1)]);
     assert_same_event(&b[0].event, &new_event("evt_1", &[]));
+
+    // The history keeps the first delivery and the replayed one.
+    let again = a.iter().find(|c| c.event.event_id == "evt_1").unwrap();
+    complete(&*store, again, now + SECOND, Completed::Delivered).await;
+    let detail = store.event_detail("crumb", "evt_1").await.unwrap();
+    let a = detail.deliveries.iter().find(|d| d.delivery.sink == "a").unwrap();
+    let log: Vec<_> = a
+        .attempt_log
+        .iter()
+        .map(|l| (l.attempt, l.finished_at, l.outcome.as_str()))
+        .collect();
+    assert_eq!(log, [(1, T0, "delivered"), (1, now + SECOND, "delivered")]);
 }
 
 async fn replay_event_to_a_new_sink_adds_a_delivery(store: Arc<dyn Store>) {
