@@ -109,7 +109,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
     attempt     INTEGER NOT NULL,
     finished_at INTEGER NOT NULL,
-    outcome     TEXT NOT NULL,      -- delivered | retry | dead
+    outcome     TEXT NOT NULL,      -- retry | dead | delivered (a delivered delivery's last
+                                    -- attempt is on its row; a row here is from a replay or an older store)
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
