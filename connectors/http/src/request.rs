@@ -4,7 +4,7 @@ use std::cell::OnceCell;
 
 use expeditor_api::{Delivery, DeliveryError, TemplateError};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
-use reqwest::{Client, Request, Url};
+use reqwest::{Request, Url};
 
 use crate::HttpSinkConfig;
 
@@ -14,12 +14,7 @@ const AGENT: &str = concat!("expeditor/", env!("CARGO_PKG_VERSION"));
 
 /// Everything that can fail here is in the config or the event, not the
 /// network, so every error is permanent.
-pub(crate) fn build(
-    cfg: &HttpSinkConfig,
-    url: Option<&Url>,
-    client: &Client,
-    delivery: &Delivery,
-) -> Result<Request, DeliveryError> {
+pub(crate) fn build(cfg: &HttpSinkConfig, url: Option<&Url>, delivery: &Delivery) -> Result<Request, DeliveryError> {
     let templates = &cfg.templates;
     // Built at most once, and only if a template needs it: turning the event
     // into the template context costs about as much as the request itself.
@@ -61,13 +56,13 @@ pub(crate) fn build(
     headers.insert(IDEMPOTENCY_KEY, key);
     headers.insert(ATTEMPT, HeaderValue::from(delivery.attempt));
 
-    client
-        .request(cfg.method.clone(), url)
-        .headers(headers)
-        .body(body)
-        .timeout(cfg.timeout)
-        .build()
-        .map_err(|e| DeliveryError::permanent(format!("invalid request: {}", crate::outcome::root_cause(&e))))
+    // Built directly: the builder would merge `headers` into an empty map
+    // one by one. The URL and headers are checked above.
+    let mut request = Request::new(cfg.method.clone(), url);
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(body.into());
+    *request.timeout_mut() = Some(cfg.timeout);
+    Ok(request)
 }
 
 /// A rendered (or literal) `url`, checked. The URL may carry a secret (a

@@ -28,7 +28,7 @@ impl HttpSink {
     }
 
     async fn send(&self, delivery: &Delivery) -> Outcome {
-        let request = request::build(&self.cfg, self.url.as_ref(), &self.client, delivery)?;
+        let request = request::build(&self.cfg, self.url.as_ref(), delivery)?;
         let started = Instant::now();
         let outcome = match self.client.execute(request).await {
             Ok(response) => outcome::from_response(response).await,
