@@ -271,16 +271,17 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
 /// Open-loop runs of a row with sinks in the sustained search.
 const PROBES: usize = 4;
 
-/// The highest open-loop rate at which delivery keeps up (`Row::keeps_up`),
-/// searched between what the flat-out run delivered (`delivered`, which
-/// includes draining its backlog after sending stopped) and what it
-/// acknowledged meanwhile (`acked`): flat out, ingest takes CPU that
-/// delivery would have in a steady state, so the sustained rate is
-/// usually above the flat-out delivered rate, and never above the acked
-/// one. The first run is at `delivered`; each next one halves the interval
-/// (down by a quarter if nothing has kept up yet). Returns the fastest run
-/// that kept up (else the slowest tried) for the table, and the problems
-/// (loss, refusals) of the runs left out of it.
+/// The highest open-loop rate at which delivery keeps up (`Row::keeps_up`).
+/// The first run is at what the flat-out run delivered (`delivered`); that
+/// figure includes draining the backlog after sending stopped, with the CPU
+/// to delivery alone, so it is often more than delivery sustains while
+/// ingest runs too (session 13: 0.55 – 0.99 of it). Until a run keeps up,
+/// each next one is a quarter slower; after that, each halves the interval
+/// between the fastest that kept up and the slowest that fell behind (at
+/// most `acked`, what the flat-out run acknowledged: delivery cannot keep
+/// up beyond what ingest takes). Returns the fastest run that kept up
+/// (else the slowest tried) for the table, and the problems (loss,
+/// refusals) of the runs left out of it.
 async fn sustained(
     kind: RowKind,
     corpus: &Arc<Corpus>,
