@@ -55,13 +55,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let metrics = Arc::new(Metrics::new());
-    // Sinks share one connection pool; redirects are not followed (a 3xx
-    // from a webhook sink is a misconfiguration, not a place to resend to).
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build()
-        .context("cannot build the HTTP client")?;
+    // The http sinks share one connection pool; redirects are not followed
+    // (a 3xx from a webhook sink is a misconfiguration, not a place to
+    // resend to).
+    let client = expeditor_http::Client::from_env().context("cannot build the HTTP client")?;
+    if client.is_proxied() {
+        tracing::info!("http sinks send through the proxy the environment names");
+    }
     let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown).await?;
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics)),
@@ -158,7 +158,7 @@ async fn reload(
     file: &Path,
     old_engine: Engine,
     shared: &Arc<Shared>,
-    client: &reqwest::Client,
+    client: &expeditor_http::Client,
     shutdown: &CancellationToken,
 ) -> Engine {
     let old = shared.current.load_full();

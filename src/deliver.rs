@@ -76,7 +76,7 @@ impl Drop for LiveGuard {
 }
 
 /// Builds the sink a spec describes.
-pub async fn build_sink(kind: &SinkKind, client: &reqwest::Client) -> anyhow::Result<Arc<dyn Sink>> {
+pub async fn build_sink(kind: &SinkKind, client: &expeditor_http::Client) -> anyhow::Result<Arc<dyn Sink>> {
     Ok(match kind {
         SinkKind::Http(cfg) => Arc::new(expeditor_http::HttpSink::new(cfg.clone(), client.clone())),
         SinkKind::File(cfg) => Arc::new(expeditor_file::FileSink::open(cfg.clone()).await?),
@@ -97,7 +97,7 @@ impl Engine {
     pub async fn start(
         config: &Config,
         store: Arc<dyn Store>,
-        client: reqwest::Client,
+        client: expeditor_http::Client,
         metrics: Arc<Metrics>,
         parent: &CancellationToken,
     ) -> anyhow::Result<Self> {

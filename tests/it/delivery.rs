@@ -42,6 +42,25 @@ async fn vendor_retries_of_one_event_are_delivered_once() {
     assert_eq!(d.deliveries().await.len(), 1);
 }
 
+/// A proxy named in the daemon's environment carries the http sinks'
+/// requests: the sink's host (`.invalid`, which never resolves) is reached
+/// only through it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_proxy_from_the_environment_carries_deliveries() {
+    let proxy = FakeSink::start().await;
+    let config = one_sink_config("", "http://kds.invalid/api/tickets");
+    let d = Daemon::start_with_env(&config, &[("HTTP_PROXY", &proxy.url(""))]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_proxied", 4250)).await.status, 200);
+
+    d.wait_delivery("crumb", "evt_proxied", "hook", "delivered").await;
+    let got = proxy.settle().await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].path, "/api/tickets");
+    assert_eq!(got[0].header("host"), Some("kds.invalid"));
+    assert_eq!(got[0].event_id(), "evt_proxied");
+    assert!(d.log().contains("through the proxy"), "{}", d.log());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sink_503_twice_then_200_is_three_attempts_with_one_key() {
     let sink = FakeSink::start().await;

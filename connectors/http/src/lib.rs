@@ -8,8 +8,11 @@
 //!   `Idempotency-Key`).
 //! - `outcome`: what a response or a transport failure means for the engine:
 //!   success, retryable (with `Retry-After`) or permanent.
+//! - `client`: [`Client`], how requests leave (hyper's pooled client, or
+//!   reqwest when the environment names a proxy).
 //! - `sink`: [`HttpSink`], the [`expeditor_api::Sink`] that ties them together.
 
+mod client;
 mod config;
 mod outcome;
 mod request;
@@ -18,5 +21,6 @@ mod sink;
 #[cfg(test)]
 mod tests;
 
+pub use client::Client;
 pub use config::{HttpSinkConfig, RESERVED_HEADERS, header_name};
 pub use sink::HttpSink;

@@ -10,26 +10,28 @@ use std::time::{Duration, SystemTime};
 use expeditor_api::{DeliveryError, Outcome};
 use http::StatusCode;
 use http::header::{HeaderMap, RETRY_AFTER};
-use reqwest::Response;
 
 /// How much of an error response body goes into the message.
 const SNIPPET_BYTES: usize = 200;
 /// How much of any response body is read, so the connection can go back to the
 /// pool; a longer body costs a new connection rather than memory.
-const DRAIN_BYTES: usize = 64 * 1024;
+pub(crate) const DRAIN_BYTES: usize = 64 * 1024;
 
-pub(crate) async fn from_response(response: Response) -> Outcome {
-    let status = response.status();
+/// How much of a response body goes into the outcome: none of a success's.
+pub(crate) fn keep(status: StatusCode) -> usize {
+    if status.is_success() { 0 } else { SNIPPET_BYTES }
+}
+
+/// What an answer means, from its status, headers and first
+/// [`keep`] bytes of body.
+pub(crate) fn judge(status: StatusCode, headers: &HeaderMap, head: &[u8]) -> Outcome {
     if status.is_success() {
-        drain(response, 0).await;
         return Ok(());
     }
     let retryable =
         matches!(status, StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS) || status.is_server_error();
     let retry_after = match status {
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => {
-            retry_after(response.headers(), SystemTime::now())
-        }
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => retry_after(headers, SystemTime::now()),
         _ => None,
     };
     // Not `{status}`: that spells an unknown code as "599 <unknown status code>".
@@ -40,7 +42,7 @@ pub(crate) async fn from_response(response: Response) -> Outcome {
     if status.is_redirection() {
         message.push_str(" (redirects are not followed)");
     }
-    let snippet = one_line(&drain(response, SNIPPET_BYTES).await);
+    let snippet = one_line(head);
     if !snippet.is_empty() {
         message = format!("{message}: {snippet}");
     }
@@ -50,20 +52,6 @@ pub(crate) async fn from_response(response: Response) -> Outcome {
         DeliveryError::permanent(message)
     };
     Err(err.with_retry_after(retry_after))
-}
-
-/// Nothing was answered: a timeout or a network failure is worth retrying; a
-/// request reqwest refused to build is not.
-pub(crate) fn transport_error(err: &reqwest::Error, timeout: Duration) -> DeliveryError {
-    if err.is_timeout() {
-        return DeliveryError::timed_out(timeout);
-    }
-    let cause = root_cause(err);
-    if err.is_builder() {
-        DeliveryError::permanent(format!("invalid request: {cause}"))
-    } else {
-        DeliveryError::retryable(cause)
-    }
 }
 
 /// The innermost cause, not the client's message (which quotes the URL).
@@ -77,22 +65,6 @@ pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Durati
     }
     let at = httpdate::parse_http_date(value).ok()?;
     Some(at.duration_since(now).unwrap_or_default())
-}
-
-/// Reads at most [`DRAIN_BYTES`] of the body and returns its first `keep`
-/// bytes. A read error changes nothing: the status already decided.
-async fn drain(mut response: Response, keep: usize) -> Vec<u8> {
-    let mut head = Vec::new();
-    let mut read = 0;
-    while read < DRAIN_BYTES {
-        let Ok(Some(chunk)) = response.chunk().await else {
-            break;
-        };
-        read += chunk.len();
-        let room = keep.saturating_sub(head.len()).min(chunk.len());
-        head.extend_from_slice(&chunk[..room]);
-    }
-    head
 }
 
 /// Bytes as one line of text: control characters and runs of whitespace

@@ -2,9 +2,10 @@
 
 use std::cell::OnceCell;
 
+use bytes::Bytes;
 use expeditor_api::{Delivery, DeliveryError, TemplateError};
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, USER_AGENT};
-use reqwest::{Request, Url};
+use http::{Request, Uri};
 
 use crate::HttpSinkConfig;
 
@@ -14,7 +15,11 @@ const AGENT: &str = concat!("expeditor/", env!("CARGO_PKG_VERSION"));
 
 /// Everything that can fail here is in the config or the event, not the
 /// network, so every error is permanent.
-pub(crate) fn build(cfg: &HttpSinkConfig, url: Option<&Url>, delivery: &Delivery) -> Result<Request, DeliveryError> {
+pub(crate) fn build(
+    cfg: &HttpSinkConfig,
+    url: Option<&Uri>,
+    delivery: &Delivery,
+) -> Result<Request<Bytes>, DeliveryError> {
     let templates = &cfg.templates;
     // Built at most once, and only if a template needs it: turning the event
     // into the template context costs about as much as the request itself.
@@ -58,25 +63,28 @@ pub(crate) fn build(cfg: &HttpSinkConfig, url: Option<&Url>, delivery: &Delivery
 
     // Built directly: the builder would merge `headers` into an empty map
     // one by one. The URL and headers are checked above.
-    let mut request = Request::new(cfg.method.clone(), url);
+    let mut request = Request::new(Bytes::from(body));
+    *request.method_mut() = cfg.method.clone();
+    *request.uri_mut() = url;
     *request.headers_mut() = headers;
-    *request.body_mut() = Some(body.into());
-    *request.timeout_mut() = Some(cfg.timeout);
     Ok(request)
 }
 
 /// A rendered (or literal) `url`, checked. The URL may carry a secret (a
-/// token in the query): errors never quote it.
-pub(crate) fn parse_url(cfg: &HttpSinkConfig, url: &str) -> Result<Url, DeliveryError> {
-    let url = Url::parse(url)
-        .map_err(|e| DeliveryError::permanent(format!("sinks.{}.url: not a valid URL ({e})", cfg.name)))?;
+/// token in the query): errors never quote it. Parsed as a WHATWG URL first,
+/// as a browser or reqwest would (so `HTTP://Host/a b` is sent as
+/// `http://host/a%20b`), then as the URI hyper sends.
+pub(crate) fn parse_url(cfg: &HttpSinkConfig, url: &str) -> Result<Uri, DeliveryError> {
+    let invalid =
+        |e: &dyn std::fmt::Display| DeliveryError::permanent(format!("sinks.{}.url: not a valid URL ({e})", cfg.name));
+    let url = url::Url::parse(url).map_err(|e| invalid(&e))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(DeliveryError::permanent(format!(
             "sinks.{}.url: scheme must be http or https",
             cfg.name
         )));
     }
-    Ok(url)
+    Uri::try_from(url.as_str()).map_err(|e| invalid(&e))
 }
 
 /// The message starts with the template's key path (`sinks.kds.body.total`).

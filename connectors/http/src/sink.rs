@@ -3,9 +3,9 @@
 use std::time::Instant;
 
 use expeditor_api::{Delivery, Outcome, Reads, Sink};
-use reqwest::{Client, Url};
+use http::Uri;
 
-use crate::{HttpSinkConfig, outcome, request};
+use crate::{Client, HttpSinkConfig, request};
 
 #[derive(Debug)]
 pub struct HttpSink {
@@ -13,15 +13,12 @@ pub struct HttpSink {
     client: Client,
     /// `url`, parsed once when it is not a template; an invalid one is left
     /// for each delivery to report.
-    url: Option<Url>,
+    url: Option<Uri>,
 }
 
 impl HttpSink {
     /// `client` is shared by all http sinks, so they share one connection
-    /// pool. The daemon builds it with
-    /// `reqwest::Client::builder().redirect(reqwest::redirect::Policy::none())`:
-    /// a followed redirect would replay the request (or turn a POST into a
-    /// GET) somewhere the config never named, so a 3xx is a permanent error.
+    /// pool.
     pub fn new(cfg: HttpSinkConfig, client: Client) -> Self {
         let url = cfg.url.literal().and_then(|u| request::parse_url(&cfg, u).ok());
         Self { cfg, client, url }
@@ -30,10 +27,7 @@ impl HttpSink {
     async fn send(&self, delivery: &Delivery) -> Outcome {
         let request = request::build(&self.cfg, self.url.as_ref(), delivery)?;
         let started = Instant::now();
-        let outcome = match self.client.execute(request).await {
-            Ok(response) => outcome::from_response(response).await,
-            Err(err) => Err(outcome::transport_error(&err, self.cfg.timeout)),
-        };
+        let outcome = self.client.send(request, self.cfg.timeout).await;
         tracing::debug!(
             sink = %self.cfg.name,
             key = %delivery.key,

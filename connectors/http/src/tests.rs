@@ -40,6 +40,9 @@ fn reply(status: u16) -> Reply {
 struct Seen {
     method: Method,
     path: String,
+    /// As the request line had it: absolute (`http://host/path`) when it
+    /// came through a proxy.
+    uri: http::Uri,
     headers: HeaderMap,
     body: Json,
 }
@@ -61,6 +64,7 @@ async fn serve(reply: Reply) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
                     let _ = tx.send(Seen {
                         method: parts.method,
                         path,
+                        uri: parts.uri,
                         headers: parts.headers,
                         body,
                     });
@@ -83,13 +87,22 @@ async fn serve(reply: Reply) -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
     (addr, rx)
 }
 
-fn client() -> reqwest::Client {
+/// reqwest is built with `rustls-no-provider`: a client cannot be built
+/// until a crypto provider is installed, even for plain http.
+fn install_provider() {
     // Err when another test installed it first.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .unwrap()
+}
+
+fn direct() -> Client {
+    install_provider();
+    Client::direct().unwrap()
+}
+
+/// Through reqwest, as when the environment names a proxy; this one has none.
+fn proxied() -> Client {
+    install_provider();
+    Client::proxied(reqwest::Client::builder().no_proxy()).unwrap()
 }
 
 fn event() -> Event {
@@ -133,6 +146,7 @@ struct Build {
     headers: Vec<(HeaderName, &'static str)>,
     body: Option<Json>,
     timeout: Duration,
+    client: Client,
 }
 
 fn build(addr: SocketAddr) -> Build {
@@ -144,6 +158,7 @@ fn build(addr: SocketAddr) -> Build {
         )],
         body: None,
         timeout: Duration::from_secs(5),
+        client: direct(),
     }
 }
 
@@ -169,7 +184,7 @@ impl Build {
             timeout: self.timeout,
             templates: set.finish(),
         };
-        HttpSink::new(cfg, client())
+        HttpSink::new(cfg, self.client)
     }
 }
 
@@ -179,15 +194,35 @@ async fn deliver_one(sink: &HttpSink, attempt: u32) -> Result<(), DeliveryError>
     outcomes.pop().unwrap()
 }
 
+/// The outcome of one answer, through both transports: they must agree on
+/// everything but `retry_after`, which the caller checks (an HTTP-date is
+/// relative to the moment it is read).
 async fn status_outcome(reply: Reply) -> DeliveryError {
     let (addr, _seen) = serve(reply).await;
-    deliver_one(&build(addr).sink(), 1).await.unwrap_err()
+    let mut outcomes = Vec::new();
+    for client in [direct(), proxied()] {
+        let mut b = build(addr);
+        b.client = client;
+        outcomes.push(deliver_one(&b.sink(), 1).await.unwrap_err());
+    }
+    let (via_reqwest, direct) = (outcomes.pop().unwrap(), outcomes.pop().unwrap());
+    assert_eq!(direct.message, via_reqwest.message);
+    assert_eq!(direct.retryable, via_reqwest.retryable);
+    assert_eq!(direct.retry_after.is_some(), via_reqwest.retry_after.is_some());
+    direct
 }
 
 #[tokio::test]
 async fn sends_the_rendered_body_and_headers() {
+    for client in [direct(), proxied()] {
+        sends_the_rendered_body_and_headers_with(client).await;
+    }
+}
+
+async fn sends_the_rendered_body_and_headers_with(client: Client) {
     let (addr, mut seen) = serve(reply(201)).await;
     let mut b = build(addr);
+    b.client = client;
     b.body = Some(json!({
         "external_id": "{{ order.id }}",
         "total": "{{ order.total_cents }}",
@@ -354,10 +389,18 @@ async fn not_found_is_permanent() {
 
 #[tokio::test]
 async fn redirects_are_permanent_and_not_followed() {
+    for client in [direct(), proxied()] {
+        redirects_are_permanent_and_not_followed_with(client).await;
+    }
+}
+
+async fn redirects_are_permanent_and_not_followed_with(client: Client) {
     let mut r = reply(302);
     r.headers.push(("location", "/elsewhere".into()));
     let (addr, mut seen) = serve(r).await;
-    let err = deliver_one(&build(addr).sink(), 1).await.unwrap_err();
+    let mut b = build(addr);
+    b.client = client;
+    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
     assert!(!err.retryable);
     assert_eq!(err.message, "HTTP 302 Found (redirects are not followed)");
     assert_eq!(seen.recv().await.unwrap().path, "/tickets/ord_456");
@@ -366,10 +409,17 @@ async fn redirects_are_permanent_and_not_followed() {
 
 #[tokio::test]
 async fn a_slow_server_times_out_retryably() {
+    for client in [direct(), proxied()] {
+        a_slow_server_times_out_retryably_with(client).await;
+    }
+}
+
+async fn a_slow_server_times_out_retryably_with(client: Client) {
     let mut r = reply(200);
     r.delay = Duration::from_secs(5);
     let (addr, _seen) = serve(r).await;
     let mut b = build(addr);
+    b.client = client;
     b.timeout = Duration::from_millis(200);
     let err = deliver_one(&b.sink(), 1).await.unwrap_err();
     assert!(err.retryable);
@@ -378,11 +428,19 @@ async fn a_slow_server_times_out_retryably() {
 
 #[tokio::test]
 async fn connection_refused_is_retryable() {
+    for client in [direct(), proxied()] {
+        connection_refused_is_retryable_with(client).await;
+    }
+}
+
+async fn connection_refused_is_retryable_with(client: Client) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let err = deliver_one(&build(addr).sink(), 1).await.unwrap_err();
+    let mut b = build(addr);
+    b.client = client;
+    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
     assert!(err.retryable);
     assert_eq!(err.message, "connection refused");
 }
@@ -442,4 +500,51 @@ fn retry_after_forms() {
 fn one_line_flattens_control_characters() {
     assert_eq!(one_line(b"a\r\nb\t\x1b[31mc  "), "a b [31mc");
     assert_eq!(one_line(b""), "");
+}
+
+/// With a proxy from the environment, requests go through reqwest to it (an
+/// absolute URI in the request line names the sink's host), not straight to
+/// the sink.
+#[tokio::test]
+async fn a_configured_proxy_gets_the_request() {
+    let (proxy, mut seen) = serve(reply(200)).await;
+    install_provider();
+    let via = reqwest::Proxy::http(format!("http://{proxy}")).unwrap();
+    let client = Client::proxied(reqwest::Client::builder().proxy(via)).unwrap();
+    assert!(client.is_proxied());
+    // Nothing listens on the sink's own address.
+    let sink_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut b = build(sink_addr);
+    b.client = client;
+    deliver_one(&b.sink(), 1).await.unwrap();
+    let req = seen.recv().await.unwrap();
+    assert_eq!(req.uri.to_string(), format!("http://{sink_addr}/tickets/ord_456"));
+    assert_eq!(req.headers["idempotency-key"], delivery(1).key.as_str());
+}
+
+#[test]
+fn a_proxy_variable_sends_through_reqwest() {
+    use std::ffi::OsString;
+    let env = |set: &'static [(&'static str, &'static str)]| {
+        move |name: &str| set.iter().find(|(n, _)| *n == name).map(|(_, v)| OsString::from(v))
+    };
+    assert!(!client::proxy_configured(env(&[])));
+    assert!(!client::proxy_configured(env(&[
+        ("NO_PROXY", "*"),
+        ("HTTPS_PROXY", "")
+    ])));
+    // Each of reqwest's three, in either case.
+    for name in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"]
+        .into_iter()
+        .flat_map(|n| [n.to_owned(), n.to_lowercase()])
+    {
+        let name: &'static str = Box::leak(name.into_boxed_str());
+        let set: &'static [(&'static str, &'static str)] =
+            Box::leak(vec![(name, "http://proxy.internal:3128")].into_boxed_slice());
+        assert!(client::proxy_configured(env(set)), "{name}");
+    }
+    assert!(!direct().is_proxied());
 }
