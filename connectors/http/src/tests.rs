@@ -548,3 +548,19 @@ fn a_proxy_variable_sends_through_reqwest() {
     }
     assert!(!direct().is_proxied());
 }
+
+/// The sink receives its url's host as `Host`, once, by either transport.
+#[tokio::test]
+async fn a_literal_url_sends_its_host() {
+    let (addr, mut seen) = serve(reply(200)).await;
+    for client in [direct(), proxied()] {
+        let mut b = build(addr);
+        b.url = format!("http://{addr}/tickets");
+        b.client = client;
+        deliver_one(&b.sink(), 1).await.unwrap();
+        let req = seen.recv().await.unwrap();
+        assert_eq!(req.path, "/tickets");
+        assert_eq!(req.headers["host"], addr.to_string().as_str());
+        assert_eq!(req.headers.get_all("host").iter().count(), 1);
+    }
+}
