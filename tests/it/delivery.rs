@@ -42,6 +42,31 @@ async fn vendor_retries_of_one_event_are_delivered_once() {
     assert_eq!(d.deliveries().await.len(), 1);
 }
 
+/// An https sink is verified against the roots the daemon's system gives it
+/// (here `SSL_CERT_FILE`, as OpenSSL and rustls read it) and delivered to
+/// over TLS; a certificate no root vouches for is refused, the delivery
+/// retried and dead-lettered, and nothing is sent in the clear.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_sink_is_verified_and_delivered_over_tls() {
+    let sink = FakeSink::start_tls().await;
+    let config = one_sink_config("", &sink.url("/hook"));
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls/ca.pem");
+    let d = Daemon::start_with_env(&config, &[("SSL_CERT_FILE", ca)]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_tls", 4250)).await.status, 200);
+    d.wait_delivery("crumb", "evt_tls", "hook", "delivered").await;
+    let got = sink.settle().await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].event_id(), "evt_tls");
+
+    // The same sink, to a daemon whose roots do not include the test CA.
+    let d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_untrusted", 4250)).await.status, 200);
+    let dead = d.wait_delivery("crumb", "evt_untrusted", "hook", "dead").await;
+    let error = dead["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("certificate"), "last_error: {dead}");
+    assert_eq!(sink.settle().await.len(), 1, "nothing more reached the sink");
+}
+
 /// A proxy named in the daemon's environment carries the http sinks'
 /// requests: the sink's host (`.invalid`, which never resolves) is reached
 /// only through it.

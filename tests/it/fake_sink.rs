@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 
 /// One request as the sink saw it.
 #[derive(Debug, Clone)]
@@ -112,6 +113,8 @@ pub struct FakeSink {
     addr: SocketAddr,
     state: Arc<State>,
     server: Mutex<Option<JoinHandle<()>>>,
+    /// Serves https with `tests/it/tls/server.pem` when set.
+    tls: Option<TlsAcceptor>,
 }
 
 impl FakeSink {
@@ -136,7 +139,31 @@ impl FakeSink {
             addr,
             state: Arc::new(state),
             server: Mutex::new(None),
+            tls: None,
         }
+    }
+
+    /// A sink answering 200 over https, with the certificate for
+    /// `127.0.0.1` that `tests/it/tls/ca.pem` signed.
+    pub async fn start_tls() -> FakeSink {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls");
+        let certs = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
+            .expect("server.pem")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("server.pem certificates");
+        let key = PrivateKeyDer::from_pem_file(format!("{dir}/server.key")).expect("server.key");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .expect("server certificate");
+        let mut sink = FakeSink::down();
+        sink.tls = Some(TlsAcceptor::from(Arc::new(config)));
+        sink.up().await;
+        sink
     }
 
     /// Starts listening on the reserved port.
@@ -145,18 +172,26 @@ impl FakeSink {
             .await
             .unwrap_or_else(|e| panic!("fake sink cannot bind {}: {e}", self.addr));
         let state = self.state.clone();
+        let tls = self.tls.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let state = state.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| handle(state.clone(), req));
-                    // A connection the daemon drops mid-request is not our concern.
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    // A connection the daemon drops mid-request (or a
+                    // handshake it refuses) is not our concern.
+                    let conn = http1::Builder::new();
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => conn.serve_connection(TokioIo::new(stream), service).await,
+                            Err(_) => return,
+                        },
+                        None => conn.serve_connection(TokioIo::new(stream), service).await,
+                    };
                 });
             }
         });
@@ -164,9 +199,10 @@ impl FakeSink {
         assert!(previous.is_none(), "fake sink started twice");
     }
 
-    /// `http://127.0.0.1:PORT{path}`.
+    /// `http://127.0.0.1:PORT{path}` (`https` for [`FakeSink::start_tls`]).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
     }
 
     /// Answer the next requests with `first` in order, then `default` forever.
