@@ -326,11 +326,7 @@ impl SqliteStore {
             .execute(
                 // `state = 0` lets this read the small pending index, not every
                 // delivery the store remembers.
-                // A leased delivery is due when its lease ends (see `CLAIM`):
-                // released, it is due at once, in its old place in line
-                // (`updated_at`: written, or its last attempt finished).
-                "UPDATE deliveries SET lease_until = NULL, due_at = MIN(due_at, updated_at)
-                 WHERE state = 0 AND lease_until IS NOT NULL",
+                "UPDATE deliveries SET lease_until = NULL WHERE state = 0 AND lease_until IS NOT NULL",
                 [],
             )
             .map_err(unavailable)?;
@@ -889,7 +885,7 @@ fn insert<'c>(
         &mut inserts.delivery,
         t,
         "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
-         VALUES (?1, ?2, 0, ?3, COALESCE(?5, ?4), ?5, ?4)",
+         VALUES (?1, ?2, 0, ?3, ?4, ?5, ?4)",
     )?;
     let mut held = vec![0; ev.held.len()];
     for sink in &ev.sinks {
@@ -905,13 +901,6 @@ fn insert<'c>(
 }
 
 /// The deliveries a claim takes: due, not leased, oldest first.
-/// Due deliveries of a sink, oldest first. A claim sets a delivery's `due_at`
-/// to the end of its lease (and a held one is written so), since that is
-/// when it is due again if no outcome comes: the index range `due_at <= now`
-/// then holds no leased delivery, so a claim reads only what it takes.
-/// Before, every claim stepped over the leased deliveries at the front of
-/// the index one table lookup at a time, and a sink that fell behind did so
-/// more with every claim. The lease test stays for rows written before.
 pub(super) const CLAIM: &str =
     "SELECT d.id, d.attempts, e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
      FROM deliveries d JOIN events e ON e.seq = d.event_seq
@@ -944,7 +933,7 @@ fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -
         .collect::<Result<Vec<_>, _>>()
         .map_err(unavailable)?;
     let mut lease = t
-        .prepare_cached("UPDATE deliveries SET lease_until = ?2, due_at = ?2, attempts = attempts + 1 WHERE id = ?1")
+        .prepare_cached("UPDATE deliveries SET lease_until = ?2, attempts = attempts + 1 WHERE id = ?1")
         .map_err(unavailable)?;
     for c in &rows {
         lease
@@ -968,7 +957,7 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
         .map_err(unavailable)?;
     let mut release = t
         .prepare_cached(
-            "UPDATE deliveries SET lease_until = NULL, due_at = MIN(due_at, updated_at), attempts = attempts - 1
+            "UPDATE deliveries SET lease_until = NULL, attempts = attempts - 1
              WHERE id = ?1 AND state = 0 AND attempts = ?2 AND lease_until = ?3",
         )
         .map_err(unavailable)?;

@@ -1182,61 +1182,6 @@ async fn sqlite_reopen_keeps_everything_and_releases_leases() {
     assert!(claim(&*store, "b", T0 + 11).await.is_empty());
 }
 
-/// SQLite only: a leased delivery (held at ingest, or claimed) is due when
-/// its lease ends, so the index range a claim reads (`sink, due_at <= now`)
-/// holds none, and a claim behind many leased deliveries reads only what it
-/// takes; one given back is due at once again, in its place in line.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_leased_deliveries_are_out_of_the_due_range() {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
-    let held = NewEvent {
-        held: vec![Held {
-            sink: "a".into(),
-            lease_until: T0 + LEASE_MS,
-        }],
-        ..new_event("evt_held", &["a"])
-    };
-    insert(&*store, held).await;
-    for (i, id) in ["evt_1", "evt_2", "evt_3"].into_iter().enumerate() {
-        insert(&*store, event_at(id, &["a"], T0 + 1 + i as i64)).await;
-    }
-    let first = store.claim("a", 2, LEASE, T0 + 10).await.unwrap();
-    assert_eq!(attempts(&first), [("evt_1", 1), ("evt_2", 1)]);
-
-    let db = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
-    let leased_in_range: i64 = db
-        .query_row(
-            "SELECT COUNT(*) FROM deliveries WHERE sink = 'a' AND state = 0 AND due_at <= ?1
-             AND lease_until > ?1",
-            [T0 + 11],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(leased_in_range, 0);
-    assert_eq!(attempts(&claim(&*store, "a", T0 + 11).await), [("evt_3", 1)]);
-
-    // evt_1 given back unattempted: due at once, ahead of anything newer.
-    let back = Completion {
-        delivery_id: first[0].delivery_id,
-        attempt: 1,
-        finished_at: T0 + 12,
-        result: Completed::Released {
-            lease_until: first[0].lease_until,
-        },
-    };
-    store.complete(vec![back]).await.unwrap();
-    insert(&*store, event_at("evt_4", &["a"], T0 + 12)).await;
-    assert_eq!(
-        attempts(&store.claim("a", 1, LEASE, T0 + 13).await.unwrap()),
-        [("evt_1", 1)]
-    );
-    // The held delivery, never finished, is due when its lease ran out:
-    // after evt_4, which was due before then.
-    let late = claim(&*store, "a", T0 + LEASE_MS + 1).await;
-    assert_eq!(attempts(&late), [("evt_4", 1), ("evt_held", 2)]);
-}
-
 /// SQLite only: the checkpointer thread copies commits from the WAL into the
 /// database file soon after they are made (commits themselves never
 /// checkpoint, so no ack waits for one; SQLite's own automatic checkpoint
