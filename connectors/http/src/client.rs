@@ -22,7 +22,7 @@ use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::outcome::{self, DRAIN_BYTES, root_cause};
+use crate::outcome::{self, Drain, root_cause};
 
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
@@ -141,31 +141,23 @@ pub(crate) fn proxy_configured(var: impl Fn(&str) -> Option<OsString>) -> bool {
 
 async fn judge_direct(response: Response<hyper::body::Incoming>) -> Outcome {
     let (parts, mut body) = response.into_parts();
-    let keep = outcome::keep(parts.status);
-    let mut head = Vec::new();
-    let mut read = 0;
-    // A read error changes nothing: the status already decided.
-    while read < DRAIN_BYTES {
+    let mut drain = Drain::new(parts.status);
+    while drain.wants_more() {
         let Some(Ok(frame)) = body.frame().await else { break };
-        let Ok(chunk) = frame.into_data() else { continue };
-        read += chunk.len();
-        let room = keep.saturating_sub(head.len()).min(chunk.len());
-        head.extend_from_slice(&chunk[..room]);
+        if let Ok(chunk) = frame.into_data() {
+            drain.take(&chunk);
+        }
     }
-    outcome::judge(parts.status, &parts.headers, &head)
+    outcome::judge(parts.status, &parts.headers, &drain.head)
 }
 
 async fn judge_reqwest(mut response: reqwest::Response) -> Outcome {
-    let keep = outcome::keep(response.status());
-    let mut head = Vec::new();
-    let mut read = 0;
-    while read < DRAIN_BYTES {
+    let mut drain = Drain::new(response.status());
+    while drain.wants_more() {
         let Ok(Some(chunk)) = response.chunk().await else { break };
-        read += chunk.len();
-        let room = keep.saturating_sub(head.len()).min(chunk.len());
-        head.extend_from_slice(&chunk[..room]);
+        drain.take(&chunk);
     }
-    outcome::judge(response.status(), response.headers(), &head)
+    outcome::judge(response.status(), response.headers(), &drain.head)
 }
 
 /// Nothing was answered: a timeout or a network failure is worth retrying; a

@@ -15,15 +15,41 @@ use http::header::{HeaderMap, RETRY_AFTER};
 const SNIPPET_BYTES: usize = 200;
 /// How much of any response body is read, so the connection can go back to the
 /// pool; a longer body costs a new connection rather than memory.
-pub(crate) const DRAIN_BYTES: usize = 64 * 1024;
+const DRAIN_BYTES: usize = 64 * 1024;
 
-/// How much of a response body goes into the outcome: none of a success's.
-pub(crate) fn keep(status: StatusCode) -> usize {
-    if status.is_success() { 0 } else { SNIPPET_BYTES }
+/// A response body as it is read: at most [`DRAIN_BYTES`] of it, so the
+/// connection can go back to the pool, and the first [`SNIPPET_BYTES`] of an
+/// error's kept for its message. Read errors just end it: the status
+/// already decided.
+pub(crate) struct Drain {
+    keep: usize,
+    read: usize,
+    pub(crate) head: Vec<u8>,
 }
 
-/// What an answer means, from its status, headers and first
-/// [`keep`] bytes of body.
+impl Drain {
+    pub(crate) fn new(status: StatusCode) -> Self {
+        let keep = if status.is_success() { 0 } else { SNIPPET_BYTES };
+        Self {
+            keep,
+            read: 0,
+            head: Vec::new(),
+        }
+    }
+
+    pub(crate) fn wants_more(&self) -> bool {
+        self.read < DRAIN_BYTES
+    }
+
+    pub(crate) fn take(&mut self, chunk: &[u8]) {
+        self.read += chunk.len();
+        let room = self.keep.saturating_sub(self.head.len()).min(chunk.len());
+        self.head.extend_from_slice(&chunk[..room]);
+    }
+}
+
+/// What an answer means, from its status, headers and the head of its body
+/// ([`Drain`]).
 pub(crate) fn judge(status: StatusCode, headers: &HeaderMap, head: &[u8]) -> Outcome {
     if status.is_success() {
         return Ok(());

@@ -163,6 +163,11 @@ fn build(addr: SocketAddr) -> Build {
 }
 
 impl Build {
+    /// Sends through `client` instead of the direct one.
+    fn via(self, client: Client) -> Self {
+        Self { client, ..self }
+    }
+
     fn sink(self) -> HttpSink {
         let mut set = TemplateSet::new();
         let url = set.text("sinks.kds.url", &self.url).unwrap();
@@ -201,9 +206,7 @@ async fn status_outcome(reply: Reply) -> DeliveryError {
     let (addr, _seen) = serve(reply).await;
     let mut outcomes = Vec::new();
     for client in [direct(), proxied()] {
-        let mut b = build(addr);
-        b.client = client;
-        outcomes.push(deliver_one(&b.sink(), 1).await.unwrap_err());
+        outcomes.push(deliver_one(&build(addr).via(client).sink(), 1).await.unwrap_err());
     }
     let (via_reqwest, direct) = (outcomes.pop().unwrap(), outcomes.pop().unwrap());
     assert_eq!(direct.message, via_reqwest.message);
@@ -221,8 +224,7 @@ async fn sends_the_rendered_body_and_headers() {
 
 async fn sends_the_rendered_body_and_headers_with(client: Client) {
     let (addr, mut seen) = serve(reply(201)).await;
-    let mut b = build(addr);
-    b.client = client;
+    let mut b = build(addr).via(client);
     b.body = Some(json!({
         "external_id": "{{ order.id }}",
         "total": "{{ order.total_cents }}",
@@ -398,9 +400,7 @@ async fn redirects_are_permanent_and_not_followed_with(client: Client) {
     let mut r = reply(302);
     r.headers.push(("location", "/elsewhere".into()));
     let (addr, mut seen) = serve(r).await;
-    let mut b = build(addr);
-    b.client = client;
-    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+    let err = deliver_one(&build(addr).via(client).sink(), 1).await.unwrap_err();
     assert!(!err.retryable);
     assert_eq!(err.message, "HTTP 302 Found (redirects are not followed)");
     assert_eq!(seen.recv().await.unwrap().path, "/tickets/ord_456");
@@ -418,8 +418,7 @@ async fn a_slow_server_times_out_retryably_with(client: Client) {
     let mut r = reply(200);
     r.delay = Duration::from_secs(5);
     let (addr, _seen) = serve(r).await;
-    let mut b = build(addr);
-    b.client = client;
+    let mut b = build(addr).via(client);
     b.timeout = Duration::from_millis(200);
     let err = deliver_one(&b.sink(), 1).await.unwrap_err();
     assert!(err.retryable);
@@ -438,9 +437,7 @@ async fn connection_refused_is_retryable_with(client: Client) {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut b = build(addr);
-    b.client = client;
-    let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+    let err = deliver_one(&build(addr).via(client).sink(), 1).await.unwrap_err();
     assert!(err.retryable);
     assert_eq!(err.message, "connection refused");
 }
@@ -517,9 +514,7 @@ async fn a_configured_proxy_gets_the_request() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let mut b = build(sink_addr);
-    b.client = client;
-    deliver_one(&b.sink(), 1).await.unwrap();
+    deliver_one(&build(sink_addr).via(client).sink(), 1).await.unwrap();
     let req = seen.recv().await.unwrap();
     assert_eq!(req.uri.to_string(), format!("http://{sink_addr}/tickets/ord_456"));
     assert_eq!(req.headers["idempotency-key"], delivery(1).key.as_str());
@@ -528,23 +523,17 @@ async fn a_configured_proxy_gets_the_request() {
 #[test]
 fn a_proxy_variable_sends_through_reqwest() {
     use std::ffi::OsString;
-    let env = |set: &'static [(&'static str, &'static str)]| {
-        move |name: &str| set.iter().find(|(n, _)| *n == name).map(|(_, v)| OsString::from(v))
+    let configured = |set: &[(&str, &str)]| {
+        client::proxy_configured(|name| set.iter().find(|(n, _)| *n == name).map(|(_, v)| OsString::from(v)))
     };
-    assert!(!client::proxy_configured(env(&[])));
-    assert!(!client::proxy_configured(env(&[
-        ("NO_PROXY", "*"),
-        ("HTTPS_PROXY", "")
-    ])));
+    assert!(!configured(&[]));
+    assert!(!configured(&[("NO_PROXY", "*"), ("HTTPS_PROXY", "")]));
     // Each of reqwest's three, in either case.
     for name in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"]
         .into_iter()
         .flat_map(|n| [n.to_owned(), n.to_lowercase()])
     {
-        let name: &'static str = Box::leak(name.into_boxed_str());
-        let set: &'static [(&'static str, &'static str)] =
-            Box::leak(vec![(name, "http://proxy.internal:3128")].into_boxed_slice());
-        assert!(client::proxy_configured(env(set)), "{name}");
+        assert!(configured(&[(&name, "http://proxy.internal:3128")]), "{name}");
     }
     assert!(!direct().is_proxied());
 }
@@ -554,9 +543,8 @@ fn a_proxy_variable_sends_through_reqwest() {
 async fn a_literal_url_sends_its_host() {
     let (addr, mut seen) = serve(reply(200)).await;
     for client in [direct(), proxied()] {
-        let mut b = build(addr);
+        let mut b = build(addr).via(client);
         b.url = format!("http://{addr}/tickets");
-        b.client = client;
         deliver_one(&b.sink(), 1).await.unwrap();
         let req = seen.recv().await.unwrap();
         assert_eq!(req.path, "/tickets");
