@@ -54,7 +54,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on admin.listen = {}", config.admin.listen))?;
 
     let shutdown = CancellationToken::new();
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    if let Some(durability) = store.durability() {
+        metrics.register_durability(durability);
+    }
+    let metrics = Arc::new(metrics);
     // The http sinks share one connection pool; redirects are not followed
     // (a 3xx from a webhook sink is a misconfiguration, not a place to
     // resend to).

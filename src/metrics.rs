@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::store::SinkQueue;
+use crate::store::{Durability, SinkQueue};
 
 /// What became of a webhook request.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -204,6 +204,22 @@ impl Metrics {
         }
     }
 
+    /// Adds the store's fsyncs (a store that makes its writes durable
+    /// itself; see [`crate::store::Store::durability`]).
+    pub fn register_durability(&mut self, d: Durability) {
+        self.registry.register_with_unit(
+            "store_sync_duration",
+            "Time each fsync of the store's write-ahead log took (every ack waits for one)",
+            Unit::Seconds,
+            d.syncs,
+        );
+        self.registry.register(
+            "store_synced_operations",
+            "Store writes made durable by those fsyncs (divided by their count: writes per group commit)",
+            d.operations,
+        );
+    }
+
     pub fn request(&self, source: &str, outcome: RequestOutcome) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -266,7 +282,11 @@ mod tests {
 
     #[test]
     fn names_follow_the_convention() {
-        let m = Metrics::new();
+        let mut m = Metrics::new();
+        let durability = Durability::default();
+        m.register_durability(durability.clone());
+        durability.syncs.observe(0.0004);
+        durability.operations.inc_by(12);
         m.request("crumb", RequestOutcome::accepted);
         m.verification_failures
             .get_or_create(&VerifyLabels {
@@ -294,6 +314,8 @@ mod tests {
             "expeditor_deliveries_pending{sink=\"slack\"} 0",
             "expeditor_dead_letters{sink=\"kds\"} 1",
             "expeditor_oldest_pending_delivery_age_seconds{sink=\"kds\"} 10.0",
+            "expeditor_store_sync_duration_seconds_count 1",
+            "expeditor_store_synced_operations_total 12",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -120,10 +120,45 @@ pub struct Daemon {
     dir: Option<TempDir>,
     database: Option<PgDatabase>,
     pub ingest: SocketAddr,
+    admin: SocketAddr,
     /// Spawn until `GET /healthz` answered 200.
     pub ready: Duration,
     /// Resident memory just after ready.
     pub idle: ProcStats,
+}
+
+/// Totals of the store's fsyncs (`expeditor_store_sync_duration_seconds`
+/// and `expeditor_store_synced_operations_total`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoreSyncs {
+    pub count: f64,
+    pub seconds: f64,
+    pub operations: f64,
+}
+
+impl StoreSyncs {
+    /// From the text exposition; `None` if a series is missing.
+    fn parse(metrics: &str) -> Option<Self> {
+        let value = |series: &str| {
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+        };
+        Some(Self {
+            count: value("expeditor_store_sync_duration_seconds_count")?,
+            seconds: value("expeditor_store_sync_duration_seconds_sum")?,
+            operations: value("expeditor_store_synced_operations_total")?,
+        })
+    }
+
+    /// What happened between `before` and this.
+    pub fn since(self, before: Self) -> Self {
+        Self {
+            count: self.count - before.count,
+            seconds: self.seconds - before.seconds,
+            operations: self.operations - before.operations,
+        }
+    }
 }
 
 /// How a run ended.
@@ -199,9 +234,16 @@ impl Daemon {
             dir: Some(dir),
             database,
             ingest,
+            admin,
             ready,
             idle,
         })
+    }
+
+    /// The SQLite store's fsyncs so far, from `/metrics`; `None` on
+    /// PostgreSQL (the server syncs) or if the scrape fails.
+    pub async fn store_syncs(&self) -> Option<StoreSyncs> {
+        StoreSyncs::parse(&get(self.admin, "/metrics", Duration::from_secs(5)).await?)
     }
 
     pub fn stats(&self) -> Option<ProcStats> {
@@ -449,25 +491,57 @@ fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-/// One `GET /healthz` on a fresh connection; true on 200.
-async fn healthz(admin: SocketAddr) -> bool {
+/// One `GET` on a fresh connection within `limit`: the body of a 200,
+/// else `None`.
+async fn get(admin: SocketAddr, path: &str, limit: Duration) -> Option<String> {
     let attempt = async {
         let mut stream = TcpStream::connect(admin).await?;
         stream
-            .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
             .await?;
-        let mut buf = [0u8; 12];
-        stream.read_exact(&mut buf).await?;
-        Ok::<_, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
     };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Ok(true))
-    )
+    let response = tokio::time::timeout(limit, attempt).await.ok()?.ok()?;
+    let text = String::from_utf8(response).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    // Chunked or not, the sample lines are what is looked for.
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// One `GET /healthz` on a fresh connection; true on 200.
+async fn healthz(admin: SocketAddr) -> bool {
+    get(admin, "/healthz", Duration::from_secs(1)).await.is_some()
 }
 
 fn log_tail(dir: &Path) -> String {
     let text = std::fs::read_to_string(dir.join("expeditor.log")).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StoreSyncs;
+
+    #[test]
+    fn store_syncs_are_read_from_the_exposition() {
+        let text = "# TYPE expeditor_store_sync_duration_seconds histogram\n\
+                    expeditor_store_sync_duration_seconds_sum 0.5\n\
+                    expeditor_store_sync_duration_seconds_count 1000\n\
+                    expeditor_store_sync_duration_seconds_bucket{le=\"0.00005\"} 0\n\
+                    # TYPE expeditor_store_synced_operations counter\n\
+                    expeditor_store_synced_operations_total 30000\n";
+        let s = StoreSyncs::parse(text).unwrap();
+        assert_eq!((s.count, s.seconds, s.operations), (1000.0, 0.5, 30000.0));
+        let d = s.since(StoreSyncs {
+            count: 400.0,
+            seconds: 0.1,
+            operations: 10000.0,
+        });
+        assert_eq!((d.count, d.operations), (600.0, 20000.0));
+        // PostgreSQL exports none of them.
+        assert!(StoreSyncs::parse("expeditor_dead_letters{sink=\"a\"} 0\n").is_none());
+    }
 }

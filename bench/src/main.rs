@@ -371,6 +371,16 @@ fn progress(row: &Row) {
             .collect();
         line.push_str(&format!("; expeditor threads (% of a core): {}", threads.join(", ")));
     }
+    if let Some((syncs, wall)) = row.server.syncs
+        && syncs.count > 0.0
+    {
+        line.push_str(&format!(
+            "; store: {} fsyncs/s of {:.1} writes each, {:.2} ms on average",
+            report::thousands(syncs.count / wall.as_secs_f64()),
+            syncs.operations / syncs.count,
+            syncs.seconds / syncs.count * 1000.0,
+        ));
+    }
     if let Some(d) = &row.delivered {
         line.push_str(&format!(
             "; {} delivered ({} events/s, p99 e2e {:.1} ms, {} received twice)",

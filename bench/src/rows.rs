@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::expeditor::{Daemon, Routing, StoreKind};
+use crate::expeditor::{Daemon, Routing, StoreKind, StoreSyncs};
 use crate::load::{self, Corpus, LoadResult, Pace, Plan, Signed, event_id};
 use crate::proc::{self, ProcStats};
 use crate::servers::{Baseline, SinkServer, SinkState};
@@ -114,6 +114,8 @@ pub struct Server {
     pub cpu_cores: f64,
     /// The same by thread name (expeditor only): is one thread the limit?
     pub threads: Vec<(String, f64)>,
+    /// The SQLite store's fsyncs while the load ran, and how long they took.
+    pub syncs: Option<(StoreSyncs, Duration)>,
 }
 
 /// Which run of a row this is.
@@ -288,6 +290,7 @@ pub async fn baseline(
             peak_rss: after.server.peak_rss,
             cpu_cores: server_cpu,
             threads: Vec::new(),
+            syncs: None,
         },
         bench_cpu_cores: bench_cpu,
         other_cpu_cores: other_cpu,
@@ -326,11 +329,16 @@ pub async fn expeditor(
     .await?;
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = plan(daemon.ingest, pace, settings, corpus.len());
+    let syncs_before = daemon.store_syncs().await;
     let before = Cpu::now(daemon.stats());
     let threads_before = daemon.threads();
     let started = Instant::now();
     let load = load::run(signed, plan).await?;
     let wall = started.elapsed();
+    let syncs = match (syncs_before, daemon.store_syncs().await) {
+        (Some(before), Some(after)) => Some((after.since(before), wall)),
+        _ => None,
+    };
     let (server_cpu, bench_cpu, other_cpu) = Cpu::now(daemon.stats()).since(&before, wall);
     let threads = daemon
         .threads()
@@ -420,6 +428,7 @@ pub async fn expeditor(
             peak_rss,
             cpu_cores: server_cpu,
             threads,
+            syncs,
         },
         bench_cpu_cores: bench_cpu,
         other_cpu_cores: other_cpu,
@@ -528,6 +537,7 @@ mod tests {
                 peak_rss: 0,
                 cpu_cores: 0.0,
                 threads: Vec::new(),
+                syncs: None,
             },
             bench_cpu_cores: 0.0,
             other_cpu_cores: 0.0,

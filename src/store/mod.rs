@@ -339,6 +339,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// Finishes queued writes and closes.
     async fn close(&self);
+
+    /// The store's own fsyncs, where it makes writes durable itself
+    /// (SQLite); `None` where the database server does (PostgreSQL).
+    fn durability(&self) -> Option<Durability> {
+        None
+    }
+}
+
+/// What each fsync of the store's log took, and how many writes it made
+/// durable: where an ack's wait goes, and disk stalls as they happen
+/// (`/metrics`). Handles onto the same counters the store updates.
+#[derive(Clone, Debug)]
+pub struct Durability {
+    /// Seconds per fsync.
+    pub syncs: prometheus_client::metrics::histogram::Histogram,
+    /// Writes (inserts, delivery outcomes, claims, ...) answered after an
+    /// fsync; per fsync, the group commit's size.
+    pub operations: prometheus_client::metrics::counter::Counter,
+}
+
+impl Default for Durability {
+    fn default() -> Self {
+        Self {
+            // 50 µs .. ~1.6 s: a healthy fsync takes a fraction of a
+            // millisecond; a stalling disk, hundreds.
+            syncs: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
+            ),
+            operations: Default::default(),
+        }
+    }
 }
 
 /// Opens the configured store: the SQLite file under `store.path`, or the

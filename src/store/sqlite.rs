@@ -137,6 +137,7 @@ enum Op {
 pub struct SqliteStore {
     writer: mpsc::Sender<Op>,
     reader: Arc<Mutex<Connection>>,
+    durability: Durability,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -360,13 +361,22 @@ impl SqliteStore {
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(8192);
         let me = tx.downgrade();
+        let durability = Durability::default();
+        let measured = durability.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || writer_loop(conn, dedupe, lock, rx, me, committed, sync_wal))
+            .spawn(move || {
+                let wal = WalSync {
+                    sync: sync_wal,
+                    durability: measured,
+                };
+                writer_loop(conn, dedupe, lock, rx, me, committed, wal)
+            })
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
             reader: Arc::new(Mutex::new(reader)),
+            durability,
         })
     }
 
@@ -424,10 +434,16 @@ type Unsynced = Vec<(Op, Done)>;
 /// Makes what was written to the WAL durable (`File::sync_data`).
 pub(super) type SyncWal = Box<dyn FnMut() -> std::io::Result<()> + Send>;
 
+/// How the syncer makes the WAL durable, and where it reports each fsync.
+struct WalSync {
+    sync: SyncWal,
+    durability: Durability,
+}
+
 /// Fsyncs the WAL for each committed group, answers it, and tells the writer
 /// it is free for the next.
 fn sync_loop(
-    mut sync_wal: SyncWal,
+    mut wal: WalSync,
     groups: std::sync::mpsc::Receiver<Unsynced>,
     broken: Arc<AtomicBool>,
     syncing: Arc<AtomicBool>,
@@ -438,12 +454,17 @@ fn sync_loop(
         let synced = if broken.load(Ordering::Acquire) {
             Err(unavailable(DISK_FAILED))
         } else {
-            sync_wal().map_err(|e| {
+            let synced = (wal.sync)();
+            wal.durability.syncs.observe(started.elapsed().as_secs_f64());
+            synced.map_err(|e| {
                 broken.store(true, Ordering::Release);
                 tracing::error!(error = %e, "store fsync failed; refusing writes until expeditor is restarted");
                 unavailable(DISK_FAILED)
             })
         };
+        if synced.is_ok() {
+            wal.durability.operations.inc_by(batch.len() as u64);
+        }
         if started.elapsed() > SLOW_COMMIT {
             tracing::warn!(took_ms = started.elapsed().as_millis() as u64, "slow store fsync");
         }
@@ -515,7 +536,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Op>,
     me: mpsc::WeakSender<Op>,
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
-    sync_wal: SyncWal,
+    wal: WalSync,
 ) {
     let broken = Arc::new(AtomicBool::new(false));
     // The writer hands a group over only while the syncer is idle, so one slot
@@ -528,7 +549,7 @@ fn writer_loop(
         let (broken, syncing) = (broken.clone(), syncing.clone());
         std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || sync_loop(sync_wal, groups, broken, syncing, me))
+            .spawn(move || sync_loop(wal, groups, broken, syncing, me))
     };
     let syncer = match syncer {
         Ok(handle) => handle,
@@ -1441,6 +1462,10 @@ impl Store for SqliteStore {
 
     async fn prune(&self, retention: Retention, now: i64) -> Result<PruneStats, StoreError> {
         self.submit(|r| Op::Prune(retention, now, r)).await
+    }
+
+    fn durability(&self) -> Option<Durability> {
+        Some(self.durability.clone())
     }
 
     async fn close(&self) {

@@ -1326,6 +1326,8 @@ async fn sqlite_fsyncs_start_at_least_the_interval_apart() {
         let apart = pair[1] - pair[0];
         assert!(apart >= least, "fsyncs {apart:?} apart; expected at least {least:?}");
     }
+    // Every insert was made durable by one of those fsyncs, and counted so.
+    assert_eq!(store.durability().unwrap().operations.get(), 2000);
     drop(store);
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
     assert_eq!(events(&*store, None, None).await.len(), 2000);
@@ -1360,6 +1362,10 @@ async fn sqlite_a_failed_fsync_refuses_every_write_until_reopened() {
         insert(&*store, new_event("before", &["a"])).await,
         Inserted::New(vec![])
     );
+    // `/metrics` counts the fsync and the write it made durable.
+    let durability = store.durability().expect("SQLite syncs its own log");
+    let synced = durability.operations.get();
+    assert!(synced >= 1, "{synced} writes synced");
 
     failing.store(true, Ordering::SeqCst);
     let refused = |r: Result<(), StoreError>| match r {
@@ -1381,6 +1387,8 @@ async fn sqlite_a_failed_fsync_refuses_every_write_until_reopened() {
     refused(store.replay(event_target("before", None), T0).await.map(drop));
     // Reads still answer (the listings help whoever investigates).
     assert!(event_ids(&events(&*store, None, None).await).contains(&"before"));
+    // A write the disk did not sync is not counted as durable.
+    assert_eq!(durability.operations.get(), synced);
     drop(store);
 
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());

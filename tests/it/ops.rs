@@ -426,6 +426,13 @@ async fn metrics_parse_and_move_as_events_flow() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(reasons, 1.0);
+    // The SQLite store's own fsyncs: the insert, and the delivery's claim
+    // and outcomes, each waited for one (several may share one).
+    let syncs = sample(&after, "expeditor_store_sync_duration_seconds_count");
+    let synced = sample(&after, "expeditor_store_synced_operations_total");
+    assert!(syncs >= 1.0, "{syncs} fsyncs");
+    assert!(synced >= 3.0 && synced >= syncs, "{synced} writes in {syncs} fsyncs");
+    assert!(sample(&after, "expeditor_store_sync_duration_seconds_sum") > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
