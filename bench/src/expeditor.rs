@@ -129,11 +129,13 @@ pub struct Daemon {
 
 /// Totals of the store's fsyncs (`expeditor_store_sync_duration_seconds`
 /// and `expeditor_store_synced_operations_total`).
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct StoreSyncs {
     pub count: f64,
     pub seconds: f64,
     pub operations: f64,
+    /// The histogram's buckets: upper bound (s), fsyncs at most that long.
+    buckets: Vec<(f64, f64)>,
 }
 
 impl StoreSyncs {
@@ -144,20 +146,45 @@ impl StoreSyncs {
                 .lines()
                 .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
         };
+        let buckets = metrics
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("expeditor_store_sync_duration_seconds_bucket{le=\"")?;
+                let (le, count) = rest.split_once("\"} ")?;
+                Some((le.parse().ok()?, count.trim().parse().ok()?))
+            })
+            .collect();
         Some(Self {
             count: value("expeditor_store_sync_duration_seconds_count")?,
             seconds: value("expeditor_store_sync_duration_seconds_sum")?,
             operations: value("expeditor_store_synced_operations_total")?,
+            buckets,
         })
     }
 
     /// What happened between `before` and this.
-    pub fn since(self, before: Self) -> Self {
+    pub fn since(&self, before: &Self) -> Self {
+        let earlier = |le: f64| before.buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, n)| *n);
         Self {
             count: self.count - before.count,
             seconds: self.seconds - before.seconds,
             operations: self.operations - before.operations,
+            buckets: self.buckets.iter().map(|&(le, n)| (le, n - earlier(le))).collect(),
         }
+    }
+
+    /// The histogram's bound on the slowest fsync, in seconds (infinite if
+    /// it was slower than the last bucket); `None` without fsyncs.
+    pub fn slowest(&self) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        Some(
+            self.buckets
+                .iter()
+                .find(|(_, n)| *n >= self.count)
+                .map_or(f64::INFINITY, |(le, _)| *le),
+        )
     }
 }
 
@@ -527,20 +554,28 @@ mod tests {
 
     #[test]
     fn store_syncs_are_read_from_the_exposition() {
-        let text = "# TYPE expeditor_store_sync_duration_seconds histogram\n\
-                    expeditor_store_sync_duration_seconds_sum 0.5\n\
-                    expeditor_store_sync_duration_seconds_count 1000\n\
-                    expeditor_store_sync_duration_seconds_bucket{le=\"0.00005\"} 0\n\
-                    # TYPE expeditor_store_synced_operations counter\n\
-                    expeditor_store_synced_operations_total 30000\n";
-        let s = StoreSyncs::parse(text).unwrap();
-        assert_eq!((s.count, s.seconds, s.operations), (1000.0, 0.5, 30000.0));
-        let d = s.since(StoreSyncs {
-            count: 400.0,
-            seconds: 0.1,
-            operations: 10000.0,
-        });
-        assert_eq!((d.count, d.operations), (600.0, 20000.0));
+        let exposition = |count: u64, slow: u64| {
+            format!(
+                "# TYPE expeditor_store_sync_duration_seconds histogram\n\
+                 expeditor_store_sync_duration_seconds_sum 0.5\n\
+                 expeditor_store_sync_duration_seconds_count {count}\n\
+                 expeditor_store_sync_duration_seconds_bucket{{le=\"0.0004\"}} {}\n\
+                 expeditor_store_sync_duration_seconds_bucket{{le=\"0.0512\"}} {count}\n\
+                 expeditor_store_sync_duration_seconds_bucket{{le=\"+Inf\"}} {count}\n\
+                 # TYPE expeditor_store_synced_operations counter\n\
+                 expeditor_store_synced_operations_total {}\n",
+                count - slow,
+                count * 30
+            )
+        };
+        let before = StoreSyncs::parse(&exposition(400, 0)).unwrap();
+        assert_eq!((before.count, before.operations), (400.0, 12000.0));
+        assert_eq!(before.slowest(), Some(0.0004));
+        // 600 more, one of them slower than 0.4 ms.
+        let d = StoreSyncs::parse(&exposition(1000, 1)).unwrap().since(&before);
+        assert_eq!((d.count, d.operations), (600.0, 18000.0));
+        assert_eq!(d.slowest(), Some(0.0512));
+        assert_eq!(StoreSyncs::default().slowest(), None);
         // PostgreSQL exports none of them.
         assert!(StoreSyncs::parse("expeditor_dead_letters{sink=\"a\"} 0\n").is_none());
     }

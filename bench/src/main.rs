@@ -371,14 +371,19 @@ fn progress(row: &Row) {
             .collect();
         line.push_str(&format!("; expeditor threads (% of a core): {}", threads.join(", ")));
     }
-    if let Some((syncs, wall)) = row.server.syncs
-        && syncs.count > 0.0
+    if let Some((syncs, wall)) = &row.server.syncs
+        && let Some(slowest) = syncs.slowest()
     {
         line.push_str(&format!(
-            "; store: {} fsyncs/s of {:.1} writes each, {:.2} ms on average",
+            "; store: {} fsyncs/s of {:.1} writes each, {:.2} ms on average, the slowest {}",
             report::thousands(syncs.count / wall.as_secs_f64()),
             syncs.operations / syncs.count,
             syncs.seconds / syncs.count * 1000.0,
+            if slowest.is_finite() {
+                format!("≤ {:.1} ms", slowest * 1000.0)
+            } else {
+                "over the histogram's last bound".to_owned()
+            },
         ));
     }
     if let Some(d) = &row.delivered {

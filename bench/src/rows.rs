@@ -336,7 +336,7 @@ pub async fn expeditor(
     let load = load::run(signed, plan).await?;
     let wall = started.elapsed();
     let syncs = match (syncs_before, daemon.store_syncs().await) {
-        (Some(before), Some(after)) => Some((after.since(before), wall)),
+        (Some(before), Some(after)) => Some((after.since(&before), wall)),
         _ => None,
     };
     let (server_cpu, bench_cpu, other_cpu) = Cpu::now(daemon.stats()).since(&before, wall);
