@@ -277,6 +277,11 @@ impl Daemon {
         ProcStats::read(self.child.as_ref()?.id())
     }
 
+    /// Bytes written to storage so far.
+    pub fn written(&self) -> Option<u64> {
+        proc::written(self.child.as_ref()?.id())
+    }
+
     /// CPU time so far by thread name.
     pub fn threads(&self) -> std::collections::BTreeMap<String, Duration> {
         self.child.as_ref().map(|c| proc::threads(c.id())).unwrap_or_default()

@@ -386,6 +386,14 @@ fn progress(row: &Row) {
             },
         ));
     }
+    if let Some(bytes) = row.server.written
+        && row.load.answered > 0
+    {
+        line.push_str(&format!(
+            "; {:.1} KB written to disk per request",
+            bytes as f64 / row.load.answered as f64 / 1000.0
+        ));
+    }
     if let Some(d) = &row.delivered {
         line.push_str(&format!(
             "; {} delivered ({} events/s, p99 e2e {:.1} ms, {} received twice)",

@@ -1,5 +1,6 @@
 //! What Linux says about a process: memory (`/proc/PID/status`), CPU time
-//! (`/proc/PID/stat`), and stopping it with SIGTERM.
+//! (`/proc/PID/stat`), bytes written to storage (`/proc/PID/io`), and
+//! stopping it with SIGTERM.
 
 use std::collections::BTreeMap;
 use std::process::{Child, ExitStatus};
@@ -44,6 +45,15 @@ impl ProcStats {
             cpu: Duration::from_nanos(ticks.saturating_mul(1_000_000_000) / hz),
         })
     }
+}
+
+/// Bytes `pid` has caused to be written to storage so far (`write_bytes` in
+/// `/proc/PID/io`: pages it dirtied, counted again each time it dirties a
+/// page already written back; socket writes are not in it).
+pub fn written(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:")?.trim().parse().ok())
 }
 
 /// CPU time so far of each thread of `pid`, summed by thread name

@@ -116,6 +116,9 @@ pub struct Server {
     pub threads: Vec<(String, f64)>,
     /// The SQLite store's fsyncs while the load ran, and how long they took.
     pub syncs: Option<(StoreSyncs, Duration)>,
+    /// Bytes expeditor wrote to storage while the load ran (SQLite: its WAL
+    /// and the checkpoints' copies).
+    pub written: Option<u64>,
 }
 
 /// Which run of a row this is.
@@ -291,6 +294,7 @@ pub async fn baseline(
             cpu_cores: server_cpu,
             threads: Vec::new(),
             syncs: None,
+            written: None,
         },
         bench_cpu_cores: bench_cpu,
         other_cpu_cores: other_cpu,
@@ -330,11 +334,16 @@ pub async fn expeditor(
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = plan(daemon.ingest, pace, settings, corpus.len());
     let syncs_before = daemon.store_syncs().await;
+    let written_before = daemon.written();
     let before = Cpu::now(daemon.stats());
     let threads_before = daemon.threads();
     let started = Instant::now();
     let load = load::run(signed, plan).await?;
     let wall = started.elapsed();
+    let written = daemon
+        .written()
+        .zip(written_before)
+        .map(|(after, before)| after.saturating_sub(before));
     let syncs = match (syncs_before, daemon.store_syncs().await) {
         (Some(before), Some(after)) => Some((after.since(&before), wall)),
         _ => None,
@@ -429,6 +438,7 @@ pub async fn expeditor(
             cpu_cores: server_cpu,
             threads,
             syncs,
+            written,
         },
         bench_cpu_cores: bench_cpu,
         other_cpu_cores: other_cpu,
@@ -538,6 +548,7 @@ mod tests {
                 cpu_cores: 0.0,
                 threads: Vec::new(),
                 syncs: None,
+                written: None,
             },
             bench_cpu_cores: 0.0,
             other_cpu_cores: 0.0,
