@@ -333,6 +333,8 @@ pub async fn expeditor(
     .await?;
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = plan(daemon.ingest, pace, settings, corpus.len());
+    // Scraped outside the CPU window: rendering /metrics queries the store,
+    // which is not the load's work.
     let syncs_before = daemon.store_syncs().await;
     let written_before = daemon.written();
     let before = Cpu::now(daemon.stats());
@@ -340,14 +342,6 @@ pub async fn expeditor(
     let started = Instant::now();
     let load = load::run(signed, plan).await?;
     let wall = started.elapsed();
-    let written = daemon
-        .written()
-        .zip(written_before)
-        .map(|(after, before)| after.saturating_sub(before));
-    let syncs = match (syncs_before, daemon.store_syncs().await) {
-        (Some(before), Some(after)) => Some((after.since(&before), wall)),
-        _ => None,
-    };
     let (server_cpu, bench_cpu, other_cpu) = Cpu::now(daemon.stats()).since(&before, wall);
     let threads = daemon
         .threads()
@@ -358,6 +352,15 @@ pub async fn expeditor(
         })
         .filter(|(_, c)| *c >= 0.01)
         .collect();
+    // Outside the CPU window, as above.
+    let written = daemon
+        .written()
+        .zip(written_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    let syncs = match (syncs_before, daemon.store_syncs().await) {
+        (Some(before), Some(after)) => Some((after.since(&before), wall)),
+        _ => None,
+    };
     let mut problems = Vec::new();
     load_problems(&label, &load, &mut problems);
 

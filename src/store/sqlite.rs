@@ -362,16 +362,13 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(8192);
         let me = tx.downgrade();
         let durability = Durability::default();
-        let measured = durability.clone();
+        let wal = WalSync {
+            sync: sync_wal,
+            durability: durability.clone(),
+        };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || {
-                let wal = WalSync {
-                    sync: sync_wal,
-                    durability: measured,
-                };
-                writer_loop(conn, dedupe, lock, rx, me, committed, wal)
-            })
+            .spawn(move || writer_loop(conn, dedupe, lock, rx, me, committed, wal))
             .map_err(unavailable)?;
         Ok(Self {
             writer: tx,
@@ -455,7 +452,11 @@ fn sync_loop(
             Err(unavailable(DISK_FAILED))
         } else {
             let synced = (wal.sync)();
-            wal.durability.syncs.observe(started.elapsed().as_secs_f64());
+            let took = started.elapsed();
+            wal.durability.syncs.observe(took.as_secs_f64());
+            if took > SLOW_COMMIT {
+                tracing::warn!(took_ms = took.as_millis() as u64, "slow store fsync");
+            }
             synced.map_err(|e| {
                 broken.store(true, Ordering::Release);
                 tracing::error!(error = %e, "store fsync failed; refusing writes until expeditor is restarted");
@@ -464,9 +465,6 @@ fn sync_loop(
         };
         if synced.is_ok() {
             wal.durability.operations.inc_by(batch.len() as u64);
-        }
-        if started.elapsed() > SLOW_COMMIT {
-            tracing::warn!(took_ms = started.elapsed().as_millis() as u64, "slow store fsync");
         }
         let answer_all = |batch: Unsynced| {
             for (op, done) in batch {
