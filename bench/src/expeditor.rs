@@ -127,54 +127,71 @@ pub struct Daemon {
     pub idle: ProcStats,
 }
 
-/// Totals of the store's fsyncs (`expeditor_store_sync_duration_seconds`
-/// and `expeditor_store_synced_operations_total`).
+/// A histogram from `/metrics` (Prometheus text exposition), summed over its
+/// label sets: the bench reads expeditor's own view of a row's work.
 #[derive(Debug, Clone, Default)]
-pub struct StoreSyncs {
+pub struct Scraped {
     pub count: f64,
-    pub seconds: f64,
-    pub operations: f64,
-    /// The histogram's buckets: upper bound (s), fsyncs at most that long.
+    pub sum: f64,
+    /// Upper bound (s) and how many observations were at most that.
     buckets: Vec<(f64, f64)>,
 }
 
-impl StoreSyncs {
-    /// From the text exposition; `None` if a series is missing.
-    fn parse(metrics: &str) -> Option<Self> {
-        let value = |series: &str| {
+impl Scraped {
+    /// The histogram `name`; `None` if the exposition has no `name_count`.
+    fn parse(metrics: &str, name: &str) -> Option<Self> {
+        // `name_suffix 3` or `name_suffix{labels} 3`: the labels and the value.
+        let series = |suffix: &str| {
+            let prefix = format!("{name}{suffix}");
             metrics
                 .lines()
-                .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse::<f64>().ok())
+                .filter_map(move |l| {
+                    let rest = l.strip_prefix(prefix.as_str())?;
+                    let (labels, value) = match rest.strip_prefix('{') {
+                        Some(r) => r.split_once("} ")?,
+                        None => ("", rest.strip_prefix(' ')?),
+                    };
+                    Some((labels.to_owned(), value.trim().parse::<f64>().ok()?))
+                })
+                .collect::<Vec<_>>()
         };
-        let buckets = metrics
-            .lines()
-            .filter_map(|l| {
-                let rest = l.strip_prefix("expeditor_store_sync_duration_seconds_bucket{le=\"")?;
-                let (le, count) = rest.split_once("\"} ")?;
-                Some((le.parse().ok()?, count.trim().parse().ok()?))
-            })
-            .collect();
+        let counts = series("_count");
+        if counts.is_empty() {
+            return None;
+        }
+        let mut buckets: Vec<(f64, f64)> = Vec::new();
+        for (labels, n) in series("_bucket") {
+            let Some(le) = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("le=\"")?.strip_suffix('"')?.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            match buckets.iter_mut().find(|(b, _)| *b == le) {
+                Some((_, total)) => *total += n,
+                None => buckets.push((le, n)),
+            }
+        }
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         Some(Self {
-            count: value("expeditor_store_sync_duration_seconds_count")?,
-            seconds: value("expeditor_store_sync_duration_seconds_sum")?,
-            operations: value("expeditor_store_synced_operations_total")?,
+            count: counts.iter().map(|(_, n)| n).sum(),
+            sum: series("_sum").iter().map(|(_, n)| n).sum(),
             buckets,
         })
     }
 
-    /// What happened between `before` and this.
+    /// What was observed between `before` and this.
     pub fn since(&self, before: &Self) -> Self {
         let earlier = |le: f64| before.buckets.iter().find(|(b, _)| *b == le).map_or(0.0, |(_, n)| *n);
         Self {
             count: self.count - before.count,
-            seconds: self.seconds - before.seconds,
-            operations: self.operations - before.operations,
+            sum: self.sum - before.sum,
             buckets: self.buckets.iter().map(|&(le, n)| (le, n - earlier(le))).collect(),
         }
     }
 
-    /// The histogram's bound on the slowest fsync, in seconds (infinite if
-    /// it was slower than the last bucket); `None` without fsyncs.
+    /// The histogram's bound on the largest observation, in seconds
+    /// (infinite if past the last bucket); `None` without observations.
     pub fn slowest(&self) -> Option<f64> {
         if self.count <= 0.0 {
             return None;
@@ -185,6 +202,92 @@ impl StoreSyncs {
                 .find(|(_, n)| *n >= self.count)
                 .map_or(f64::INFINITY, |(le, _)| *le),
         )
+    }
+
+    /// The `q` quantile, in seconds, interpolated linearly inside its bucket
+    /// as Prometheus's `histogram_quantile` does (so only as fine as the
+    /// buckets); infinite if past the last bucket, `None` without observations.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let rank = q * self.count;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for &(le, n) in &self.buckets {
+            if n >= rank {
+                if le.is_infinite() {
+                    return Some(f64::INFINITY);
+                }
+                let within = n - below;
+                let share = if within > 0.0 { (rank - below) / within } else { 1.0 };
+                return Some(lower + (le - lower) * share);
+            }
+            (lower, below) = (le, n);
+        }
+        Some(f64::INFINITY)
+    }
+}
+
+/// The store's fsyncs (`expeditor_store_sync_duration_seconds`) and the
+/// writes they made durable (`expeditor_store_synced_operations_total`).
+#[derive(Debug, Clone, Default)]
+pub struct StoreSyncs {
+    pub syncs: Scraped,
+    pub operations: f64,
+}
+
+impl StoreSyncs {
+    /// `None` if a series is missing (PostgreSQL exports neither).
+    fn parse(metrics: &str) -> Option<Self> {
+        let operations = metrics.lines().find_map(|l| {
+            l.strip_prefix("expeditor_store_synced_operations_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })?;
+        Some(Self {
+            syncs: Scraped::parse(metrics, "expeditor_store_sync_duration_seconds")?,
+            operations,
+        })
+    }
+
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            syncs: self.syncs.since(&before.syncs),
+            operations: self.operations - before.operations,
+        }
+    }
+}
+
+/// What expeditor's `/metrics` says about a row: its store's fsyncs and its
+/// own ack latency (`expeditor_ack_duration_seconds`: from the handler's
+/// start to the answer, without the time a request waited in the socket or
+/// for a worker, which the generator's figure includes).
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    pub syncs: Option<StoreSyncs>,
+    pub acks: Option<Scraped>,
+}
+
+impl Scrape {
+    fn parse(metrics: &str) -> Self {
+        Self {
+            syncs: StoreSyncs::parse(metrics),
+            acks: Scraped::parse(metrics, "expeditor_ack_duration_seconds"),
+        }
+    }
+
+    /// What happened between `before` and this. The store's series must be
+    /// in both. The ack histogram has no series at all until the first ack
+    /// (its label is the source), so one missing before counts from zero.
+    pub fn since(&self, before: &Self) -> Self {
+        Self {
+            syncs: self.syncs.as_ref().zip(before.syncs.as_ref()).map(|(a, b)| a.since(b)),
+            acks: self
+                .acks
+                .as_ref()
+                .map(|a| a.since(before.acks.as_ref().unwrap_or(&Scraped::default()))),
+        }
     }
 }
 
@@ -267,10 +370,11 @@ impl Daemon {
         })
     }
 
-    /// The SQLite store's fsyncs so far, from `/metrics`; `None` on
-    /// PostgreSQL (the server syncs) or if the scrape fails.
-    pub async fn store_syncs(&self) -> Option<StoreSyncs> {
-        StoreSyncs::parse(&get(self.admin, "/metrics", Duration::from_secs(5)).await?)
+    /// `/metrics` so far; empty if the scrape fails.
+    pub async fn scrape(&self) -> Scrape {
+        get(self.admin, "/metrics", Duration::from_secs(5))
+            .await
+            .map_or_else(Scrape::default, |text| Scrape::parse(&text))
     }
 
     pub fn stats(&self) -> Option<ProcStats> {
@@ -555,7 +659,7 @@ fn log_tail(dir: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::StoreSyncs;
+    use super::{Scrape, Scraped, StoreSyncs};
 
     #[test]
     fn store_syncs_are_read_from_the_exposition() {
@@ -574,14 +678,70 @@ mod tests {
             )
         };
         let before = StoreSyncs::parse(&exposition(400, 0)).unwrap();
-        assert_eq!((before.count, before.operations), (400.0, 12000.0));
-        assert_eq!(before.slowest(), Some(0.0004));
+        assert_eq!((before.syncs.count, before.operations), (400.0, 12000.0));
+        assert_eq!(before.syncs.slowest(), Some(0.0004));
         // 600 more, one of them slower than 0.4 ms.
         let d = StoreSyncs::parse(&exposition(1000, 1)).unwrap().since(&before);
-        assert_eq!((d.count, d.operations), (600.0, 18000.0));
-        assert_eq!(d.slowest(), Some(0.0512));
-        assert_eq!(StoreSyncs::default().slowest(), None);
+        assert_eq!((d.syncs.count, d.operations), (600.0, 18000.0));
+        assert_eq!(d.syncs.slowest(), Some(0.0512));
+        assert_eq!(Scraped::default().slowest(), None);
         // PostgreSQL exports none of them.
         assert!(StoreSyncs::parse("expeditor_dead_letters{sink=\"a\"} 0\n").is_none());
+    }
+
+    /// Two sources' ack histograms, as expeditor renders them: `n1` and `n2`
+    /// acks within 1 ms, `slow` more within 4 ms (all from the second source).
+    fn acks(n1: u64, n2: u64, slow: u64) -> String {
+        let mut text = String::from("# TYPE expeditor_ack_duration_seconds histogram\n");
+        for (source, fast, slow) in [("crumb", n1, 0), ("crave", n2, slow)] {
+            let all = fast + slow;
+            text.push_str(&format!(
+                "expeditor_ack_duration_seconds_sum{{source=\"{source}\"}} 0.25\n\
+                 expeditor_ack_duration_seconds_count{{source=\"{source}\"}} {all}\n\
+                 expeditor_ack_duration_seconds_bucket{{le=\"0.001\",source=\"{source}\"}} {fast}\n\
+                 expeditor_ack_duration_seconds_bucket{{source=\"{source}\",le=\"0.004\"}} {all}\n\
+                 expeditor_ack_duration_seconds_bucket{{le=\"+Inf\",source=\"{source}\"}} {all}\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn ack_latency_is_summed_over_sources_and_interpolated() {
+        let before = Scrape::parse(&acks(10, 10, 0));
+        let a = before.acks.as_ref().unwrap();
+        assert_eq!((a.count, a.sum), (20.0, 0.5));
+        assert!(before.syncs.is_none(), "no store series in this exposition");
+        // Then 590 + 390 more within 1 ms and 20 within 4 ms: of the 1,000
+        // acks since, the 980th is the last within 1 ms, so p98 is that
+        // bucket's bound, p99 (rank 990) half-way through the next bucket's
+        // 20, and p49 (rank 490) half-way through the first.
+        let d = Scrape::parse(&acks(600, 400, 20)).since(&before);
+        let d = d.acks.unwrap();
+        assert_eq!(d.count, 1000.0);
+        let close = |q: f64, expected: f64| {
+            let got = d.quantile(q).unwrap();
+            assert!((got - expected).abs() < 1e-12, "p{q}: {got}, not {expected}");
+        };
+        close(0.98, 0.001);
+        close(0.99, 0.0025);
+        close(0.49, 0.0005);
+        assert_eq!(d.slowest(), Some(0.004));
+        assert_eq!(Scraped::default().quantile(0.99), None);
+        // Before the first ack the family has no series: all are counted.
+        let first = Scrape::parse(&acks(600, 400, 20)).since(&Scrape::parse(""));
+        assert_eq!(first.acks.map(|a| a.count), Some(1020.0));
+    }
+
+    #[test]
+    fn a_quantile_past_the_last_bucket_is_unbounded() {
+        let text = "expeditor_ack_duration_seconds_count{source=\"a\"} 10\n\
+                    expeditor_ack_duration_seconds_bucket{source=\"a\",le=\"0.001\"} 5\n\
+                    expeditor_ack_duration_seconds_bucket{source=\"a\",le=\"+Inf\"} 10\n";
+        let acks = Scraped::parse(text, "expeditor_ack_duration_seconds").unwrap();
+        assert_eq!(acks.quantile(0.99), Some(f64::INFINITY));
+        assert_eq!(acks.quantile(0.5), Some(0.001));
+        // A name that is only a prefix of another series is not that series.
+        assert!(Scraped::parse(text, "expeditor_ack_duration").is_none());
     }
 }

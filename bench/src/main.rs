@@ -347,6 +347,15 @@ fn offered(pace: Pace) -> f64 {
     }
 }
 
+/// Seconds from a histogram as milliseconds, or past its last bucket.
+fn bound(seconds: f64, how: &str) -> String {
+    if seconds.is_finite() {
+        format!("{how} {:.1} ms", seconds * 1000.0)
+    } else {
+        "over the histogram's last bound".to_owned()
+    }
+}
+
 fn progress(row: &Row) {
     let mut line = format!(
         "{}: {} answered in {:.1}s ({} req/s, p99 ack {:.2} ms)",
@@ -371,19 +380,27 @@ fn progress(row: &Row) {
             .collect();
         line.push_str(&format!("; expeditor threads (% of a core): {}", threads.join(", ")));
     }
-    if let Some((syncs, wall)) = &row.server.syncs
-        && let Some(slowest) = syncs.slowest()
+    let scraped = row.server.scraped.as_ref();
+    if let Some((acks, p99)) = scraped
+        .and_then(|(s, _)| s.acks.as_ref())
+        .and_then(|a| Some((a, a.quantile(0.99)?)))
     {
         line.push_str(&format!(
+            "; expeditor's own ack p99 {} ({} acks in its histogram)",
+            bound(p99, "≈"),
+            report::thousands(acks.count),
+        ));
+    }
+    if let Some((syncs, wall)) = scraped.and_then(|(s, wall)| Some((s.syncs.as_ref()?, wall)))
+        && let Some(slowest) = syncs.syncs.slowest()
+    {
+        let fsyncs = &syncs.syncs;
+        line.push_str(&format!(
             "; store: {} fsyncs/s of {:.1} writes each, {:.2} ms on average, the slowest {}",
-            report::thousands(syncs.count / wall.as_secs_f64()),
-            syncs.operations / syncs.count,
-            syncs.seconds / syncs.count * 1000.0,
-            if slowest.is_finite() {
-                format!("≤ {:.1} ms", slowest * 1000.0)
-            } else {
-                "over the histogram's last bound".to_owned()
-            },
+            report::thousands(fsyncs.count / wall.as_secs_f64()),
+            syncs.operations / fsyncs.count,
+            fsyncs.sum / fsyncs.count * 1000.0,
+            bound(slowest, "≤"),
         ));
     }
     if let Some(bytes) = row.server.written

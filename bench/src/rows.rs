@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::expeditor::{Daemon, Routing, StoreKind, StoreSyncs};
+use crate::expeditor::{Daemon, Routing, Scrape, StoreKind};
 use crate::load::{self, Corpus, LoadResult, Pace, Plan, Signed, event_id};
 use crate::proc::{self, ProcStats};
 use crate::servers::{Baseline, SinkServer, SinkState};
@@ -114,8 +114,9 @@ pub struct Server {
     pub cpu_cores: f64,
     /// The same by thread name (expeditor only): is one thread the limit?
     pub threads: Vec<(String, f64)>,
-    /// The SQLite store's fsyncs while the load ran, and how long they took.
-    pub syncs: Option<(StoreSyncs, Duration)>,
+    /// What expeditor's `/metrics` counted while the load ran (its store's
+    /// fsyncs, its own ack latency), and how long the load ran.
+    pub scraped: Option<(Scrape, Duration)>,
     /// Bytes expeditor wrote to storage while the load ran (SQLite: its WAL
     /// and the checkpoints' copies).
     pub written: Option<u64>,
@@ -293,7 +294,7 @@ pub async fn baseline(
             peak_rss: after.server.peak_rss,
             cpu_cores: server_cpu,
             threads: Vec::new(),
-            syncs: None,
+            scraped: None,
             written: None,
         },
         bench_cpu_cores: bench_cpu,
@@ -335,7 +336,7 @@ pub async fn expeditor(
     let plan = plan(daemon.ingest, pace, settings, corpus.len());
     // Scraped outside the CPU window: rendering /metrics queries the store,
     // which is not the load's work.
-    let syncs_before = daemon.store_syncs().await;
+    let scraped_before = daemon.scrape().await;
     let written_before = daemon.written();
     let before = Cpu::now(daemon.stats());
     let threads_before = daemon.threads();
@@ -357,10 +358,7 @@ pub async fn expeditor(
         .written()
         .zip(written_before)
         .map(|(after, before)| after.saturating_sub(before));
-    let syncs = match (syncs_before, daemon.store_syncs().await) {
-        (Some(before), Some(after)) => Some((after.since(&before), wall)),
-        _ => None,
-    };
+    let scraped = Some((daemon.scrape().await.since(&scraped_before), wall));
     let mut problems = Vec::new();
     load_problems(&label, &load, &mut problems);
 
@@ -440,7 +438,7 @@ pub async fn expeditor(
             peak_rss,
             cpu_cores: server_cpu,
             threads,
-            syncs,
+            scraped,
             written,
         },
         bench_cpu_cores: bench_cpu,
@@ -550,7 +548,7 @@ mod tests {
                 peak_rss: 0,
                 cpu_cores: 0.0,
                 threads: Vec::new(),
-                syncs: None,
+                scraped: None,
                 written: None,
             },
             bench_cpu_cores: 0.0,
