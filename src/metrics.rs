@@ -218,6 +218,12 @@ impl Metrics {
             "Store writes made durable by those fsyncs (divided by their count: writes per group commit)",
             d.operations,
         );
+        self.registry.register_with_unit(
+            "store_checkpoint_duration",
+            "Time each checkpoint of the store's write-ahead log into its database file took, by mode (passive: in the background; restart: writes wait for it)",
+            Unit::Seconds,
+            d.checkpoints,
+        );
     }
 
     pub fn request(&self, source: &str, outcome: RequestOutcome) {
@@ -287,6 +293,10 @@ mod tests {
         m.register_durability(durability.clone());
         durability.syncs.observe(0.0004);
         durability.operations.inc_by(12);
+        durability
+            .checkpoints
+            .get_or_create(&crate::store::CheckpointLabels { mode: "restart" })
+            .observe(0.003);
         m.request("crumb", RequestOutcome::accepted);
         m.verification_failures
             .get_or_create(&VerifyLabels {
@@ -316,6 +326,7 @@ mod tests {
             "expeditor_oldest_pending_delivery_age_seconds{sink=\"kds\"} 10.0",
             "expeditor_store_sync_duration_seconds_count 1",
             "expeditor_store_synced_operations_total 12",
+            "expeditor_store_checkpoint_duration_seconds_count{mode=\"restart\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

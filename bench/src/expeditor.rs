@@ -140,6 +140,11 @@ pub struct Scraped {
 impl Scraped {
     /// The histogram `name`; `None` if the exposition has no `name_count`.
     fn parse(metrics: &str, name: &str) -> Option<Self> {
+        Self::parse_where(metrics, name, "")
+    }
+
+    /// The same, only its series whose labels include `label` (`mode="restart"`).
+    fn parse_where(metrics: &str, name: &str, label: &str) -> Option<Self> {
         // `name_suffix 3` or `name_suffix{labels} 3`: the labels and the value.
         let series = |suffix: &str| {
             let prefix = format!("{name}{suffix}");
@@ -153,6 +158,7 @@ impl Scraped {
                     };
                     Some((labels.to_owned(), value.trim().parse::<f64>().ok()?))
                 })
+                .filter(|(labels, _)| labels.split(',').any(|l| l == label) || label.is_empty())
                 .collect::<Vec<_>>()
         };
         let counts = series("_count");
@@ -228,12 +234,16 @@ impl Scraped {
     }
 }
 
-/// The store's fsyncs (`expeditor_store_sync_duration_seconds`) and the
-/// writes they made durable (`expeditor_store_synced_operations_total`).
+/// The store's fsyncs (`expeditor_store_sync_duration_seconds`), the
+/// writes they made durable (`expeditor_store_synced_operations_total`) and
+/// its checkpoints (`expeditor_store_checkpoint_duration_seconds`, passive
+/// and restarts; none until the first).
 #[derive(Debug, Clone, Default)]
 pub struct StoreSyncs {
     pub syncs: Scraped,
     pub operations: f64,
+    pub passive: Scraped,
+    pub restarts: Scraped,
 }
 
 impl StoreSyncs {
@@ -245,9 +255,15 @@ impl StoreSyncs {
                 .parse::<f64>()
                 .ok()
         })?;
+        let checkpoints = |mode: &str| {
+            let label = format!("mode=\"{mode}\"");
+            Scraped::parse_where(metrics, "expeditor_store_checkpoint_duration_seconds", &label).unwrap_or_default()
+        };
         Some(Self {
             syncs: Scraped::parse(metrics, "expeditor_store_sync_duration_seconds")?,
             operations,
+            passive: checkpoints("passive"),
+            restarts: checkpoints("restart"),
         })
     }
 
@@ -255,6 +271,8 @@ impl StoreSyncs {
         Self {
             syncs: self.syncs.since(&before.syncs),
             operations: self.operations - before.operations,
+            passive: self.passive.since(&before.passive),
+            restarts: self.restarts.since(&before.restarts),
         }
     }
 }
@@ -685,6 +703,9 @@ mod tests {
         assert_eq!((d.syncs.count, d.operations), (600.0, 18000.0));
         assert_eq!(d.syncs.slowest(), Some(0.0512));
         assert_eq!(Scraped::default().slowest(), None);
+        // No checkpoint yet: none counted, and none since.
+        assert_eq!((d.passive.count, d.restarts.count), (0.0, 0.0));
+        assert_eq!(d.restarts.slowest(), None);
         // PostgreSQL exports none of them.
         assert!(StoreSyncs::parse("expeditor_dead_letters{sink=\"a\"} 0\n").is_none());
     }
@@ -731,6 +752,33 @@ mod tests {
         // Before the first ack the family has no series: all are counted.
         let first = Scrape::parse(&acks(600, 400, 20)).since(&Scrape::parse(""));
         assert_eq!(first.acks.map(|a| a.count), Some(1020.0));
+    }
+
+    #[test]
+    fn checkpoints_are_told_apart_by_mode() {
+        let exposition = |passive: u64, restarts: u64| {
+            let mut text = String::from(
+                "expeditor_store_sync_duration_seconds_sum 0.5\n\
+                 expeditor_store_sync_duration_seconds_count 100\n\
+                 expeditor_store_sync_duration_seconds_bucket{le=\"+Inf\"} 100\n\
+                 expeditor_store_synced_operations_total 3000\n",
+            );
+            for (mode, n, slow) in [("passive", passive, 0.0032), ("restart", restarts, 0.0128)] {
+                text.push_str(&format!(
+                    "expeditor_store_checkpoint_duration_seconds_sum{{mode=\"{mode}\"}} 0.1\n\
+                     expeditor_store_checkpoint_duration_seconds_count{{mode=\"{mode}\"}} {n}\n\
+                     expeditor_store_checkpoint_duration_seconds_bucket{{le=\"0.0016\",mode=\"{mode}\"}} 0\n\
+                     expeditor_store_checkpoint_duration_seconds_bucket{{le=\"{slow}\",mode=\"{mode}\"}} {n}\n\
+                     expeditor_store_checkpoint_duration_seconds_bucket{{le=\"+Inf\",mode=\"{mode}\"}} {n}\n"
+                ));
+            }
+            text
+        };
+        let before = StoreSyncs::parse(&exposition(10, 1)).unwrap();
+        let d = StoreSyncs::parse(&exposition(110, 3)).unwrap().since(&before);
+        assert_eq!((d.passive.count, d.restarts.count), (100.0, 2.0));
+        assert_eq!(d.passive.slowest(), Some(0.0032));
+        assert_eq!(d.restarts.slowest(), Some(0.0128));
     }
 
     #[test]

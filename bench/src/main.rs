@@ -402,6 +402,14 @@ fn progress(row: &Row) {
             fsyncs.sum / fsyncs.count * 1000.0,
             bound(slowest, "≤"),
         ));
+        for (what, c) in [
+            ("passive checkpoints", &syncs.passive),
+            ("WAL restarts", &syncs.restarts),
+        ] {
+            if let Some(slowest) = c.slowest() {
+                line.push_str(&format!(", {} {what} (slowest {})", c.count, bound(slowest, "≤")));
+            }
+        }
     }
     if let Some(bytes) = row.server.written
         && row.load.answered > 0

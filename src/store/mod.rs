@@ -357,17 +357,32 @@ pub struct Durability {
     /// Writes (inserts, delivery outcomes, claims, ...) answered after an
     /// fsync; per fsync, the group commit's size.
     pub operations: prometheus_client::metrics::counter::Counter,
+    /// Seconds per checkpoint of the log into the database file, by mode:
+    /// `passive` (about every 100 ms under load; no commit waits for it, but
+    /// its fsync of the database file shares the disk with the log's) and
+    /// `restart` (when the log is long: the writer waits for it).
+    pub checkpoints:
+        prometheus_client::metrics::family::Family<CheckpointLabels, prometheus_client::metrics::histogram::Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct CheckpointLabels {
+    pub mode: &'static str,
 }
 
 impl Default for Durability {
     fn default() -> Self {
+        use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
         Self {
             // 50 µs .. ~1.6 s: a healthy fsync takes a fraction of a
             // millisecond; a stalling disk, hundreds.
-            syncs: prometheus_client::metrics::histogram::Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.000_05, 2.0, 16),
-            ),
+            syncs: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
             operations: Default::default(),
+            // 100 µs .. ~3.3 s: a checkpoint copies up to megabytes and
+            // fsyncs the database file.
+            checkpoints: prometheus_client::metrics::family::Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
+            }),
         }
     }
 }

@@ -300,23 +300,40 @@ impl SqliteStore {
     /// a previous run left: this store serves one process, so whatever that
     /// process had claimed was not finished.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(dir, |wal| Box::new(move || wal.sync_data()), Tuning::default())
+        Self::open_with(
+            dir,
+            |wal| Box::new(move || wal.sync_data()),
+            Tuning::default(),
+            WAL_RESTART_FRAMES,
+        )
     }
 
     /// `open` with small dedupe runs, so tests see seals and merges.
     #[cfg(test)]
     pub(super) fn open_tuned(dir: &Path, tuning: Tuning) -> Result<Self, StoreError> {
-        Self::open_with(dir, |wal| Box::new(move || wal.sync_data()), tuning)
+        Self::open_with(dir, |wal| Box::new(move || wal.sync_data()), tuning, WAL_RESTART_FRAMES)
+    }
+
+    /// `open`, restarting the WAL once it passes `frames` frames, so tests
+    /// see restarts after a few hundred kilobytes.
+    #[cfg(test)]
+    pub(super) fn open_restarting(dir: &Path, frames: i64) -> Result<Self, StoreError> {
+        Self::open_with(dir, |wal| Box::new(move || wal.sync_data()), Tuning::default(), frames)
     }
 
     /// `open`, with the fsync of the WAL made by `sync` from the WAL file (the
     /// tests make it fail, as a failing disk would).
     #[cfg(test)]
     pub(super) fn open_syncing(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal) -> Result<Self, StoreError> {
-        Self::open_with(dir, sync, Tuning::default())
+        Self::open_with(dir, sync, Tuning::default(), WAL_RESTART_FRAMES)
     }
 
-    fn open_with(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal, tuning: Tuning) -> Result<Self, StoreError> {
+    fn open_with(
+        dir: &Path,
+        sync: impl FnOnce(std::fs::File) -> SyncWal,
+        tuning: Tuning,
+        restart_at: i64,
+    ) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
         let lock = lock_store(dir)?;
@@ -354,14 +371,15 @@ impl SqliteStore {
         let sync_wal = sync(wal);
         let reader = open_connection(&file).map_err(unavailable)?;
         let checkpointer = open_connection(&file).map_err(unavailable)?;
+        let durability = Durability::default();
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
+        let timings = durability.checkpoints.clone();
         std::thread::Builder::new()
             .name("store-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, commits))
+            .spawn(move || checkpoint_loop(checkpointer, commits, restart_at, timings))
             .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(8192);
         let me = tx.downgrade();
-        let durability = Durability::default();
         let wal = WalSync {
             sync: sync_wal,
             durability: durability.clone(),
@@ -404,17 +422,26 @@ impl SqliteStore {
 }
 
 /// Checkpoints after commits, at most every [`CHECKPOINT_EVERY`], until the
-/// writer goes (it checkpoints one last time itself).
-fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
+/// writer goes (it checkpoints one last time itself). Once the WAL holds more
+/// than `restart_at` frames it is restarted, so it is overwritten from its
+/// start rather than growing. Each checkpoint's time goes to `timings`.
+fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>, restart_at: i64, timings: Checkpoints) {
+    let timed = |mode: &'static str, sql: &str| {
+        let started = std::time::Instant::now();
+        let frames = conn.query_row(sql, [], |r| r.get::<_, i64>(1));
+        timings
+            .get_or_create(&CheckpointLabels { mode })
+            .observe(started.elapsed().as_secs_f64());
+        frames
+    };
     while commits.recv().is_ok() {
         std::thread::sleep(CHECKPOINT_EVERY);
         // PASSIVE: copies what it can without waiting for anyone.
-        let frames = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1));
-        match frames {
-            Ok(frames) if frames > WAL_RESTART_FRAMES => {
+        match timed("passive", "PRAGMA wal_checkpoint(PASSIVE)") {
+            Ok(frames) if frames > restart_at => {
                 // The writer waits (busy timeout) while the rest is copied and the
                 // WAL starts over from its beginning.
-                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                if let Err(e) = timed("restart", "PRAGMA wal_checkpoint(RESTART)") {
                     tracing::warn!(error = %e, "store checkpoint (restart) failed; retried after the next commit");
                 }
             }
@@ -423,6 +450,9 @@ fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>) {
         }
     }
 }
+
+type Checkpoints =
+    prometheus_client::metrics::family::Family<CheckpointLabels, prometheus_client::metrics::histogram::Histogram>;
 
 /// Committed operations and what they produced, waiting for the fsync that
 /// makes them durable before they are answered.

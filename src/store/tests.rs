@@ -1212,6 +1212,100 @@ async fn sqlite_commits_are_checkpointed_in_the_background() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Each passive checkpoint is timed for /metrics (just after it returns,
+    // so perhaps a moment after the file grew); this small WAL was never
+    // long enough to restart.
+    let durability = store.durability().expect("SQLite checkpoints itself");
+    while checkpoints(&durability, "passive") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no passive checkpoint in /metrics"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(checkpoints(&durability, "restart"), 0);
+    store.close().await;
+}
+
+/// How many checkpoints of `mode` the store timed, as `/metrics` shows them.
+fn checkpoints(durability: &Durability, mode: &str) -> u64 {
+    let mut metrics = crate::metrics::Metrics::new();
+    metrics.register_durability(durability.clone());
+    let text = metrics.render(&[], &[], 0);
+    let series = format!("expeditor_store_checkpoint_duration_seconds_count{{mode=\"{mode}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// SQLite only: once the WAL passes its restart length, the checkpointer
+/// restarts it, so it is written again from its start instead of growing
+/// with every commit, even while writes never pause (then SQLite would never
+/// restart it by itself: a passive checkpoint cannot catch up with a writer
+/// that always has a transaction open). Each restart is timed for /metrics.
+/// (The store restarts past 16,384 frames; this one past 64, about 256 kB.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_wal_is_restarted_once_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open_restarting(dir.path(), 64).unwrap());
+    let wal = dir.path().join("expeditor.db-wal");
+    let durability = store.durability().unwrap();
+    // Eight writers without a pause until ten restarts (or 20 s).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (store, stop) = (store.clone(), stop.clone());
+            tokio::spawn(async move {
+                let body = Bytes::from(vec![b'x'; 2000]);
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let event = NewEvent {
+                        body: body.clone(),
+                        ..new_event(&format!("evt_{w}_{n}"), &[])
+                    };
+                    insert(&*store, event).await;
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut largest = 0;
+    while checkpoints(&durability, "restart") < 10 && std::time::Instant::now() < deadline {
+        largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut per_writer = Vec::new();
+    for w in writers {
+        per_writer.push(w.await.unwrap());
+    }
+    let inserted: usize = per_writer.iter().sum();
+    assert!(
+        checkpoints(&durability, "restart") >= 10,
+        "fewer than 10 restarts in 20 s"
+    );
+    // The WAL takes ~6 kB per event here (pages, not bytes, with eight
+    // events a commit): grown, it would be about three times the bodies
+    // written; restarted every ~100 ms, it is about a tenth of that.
+    let written = inserted as u64 * 2000;
+    assert!(
+        largest < written,
+        "WAL grew to {largest} bytes for {inserted} events ({written} bytes of bodies)"
+    );
+    // Each writer's first event (checkpointed into the database file
+    // before the WAL was written over) and last are still there.
+    for (w, &n) in per_writer.iter().enumerate() {
+        assert!(n > 0, "writer {w} inserted nothing");
+        for id in [format!("evt_{w}_0"), format!("evt_{w}_{}", n - 1)] {
+            let again = NewEvent {
+                body: Bytes::from_static(b"{}"),
+                ..new_event(&id, &[])
+            };
+            assert_eq!(insert(&*store, again).await, Inserted::Duplicate, "{id}");
+        }
+    }
     store.close().await;
 }
 

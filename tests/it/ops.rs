@@ -433,6 +433,25 @@ async fn metrics_parse_and_move_as_events_flow() {
     assert!(syncs >= 1.0, "{syncs} fsyncs");
     assert!(synced >= 3.0 && synced >= syncs, "{synced} writes in {syncs} fsyncs");
     assert!(sample(&after, "expeditor_store_sync_duration_seconds_sum") > 0.0);
+    // And its checkpoints: a passive one follows the commits within about
+    // 100 ms; this little log is never long enough to restart.
+    let passive = "expeditor_store_checkpoint_duration_seconds_count{mode=\"passive\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let checkpointed = loop {
+        let now = parse_metrics(&d.api_text("/metrics").await);
+        if sample(&now, passive) >= 1.0 || std::time::Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(sample(&checkpointed, passive) >= 1.0, "no passive checkpoint in 10 s");
+    assert_eq!(
+        sample(
+            &checkpointed,
+            "expeditor_store_checkpoint_duration_seconds_count{mode=\"restart\"}"
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
