@@ -220,7 +220,7 @@ impl Metrics {
         );
         self.registry.register_with_unit(
             "store_checkpoint_duration",
-            "Time each checkpoint of the store's write-ahead log into its database file took, by mode (passive: in the background; restart: writes wait for it)",
+            "Time each checkpoint of the store's write-ahead log into its database file took, by mode (passive: in the background; restart: writes wait while it finishes)",
             Unit::Seconds,
             d.checkpoints,
         );

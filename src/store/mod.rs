@@ -360,7 +360,8 @@ pub struct Durability {
     /// Seconds per checkpoint of the log into the database file, by mode:
     /// `passive` (about every 100 ms under load; no commit waits for it, but
     /// its fsync of the database file shares the disk with the log's) and
-    /// `restart` (when the log is long: the writer waits for it).
+    /// `restart` (when the log is long: the writer waits while it finishes;
+    /// its time includes its own wait for the writer's lock).
     pub checkpoints:
         prometheus_client::metrics::family::Family<CheckpointLabels, prometheus_client::metrics::histogram::Histogram>,
 }
