@@ -158,7 +158,7 @@ impl Scraped {
                     };
                     Some((labels.to_owned(), value.trim().parse::<f64>().ok()?))
                 })
-                .filter(|(labels, _)| labels.split(',').any(|l| l == label) || label.is_empty())
+                .filter(|(labels, _)| label.is_empty() || labels.split(',').any(|l| l == label))
                 .collect::<Vec<_>>()
         };
         let counts = series("_count");
@@ -199,15 +199,8 @@ impl Scraped {
     /// The histogram's bound on the largest observation, in seconds
     /// (infinite if past the last bucket); `None` without observations.
     pub fn slowest(&self) -> Option<f64> {
-        if self.count <= 0.0 {
-            return None;
-        }
-        Some(
-            self.buckets
-                .iter()
-                .find(|(_, n)| *n >= self.count)
-                .map_or(f64::INFINITY, |(le, _)| *le),
-        )
+        // The last observation's rank lands at its bucket's upper bound.
+        self.quantile(1.0)
     }
 
     /// The `q` quantile, in seconds, interpolated linearly inside its bucket

@@ -362,9 +362,12 @@ pub struct Durability {
     /// its fsync of the database file shares the disk with the log's) and
     /// `restart` (when the log is long: the writer waits while it finishes;
     /// its time includes its own wait for the writer's lock).
-    pub checkpoints:
-        prometheus_client::metrics::family::Family<CheckpointLabels, prometheus_client::metrics::histogram::Histogram>,
+    pub checkpoints: Checkpoints,
 }
+
+/// Checkpoint timings by mode (see [`Durability::checkpoints`]).
+pub type Checkpoints =
+    prometheus_client::metrics::family::Family<CheckpointLabels, prometheus_client::metrics::histogram::Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct CheckpointLabels {
@@ -381,9 +384,7 @@ impl Default for Durability {
             operations: Default::default(),
             // 100 µs .. ~3.3 s: a checkpoint copies up to megabytes and
             // fsyncs the database file.
-            checkpoints: prometheus_client::metrics::family::Family::new_with_constructor(|| {
-                Histogram::new(exponential_buckets(0.000_1, 2.0, 16))
-            }),
+            checkpoints: Checkpoints::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_1, 2.0, 16))),
         }
     }
 }

@@ -451,9 +451,6 @@ fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>, res
     }
 }
 
-type Checkpoints =
-    prometheus_client::metrics::family::Family<CheckpointLabels, prometheus_client::metrics::histogram::Histogram>;
-
 /// Committed operations and what they produced, waiting for the fsync that
 /// makes them durable before they are answered.
 type Unsynced = Vec<(Op, Done)>;
