@@ -632,8 +632,27 @@ async fn spawn_ready(bin: &Path, config: &Path, dir: &Path, admin: SocketAddr) -
     }
 }
 
-/// A free 127.0.0.1 port: bound to learn it, then released.
+/// A free 127.0.0.1 port for expeditor to bind: bound to learn it, then
+/// released. Taken below the kernel's ephemeral range when there is room,
+/// since a port from `bind(0)` can be handed at once to one of the
+/// generator's outgoing connections before expeditor binds it.
 fn free_addr() -> anyhow::Result<SocketAddr> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if let Some(span) = ephemeral_low.checked_sub(LOWEST).filter(|&s| s > 1_000) {
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let port = LOWEST + (start + n) % span;
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+                return Ok(listener.local_addr()?);
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?)
 }

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::Once;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::header::HeaderMap;
@@ -59,8 +60,32 @@ sinks = ["hook"]
     )
 }
 
-/// A free `127.0.0.1` port: bound to learn it, then released.
+/// A free `127.0.0.1` port for a process this test starts to bind.
+///
+/// Found by binding and releasing it, so another socket can take it before
+/// the daemon binds. A port the kernel handed out for `bind(0)` can be handed
+/// again at once to any outgoing connection or `bind(0)` of the parallel
+/// tests (seen in CI: "Address already in use"). Ports below the kernel's
+/// ephemeral range are never handed out that way, and a process-wide counter
+/// keeps this suite's own picks apart; where the range leaves no room below
+/// it, the kernel's pick it is.
 pub fn free_addr() -> SocketAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(0);
+    if let Some(span) = ephemeral_low.checked_sub(LOWEST).filter(|&s| s > 1_000) {
+        // Apart from another suite running at the same time, most likely.
+        let start = std::process::id().wrapping_mul(7_919) % span;
+        for _ in 0..span {
+            let port = LOWEST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port as u16)) {
+                return listener.local_addr().expect("local addr");
+            }
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local addr")
 }
@@ -456,4 +481,29 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// The ports handed to daemons are distinct, bindable, and never from the
+/// kernel's ephemeral range (which any outgoing connection may take).
+#[test]
+fn free_addrs_are_distinct_and_below_the_ephemeral_range() {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("read the ephemeral port range")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("its low end");
+    let addrs: Vec<SocketAddr> = (0..200).map(|_| free_addr()).collect();
+    let distinct: std::collections::HashSet<_> = addrs.iter().collect();
+    assert_eq!(distinct.len(), addrs.len(), "a port handed out twice: {addrs:?}");
+    if low > 11_000 {
+        let ephemeral: Vec<_> = addrs.iter().filter(|a| a.port() >= low).collect();
+        assert!(
+            ephemeral.is_empty(),
+            "ports from the ephemeral range (from {low}): {ephemeral:?}"
+        );
+    }
+    for a in &addrs[..5] {
+        std::net::TcpListener::bind(a).unwrap_or_else(|e| panic!("{a} is not free: {e}"));
+    }
 }
