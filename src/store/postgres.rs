@@ -12,19 +12,26 @@
 //!
 //! Every operation is one transaction on a pooled connection; the hot ones
 //! (insert, claim, complete) are one statement each, so one round trip.
-//! Group commit is the server's business: concurrent commits share WAL
-//! flushes. Connection loss, refused connections and server errors are
+//! Inserts are also grouped here: those that arrive while [`INSERT_BATCHES`]
+//! statements are already running go into the next one, a statement and a
+//! commit for all of them (the server's own cost per transaction was what
+//! limited ingest); alone, an insert is its own statement at once.
+//!
+//! Connection loss, refused connections and server errors are
 //! [`StoreError::Unavailable`]; the pool drops dead connections and opens new
 //! ones when the server is back.
 //!
 //! Connections are plain TCP or a Unix socket (`NoTls`): a URL asking for
 //! `sslmode=require` is refused by [`parse_url`] until TLS support is added.
 
+use std::collections::HashMap;
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::{Config as PgConfig, NoTls};
 
@@ -44,6 +51,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Rows a prune statement touches at once.
 const PRUNE_CHUNK: i64 = 5000;
+/// Insert statements running at once; the rest of the pool serves claims,
+/// completions and the admin API.
+const INSERT_BATCHES: usize = 6;
+/// Events one insert statement takes at most.
+const MAX_INSERT_BATCH: usize = 256;
 /// Key of the advisory lock that serializes migrations ("expedito").
 const MIGRATION_LOCK: i64 = 0x6578_7065_6469_746f;
 
@@ -112,6 +124,33 @@ WITH e AS (
 )
 SELECT e.seq, d.id, d.sink FROM e LEFT JOIN d ON d.lease_until IS NOT NULL";
 
+/// [`INSERT`] for several events at once, one array element each (`$8` –
+/// `$10`: every delivery, with its event's position, counted from 1). A key
+/// twice in the batch is stored once, with the first one's deliveries.
+/// Returns a row per new event and held delivery (or NULLs when it holds
+/// none), with the event's key; a duplicate has no row.
+const INSERT_MANY: &str = "
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::bigint[], $7::bytea[])
+        WITH ORDINALITY AS t (source, event_id, kind, type, occurred_at, received_at, body, n)
+), e AS (
+    INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
+    SELECT source, event_id, kind, type, occurred_at, received_at, body FROM input ORDER BY n
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING seq, source, event_id
+), first AS (
+    SELECT DISTINCT ON (source, event_id) n, source, event_id, received_at FROM input ORDER BY source, event_id, n
+), d AS (
+    INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
+    SELECT e.seq, s.sink, 0, CASE WHEN s.lease IS NULL THEN 0 ELSE 1 END, f.received_at, s.lease, f.received_at
+    FROM unnest($8::bigint[], $9::text[], $10::bigint[]) AS s (n, sink, lease)
+    JOIN first f ON f.n = s.n
+    JOIN e ON e.source = f.source AND e.event_id = f.event_id
+    ON CONFLICT (event_seq, sink) DO NOTHING
+    RETURNING id, event_seq, sink, lease_until
+)
+SELECT e.seq, e.source, e.event_id, d.id, d.sink FROM e LEFT JOIN d ON d.event_seq = e.seq AND d.lease_until IS NOT NULL";
+
 /// Locks due, unleased deliveries other transactions have not locked, leases
 /// them and counts the attempt, and returns them with their events.
 const CLAIM: &str = "
@@ -157,7 +196,12 @@ pub struct PostgresStore {
     pool: Pool,
     /// `host:port/dbname`, for messages: never the password.
     target: String,
+    /// To the task that groups inserts into statements.
+    inserts: mpsc::Sender<PendingInsert>,
 }
+
+/// An insert waiting for its statement, and who waits for its answer.
+type PendingInsert = (NewEvent, oneshot::Sender<Result<Inserted, StoreError>>);
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -277,7 +321,9 @@ impl PostgresStore {
             .recycle_timeout(Some(POOL_TIMEOUT))
             .build()
             .map_err(|e| StoreError::Unavailable(format!("cannot build the connection pool: {e}")))?;
-        let store = Self { pool, target };
+        let (inserts, queue) = mpsc::channel(4096);
+        tokio::spawn(group_inserts(pool.clone(), queue));
+        let store = Self { pool, target, inserts };
         let mut client = store.pool.get().await.map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot connect to the PostgreSQL store at {}: {}",
@@ -407,47 +453,175 @@ fn attempts(n: i32) -> u32 {
     n.max(0) as u32
 }
 
+/// Takes inserts from the queue into statements: at most [`INSERT_BATCHES`]
+/// at once, each with everything that queued while all of them were busy.
+async fn group_inserts(pool: Pool, mut queue: mpsc::Receiver<PendingInsert>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(INSERT_BATCHES));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_INSERT_BATCH {
+            match queue.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            insert_batch(&pool, batch).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Inserts a batch in one statement and answers each of its events. If the
+/// statement fails (nothing of it is committed), each event is inserted on
+/// its own, so one the server refuses fails alone.
+async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
+    let client = match bounded(async { pool.get().await.map_err(|e| StoreError::Unavailable(pool_message(&e))) }).await
+    {
+        Ok(client) => client,
+        Err(e) => {
+            for (_, to) in batch {
+                let _ = to.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    if batch.len() > 1 {
+        let events: Vec<&NewEvent> = batch.iter().map(|(ev, _)| ev).collect();
+        let failed = match tokio::time::timeout(OP_TIMEOUT, insert_many(&client, &events)).await {
+            Ok(Ok(answers)) => {
+                for ((_, to), answer) in batch.into_iter().zip(answers) {
+                    let _ = to.send(Ok(answer));
+                }
+                return;
+            }
+            // The server refused something in it: find what, one by one.
+            Ok(Err(e)) if e.as_db_error().is_some() => {
+                tracing::debug!(events = batch.len(), error = %describe(&e), "grouped insert refused; inserting one by one");
+                None
+            }
+            // Lost or hung: one by one would only wait as long again for each.
+            Ok(Err(e)) => Some(db_error(e)),
+            Err(_) => Some(StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
+        };
+        if let Some(e) = failed {
+            for (_, to) in batch {
+                let _ = to.send(Err(e.clone()));
+            }
+            return;
+        }
+    }
+    for (ev, to) in batch {
+        let _ = to.send(bounded(insert_one(&client, &ev)).await);
+    }
+}
+
+/// A row's held delivery: its id and sink, or NULLs when none is held.
+type HeldRow = (Option<i64>, Option<String>);
+
+/// Which of `ev`'s held deliveries (by position) got which id.
+fn held_ids(ev: &NewEvent, rows: impl Iterator<Item = HeldRow>) -> Vec<i64> {
+    let mut held = vec![0; ev.held.len()];
+    for (id, sink) in rows {
+        let (Some(id), Some(sink)) = (id, sink) else { continue };
+        if let Some(i) = ev.held.iter().position(|h| h.sink == sink) {
+            held[i] = id;
+        }
+    }
+    held
+}
+
+/// The lease of each of `ev`'s sinks: its held delivery's, or none.
+fn leases(ev: &NewEvent) -> impl Iterator<Item = Option<i64>> + '_ {
+    ev.sinks
+        .iter()
+        .map(|sink| ev.held.iter().find(|h| &h.sink == sink).map(|h| h.lease_until))
+}
+
+async fn insert_one(client: &Object, ev: &NewEvent) -> Result<Inserted, StoreError> {
+    let stmt = client.prepare_cached(INSERT).await.map_err(db_error)?;
+    let leases: Vec<Option<i64>> = leases(ev).collect();
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &ev.source,
+                &ev.event_id,
+                &ev.kind,
+                &ev.event_type,
+                &ev.occurred_at,
+                &ev.received_at,
+                &&ev.body[..],
+                &ev.sinks,
+                &leases,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    if rows.is_empty() {
+        return Ok(Inserted::Duplicate);
+    }
+    Ok(Inserted::New(held_ids(
+        ev,
+        rows.iter()
+            .map(|r| (r.get::<_, Option<i64>>(1), r.get::<_, Option<String>>(2))),
+    )))
+}
+
+async fn insert_many(client: &Object, events: &[&NewEvent]) -> Result<Vec<Inserted>, tokio_postgres::Error> {
+    let stmt = client.prepare_cached(INSERT_MANY).await?;
+    let column = |f: fn(&NewEvent) -> &str| events.iter().map(|ev| f(ev)).collect::<Vec<&str>>();
+    let (sources, ids) = (column(|ev| &ev.source), column(|ev| &ev.event_id));
+    let (kinds, types) = (column(|ev| &ev.kind), column(|ev| &ev.event_type));
+    let occurred: Vec<Option<i64>> = events.iter().map(|ev| ev.occurred_at).collect();
+    let received: Vec<i64> = events.iter().map(|ev| ev.received_at).collect();
+    let bodies: Vec<&[u8]> = events.iter().map(|ev| &ev.body[..]).collect();
+    let (mut positions, mut sinks, mut leased) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, ev) in (1i64..).zip(events) {
+        for (sink, lease) in ev.sinks.iter().zip(leases(ev)) {
+            positions.push(n);
+            sinks.push(sink.as_str());
+            leased.push(lease);
+        }
+    }
+    let rows = client
+        .query(
+            &stmt,
+            &[
+                &sources, &ids, &kinds, &types, &occurred, &received, &bodies, &positions, &sinks, &leased,
+            ],
+        )
+        .await?;
+    // The new events' held deliveries by key; the first event with a key
+    // takes them, and any later one with it is a duplicate.
+    let mut stored: HashMap<(String, String), Vec<HeldRow>> = HashMap::new();
+    for r in &rows {
+        stored
+            .entry((r.get(1), r.get(2)))
+            .or_default()
+            .push((r.get(3), r.get(4)));
+    }
+    Ok(events
+        .iter()
+        .map(|ev| match stored.remove(&(ev.source.clone(), ev.event_id.clone())) {
+            Some(held) => Inserted::New(held_ids(ev, held.into_iter())),
+            None => Inserted::Duplicate,
+        })
+        .collect())
+}
+
 #[async_trait]
 impl Store for PostgresStore {
     async fn insert(&self, ev: NewEvent) -> Result<Inserted, StoreError> {
+        let closed = || StoreError::Unavailable("store is closed".into());
         bounded(async {
-            let client = self.client().await?;
-            let stmt = client.prepare_cached(INSERT).await.map_err(db_error)?;
-            let leases: Vec<Option<i64>> = ev
-                .sinks
-                .iter()
-                .map(|sink| ev.held.iter().find(|h| &h.sink == sink).map(|h| h.lease_until))
-                .collect();
-            let rows = client
-                .query(
-                    &stmt,
-                    &[
-                        &ev.source,
-                        &ev.event_id,
-                        &ev.kind,
-                        &ev.event_type,
-                        &ev.occurred_at,
-                        &ev.received_at,
-                        &&ev.body[..],
-                        &ev.sinks,
-                        &leases,
-                    ],
-                )
-                .await
-                .map_err(db_error)?;
-            if rows.is_empty() {
-                return Ok(Inserted::Duplicate);
-            }
-            let mut held = vec![0; ev.held.len()];
-            for row in &rows {
-                let (Some(id), Some(sink)) = (row.get::<_, Option<i64>>(1), row.get::<_, Option<String>>(2)) else {
-                    continue;
-                };
-                if let Some(i) = ev.held.iter().position(|h| h.sink == sink) {
-                    held[i] = id;
-                }
-            }
-            Ok(Inserted::New(held))
+            let (to, answer) = oneshot::channel();
+            self.inserts.send((ev, to)).await.map_err(|_| closed())?;
+            answer.await.map_err(|_| closed())?
         })
         .await
     }
@@ -584,7 +758,7 @@ impl Store for PostgresStore {
             )
             .await
             .map_err(db_error)?;
-        let index: std::collections::HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+        let index: HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, s)| (*s, i)).collect();
         for r in client.query(&stmt, &[&seqs]).await.map_err(db_error)? {
             if let Some(&i) = index.get(&r.get::<_, i64>(0)) {
                 events[i].deliveries.push(DeliverySummary {

@@ -1791,6 +1791,94 @@ async fn postgres_instances_share_dedupe_queue_and_leases() {
     }
 }
 
+/// Inserts that arrive together share a statement and a commit, and each
+/// is still answered as if it were alone: a key twice in a batch is new
+/// once, a held delivery gets its own id, and an event the server refuses
+/// fails alone, not with the others in its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_grouped_inserts_answer_each_event_as_if_alone() {
+    let Some(db) = TestDatabase::create().await else { return };
+    let store: Arc<dyn Store> = Arc::new(db.store().await);
+    const KEYS: usize = 300;
+    let event = |i: usize| NewEvent {
+        held: match i % 3 {
+            0 => vec![Held {
+                sink: "held".into(),
+                lease_until: T0 + LEASE_MS,
+            }],
+            _ => vec![],
+        },
+        ..new_event(&format!("evt_{i:04}"), &["held", "queued"])
+    };
+    // Every key twice, all at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in (0..KEYS).chain(0..KEYS) {
+        let (store, ev) = (store.clone(), event(i));
+        tasks.spawn(async move { (i, store.insert(ev).await.expect("insert")) });
+    }
+    let mut new = std::collections::BTreeMap::new();
+    let mut duplicates = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            (i, Inserted::New(held)) => assert!(new.insert(i, held).is_none(), "evt_{i:04} new twice"),
+            (_, Inserted::Duplicate) => duplicates += 1,
+        }
+    }
+    assert_eq!(
+        (new.len(), duplicates),
+        (KEYS, KEYS),
+        "each key new once, then a duplicate"
+    );
+    let rows = deliveries(&*store, None, None).await;
+    assert_eq!(rows.len(), 2 * KEYS, "two deliveries per event, none for its duplicate");
+    for (i, held) in &new {
+        let id = format!("evt_{i:04}");
+        let row = rows
+            .iter()
+            .find(|r| r.event_id == id && r.sink == "held")
+            .expect("the held sink's delivery");
+        if i % 3 == 0 {
+            assert_eq!((held.as_slice(), row.attempts), ([row.id].as_slice(), 1), "{id}");
+        } else {
+            assert_eq!((held.as_slice(), row.attempts), ([].as_slice(), 0), "{id}");
+        }
+    }
+    // The rows one statement inserted share its transaction id (`xmin`).
+    let (client, connection) = db.config().connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let commits: i64 = client
+        .query_one("SELECT count(DISTINCT xmin::text) FROM events", &[])
+        .await
+        .expect("count transactions")
+        .get(0);
+    assert!(
+        commits <= (KEYS / 4) as i64,
+        "{commits} transactions for {KEYS} events arriving together: the inserts were not grouped"
+    );
+
+    // A NUL in a text column is refused by the server: only that event fails.
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            (
+                format!("late_{i:02}"),
+                store.insert(new_event(&format!("late_{i:02}"), &["queued"])).await,
+            )
+        });
+    }
+    let bad = store.clone();
+    tasks.spawn(async move { ("bad".to_string(), bad.insert(new_event("bad\0id", &["queued"])).await) });
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            (id, r) if id == "bad" => assert!(r.is_err(), "the server stored a NUL: {r:?}"),
+            (id, r) => assert_eq!(r.expect("stored beside a refused event"), Inserted::New(vec![]), "{id}"),
+        }
+    }
+    assert_eq!(deliveries(&*store, None, None).await.len(), 2 * KEYS + 50);
+    store.close().await;
+}
+
 /// Instances starting at once take turns on the migration lock: one
 /// migrates, the others find the schema current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
