@@ -126,7 +126,10 @@ SELECT e.seq, d.id, d.sink FROM e LEFT JOIN d ON d.lease_until IS NOT NULL";
 
 /// [`INSERT`] for several events at once, one array element each (`$8` –
 /// `$10`: every delivery, with its event's position, counted from 1). A key
-/// twice in the batch is stored once, with the first one's deliveries.
+/// twice in the batch is stored once, with the first one's deliveries. Keys
+/// are inserted in key order, as in every batch, so two batches with keys in
+/// common (a retry beside its original, another instance's) wait for each
+/// other rather than deadlock.
 /// Returns a row per new event and held delivery (or NULLs when it holds
 /// none), with the event's key; a duplicate has no row.
 const INSERT_MANY: &str = "
@@ -135,7 +138,7 @@ WITH input AS (
         WITH ORDINALITY AS t (source, event_id, kind, type, occurred_at, received_at, body, n)
 ), e AS (
     INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
-    SELECT source, event_id, kind, type, occurred_at, received_at, body FROM input ORDER BY n
+    SELECT source, event_id, kind, type, occurred_at, received_at, body FROM input ORDER BY source, event_id, n
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING seq, source, event_id
 ), first AS (
