@@ -56,6 +56,11 @@ const PRUNE_CHUNK: i64 = 5000;
 const INSERT_BATCHES: usize = 6;
 /// Events one insert statement takes at most.
 const MAX_INSERT_BATCH: usize = 256;
+/// Body bytes one insert statement takes at most (beyond its first event):
+/// a statement's message must stay far below PostgreSQL's 1 GB limit, which
+/// 256 bodies of a few MiB each (`server.max_body` has no ceiling) would
+/// pass, and six of them at once within both sides' memory.
+pub(super) const MAX_INSERT_BYTES: usize = 8 << 20;
 /// Key of the advisory lock that serializes migrations ("expedito").
 const MIGRATION_LOCK: i64 = 0x6578_7065_6469_746f;
 
@@ -460,14 +465,31 @@ fn attempts(n: i32) -> u32 {
 /// at once, each with everything that queued while all of them were busy.
 async fn group_inserts(pool: Pool, mut queue: mpsc::Receiver<PendingInsert>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(INSERT_BATCHES));
-    while let Some(first) = queue.recv().await {
+    // Taken from the queue, but past the last batch's byte limit: it starts the next.
+    let mut carried = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match queue.recv().await {
+                Some(first) => first,
+                None => break,
+            },
+        };
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break;
         };
+        let mut bytes = first.0.body.len();
         let mut batch = vec![first];
         while batch.len() < MAX_INSERT_BATCH {
             match queue.try_recv() {
-                Ok(pending) => batch.push(pending),
+                Ok(pending) if bytes + pending.0.body.len() > MAX_INSERT_BYTES => {
+                    carried = Some(pending);
+                    break;
+                }
+                Ok(pending) => {
+                    bytes += pending.0.body.len();
+                    batch.push(pending);
+                }
                 Err(_) => break,
             }
         }
@@ -502,8 +524,13 @@ async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
                 }
                 return;
             }
-            // The server refused something in it: find what, one by one.
-            Ok(Err(e)) if e.as_db_error().is_some() => {
+            // The server refused something in it (a data exception, a
+            // constraint, a limit): find what, one by one. Not on a timeout,
+            // cancellation or shutdown, which would only repeat per event.
+            Ok(Err(e))
+                if e.code()
+                    .is_some_and(|c| ["22", "23", "54"].iter().any(|class| c.code().starts_with(class))) =>
+            {
                 tracing::debug!(events = batch.len(), error = %describe(&e), "grouped insert refused; inserting one by one");
                 None
             }
@@ -1015,7 +1042,9 @@ impl Store for PostgresStore {
 
     async fn close(&self) {
         // Every acknowledged write is already committed; closing only ends
-        // the connections (those in use close when returned).
+        // the connections (those in use close when returned). Inserts still
+        // queued are answered "unavailable" (not acknowledged); a statement
+        // already running finishes and answers.
         self.pool.close();
     }
 }

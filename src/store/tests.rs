@@ -1879,6 +1879,44 @@ async fn postgres_grouped_inserts_answer_each_event_as_if_alone() {
     store.close().await;
 }
 
+/// Big events arriving together are grouped only up to a byte limit per
+/// statement: 256 bodies of a few MiB in one would pass PostgreSQL's 1 GB
+/// message limit, and the server would drop the connection and every event
+/// in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_grouped_inserts_stay_under_a_byte_limit() {
+    let Some(db) = TestDatabase::create().await else { return };
+    let store: Arc<dyn Store> = Arc::new(db.store().await);
+    const BODY: usize = 1 << 20;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let store = store.clone();
+        let event = NewEvent {
+            body: Bytes::from(vec![b'x'; BODY]),
+            ..new_event(&format!("big_{i:02}"), &["s"])
+        };
+        tasks.spawn(async move { store.insert(event).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        assert_eq!(r.unwrap().expect("stored"), Inserted::New(vec![]));
+    }
+    let (client, connection) = db.config().connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    let largest: i64 = client
+        .query_one(
+            "SELECT max(bytes)::bigint FROM (SELECT sum(octet_length(body)) AS bytes FROM events GROUP BY xmin::text) t",
+            &[],
+        )
+        .await
+        .expect("bytes per transaction")
+        .get(0);
+    assert!(
+        largest as usize <= super::postgres::MAX_INSERT_BYTES,
+        "{largest} body bytes in one statement"
+    );
+    store.close().await;
+}
+
 /// Instances starting at once take turns on the migration lock: one
 /// migrates, the others find the schema current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
