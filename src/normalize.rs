@@ -466,22 +466,27 @@ impl Normalizer {
     }
 }
 
-/// A non-empty id; a JSON number is taken as its text.
+/// A non-empty id; a JSON number is taken as its text. Control characters
+/// (a NUL, escaped as `\u0000`) are refused: no vendor sends them, a terminal
+/// or log line would show them raw, and PostgreSQL cannot store a NUL in
+/// text, so such an event would be refused on every retry with a 503.
 fn event_id(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
         None | Some(Json::Null) => Err(NormalizeError::MissingId),
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingId),
+        Some(Json::String(s)) if s.chars().any(char::is_control) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
         Some(Json::Number(n)) => Ok(n.to_string()),
         Some(_) => Err(bad_field(field)),
     }
 }
 
-/// A non-empty type string.
+/// A non-empty type string, without control characters (as an id).
 fn event_type(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
         None | Some(Json::Null) => Err(NormalizeError::MissingType),
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingType),
+        Some(Json::String(s)) if s.chars().any(char::is_control) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
         Some(_) => Err(bad_field(field)),
     }
@@ -1139,6 +1144,21 @@ mod tests {
                 bad_field("id")
             );
             assert_eq!(norm(&n, &json!({"id": "e", "type": 5})).unwrap_err(), bad_field("type"));
+            // Control characters (a NUL first: PostgreSQL cannot store it).
+            for id in ["evt\u{0}1", "evt\n1", "\u{7}", "evt\u{9b}"] {
+                assert_eq!(
+                    norm(&n, &json!({"id": id, "type": "t"})).unwrap_err(),
+                    bad_field("id"),
+                    "{id:?}"
+                );
+                assert_eq!(
+                    norm(&n, &json!({"id": "e", "type": id})).unwrap_err(),
+                    bad_field("type"),
+                    "{id:?}"
+                );
+            }
+            // Beyond ASCII, anything printable is an id.
+            assert_eq!(norm(&n, &json!({"id": "évt_ü_1", "type": "t"})).unwrap().id, "évt_ü_1");
             // A numeric id is taken as text.
             let ok = norm(&n, &json!({"id": 12345, "type": "ping"})).unwrap();
             assert_eq!(ok.id, "12345");
