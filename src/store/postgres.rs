@@ -375,11 +375,13 @@ impl PostgresStore {
     }
 
     async fn client(&self) -> Result<Object, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(pool_message(&e)))
+        pooled(&self.pool).await
     }
+}
+
+/// A connection from the pool (which bounds the wait itself).
+async fn pooled(pool: &Pool) -> Result<Object, StoreError> {
+    pool.get().await.map_err(|e| StoreError::Unavailable(pool_message(&e)))
 }
 
 /// Applies the migrations this database has not seen, under an advisory lock
@@ -505,15 +507,14 @@ async fn group_inserts(pool: Pool, mut queue: mpsc::Receiver<PendingInsert>) {
 /// statement fails (nothing of it is committed), each event is inserted on
 /// its own, so one the server refuses fails alone.
 async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
-    let client = match bounded(async { pool.get().await.map_err(|e| StoreError::Unavailable(pool_message(&e))) }).await
-    {
-        Ok(client) => client,
-        Err(e) => {
-            for (_, to) in batch {
-                let _ = to.send(Err(e.clone()));
-            }
-            return;
+    let fail_all = |batch: Vec<PendingInsert>, e: StoreError| {
+        for (_, to) in batch {
+            let _ = to.send(Err(e.clone()));
         }
+    };
+    let client = match pooled(pool).await {
+        Ok(client) => client,
+        Err(e) => return fail_all(batch, e),
     };
     if batch.len() > 1 {
         let events: Vec<&NewEvent> = batch.iter().map(|(ev, _)| ev).collect();
@@ -539,10 +540,7 @@ async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
             Err(_) => Some(StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
         };
         if let Some(e) = failed {
-            for (_, to) in batch {
-                let _ = to.send(Err(e.clone()));
-            }
-            return;
+            return fail_all(batch, e);
         }
     }
     for (ev, to) in batch {
