@@ -42,7 +42,9 @@ use crate::rows::{Row, RowKind, Run, Settings};
     about = "Load-tests expeditor against a bare hyper server on this machine and prints one table",
     after_help = "Rows: baseline (bare hyper server), durable (the same, answering once the body is fdatasync'd to \
                   a file next to where expeditor's store goes, in groups), ingest (verify, dedupe, durable store; routes choose no sink), \
-                  e2e (every event to one http sink), fanout (to five). After each flat-out expeditor row, the same \
+                  e2e (every event to one http sink), fanout (to five). Right after ingest's flat-out run the baseline \
+                  runs once more, and ratios are to the mean of its two runs (this VM's speed drifts). After each \
+                  flat-out expeditor row, the same \
                   row runs again in open loop at half the rate it reached, for the latency targets. After e2e and \
                   fanout, open-loop runs first search for the highest rate at which delivery keeps up (the sustained \
                   rate), and their half-rate run is at half of that.\n\
@@ -218,6 +220,11 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         let mut half = (half_rate && kind.is_expeditor()).then(|| row.max_rate() / 2.0);
         let search = (search_sustained && kind.sinks() > 0).then(|| (row.max_rate(), row.load.rate()));
         rows.push(row);
+        if kind == RowKind::Ingest && pace == Pace::FlatOut && !cli.smoke && cli.rows.contains(&RowKind::Baseline) {
+            let again = rows::baseline(RowKind::Baseline, &corpus, pace, Run::Again, &settings).await?;
+            progress(&again);
+            rows.push(again);
+        }
         if let Some((delivered, acked)) = search {
             let (best, problems) = sustained(kind, &corpus, delivered, acked, &settings).await?;
             probe_problems.extend(problems);

@@ -132,6 +132,11 @@ pub enum Run {
     /// In open loop at the highest rate at which delivery kept up (see
     /// `keeps_up`): the sustained rate of a row with sinks.
     Sustained,
+    /// The baseline flat out once more, right after ingest's flat-out run:
+    /// this VM's speed moves by a quarter within minutes (BENCHMARKS.md), so
+    /// one baseline run minutes before ingest is a shaky yardstick. Ratios
+    /// use the mean of the runs before and after ingest.
+    Again,
 }
 
 pub struct Row {
@@ -221,6 +226,7 @@ fn label(kind: RowKind, run: Run) -> String {
         (RowKind::Baseline | RowKind::Durable, Run::Half) => format!("{} @ ingest 50%", kind.name()),
         (_, Run::Half) => format!("{} @ 50%", kind.name()),
         (_, Run::Sustained) => format!("{} sustained", kind.name()),
+        (_, Run::Again) => format!("{} after ingest", kind.name()),
     }
 }
 
@@ -513,48 +519,58 @@ fn delivered(state: &SinkState, load: &LoadResult) -> Delivered {
     }
 }
 
+/// A row with the given rate (`answered` in one second) and nothing else
+/// measured, for the tests of what is computed from rows.
+#[cfg(test)]
+pub fn test_row(kind: RowKind, run: Run, pace: Pace, answered: u64, delivered_rate: Option<f64>) -> Row {
+    Row {
+        kind,
+        pace,
+        run,
+        connections: 64,
+        load: LoadResult {
+            answered,
+            duplicates: 0,
+            rejected: Default::default(),
+            errors: 0,
+            ack_us: load::histogram(),
+            late_us: load::histogram(),
+            acked: Vec::new(),
+            sent_ns: Vec::new(),
+            first_send_ns: 0,
+            last_answer_ns: 1_000_000_000,
+        },
+        delivered: delivered_rate.map(|rate| Delivered {
+            events: 0,
+            rate,
+            e2e_us: load::histogram(),
+            missing: 0,
+            duplicates: 0,
+        }),
+        server: Server {
+            ready: None,
+            idle_rss: None,
+            peak_rss: 0,
+            cpu_cores: 0.0,
+            threads: Vec::new(),
+            scraped: None,
+            written: None,
+        },
+        bench_cpu_cores: 0.0,
+        other_cpu_cores: 0.0,
+        missing_in_store: 0,
+        problems: Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn row(pace: Pace, delivered_rate: Option<f64>, problems: Vec<String>) -> Row {
         Row {
-            kind: RowKind::EndToEnd,
-            pace,
-            run: Run::Sustained,
-            connections: 64,
-            load: LoadResult {
-                answered: 0,
-                duplicates: 0,
-                rejected: Default::default(),
-                errors: 0,
-                ack_us: load::histogram(),
-                late_us: load::histogram(),
-                acked: Vec::new(),
-                sent_ns: Vec::new(),
-                first_send_ns: 0,
-                last_answer_ns: 0,
-            },
-            delivered: delivered_rate.map(|rate| Delivered {
-                events: 0,
-                rate,
-                e2e_us: load::histogram(),
-                missing: 0,
-                duplicates: 0,
-            }),
-            server: Server {
-                ready: None,
-                idle_rss: None,
-                peak_rss: 0,
-                cpu_cores: 0.0,
-                threads: Vec::new(),
-                scraped: None,
-                written: None,
-            },
-            bench_cpu_cores: 0.0,
-            other_cpu_cores: 0.0,
-            missing_in_store: 0,
             problems,
+            ..test_row(RowKind::EndToEnd, Run::Sustained, pace, 0, delivered_rate)
         }
     }
 
