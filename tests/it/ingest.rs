@@ -468,11 +468,14 @@ header = "X-Hub-Signature"
             ))
         )
     };
-    let t = now().to_string();
+    // One timestamp for the header and the signature: a second may tick
+    // between two calls of now() on a busy machine.
+    let signed_at = now();
+    let t = signed_at.to_string();
     let reply = d
         .post(
             "generic",
-            &[JSON, ("x-timestamp", &t), ("x-signature", &sign(now(), &body))],
+            &[JSON, ("x-timestamp", &t), ("x-signature", &sign(signed_at, &body))],
             body.clone(),
         )
         .await;
@@ -484,7 +487,7 @@ header = "X-Hub-Signature"
     let mac = |parts: &[&[u8]]| crate::vendor::hmac_sha256("generic-secret", parts);
     let hex_mac = format!("sha256={}", hex::encode(mac(&[t.as_bytes(), b".", &body])));
     let body_only = format!("sha256={}", b64(mac(&[&body])));
-    let old = (now() - 600).to_string();
+    let old = (signed_at - 600).to_string();
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         (
             "hex instead of base64",
@@ -492,7 +495,7 @@ header = "X-Hub-Signature"
         ),
         (
             "stale timestamp",
-            vec![("x-timestamp", old), ("x-signature", sign(now() - 600, &body))],
+            vec![("x-timestamp", old), ("x-signature", sign(signed_at - 600, &body))],
         ),
         (
             "timestamp not the signed one",
@@ -518,7 +521,7 @@ header = "X-Hub-Signature"
     let reply = d
         .post(
             "generic",
-            &[JSON, ("x-timestamp", &t), ("x-signature", &sign(now(), &no_id))],
+            &[JSON, ("x-timestamp", &t), ("x-signature", &sign(signed_at, &no_id))],
             no_id,
         )
         .await;
