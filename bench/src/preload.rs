@@ -50,13 +50,20 @@ pub fn sqlite(db: &std::path::Path, n: usize, body: &[u8], sinks: &[String]) -> 
     let spread = Spread::new(n);
     let mut conn = rusqlite::Connection::open(db).with_context(|| format!("cannot open {}", db.display()))?;
     let tx = conn.transaction()?;
+    // Oldest first, so seqs follow arrival as expeditor hands them out.
     tx.execute(
-        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < ?1 - 1)
+        "WITH RECURSIVE n(i) AS (SELECT ?1 - 1 UNION ALL SELECT i - 1 FROM n WHERE i > 0)
          INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
          SELECT 'crumb', 'evt_' || lower(hex(randomblob(8))), 'crumbpos', 'order.created', ?2 - i * ?3, ?2 - i * ?3,
                 CASE WHEN i * ?3 < ?4 THEN ?5 END
          FROM n",
         rusqlite::params![n as i64, spread.newest, spread.step, spread.fresh, body],
+    )?;
+    // Where pruning's compaction walk stopped: at the first event with a body.
+    tx.execute(
+        "INSERT OR REPLACE INTO store_meta (name, value)
+         SELECT 'compacted_to', COALESCE(MIN(seq), 0) FROM events WHERE body IS NOT NULL",
+        [],
     )?;
     for sink in sinks {
         tx.execute(

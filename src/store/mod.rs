@@ -288,6 +288,9 @@ pub struct PruneStats {
     pub deliveries_deleted: u64,
     pub events_compacted: u64,
     pub events_deleted: u64,
+    /// The pass stopped at its limit with events still to look at, though it
+    /// may have changed nothing (SQLite walks seqs for compaction): call again.
+    pub more: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -62,8 +62,10 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 /// of schema 1 keeps its `AUTOINCREMENT` table (harmless, slower). 3 packs
 /// the runs' keys into blocks (`dedupe_blocks`, a row per few dozen keys
 /// instead of `dedupe_keys`, a row per key): an older store's runs are
-/// dropped on upgrade and written again from its events at open.
-const SCHEMA_VERSION: i64 = 3;
+/// dropped on upgrade and written again from its events at open. 4 drops the
+/// index of events that still have a body (compaction walks seqs instead),
+/// which an older expeditor's pruning would need.
+const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -80,9 +82,11 @@ CREATE TABLE IF NOT EXISTS events (
 -- by seq, so pruning finds its boundary by seq (`received_from`), and each
 -- commit writes one index fewer (a sixth of its pages).
 DROP INDEX IF EXISTS events_received;
--- Compaction looks only at events that still have a body: without this it
--- would walk every compacted dedupe key (days of them) on each pass.
-CREATE INDEX IF NOT EXISTS events_uncompacted ON events (received_at) WHERE body IS NOT NULL;
+-- No index of events that still have a body either (schema 4): compaction
+-- walks seqs from where its last pass stopped (`compact`), and an event that
+-- still had deliveries then loses its body when they are pruned. The index
+-- took an entry per insert and a fifth of the WAL frames each commit wrote.
+DROP INDEX IF EXISTS events_uncompacted;
 CREATE TABLE IF NOT EXISTS deliveries (
     id          INTEGER PRIMARY KEY,
     event_seq   INTEGER NOT NULL REFERENCES events (seq) ON DELETE CASCADE,
@@ -1160,27 +1164,44 @@ fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<
     let dead_cutoff = now.saturating_sub(ms(r.keep_dead_letters));
     let dedupe_cutoff = now.saturating_sub(ms(r.dedupe_window.max(r.keep_delivered)));
     let mut stats = PruneStats::default();
-    let run = |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
-        t.execute(sql, params![cutoff, PRUNE_CHUNK])
-            .map(|n| n as u64)
-            .map_err(unavailable)
-    };
-    stats.deliveries_deleted += run(
-        "DELETE FROM deliveries WHERE id IN
-         (SELECT id FROM deliveries WHERE state = 1 AND updated_at < ?1 LIMIT ?2)",
-        delivered_cutoff,
-    )?;
-    stats.deliveries_deleted += run(
-        "DELETE FROM deliveries WHERE id IN
-         (SELECT id FROM deliveries WHERE state = 2 AND updated_at < ?1 LIMIT ?2)",
-        dead_cutoff,
-    )?;
-    stats.events_compacted = run(
-        "UPDATE events SET body = NULL WHERE seq IN
-         (SELECT seq FROM events e WHERE body IS NOT NULL AND received_at < ?1
-          AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) LIMIT ?2)",
-        delivered_cutoff,
-    )?;
+    // Deliveries go first; each event whose last one went, and that is past
+    // keep_delivered, loses its body now: compaction's walk may have passed it.
+    let mut emptied: Vec<i64> = Vec::new();
+    // The states are literals: only then can SQLite use their partial indexes.
+    let finished = [
+        (
+            "DELETE FROM deliveries WHERE id IN
+             (SELECT id FROM deliveries WHERE state = 1 AND updated_at < ?1 LIMIT ?2)
+             RETURNING event_seq",
+            delivered_cutoff,
+        ),
+        (
+            "DELETE FROM deliveries WHERE id IN
+             (SELECT id FROM deliveries WHERE state = 2 AND updated_at < ?1 LIMIT ?2)
+             RETURNING event_seq",
+            dead_cutoff,
+        ),
+    ];
+    for (sql, cutoff) in finished {
+        let mut delete = t.prepare_cached(sql).map_err(unavailable)?;
+        let seqs = delete
+            .query_map(params![cutoff, PRUNE_CHUNK], |r| r.get::<_, i64>(0))
+            .and_then(|rows| rows.collect::<rusqlite::Result<Vec<i64>>>())
+            .map_err(unavailable)?;
+        stats.deliveries_deleted += seqs.len() as u64;
+        emptied.extend(seqs);
+    }
+    emptied.sort_unstable();
+    emptied.dedup();
+    let mut compact_one = t.prepare_cached(COMPACT_ONE).map_err(unavailable)?;
+    for seq in emptied {
+        stats.events_compacted += compact_one
+            .execute(params![seq, delivered_cutoff])
+            .map_err(unavailable)? as u64;
+    }
+    let (compacted, more) = compact(t, delivered_cutoff)?;
+    stats.events_compacted += compacted;
+    stats.more = more;
     let boundary = received_from(t, dedupe_cutoff)?;
     stats.events_deleted = t
         .execute(
@@ -1194,6 +1215,64 @@ fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<
         dedupe.drop_empty_runs(t)?;
     }
     Ok(stats)
+}
+
+/// Drops the body of event `?1` if it was received before `?2` and has no
+/// deliveries left (its seq is in no delivery: the UNIQUE index's prefix).
+const COMPACT_ONE: &str = "UPDATE events SET body = NULL
+     WHERE seq = ?1 AND body IS NOT NULL AND received_at < ?2
+       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = ?1)";
+
+/// Seqs compaction looks at per statement, and per pass at most.
+const COMPACT_SPAN: i64 = 5_000;
+const COMPACT_PASS: i64 = 50_000;
+
+/// Seqs compaction looks at again on each pass, behind where the last one
+/// stopped: events received together may take their seqs out of
+/// `received_at` order (`received_from`), so one just below the boundary
+/// can still be too young when the walk passes it.
+const COMPACT_OVERLAP: i64 = 4_096;
+
+/// Compaction's walk: drops the bodies of events received before `cutoff`
+/// that have no deliveries, walking seqs from where the last pass stopped
+/// (kept in `store_meta`) up to the first event received at or after
+/// `cutoff`, at most [`COMPACT_PASS`] seqs and [`PRUNE_CHUNK`] bodies a
+/// pass. An event that still has deliveries when the walk passes it is
+/// compacted when they are pruned (`prune`). Returns the bodies dropped and
+/// whether the walk stopped short of the boundary.
+fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
+    let from: i64 = t
+        .query_row("SELECT value FROM store_meta WHERE name = 'compacted_to'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(unavailable)?
+        .unwrap_or(0);
+    let boundary = received_from(t, cutoff)?;
+    let mut at = from.saturating_sub(COMPACT_OVERLAP).max(0);
+    let stop = boundary.min(at.saturating_add(COMPACT_PASS));
+    let mut walk = t
+        .prepare_cached(
+            "UPDATE events SET body = NULL
+             WHERE seq >= ?1 AND seq < ?2 AND body IS NOT NULL AND received_at < ?3
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+        )
+        .map_err(unavailable)?;
+    let mut compacted = 0u64;
+    while at < stop && compacted < PRUNE_CHUNK as u64 {
+        let end = stop.min(at.saturating_add(COMPACT_SPAN));
+        compacted += walk.execute(params![at, end, cutoff]).map_err(unavailable)? as u64;
+        at = end;
+    }
+    // Never back: `at` is below `from` only by the overlap not yet walked again.
+    if at > from {
+        t.execute(
+            "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('compacted_to', ?1)",
+            [at],
+        )
+        .map_err(unavailable)?;
+    }
+    Ok((compacted, at < boundary))
 }
 
 /// The first seq from which events were received at or after `cutoff`, found

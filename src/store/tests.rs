@@ -753,6 +753,7 @@ async fn prune_follows_retention(store: Arc<dyn Store>) {
         deliveries_deleted: 1,
         events_compacted: 2,
         events_deleted: 0,
+        more: false,
     };
     assert_eq!(stats, expected);
     assert_eq!(
@@ -779,6 +780,7 @@ async fn prune_follows_retention(store: Arc<dyn Store>) {
         deliveries_deleted: 1,
         events_compacted: 1,
         events_deleted: 0,
+        more: false,
     };
     assert_eq!(stats, expected);
     assert!(deliveries(&*store, None, Some(Status::Dead)).await.is_empty());
@@ -798,6 +800,7 @@ async fn prune_follows_retention(store: Arc<dyn Store>) {
         deliveries_deleted: 0,
         events_compacted: 0,
         events_deleted: 3,
+        more: false,
     };
     assert_eq!(stats, expected);
     assert_eq!(event_ids(&events(&*store, None, None).await), ["pending"]);
@@ -2318,7 +2321,7 @@ async fn sqlite_upgrades_a_schema_0_store() {
         schema_0_store(&dir, n);
         let store = tiny(dir.path());
         let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         assert_eq!(runs(&dir).0, if n > 16 { 1 } else { 0 }, "{n} events");
         for i in 0..n {
             let id = format!("old_{i}");
@@ -2420,7 +2423,7 @@ async fn sqlite_never_reuses_an_event_seq() {
         .unwrap();
     let store = tiny(dir.path());
     let version: i64 = db(&dir).query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     assert_eq!(insert(&*store, new_event("f", &[])).await, Inserted::New(vec![]));
     assert_eq!(seq_of("f"), 100_001);
     for id in ["a", "e", "f"] {
@@ -2510,7 +2513,7 @@ async fn sqlite_upgrades_a_schema_2_store_to_dedupe_blocks() {
     let store = tiny(dir.path());
     let conn = db(&dir);
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, 4);
     let old_table: bool = conn
         .query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_schema WHERE name = 'dedupe_keys')",
@@ -2591,11 +2594,138 @@ async fn sqlite_prune_by_seq_never_prunes_early() {
     store.close().await;
 }
 
+/// The events whose bodies are gone, by id.
+fn compacted(dir: &TempDir) -> Vec<String> {
+    db(dir)
+        .prepare("SELECT event_id FROM events WHERE body IS NULL ORDER BY event_id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Bodies kept an hour after delivery; everything else a week.
+fn keep_delivered_an_hour() -> Retention {
+    Retention {
+        dedupe_window: Duration::from_secs(7 * 86_400),
+        keep_delivered: Duration::from_secs(3600),
+        keep_dead_letters: Duration::from_secs(7 * 86_400),
+    }
+}
+
+/// Compaction needs no index of events that still have a body: it walks
+/// seqs from where its last pass stopped, and an event the walk passed while
+/// it still had a delivery loses its body once that delivery is pruned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_compaction_walks_seqs_and_comes_back_for_events_it_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    let retention = keep_delivered_an_hour();
+    insert(&*store, event_at("routed", &["a"], T0)).await;
+    insert(&*store, event_at("unrouted_1", &[], T0)).await;
+    insert(&*store, event_at("unrouted_2", &[], T0)).await;
+    insert(&*store, event_at("young", &[], T0 + 2 * HOUR)).await;
+    let indexes: i64 = db(&dir)
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE type = 'index' AND name = 'events_uncompacted'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 0, "no index of uncompacted events");
+
+    // The walk passes `routed` (its delivery is pending) and stops before `young`.
+    let stats = store.prune(retention, T0 + HOUR + 1).await.unwrap();
+    assert_eq!((stats.events_compacted, stats.more), (2, false), "{stats:?}");
+    assert_eq!(compacted(&dir), ["unrouted_1", "unrouted_2"]);
+
+    // Its delivery done and pruned, `routed` goes behind the walk.
+    assert_eq!(finish_all(&*store, "a", T0 + HOUR + 2, Completed::Delivered).await, 1);
+    let stats = store.prune(retention, T0 + 2 * HOUR + 3).await.unwrap();
+    let expected = PruneStats {
+        deliveries_deleted: 1,
+        events_compacted: 1,
+        events_deleted: 0,
+        more: false,
+    };
+    assert_eq!(stats, expected);
+    assert_eq!(compacted(&dir), ["routed", "unrouted_1", "unrouted_2"]);
+    assert_eq!(
+        store.replay(event_target("routed", None), T0 + 3 * HOUR).await,
+        Err(StoreError::Pruned)
+    );
+    // `young` goes once it is old enough, in the next pass.
+    let stats = store.prune(retention, T0 + 3 * HOUR + 1).await.unwrap();
+    assert_eq!((stats.events_compacted, stats.more), (1, false), "{stats:?}");
+    assert_eq!(compacted(&dir), ["routed", "unrouted_1", "unrouted_2", "young"]);
+    store.close().await;
+}
+
+/// A pass walks a bounded number of seqs and bodies, says when it stopped
+/// short (`more`, even having changed nothing: a store upgraded with days of
+/// compacted events starts its walk at seq 0), and the next pass goes on
+/// from there until every old body is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_compaction_walk_is_bounded_and_resumes_where_it_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tiny(dir.path());
+    store.close().await;
+    // 70,000 events received at T0: the first 55,000 compacted already but
+    // for the first of all, which waits for a delivery.
+    db(&dir)
+        .execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 70000)
+             INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
+             SELECT i, 'crumb', 'bulk_' || i, 'crumbpos', 'order.created', NULL, {T0},
+                    CASE WHEN i <= 55000 AND i > 1 THEN NULL ELSE x'7b7d' END FROM n;
+             INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (1, 'a', 0, {T0}, {T0});"
+        ))
+        .unwrap();
+    let store = tiny(dir.path());
+    let retention = keep_delivered_an_hour();
+    let first = store.prune(retention, T0 + HOUR + 1).await.unwrap();
+    assert_eq!(
+        (first.events_compacted, first.more),
+        (0, true),
+        "a pass walks at most 50,000 seqs: {first:?}"
+    );
+    let (mut passes, mut total) = (1, 0);
+    loop {
+        let stats = store.prune(retention, T0 + HOUR + 1).await.unwrap();
+        passes += 1;
+        total += stats.events_compacted;
+        assert!(stats.events_compacted <= 10_000, "a pass is bounded: {stats:?}");
+        if !stats.more {
+            break;
+        }
+        assert!(passes < 10, "the walk goes on where it stopped");
+    }
+    assert_eq!(total, 15_000, "the first waits for its delivery");
+    assert!(passes >= 3, "15,000 bodies take more than one pass: {passes}");
+    let left: i64 = db(&dir)
+        .query_row("SELECT COUNT(*) FROM events WHERE body IS NOT NULL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 1);
+    let stats = store.prune(retention, T0 + HOUR + 1).await.unwrap();
+    assert_eq!(stats, PruneStats::default(), "nothing left to do");
+
+    // The first event, far behind the walk now, goes once its delivery does.
+    assert_eq!(finish_all(&*store, "a", T0 + HOUR + 2, Completed::Delivered).await, 1);
+    let stats = store.prune(retention, T0 + 2 * HOUR + 3).await.unwrap();
+    assert_eq!((stats.deliveries_deleted, stats.events_compacted), (1, 1), "{stats:?}");
+    let left: i64 = db(&dir)
+        .query_row("SELECT COUNT(*) FROM events WHERE body IS NOT NULL", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
+    store.close().await;
+}
+
 /// A store written by a newer expeditor is refused, not misread.
 #[test]
 fn sqlite_refuses_a_newer_schema() {
     let dir = tempfile::tempdir().unwrap();
-    db(&dir).execute_batch("PRAGMA user_version = 4").unwrap();
+    db(&dir).execute_batch("PRAGMA user_version = 5").unwrap();
     let err = SqliteStore::open(dir.path()).unwrap_err().to_string();
     assert!(err.contains("newer expeditor"), "{err}");
 }
