@@ -262,6 +262,12 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     if (1..=2).contains(&version) {
         tracing::info!("upgrading the store to schema {SCHEMA_VERSION}: dedupe keys are packed into blocks");
     }
+    if (1..=3).contains(&version) {
+        tracing::info!(
+            "upgrading the store to schema {SCHEMA_VERSION}: the index of events with a body goes; \
+             the next pruning walks the stored events once"
+        );
+    }
     // Schema 1 needs only `store_meta` and the index dropped, both in the
     // schema; schemas 1 and 2 drop their runs of a row per key (a key whose
     // event is gone counts for nothing, so the events alone say what the runs
