@@ -378,6 +378,7 @@ fn progress(row: &Row) {
             row.load.late_us.value_at_quantile(0.99) as f64 / 1000.0
         ));
     }
+    line.push_str(&format!("; {}", report::stalls(&row.stalls)));
     if !row.server.threads.is_empty() {
         let threads: Vec<String> = row
             .server

@@ -110,6 +110,82 @@ pub fn machine_busy() -> Option<Duration> {
     Some(Duration::from_nanos(busy.saturating_mul(1_000_000_000) / hz))
 }
 
+/// CPU time the host took from this VM so far (`steal` in `/proc/stat`).
+fn machine_steal() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let steal: u64 = line.split_whitespace().nth(7)?.parse().ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Some(Duration::from_nanos(steal.saturating_mul(1_000_000_000) / hz))
+}
+
+/// A wake-up this much later than asked is a stall of the whole machine (or
+/// of this bench), not a scheduling delay: a CFS slice is a few ms.
+pub const STALL: Duration = Duration::from_millis(20);
+
+/// Moments the machine stopped during a row, seen from outside the target:
+/// a thread of this bench that sleeps 1 ms at a time and notes each wake-up
+/// [`STALL`] or more late, and the CPU time the host took meanwhile. When
+/// the generator's open loop sends late, this says whether everything stood
+/// still or only the target.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Stalls {
+    pub count: u32,
+    pub longest: Duration,
+    /// Host steal, in cores over the row.
+    pub steal_cores: f64,
+}
+
+pub struct StallWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    watcher: std::thread::JoinHandle<(u32, Duration)>,
+    steal: Option<Duration>,
+    started: Instant,
+}
+
+impl StallWatch {
+    pub fn start() -> std::io::Result<Self> {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let stop = stop.clone();
+            std::thread::Builder::new().name("stall-watch".into()).spawn(move || {
+                let (mut count, mut longest) = (0, Duration::ZERO);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let asked = Instant::now();
+                    std::thread::sleep(Duration::from_millis(1));
+                    let late = asked.elapsed().saturating_sub(Duration::from_millis(1));
+                    if late >= STALL {
+                        count += 1;
+                        longest = longest.max(late);
+                    }
+                }
+                (count, longest)
+            })?
+        };
+        Ok(Self {
+            stop,
+            watcher,
+            steal: machine_steal(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn stop(self) -> Stalls {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let steal = match (self.steal, machine_steal()) {
+            (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() / wall,
+            _ => 0.0,
+        };
+        let (count, longest) = self.watcher.join().unwrap_or_default();
+        Stalls {
+            count,
+            longest,
+            steal_cores: steal,
+        }
+    }
+}
+
 /// One line about the machine: cores, CPU model, kernel, load average.
 pub fn machine_summary() -> String {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -130,4 +206,31 @@ pub fn machine_summary() -> String {
         kernel.trim(),
         load.join(" ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole process frozen for 150 ms (SIGSTOP from a child, then
+    /// SIGCONT), as a paused VM freezes everything: the watch sees it.
+    #[test]
+    fn a_frozen_process_is_one_stall_of_about_that_long() {
+        let watch = StallWatch::start().expect("start the watch");
+        std::thread::sleep(Duration::from_millis(50));
+        let me = std::process::id();
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -STOP {me}; sleep 0.15; kill -CONT {me}"))
+            .status()
+            .expect("run sh");
+        assert!(status.success());
+        std::thread::sleep(Duration::from_millis(50));
+        let stalls = watch.stop();
+        assert!(stalls.count >= 1, "{stalls:?}");
+        assert!(
+            stalls.longest >= Duration::from_millis(120) && stalls.longest < Duration::from_secs(2),
+            "{stalls:?}"
+        );
+    }
 }

@@ -102,6 +102,19 @@ pub fn table(rows: &[Row]) -> String {
             lost,
         );
     }
+    let stalled: Vec<String> = rows
+        .iter()
+        .filter(|r| r.stalls.count > 0)
+        .map(|r| format!("{} {}", r.label(), stalls(&r.stalls)))
+        .collect();
+    if !stalled.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nThe machine stood still (a bench thread asleep 1 ms at a time woke {} ms or more late): {}.",
+            crate::proc::STALL.as_millis(),
+            stalled.join("; ")
+        );
+    }
     let late: Vec<String> = rows
         .iter()
         .filter(|r| matches!(r.pace, Pace::Rate(_)))
@@ -116,6 +129,16 @@ pub fn table(rows: &[Row]) -> String {
     }
     out.push_str("\nLatencies in ms. ack: request sent (in open loop: scheduled) to response. e2e: request sent to the sink server's receipt, per delivery. delivered ev/s: acknowledged events that reached every sink, first send to last receipt (flat out, that includes delivering the backlog after sending stopped). sustained: the fastest of the open-loop runs tried at which that was 97 % of the rate or more. CPU: cores used during the load by the server, this bench (load generator and sink server), and everything else on the machine (should be near 0).\n");
     out
+}
+
+/// `2 stalls (longest 143 ms), host steal 0.03 cores`.
+pub fn stalls(s: &crate::proc::Stalls) -> String {
+    let stalls = match s.count {
+        0 => "no stalls".to_string(),
+        1 => format!("1 stall of {} ms", s.longest.as_millis()),
+        n => format!("{n} stalls (longest {} ms)", s.longest.as_millis()),
+    };
+    format!("{stalls}, host steal {:.2} cores", s.steal_cores)
 }
 
 /// The issue's targets, each with what this run measured. Only rows that
@@ -312,6 +335,29 @@ mod tests {
         assert_eq!(
             ingest_line(&alone),
             "| durable ingest ≥ 50% of baseline req/s | 42% (40,000 vs 96,000 req/s) | **not met** |"
+        );
+    }
+
+    #[test]
+    fn stalls_read_as_a_count_and_the_longest() {
+        let mut s = crate::proc::Stalls::default();
+        assert_eq!(stalls(&s), "no stalls, host steal 0.00 cores");
+        s.count = 1;
+        s.longest = Duration::from_millis(143);
+        s.steal_cores = 0.034;
+        assert_eq!(stalls(&s), "1 stall of 143 ms, host steal 0.03 cores");
+        s.count = 3;
+        assert_eq!(stalls(&s), "3 stalls (longest 143 ms), host steal 0.03 cores");
+        let mut rows = rows(&[(Run::Max, 96_000)], 40_000);
+        assert!(!table(&rows).contains("stood still"));
+        rows[1].stalls = s;
+        assert!(
+            table(&rows).contains(
+                "The machine stood still (a bench thread asleep 1 ms at a time woke 20 ms or more late): \
+                 ingest 3 stalls (longest 143 ms), host steal 0.03 cores."
+            ),
+            "{}",
+            table(&rows)
         );
     }
 

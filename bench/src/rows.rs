@@ -9,7 +9,7 @@ use hdrhistogram::Histogram;
 
 use crate::expeditor::{Daemon, Routing, Scrape, StoreKind};
 use crate::load::{self, Corpus, LoadResult, Pace, Plan, Signed, event_id};
-use crate::proc::{self, ProcStats};
+use crate::proc::{self, ProcStats, StallWatch, Stalls};
 use crate::servers::{Baseline, SinkServer, SinkState};
 
 /// Give up waiting for deliveries when none arrived for this long...
@@ -152,6 +152,8 @@ pub struct Row {
     /// CPU everything else on the machine used meanwhile, in cores: other
     /// work disturbs the figures.
     pub other_cpu_cores: f64,
+    /// Moments the whole machine stood still while the load ran.
+    pub stalls: Stalls,
     /// Acknowledged events not in the store (expeditor rows).
     pub missing_in_store: usize,
     /// Everything that makes this run fail: loss, non-2xx, unclean exit.
@@ -279,9 +281,11 @@ pub async fn baseline(
     let signed = Arc::new(Signed::now(corpus.clone()));
     let plan = plan(server.addr, pace, settings, corpus.len());
     let before = Cpu::now(server.stats());
+    let watch = StallWatch::start()?;
     let started = Instant::now();
     let load = load::run(signed, plan).await?;
     let wall = started.elapsed();
+    let stalls = watch.stop();
     let after = Cpu::now(server.stats());
     let (server_cpu, bench_cpu, other_cpu) = after.since(&before, wall);
     server.stop().await;
@@ -305,6 +309,7 @@ pub async fn baseline(
         },
         bench_cpu_cores: bench_cpu,
         other_cpu_cores: other_cpu,
+        stalls,
         missing_in_store: 0,
         problems,
     })
@@ -346,9 +351,11 @@ pub async fn expeditor(
     let written_before = daemon.written();
     let before = Cpu::now(daemon.stats());
     let threads_before = daemon.threads();
+    let watch = StallWatch::start()?;
     let started = Instant::now();
     let load = load::run(signed, plan).await?;
     let wall = started.elapsed();
+    let stalls = watch.stop();
     let (server_cpu, bench_cpu, other_cpu) = Cpu::now(daemon.stats()).since(&before, wall);
     let threads = daemon
         .threads()
@@ -449,6 +456,7 @@ pub async fn expeditor(
         },
         bench_cpu_cores: bench_cpu,
         other_cpu_cores: other_cpu,
+        stalls,
         missing_in_store,
         problems,
     })
@@ -558,6 +566,7 @@ pub fn test_row(kind: RowKind, run: Run, pace: Pace, answered: u64, delivered_ra
         },
         bench_cpu_cores: 0.0,
         other_cpu_cores: 0.0,
+        stalls: Stalls::default(),
         missing_in_store: 0,
         problems: Vec::new(),
     }
