@@ -1281,6 +1281,12 @@ fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
     Ok((compacted, at < boundary))
 }
 
+/// The lowest and highest event seq, each read from its end of the table.
+/// Not `SELECT MIN(seq), MAX(seq)`: SQLite reads a lone MIN or MAX from the
+/// index, but two in one SELECT by walking every row, which held the writer
+/// (and every ack) for 110 ms per prune pass with 160,000 events stored.
+pub(super) const SEQ_RANGE: &str = "SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)";
+
 /// The first seq from which events were received at or after `cutoff`, found
 /// by bisecting seqs (a few dozen row lookups) rather than by an index that
 /// every insert would write. Seqs follow arrival, and `received_at` is taken
@@ -1290,9 +1296,8 @@ fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
 /// for a later prune.
 fn received_from(t: &Connection, cutoff: i64) -> Result<i64, StoreError> {
     let (lo, hi): (Option<i64>, Option<i64>) = t
-        .query_row("SELECT MIN(seq), MAX(seq) FROM events", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+        .prepare_cached(SEQ_RANGE)
+        .and_then(|mut range| range.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
         .map_err(unavailable)?;
     let (Some(mut lo), Some(hi)) = (lo, hi) else {
         return Ok(0);
