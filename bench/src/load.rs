@@ -240,6 +240,8 @@ pub struct Plan {
     pub count: usize,
     /// Flat out: stop sending after this long.
     pub duration: Duration,
+    /// Where to write each request's timeline (`--trace`).
+    pub trace: Option<std::path::PathBuf>,
 }
 
 /// What one load run saw.
@@ -297,6 +299,8 @@ struct Shared {
     deadline: Instant,
     /// Open loop: one permit per request that is due.
     due: Semaphore,
+    /// Whether workers keep each request's timeline.
+    trace: bool,
 }
 
 struct WorkerResult {
@@ -308,6 +312,8 @@ struct WorkerResult {
     late_us: Histogram<u64>,
     acked: Vec<usize>,
     last_answer_ns: u64,
+    /// (event, due, sent, answered) in ns, when tracing.
+    trace: Option<Vec<(usize, u64, u64, u64)>>,
 }
 
 type Connection = SendRequest<Full<Bytes>>;
@@ -352,6 +358,7 @@ pub async fn run(signed: Arc<Signed>, plan: Plan) -> anyhow::Result<LoadResult> 
         start_ns,
         deadline: start + sending_for,
         due: Semaphore::new(0),
+        trace: plan.trace.is_some(),
     });
     let stop_pacer = Arc::new(AtomicBool::new(false));
     let pacer = match plan.pace {
@@ -399,6 +406,9 @@ pub async fn run(signed: Arc<Signed>, plan: Plan) -> anyhow::Result<LoadResult> 
         first_send_ns: start_ns,
         last_answer_ns: start_ns,
     };
+    if let Some(path) = &plan.trace {
+        write_trace(path, start_ns, &results).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     for r in results {
         out.answered += r.answered;
         out.duplicates += r.duplicates;
@@ -416,6 +426,21 @@ pub async fn run(signed: Arc<Signed>, plan: Plan) -> anyhow::Result<LoadResult> 
     out.errors += started.saturating_sub(out.answered + out.errors);
     out.acked.sort_unstable();
     Ok(out)
+}
+
+/// One line per request: connection, event, and when it was due, sent and
+/// answered, in ms from the load's start.
+fn write_trace(path: &std::path::Path, start_ns: u64, results: &[WorkerResult]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    writeln!(f, "connection,event,due_ms,sent_ms,answered_ms")?;
+    let ms = |ns: u64| ns.saturating_sub(start_ns) as f64 / 1e6;
+    for (c, r) in results.iter().enumerate() {
+        for &(i, due, sent, done) in r.trace.iter().flatten() {
+            writeln!(f, "{c},{i},{:.3},{:.3},{:.3}", ms(due), ms(sent), ms(done))?;
+        }
+    }
+    f.flush()
 }
 
 /// Open loop: a thread (finer-grained than the async timer's 1 ms) that adds
@@ -455,6 +480,7 @@ async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -
         late_us: histogram(),
         acked: Vec::new(),
         last_answer_ns: 0,
+        trace: shared.trace.then(Vec::new),
     };
     loop {
         if let Pace::Rate(_) = shared.pace {
@@ -489,6 +515,7 @@ async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -
             r.late_us
                 .saturating_record((now_ns().saturating_sub(counts_from) / 1000).max(1));
         }
+        let sent_ns = now_ns();
         let answer = tokio::time::timeout(REQUEST_TIMEOUT, async {
             conn.ready().await?;
             let response = conn.send_request(request).await?;
@@ -498,6 +525,9 @@ async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -
         })
         .await;
         let done_ns = now_ns();
+        if let Some(trace) = r.trace.as_mut() {
+            trace.push((i, counts_from, sent_ns, done_ns));
+        }
         match answer {
             Ok(Ok((status, body))) => {
                 r.answered += 1;
@@ -529,6 +559,33 @@ async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trace_is_one_line_per_request_in_ms_from_the_start() {
+        let result = |trace| WorkerResult {
+            answered: 0,
+            duplicates: 0,
+            rejected: BTreeMap::new(),
+            errors: 0,
+            ack_us: histogram(),
+            late_us: histogram(),
+            acked: Vec::new(),
+            last_answer_ns: 0,
+            trace,
+        };
+        let start = 1_000_000_000;
+        let results = [
+            result(Some(vec![(7, start + 1_000_000, start + 1_500_000, start + 3_250_000)])),
+            result(Some(vec![(8, start + 2_000_000, start + 2_000_000, start + 112_000_000)])),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ingest.csv");
+        write_trace(&path, start, &results).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "connection,event,due_ms,sent_ms,answered_ms\n0,7,1.000,1.500,3.250\n1,8,2.000,2.000,112.000\n"
+        );
+    }
 
     #[test]
     fn event_ids_are_distinct_scattered_and_reversible() {

@@ -93,6 +93,11 @@ struct Cli {
     /// can ack flat out); expeditor's store waits 0.5 ms.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
     durable_interval: Duration,
+    /// Write each row's requests to DIR/<row>.csv: connection, event, and
+    /// when it was due, sent and answered (ms from the load's start), to see
+    /// in which moments a tail forms.
+    #[arg(long, value_name = "DIR")]
+    trace: Option<PathBuf>,
     /// Skip the open-loop runs at half of each row's maximum rate.
     #[arg(long)]
     no_half_rate: bool,
@@ -158,6 +163,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         sink_concurrency: cli.sink_concurrency,
         preload: cli.preload,
         durable_interval: cli.durable_interval,
+        trace: cli.trace.clone(),
         store: match &cli.postgres {
             Some(server) => StoreKind::Postgres { server: server.clone() },
             None => StoreKind::Sqlite,
@@ -196,6 +202,9 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             None => "SQLite",
         }
     );
+    if let Some(dir) = &cli.trace {
+        std::fs::create_dir_all(dir)?;
+    }
     let built = Instant::now();
     let corpus = Arc::new(Corpus::build(events)?);
     eprintln!(

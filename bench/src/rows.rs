@@ -85,6 +85,8 @@ pub struct Settings {
     pub preload: usize,
     /// The least time between the durable baseline's fsyncs' starts.
     pub durable_interval: Duration,
+    /// Where each row's per-request timeline goes (`--trace`).
+    pub trace: Option<PathBuf>,
 }
 
 /// Deliveries seen by the sink server for one row.
@@ -234,7 +236,7 @@ fn label(kind: RowKind, run: Run) -> String {
 
 /// The row's load against `target`: flat out, every event once; at a rate,
 /// as many as the duration takes.
-fn plan(target: std::net::SocketAddr, pace: Pace, settings: &Settings, corpus_len: usize) -> Plan {
+fn plan(target: std::net::SocketAddr, pace: Pace, settings: &Settings, corpus_len: usize, label: &str) -> Plan {
     let count = match pace {
         Pace::FlatOut => corpus_len,
         Pace::Rate(r) => ((r * settings.duration.as_secs_f64()).ceil() as usize).clamp(1, corpus_len),
@@ -245,6 +247,10 @@ fn plan(target: std::net::SocketAddr, pace: Pace, settings: &Settings, corpus_le
         pace,
         count,
         duration: settings.duration,
+        trace: settings
+            .trace
+            .as_ref()
+            .map(|dir| dir.join(format!("{}.csv", label.replace([' ', '@', '%'], "_")))),
     }
 }
 
@@ -279,7 +285,7 @@ pub async fn baseline(
     )?;
     // Signed now (CrumbPOS signatures carry the time), before the clock starts.
     let signed = Arc::new(Signed::now(corpus.clone()));
-    let plan = plan(server.addr, pace, settings, corpus.len());
+    let plan = plan(server.addr, pace, settings, corpus.len(), &label(kind, run));
     let before = Cpu::now(server.stats());
     let watch = StallWatch::start()?;
     let started = Instant::now();
@@ -344,7 +350,7 @@ pub async fn expeditor(
     )
     .await?;
     let signed = Arc::new(Signed::now(corpus.clone()));
-    let plan = plan(daemon.ingest, pace, settings, corpus.len());
+    let plan = plan(daemon.ingest, pace, settings, corpus.len(), &label);
     // Scraped outside the CPU window: rendering /metrics queries the store,
     // which is not the load's work.
     let scraped_before = daemon.scrape().await;
