@@ -316,6 +316,22 @@ struct WorkerResult {
     trace: Option<Vec<(usize, u64, u64, u64)>>,
 }
 
+impl WorkerResult {
+    fn new(trace: bool) -> Self {
+        Self {
+            answered: 0,
+            duplicates: 0,
+            rejected: BTreeMap::new(),
+            errors: 0,
+            ack_us: histogram(),
+            late_us: histogram(),
+            acked: Vec::new(),
+            last_answer_ns: 0,
+            trace: trace.then(Vec::new),
+        }
+    }
+}
+
 type Connection = SendRequest<Full<Bytes>>;
 
 async fn connect(target: SocketAddr) -> anyhow::Result<Connection> {
@@ -471,17 +487,7 @@ fn spawn_pacer(
 }
 
 async fn worker(shared: Arc<Shared>, target: SocketAddr, mut conn: Connection) -> WorkerResult {
-    let mut r = WorkerResult {
-        answered: 0,
-        duplicates: 0,
-        rejected: BTreeMap::new(),
-        errors: 0,
-        ack_us: histogram(),
-        late_us: histogram(),
-        acked: Vec::new(),
-        last_answer_ns: 0,
-        trace: shared.trace.then(Vec::new),
-    };
+    let mut r = WorkerResult::new(shared.trace);
     loop {
         if let Pace::Rate(_) = shared.pace {
             match shared.due.acquire().await {
@@ -563,20 +569,13 @@ mod tests {
     #[test]
     fn a_trace_is_one_line_per_request_in_ms_from_the_start() {
         let result = |trace| WorkerResult {
-            answered: 0,
-            duplicates: 0,
-            rejected: BTreeMap::new(),
-            errors: 0,
-            ack_us: histogram(),
-            late_us: histogram(),
-            acked: Vec::new(),
-            last_answer_ns: 0,
-            trace,
+            trace: Some(trace),
+            ..WorkerResult::new(false)
         };
         let start = 1_000_000_000;
         let results = [
-            result(Some(vec![(7, start + 1_000_000, start + 1_500_000, start + 3_250_000)])),
-            result(Some(vec![(8, start + 2_000_000, start + 2_000_000, start + 112_000_000)])),
+            result(vec![(7, start + 1_000_000, start + 1_500_000, start + 3_250_000)]),
+            result(vec![(8, start + 2_000_000, start + 2_000_000, start + 112_000_000)]),
         ];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ingest.csv");
