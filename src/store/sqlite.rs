@@ -1241,11 +1241,16 @@ const COMPACT_OVERLAP: i64 = 4_096;
 
 /// Compaction's walk: drops the bodies of events received before `cutoff`
 /// that have no deliveries, walking seqs from where the last pass stopped
-/// (kept in `store_meta`) up to the first event received at or after
-/// `cutoff`, at most [`COMPACT_PASS`] seqs and [`PRUNE_CHUNK`] bodies a
-/// pass. An event that still has deliveries when the walk passes it is
-/// compacted when they are pruned (`prune`). Returns the bodies dropped and
-/// whether the walk stopped short of the boundary.
+/// (kept in `store_meta`; an upgraded store starts at its lowest seq) up to
+/// the first event received at or after `cutoff`: at most [`COMPACT_PASS`]
+/// seqs a pass, stopping after the span in which [`PRUNE_CHUNK`] bodies
+/// were reached (so up to twice that). An event that still has deliveries
+/// when the walk passes it is compacted when they are pruned (`prune`).
+/// One that was still too young when passed, and is more than
+/// [`COMPACT_OVERLAP`] seqs behind by the next pass (seqs out of
+/// `received_at` order by more than that: the clock stepped back), keeps its
+/// body until it is deleted at the end of the dedupe window. Returns the
+/// bodies dropped and whether the walk stopped short of the boundary.
 fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
     let from: i64 = t
         .query_row("SELECT value FROM store_meta WHERE name = 'compacted_to'", [], |r| {
@@ -1255,7 +1260,11 @@ fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
         .map_err(unavailable)?
         .unwrap_or(0);
     let boundary = received_from(t, cutoff)?;
-    let mut at = from.saturating_sub(COMPACT_OVERLAP).max(0);
+    // Seqs are never reused: below the lowest stored one there is nothing to walk.
+    let lowest: i64 = t
+        .query_row("SELECT COALESCE(MIN(seq), 0) FROM events", [], |r| r.get(0))
+        .map_err(unavailable)?;
+    let mut at = from.saturating_sub(COMPACT_OVERLAP).max(lowest);
     let stop = boundary.min(at.saturating_add(COMPACT_PASS));
     let mut walk = t
         .prepare_cached(
