@@ -108,6 +108,10 @@ CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, due_at) WHERE sta
 DROP INDEX IF EXISTS deliveries_state;
 CREATE INDEX IF NOT EXISTS deliveries_delivered ON deliveries (updated_at) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (sink, updated_at) WHERE state = 2;
+-- Pruning finds old dead letters of every sink by age alone (schema 4): by
+-- (sink, updated_at) it read every dead letter kept, each pass, holding the
+-- writer. Only deliveries that die write it.
+CREATE INDEX IF NOT EXISTS deliveries_dead_age ON deliveries (updated_at) WHERE state = 2;
 CREATE TABLE IF NOT EXISTS attempts (
     id          INTEGER PRIMARY KEY,
     delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
@@ -1174,20 +1178,7 @@ fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<
     // keep_delivered, loses its body now: compaction's walk may have passed it.
     let mut emptied: Vec<i64> = Vec::new();
     // The states are literals: only then can SQLite use their partial indexes.
-    let finished = [
-        (
-            "DELETE FROM deliveries WHERE id IN
-             (SELECT id FROM deliveries WHERE state = 1 AND updated_at < ?1 LIMIT ?2)
-             RETURNING event_seq",
-            delivered_cutoff,
-        ),
-        (
-            "DELETE FROM deliveries WHERE id IN
-             (SELECT id FROM deliveries WHERE state = 2 AND updated_at < ?1 LIMIT ?2)
-             RETURNING event_seq",
-            dead_cutoff,
-        ),
-    ];
+    let finished = [(PRUNE_DELIVERED, delivered_cutoff), (PRUNE_DEAD, dead_cutoff)];
     for (sql, cutoff) in finished {
         let mut delete = t.prepare_cached(sql).map_err(unavailable)?;
         let seqs = delete
@@ -1222,6 +1213,16 @@ fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<
     }
     Ok(stats)
 }
+
+/// Deletes up to `?2` delivered deliveries finished before `?1`, found by
+/// age in their partial index, and says whose events they were.
+pub(super) const PRUNE_DELIVERED: &str = "DELETE FROM deliveries WHERE id IN
+     (SELECT id FROM deliveries WHERE state = 1 AND updated_at < ?1 LIMIT ?2)
+     RETURNING event_seq";
+/// The same for dead letters.
+pub(super) const PRUNE_DEAD: &str = "DELETE FROM deliveries WHERE id IN
+     (SELECT id FROM deliveries WHERE state = 2 AND updated_at < ?1 LIMIT ?2)
+     RETURNING event_seq";
 
 /// Drops the body of event `?1` if it was received before `?2` and has no
 /// deliveries left (its seq is in no delivery: the UNIQUE index's prefix).

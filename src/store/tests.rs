@@ -2462,6 +2462,7 @@ async fn sqlite_swaps_the_delivery_state_index_for_partial_ones() {
         indexes,
         [
             "deliveries_dead",
+            "deliveries_dead_age",
             "deliveries_delivered",
             "deliveries_due",
             "sqlite_autoindex_deliveries_1"
@@ -2742,6 +2743,32 @@ async fn sqlite_compaction_walk_starts_at_the_lowest_seq() {
     let stats = store.prune(keep_delivered_an_hour(), T0 + HOUR + 1).await.unwrap();
     assert_eq!((stats.events_compacted, stats.more), (1000, false), "{stats:?}");
     store.close().await;
+}
+
+/// Pruning finds old dead letters and delivered deliveries by their age
+/// alone: a search of an index, not a read of every one kept (the dead
+/// letters' index by sink made each pass read all of them, holding the writer).
+#[test]
+fn sqlite_prune_finds_finished_deliveries_by_age() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(SqliteStore::open(dir.path()).unwrap());
+    let conn = super::sqlite::open_connection(&dir.path().join("expeditor.db")).unwrap();
+    for (state, sql) in [
+        ("delivered", super::sqlite::PRUNE_DELIVERED),
+        ("dead", super::sqlite::PRUNE_DEAD),
+    ] {
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([1_i64, 10], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let searched = plan
+            .iter()
+            .any(|step| step.starts_with("SEARCH deliveries USING") && step.contains("updated_at<?"));
+        assert!(searched, "state {state}: {plan:?}");
+    }
 }
 
 /// Pruning's bisect reads the first and last seq from the ends of the table:
