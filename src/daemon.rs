@@ -27,7 +27,7 @@ use crate::deliver::Engine;
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::state::{Current, Shared};
-use crate::store::{PruneStats, Retention, Store, now_ms};
+use crate::store::{Retention, Store, now_ms};
 use crate::{admin, ingest, systemd};
 
 /// How often retention runs.
@@ -275,7 +275,7 @@ async fn prune_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
         // there is more to do.
         for _ in 0..1000 {
             match shared.store.prune(retention, now_ms()).await {
-                Ok(stats) if stats == PruneStats::default() => break,
+                Ok(stats) if stats == Default::default() => break,
                 Ok(stats) => tracing::info!(?stats, "pruned"),
                 Err(e) => {
                     tracing::warn!(error = %e, "pruning failed");

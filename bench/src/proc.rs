@@ -100,23 +100,29 @@ pub async fn wait_for(child: &mut Child, limit: Duration) -> std::io::Result<Opt
 /// CPU time all cores spent busy since boot (`/proc/stat`: everything but
 /// idle and iowait), to see what else ran during a row.
 pub fn machine_busy() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let v = machine_ticks()?;
     // user nice system idle iowait irq softirq steal (guest time is already
     // counted in user).
-    let busy = v.get(0..3)?.iter().sum::<u64>() + v.get(5..8)?.iter().sum::<u64>();
-    let hz = rustix::param::clock_ticks_per_second().max(1);
-    Some(Duration::from_nanos(busy.saturating_mul(1_000_000_000) / hz))
+    Some(ticks(
+        v.get(0..3)?.iter().sum::<u64>() + v.get(5..8)?.iter().sum::<u64>(),
+    ))
 }
 
 /// CPU time the host took from this VM so far (`steal` in `/proc/stat`).
 fn machine_steal() -> Option<Duration> {
+    Some(ticks(*machine_ticks()?.get(7)?))
+}
+
+/// The machine's CPU time so far by kind, in clock ticks (`cpu` in `/proc/stat`).
+fn machine_ticks() -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let steal: u64 = line.split_whitespace().nth(7)?.parse().ok()?;
+    Some(line.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+}
+
+fn ticks(n: u64) -> Duration {
     let hz = rustix::param::clock_ticks_per_second().max(1);
-    Some(Duration::from_nanos(steal.saturating_mul(1_000_000_000) / hz))
+    Duration::from_nanos(n.saturating_mul(1_000_000_000) / hz)
 }
 
 /// A wake-up this much later than asked is a stall of the whole machine (or

@@ -1260,11 +1260,11 @@ fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
         .optional()
         .map_err(unavailable)?
         .unwrap_or(0);
+    let Some((lowest, _)) = seq_range(t)? else {
+        return Ok((0, false));
+    };
     let boundary = received_from(t, cutoff)?;
     // Seqs are never reused: below the lowest stored one there is nothing to walk.
-    let lowest: i64 = t
-        .query_row("SELECT COALESCE(MIN(seq), 0) FROM events", [], |r| r.get(0))
-        .map_err(unavailable)?;
     let mut at = from.saturating_sub(COMPACT_OVERLAP).max(lowest);
     let stop = boundary.min(at.saturating_add(COMPACT_PASS));
     let mut walk = t
@@ -1297,6 +1297,15 @@ fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
 /// (and every ack) for 110 ms per prune pass with 160,000 events stored.
 pub(super) const SEQ_RANGE: &str = "SELECT (SELECT MIN(seq) FROM events), (SELECT MAX(seq) FROM events)";
 
+/// The lowest and highest stored seq ([`SEQ_RANGE`]); `None` with no events.
+fn seq_range(t: &Connection) -> Result<Option<(i64, i64)>, StoreError> {
+    let (lo, hi): (Option<i64>, Option<i64>) = t
+        .prepare_cached(SEQ_RANGE)
+        .and_then(|mut range| range.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
+        .map_err(unavailable)?;
+    Ok(lo.zip(hi))
+}
+
 /// The first seq from which events were received at or after `cutoff`, found
 /// by bisecting seqs (a few dozen row lookups) rather than by an index that
 /// every insert would write. Seqs follow arrival, and `received_at` is taken
@@ -1305,11 +1314,7 @@ pub(super) const SEQ_RANGE: &str = "SELECT (SELECT MIN(seq) FROM events), (SELEC
 /// checks each event's `received_at`; an older event past the boundary waits
 /// for a later prune.
 fn received_from(t: &Connection, cutoff: i64) -> Result<i64, StoreError> {
-    let (lo, hi): (Option<i64>, Option<i64>) = t
-        .prepare_cached(SEQ_RANGE)
-        .and_then(|mut range| range.query_row([], |r| Ok((r.get(0)?, r.get(1)?))))
-        .map_err(unavailable)?;
-    let (Some(mut lo), Some(hi)) = (lo, hi) else {
+    let Some((mut lo, hi)) = seq_range(t)? else {
         return Ok(0);
     };
     let mut first_at = t

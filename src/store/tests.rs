@@ -2606,6 +2606,20 @@ fn compacted(dir: &TempDir) -> Vec<String> {
         .unwrap()
 }
 
+/// `n` events received at T0, written straight into a closed store: seqs
+/// `offset + 1 ..= offset + n`, each body the SQL expression `body` of `i`
+/// (1 ..= n).
+fn bulk_events(dir: &TempDir, offset: i64, n: i64, body: &str) {
+    db(dir)
+        .execute_batch(&format!(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {n})
+             INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
+             SELECT {offset} + i, 'crumb', 'bulk_' || ({offset} + i), 'crumbpos', 'order.created', NULL, {T0},
+                    {body} FROM n;"
+        ))
+        .unwrap();
+}
+
 /// Bodies kept an hour after delivery; everything else a week.
 fn keep_delivered_an_hour() -> Retention {
     Retention {
@@ -2667,8 +2681,8 @@ async fn sqlite_compaction_walks_seqs_and_comes_back_for_events_it_passed() {
 
 /// A pass walks a bounded number of seqs and bodies, says when it stopped
 /// short (`more`, even having changed nothing: a store upgraded with days of
-/// compacted events starts its walk at seq 0), and the next pass goes on
-/// from there until every old body is gone.
+/// compacted events walks them once), and the next pass goes on from there
+/// until every old body is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_compaction_walk_is_bounded_and_resumes_where_it_stopped() {
     let dir = tempfile::tempdir().unwrap();
@@ -2676,13 +2690,15 @@ async fn sqlite_compaction_walk_is_bounded_and_resumes_where_it_stopped() {
     store.close().await;
     // 70,000 events received at T0: the first 55,000 compacted already but
     // for the first of all, which waits for a delivery.
+    bulk_events(
+        &dir,
+        0,
+        70_000,
+        "CASE WHEN i <= 55000 AND i > 1 THEN NULL ELSE x'7b7d' END",
+    );
     db(&dir)
         .execute_batch(&format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 70000)
-             INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
-             SELECT i, 'crumb', 'bulk_' || i, 'crumbpos', 'order.created', NULL, {T0},
-                    CASE WHEN i <= 55000 AND i > 1 THEN NULL ELSE x'7b7d' END FROM n;
-             INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (1, 'a', 0, {T0}, {T0});"
+            "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (1, 'a', 0, {T0}, {T0});"
         ))
         .unwrap();
     let store = tiny(dir.path());
@@ -2732,13 +2748,7 @@ async fn sqlite_compaction_walk_starts_at_the_lowest_seq() {
     let dir = tempfile::tempdir().unwrap();
     let store = tiny(dir.path());
     store.close().await;
-    db(&dir)
-        .execute_batch(&format!(
-            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
-             INSERT INTO events (seq, source, event_id, kind, type, occurred_at, received_at, body)
-             SELECT 3000000000 + i, 'crumb', 'far_' || i, 'crumbpos', 'order.created', NULL, {T0}, x'7b7d' FROM n;"
-        ))
-        .unwrap();
+    bulk_events(&dir, 3_000_000_000, 1_000, "x'7b7d'");
     let store = tiny(dir.path());
     let stats = store.prune(keep_delivered_an_hour(), T0 + HOUR + 1).await.unwrap();
     assert_eq!((stats.events_compacted, stats.more), (1000, false), "{stats:?}");
