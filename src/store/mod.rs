@@ -361,7 +361,7 @@ pub struct Durability {
     /// fsync; per fsync, the group commit's size.
     pub operations: prometheus_client::metrics::counter::Counter,
     /// Seconds per checkpoint of the log into the database file, by mode:
-    /// `passive` (about every 100 ms under load; no commit waits for it, but
+    /// `passive` (about every 25 ms under load; no commit waits for it, but
     /// its fsync of the database file shares the disk with the log's) and
     /// `restart` (when the log is long: the writer waits while it finishes;
     /// its time includes its own wait for the writer's lock).

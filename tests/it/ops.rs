@@ -434,7 +434,7 @@ async fn metrics_parse_and_move_as_events_flow() {
     assert!(synced >= 3.0 && synced >= syncs, "{synced} writes in {syncs} fsyncs");
     assert!(sample(&after, "expeditor_store_sync_duration_seconds_sum") > 0.0);
     // And its checkpoints: a passive one follows the commits within about
-    // 100 ms; this little log is never long enough to restart.
+    // 25 ms; this little log is never long enough to restart.
     let passive = "expeditor_store_checkpoint_duration_seconds_count{mode=\"passive\"}";
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let checkpointed = loop {
