@@ -51,7 +51,8 @@ const PRUNE_CHUNK: i64 = 5000;
 /// meanwhile waits behind its writes: small copies keep that wait short. On
 /// the bench VM at 18,000 req/s, WAL fsyncs that met a checkpoint had a p99
 /// of 1.8 – 3.3 ms at 25 ms and 3.8 – 9.4 ms at 100 ms (0.5 ms with none),
-/// and a third as many acks took over 5 ms (BENCHMARKS.md, session 19).
+/// and a fifth to a third as many acks took over 5 ms (BENCHMARKS.md,
+/// session 19).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 /// WAL frames (pages) past which the checkpointer also restarts the WAL,
 /// briefly holding the writer, so the file stays bounded under a load that

@@ -1291,7 +1291,8 @@ async fn sqlite_wal_is_restarted_once_long() {
     );
     // The WAL takes ~6 kB per event here (pages, not bytes, with eight
     // events a commit): grown, it would be about three times the bodies
-    // written; restarted every few checkpoints, it is about a tenth of that.
+    // written; restarted at about every checkpoint (~25 ms), it is about a
+    // tenth of that.
     let written = inserted as u64 * 2000;
     assert!(
         largest < written,
