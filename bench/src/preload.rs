@@ -88,13 +88,14 @@ pub async fn postgres(
     let started = Instant::now();
     let spread = Spread::new(n);
     client.batch_execute("BEGIN").await?;
+    // Oldest first, as for SQLite: seqs follow arrival.
     client
         .execute(
             "INSERT INTO events (source, event_id, kind, type, occurred_at, received_at, body)
              SELECT 'crumb', 'evt_' || left(md5(i::text), 16), 'crumbpos', 'order.created',
                     $2::bigint - i * $3::bigint, $2::bigint - i * $3::bigint,
                     CASE WHEN i * $3::bigint < $4::bigint THEN $5::bytea END
-             FROM generate_series(0::bigint, $1::bigint - 1) AS i",
+             FROM generate_series($1::bigint - 1, 0::bigint, -1::bigint) AS i",
             &[&(n as i64), &spread.newest, &spread.step, &spread.fresh, &body],
         )
         .await?;
