@@ -1185,6 +1185,77 @@ async fn sqlite_reopen_keeps_everything_and_releases_leases() {
     assert!(claim(&*store, "b", T0 + 11).await.is_empty());
 }
 
+/// SQLite only, Linux: the store's writer and syncer run under `SCHED_BATCH`
+/// (their wake-ups wait for the running tokio worker instead of preempting
+/// it), and the policy stays theirs: the checkpointer keeps the default.
+/// Read from `/proc`, as an operator would check it.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn sqlite_writer_and_syncer_run_under_sched_batch() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_BATCH: u32 = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let _store = SqliteStore::open(dir.path()).unwrap();
+    // Other tests' stores run in this process too: every thread of each
+    // name must have its policy (each sets it as it starts, so wait a little).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let threads = thread_policies();
+        let of = |name: &str| {
+            threads
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, p)| *p)
+                .collect::<Vec<_>>()
+        };
+        let (writers, syncers, checkpointers) = (of("store-writer"), of("store-sync"), of("store-checkpoin"));
+        let done =
+            !writers.is_empty() && !syncers.is_empty() && writers.iter().chain(&syncers).all(|&p| p == SCHED_BATCH);
+        if done || std::time::Instant::now() > deadline {
+            assert!(
+                !writers.is_empty() && !syncers.is_empty(),
+                "no store threads: {threads:?}"
+            );
+            assert!(
+                writers.iter().chain(&syncers).all(|&p| p == SCHED_BATCH),
+                "writer and syncer policies: {threads:?}"
+            );
+            assert!(
+                checkpointers.iter().all(|&p| p == SCHED_OTHER),
+                "checkpointer: {threads:?}"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// (thread name, scheduling policy) of each thread of this process, from
+/// `/proc/self/task/*/stat` (the policy is its 41st field).
+#[cfg(target_os = "linux")]
+fn thread_policies() -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // "tid (name) state ...": the name may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        // Fields after the name start with the 3rd (state); the 41st is policy.
+        let policy = stat[close + 1..]
+            .split_whitespace()
+            .nth(41 - 3)
+            .and_then(|p| p.parse().ok());
+        if let Some(policy) = policy {
+            out.push((name, policy));
+        }
+    }
+    out
+}
+
 /// SQLite only: the checkpointer thread copies commits from the WAL into the
 /// database file soon after they are made (commits themselves never
 /// checkpoint, so no ack waits for one; SQLite's own automatic checkpoint
