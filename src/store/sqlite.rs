@@ -484,27 +484,6 @@ struct WalSync {
     durability: Durability,
 }
 
-/// Runs the calling thread (the writer, the syncer) under `SCHED_BATCH`, so
-/// its wake-ups (the writer's are several per fsync) wait for the tokio
-/// worker on that core to block instead of preempting it in the middle of a
-/// request. On the bench VM that cut expeditor's context switches by 40 %
-/// and raised flat-out ingest ~3 % (BENCHMARKS.md, session 19). Where the
-/// policy cannot be set the thread runs as before: it is not needed for
-/// correctness.
-fn yield_to_requests() {
-    #[cfg(target_os = "linux")]
-    {
-        use thread_priority::{
-            NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy,
-            thread_native_id,
-        };
-        let batch = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
-        if let Err(e) = set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, batch) {
-            tracing::debug!(error = ?e, "store thread left under the default scheduling policy");
-        }
-    }
-}
-
 /// Fsyncs the WAL for each committed group, answers it, and tells the writer
 /// it is free for the next.
 fn sync_loop(
@@ -514,7 +493,6 @@ fn sync_loop(
     syncing: Arc<AtomicBool>,
     writer: mpsc::WeakSender<Op>,
 ) {
-    yield_to_requests();
     while let Ok(batch) = groups.recv() {
         let started = std::time::Instant::now();
         let synced = if broken.load(Ordering::Acquire) {
@@ -605,7 +583,6 @@ fn writer_loop(
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
     wal: WalSync,
 ) {
-    yield_to_requests();
     let broken = Arc::new(AtomicBool::new(false));
     // The writer hands a group over only while the syncer is idle, so one slot
     // is all the channel needs. Until then it keeps applying what arrives to
