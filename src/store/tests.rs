@@ -2607,6 +2607,13 @@ fn compacted(dir: &TempDir) -> Vec<String> {
         .unwrap()
 }
 
+/// How many stored events still have their body.
+fn with_body(dir: &TempDir) -> i64 {
+    db(dir)
+        .query_row("SELECT COUNT(*) FROM events WHERE body IS NOT NULL", [], |r| r.get(0))
+        .unwrap()
+}
+
 /// `n` events received at T0, written straight into a closed store: seqs
 /// `offset + 1 ..= offset + n`, each body the SQL expression `body` of `i`
 /// (1 ..= n).
@@ -2723,10 +2730,7 @@ async fn sqlite_compaction_walk_is_bounded_and_resumes_where_it_stopped() {
     }
     assert_eq!(total, 15_000, "the first waits for its delivery");
     assert!(passes >= 3, "15,000 bodies take more than one pass: {passes}");
-    let left: i64 = db(&dir)
-        .query_row("SELECT COUNT(*) FROM events WHERE body IS NOT NULL", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(left, 1);
+    assert_eq!(with_body(&dir), 1);
     let stats = store.prune(retention, T0 + HOUR + 1).await.unwrap();
     assert_eq!(stats, PruneStats::default(), "nothing left to do");
 
@@ -2734,10 +2738,7 @@ async fn sqlite_compaction_walk_is_bounded_and_resumes_where_it_stopped() {
     assert_eq!(finish_all(&*store, "a", T0 + HOUR + 2, Completed::Delivered).await, 1);
     let stats = store.prune(retention, T0 + 2 * HOUR + 3).await.unwrap();
     assert_eq!((stats.deliveries_deleted, stats.events_compacted), (1, 1), "{stats:?}");
-    let left: i64 = db(&dir)
-        .query_row("SELECT COUNT(*) FROM events WHERE body IS NOT NULL", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(left, 0);
+    assert_eq!(with_body(&dir), 0);
     store.close().await;
 }
 
