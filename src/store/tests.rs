@@ -1379,56 +1379,134 @@ async fn sqlite_writes_queued_behind_a_lock_wait_are_refused_with_it() {
     );
 }
 
-/// SQLite only: fsyncs start at least `MIN_SYNC_INTERVAL` apart, so under
-/// load each covers a group instead of one or two events; everything written
-/// meanwhile is acknowledged, and only after the fsync that covers it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sqlite_fsyncs_start_at_least_the_interval_apart() {
-    use std::sync::Mutex;
-    use std::time::Instant;
+/// Runs `load` (which returns how many events it inserted) on a store whose
+/// WAL fsyncs, paced `interval` apart and each taking at least `fsync_takes`,
+/// are recorded: when each started, and how many operations were durable by
+/// then (the last entry is the end). Checks that every insert was made
+/// durable and counted, and that a reopened store holds them all.
+async fn record_fsyncs<F, Fut>(interval: Duration, fsync_takes: Duration, load: F) -> Vec<(std::time::Instant, u64)>
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    use std::sync::{Mutex, OnceLock};
     let dir = tempfile::tempdir().unwrap();
-    let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
-    let store = SqliteStore::open_syncing(dir.path(), {
-        let starts = starts.clone();
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let durability = Arc::new(OnceLock::<crate::store::Durability>::new());
+    let store = SqliteStore::open_paced(dir.path(), interval, {
+        let (starts, durability) = (starts.clone(), durability.clone());
         move |wal| {
             Box::new(move || {
-                starts.lock().unwrap().push(Instant::now());
+                let durable = durability.get().map_or(0, |d| d.operations.get());
+                starts.lock().unwrap().push((std::time::Instant::now(), durable));
+                std::thread::sleep(fsync_takes);
                 wal.sync_data()
             })
         }
     })
     .unwrap();
+    let _ = durability.set(store.durability().unwrap());
     let store: Arc<dyn Store> = Arc::new(store);
-    // 400 writers, each inserting its events one after another: a steady
-    // load that would otherwise get an fsync per event or two.
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..400 {
+    let total = load(store.clone()).await;
+    // Every insert was made durable by one of those fsyncs, and counted so.
+    assert_eq!(store.durability().unwrap().operations.get(), total);
+    let mut starts = starts.lock().unwrap().clone();
+    starts.push((std::time::Instant::now(), total));
+    drop(store);
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
+    assert_eq!(events(&*store, None, None).await.len() as u64, total);
+    starts
+}
+
+/// `writers` concurrent writers, each inserting `each` events one after
+/// another (a closed loop: a writer waits for its ack before the next).
+async fn closed_loop(store: Arc<dyn Store>, writers: usize, each: usize) -> u64 {
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..writers {
         let store = store.clone();
-        writers.spawn(async move {
-            for e in 0..5 {
+        tasks.spawn(async move {
+            for e in 0..each {
                 let id = format!("w{w}-e{e}");
                 assert_eq!(insert(&*store, new_event(&id, &["a"])).await, Inserted::New(vec![]));
             }
         });
     }
-    while let Some(done) = writers.join_next().await {
+    while let Some(done) = tasks.join_next().await {
         done.unwrap();
     }
-    let starts = starts.lock().unwrap().clone();
-    assert!(starts.len() >= 2, "{} fsyncs", starts.len());
-    assert!(starts.len() < 2000, "an fsync per event: {}", starts.len());
-    // The syncer measures from just before it calls us; allow for the gap
-    // between its clock reading and ours.
-    let least = super::sqlite::MIN_SYNC_INTERVAL - Duration::from_micros(100);
-    for pair in starts.windows(2) {
-        let apart = pair[1] - pair[0];
-        assert!(apart >= least, "fsyncs {apart:?} apart; expected at least {least:?}");
+    (writers * each) as u64
+}
+
+/// Long enough that an fsync (even on a loaded CI disk) never takes it: an
+/// fsync that starts sooner after the last was not paced.
+const TEST_INTERVAL: Duration = Duration::from_millis(20);
+/// The syncer measures from just before it calls the hook; allow for the gap
+/// between its clock reading and the hook's.
+const LEAST_APART: Duration = Duration::from_micros(19_900);
+
+/// SQLite only: under a load lighter than a full group, fsyncs start at least
+/// their interval (`MIN_SYNC_INTERVAL`) apart, so each covers what the
+/// writers sent meanwhile instead of one event; each is acknowledged only
+/// after the fsync that covers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_fsyncs_start_at_least_the_interval_apart() {
+    // Fewer writers than a full group: never that many writes wait.
+    let writers = super::sqlite::FULL_GROUP - 2;
+    let starts = record_fsyncs(TEST_INTERVAL, Duration::ZERO, |store| closed_loop(store, writers, 8)).await;
+    let fsyncs = starts.len() - 1;
+    assert!(fsyncs >= 2, "{fsyncs} fsyncs");
+    assert!(fsyncs < writers * 8, "an fsync per event: {fsyncs}");
+    for pair in starts[..fsyncs].windows(2) {
+        let apart = pair[1].0 - pair[0].0;
+        assert!(
+            apart >= LEAST_APART,
+            "fsyncs {apart:?} apart; expected at least {LEAST_APART:?}"
+        );
     }
-    // Every insert was made durable by one of those fsyncs, and counted so.
-    assert_eq!(store.durability().unwrap().operations.get(), 2000);
-    drop(store);
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir.path()).unwrap());
-    assert_eq!(events(&*store, None, None).await.len(), 2000);
+}
+
+/// SQLite only: under heavy load a group that has gathered `FULL_GROUP`
+/// writes while the last fsync ran does not wait out the interval: fsyncs
+/// then come sooner than the interval apart, and each that does covers a
+/// full group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_full_group_does_not_wait_for_the_interval() {
+    // Events keep arriving (an open loop: 8 about every millisecond) while
+    // each fsync takes 5 ms, so a full group gathers during most of them.
+    let arrivals = |store: Arc<dyn Store>| async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..400 {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let id = format!("e{i}");
+                assert_eq!(insert(&*store, new_event(&id, &["a"])).await, Inserted::New(vec![]));
+            });
+            if i % 8 == 7 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        400
+    };
+    let starts = record_fsyncs(TEST_INTERVAL, Duration::from_millis(5), arrivals).await;
+    let fsyncs = starts.len() - 1;
+    let mut early = 0;
+    // starts[i].1 is what was durable when fsync i began, so fsync i covered
+    // starts[i + 1].1 - starts[i].1 operations.
+    for i in 1..fsyncs {
+        let apart = starts[i].0 - starts[i - 1].0;
+        let group = starts[i + 1].1 - starts[i].1;
+        if apart < LEAST_APART {
+            early += 1;
+            assert!(
+                group >= super::sqlite::FULL_GROUP as u64,
+                "an fsync {apart:?} after the last covered {group} writes"
+            );
+        }
+    }
+    assert!(early > 0, "no fsync of {fsyncs} came sooner than the interval");
 }
 
 /// SQLite only: the disk fails an fsync of the WAL (injected where the syncer
