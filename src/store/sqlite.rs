@@ -514,9 +514,9 @@ struct WalSync {
 }
 
 /// Fsyncs the WAL for each committed group, answers it, and tells the writer
-/// it is free for the next: once its interval ([`MIN_SYNC_INTERVAL`]) is up, or as soon as
-/// the fsync ends if the open transaction already holds [`FULL_GROUP`]
-/// writes (`gathered`, kept up by the writer).
+/// it is free for the next: once its interval ([`MIN_SYNC_INTERVAL`]) is up,
+/// or as soon as the fsync ends if the open transaction already holds
+/// [`FULL_GROUP`] writes (`gathered`, kept up by the writer).
 fn sync_loop(
     mut wal: WalSync,
     groups: std::sync::mpsc::Receiver<Unsynced>,
@@ -595,12 +595,11 @@ pub(super) const MIN_SYNC_INTERVAL: Duration = Duration::from_micros(500);
 
 /// Writes in the open transaction that make it worth its fsync at once: the
 /// interval exists to gather a group, and once one has gathered while the
-/// last fsync ran, waiting out the interval only lengthens every ack in it
-/// (like PostgreSQL's `commit_siblings`, which skips `commit_delay` unless
-/// enough others are committing). On the bench VM, flat-out ingest +5.5 %
-/// (five of five alternating pairs), the half-rate tail and delivery even
-/// (BENCHMARKS.md, session 20). Under moderate load fewer than this arrive
-/// during an fsync, and the interval still paces the fsyncs.
+/// last fsync ran, waiting out the interval only lengthens every ack in it.
+/// On the bench VM, flat-out ingest +3.5 – 5.5 % (10 of 11 alternating
+/// pairs), the half-rate tail and delivery even (BENCHMARKS.md, session 20).
+/// Under moderate load fewer than this arrive during an fsync, and the
+/// interval still paces the fsyncs.
 pub(super) const FULL_GROUP: usize = 8;
 
 const DISK_FAILED: &str = "the store's disk failed to sync; restart expeditor once the disk is fixed";
