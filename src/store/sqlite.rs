@@ -358,7 +358,7 @@ impl SqliteStore {
     /// tests make it fail, as a failing disk would).
     #[cfg(test)]
     pub(super) fn open_syncing(dir: &Path, sync: impl FnOnce(std::fs::File) -> SyncWal) -> Result<Self, StoreError> {
-        Self::open_with(dir, sync, Tuning::default(), WAL_RESTART_FRAMES, MIN_SYNC_INTERVAL)
+        Self::open_paced(dir, MIN_SYNC_INTERVAL, sync)
     }
 
     /// `open_syncing`, with fsyncs paced `interval` apart instead of
