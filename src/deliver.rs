@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, SinkCommon, SinkKind};
-use crate::metrics::{AttemptOutcome, Metrics};
+use crate::metrics::{AttemptOutcome, Metrics, SinkMetrics};
 use crate::pipeline::rebuild;
 use crate::store::{Claimed, Completed, Completion, Held, Store, StoredEvent, now_ms};
 
@@ -144,7 +144,7 @@ impl Engine {
                 store: store.clone(),
                 notify: notifies[&name].clone(),
                 completions: tx.clone(),
-                metrics: metrics.clone(),
+                metrics: SinkMetrics::new(metrics.clone(), &name),
             };
             let live = LiveGuard::new(&health.live);
             let stop = stop.clone();
@@ -325,7 +325,7 @@ struct Worker {
     store: Arc<dyn Store>,
     notify: Arc<Notify>,
     completions: mpsc::Sender<(String, Completion)>,
-    metrics: Arc<Metrics>,
+    metrics: SinkMetrics,
 }
 
 impl Worker {
@@ -547,7 +547,7 @@ impl Worker {
                 Completed::Dead { .. } => AttemptOutcome::dead,
                 Completed::Released { .. } => continue,
             };
-            self.metrics.attempt(&self.name, label, elapsed, 1);
+            self.metrics.attempt(label, elapsed);
             let completion = Completion {
                 delivery_id: c.delivery_id,
                 attempt: c.attempt,

@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::metrics::{RequestOutcome, SourceLabels, VerifyLabels};
+use crate::metrics::RequestOutcome;
 use crate::pipeline::{Accepted, Rejected};
 use crate::state::Shared;
 
@@ -53,7 +53,10 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, s
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
+        // A connection's own token: its task polls it at every wake-up, and
+        // polling the listener's token itself would take that token's lock
+        // (and its `Notify`'s), shared by every connection, each time.
+        let shutdown = shutdown.child_token();
         tracker.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
@@ -104,12 +107,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
     // One snapshot for the whole request: a reload cannot split it.
     let current = shared.current.load_full();
     let pipeline = &current.pipeline;
-    let Some(source) = pipeline.source(source_name) else {
+    let Some(intake) = pipeline.source(source_name) else {
         // The name is the client's, not ours: it is not a metric label.
         metrics.request("", RequestOutcome::unknown_source);
         return error(StatusCode::NOT_FOUND, "unknown source");
     };
-    let outcome = |o| metrics.request(&source.name, o);
+    let source = &intake.source;
+    let outcome = |o| intake.metrics.request(o);
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -144,30 +148,19 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
         }
         Ok(Ok(collected)) => collected.to_bytes(),
     };
-    match pipeline.accept(&source, &parts.headers, body).await {
+    match pipeline.accept(intake, &parts.headers, body).await {
         Ok(accepted) => {
             let (status, id, o) = match accepted {
                 Accepted::New(id) => ("accepted", id, RequestOutcome::accepted),
                 Accepted::Duplicate(id) => ("duplicate", id, RequestOutcome::duplicate),
             };
             outcome(o);
-            metrics
-                .ack_duration
-                .get_or_create(&SourceLabels {
-                    source: source.name.clone(),
-                })
-                .observe(started.elapsed().as_secs_f64());
+            intake.metrics.ack(started.elapsed());
             self::accepted(status, &id)
         }
         Err(Rejected::Verification(reason)) => {
             outcome(RequestOutcome::unauthorized);
-            metrics
-                .verification_failures
-                .get_or_create(&VerifyLabels {
-                    source: source.name.clone(),
-                    reason: reason.reason(),
-                })
-                .inc();
+            intake.metrics.verification_failure(reason.reason());
             tracing::warn!(source = %source.name, %peer, reason = reason.reason(), "webhook rejected: signature verification failed");
             error(StatusCode::UNAUTHORIZED, "signature verification failed")
         }
@@ -187,11 +180,21 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
     }
 }
 
-/// `application/json`, `application/<anything>+json`, with parameters.
+/// `application/json`, `application/<anything>+json`, with parameters, in
+/// any case (compared in place: this runs for every webhook).
 fn is_json_content_type(value: &HeaderValue) -> bool {
     let Ok(v) = value.to_str() else { return false };
-    let essence = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+    let essence = v.split(';').next().unwrap_or("").trim().as_bytes();
+    let starts = |prefix: &str| {
+        essence
+            .get(..prefix.len())
+            .is_some_and(|s| s.eq_ignore_ascii_case(prefix.as_bytes()))
+    };
+    let ends = |suffix: &str| {
+        (essence.len() >= suffix.len())
+            && essence[essence.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+    };
+    essence.eq_ignore_ascii_case(b"application/json") || (starts("application/") && ends("+json"))
 }
 
 fn accepted(status: &str, id: &str) -> Response<Body> {

@@ -8,6 +8,7 @@
 //!   fixed outcome/reason words. Never event ids, URLs, or anything a
 //!   client controls (an unknown source is counted without its name).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -226,6 +227,8 @@ impl Metrics {
         );
     }
 
+    /// Counts a request that names no configured source (its name is the
+    /// client's, not a label); a source's own go through [`SourceMetrics`].
     pub fn request(&self, source: &str, outcome: RequestOutcome) {
         self.requests
             .get_or_create(&RequestLabels {
@@ -238,18 +241,6 @@ impl Metrics {
     pub fn reload(&self, applied: bool) {
         let outcome = if applied { "applied" } else { "refused" };
         self.reloads.get_or_create(&ReloadLabels { outcome }).inc();
-    }
-
-    pub fn attempt(&self, sink: &str, outcome: AttemptOutcome, duration: Duration, count: u64) {
-        self.deliveries
-            .get_or_create(&DeliveryLabels {
-                sink: sink.to_string(),
-                outcome,
-            })
-            .inc_by(count);
-        self.attempt_duration
-            .get_or_create(&SinkLabels { sink: sink.to_string() })
-            .observe(duration.as_secs_f64());
     }
 
     /// Renders the text exposition, with the queue gauges taken from `queues`
@@ -282,6 +273,118 @@ impl Metrics {
     }
 }
 
+/// One source's ingest series, each looked up in its family once, on first
+/// use (so /metrics shows the same series as before), then kept: a
+/// `Family` lookup per request clones the label, hashes it and takes the
+/// family's lock, three times for every accepted webhook.
+pub struct SourceMetrics {
+    metrics: Arc<Metrics>,
+    source: String,
+    requests: [OnceLock<Counter>; REQUEST_OUTCOMES],
+    ack_duration: OnceLock<Histogram>,
+    routed: OnceLock<Counter>,
+    unrouted: OnceLock<Counter>,
+}
+
+/// How many [`RequestOutcome`]s there are (`method_not_allowed` is the last).
+const REQUEST_OUTCOMES: usize = RequestOutcome::method_not_allowed as usize + 1;
+
+impl SourceMetrics {
+    pub fn new(metrics: Arc<Metrics>, source: &str) -> Self {
+        Self {
+            metrics,
+            source: source.to_string(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+            ack_duration: OnceLock::new(),
+            routed: OnceLock::new(),
+            unrouted: OnceLock::new(),
+        }
+    }
+
+    fn labels(&self) -> SourceLabels {
+        SourceLabels {
+            source: self.source.clone(),
+        }
+    }
+
+    pub fn request(&self, outcome: RequestOutcome) {
+        self.requests[outcome as usize]
+            .get_or_init(|| {
+                let labels = RequestLabels {
+                    source: self.source.clone(),
+                    outcome,
+                };
+                self.metrics.requests.get_or_create(&labels).clone()
+            })
+            .inc();
+    }
+
+    pub fn ack(&self, took: Duration) {
+        self.ack_duration
+            .get_or_init(|| self.metrics.ack_duration.get_or_create(&self.labels()).clone())
+            .observe(took.as_secs_f64());
+    }
+
+    /// A new event stored: taken by at least one route, or by none.
+    pub fn stored(&self, routed: bool) {
+        let (cell, family) = match routed {
+            true => (&self.routed, &self.metrics.events_routed),
+            false => (&self.unrouted, &self.metrics.events_unrouted),
+        };
+        cell.get_or_init(|| family.get_or_create(&self.labels()).clone()).inc();
+    }
+
+    /// Rare (an attack or a misconfigured secret): looked up each time.
+    pub fn verification_failure(&self, reason: &'static str) {
+        let labels = VerifyLabels {
+            source: self.source.clone(),
+            reason,
+        };
+        self.metrics.verification_failures.get_or_create(&labels).inc();
+    }
+}
+
+/// One sink's attempt series, looked up once each (see [`SourceMetrics`]).
+pub struct SinkMetrics {
+    metrics: Arc<Metrics>,
+    sink: String,
+    attempts: [OnceLock<Counter>; ATTEMPT_OUTCOMES],
+    duration: OnceLock<Histogram>,
+}
+
+const ATTEMPT_OUTCOMES: usize = AttemptOutcome::dead as usize + 1;
+
+impl SinkMetrics {
+    pub fn new(metrics: Arc<Metrics>, sink: &str) -> Self {
+        Self {
+            metrics,
+            sink: sink.to_string(),
+            attempts: std::array::from_fn(|_| OnceLock::new()),
+            duration: OnceLock::new(),
+        }
+    }
+
+    pub fn attempt(&self, outcome: AttemptOutcome, duration: Duration) {
+        self.attempts[outcome as usize]
+            .get_or_init(|| {
+                let labels = DeliveryLabels {
+                    sink: self.sink.clone(),
+                    outcome,
+                };
+                self.metrics.deliveries.get_or_create(&labels).clone()
+            })
+            .inc();
+        self.duration
+            .get_or_init(|| {
+                let labels = SinkLabels {
+                    sink: self.sink.clone(),
+                };
+                self.metrics.attempt_duration.get_or_create(&labels).clone()
+            })
+            .observe(duration.as_secs_f64());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,17 +400,20 @@ mod tests {
             .checkpoints
             .get_or_create(&crate::store::CheckpointLabels { mode: "restart" })
             .observe(0.003);
-        m.request("crumb", RequestOutcome::accepted);
-        m.verification_failures
-            .get_or_create(&VerifyLabels {
-                source: "crumb".into(),
-                reason: "mismatch",
-            })
-            .inc();
-        m.ack_duration
-            .get_or_create(&SourceLabels { source: "crumb".into() })
-            .observe(0.002);
-        m.attempt("kds", AttemptOutcome::delivered, Duration::from_millis(12), 1);
+        let m = Arc::new(m);
+        let crumb = SourceMetrics::new(m.clone(), "crumb");
+        crumb.request(RequestOutcome::accepted);
+        crumb.request(RequestOutcome::accepted);
+        crumb.request(RequestOutcome::duplicate);
+        crumb.verification_failure("mismatch");
+        crumb.ack(Duration::from_millis(2));
+        crumb.stored(true);
+        crumb.stored(false);
+        crumb.stored(false);
+        m.request("", RequestOutcome::unknown_source);
+        let kds = SinkMetrics::new(m.clone(), "kds");
+        kds.attempt(AttemptOutcome::delivered, Duration::from_millis(12));
+        kds.attempt(AttemptOutcome::retry, Duration::from_millis(12));
         let queues = [SinkQueue {
             sink: "kds".into(),
             pending: 3,
@@ -316,7 +422,13 @@ mod tests {
         }];
         let text = m.render(&queues, &["kds".into(), "slack".into()], 11_000);
         for line in [
-            "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"accepted\"} 1",
+            "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"accepted\"} 2",
+            "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"duplicate\"} 1",
+            "expeditor_webhook_requests_total{source=\"\",outcome=\"unknown_source\"} 1",
+            "expeditor_events_routed_total{source=\"crumb\"} 1",
+            "expeditor_events_unrouted_total{source=\"crumb\"} 2",
+            "expeditor_delivery_attempts_total{sink=\"kds\",outcome=\"retry\"} 1",
+            "expeditor_delivery_attempt_duration_seconds_count{sink=\"kds\"} 2",
             "expeditor_verification_failures_total{source=\"crumb\",reason=\"mismatch\"} 1",
             "expeditor_ack_duration_seconds_count{source=\"crumb\"} 1",
             "expeditor_delivery_attempts_total{sink=\"kds\",outcome=\"delivered\"} 1",

@@ -12,10 +12,16 @@ use http::HeaderMap;
 use crate::config::{Config, Source};
 use crate::deliver::Handoff;
 use crate::ingest::Limits;
-use crate::metrics::{Metrics, SourceLabels};
+use crate::metrics::{Metrics, SourceMetrics};
 use crate::normalize::{Json, NormalizeError, Normalizer};
 use crate::store::{Inserted, NewEvent, Store, StoreError, StoredEvent, format_time, now_ms};
 use crate::verify::VerifyError;
+
+/// A configured source, with its metrics series at hand.
+pub struct Intake {
+    pub source: Arc<Source>,
+    pub metrics: SourceMetrics,
+}
 
 pub enum Accepted {
     New(String),
@@ -30,26 +36,34 @@ pub enum Rejected {
 
 pub struct Pipeline {
     config: Arc<Config>,
-    sources: HashMap<String, Arc<Source>>,
+    sources: HashMap<String, Intake>,
     store: Arc<dyn Store>,
     handoff: Arc<Handoff>,
-    metrics: Arc<Metrics>,
 }
 
 impl Pipeline {
     pub fn new(config: Arc<Config>, store: Arc<dyn Store>, handoff: Arc<Handoff>, metrics: Arc<Metrics>) -> Self {
-        let sources = config.sources.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let sources = config
+            .sources
+            .iter()
+            .map(|(name, source)| {
+                let intake = Intake {
+                    source: source.clone(),
+                    metrics: SourceMetrics::new(metrics.clone(), name),
+                };
+                (name.clone(), intake)
+            })
+            .collect();
         Self {
             config,
             sources,
             store,
             handoff,
-            metrics,
         }
     }
 
-    pub fn source(&self, name: &str) -> Option<Arc<Source>> {
-        self.sources.get(name).cloned()
+    pub fn source(&self, name: &str) -> Option<&Intake> {
+        self.sources.get(name)
     }
 
     pub fn limits(&self) -> Limits {
@@ -64,7 +78,8 @@ impl Pipeline {
 
     /// Verifies, normalizes, routes and stores one webhook. `Ok` means the
     /// event is on disk (or was already).
-    pub async fn accept(&self, source: &Source, headers: &HeaderMap, body: Bytes) -> Result<Accepted, Rejected> {
+    pub async fn accept(&self, intake: &Intake, headers: &HeaderMap, body: Bytes) -> Result<Accepted, Rejected> {
+        let source = &*intake.source;
         let received_at = now_ms();
         let verified = source
             .verifier()
@@ -185,16 +200,12 @@ impl Pipeline {
         };
         match inserted {
             Inserted::New(_) => {
-                let labels = SourceLabels {
-                    source: source.name.clone(),
-                };
+                intake.metrics.stored(!sinks.is_empty());
                 if sinks.is_empty() {
-                    self.metrics.events_unrouted.get_or_create(&labels).inc();
                     // Debug, not info: a source whose routes take a few types sends
                     // many that none takes; the counter above shows them.
                     tracing::debug!(source = %source.name, event_id = %id, %event_type, "event stored; no route takes it");
                 } else {
-                    self.metrics.events_routed.get_or_create(&labels).inc();
                     tracing::debug!(source = %source.name, event_id = %id, %event_type, sinks = ?sinks, "event stored");
                 }
                 Ok(Accepted::New(id))

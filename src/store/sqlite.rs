@@ -614,6 +614,8 @@ struct Writer {
     open: Option<Unsynced>,
     /// Committed, not yet handed to the syncer.
     committed: Unsynced,
+    /// How many operations the last committed group held.
+    last_group: usize,
 }
 
 fn writer_loop(
@@ -656,6 +658,7 @@ fn writer_loop(
         dedupe,
         open: None,
         committed: Vec::new(),
+        last_group: 0,
     };
     let mut ops = Vec::with_capacity(MAX_BATCH);
     let mut closed = None;
@@ -759,7 +762,9 @@ impl Writer {
                 // The caller refuses `ops`, with what queued behind them.
                 return Err(unavailable(e));
             }
-            self.open = Some(Vec::with_capacity(ops.len()));
+            // As big as the last group, so it does not grow (and copy every
+            // operation it holds) again and again while the fsync runs.
+            self.open = Some(Vec::with_capacity(ops.len().max(self.last_group)));
         }
         let open = self.open.as_mut().expect("a transaction is open");
         let mut inserts = Inserts::default();
@@ -805,7 +810,14 @@ impl Writer {
             let started = std::time::Instant::now();
             self.dedupe.work(&self.conn);
             match exec(&self.conn, "COMMIT") {
-                Ok(()) => self.committed.extend(open),
+                Ok(()) => {
+                    self.last_group = open.len();
+                    if self.committed.is_empty() {
+                        self.committed = open;
+                    } else {
+                        self.committed.extend(open);
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
                     let _ = self.conn.execute_batch("ROLLBACK");
