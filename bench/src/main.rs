@@ -43,7 +43,9 @@ use crate::rows::{Row, RowKind, Run, Settings};
     after_help = "Rows: baseline (bare hyper server), durable (the same, answering once the body is fdatasync'd to \
                   a file next to where expeditor's store goes, in groups), ingest (verify, dedupe, durable store; routes choose no sink), \
                   e2e (every event to one http sink), fanout (to five). Right after ingest's flat-out run the baseline \
-                  runs once more, and ratios are to the mean of its two runs (this VM's speed drifts). After each \
+                  runs once more, and ratios are to the mean of its two runs (this VM's speed drifts); then both \
+                  run flat out with four times the connections (saturated: each server's capacity; their ratio \
+                  is to each other). After each \
                   flat-out expeditor row, the same \
                   row runs again in open loop at half the rate it reached, for the latency targets. After e2e and \
                   fanout, open-loop runs first search for the highest rate at which delivery keeps up (the sustained \
@@ -105,6 +107,10 @@ struct Cli {
     /// runs each).
     #[arg(long)]
     no_sustained: bool,
+    /// Skip the baseline's and ingest's flat-out runs with four times the
+    /// connections (each server's capacity, beside the table's C).
+    #[arg(long)]
+    no_saturated: bool,
     /// A few seconds for CI: 1000 events, 8 connections, no half-rate runs
     /// (the options above override).
     #[arg(long)]
@@ -233,6 +239,22 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let again = rows::baseline(RowKind::Baseline, &corpus, pace, Run::Again, &settings).await?;
             progress(&again);
             rows.push(again);
+            if !cli.no_saturated {
+                let saturating = Settings {
+                    connections: settings.connections * rows::SATURATING,
+                    ..settings.clone()
+                };
+                let run = Run::Saturated;
+                let baseline = rows::baseline(RowKind::Baseline, &corpus, pace, run, &saturating).await?;
+                progress(&baseline);
+                rows.push(baseline);
+                let ingest = rows::expeditor(RowKind::Ingest, &corpus, pace, run, &saturating).await?;
+                progress(&ingest);
+                // "Half of expeditor's own maximum rate": its maximum is the
+                // higher of the two flat-out runs.
+                half = half.map(|h| h.max(ingest.max_rate() / 2.0));
+                rows.push(ingest);
+            }
         }
         if let Some((delivered, acked)) = search {
             let (best, problems) = sustained(kind, &corpus, delivered, acked, &settings).await?;

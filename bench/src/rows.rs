@@ -72,6 +72,7 @@ impl std::str::FromStr for RowKind {
 }
 
 /// What the rows share.
+#[derive(Clone)]
 pub struct Settings {
     pub connections: usize,
     pub duration: Duration,
@@ -139,7 +140,15 @@ pub enum Run {
     /// one baseline run minutes before ingest is a shaky yardstick. Ratios
     /// use the mean of the runs before and after ingest.
     Again,
+    /// Flat out with `SATURATING` times the connections, baseline and ingest
+    /// only: each server's capacity. At the table's C the bare server keeps
+    /// both vCPUs busy, but ingest, each request waiting out a group commit,
+    /// leaves CPU idle (BENCHMARKS.md, "What limits each row now").
+    Saturated,
 }
+
+/// How many times the table's connections the `Saturated` runs use.
+pub const SATURATING: usize = 4;
 
 pub struct Row {
     pub kind: RowKind,
@@ -231,6 +240,7 @@ fn label(kind: RowKind, run: Run) -> String {
         (_, Run::Half) => format!("{} @ 50%", kind.name()),
         (_, Run::Sustained) => format!("{} sustained", kind.name()),
         (_, Run::Again) => format!("{} after ingest", kind.name()),
+        (_, Run::Saturated) => format!("{} saturated", kind.name()),
     }
 }
 
