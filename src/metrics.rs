@@ -308,15 +308,18 @@ impl SourceMetrics {
     }
 
     pub fn request(&self, outcome: RequestOutcome) {
-        self.requests[outcome as usize]
-            .get_or_init(|| {
-                let labels = RequestLabels {
-                    source: self.source.clone(),
-                    outcome,
-                };
-                self.metrics.requests.get_or_create(&labels).clone()
-            })
-            .inc();
+        let labels = || RequestLabels {
+            source: self.source.clone(),
+            outcome,
+        };
+        // An outcome past the array (added after `method_not_allowed`) is
+        // counted all the same, by lookup.
+        match self.requests.get(outcome as usize) {
+            Some(cell) => cell
+                .get_or_init(|| self.metrics.requests.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.metrics.requests.get_or_create(&labels()).inc(),
+        };
     }
 
     pub fn ack(&self, took: Duration) {
@@ -365,15 +368,16 @@ impl SinkMetrics {
     }
 
     pub fn attempt(&self, outcome: AttemptOutcome, duration: Duration) {
-        self.attempts[outcome as usize]
-            .get_or_init(|| {
-                let labels = DeliveryLabels {
-                    sink: self.sink.clone(),
-                    outcome,
-                };
-                self.metrics.deliveries.get_or_create(&labels).clone()
-            })
-            .inc();
+        let labels = || DeliveryLabels {
+            sink: self.sink.clone(),
+            outcome,
+        };
+        match self.attempts.get(outcome as usize) {
+            Some(cell) => cell
+                .get_or_init(|| self.metrics.deliveries.get_or_create(&labels()).clone())
+                .inc(),
+            None => self.metrics.deliveries.get_or_create(&labels()).inc(),
+        };
         self.duration
             .get_or_init(|| {
                 let labels = SinkLabels {
