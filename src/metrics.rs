@@ -273,6 +273,20 @@ impl Metrics {
     }
 }
 
+/// Counts one in `family`'s series `labels`, kept in `cell` after its first
+/// lookup. No cell (an outcome added past a handle's array): looked up each
+/// time, counted all the same.
+fn count<L: Clone + std::hash::Hash + Eq>(
+    cell: Option<&OnceLock<Counter>>,
+    family: &Family<L, Counter>,
+    labels: impl Fn() -> L,
+) {
+    match cell {
+        Some(cell) => cell.get_or_init(|| family.get_or_create(&labels()).clone()).inc(),
+        None => family.get_or_create(&labels()).inc(),
+    };
+}
+
 /// One source's ingest series, each looked up in its family once, on first
 /// use (so /metrics shows the same series as before), then kept: a
 /// `Family` lookup per request clones the label, hashes it and takes the
@@ -312,14 +326,7 @@ impl SourceMetrics {
             source: self.source.clone(),
             outcome,
         };
-        // An outcome past the array (added after `method_not_allowed`) is
-        // counted all the same, by lookup.
-        match self.requests.get(outcome as usize) {
-            Some(cell) => cell
-                .get_or_init(|| self.metrics.requests.get_or_create(&labels()).clone())
-                .inc(),
-            None => self.metrics.requests.get_or_create(&labels()).inc(),
-        };
+        count(self.requests.get(outcome as usize), &self.metrics.requests, labels);
     }
 
     pub fn ack(&self, took: Duration) {
@@ -372,12 +379,7 @@ impl SinkMetrics {
             sink: self.sink.clone(),
             outcome,
         };
-        match self.attempts.get(outcome as usize) {
-            Some(cell) => cell
-                .get_or_init(|| self.metrics.deliveries.get_or_create(&labels()).clone())
-                .inc(),
-            None => self.metrics.deliveries.get_or_create(&labels()).inc(),
-        };
+        count(self.attempts.get(outcome as usize), &self.metrics.deliveries, labels);
         self.duration
             .get_or_init(|| {
                 let labels = SinkLabels {
