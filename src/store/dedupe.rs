@@ -771,6 +771,17 @@ impl Dedupe {
         }
     }
 
+    /// After a rollback, leaves the rereading to the next use (on the
+    /// writer thread: see `Writer::join`).
+    pub(super) fn forget(&mut self) {
+        self.stale = true;
+    }
+
+    /// Whether the memory must be read back before its next use.
+    pub(super) fn is_stale(&self) -> bool {
+        self.stale
+    }
+
     /// Reads the state back if a reload failed: nothing may use memory the
     /// database no longer matches (a merge it rolled back, keys of inserts it
     /// rolled back).

@@ -1,23 +1,26 @@
 //! The embedded store: one SQLite file in WAL mode; every ack waits for an fsync of the WAL.
 //!
-//! One writer thread owns the write connection and commits in groups: every
-//! operation that arrived while the previous group was being made durable
-//! goes into one transaction, and one fsync. If one operation
-//! fails, the group is rolled back and each runs in a transaction of its
-//! own, so it does not fail its neighbours. Under
-//! load, many acks share an fsync; when idle, an ack waits for just one.
-//! Reads (listings) use a second connection and never block the writer.
+//! One write connection commits in groups: every operation that arrived
+//! while the previous group was being made durable goes into one
+//! transaction, and one fsync. If one operation fails, the group is rolled
+//! back and each runs in a transaction of its own, so it does not fail its
+//! neighbours. Under load, many acks share an fsync; when idle, an ack waits
+//! for just one. Reads (listings) use a second connection and never block
+//! the writer.
 //!
-//! Durability is pipelined: the writer commits with `synchronous=NORMAL`
-//! (SQLite writes the WAL but does not fsync it) and hands the group's
-//! answers to a syncer thread, which fsyncs the WAL file and only then
-//! answers. While that fsync runs, the writer applies whatever arrives to
-//! the next open transaction, and commits it the moment the syncer is free:
-//! an operation waits for the rest of one fsync and then its own. An ack
-//! still means the event is on disk. If an fsync ever fails, the store
-//! refuses every write from then on (the page cache can no longer be
-//! trusted to hold what was written): expeditor answers 503 and /readyz
-//! fails until it is restarted.
+//! Durability is pipelined: commits use `synchronous=NORMAL` (SQLite writes
+//! the WAL but does not fsync it), and a syncer thread fsyncs the WAL file
+//! and only then answers the group. While that fsync runs, the next group
+//! gathers in the open transaction, and the syncer commits it the moment
+//! the fsync is done (or its pacing interval is up): an operation waits
+//! for the rest of one fsync and then its own. While the syncer is at work,
+//! an insert joins the open transaction on the task that makes it; other
+//! operations, and an insert while the store is idle, go through a writer
+//! thread that also begins the first group (see `Core`). An ack still
+//! means the event is on disk. If an fsync ever fails, the store refuses
+//! every write from then on (the page cache can no longer be trusted to
+//! hold what was written): expeditor answers 503 and /readyz fails until
+//! it is restarted.
 //!
 //! Checkpoints (copying the WAL into the database file, with its own fsync)
 //! run on a third connection in a thread of their own, so a commit, and
@@ -144,14 +147,120 @@ enum Op {
     Prune(Retention, i64, oneshot::Sender<Result<PruneStats, StoreError>>),
     /// Commit what came before, checkpoint, and stop.
     Close(oneshot::Sender<()>),
-    /// From the syncer: the last fsync is done (a wake-up, not a request).
-    Synced,
+    /// Work waits for the writer thread under the writer's lock: a group
+    /// that failed where it joined (a wake-up, not a request).
+    Wake,
 }
 
 pub struct SqliteStore {
-    writer: mpsc::Sender<Op>,
+    writer: mpsc::UnboundedSender<Op>,
+    core: Arc<Core>,
     reader: Arc<Mutex<Connection>>,
     durability: Durability,
+}
+
+/// What the store's handle, its writer thread and its syncer share: the
+/// write connection, and the inserts waiting for it.
+///
+/// An insert joins the open group on the task that makes it, not through
+/// the writer thread, whenever the syncer is busy (and so will commit the
+/// group itself as its fsync ends): under load an insert then costs no
+/// thread a wake-up, and the group is ready to commit the moment the
+/// fsync is done. An insert that finds the connection in use leaves
+/// itself in `pending` for whoever holds it to apply before letting go
+/// (`drain`), so no task ever waits for the lock. Everything else (claims,
+/// completions, pruning, an insert while the store is idle or in trouble)
+/// goes through the writer thread, which may wait for locks and disks.
+struct Core {
+    /// `None` once the writer thread has closed the store.
+    writer: Mutex<Option<Writer>>,
+    pending: Mutex<Vec<Op>>,
+    /// The writer thread's queue, for what cannot join a group directly.
+    queue: mpsc::WeakUnboundedSender<Op>,
+    /// An fsync failed: nothing is written any more.
+    broken: AtomicBool,
+    /// How many writes the open transaction holds, for the syncer to read.
+    gathered: AtomicUsize,
+    /// Inserts that joined a group on their own task, and of them those
+    /// that failed there (tests check that these paths ran).
+    #[cfg(test)]
+    joins: [std::sync::atomic::AtomicU64; 2],
+}
+
+/// Whether an insert joined the open group. (Only ever returned, never
+/// kept: the size of `No` costs nothing.)
+#[allow(clippy::large_enum_variant)]
+enum Joined {
+    Yes,
+    /// It failed there, and its group went back to the writer thread to be
+    /// run one by one, which must be woken for it.
+    Failed,
+    /// Not here: for the writer thread.
+    No(Op),
+}
+
+impl Core {
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Option<Writer>> {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<Op>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies the pending inserts if the write connection is free; if it is
+    /// not, its holder does (every holder calls this once it lets go, and a
+    /// pending insert is pushed before its maker calls this, so none is
+    /// left behind).
+    fn drain(&self) {
+        loop {
+            if self.lock_pending().is_empty() {
+                return;
+            }
+            let mut guard = match self.writer.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::WouldBlock) => return,
+                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            };
+            let ops = std::mem::take(&mut *self.lock_pending());
+            let mut wake = false;
+            for op in ops {
+                let joined = match guard.as_mut() {
+                    Some(w) if !self.broken.load(Ordering::Acquire) => w.join(op),
+                    _ => Joined::No(op),
+                };
+                #[cfg(test)]
+                if !matches!(joined, Joined::No(_)) {
+                    self.joins[matches!(joined, Joined::Failed) as usize].fetch_add(1, Ordering::Relaxed);
+                }
+                match joined {
+                    Joined::Yes => {}
+                    Joined::Failed => wake = true,
+                    Joined::No(op) => self.forward(op),
+                }
+            }
+            if let Some(w) = guard.as_ref() {
+                self.gathered.store(w.gathered(), Ordering::Release);
+            }
+            drop(guard);
+            if wake {
+                self.forward(Op::Wake);
+            }
+        }
+    }
+
+    /// Hands an operation to the writer thread, or refuses it if that has
+    /// stopped.
+    fn forward(&self, op: Op) {
+        match self.queue.upgrade() {
+            Some(queue) => {
+                if let Err(e) = queue.send(op) {
+                    fail(e.0, &unavailable("store is closed"));
+                }
+            }
+            None => fail(op, &unavailable("store is closed")),
+        }
+    }
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -171,6 +280,9 @@ pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// every 100 µs at first. The limit is time, not a count of sleeps: on a
 /// busy machine a 1 ms sleep can take two.
 fn busy(tries: i32) -> bool {
+    if !WAIT_FOR_LOCKS.get() {
+        return false;
+    }
     thread_local! {
         static WAITING_SINCE: std::cell::Cell<Option<std::time::Instant>> = const { std::cell::Cell::new(None) };
     }
@@ -187,6 +299,13 @@ fn busy(tries: i32) -> bool {
     };
     std::thread::sleep(pause);
     since.elapsed() < BUSY_LIMIT
+}
+
+thread_local! {
+    /// False while a task of the async runtime begins a transaction
+    /// (`Writer::join`): it must not sleep for a lock, and leaves the insert
+    /// to the writer thread instead.
+    static WAIT_FOR_LOCKS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
 }
 
 /// How long an operation waits for another process's lock on the database
@@ -373,6 +492,14 @@ impl SqliteStore {
         Self::open_with(dir, sync, Tuning::default(), WAL_RESTART_FRAMES, interval)
     }
 
+    /// Inserts that joined a group on their own task so far, and how many
+    /// of them failed there.
+    #[cfg(test)]
+    pub(super) fn joins(&self) -> (u64, u64) {
+        let [joined, failed] = &self.core.joins;
+        (joined.load(Ordering::Relaxed), failed.load(Ordering::Relaxed))
+    }
+
     fn open_with(
         dir: &Path,
         sync: impl FnOnce(std::fs::File) -> SyncWal,
@@ -424,19 +551,39 @@ impl SqliteStore {
             .name("store-checkpoint".into())
             .spawn(move || checkpoint_loop(checkpointer, commits, restart_at, timings))
             .map_err(unavailable)?;
-        let (tx, rx) = mpsc::channel(8192);
-        let me = tx.downgrade();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let core = Arc::new(Core {
+            writer: Mutex::new(Some(Writer {
+                conn,
+                dedupe,
+                open: None,
+                committed: Vec::new(),
+                last_group: 0,
+                syncing: false,
+                redo: Vec::new(),
+            })),
+            pending: Mutex::new(Vec::new()),
+            queue: tx.downgrade(),
+            broken: AtomicBool::new(false),
+            gathered: AtomicUsize::new(0),
+            #[cfg(test)]
+            joins: Default::default(),
+        });
         let wal = WalSync {
             sync: sync_wal,
             durability: durability.clone(),
             interval,
         };
-        std::thread::Builder::new()
-            .name("store-writer".into())
-            .spawn(move || writer_loop(conn, dedupe, lock, rx, me, committed, wal))
-            .map_err(unavailable)?;
+        {
+            let core = core.clone();
+            std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || writer_loop(core, lock, rx, committed, wal))
+                .map_err(unavailable)?;
+        }
         Ok(Self {
             writer: tx,
+            core,
             reader: Arc::new(Mutex::new(reader)),
             durability,
         })
@@ -447,10 +594,7 @@ impl SqliteStore {
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        self.writer
-            .send(make(tx))
-            .await
-            .map_err(|_| unavailable("store is closed"))?;
+        self.writer.send(make(tx)).map_err(|_| unavailable("store is closed"))?;
         rx.await.map_err(|_| unavailable("store writer stopped"))?
     }
 
@@ -513,21 +657,29 @@ struct WalSync {
     interval: Duration,
 }
 
-/// Fsyncs the WAL for each committed group, answers it, and tells the writer
-/// it is free for the next: once its interval ([`MIN_SYNC_INTERVAL`]) is up,
-/// or as soon as the fsync ends if the open transaction already holds
-/// [`FULL_GROUP`] writes (`gathered`, kept up by the writer).
+/// Fsyncs the WAL for each committed group, answers it, and commits the
+/// next: once its interval ([`MIN_SYNC_INTERVAL`]) is up, or as soon as the
+/// fsync ends if the open transaction already holds [`FULL_GROUP`] writes
+/// (`gathered`). It commits that group itself, so no other thread's
+/// wake-up stands between one fsync and the next; with nothing to commit it
+/// goes idle (`syncing` false) until the writer thread hands it a group.
 fn sync_loop(
     mut wal: WalSync,
     groups: std::sync::mpsc::Receiver<Unsynced>,
-    broken: Arc<AtomicBool>,
-    syncing: Arc<AtomicBool>,
-    gathered: Arc<AtomicUsize>,
-    writer: mpsc::WeakSender<Op>,
+    core: Arc<Core>,
+    checkpoint_due: std::sync::mpsc::SyncSender<()>,
 ) {
-    while let Ok(batch) = groups.recv() {
+    let mut next = None;
+    loop {
+        let batch = match next.take() {
+            Some(batch) => batch,
+            None => match groups.recv() {
+                Ok(batch) => batch,
+                Err(_) => return,
+            },
+        };
         let started = std::time::Instant::now();
-        let synced = if broken.load(Ordering::Acquire) {
+        let synced = if core.broken.load(Ordering::Acquire) {
             Err(unavailable(DISK_FAILED))
         } else {
             let synced = (wal.sync)();
@@ -537,7 +689,7 @@ fn sync_loop(
                 tracing::warn!(took_ms = took.as_millis() as u64, "slow store fsync");
             }
             synced.map_err(|e| {
-                broken.store(true, Ordering::Release);
+                core.broken.store(true, Ordering::Release);
                 tracing::error!(error = %e, "store fsync failed; refusing writes until expeditor is restarted");
                 unavailable(DISK_FAILED)
             })
@@ -545,28 +697,32 @@ fn sync_loop(
         if synced.is_ok() {
             wal.durability.operations.inc_by(batch.len() as u64);
         }
-        let answer_all = |batch: Unsynced| {
-            for (op, done) in batch {
-                answer(op, done, synced.as_ref().err());
-            }
-        };
-        // Within the interval this group is answered while it runs out;
-        // past it, or with a full group waiting, the writer is freed first
-        // and commits while we answer.
-        let mut batch = Some(batch);
-        if started.elapsed() < wal.interval && gathered.load(Ordering::Acquire) < FULL_GROUP {
-            answer_all(batch.take().unwrap_or_default());
-            if let Some(rest) = wal.interval.checked_sub(started.elapsed()) {
-                std::thread::sleep(rest);
+        for (op, done) in batch {
+            answer(op, done, synced.as_ref().err());
+        }
+        if started.elapsed() < wal.interval
+            && core.gathered.load(Ordering::Acquire) < FULL_GROUP
+            && let Some(rest) = wal.interval.checked_sub(started.elapsed())
+        {
+            std::thread::sleep(rest);
+        }
+        {
+            let mut guard = core.lock_writer();
+            if let Some(w) = guard.as_mut() {
+                if core.broken.load(Ordering::Acquire) {
+                    w.abandon(&unavailable(DISK_FAILED));
+                    w.syncing = false;
+                } else if w.commit() {
+                    next = Some(std::mem::take(&mut w.committed));
+                    // Full means a checkpoint is already due: nothing to add.
+                    let _ = checkpoint_due.try_send(());
+                } else {
+                    w.syncing = false;
+                }
+                core.gathered.store(w.gathered(), Ordering::Release);
             }
         }
-        syncing.store(false, Ordering::Release);
-        // Wakes a writer that waits for operations with a transaction open. If
-        // the queue is full the writer is busy anyway and sees the flag.
-        if let Some(writer) = writer.upgrade() {
-            let _ = writer.try_send(Op::Synced);
-        }
-        answer_all(batch.unwrap_or_default());
+        core.drain();
     }
 }
 
@@ -616,49 +772,43 @@ struct Writer {
     committed: Unsynced,
     /// How many operations the last committed group held.
     last_group: usize,
+    /// The syncer is at work: it commits the open transaction when its
+    /// fsync ends, so an insert may join it directly (`join`).
+    syncing: bool,
+    /// A group that failed where an insert joined it, rolled back, for the
+    /// writer thread to run again one by one.
+    redo: Vec<Op>,
 }
 
 fn writer_loop(
-    conn: Connection,
-    dedupe: Dedupe,
+    core: Arc<Core>,
     // Held until the last write is done: the next open of the store waits for it.
     lock: std::fs::File,
-    mut rx: mpsc::Receiver<Op>,
-    me: mpsc::WeakSender<Op>,
+    mut rx: mpsc::UnboundedReceiver<Op>,
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
     wal: WalSync,
 ) {
-    let broken = Arc::new(AtomicBool::new(false));
-    // The writer hands a group over only while the syncer is idle, so one slot
-    // is all the channel needs. Until then it keeps applying what arrives to
-    // the open transaction: the next group holds everything that came during
-    // the last fsync, and commits the moment that fsync ends.
-    let syncing = Arc::new(AtomicBool::new(false));
-    // How many writes the open transaction holds, for the syncer to read.
-    let gathered = Arc::new(AtomicUsize::new(0));
+    // The writer hands a group over only while the syncer is idle (after
+    // that the syncer commits the next itself), so one slot is all the
+    // channel needs.
     let (to_syncer, groups) = std::sync::mpsc::sync_channel::<Unsynced>(1);
     let syncer = {
-        let (broken, syncing, gathered) = (broken.clone(), syncing.clone(), gathered.clone());
+        let (core, checkpoint_due) = (core.clone(), checkpoint_due.clone());
         std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || sync_loop(wal, groups, broken, syncing, gathered, me))
+            .spawn(move || sync_loop(wal, groups, core, checkpoint_due))
     };
     let syncer = match syncer {
         Ok(handle) => handle,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the store's sync thread");
+            core.lock_writer().take();
+            core.drain();
             while let Some(op) = rx.blocking_recv() {
                 fail(op, &unavailable("store sync thread did not start"));
             }
             return;
         }
-    };
-    let mut w = Writer {
-        conn,
-        dedupe,
-        open: None,
-        committed: Vec::new(),
-        last_group: 0,
     };
     let mut ops = Vec::with_capacity(MAX_BATCH);
     let mut closed = None;
@@ -670,7 +820,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        ops.retain(|op| !matches!(op, Op::Synced));
+        ops.retain(|op| !matches!(op, Op::Wake));
         if let Some(i) = ops.iter().position(|op| matches!(op, Op::Close(_))) {
             // Everything queued after the close is refused, as if it came later.
             for op in ops.drain(i + 1..) {
@@ -680,48 +830,69 @@ fn writer_loop(
                 closed = Some(reply);
             }
         }
-        if broken.load(Ordering::Acquire) {
-            w.abandon(&unavailable(DISK_FAILED));
-            for op in ops.drain(..) {
-                fail(op, &unavailable(DISK_FAILED));
+        {
+            let mut guard = core.lock_writer();
+            let Some(w) = guard.as_mut() else { break };
+            if !w.redo.is_empty() {
+                let redo = std::mem::take(&mut w.redo);
+                w.one_by_one(redo);
             }
-        } else if let Err(err) = w.apply(&mut ops) {
-            // The database stayed locked for the whole busy wait: what queued
-            // behind it has waited too, and is refused with it rather than
-            // after a wait of its own. Only what was queued when the wait
-            // ended, and all answered after it is taken: a write sent in reply
-            // to one of these answers is not refused with them.
-            for _ in 0..rx.len() {
-                match rx.try_recv() {
-                    Ok(Op::Close(reply)) => {
-                        closed = Some(reply);
-                        break;
+            if core.broken.load(Ordering::Acquire) {
+                w.abandon(&unavailable(DISK_FAILED));
+                for op in ops.drain(..) {
+                    fail(op, &unavailable(DISK_FAILED));
+                }
+            } else if let Err(err) = w.apply(&mut ops) {
+                // The database stayed locked for the whole busy wait: what queued
+                // behind it has waited too, and is refused with it rather than
+                // after a wait of its own. Only what was queued when the wait
+                // ended, and all answered after it is taken: a write sent in reply
+                // to one of these answers is not refused with them.
+                for _ in 0..rx.len() {
+                    match rx.try_recv() {
+                        Ok(Op::Close(reply)) => {
+                            closed = Some(reply);
+                            break;
+                        }
+                        Ok(op) => ops.push(op),
+                        Err(_) => break,
                     }
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
+                }
+                // So have the inserts left for the lock's holder meanwhile.
+                ops.append(&mut core.lock_pending());
+                for op in ops.drain(..) {
+                    fail(op, &err);
                 }
             }
-            for op in ops.drain(..) {
-                fail(op, &err);
+            if closed.is_none() && !w.syncing && w.commit() {
+                w.syncing = true;
+                // The syncer lives as long as this loop; if it died, dropping the
+                // group here answers each operation "store writer stopped".
+                let _ = to_syncer.send(std::mem::take(&mut w.committed));
+                // Full means a checkpoint is already due: nothing to add.
+                let _ = checkpoint_due.try_send(());
             }
+            core.gathered.store(w.gathered(), Ordering::Release);
         }
+        core.drain();
         if closed.is_some() {
             break;
         }
-        if !syncing.load(Ordering::Acquire) && w.commit() {
-            syncing.store(true, Ordering::Release);
-            // The syncer lives as long as this loop; if it died, dropping the
-            // group here answers each operation "store writer stopped".
-            let _ = to_syncer.send(std::mem::take(&mut w.committed));
-            // Full means a checkpoint is already due: nothing to add.
-            let _ = checkpoint_due.try_send(());
-        }
-        gathered.store(w.open.as_ref().map_or(0, Vec::len), Ordering::Release);
     }
-    // Everything applied is committed and answered before the close is (the
-    // one slot is free: the syncer has taken whatever came before).
-    if w.commit() {
-        let _ = to_syncer.send(std::mem::take(&mut w.committed));
+    // From here inserts go to the queue, which refuses them once closed.
+    let mut w = core.lock_writer().take();
+    core.drain();
+    if let Some(w) = w.as_mut() {
+        if !w.redo.is_empty() {
+            let redo = std::mem::take(&mut w.redo);
+            w.one_by_one(redo);
+        }
+        // Everything applied is committed and answered before the close is
+        // (the one slot is free: the syncer took whatever came before, or
+        // committed it itself).
+        if w.commit() {
+            let _ = to_syncer.send(std::mem::take(&mut w.committed));
+        }
     }
     drop(checkpoint_due);
     drop(to_syncer);
@@ -730,9 +901,10 @@ fn writer_loop(
     while let Ok(op) = rx.try_recv() {
         fail(op, &unavailable("store is closed"));
     }
-    // Fold the WAL into the database so the next start has nothing to replay.
-    let _ = w.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
-    drop(w);
+    if let Some(w) = w {
+        // Fold the WAL into the database so the next start has nothing to replay.
+        let _ = w.conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
     drop(lock);
     if let Some(reply) = closed {
         let _ = reply.send(());
@@ -776,6 +948,10 @@ impl Writer {
                 let mut again: Vec<Op> = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
                 again.push(op);
                 again.extend(ops);
+                if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                    tracing::error!(error = %e, "store rollback failed");
+                }
+                self.dedupe.reload(&self.conn);
                 self.one_by_one(again);
                 return Ok(());
             }
@@ -784,11 +960,50 @@ impl Writer {
         Ok(())
     }
 
-    fn one_by_one(&mut self, ops: Vec<Op>) {
-        if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-            tracing::error!(error = %e, "store rollback failed");
+    /// An insert into the open group, made on the task that inserts (see
+    /// `Core`): only while the syncer is at work, so that it commits the
+    /// group, and never waiting for a lock (the writer thread does that).
+    /// A failure sends the whole group back to the writer thread (`redo`):
+    /// the rollback and the rereading of the dedupe state are not for a
+    /// task of the async runtime.
+    fn join(&mut self, op: Op) -> Joined {
+        if !matches!(op, Op::Insert(..)) || !self.syncing || !self.redo.is_empty() || self.dedupe.is_stale() {
+            return Joined::No(op);
         }
-        self.dedupe.reload(&self.conn);
+        if self.open.is_none() {
+            WAIT_FOR_LOCKS.set(false);
+            let begun = exec(&self.conn, "BEGIN IMMEDIATE");
+            WAIT_FOR_LOCKS.set(true);
+            if begun.is_err() {
+                return Joined::No(op);
+            }
+            self.open = Some(Vec::with_capacity(self.last_group.max(1)));
+        }
+        let open = self.open.as_mut().expect("a transaction is open");
+        let mut inserts = Inserts::default();
+        let d = run(&self.conn, &mut self.dedupe, &op, &mut inserts);
+        drop(inserts);
+        if d.failed() {
+            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+                tracing::error!(error = %e, "store rollback failed");
+            }
+            self.dedupe.forget();
+            self.redo = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
+            self.redo.push(op);
+            return Joined::Failed;
+        }
+        open.push((op, d));
+        Joined::Yes
+    }
+
+    /// Writes in the open transaction.
+    fn gathered(&self) -> usize {
+        self.open.as_ref().map_or(0, Vec::len)
+    }
+
+    /// Runs each operation in a transaction of its own, after a group failed
+    /// and was rolled back.
+    fn one_by_one(&mut self, ops: Vec<Op>) {
         tracing::debug!(
             operations = ops.len(),
             "store group failed; running its operations one by one"
@@ -910,7 +1125,7 @@ fn run<'c>(t: &'c Connection, dedupe: &mut Dedupe, op: &Op, inserts: &mut Insert
         Op::Complete(done, _) => complete(t, done).map_or_else(refused_or_failed, |()| Done::Completed),
         Op::Replay(target, now, _) => replay(t, dedupe, target, *now).map_or_else(refused_or_failed, Done::Replayed),
         Op::Prune(retention, now, _) => prune(t, dedupe, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
-        Op::Close(_) | Op::Synced => Done::Closed,
+        Op::Close(_) | Op::Wake => Done::Closed,
     }
 }
 
@@ -948,7 +1163,7 @@ fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
         Op::Close(to) => {
             let _ = to.send(());
         }
-        Op::Synced => {}
+        Op::Wake => {}
     }
 }
 
@@ -1403,7 +1618,11 @@ fn received_from(t: &Connection, cutoff: i64) -> Result<i64, StoreError> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
-        self.submit(|r| Op::Insert(event, r)).await
+        // Into the open group on this task if it can (see `Core`).
+        let (tx, rx) = oneshot::channel();
+        self.core.lock_pending().push(Op::Insert(event, tx));
+        self.core.drain();
+        rx.await.map_err(|_| unavailable("store writer stopped"))?
     }
 
     async fn claim(&self, sink: &str, limit: usize, lease: Duration, now: i64) -> Result<Vec<Claimed>, StoreError> {
@@ -1667,7 +1886,7 @@ impl Store for SqliteStore {
         // queued before is committed, the WAL is checkpointed and the write
         // connection is closed.
         let (tx, rx) = oneshot::channel();
-        if self.writer.send(Op::Close(tx)).await.is_ok() {
+        if self.writer.send(Op::Close(tx)).is_ok() {
             let _ = rx.await;
         }
     }

@@ -927,6 +927,101 @@ async fn sqlite_a_failing_write_fails_alone() {
     );
 }
 
+/// SQLite only: while the syncer is at work, inserts join the open group on
+/// their own tasks instead of going through the writer thread. One that
+/// fails there (a sink named twice) sends its group back to the writer
+/// thread, which runs it one by one: only the failing insert fails, every
+/// other is stored once, and none is answered before the fsync that covers
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_inserts_join_the_open_group_during_an_fsync_and_fail_alone_there() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let (syncing, synced) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let store = SqliteStore::open_syncing(dir.path(), {
+        let (syncing, synced) = (syncing.clone(), synced.clone());
+        move |wal| {
+            Box::new(move || {
+                syncing.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(50));
+                let r = wal.sync_data();
+                synced.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+        }
+    })
+    .unwrap();
+    let store = Arc::new(store);
+    // A burst of inserts while an fsync runs (one started by a first insert):
+    // `evt_<i>` for i in `ids`, those in `failing` with a sink named twice.
+    let burst = |ids: std::ops::Range<usize>, failing: &'static [usize]| {
+        let (store, syncing, synced) = (store.clone(), syncing.clone(), synced.clone());
+        async move {
+            syncing.store(false, Ordering::SeqCst);
+            let first = tokio::spawn({
+                let store = store.clone();
+                let id = format!("first_{}", ids.start);
+                async move { store.insert(new_event(&id, &["a"])).await }
+            });
+            while !syncing.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let mut tasks = tokio::task::JoinSet::new();
+            for i in ids {
+                let (store, synced) = (store.clone(), synced.clone());
+                tasks.spawn(async move {
+                    let id = format!("evt_{i:03}");
+                    let sinks: &[&str] = if failing.contains(&i) { &["a", "a"] } else { &["a"] };
+                    let before = synced.load(Ordering::SeqCst);
+                    let result = store.insert(new_event(&id, sinks)).await;
+                    (id, result, synced.load(Ordering::SeqCst) > before)
+                });
+            }
+            let (mut stored, mut failed) = (BTreeSet::new(), BTreeSet::new());
+            while let Some(joined) = tasks.join_next().await {
+                let (id, result, after_an_fsync) = joined.expect("insert task");
+                match result {
+                    Ok(Inserted::New(_)) => {
+                        assert!(after_an_fsync, "{id} was answered before an fsync covered it");
+                        assert!(stored.insert(id));
+                    }
+                    Err(StoreError::Unavailable(_)) => assert!(failed.insert(id)),
+                    other => panic!("{id}: unexpected {other:?}"),
+                }
+            }
+            assert_eq!(first.await.unwrap().unwrap(), Inserted::New(vec![]));
+            (stored, failed)
+        }
+    };
+    const N: usize = 100;
+    let (mut stored, failed) = burst(0..N, &[]).await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let (joins, failed_joins) = store.joins();
+    assert!(
+        joins > N as u64 / 2,
+        "only {joins} of {N} inserts joined a group directly"
+    );
+    assert_eq!(failed_joins, 0);
+
+    let (more, failed) = burst(N..2 * N, &[110, 160]).await;
+    let (_, failed_joins) = store.joins();
+    assert!(failed_joins >= 1, "no insert failed where it joined");
+    assert_eq!(failed, BTreeSet::from(["evt_110".to_string(), "evt_160".into()]));
+    assert_eq!(more.len(), N - 2);
+    stored.extend(more);
+    stored.extend(["first_0".to_string(), format!("first_{N}")]);
+    let store: Arc<dyn Store> = store;
+    let listed: BTreeSet<_> = events(&*store, None, None).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(listed, stored);
+    let claimed = claim(&*store, "a", T0).await;
+    assert_eq!(claimed.len(), stored.len());
+    // Nothing of a failed write was kept, so the vendor's retry of it is new.
+    assert_eq!(
+        insert(&*store, new_event("evt_110", &["a"])).await,
+        Inserted::New(vec![])
+    );
+}
+
 async fn concurrent_inserts_are_all_stored(store: Arc<dyn Store>) {
     const N: usize = 500;
     // Each event twice, from different tasks, all at once: the copies land in
