@@ -302,10 +302,26 @@ fn busy(tries: i32) -> bool {
 }
 
 thread_local! {
-    /// False while a task of the async runtime begins a transaction
-    /// (`Writer::join`): it must not sleep for a lock, and leaves the insert
-    /// to the writer thread instead.
+    /// False while a task of the async runtime writes (`Writer::join`): it
+    /// must not sleep for a lock, and leaves the insert to the writer thread
+    /// instead.
     static WAIT_FOR_LOCKS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Lock waits off on this thread while it lives (`WAIT_FOR_LOCKS`).
+struct NoWait;
+
+impl NoWait {
+    fn new() -> Self {
+        WAIT_FOR_LOCKS.set(false);
+        NoWait
+    }
+}
+
+impl Drop for NoWait {
+    fn drop(&mut self) {
+        WAIT_FOR_LOCKS.set(true);
+    }
 }
 
 /// How long an operation waits for another process's lock on the database
@@ -833,16 +849,18 @@ fn writer_loop(
         {
             let mut guard = core.lock_writer();
             let Some(w) = guard.as_mut() else { break };
-            if !w.redo.is_empty() {
-                let redo = std::mem::take(&mut w.redo);
-                w.one_by_one(redo);
-            }
             if core.broken.load(Ordering::Acquire) {
                 w.abandon(&unavailable(DISK_FAILED));
-                for op in ops.drain(..) {
+                for op in w.redo.drain(..).chain(ops.drain(..)) {
                     fail(op, &unavailable(DISK_FAILED));
                 }
-            } else if let Err(err) = w.apply(&mut ops) {
+            } else if let Err(err) = {
+                if !w.redo.is_empty() {
+                    let redo = std::mem::take(&mut w.redo);
+                    w.one_by_one(redo);
+                }
+                w.apply(&mut ops)
+            } {
                 // The database stayed locked for the whole busy wait: what queued
                 // behind it has waited too, and is refused with it rather than
                 // after a wait of its own. Only what was queued when the wait
@@ -970,11 +988,12 @@ impl Writer {
         if !matches!(op, Op::Insert(..)) || !self.syncing || !self.redo.is_empty() || self.dedupe.is_stale() {
             return Joined::No(op);
         }
+        // Not even a statement of the insert may sleep for a lock here (a
+        // spill of a big group's pages could restart the WAL): busy, it
+        // fails, and the writer thread runs it again.
+        let _no_wait = NoWait::new();
         if self.open.is_none() {
-            WAIT_FOR_LOCKS.set(false);
-            let begun = exec(&self.conn, "BEGIN IMMEDIATE");
-            WAIT_FOR_LOCKS.set(true);
-            if begun.is_err() {
+            if exec(&self.conn, "BEGIN IMMEDIATE").is_err() {
                 return Joined::No(op);
             }
             self.open = Some(Vec::with_capacity(self.last_group.max(1)));
