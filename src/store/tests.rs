@@ -1022,6 +1022,59 @@ async fn sqlite_inserts_join_the_open_group_during_an_fsync_and_fail_alone_there
     );
 }
 
+/// SQLite only: an insert that would join the open group while another
+/// process holds the database locked does not wait for that lock on the
+/// async task that makes it (a runtime thread would stall for up to the
+/// busy limit): it goes to the writer thread, which waits, and is stored
+/// once the lock is let go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_joining_insert_never_waits_for_a_lock_on_its_task() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let syncing = Arc::new(AtomicBool::new(false));
+    let store = SqliteStore::open_syncing(dir.path(), {
+        let syncing = syncing.clone();
+        move |wal| {
+            Box::new(move || {
+                syncing.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+                wal.sync_data()
+            })
+        }
+    })
+    .unwrap();
+    let store = Arc::new(store);
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.insert(new_event("first", &["a"])).await }
+    });
+    while !syncing.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The first group is committed and being synced; no transaction is open.
+    let other = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let insert = store.insert(new_event("second", &["a"]));
+    let mut insert = std::pin::pin!(insert);
+    let started = Instant::now();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        std::future::Future::poll(insert.as_mut(), &mut cx).is_pending(),
+        "stored while the database was locked"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(100),
+        "the insert's task waited {:?} for the lock",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(insert.await.unwrap(), Inserted::New(vec![]));
+    assert_eq!(first.await.unwrap().unwrap(), Inserted::New(vec![]));
+    assert_eq!(store.joins(), (0, 0), "nothing joined while the lock was held");
+}
+
 async fn concurrent_inserts_are_all_stored(store: Arc<dyn Store>) {
     const N: usize = 500;
     // Each event twice, from different tasks, all at once: the copies land in
