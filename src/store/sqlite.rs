@@ -11,8 +11,9 @@
 //! Durability is pipelined: commits use `synchronous=NORMAL` (SQLite writes
 //! the WAL but does not fsync it), and a syncer thread fsyncs the WAL file
 //! and only then answers the group. While that fsync runs, the next group
-//! gathers in the open transaction, and the syncer commits it the moment
-//! the fsync is done (or its pacing interval is up): an operation waits
+//! gathers in the open transaction, and the syncer commits it as the fsync
+//! ends (once a least interval since the last fsync began is up, unless the
+//! group is already full): an operation waits
 //! for the rest of one fsync and then its own. While the syncer is at work,
 //! an insert joins the open transaction on the task that makes it; other
 //! operations, and an insert while the store is idle, go through a writer
@@ -44,8 +45,18 @@ use super::dedupe::{self, Dedupe, Tuning};
 use super::*;
 
 /// Operations the writer takes from its queue at once: between batches it
-/// looks whether the syncer is free, so the open transaction can commit.
+/// looks whether the syncer is idle, so it can hand it the open transaction.
 const MAX_BATCH: usize = 1024;
+/// Pending inserts a task applies for others before it leaves the rest to
+/// the writer thread (see `Core::drain`).
+const DRAIN_ON_A_TASK: usize = 32;
+/// The same for the syncer, between its commit and its fsync: the inserts
+/// that came during the commit, a few at most.
+const DRAIN_ON_THE_SYNCER: usize = 8;
+/// Bodies above this size go to the writer thread rather than joining on a
+/// task: their pages could overflow SQLite's cache, and spilling them is
+/// disk I/O.
+const JOIN_MAX_BODY: usize = 64 * 1024;
 /// Rows a prune statement touches at once, so pruning never holds the write
 /// lock for long.
 const PRUNE_CHUNK: i64 = 5000;
@@ -167,12 +178,13 @@ pub struct SqliteStore {
 /// group itself as its fsync ends): under load an insert then costs no
 /// thread a wake-up, and the group is ready to commit the moment the
 /// fsync is done. An insert that finds the connection in use leaves
-/// itself in `pending` for whoever holds it to apply before letting go
+/// itself in `pending` for whoever holds it to apply once it lets go
 /// (`drain`), so no task ever waits for the lock. Everything else (claims,
 /// completions, pruning, an insert while the store is idle or in trouble)
 /// goes through the writer thread, which may wait for locks and disks.
 struct Core {
-    /// `None` once the writer thread has closed the store.
+    /// `None` once the writer thread has closed the store (or could not
+    /// start its syncer).
     writer: Mutex<Option<Writer>>,
     pending: Mutex<Vec<Op>>,
     /// The writer thread's queue, for what cannot join a group directly.
@@ -181,8 +193,9 @@ struct Core {
     broken: AtomicBool,
     /// How many writes the open transaction holds, for the syncer to read.
     gathered: AtomicUsize,
-    /// Inserts that joined a group on their own task, and of them those
-    /// that failed there (tests check that these paths ran).
+    /// Inserts that joined a group directly, not through the writer
+    /// thread's queue, and inserts that failed where they joined (tests
+    /// check that these paths ran).
     #[cfg(test)]
     joins: [std::sync::atomic::AtomicU64; 2],
 }
@@ -200,29 +213,50 @@ enum Joined {
 }
 
 impl Core {
+    /// A holder that panicked may have left half an operation in the open
+    /// transaction: from then on the store refuses every write, as after a
+    /// failed fsync.
     fn lock_writer(&self) -> std::sync::MutexGuard<'_, Option<Writer>> {
-        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+        self.writer.lock().unwrap_or_else(|e| {
+            self.broken.store(true, Ordering::Release);
+            e.into_inner()
+        })
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<Op>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies the pending inserts if the write connection is free; if it is
-    /// not, its holder does (every holder calls this once it lets go, and a
-    /// pending insert is pushed before its maker calls this, so none is
-    /// left behind).
-    fn drain(&self) {
+    /// Applies pending inserts, at most `limit` of them, if the write
+    /// connection is free; if it is not, its holder does (every holder calls
+    /// this once it has let go, and a pending insert is pushed before its
+    /// maker calls this, so none is left behind). Past the limit the writer
+    /// thread is woken to take the rest, so a task (or the syncer, whose
+    /// fsync waits meanwhile) spends little time on other requests' inserts.
+    fn drain(&self, limit: usize) {
+        let mut applied = 0;
         loop {
             if self.lock_pending().is_empty() {
+                return;
+            }
+            if applied >= limit {
+                self.forward(Op::Wake);
                 return;
             }
             let mut guard = match self.writer.try_lock() {
                 Ok(g) => g,
                 Err(std::sync::TryLockError::WouldBlock) => return,
-                Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+                Err(std::sync::TryLockError::Poisoned(e)) => {
+                    self.broken.store(true, Ordering::Release);
+                    e.into_inner()
+                }
             };
-            let ops = std::mem::take(&mut *self.lock_pending());
+            let ops: Vec<Op> = {
+                let mut pending = self.lock_pending();
+                let n = pending.len().min(limit - applied);
+                pending.drain(..n).collect()
+            };
+            applied += ops.len();
             let mut wake = false;
             for op in ops {
                 let joined = match guard.as_mut() {
@@ -278,7 +312,8 @@ pub(super) fn unavailable(e: impl std::fmt::Display) -> StoreError {
 /// busy timeout sleeps 1, 2, 5, 10 ms and more between tries, so a writer
 /// that met a lock held for one millisecond would lose ten; this tries again
 /// every 100 µs at first. The limit is time, not a count of sleeps: on a
-/// busy machine a 1 ms sleep can take two.
+/// busy machine a 1 ms sleep can take two. A task of the async runtime
+/// never waits (`WAIT_FOR_LOCKS`).
 fn busy(tries: i32) -> bool {
     if !WAIT_FOR_LOCKS.get() {
         return false;
@@ -508,8 +543,8 @@ impl SqliteStore {
         Self::open_with(dir, sync, Tuning::default(), WAL_RESTART_FRAMES, interval)
     }
 
-    /// Inserts that joined a group on their own task so far, and how many
-    /// of them failed there.
+    /// Inserts that joined a group directly so far, and inserts that failed
+    /// where they joined.
     #[cfg(test)]
     pub(super) fn joins(&self) -> (u64, u64) {
         let [joined, failed] = &self.core.joins;
@@ -674,17 +709,34 @@ struct WalSync {
 }
 
 /// Fsyncs the WAL for each committed group, answers it, and commits the
-/// next: once its interval ([`MIN_SYNC_INTERVAL`]) is up, or as soon as the
-/// fsync ends if the open transaction already holds [`FULL_GROUP`] writes
-/// (`gathered`). It commits that group itself, so no other thread's
-/// wake-up stands between one fsync and the next; with nothing to commit it
-/// goes idle (`syncing` false) until the writer thread hands it a group.
+/// next: once its interval ([`MIN_SYNC_INTERVAL`]) since the last fsync's
+/// start is up, or at once if the open transaction already holds
+/// [`FULL_GROUP`] writes (`gathered`). It commits that group itself, so no
+/// other thread's wake-up stands between one fsync and the next; with
+/// nothing to commit it goes idle (`syncing` false) until the writer thread
+/// hands it a group.
 fn sync_loop(
     mut wal: WalSync,
     groups: std::sync::mpsc::Receiver<Unsynced>,
     core: Arc<Core>,
     checkpoint_due: std::sync::mpsc::SyncSender<()>,
 ) {
+    /// If the syncer panics, nothing would commit the open group again, and
+    /// its writes would wait forever: the store refuses them, and every
+    /// write after, until expeditor is restarted.
+    struct OnPanic(Arc<Core>);
+    impl Drop for OnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                self.0.broken.store(true, Ordering::Release);
+                if let Some(w) = self.0.lock_writer().as_mut() {
+                    w.abandon(&unavailable("store sync thread stopped; restart expeditor"));
+                    w.syncing = false;
+                }
+            }
+        }
+    }
+    let _on_panic = OnPanic(core.clone());
     let mut next = None;
     loop {
         let batch = match next.take() {
@@ -738,7 +790,7 @@ fn sync_loop(
                 core.gathered.store(w.gathered(), Ordering::Release);
             }
         }
-        core.drain();
+        core.drain(DRAIN_ON_THE_SYNCER);
     }
 }
 
@@ -819,7 +871,7 @@ fn writer_loop(
         Err(e) => {
             tracing::error!(error = %e, "cannot start the store's sync thread");
             core.lock_writer().take();
-            core.drain();
+            core.drain(usize::MAX);
             while let Some(op) = rx.blocking_recv() {
                 fail(op, &unavailable("store sync thread did not start"));
             }
@@ -855,10 +907,7 @@ fn writer_loop(
                     fail(op, &unavailable(DISK_FAILED));
                 }
             } else if let Err(err) = {
-                if !w.redo.is_empty() {
-                    let redo = std::mem::take(&mut w.redo);
-                    w.one_by_one(redo);
-                }
+                w.redo();
                 w.apply(&mut ops)
             } {
                 // The database stayed locked for the whole busy wait: what queued
@@ -892,22 +941,26 @@ fn writer_loop(
             }
             core.gathered.store(w.gathered(), Ordering::Release);
         }
-        core.drain();
+        core.drain(usize::MAX);
         if closed.is_some() {
             break;
         }
     }
     // From here inserts go to the queue, which refuses them once closed.
     let mut w = core.lock_writer().take();
-    core.drain();
+    core.drain(usize::MAX);
     if let Some(w) = w.as_mut() {
-        if !w.redo.is_empty() {
-            let redo = std::mem::take(&mut w.redo);
-            w.one_by_one(redo);
+        if core.broken.load(Ordering::Acquire) {
+            w.abandon(&unavailable(DISK_FAILED));
+            for op in w.redo.drain(..) {
+                fail(op, &unavailable(DISK_FAILED));
+            }
+        } else {
+            w.redo();
         }
         // Everything applied is committed and answered before the close is
-        // (the one slot is free: the syncer took whatever came before, or
-        // committed it itself).
+        // (the syncer has taken whatever came before, or committed it itself;
+        // if it has yet to take the last hand-off, this waits for it).
         if w.commit() {
             let _ = to_syncer.send(std::mem::take(&mut w.committed));
         }
@@ -978,19 +1031,23 @@ impl Writer {
         Ok(())
     }
 
-    /// An insert into the open group, made on the task that inserts (see
+    /// An insert into the open group, made by whoever holds the write
+    /// connection when it arrives, most often the task that inserts (see
     /// `Core`): only while the syncer is at work, so that it commits the
     /// group, and never waiting for a lock (the writer thread does that).
-    /// A failure sends the whole group back to the writer thread (`redo`):
-    /// the rollback and the rereading of the dedupe state are not for a
+    /// A failure rolls the group back and sends it to the writer thread
+    /// (`redo`), with the rereading of the dedupe state: that is not for a
     /// task of the async runtime.
     fn join(&mut self, op: Op) -> Joined {
-        if !matches!(op, Op::Insert(..)) || !self.syncing || !self.redo.is_empty() || self.dedupe.is_stale() {
+        let joins = match &op {
+            Op::Insert(ev, _) => ev.body.len() <= JOIN_MAX_BODY,
+            _ => false,
+        };
+        if !joins || !self.syncing || !self.redo.is_empty() || self.dedupe.is_stale() {
             return Joined::No(op);
         }
-        // Not even a statement of the insert may sleep for a lock here (a
-        // spill of a big group's pages could restart the WAL): busy, it
-        // fails, and the writer thread runs it again.
+        // Its `BEGIN` may not sleep for a lock here: busy, it goes to the
+        // writer thread, which waits.
         let _no_wait = NoWait::new();
         if self.open.is_none() {
             if exec(&self.conn, "BEGIN IMMEDIATE").is_err() {
@@ -1013,6 +1070,19 @@ impl Writer {
         }
         open.push((op, d));
         Joined::Yes
+    }
+
+    /// Runs again, one by one, a group that failed where an insert joined
+    /// it, after reading the dedupe state back (keeping the runs' filters).
+    fn redo(&mut self) {
+        if self.redo.is_empty() {
+            return;
+        }
+        if self.dedupe.is_stale() {
+            self.dedupe.reload(&self.conn);
+        }
+        let redo = std::mem::take(&mut self.redo);
+        self.one_by_one(redo);
     }
 
     /// Writes in the open transaction.
@@ -1640,7 +1710,7 @@ impl Store for SqliteStore {
         // Into the open group on this task if it can (see `Core`).
         let (tx, rx) = oneshot::channel();
         self.core.lock_pending().push(Op::Insert(event, tx));
-        self.core.drain();
+        self.core.drain(DRAIN_ON_A_TASK);
         rx.await.map_err(|_| unavailable("store writer stopped"))?
     }
 
@@ -1901,9 +1971,10 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        // Operations are applied in order: once the writer answers, everything
-        // queued before is committed, the WAL is checkpointed and the write
-        // connection is closed.
+        // Once the writer answers, everything applied before (by it, or by an
+        // insert's own task) is committed and synced, the WAL is checkpointed
+        // and the write connection is closed; an insert still under way is
+        // either among those or refused.
         let (tx, rx) = oneshot::channel();
         if self.writer.send(Op::Close(tx)).is_ok() {
             let _ = rx.await;

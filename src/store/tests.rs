@@ -937,11 +937,16 @@ async fn sqlite_a_failing_write_fails_alone() {
 async fn sqlite_inserts_join_the_open_group_during_an_fsync_and_fail_alone_there() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let dir = tempfile::tempdir().unwrap();
-    let (syncing, synced) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+    let (syncing, started, synced) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let store = SqliteStore::open_syncing(dir.path(), {
-        let (syncing, synced) = (syncing.clone(), synced.clone());
+        let (syncing, started, synced) = (syncing.clone(), started.clone(), synced.clone());
         move |wal| {
             Box::new(move || {
+                started.fetch_add(1, Ordering::SeqCst);
                 syncing.store(true, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(50));
                 let r = wal.sync_data();
@@ -955,7 +960,7 @@ async fn sqlite_inserts_join_the_open_group_during_an_fsync_and_fail_alone_there
     // A burst of inserts while an fsync runs (one started by a first insert):
     // `evt_<i>` for i in `ids`, those in `failing` with a sink named twice.
     let burst = |ids: std::ops::Range<usize>, failing: &'static [usize]| {
-        let (store, syncing, synced) = (store.clone(), syncing.clone(), synced.clone());
+        let (store, syncing, started, synced) = (store.clone(), syncing.clone(), started.clone(), synced.clone());
         async move {
             syncing.store(false, Ordering::SeqCst);
             let first = tokio::spawn({
@@ -968,11 +973,13 @@ async fn sqlite_inserts_join_the_open_group_during_an_fsync_and_fail_alone_there
             }
             let mut tasks = tokio::task::JoinSet::new();
             for i in ids {
-                let (store, synced) = (store.clone(), synced.clone());
+                let (store, started, synced) = (store.clone(), started.clone(), synced.clone());
                 tasks.spawn(async move {
                     let id = format!("evt_{i:03}");
                     let sinks: &[&str] = if failing.contains(&i) { &["a", "a"] } else { &["a"] };
-                    let before = synced.load(Ordering::SeqCst);
+                    // The fsync that covers it starts after it is made, so
+                    // it is not one of these.
+                    let before = started.load(Ordering::SeqCst);
                     let result = store.insert(new_event(&id, sinks)).await;
                     (id, result, synced.load(Ordering::SeqCst) > before)
                 });
