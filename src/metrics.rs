@@ -341,7 +341,7 @@ impl SourceMetrics {
             true => (&self.routed, &self.metrics.events_routed),
             false => (&self.unrouted, &self.metrics.events_unrouted),
         };
-        cell.get_or_init(|| family.get_or_create(&self.labels()).clone()).inc();
+        count(Some(cell), family, || self.labels());
     }
 
     /// Rare (an attack or a misconfigured secret): looked up each time.

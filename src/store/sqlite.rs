@@ -186,7 +186,7 @@ struct Core {
     /// `None` once the writer thread has closed the store (or could not
     /// start its syncer).
     writer: Mutex<Option<Writer>>,
-    pending: Mutex<Vec<Op>>,
+    pending: Mutex<std::collections::VecDeque<Op>>,
     /// The writer thread's queue, for what cannot join a group directly.
     queue: mpsc::WeakUnboundedSender<Op>,
     /// An fsync failed: nothing is written any more.
@@ -223,7 +223,7 @@ impl Core {
         })
     }
 
-    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Vec<Op>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Op>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -251,14 +251,13 @@ impl Core {
                     e.into_inner()
                 }
             };
-            let ops: Vec<Op> = {
-                let mut pending = self.lock_pending();
-                let n = pending.len().min(limit - applied);
-                pending.drain(..n).collect()
-            };
-            applied += ops.len();
             let mut wake = false;
-            for op in ops {
+            // One at a time, oldest first: nothing is allocated to hold them.
+            while applied < limit {
+                let Some(op) = self.lock_pending().pop_front() else {
+                    break;
+                };
+                applied += 1;
                 let joined = match guard.as_mut() {
                     Some(w) if !self.broken.load(Ordering::Acquire) => w.join(op),
                     _ => Joined::No(op),
@@ -613,7 +612,7 @@ impl SqliteStore {
                 syncing: false,
                 redo: Vec::new(),
             })),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::default(),
             queue: tx.downgrade(),
             broken: AtomicBool::new(false),
             gathered: AtomicUsize::new(0),
@@ -903,7 +902,7 @@ fn writer_loop(
             let Some(w) = guard.as_mut() else { break };
             if core.broken.load(Ordering::Acquire) {
                 w.abandon(&unavailable(DISK_FAILED));
-                for op in w.redo.drain(..).chain(ops.drain(..)) {
+                for op in ops.drain(..) {
                     fail(op, &unavailable(DISK_FAILED));
                 }
             } else if let Err(err) = {
@@ -926,7 +925,7 @@ fn writer_loop(
                     }
                 }
                 // So have the inserts left for the lock's holder meanwhile.
-                ops.append(&mut core.lock_pending());
+                ops.extend(core.lock_pending().drain(..));
                 for op in ops.drain(..) {
                     fail(op, &err);
                 }
@@ -952,9 +951,6 @@ fn writer_loop(
     if let Some(w) = w.as_mut() {
         if core.broken.load(Ordering::Acquire) {
             w.abandon(&unavailable(DISK_FAILED));
-            for op in w.redo.drain(..) {
-                fail(op, &unavailable(DISK_FAILED));
-            }
         } else {
             w.redo();
         }
@@ -1016,12 +1012,8 @@ impl Writer {
             let d = run(&self.conn, &mut self.dedupe, &op, &mut inserts);
             if d.failed() {
                 drop(inserts);
-                let mut again: Vec<Op> = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
-                again.push(op);
+                let mut again = self.roll_back(op);
                 again.extend(ops);
-                if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                    tracing::error!(error = %e, "store rollback failed");
-                }
                 self.dedupe.reload(&self.conn);
                 self.one_by_one(again);
                 return Ok(());
@@ -1060,12 +1052,8 @@ impl Writer {
         let d = run(&self.conn, &mut self.dedupe, &op, &mut inserts);
         drop(inserts);
         if d.failed() {
-            if let Err(e) = self.conn.execute_batch("ROLLBACK") {
-                tracing::error!(error = %e, "store rollback failed");
-            }
+            self.redo = self.roll_back(op);
             self.dedupe.forget();
-            self.redo = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
-            self.redo.push(op);
             return Joined::Failed;
         }
         open.push((op, d));
@@ -1083,6 +1071,18 @@ impl Writer {
         }
         let redo = std::mem::take(&mut self.redo);
         self.one_by_one(redo);
+    }
+
+    /// Rolls the open transaction back after `failed` failed in it: its
+    /// operations and `failed`, to run again one by one (the dedupe state
+    /// must be read back before they do).
+    fn roll_back(&mut self, failed: Op) -> Vec<Op> {
+        if let Err(e) = self.conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "store rollback failed");
+        }
+        let mut again: Vec<Op> = self.open.take().into_iter().flatten().map(|(op, _)| op).collect();
+        again.push(failed);
+        again
     }
 
     /// Writes in the open transaction.
@@ -1139,7 +1139,8 @@ impl Writer {
         !self.committed.is_empty()
     }
 
-    /// Fails everything not yet handed to the syncer.
+    /// Fails everything not yet handed to the syncer, and a group waiting
+    /// to be run again.
     fn abandon(&mut self, err: &StoreError) {
         if let Some(open) = self.open.take() {
             let _ = self.conn.execute_batch("ROLLBACK");
@@ -1149,6 +1150,9 @@ impl Writer {
             }
         }
         for (op, _) in self.committed.drain(..) {
+            fail(op, err);
+        }
+        for op in self.redo.drain(..) {
             fail(op, err);
         }
     }
@@ -1709,7 +1713,7 @@ impl Store for SqliteStore {
     async fn insert(&self, event: NewEvent) -> Result<Inserted, StoreError> {
         // Into the open group on this task if it can (see `Core`).
         let (tx, rx) = oneshot::channel();
-        self.core.lock_pending().push(Op::Insert(event, tx));
+        self.core.lock_pending().push_back(Op::Insert(event, tx));
         self.core.drain(DRAIN_ON_A_TASK);
         rx.await.map_err(|_| unavailable("store writer stopped"))?
     }

@@ -916,15 +916,18 @@ async fn sqlite_a_failing_write_fails_alone() {
         BTreeSet::from(["evt_050".to_string(), "evt_150".into(), "evt_250".into()])
     );
     assert_eq!(stored.len(), N - 3);
-    let listed: BTreeSet<_> = events(&*store, None, None).await.into_iter().map(|e| e.id).collect();
-    assert_eq!(listed, stored);
-    let claimed = claim(&*store, "a", T0).await;
-    assert_eq!(claimed.len(), N - 3);
-    // Nothing of a failed write was kept, so the vendor's retry of it is new.
-    assert_eq!(
-        insert(&*store, new_event("evt_050", &["a"])).await,
-        Inserted::New(vec![])
-    );
+    only_these_stored(&*store, &stored, "evt_050").await;
+}
+
+/// `stored` is exactly what the store holds, each with its delivery to `a`,
+/// and nothing of the failed write `failed` was kept: the vendor's retry of
+/// it is new.
+async fn only_these_stored(store: &dyn Store, stored: &BTreeSet<String>, failed: &str) {
+    let listed: BTreeSet<_> = events(store, None, None).await.into_iter().map(|e| e.id).collect();
+    assert_eq!(&listed, stored);
+    let claimed = claim(store, "a", T0).await;
+    assert_eq!(claimed.len(), stored.len());
+    assert_eq!(insert(store, new_event(failed, &["a"])).await, Inserted::New(vec![]));
 }
 
 /// SQLite only: while the syncer is at work, inserts join the open group on
@@ -1017,16 +1020,7 @@ async fn sqlite_inserts_join_the_open_group_during_an_fsync_and_fail_alone_there
     assert_eq!(more.len(), N - 2);
     stored.extend(more);
     stored.extend(["first_0".to_string(), format!("first_{N}")]);
-    let store: Arc<dyn Store> = store;
-    let listed: BTreeSet<_> = events(&*store, None, None).await.into_iter().map(|e| e.id).collect();
-    assert_eq!(listed, stored);
-    let claimed = claim(&*store, "a", T0).await;
-    assert_eq!(claimed.len(), stored.len());
-    // Nothing of a failed write was kept, so the vendor's retry of it is new.
-    assert_eq!(
-        insert(&*store, new_event("evt_110", &["a"])).await,
-        Inserted::New(vec![])
-    );
+    only_these_stored(&*store, &stored, "evt_110").await;
 }
 
 /// SQLite only: an insert that would join the open group while another
