@@ -20,10 +20,14 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, SinkCommon, SinkKind};
+use crate::config::{Concurrency, Config, SinkCommon, SinkKind};
 use crate::metrics::{AttemptOutcome, Metrics, SinkMetrics};
 use crate::pipeline::rebuild;
 use crate::store::{Claimed, Completed, Completion, Held, Store, StoredEvent, now_ms};
+
+mod flow;
+
+use flow::{Limiter, Pace, Signal, Slot};
 
 /// Longest a worker sleeps without looking at the store: other instances
 /// sharing a store add work without waking us.
@@ -35,6 +39,23 @@ const PREFETCH_ROUNDS: usize = 2;
 const LEASE_MARGIN_MS: i64 = 10_000;
 /// The least a worker keeps claimed ahead.
 const MIN_PREFETCH: usize = 64;
+/// The most an adaptive sink keeps claimed ahead, unless a fixed default
+/// of [`Concurrency::ADAPTIVE_START`] would have kept more.
+const MAX_ADAPTIVE_PREFETCH: usize = 1024;
+
+/// How many claims a worker keeps ahead: every attempt at once twice over.
+/// An adaptive sink of large batches (a file, BigQuery) keeps no more than
+/// it did at the fixed default: its limit rarely needs to climb far.
+fn prefetch_depth(concurrency: Concurrency, max_batch: usize) -> usize {
+    let rounds = |n: usize| PREFETCH_ROUNDS.saturating_mul(n).saturating_mul(max_batch);
+    let depth = match concurrency {
+        Concurrency::Fixed(n) => rounds(n),
+        Concurrency::Adaptive => {
+            rounds(Concurrency::ADAPTIVE_MAX).min(rounds(Concurrency::ADAPTIVE_START).max(MAX_ADAPTIVE_PREFETCH))
+        }
+    };
+    depth.max(MIN_PREFETCH)
+}
 
 pub struct Engine {
     handoff: Arc<Handoff>,
@@ -124,7 +145,7 @@ impl Engine {
             let max_batch = sink.max_batch().max(1);
             // Claimed but not started: every permit twice over, and enough that
             // one claim per store commit keeps a fast sink busy.
-            let depth = (PREFETCH_ROUNDS * common.concurrency * max_batch).max(MIN_PREFETCH);
+            let depth = prefetch_depth(common.concurrency, max_batch);
             // Long enough for the attempt and its recording; after that another
             // worker may take the delivery over. A claim that waited in the queue
             // until too little of its lease is left is given back, not attempted.
@@ -433,13 +454,14 @@ impl Worker {
         max_batch: usize,
         shutdown: CancellationToken,
     ) {
-        let permits = Arc::new(Semaphore::new(self.common.concurrency));
+        let limiter = Limiter::new(self.common.concurrency, self.metrics.concurrency_limit());
+        let mut pace = self.common.rate_limit.map(Pace::new);
         let linger = self.sink.linger();
         let in_flight = TaskTracker::new();
         let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
         loop {
-            let permit = tokio::select! {
-                p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            let slot = tokio::select! {
+                s = limiter.acquire() => s,
                 _ = shutdown.cancelled() => break,
             };
             tokio::select! {
@@ -470,11 +492,17 @@ impl Worker {
                     continue;
                 }
             }
+            if let Some(pace) = pace.as_mut() {
+                tokio::select! {
+                    _ = pace.wait() => {}
+                    // What is held is given back below.
+                    _ = shutdown.cancelled() => break,
+                }
+            }
             let this = self.clone();
             let taken = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
             in_flight.spawn(async move {
-                this.attempt(taken).await;
-                drop(permit);
+                this.attempt(taken, slot).await;
             });
         }
         // Claimed but never started: give them back so they run at once
@@ -499,7 +527,8 @@ impl Worker {
         }
     }
 
-    async fn attempt(&self, batch: Vec<Claimed>) {
+    /// Runs one batch in `slot`, and tells the slot how the sink answered.
+    async fn attempt(&self, batch: Vec<Claimed>, mut slot: Slot) {
         let mut deliveries = Vec::with_capacity(batch.len());
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
         for c in &batch {
@@ -520,6 +549,7 @@ impl Worker {
             }
         }
         let started = Instant::now();
+        let mut signal = None;
         if !deliveries.is_empty() {
             // A backstop: sinks enforce their own timeout, which reports better.
             let limit = self.common.timeout + Duration::from_millis(500);
@@ -531,10 +561,20 @@ impl Worker {
                 }
                 Err(_) => vec![Err(DeliveryError::timed_out(self.common.timeout)); deliveries.len()],
             };
+            signal = Some(if results.iter().any(|r| matches!(r, Err(e) if e.retryable)) {
+                Signal::PushedBack
+            } else {
+                Signal::Answered(started.elapsed())
+            });
             let mut results = results.into_iter();
-            for slot in outcomes.iter_mut().filter(|o| o.is_none()) {
-                *slot = results.next();
+            for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
+                *outcome = results.next();
             }
+        }
+        // The room stays taken until the outcomes are queued for the store
+        // (below), so a store that falls behind holds attempts back too.
+        if let Some(signal) = signal {
+            slot.report(signal);
         }
         let finished_at = now_ms();
         let elapsed = started.elapsed();

@@ -87,6 +87,7 @@ pub struct Metrics {
     pub deliveries: Family<DeliveryLabels, Counter>,
     pub attempt_duration: HistogramFamily<SinkLabels>,
     pending: Family<SinkLabels, Gauge>,
+    concurrency_limit: Family<SinkLabels, Gauge>,
     dead_letters: Family<SinkLabels, Gauge>,
     oldest_pending_age: Family<SinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     reloads: Family<ReloadLabels, Counter>,
@@ -170,6 +171,12 @@ impl Metrics {
             "Deliveries waiting to be made, by sink",
             pending.clone(),
         );
+        let concurrency_limit = Family::default();
+        registry.register(
+            "sink_concurrency_limit",
+            "Attempts a sink may have in flight at once (an adaptive limit moves with the sink's answers)",
+            concurrency_limit.clone(),
+        );
         let dead_letters = Family::default();
         registry.register(
             "dead_letters",
@@ -199,6 +206,7 @@ impl Metrics {
             deliveries,
             attempt_duration,
             pending,
+            concurrency_limit,
             dead_letters,
             oldest_pending_age,
             reloads,
@@ -372,6 +380,16 @@ impl SinkMetrics {
             attempts: std::array::from_fn(|_| OnceLock::new()),
             duration: OnceLock::new(),
         }
+    }
+
+    /// The gauge of this sink's concurrency limit.
+    pub fn concurrency_limit(&self) -> Gauge {
+        self.metrics
+            .concurrency_limit
+            .get_or_create(&SinkLabels {
+                sink: self.sink.clone(),
+            })
+            .clone()
     }
 
     pub fn attempt(&self, outcome: AttemptOutcome, duration: Duration) {

@@ -28,7 +28,7 @@ impl Cx<'_> {
         base: &Path,
     ) -> Option<SinkSpec> {
         let r: RawBigQuerySink = self.typed(value, key)?;
-        let common = self.sink_common(key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+        let common = sink_common!(self, key, r);
 
         let project = self.bigquery_id(&r.project, &format!("{key}.project"), expeditor_bigquery::check_project);
         let dataset = self.bigquery_id(&r.dataset, &format!("{key}.dataset"), expeditor_bigquery::check_dataset);

@@ -21,7 +21,7 @@ impl Cx<'_> {
         base: &Path,
     ) -> Option<SinkSpec> {
         let r: RawEmailSink = self.typed(value, key)?;
-        let common = self.sink_common(key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+        let common = sink_common!(self, key, r);
         let smtp = self.smtp(&format!("{key}.smtp"), &r.smtp, base);
 
         let fkey = format!("{key}.from");

@@ -5,6 +5,19 @@
 //! every problem found, each naming the file, line, column and key. `${VAR}`
 //! is resolved from the environment; an unset variable is an error, never "".
 
+/// `Cx::sink_common` on the keys every raw sink type has.
+macro_rules! sink_common {
+    ($loader:expr, $key:expr, $raw:expr) => {
+        $loader.sink_common(
+            $key,
+            $raw.concurrency.as_ref(),
+            $raw.rate_limit.as_ref(),
+            $raw.timeout.as_ref(),
+            $raw.retry.as_ref(),
+        )
+    };
+}
+
 mod bigquery;
 mod email;
 mod raw;
@@ -183,9 +196,53 @@ pub enum Scheme {
 /// What every sink has, whatever its type.
 #[derive(Debug, Clone, Copy)]
 pub struct SinkCommon {
-    pub concurrency: usize,
+    pub concurrency: Concurrency,
+    /// The most attempts that may start in a period (`rate_limit`).
+    pub rate_limit: Option<RateLimit>,
     pub timeout: Duration,
     pub retry: RetryPolicy,
+}
+
+/// How many attempts of a sink may be in flight at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    /// `concurrency = N`: never more than N.
+    Fixed(usize),
+    /// `"adaptive"`, the default: starts at [`Concurrency::ADAPTIVE_START`]
+    /// and rises while the sink answers as fast as before, falls when it
+    /// slows down or pushes back (429, 5xx, timeouts), never past
+    /// [`Concurrency::ADAPTIVE_MAX`] (`deliver::flow`).
+    Adaptive,
+}
+
+impl Concurrency {
+    /// Where an adaptive limit starts: the fixed default of earlier versions.
+    pub const ADAPTIVE_START: usize = 8;
+    /// The most an adaptive limit reaches.
+    pub const ADAPTIVE_MAX: usize = 32;
+
+    /// The most attempts this may ever allow at once.
+    pub fn most(self) -> usize {
+        match self {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Adaptive => Self::ADAPTIVE_MAX,
+        }
+    }
+}
+
+/// `rate_limit = "50/s"`: at most `count` attempts start in any `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// Attempts start at least this far apart, which keeps every window
+    /// of `per` (not only whole periods from some start) within `count`.
+    pub fn spacing(self) -> Duration {
+        self.per / self.count
+    }
 }
 
 #[derive(Debug)]
@@ -429,6 +486,41 @@ impl Cx<'_> {
             );
             None
         }
+    }
+
+    fn concurrency(&mut self, v: Option<&Spanned<RawConcurrency>>, key: &str) -> Option<Concurrency> {
+        let Some(v) = v else { return Some(Concurrency::Adaptive) };
+        match v.get_ref() {
+            RawConcurrency::Fixed(n) if (1..=1024).contains(n) => Some(Concurrency::Fixed(*n as usize)),
+            RawConcurrency::Named(name) if name == "adaptive" => Some(Concurrency::Adaptive),
+            _ => {
+                self.error_at(v.span(), key, "must be between 1 and 1024, or \"adaptive\"");
+                None
+            }
+        }
+    }
+
+    /// `"<count>/<period>"`: a unit (`s`, `min`, `h`) or a duration (`10s`).
+    fn rate_limit(&mut self, s: &Str, key: &str) -> Option<RateLimit> {
+        let v = self.resolve(s, key)?;
+        let parsed = v.split_once('/').and_then(|(count, per)| {
+            let count = count.trim().parse::<u32>().ok().filter(|c| *c > 0)?;
+            let per = match per.trim() {
+                "s" | "sec" | "second" => Duration::from_secs(1),
+                "m" | "min" | "minute" => Duration::from_secs(60),
+                "h" | "hour" => Duration::from_secs(3600),
+                other => humantime::parse_duration(other).ok()?,
+            };
+            (!per.is_zero() && per <= Duration::from_secs(86_400)).then_some(RateLimit { count, per })
+        });
+        if parsed.is_none() {
+            self.error_at(
+                s.span(),
+                key,
+                format!("invalid rate {v:?}; write \"<count>/<period>\", e.g. \"50/s\", \"1000/min\" or \"5/10s\""),
+            );
+        }
+        parsed
     }
 
     fn addr(&mut self, s: Option<&Str>, key: &str, default: &str) -> Option<SocketAddr> {
@@ -793,7 +885,7 @@ impl Cx<'_> {
         match ty_name.as_str() {
             "http" => {
                 let r: RawHttpSink = self.typed(value, &key)?;
-                let common = self.sink_common(&key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+                let common = sink_common!(self, &key, r);
                 let mut set = TemplateSet::new();
                 let method = match &r.method {
                     Some(m) => match http::Method::from_bytes(m.get_ref().trim().to_ascii_uppercase().as_bytes()) {
@@ -862,7 +954,7 @@ impl Cx<'_> {
             "bigquery" => self.bigquery_sink(name, &key, value, base),
             "file" => {
                 let r: RawFileSink = self.typed(value, &key)?;
-                let common = self.sink_common(&key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+                let common = sink_common!(self, &key, r);
                 let path = self.resolve(&r.path, &format!("{key}.path"))?;
                 let mut set = TemplateSet::new();
                 let body = match body {
@@ -996,11 +1088,16 @@ impl Cx<'_> {
     fn sink_common(
         &mut self,
         key: &str,
-        concurrency: Option<&Spanned<i64>>,
+        concurrency: Option<&Spanned<RawConcurrency>>,
+        rate_limit: Option<&Str>,
         timeout: Option<&Str>,
         retry: Option<&Spanned<RawRetry>>,
     ) -> Option<SinkCommon> {
-        let concurrency = self.int(concurrency, &format!("{key}.concurrency"), 8, 1..1025);
+        let concurrency = self.concurrency(concurrency, &format!("{key}.concurrency"));
+        let rate_limit = match rate_limit {
+            None => Some(None),
+            Some(r) => self.rate_limit(r, &format!("{key}.rate_limit")).map(Some),
+        };
         let timeout = self.duration(timeout, &format!("{key}.timeout"), Duration::from_secs(10));
         let default = RetryPolicy::default();
         let retry = match retry {
@@ -1036,7 +1133,8 @@ impl Cx<'_> {
             return None;
         }
         Some(SinkCommon {
-            concurrency: concurrency? as usize,
+            concurrency: concurrency?,
+            rate_limit: rate_limit?,
             timeout,
             retry: retry?,
         })

@@ -88,13 +88,25 @@ pub struct RawRetry {
     pub max: Option<Str>,
 }
 
+/// A sink's `concurrency`: a number of attempts at once, or `"adaptive"`.
+#[derive(Debug, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "`concurrency` as a number of attempts at once, or \"adaptive\""
+)]
+pub enum RawConcurrency {
+    Fixed(i64),
+    Named(String),
+}
+
 /// Keys every sink type accepts.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHttpSink {
     #[serde(rename = "type")]
     pub _type: Str,
-    pub concurrency: Option<Spanned<i64>>,
+    pub concurrency: Option<Spanned<RawConcurrency>>,
+    pub rate_limit: Option<Str>,
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     pub method: Option<Str>,
@@ -111,7 +123,8 @@ pub struct RawHttpSink {
 pub struct RawFileSink {
     #[serde(rename = "type")]
     pub _type: Str,
-    pub concurrency: Option<Spanned<i64>>,
+    pub concurrency: Option<Spanned<RawConcurrency>>,
+    pub rate_limit: Option<Str>,
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     pub path: Str,
@@ -124,7 +137,8 @@ pub struct RawFileSink {
 pub struct RawWasmSink {
     #[serde(rename = "type")]
     pub _type: Str,
-    pub concurrency: Option<Spanned<i64>>,
+    pub concurrency: Option<Spanned<RawConcurrency>>,
+    pub rate_limit: Option<Str>,
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     /// `NAME` (`plugins/NAME.wasm` next to the config file) or a path.
@@ -146,7 +160,8 @@ pub struct RawWasmSink {
 pub struct RawSlackSink {
     #[serde(rename = "type")]
     pub _type: Str,
-    pub concurrency: Option<Spanned<i64>>,
+    pub concurrency: Option<Spanned<RawConcurrency>>,
+    pub rate_limit: Option<Str>,
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     /// A bot token (`xoxb-...`), with `channel`: `chat.postMessage`.
@@ -167,7 +182,8 @@ pub struct RawSlackSink {
 pub struct RawEmailSink {
     #[serde(rename = "type")]
     pub _type: Str,
-    pub concurrency: Option<Spanned<i64>>,
+    pub concurrency: Option<Spanned<RawConcurrency>>,
+    pub rate_limit: Option<Str>,
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     pub smtp: Spanned<RawSmtp>,
@@ -198,7 +214,8 @@ pub struct RawSmtp {
 pub struct RawBigQuerySink {
     #[serde(rename = "type")]
     pub _type: Str,
-    pub concurrency: Option<Spanned<i64>>,
+    pub concurrency: Option<Spanned<RawConcurrency>>,
+    pub rate_limit: Option<Str>,
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     pub project: Str,

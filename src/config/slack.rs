@@ -12,7 +12,7 @@ use super::{Cx, SinkKind, SinkSpec};
 impl Cx<'_> {
     pub(super) fn slack_sink(&mut self, name: &str, key: &str, value: &Spanned<DeValue<'_>>) -> Option<SinkSpec> {
         let r: RawSlackSink = self.typed(value, key)?;
-        let common = self.sink_common(key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+        let common = sink_common!(self, key, r);
         let mut set = TemplateSet::new();
         let mut ok = true;
 

@@ -71,9 +71,49 @@ fn valid_config_loads_with_defaults_and_resolved_env() {
     assert_eq!(v.secrets[0].expose(), b"s3cr3t-crumb");
     assert_eq!(v.tolerance, Duration::from_secs(300));
     let kds = &cfg.sinks["kds"];
-    assert_eq!(kds.common.concurrency, 8);
+    assert_eq!(kds.common.concurrency, Concurrency::Adaptive);
+    assert_eq!(kds.common.rate_limit, None);
     assert_eq!(kds.common.retry, RetryPolicy::default());
     assert_eq!(cfg.router.routes().len(), 1);
+}
+
+#[test]
+fn sink_concurrency_is_a_number_or_adaptive_and_rate_limit_a_count_per_period() {
+    let sink = |extra: &str| {
+        let cfg = parse_with(
+            &BASE.replace("type = \"http\"", &format!("type = \"http\"\n{extra}")),
+            &env(),
+        )
+        .unwrap_or_else(|e| panic!("{extra}: {e:?}"));
+        cfg.sinks["kds"].common
+    };
+    assert_eq!(sink("concurrency = 3").concurrency, Concurrency::Fixed(3));
+    assert_eq!(sink("concurrency = 1024").concurrency, Concurrency::Fixed(1024));
+    assert_eq!(sink("concurrency = \"adaptive\"").concurrency, Concurrency::Adaptive);
+    for (text, count, per) in [
+        ("50/s", 50, 1),
+        ("1/second", 1, 1),
+        ("1000/min", 1000, 60),
+        ("1000 / minute", 1000, 60),
+        ("3600/h", 3600, 3600),
+        ("5/10s", 5, 10),
+        ("1/1m", 1, 60),
+    ] {
+        let r = sink(&format!("rate_limit = \"{text}\"")).rate_limit;
+        assert_eq!(
+            r,
+            Some(RateLimit {
+                count,
+                per: Duration::from_secs(per)
+            }),
+            "{text}"
+        );
+    }
+    let spaced = RateLimit {
+        count: 50,
+        per: Duration::from_secs(1),
+    };
+    assert_eq!(spaced.spacing(), Duration::from_millis(20));
 }
 
 #[test]
@@ -183,8 +223,27 @@ fn bad_values_are_explained() {
     );
     one_error(
         &BASE.replace("type = \"http\"", "type = \"http\"\nconcurrency = 0"),
-        &["sinks.kds.concurrency", "between 1"],
+        &["sinks.kds.concurrency", "between 1", "adaptive"],
     );
+    for bad in ["\"fast\"", "1025"] {
+        one_error(
+            &BASE.replace("type = \"http\"", &format!("type = \"http\"\nconcurrency = {bad}")),
+            &["sinks.kds.concurrency", "between 1 and 1024", "adaptive"],
+        );
+    }
+    for bad in ["2.5", "[8]"] {
+        one_error(
+            &BASE.replace("type = \"http\"", &format!("type = \"http\"\nconcurrency = {bad}")),
+            &["sinks.kds", "`concurrency` as a number", "adaptive"],
+        );
+    }
+    for bad in ["50", "0/s", "-1/s", "50/fortnight", "50/0s", "x/s", "50/2d"] {
+        let err = one_error(
+            &BASE.replace("type = \"http\"", &format!("type = \"http\"\nrate_limit = \"{bad}\"")),
+            &["sinks.kds.rate_limit", "e.g. \"50/s\""],
+        );
+        assert!(err.contains(bad), "{err}");
+    }
     one_error(
         &BASE.replace("secrets = [\"${CRUMB_SECRET}\"]", "secrets = []"),
         &["sources.crumb.secrets", "at least one"],

@@ -49,7 +49,7 @@ impl Cx<'_> {
         base: &Path,
     ) -> Option<SinkSpec> {
         let r: RawWasmSink = self.typed(value, key)?;
-        let common = self.sink_common(key, r.concurrency.as_ref(), r.timeout.as_ref(), r.retry.as_ref());
+        let common = sink_common!(self, key, r);
         let plugin = self.resolve(&r.plugin, &format!("{key}.plugin")).and_then(|p| {
             if p.trim().is_empty() {
                 self.error_at(

@@ -361,3 +361,111 @@ sinks = ["slow"]
     );
     assert_eq!(delivery["attempts"], 2, "{delivery}");
 }
+
+/// `expeditor_sink_concurrency_limit{sink="hook"}` from `/metrics`.
+async fn concurrency_limit(d: &Daemon) -> usize {
+    let metrics = d.api_text("/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("expeditor_sink_concurrency_limit{sink=\"hook\"} "))
+        .unwrap_or_else(|| panic!("no concurrency limit for hook in:\n{metrics}"))
+        .trim()
+        .parse()
+        .expect("a whole number")
+}
+
+/// Posts `n` events faster than a sink answering in 50 ms at 8 at once
+/// takes them, so deliveries queue.
+async fn backlog(d: &Daemon, prefix: &str, n: usize) {
+    for i in 0..n {
+        assert_eq!(
+            d.post_crumb(&crumb_order(&format!("{prefix}_{i}"), 100)).await.status,
+            200
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn adaptive_concurrency_climbs_for_a_sink_that_keeps_up_and_stops_at_its_most() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_millis(50)));
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    assert_eq!(concurrency_limit(&d).await, 8, "an adaptive limit starts at 8");
+    backlog(&d, "evt_arc", 600).await;
+    let got = sink.wait_for(600, Duration::from_secs(60)).await;
+    let most = sink.most_in_flight();
+    // A sink that answers in 50 ms whatever the load: each round trip at
+    // the limit earns one more, up to the most (32).
+    assert!(most > 8, "the limit never rose past its start: {most} at once");
+    assert!(most <= 32, "{most} at once, past the adaptive most of 32");
+    let limit = concurrency_limit(&d).await;
+    assert!((9..=32).contains(&limit), "limit {limit}");
+    let ids: std::collections::HashSet<String> = got.iter().map(|r| r.event_id()).collect();
+    assert_eq!(ids.len(), 600, "every event delivered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_concurrency_holds_however_well_the_sink_keeps_up() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_millis(50)));
+    let config =
+        one_sink_config("", &sink.url("/hook")).replace("timeout = \"2s\"", "timeout = \"2s\"\nconcurrency = 4");
+    let d = Daemon::start(&config).await;
+    backlog(&d, "evt_fixed", 200).await;
+    sink.wait_for(200, Duration::from_secs(60)).await;
+    assert_eq!(
+        sink.most_in_flight(),
+        4,
+        "a backlog fills a fixed limit of 4 and never passes it"
+    );
+    assert_eq!(concurrency_limit(&d).await, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_that_pushes_back_gets_fewer_attempts_at_once() {
+    let sink = FakeSink::start().await;
+    sink.script(&[], 503);
+    let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
+    backlog(&d, "evt_busy", 60).await;
+    // Every first attempt answered 503 (retries come 50 ms later).
+    sink.wait_for(60, SECS_10).await;
+    let deadline = std::time::Instant::now() + SECS_10;
+    loop {
+        let limit = concurrency_limit(&d).await;
+        if limit <= 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {limit} at once after {} answers of 503",
+            sink.requests().len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And climbs back once the sink recovers.
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_millis(20)));
+    backlog(&d, "evt_recovered", 300).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while concurrency_limit(&d).await <= 2 {
+        assert!(std::time::Instant::now() < deadline, "the limit stayed down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_spaces_a_sinks_attempts() {
+    let sink = FakeSink::start().await;
+    let config =
+        one_sink_config("", &sink.url("/hook")).replace("timeout = \"2s\"", "timeout = \"2s\"\nrate_limit = \"20/s\"");
+    let d = Daemon::start(&config).await;
+    backlog(&d, "evt_paced", 10).await;
+    let got = sink.wait_for(10, SECS_10).await;
+    let gaps: Vec<Duration> = got.windows(2).map(|w| w[1].at - w[0].at).collect();
+    let span = got[9].at - got[0].at;
+    // 20 a second is one per 50 ms: ten attempts span at least nine gaps
+    // (less a millisecond of timer slack each). Single arrivals may jitter
+    // by a few milliseconds, never by half a gap.
+    assert!(span >= Duration::from_millis(9 * 49), "{span:?}: {gaps:?}");
+    assert!(gaps.iter().all(|g| *g >= Duration::from_millis(30)), "{gaps:?}");
+    assert_eq!(sink.settle().await.len(), 10);
+}

@@ -107,6 +107,8 @@ struct Script {
 struct State {
     requests: Mutex<Vec<Recorded>>,
     script: Mutex<Script>,
+    /// Requests being answered now, and the most there ever were at once.
+    in_flight: Mutex<(usize, usize)>,
 }
 
 pub struct FakeSink {
@@ -134,6 +136,7 @@ impl FakeSink {
                 queue: VecDeque::new(),
                 default: Answer::status(200),
             }),
+            in_flight: Mutex::new((0, 0)),
         };
         FakeSink {
             addr,
@@ -218,6 +221,11 @@ impl FakeSink {
         script.default = default;
     }
 
+    /// The most requests this sink was answering at once.
+    pub fn most_in_flight(&self) -> usize {
+        self.state.in_flight.lock().unwrap().1
+    }
+
     pub fn requests(&self) -> Vec<Recorded> {
         self.state.requests.lock().unwrap().clone()
     }
@@ -272,7 +280,22 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
         body,
         at,
     });
+    /// Counts a request as answered when its answer is sent, or the
+    /// daemon gives up on it (the future is dropped).
+    struct Answering<'a>(&'a State);
+    impl Drop for Answering<'_> {
+        fn drop(&mut self) {
+            self.0.in_flight.lock().unwrap().0 -= 1;
+        }
+    }
+    let answering = {
+        let mut n = state.in_flight.lock().unwrap();
+        n.0 += 1;
+        n.1 = n.1.max(n.0);
+        Answering(&state)
+    };
     tokio::time::sleep(answer.delay).await;
+    drop(answering);
     let mut response = Response::builder()
         .status(answer.status)
         .header("content-type", "application/json");
