@@ -102,7 +102,8 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             return match admin.store.queue_stats().await {
                 Ok(queues) => {
                     let sinks: Vec<String> = current.config.sinks.keys().cloned().collect();
-                    let body = admin.metrics.render(&queues, &sinks, now_ms());
+                    let limits = current.engine.concurrency_limits();
+                    let body = admin.metrics.render(&queues, &sinks, &limits, now_ms());
                     let mut resp = Response::new(Full::new(Bytes::from(body)));
                     resp.headers_mut().insert(
                         header::CONTENT_TYPE,

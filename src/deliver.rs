@@ -45,16 +45,26 @@ const MAX_ADAPTIVE_PREFETCH: usize = 1024;
 
 /// How many claims a worker keeps ahead: every attempt at once twice over.
 /// An adaptive sink of large batches (a file, BigQuery) keeps no more than
-/// it did at the fixed default: its limit rarely needs to climb far.
-fn prefetch_depth(concurrency: Concurrency, max_batch: usize) -> usize {
+/// it did at the fixed default: its limit rarely needs to climb far. A
+/// rate-limited sink keeps no more than can start within half a `lease`,
+/// so claims do not go stale waiting for their turn (and be given back
+/// and claimed again).
+fn prefetch_depth(common: &SinkCommon, max_batch: usize, lease: Duration) -> usize {
     let rounds = |n: usize| PREFETCH_ROUNDS.saturating_mul(n).saturating_mul(max_batch);
-    let depth = match concurrency {
+    let depth = match common.concurrency {
         Concurrency::Fixed(n) => rounds(n),
         Concurrency::Adaptive => {
             rounds(Concurrency::ADAPTIVE_MAX).min(rounds(Concurrency::ADAPTIVE_START).max(MAX_ADAPTIVE_PREFETCH))
         }
-    };
-    depth.max(MIN_PREFETCH)
+    }
+    .max(MIN_PREFETCH);
+    match common.rate_limit {
+        Some(rate) => {
+            let starts = ((lease / 2).as_nanos() / rate.spacing().as_nanos().max(1)).max(1);
+            depth.min(usize::try_from(starts).unwrap_or(usize::MAX).saturating_mul(max_batch))
+        }
+        None => depth,
+    }
 }
 
 pub struct Engine {
@@ -72,11 +82,19 @@ pub struct Engine {
 pub struct EngineHealth {
     live: Arc<AtomicUsize>,
     expected: usize,
+    /// Each sink's concurrency limit, read when `/metrics` is scraped: the
+    /// engine that is current reports, not one a reload retired.
+    limits: Arc<Vec<(String, Arc<Limiter>)>>,
 }
 
 impl EngineHealth {
     pub fn running(&self) -> bool {
         self.live.load(Ordering::Relaxed) == self.expected
+    }
+
+    /// Where each sink's concurrency limit stands now.
+    pub fn concurrency_limits(&self) -> Vec<(String, usize)> {
+        self.limits.iter().map(|(sink, l)| (sink.clone(), l.limit())).collect()
     }
 }
 
@@ -136,20 +154,24 @@ impl Engine {
         let notifies = Arc::new(notifies);
         let (tx, rx) = mpsc::channel(4096);
         tracker.spawn(record_completions(rx, store.clone(), notifies.clone()));
-        let health = EngineHealth {
+        let mut health = EngineHealth {
             live: Arc::new(AtomicUsize::new(0)),
             expected: sinks.len(),
+            limits: Arc::new(Vec::new()),
         };
+        let mut limits = Vec::new();
         let mut hot = HashMap::new();
         for (name, common, sink) in sinks {
             let max_batch = sink.max_batch().max(1);
             // Claimed but not started: every permit twice over, and enough that
             // one claim per store commit keeps a fast sink busy.
-            let depth = prefetch_depth(common.concurrency, max_batch);
             // Long enough for the attempt and its recording; after that another
             // worker may take the delivery over. A claim that waited in the queue
             // until too little of its lease is left is given back, not attempted.
             let lease = common.timeout * 2 + Duration::from_secs(30);
+            let depth = prefetch_depth(&common, max_batch, lease);
+            let limiter = Limiter::new(common.concurrency);
+            limits.push((name.clone(), limiter.clone()));
             let (queue_tx, queue_rx) = mpsc::unbounded_channel();
             let sink_queue = HotSink {
                 slots: Arc::new(Semaphore::new(depth)),
@@ -162,6 +184,7 @@ impl Engine {
                 name: name.clone(),
                 sink,
                 common,
+                limiter,
                 store: store.clone(),
                 notify: notifies[&name].clone(),
                 completions: tx.clone(),
@@ -180,6 +203,7 @@ impl Engine {
                 worker.run(queue, stop).await;
             });
         }
+        health.limits = Arc::new(limits);
         let handoff = Arc::new(Handoff { sinks: hot, notifies });
         Ok(Self {
             handoff,
@@ -343,6 +367,7 @@ struct Worker {
     name: String,
     sink: Arc<dyn Sink>,
     common: SinkCommon,
+    limiter: Arc<Limiter>,
     store: Arc<dyn Store>,
     notify: Arc<Notify>,
     completions: mpsc::Sender<(String, Completion)>,
@@ -454,7 +479,7 @@ impl Worker {
         max_batch: usize,
         shutdown: CancellationToken,
     ) {
-        let limiter = Limiter::new(self.common.concurrency, self.metrics.concurrency_limit());
+        let limiter = self.limiter.clone();
         let mut pace = self.common.rate_limit.map(Pace::new);
         let linger = self.sink.linger();
         let in_flight = TaskTracker::new();
@@ -464,6 +489,14 @@ impl Worker {
                 s = limiter.acquire() => s,
                 _ = shutdown.cancelled() => break,
             };
+            // A rate limit's turn comes before the claims are taken, so none
+            // waits for it past the lease check below.
+            if let Some(pace) = pace.as_ref() {
+                tokio::select! {
+                    _ = pace.ready() => {}
+                    _ = shutdown.cancelled() => break,
+                }
+            }
             tokio::select! {
                 n = queue.recv_many(&mut batch, max_batch) => if n == 0 { break },
                 _ = shutdown.cancelled() => break,
@@ -493,12 +526,10 @@ impl Worker {
                 }
             }
             if let Some(pace) = pace.as_mut() {
-                tokio::select! {
-                    _ = pace.wait() => {}
-                    // What is held is given back below.
-                    _ = shutdown.cancelled() => break,
-                }
+                pace.start();
             }
+            let mut slot = slot;
+            slot.in_use();
             let this = self.clone();
             let taken = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
             in_flight.spawn(async move {

@@ -255,8 +255,15 @@ impl Metrics {
     /// (read from the store at scrape time, so they are right across
     /// restarts and instances). `sinks` are the configured sinks: they get a
     /// zero when their queue is empty.
-    pub fn render(&self, queues: &[SinkQueue], sinks: &[String], now_ms: i64) -> String {
+    /// `limits`: each sink's concurrency limit now, from the engine that is
+    /// current (a sink a reload removed has none).
+    pub fn render(&self, queues: &[SinkQueue], sinks: &[String], limits: &[(String, usize)], now_ms: i64) -> String {
         self.pending.clear();
+        self.concurrency_limit.clear();
+        for (sink, limit) in limits {
+            let l = SinkLabels { sink: sink.clone() };
+            self.concurrency_limit.get_or_create(&l).set(*limit as i64);
+        }
         self.dead_letters.clear();
         self.oldest_pending_age.clear();
         for sink in sinks {
@@ -382,16 +389,6 @@ impl SinkMetrics {
         }
     }
 
-    /// The gauge of this sink's concurrency limit.
-    pub fn concurrency_limit(&self) -> Gauge {
-        self.metrics
-            .concurrency_limit
-            .get_or_create(&SinkLabels {
-                sink: self.sink.clone(),
-            })
-            .clone()
-    }
-
     pub fn attempt(&self, outcome: AttemptOutcome, duration: Duration) {
         let labels = || DeliveryLabels {
             sink: self.sink.clone(),
@@ -444,7 +441,7 @@ mod tests {
             dead: 1,
             oldest_pending_received_at: Some(1_000),
         }];
-        let text = m.render(&queues, &["kds".into(), "slack".into()], 11_000);
+        let text = m.render(&queues, &["kds".into(), "slack".into()], &[("kds".into(), 12)], 11_000);
         for line in [
             "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"accepted\"} 2",
             "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"duplicate\"} 1",
@@ -460,12 +457,20 @@ mod tests {
             "expeditor_deliveries_pending{sink=\"slack\"} 0",
             "expeditor_dead_letters{sink=\"kds\"} 1",
             "expeditor_oldest_pending_delivery_age_seconds{sink=\"kds\"} 10.0",
+            "expeditor_sink_concurrency_limit{sink=\"kds\"} 12",
             "expeditor_store_sync_duration_seconds_count 1",
             "expeditor_store_synced_operations_total 12",
             "expeditor_store_checkpoint_duration_seconds_count{mode=\"restart\"} 1",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        assert!(
+            !text.contains("expeditor_sink_concurrency_limit{sink=\"slack\"}"),
+            "only what the engine reports: {text}"
+        );
+        // A later scrape with the sink gone (a reload removed it) drops it.
+        let text = m.render(&queues, &["slack".into()], &[], 12_000);
+        assert!(!text.contains("expeditor_sink_concurrency_limit{"), "{text}");
         for l in text
             .lines()
             .filter(|l| l.starts_with("# TYPE") && l.ends_with("counter"))

@@ -241,7 +241,9 @@ impl RateLimit {
     /// Attempts start at least this far apart, which keeps every window
     /// of `per` (not only whole periods from some start) within `count`.
     pub fn spacing(self) -> Duration {
-        self.per / self.count
+        // Rounded up: `"3/s"` must not fit a fourth start into a second.
+        let nanos = self.per.as_nanos().div_ceil(u128::from(self.count));
+        Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 }
 
@@ -511,13 +513,17 @@ impl Cx<'_> {
                 "h" | "hour" => Duration::from_secs(3600),
                 other => humantime::parse_duration(other).ok()?,
             };
-            (!per.is_zero() && per <= Duration::from_secs(86_400)).then_some(RateLimit { count, per })
+            let rate = RateLimit { count, per };
+            // Under a millisecond apart is under the timers' resolution.
+            (per <= Duration::from_secs(86_400) && rate.spacing() >= Duration::from_millis(1)).then_some(rate)
         });
         if parsed.is_none() {
             self.error_at(
                 s.span(),
                 key,
-                format!("invalid rate {v:?}; write \"<count>/<period>\", e.g. \"50/s\", \"1000/min\" or \"5/10s\""),
+                format!(
+                    "invalid rate {v:?}; write \"<count>/<period>\", e.g. \"50/s\", \"1000/min\" or \"5/10s\" (at most 1000 a second, a period of at most a day)"
+                ),
             );
         }
         parsed

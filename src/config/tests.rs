@@ -114,6 +114,19 @@ fn sink_concurrency_is_a_number_or_adaptive_and_rate_limit_a_count_per_period() 
         per: Duration::from_secs(1),
     };
     assert_eq!(spaced.spacing(), Duration::from_millis(20));
+    let third = RateLimit {
+        count: 3,
+        per: Duration::from_secs(1),
+    };
+    assert_eq!(
+        third.spacing(),
+        Duration::from_nanos(333_333_334),
+        "rounded up: 3 starts never fit 4"
+    );
+    assert_eq!(
+        sink("rate_limit = \"1000/s\"").rate_limit.map(|r| r.spacing()),
+        Some(Duration::from_millis(1))
+    );
 }
 
 #[test]
@@ -237,7 +250,17 @@ fn bad_values_are_explained() {
             &["sinks.kds", "`concurrency` as a number", "adaptive"],
         );
     }
-    for bad in ["50", "0/s", "-1/s", "50/fortnight", "50/0s", "x/s", "50/2d"] {
+    for bad in [
+        "50",
+        "0/s",
+        "-1/s",
+        "50/fortnight",
+        "50/0s",
+        "x/s",
+        "50/2d",
+        "2000/s",
+        "50/100ns",
+    ] {
         let err = one_error(
             &BASE.replace("type = \"http\"", &format!("type = \"http\"\nrate_limit = \"{bad}\"")),
             &["sinks.kds.rate_limit", "e.g. \"50/s\""],

@@ -20,7 +20,6 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -115,7 +114,9 @@ impl Aimd {
 
 #[derive(Debug)]
 struct State {
+    /// Slots taken, and those of them at work (`Slot::in_use`).
     in_flight: usize,
+    working: usize,
     limit: usize,
     most: usize,
     adaptive: Option<Aimd>,
@@ -126,26 +127,23 @@ struct State {
 pub struct Limiter {
     state: Mutex<State>,
     freed: Notify,
-    /// `expeditor_sink_concurrency_limit`.
-    gauge: Gauge,
 }
 
 impl Limiter {
-    pub fn new(concurrency: Concurrency, gauge: Gauge) -> Arc<Self> {
+    pub fn new(concurrency: Concurrency) -> Arc<Self> {
         let (limit, adaptive) = match concurrency {
             Concurrency::Fixed(n) => (n, None),
             Concurrency::Adaptive => (Concurrency::ADAPTIVE_START, Some(Aimd::new(Instant::now()))),
         };
-        gauge.set(limit as i64);
         Arc::new(Self {
             state: Mutex::new(State {
                 in_flight: 0,
+                working: 0,
                 limit,
                 most: concurrency.most(),
                 adaptive,
             }),
             freed: Notify::new(),
-            gauge,
         })
     }
 
@@ -162,13 +160,9 @@ impl Limiter {
                 let mut s = self.lock();
                 if s.in_flight < s.limit {
                     s.in_flight += 1;
-                    if s.in_flight == s.limit
-                        && let Some(a) = s.adaptive.as_mut()
-                    {
-                        a.full = true;
-                    }
                     return Slot {
                         limiter: self.clone(),
+                        working: false,
                         signal: None,
                     };
                 }
@@ -178,14 +172,16 @@ impl Limiter {
     }
 
     /// The limit now.
-    #[cfg(test)]
     pub fn limit(&self) -> usize {
         self.lock().limit
     }
 
-    fn finish(&self, signal: Option<Signal>) {
+    fn finish(&self, working: bool, signal: Option<Signal>) {
         let mut s = self.lock();
         s.in_flight -= 1;
+        if working {
+            s.working -= 1;
+        }
         let State {
             limit, most, adaptive, ..
         } = &mut *s;
@@ -193,7 +189,6 @@ impl Limiter {
             && let Some(next) = a.observe(signal, *limit, Instant::now())
         {
             *limit = next.min(*most);
-            self.gauge.set(*limit as i64);
         }
         drop(s);
         self.freed.notify_one();
@@ -204,10 +199,27 @@ impl Limiter {
 #[derive(Debug)]
 pub struct Slot {
     limiter: Arc<Limiter>,
+    working: bool,
     signal: Option<Signal>,
 }
 
 impl Slot {
+    /// The slot's attempt is starting. (The dispatcher takes a slot before
+    /// it has work for it; only slots at work say the limit was reached.)
+    pub fn in_use(&mut self) {
+        if self.working {
+            return;
+        }
+        self.working = true;
+        let mut s = self.limiter.lock();
+        s.working += 1;
+        if s.working >= s.limit
+            && let Some(a) = s.adaptive.as_mut()
+        {
+            a.full = true;
+        }
+    }
+
     /// How the attempt went; the limit learns it when the slot is dropped.
     /// (A slot dropped without a report, e.g. an attempt with nothing to
     /// send, frees its room and tells the limit nothing.)
@@ -218,15 +230,14 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.limiter.finish(self.signal.take());
+        self.limiter.finish(self.working, self.signal.take());
     }
 }
 
-/// Timers fire up to about a millisecond late; a pace credits that much
-/// lateness, so a fast limit is met on average instead of undershot.
-const TIMER_SLACK: Duration = Duration::from_millis(1);
-
-/// Starts a sink's attempts no closer together than its `rate_limit` allows.
+/// Starts a sink's attempts no closer together than its `rate_limit`
+/// allows: never more than its count in any window of its period. (Timers
+/// fire up to a millisecond late and that is not made up for, so a fast
+/// limit comes out a little under its count, never over.)
 #[derive(Debug)]
 pub struct Pace {
     spacing: Duration,
@@ -241,12 +252,14 @@ impl Pace {
         }
     }
 
-    /// Waits until the next attempt may start, and books that start.
-    pub async fn wait(&mut self) {
+    /// Waits until the next attempt may start.
+    pub async fn ready(&self) {
         tokio::time::sleep_until(self.next).await;
-        let now = Instant::now();
-        let from = self.next.max(now.checked_sub(TIMER_SLACK).unwrap_or(now));
-        self.next = from + self.spacing;
+    }
+
+    /// An attempt starts now: the next may start a spacing later.
+    pub fn start(&mut self) {
+        self.next = Instant::now().max(self.next) + self.spacing;
     }
 }
 
@@ -256,9 +269,8 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    fn adaptive() -> (Arc<Limiter>, Gauge) {
-        let gauge = Gauge::default();
-        (Limiter::new(Concurrency::Adaptive, gauge.clone()), gauge)
+    fn adaptive() -> Arc<Limiter> {
+        Limiter::new(Concurrency::Adaptive)
     }
 
     /// Runs `rounds` windows in which the limit is filled and every attempt
@@ -269,7 +281,9 @@ mod tests {
             let limit = limiter.limit();
             let mut slots = Vec::new();
             for _ in 0..limit {
-                slots.push(limiter.acquire().await);
+                let mut slot = limiter.acquire().await;
+                slot.in_use();
+                slots.push(slot);
             }
             let took = rtt(limit);
             tokio::time::advance(took).await;
@@ -283,9 +297,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_adaptive_limit_climbs_while_the_sink_answers_as_fast_and_stops_at_the_most() {
-        let (limiter, gauge) = adaptive();
+        let limiter = adaptive();
         assert_eq!(limiter.limit(), Concurrency::ADAPTIVE_START);
-        assert_eq!(gauge.get(), Concurrency::ADAPTIVE_START as i64);
         let seen = drive(&limiter, 100, |_| 2 * MS).await;
         assert_eq!(seen[0], Concurrency::ADAPTIVE_START + 1, "{seen:?}");
         assert!(
@@ -293,12 +306,11 @@ mod tests {
             "never falls at a steady round trip: {seen:?}"
         );
         assert_eq!(limiter.limit(), Concurrency::ADAPTIVE_MAX, "{seen:?}");
-        assert_eq!(gauge.get(), Concurrency::ADAPTIVE_MAX as i64);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_adaptive_limit_settles_below_where_the_sink_slows_down_sharply() {
-        let (limiter, _) = adaptive();
+        let limiter = adaptive();
         // A sink that takes 16 at once in 2 ms and queues the rest for 20.
         let rtt = |n: usize| if n <= 16 { 2 * MS } else { 20 * MS };
         let seen = drive(&limiter, 300, rtt).await;
@@ -316,7 +328,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_adaptive_limit_creeps_up_under_gradual_queueing_as_far_as_its_most() {
-        let (limiter, _) = adaptive();
+        let limiter = adaptive();
         // Past 16, each more in flight adds a quarter of a millisecond: a
         // rise too gradual to tell from the round trip's own drift, which the
         // most bounds (the module's doc).
@@ -328,7 +340,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pushback_cuts_an_adaptive_limit_by_a_tenth_down_to_one() {
-        let (limiter, gauge) = adaptive();
+        let limiter = adaptive();
         drive(&limiter, 40, |_| 2 * MS).await;
         let high = limiter.limit();
         assert_eq!(high, Concurrency::ADAPTIVE_MAX);
@@ -343,7 +355,6 @@ mod tests {
             slot.report(Signal::PushedBack);
         }
         assert_eq!(limiter.limit(), 1);
-        assert_eq!(gauge.get(), 1);
         // And climbs again once the sink recovers.
         drive(&limiter, 5, |_| 2 * MS).await;
         assert_eq!(limiter.limit(), 6);
@@ -351,9 +362,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_adaptive_limit_does_not_climb_when_it_is_not_reached() {
-        let (limiter, _) = adaptive();
+        let limiter = adaptive();
         for _ in 0..50 {
             let mut slot = limiter.acquire().await;
+            slot.in_use();
             tokio::time::advance(2 * MS).await;
             slot.report(Signal::Answered(2 * MS));
         }
@@ -362,9 +374,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_fixed_limit_holds_whatever_the_sink_does_and_acquire_waits_for_room() {
-        let gauge = Gauge::default();
-        let limiter = Limiter::new(Concurrency::Fixed(2), gauge.clone());
-        assert_eq!(gauge.get(), 2);
+        let limiter = Limiter::new(Concurrency::Fixed(2));
+        assert_eq!(limiter.limit(), 2);
         drive(&limiter, 20, |_| MS).await;
         let mut a = limiter.acquire().await;
         a.report(Signal::PushedBack);
@@ -383,6 +394,28 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_adaptive_limit_is_not_reached_by_a_slot_still_waiting_for_work() {
+        let limiter = adaptive();
+        for _ in 0..50 {
+            // The dispatcher's next slot, taken while it waits for work, and
+            // 7 at work: 8 taken, 7 working.
+            let waiting = limiter.acquire().await;
+            let mut working = Vec::new();
+            for _ in 0..7 {
+                let mut slot = limiter.acquire().await;
+                slot.in_use();
+                working.push(slot);
+            }
+            tokio::time::advance(2 * MS).await;
+            for mut slot in working {
+                slot.report(Signal::Answered(2 * MS));
+            }
+            drop(waiting);
+        }
+        assert_eq!(limiter.limit(), Concurrency::ADAPTIVE_START);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_pace_spaces_starts_by_the_rate_limit() {
         let mut pace = Pace::new(RateLimit {
             count: 5,
@@ -391,17 +424,21 @@ mod tests {
         let start = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..6 {
-            pace.wait().await;
+            pace.ready().await;
+            pace.start();
             starts.push(start.elapsed());
         }
         let ms: Vec<u128> = starts.iter().map(|d| d.as_millis()).collect();
         assert_eq!(ms, [0, 200, 400, 600, 800, 1000]);
         // An idle pace gives no burst: after a long pause, one at once and
-        // the next a spacing later (less the timer's slack).
+        // the next a whole spacing later, counted from when the first
+        // actually started (work may come long after its turn).
         tokio::time::advance(Duration::from_secs(10)).await;
-        let before = Instant::now();
-        pace.wait().await;
-        pace.wait().await;
-        assert!(before.elapsed() >= Duration::from_millis(199), "{:?}", before.elapsed());
+        pace.ready().await;
+        tokio::time::advance(Duration::from_millis(70)).await;
+        pace.start();
+        let first = Instant::now();
+        pace.ready().await;
+        assert_eq!(first.elapsed(), Duration::from_millis(200));
     }
 }
