@@ -154,17 +154,12 @@ impl Engine {
         let notifies = Arc::new(notifies);
         let (tx, rx) = mpsc::channel(4096);
         tracker.spawn(record_completions(rx, store.clone(), notifies.clone()));
-        let mut health = EngineHealth {
-            live: Arc::new(AtomicUsize::new(0)),
-            expected: sinks.len(),
-            limits: Arc::new(Vec::new()),
-        };
+        let live = Arc::new(AtomicUsize::new(0));
+        let expected = sinks.len();
         let mut limits = Vec::new();
         let mut hot = HashMap::new();
         for (name, common, sink) in sinks {
             let max_batch = sink.max_batch().max(1);
-            // Claimed but not started: every permit twice over, and enough that
-            // one claim per store commit keeps a fast sink busy.
             // Long enough for the attempt and its recording; after that another
             // worker may take the delivery over. A claim that waited in the queue
             // until too little of its lease is left is given back, not attempted.
@@ -190,7 +185,7 @@ impl Engine {
                 completions: tx.clone(),
                 metrics: SinkMetrics::new(metrics.clone(), &name),
             };
-            let live = LiveGuard::new(&health.live);
+            let live = LiveGuard::new(&live);
             let stop = stop.clone();
             let queue = Queue {
                 hot: sink_queue,
@@ -203,7 +198,11 @@ impl Engine {
                 worker.run(queue, stop).await;
             });
         }
-        health.limits = Arc::new(limits);
+        let health = EngineHealth {
+            live,
+            expected,
+            limits: Arc::new(limits),
+        };
         let handoff = Arc::new(Handoff { sinks: hot, notifies });
         Ok(Self {
             handoff,
@@ -485,7 +484,7 @@ impl Worker {
         let in_flight = TaskTracker::new();
         let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
         loop {
-            let slot = tokio::select! {
+            let mut slot = tokio::select! {
                 s = limiter.acquire() => s,
                 _ = shutdown.cancelled() => break,
             };
@@ -528,7 +527,6 @@ impl Worker {
             if let Some(pace) = pace.as_mut() {
                 pace.start();
             }
-            let mut slot = slot;
             slot.in_use();
             let this = self.clone();
             let taken = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));

@@ -220,14 +220,6 @@ impl Concurrency {
     pub const ADAPTIVE_START: usize = 8;
     /// The most an adaptive limit reaches.
     pub const ADAPTIVE_MAX: usize = 32;
-
-    /// The most attempts this may ever allow at once.
-    pub fn most(self) -> usize {
-        match self {
-            Concurrency::Fixed(n) => n,
-            Concurrency::Adaptive => Self::ADAPTIVE_MAX,
-        }
-    }
 }
 
 /// `rate_limit = "50/s"`: at most `count` attempts start in any `per`.

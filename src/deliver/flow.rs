@@ -53,8 +53,8 @@ struct Aimd {
     rtt_sum: Duration,
     answers: u32,
     pushed_back: bool,
-    /// The limit was reached during this window: only then does one more
-    /// say anything.
+    /// Every slot was at work during this window: only then does one
+    /// more say anything.
     full: bool,
     /// Running mean round trip, in seconds.
     usual: Option<f64>,
@@ -118,7 +118,6 @@ struct State {
     in_flight: usize,
     working: usize,
     limit: usize,
-    most: usize,
     adaptive: Option<Aimd>,
 }
 
@@ -140,7 +139,6 @@ impl Limiter {
                 in_flight: 0,
                 working: 0,
                 limit,
-                most: concurrency.most(),
                 adaptive,
             }),
             freed: Notify::new(),
@@ -182,13 +180,11 @@ impl Limiter {
         if working {
             s.working -= 1;
         }
-        let State {
-            limit, most, adaptive, ..
-        } = &mut *s;
+        let State { limit, adaptive, .. } = &mut *s;
         if let (Some(a), Some(signal)) = (adaptive.as_mut(), signal)
             && let Some(next) = a.observe(signal, *limit, Instant::now())
         {
-            *limit = next.min(*most);
+            *limit = next.min(Concurrency::ADAPTIVE_MAX);
         }
         drop(s);
         self.freed.notify_one();
