@@ -72,19 +72,6 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(25);
 /// briefly holding the writer, so the file stays bounded under a load that
 /// never pauses: 16,384 frames are 64 MiB.
 const WAL_RESTART_FRAMES: i64 = 16_384;
-/// Zeroed room the checkpointer keeps in the WAL file past its last frame
-/// (`WalRoom`): at least this much, topped up to twice it. A commit whose
-/// frames land inside the file does not change its size, so its fsync has
-/// no metadata to journal: on the bench VM's ext4 such an fdatasync took
-/// about half as long (0.15 against 0.28 ms for 56 KB), and flat-out ingest
-/// rose by a tenth (BENCHMARKS.md, session 24). The room must outlast the
-/// WAL's growth between two checkpoints (25 ms, more when one is slow):
-/// flat out that is about a megabyte.
-pub(super) const WAL_ROOM: u64 = 4 << 20;
-/// The room is written this much at a time, each piece under the write
-/// connection's lock (so no commit writes frames meanwhile), which is held
-/// for well under a millisecond each time.
-const WAL_ROOM_PIECE: usize = 256 << 10;
 
 /// The schema's version (`PRAGMA user_version`). 0, the first, kept the
 /// dedupe keys in a UNIQUE (source, event_id) index of `events`; 1 keeps them
@@ -610,13 +597,10 @@ impl SqliteStore {
         let durability = Durability::default();
         let (committed, commits) = std::sync::mpsc::sync_channel(1);
         let timings = durability.checkpoints.clone();
-        let page_size: i64 = conn
-            .pragma_query_value(None, "page_size", |r| r.get(0))
+        std::thread::Builder::new()
+            .name("store-checkpoint".into())
+            .spawn(move || checkpoint_loop(checkpointer, commits, restart_at, timings))
             .map_err(unavailable)?;
-        let room = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&wal_file)
-            .map_err(|e| unavailable(format!("cannot open {}: {e}", wal_file.display())))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let core = Arc::new(Core {
             writer: Mutex::new(Some(Writer {
@@ -640,11 +624,6 @@ impl SqliteStore {
             durability: durability.clone(),
             interval,
         };
-        let room = WalRoom::new(room, core.clone(), page_size.max(512) as u64, restart_at);
-        std::thread::Builder::new()
-            .name("store-checkpoint".into())
-            .spawn(move || checkpoint_loop(checkpointer, commits, restart_at, room, timings))
-            .map_err(unavailable)?;
         {
             let core = core.clone();
             std::thread::Builder::new()
@@ -686,16 +665,8 @@ impl SqliteStore {
 /// Checkpoints after commits, at most every [`CHECKPOINT_EVERY`], until the
 /// writer goes (it checkpoints one last time itself). Once the WAL holds more
 /// than `restart_at` frames it is restarted, so it is overwritten from its
-/// start rather than growing. After each checkpoint it makes room in the WAL
-/// file ahead of its frames (`room`). Each checkpoint's time goes to
-/// `timings`.
-fn checkpoint_loop(
-    conn: Connection,
-    commits: std::sync::mpsc::Receiver<()>,
-    restart_at: i64,
-    mut room: WalRoom,
-    timings: Checkpoints,
-) {
+/// start rather than growing. Each checkpoint's time goes to `timings`.
+fn checkpoint_loop(conn: Connection, commits: std::sync::mpsc::Receiver<()>, restart_at: i64, timings: Checkpoints) {
     let timed = |mode: &'static str, sql: &str| {
         let started = std::time::Instant::now();
         let frames = conn.query_row(sql, [], |r| r.get::<_, i64>(1));
@@ -714,103 +685,9 @@ fn checkpoint_loop(
                 if let Err(e) = timed("restart", "PRAGMA wal_checkpoint(RESTART)") {
                     tracing::warn!(error = %e, "store checkpoint (restart) failed; retried after the next commit");
                 }
-                room.keep(frames);
             }
-            Ok(frames) => room.keep(frames),
-            Err(e) => tracing::warn!(error = %e, "store checkpoint failed; retried after the next commit"),
-        }
-    }
-}
-
-/// Zeroed room at the end of the WAL file, so that commits overwrite the
-/// file rather than grow it (see [`WAL_ROOM`]). Zeros past the last frame
-/// are not a frame to SQLite (its recovery stops at the first frame whose
-/// page number is 0 or whose salt is not the header's), which is also how
-/// it treats the old frames it overwrites after a restart.
-struct WalRoom {
-    /// The WAL file, opened for writing.
-    file: std::fs::File,
-    /// Its writes are made under the write connection's lock: SQLite only
-    /// ever writes frames through that connection, so the end of the file
-    /// found under the lock is where zeros may go without touching a frame.
-    core: Arc<Core>,
-    /// Bytes per frame: a page and its 24-byte header.
-    frame: u64,
-    /// Room kept ahead: [`WAL_ROOM`], or a quarter of the WAL's length at
-    /// its restart if that is less (a store restarted early, in tests).
-    ahead: u64,
-    /// No more room than the WAL needs before it is restarted.
-    most: u64,
-    zeros: Vec<u8>,
-}
-
-impl WalRoom {
-    /// The WAL's own header before its first frame.
-    const HEADER: u64 = 32;
-
-    fn new(file: std::fs::File, core: Arc<Core>, page_size: u64, restart_at: i64) -> Self {
-        let frame = page_size + 24;
-        let restarted = Self::HEADER + restart_at.max(1) as u64 * frame;
-        let ahead = WAL_ROOM.min(restarted / 4);
-        Self {
-            file,
-            core,
-            frame,
-            ahead,
-            most: restarted + ahead,
-            zeros: Vec::new(),
-        }
-    }
-
-    /// Makes sure the file reaches at least its room past the WAL's
-    /// `frames`, writing zeros up to twice that. Each piece is synced at
-    /// once, so that its space is allocated and the size on disk before a
-    /// commit lands there, and so that a commit's fsync meanwhile has at
-    /// most one piece of zeros to write with its frames. If the disk
-    /// refuses, the WAL grows as it would without room: nothing is lost but
-    /// time.
-    fn keep(&mut self, frames: i64) {
-        let end = Self::HEADER + frames.max(0) as u64 * self.frame;
-        let want = (end + self.ahead).min(self.most);
-        let target = (end + 2 * self.ahead).min(self.most);
-        match self.file.metadata() {
-            Ok(m) if m.len() >= want => return,
             Ok(_) => {}
-            Err(_) => return,
-        }
-        if self.zeros.is_empty() {
-            self.zeros = vec![0; WAL_ROOM_PIECE.min(self.ahead as usize)];
-        }
-        loop {
-            let made = {
-                let guard = self.core.lock_writer();
-                match guard.as_ref().map(|_| self.file.metadata()) {
-                    // Closed: the WAL is being folded into the database and truncated.
-                    None => Ok(false),
-                    Some(Err(e)) => Err(e),
-                    Some(Ok(m)) if m.len() >= target => Ok(false),
-                    Some(Ok(m)) => {
-                        let piece = (target - m.len()).min(self.zeros.len() as u64) as usize;
-                        std::os::unix::fs::FileExt::write_all_at(&self.file, &self.zeros[..piece], m.len())
-                            .map(|()| true)
-                    }
-                }
-            };
-            // Like every holder of the lock: inserts that found it held meanwhile
-            // were left for it.
-            self.core.drain(DRAIN_ON_THE_SYNCER);
-            match made {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot make room in the store's WAL; it grows as it fills");
-                    return;
-                }
-            }
-            if let Err(e) = self.file.sync_data() {
-                tracing::debug!(error = %e, "cannot sync the room made in the store's WAL");
-                return;
-            }
+            Err(e) => tracing::warn!(error = %e, "store checkpoint failed; retried after the next commit"),
         }
     }
 }
