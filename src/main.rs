@@ -3,11 +3,9 @@ use std::process::ExitCode;
 use clap::Parser;
 use expeditor::cli::{self, Cli, Command, LogFormat};
 
-/// Ingest and delivery allocate many short-lived buffers on every core:
-/// mimalloc cuts what glibc malloc cost there (about a sixth of the CPU under
-/// load; see BENCHMARKS.md).
+/// mimalloc (see the crate for why, and why not through the `mimalloc` crate).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: expeditor_allocator::Mimalloc = expeditor_allocator::Mimalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
