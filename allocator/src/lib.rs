@@ -24,8 +24,9 @@ pub struct Mimalloc;
 /// `max_align_t`), for blocks of at least that size.
 const MIN_ALIGN: usize = 16;
 
-fn plain(layout: Layout) -> bool {
-    layout.align() <= MIN_ALIGN && layout.align() <= layout.size()
+/// Whether a block of `size` from the plain calls has `align` already.
+fn plain(align: usize, size: usize) -> bool {
+    align <= MIN_ALIGN && align <= size
 }
 
 fn aligned(p: *mut c_void, align: usize) -> *mut u8 {
@@ -45,7 +46,7 @@ unsafe impl GlobalAlloc for Mimalloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: mimalloc's allocation calls take any size and alignment.
         let p = unsafe {
-            match plain(layout) {
+            match plain(layout.align(), layout.size()) {
                 true => libmimalloc_sys::mi_malloc(layout.size()),
                 false => libmimalloc_sys::mi_malloc_aligned(layout.size(), layout.align()),
             }
@@ -56,7 +57,7 @@ unsafe impl GlobalAlloc for Mimalloc {
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         // SAFETY: as in `alloc`.
         let p = unsafe {
-            match plain(layout) {
+            match plain(layout.align(), layout.size()) {
                 true => libmimalloc_sys::mi_zalloc(layout.size()),
                 false => libmimalloc_sys::mi_zalloc_aligned(layout.size(), layout.align()),
             }
@@ -73,7 +74,7 @@ unsafe impl GlobalAlloc for Mimalloc {
         // SAFETY: `ptr` came from mimalloc; the new block keeps the alignment
         // the layout asks for, by the same rule as `alloc` at the new size.
         let p = unsafe {
-            match layout.align() <= MIN_ALIGN && layout.align() <= new_size {
+            match plain(layout.align(), new_size) {
                 true => libmimalloc_sys::mi_realloc(ptr.cast(), new_size),
                 false => libmimalloc_sys::mi_realloc_aligned(ptr.cast(), new_size, layout.align()),
             }
