@@ -304,7 +304,7 @@ impl Handoff {
             let Some(hot) = self.sinks.get(sink) else { continue };
             if let Ok(permit) = hot.slots.clone().try_acquire_owned() {
                 r.permits.push(permit);
-                r.reads = r.reads.max(hot.reads);
+                r.reads = r.reads.union(hot.reads);
                 r.held.push(Held {
                     sink: sink.clone(),
                     lease_until: now.saturating_add(hot.lease.as_millis() as i64),

@@ -119,10 +119,10 @@ impl Pipeline {
             };
             let router = &self.config.router;
             let decision = router.route(&source.name, &event_type, || {
-                router.context(prepare(router.reads() > Reads::Meta))
+                router.context(prepare(router.reads().payload()))
             });
             let reservation = self.handoff.reserve(&decision.sinks, received_at);
-            let held_read_payload = reservation.reads > Reads::Meta;
+            let held_read_payload = reservation.reads.payload();
             if !reservation.held.is_empty() {
                 prepare(held_read_payload);
             }
@@ -247,7 +247,8 @@ fn event(
 /// says the sink reads. Normalization is a pure function of the kind and the
 /// raw body, so the views are recomputed rather than stored; a sink that
 /// reads only the event's metadata gets no payload (`null`) and no views,
-/// and its deliveries parse nothing.
+/// and its deliveries parse nothing; one that reads the views and not the
+/// payload gets a `null` payload (the body is parsed, not converted).
 pub fn rebuild(stored: &StoredEvent, reads: Reads) -> Result<Event, String> {
     let normalizer = match stored.kind.as_str() {
         "crumbpos" => Some(Normalizer::CrumbPos),
@@ -255,12 +256,16 @@ pub fn rebuild(stored: &StoredEvent, reads: Reads) -> Result<Event, String> {
         _ => None,
     };
     let (payload, views) = match (reads, normalizer) {
-        (Reads::Meta, _) => (serde_json::Value::Null, Views::default()),
-        (Reads::All, Some(n)) => {
+        (Reads::Meta, _) | (Reads::MetaAndViews, None) => (serde_json::Value::Null, Views::default()),
+        (Reads::All | Reads::MetaAndViews, Some(n)) => {
             let n = n
                 .normalize(&stored.body)
                 .map_err(|e| format!("stored event cannot be normalized: {e}"))?;
-            (n.document.into_value(), n.views)
+            let payload = match reads.payload() {
+                true => n.document.into_value(),
+                false => serde_json::Value::Null,
+            };
+            (payload, n.views)
         }
         (Reads::MetaAndPayload, _) | (Reads::All, None) => (
             serde_json::from_slice(&stored.body).map_err(|_| "stored event is not JSON".to_string())?,
@@ -311,6 +316,11 @@ mod tests {
         assert_eq!(payload.payload, all.payload);
         assert_eq!(payload.views, Views::default(), "views are not computed");
 
+        let views = rebuild(&stored("crumbpos"), Reads::MetaAndViews).unwrap();
+        assert_eq!(views.event, all.event);
+        assert_eq!(views.views, all.views, "the same views");
+        assert_eq!(views.payload, serde_json::Value::Null, "the payload is not converted");
+
         let meta = rebuild(&stored("crumbpos"), Reads::Meta).unwrap();
         assert_eq!(meta.event, all.event);
         assert_eq!(meta.event.id, "evt_1");
@@ -322,6 +332,9 @@ mod tests {
         let hmac = rebuild(&stored("hmac"), Reads::All).unwrap();
         assert_eq!(hmac.payload, body);
         assert_eq!(hmac.views, Views::default());
+        let hmac = rebuild(&stored("hmac"), Reads::MetaAndViews).unwrap();
+        assert_eq!(hmac.payload, serde_json::Value::Null);
+        assert_eq!(hmac.views, Views::default());
     }
 
     #[test]
@@ -329,6 +342,10 @@ mod tests {
         let mut broken = stored("crumbpos");
         broken.body = b"{not json".to_vec();
         assert!(rebuild(&broken, Reads::All).is_err());
+        assert!(
+            rebuild(&broken, Reads::MetaAndViews).is_err(),
+            "views need the body normalized"
+        );
         assert!(rebuild(&broken, Reads::MetaAndPayload).is_err());
         assert!(rebuild(&broken, Reads::Meta).is_ok());
     }

@@ -111,7 +111,36 @@ pub enum Routing {
         addr: SocketAddr,
         sinks: usize,
         concurrency: Option<usize>,
+        body: SinkBody,
     },
+}
+
+/// What each http sink's `[sinks.X.body]` template reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SinkBody {
+    /// `{ id = "{{ event.id }}" }`: the event's envelope only.
+    Id,
+    /// The KDS ticket of `config.toml`'s example (the order view: id,
+    /// location, channel, priority, items; the event's time), as a user's
+    /// kitchen display gets it, and the event's id (the sink server's key).
+    Kds,
+}
+
+impl SinkBody {
+    fn toml(self) -> &'static str {
+        match self {
+            SinkBody::Id => "id = \"{{ event.id }}\"\n",
+            SinkBody::Kds => concat!(
+                "id = \"{{ event.id }}\"\n",
+                "order_id = \"{{ order.id }}\"\n",
+                "location_id = \"{{ order.location_id }}\"\n",
+                "channel = \"{{ order.channel }}\"\n",
+                "priority = \"{{ 'high' if order.channel == 'delivery' else 'normal' }}\"\n",
+                "items = \"{{ order.items }}\"\n",
+                "placed_at = \"{{ event.occurred_at }}\"\n",
+            ),
+        }
+    }
 }
 
 pub struct Daemon {
@@ -563,6 +592,7 @@ sinks = ["unused"]
             addr,
             sinks,
             concurrency,
+            body,
         } => {
             let names: Vec<String> = (1..=sinks).map(|k| format!("s{k}")).collect();
             let concurrency = concurrency.map(|n| format!("concurrency = {n}\n")).unwrap_or_default();
@@ -574,8 +604,8 @@ type = "http"
 url = "http://{addr}/{name}"
 {concurrency}
 [sinks.{name}.body]
-id = "{{{{ event.id }}}}"
-"#
+{}"#,
+                    body.toml()
                 ));
             }
             let list: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
-use crate::expeditor::StoreKind;
+use crate::expeditor::{SinkBody, StoreKind};
 use crate::load::{Corpus, Pace};
 use crate::rows::{Row, RowKind, Run, Settings};
 
@@ -90,6 +90,11 @@ struct Cli {
     /// expeditor's own default, as a user gets it.
     #[arg(long)]
     sink_concurrency: Option<usize>,
+    /// Each http sink's body: `id` (`{ id = "{{ event.id }}" }`, the
+    /// table's) or `kds` (config.toml's KDS ticket, which reads the order
+    /// view).
+    #[arg(long, value_enum, default_value = "id")]
+    sink_body: SinkBody,
     /// The least time between the durable baseline's fsyncs' starts. 0: the
     /// next group is synced the moment the last fsync returns (the most it
     /// can ack flat out); expeditor's store waits 0.5 ms.
@@ -167,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         expeditor: cli.expeditor.clone(),
         dir: cli.dir.clone(),
         sink_concurrency: cli.sink_concurrency,
+        sink_body: cli.sink_body,
         preload: cli.preload,
         durable_interval: cli.durable_interval,
         trace: cli.trace.clone(),

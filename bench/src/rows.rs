@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use crate::expeditor::{Daemon, Routing, Scrape, StoreKind};
+use crate::expeditor::{Daemon, Routing, Scrape, SinkBody, StoreKind};
 use crate::load::{self, Corpus, LoadResult, Pace, Plan, Signed, event_id};
 use crate::proc::{self, ProcStats, StallWatch, Stalls};
 use crate::servers::{Baseline, SinkServer, SinkState};
@@ -81,6 +81,8 @@ pub struct Settings {
     pub dir: Option<PathBuf>,
     /// `concurrency` of each sink; default: expeditor's.
     pub sink_concurrency: Option<usize>,
+    /// What each sink's body template reads.
+    pub sink_body: SinkBody,
     pub store: StoreKind,
     /// Events in the store before each expeditor row starts.
     pub preload: usize,
@@ -349,6 +351,7 @@ pub async fn expeditor(
             addr: s.addr,
             sinks: kind.sinks(),
             concurrency: settings.sink_concurrency,
+            body: settings.sink_body,
         },
     };
     let daemon = Daemon::start(

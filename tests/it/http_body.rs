@@ -168,14 +168,15 @@ async fn default_body_is_the_whole_event() {
 
 /// A retried delivery is claimed from the store and its event rebuilt with
 /// only what the sink's templates read: nothing parsed for `event.*` alone,
-/// the payload without views for `payload.*`, everything for a view. Each
+/// the payload without views for `payload.*`, the views without the payload
+/// for a view, everything for both. Each
 /// retry must put the same body on the wire as the first attempt, which
 /// went out with the event ingest had just normalized.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_retried_delivery_renders_as_the_first_attempt_did() {
     let sink = FakeSink::start().await;
-    // The three first attempts fail; every retry is claimed and rebuilt.
-    sink.script(&[503, 503, 503], 200);
+    // The four first attempts fail; every retry is claimed and rebuilt.
+    sink.script(&[503, 503, 503, 503], 200);
     let mut config = format!("{}\n{SOURCES}\n", base_config(""));
     for (name, body) in [
         (
@@ -192,6 +193,12 @@ total = "{{ payload.data.attributes.total }}""#,
             "views",
             r#"id = "{{ event.id }}"
 total = "{{ order.total_cents }}""#,
+        ),
+        (
+            "both",
+            r#"id = "{{ event.id }}"
+total = "{{ order.total_cents }}"
+sent = "{{ payload.data.attributes.total }}""#,
         ),
     ] {
         config.push_str(&format!(
@@ -211,18 +218,19 @@ retry = {{ max_attempts = 3, initial = "50ms", max = "200ms" }}
         r#"
 [[routes]]
 name = "all"
-sinks = ["meta", "payload", "views"]
+sinks = ["meta", "payload", "views", "both"]
 "#,
     );
     let d = Daemon::start(&config).await;
     assert_eq!(d.post_crumb(&crumb_order("evt_rebuilt", 4250)).await.status, 200);
 
-    let got = sink.wait_for(6, Duration::from_secs(10)).await;
+    let got = sink.wait_for(8, Duration::from_secs(10)).await;
     let bodies = |path: &str| -> Vec<Value> { got.iter().filter(|r| r.path == path).map(|r| r.json()).collect() };
     let expected = [
         ("/meta", json!({ "id": "evt_rebuilt", "type": "order.created" })),
         ("/payload", json!({ "id": "evt_rebuilt", "total": 4250 })),
         ("/views", json!({ "id": "evt_rebuilt", "total": 4250 })),
+        ("/both", json!({ "id": "evt_rebuilt", "total": 4250, "sent": 4250 })),
     ];
     for (path, want) in expected {
         assert_eq!(
@@ -231,7 +239,7 @@ sinks = ["meta", "payload", "views"]
             "{path}: first attempt, then the retry"
         );
     }
-    for sink in ["meta", "payload", "views"] {
+    for sink in ["meta", "payload", "views", "both"] {
         d.wait_delivery("crumb", "evt_rebuilt", sink, "delivered").await;
     }
 }

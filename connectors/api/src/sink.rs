@@ -96,8 +96,8 @@ pub trait Sink: Send + Sync + 'static {
 
     /// What of each delivery's event this sink reads. An event rebuilt from
     /// the store for a sink that reads less than [`Reads::All`] carries only
-    /// that much (a `null` payload, no views), which saves parsing the body
-    /// for every delivery. The default is all.
+    /// that much (a `null` payload, or no views), which saves parsing or
+    /// converting the body for every delivery. The default is all.
     fn reads(&self) -> Reads {
         Reads::All
     }

@@ -163,13 +163,17 @@ impl TemplateSet {
         for (_, template) in self.env.templates() {
             names.extend(template.undeclared_variables(false));
         }
-        let reads = if names.iter().all(|n| n == "event") {
-            Reads::Meta
-        } else if names.iter().all(|n| n == "event" || n == "payload") {
-            Reads::MetaAndPayload
-        } else {
-            Reads::All
-        };
+        let (mut payload, mut views) = (false, false);
+        for name in &names {
+            match name.as_str() {
+                "event" => {}
+                "payload" => payload = true,
+                "order" | "payment" | "stock" => views = true,
+                // A global such as `range`, or anything else: all, to be safe.
+                _ => (payload, views) = (true, true),
+            }
+        }
+        let reads = Reads::from_parts(payload, views);
         Arc::new(Templates { env: self.env, reads })
     }
 }
@@ -213,18 +217,49 @@ pub struct Templates {
 
 /// What a component reads of an event. For templates it is found when they
 /// are compiled: converting the payload and views into template values is
-/// most of a render's cost, and a body like `{ id = "{{ event.id }}" }`
-/// needs neither. Any other name (a view, a global such as `range`) reads
-/// all. A sink that reads less than all is handed events rebuilt from the
-/// store with only that much (see [`crate::Sink::reads`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// most of a render's cost, a body like `{ id = "{{ event.id }}" }` needs
+/// neither, and one like a KDS ticket (`{{ order.id }}`, `{{ order.items }}`)
+/// needs the views but not the vendor's payload, the larger of the two. Any
+/// other name (a global such as `range`) reads all. A sink that reads less
+/// than all is handed events rebuilt from the store with only that much (see
+/// [`crate::Sink::reads`]). Not ordered: payload and views are independent,
+/// and what several readers need together is their [`Reads::union`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reads {
     /// `event` (id, source, kind, type, times) only.
     Meta,
     /// `event` and the vendor's `payload`, not the views.
     MetaAndPayload,
-    /// Everything, views included.
+    /// `event` and the views (`order`, `payment`, `stock`), not the payload.
+    MetaAndViews,
+    /// Everything.
     All,
+}
+
+impl Reads {
+    pub fn from_parts(payload: bool, views: bool) -> Reads {
+        match (payload, views) {
+            (false, false) => Reads::Meta,
+            (true, false) => Reads::MetaAndPayload,
+            (false, true) => Reads::MetaAndViews,
+            (true, true) => Reads::All,
+        }
+    }
+
+    /// Whether the vendor's payload is read.
+    pub fn payload(self) -> bool {
+        matches!(self, Reads::MetaAndPayload | Reads::All)
+    }
+
+    /// Whether the normalized views are read.
+    pub fn views(self) -> bool {
+        matches!(self, Reads::MetaAndViews | Reads::All)
+    }
+
+    /// What two readers read together.
+    pub fn union(self, other: Reads) -> Reads {
+        Reads::from_parts(self.payload() || other.payload(), self.views() || other.views())
+    }
 }
 
 impl std::fmt::Debug for Templates {
@@ -252,6 +287,15 @@ impl Templates {
             Reads::Meta => minijinja::context! { event => meta() },
             Reads::MetaAndPayload => {
                 minijinja::context! { event => meta(), payload => Value::from(Serde(&event.payload)) }
+            }
+            Reads::MetaAndViews => {
+                let views = &event.views;
+                minijinja::context! {
+                    event => meta(),
+                    order => Value::from(Serde(&views.order)),
+                    payment => Value::from(Serde(&views.payment)),
+                    stock => Value::from(Serde(&views.stock)),
+                }
             }
             Reads::All => Self::context(event),
         }
@@ -422,29 +466,51 @@ mod tests {
     #[test]
     fn context_for_holds_what_the_templates_read() {
         let ev = event();
-        let cases: [(&str, &[&str], &[&str]); 4] = [
-            ("{{ event.id }}/{{ event.type }}", &["event"], &["payload", "order"]),
+        let cases: [(&str, Reads, &[&str], &[&str]); 6] = [
+            (
+                "{{ event.id }}/{{ event.type }}",
+                Reads::Meta,
+                &["event"],
+                &["payload", "order"],
+            ),
             (
                 "{{ event.id }}:{{ payload.data.orderId }}",
+                Reads::MetaAndPayload,
                 &["event", "payload"],
                 &["order"],
             ),
+            // A KDS ticket's kind of template: views, not the payload.
+            (
+                "{{ event.id }}:{{ order.total_cents | money }}:{{ order.items | length }}",
+                Reads::MetaAndViews,
+                &["event", "order", "payment", "stock"],
+                &["payload"],
+            ),
+            (
+                "{{ stock.name if stock else 'none' }}/{{ payment.amount_cents if payment else 0 }}",
+                Reads::MetaAndViews,
+                &["event", "order", "payment", "stock"],
+                &["payload"],
+            ),
             (
                 "{{ event.id }}:{{ order.total_cents | money }}:{{ payload.data.orderId }}",
+                Reads::All,
                 &["event", "payload", "order"],
                 &[],
             ),
             // A global (or anything else) reads everything, to be safe.
             (
                 "{% for i in range(2) %}{{ event.id }}{% endfor %}",
+                Reads::All,
                 &["event", "payload", "order"],
                 &[],
             ),
         ];
-        for (source, present, absent) in cases {
+        for (source, reads, present, absent) in cases {
             let mut set = TemplateSet::new();
             let id = set.text("sinks.x.body", source).unwrap();
             let t = set.finish();
+            assert_eq!(t.reads(), reads, "{source}");
             let ctx = t.context_for(&ev);
             let whole = t.render(&id, &Templates::context(&ev)).unwrap();
             assert_eq!(t.render(&id, &ctx).unwrap(), whole, "{source}");
@@ -463,6 +529,24 @@ mod tests {
         )
         .unwrap();
         assert!(!set.finish().context_for(&ev).get_attr("order").unwrap().is_undefined());
+    }
+
+    /// Payload and views are independent: what two readers need together.
+    #[test]
+    fn reads_union_is_each_part_read_by_either() {
+        use Reads::*;
+        let all = [Meta, MetaAndPayload, MetaAndViews, All];
+        for a in all {
+            assert_eq!(Reads::from_parts(a.payload(), a.views()), a);
+            for b in all {
+                let u = a.union(b);
+                assert_eq!(u, b.union(a));
+                assert_eq!(u.payload(), a.payload() || b.payload(), "{a:?} with {b:?}");
+                assert_eq!(u.views(), a.views() || b.views(), "{a:?} with {b:?}");
+            }
+        }
+        assert_eq!(MetaAndPayload.union(MetaAndViews), All);
+        assert_eq!(Meta.union(MetaAndViews), MetaAndViews);
     }
 
     #[test]

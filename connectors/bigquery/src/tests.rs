@@ -678,8 +678,15 @@ fn the_auth_rule() {
 async fn reads_what_its_row_reads() {
     use expeditor_api::Reads;
     let server = server().await;
-    assert_eq!(build(&server).sink().reads(), Reads::All, "the row names `order`");
+    assert_eq!(
+        build(&server).sink().reads(),
+        Reads::MetaAndViews,
+        "the row names `order`, not `payload`"
+    );
     let mut b = build(&server);
     b.row = json!({ "event_id": "{{ event.id }}", "raw": "{{ payload }}" });
     assert_eq!(b.sink().reads(), Reads::MetaAndPayload);
+    let mut b = build(&server);
+    b.row = json!({ "order_id": "{{ order.id }}", "raw": "{{ payload }}" });
+    assert_eq!(b.sink().reads(), Reads::All);
 }

@@ -205,6 +205,15 @@ async fn reads_what_its_body_reads() {
         sink(&path, Some(json!({ "t": "{{ order.total_cents }}" })))
             .await
             .reads(),
+        Reads::MetaAndViews
+    );
+    assert_eq!(
+        sink(
+            &path,
+            Some(json!({ "t": "{{ order.total_cents }}", "p": "{{ payload.total }}" }))
+        )
+        .await
+        .reads(),
         Reads::All
     );
     assert_eq!(sink(&path, None).await.reads(), Reads::All);

@@ -280,13 +280,13 @@ fn reads_what_its_templates_read() {
     );
     assert_eq!(
         with(meta_url, Some(json!({ "total": "{{ order.total_cents }}" }))),
-        Reads::All
+        Reads::MetaAndViews
     );
-    // The url reads a view: all, whatever the body reads.
+    // The url reads a view and the body the payload: both.
     assert_eq!(
         with(
             "http://127.0.0.1:9/{{ order.id }}",
-            Some(json!({ "id": "{{ event.id }}" }))
+            Some(json!({ "total": "{{ payload.data.total }}" }))
         ),
         Reads::All
     );
