@@ -102,8 +102,11 @@ const STOP_LIMIT: Duration = Duration::from_secs(60);
 /// Where routing sends the events.
 #[derive(Debug, Clone, Copy)]
 pub enum Routing {
-    /// A route that matches no event type: routing runs, nothing is delivered.
-    Nowhere,
+    /// A route that matches no event type: routing runs, nothing is
+    /// delivered. With `when`, also a route for every order event whose
+    /// `when` (on the order view) holds for none: a condition evaluated for
+    /// each order, as a user's router has.
+    Nowhere { when: bool },
     /// Every event to `sinks` `http` sinks at the sink server (`/s1`..),
     /// each with `concurrency` attempts in flight (expeditor's default if
     /// `None`).
@@ -112,6 +115,9 @@ pub enum Routing {
         sinks: usize,
         concurrency: Option<usize>,
         body: SinkBody,
+        /// The route to the sinks has a `when` on the order view (that
+        /// holds for every order of the corpus).
+        when: bool,
     },
 }
 
@@ -547,7 +553,7 @@ impl Routing {
     /// The sinks of the generated config.
     fn sink_names(&self) -> Vec<String> {
         match self {
-            Routing::Nowhere => vec!["unused".to_string()],
+            Routing::Nowhere { .. } => vec!["unused".to_string()],
             Routing::Sinks { sinks, .. } => (1..=*sinks).map(|k| format!("s{k}")).collect(),
         }
     }
@@ -575,8 +581,9 @@ secrets = ["{CRAVE_SECRET}"]
 "#
     );
     match routing {
-        Routing::Nowhere => c.push_str(
-            r#"
+        Routing::Nowhere { when } => {
+            c.push_str(
+                r#"
 # Never called: the only route matches no event type.
 [sinks.unused]
 type = "http"
@@ -587,12 +594,25 @@ name = "nowhere"
 events = ["never.happens"]
 sinks = ["unused"]
 "#,
-        ),
+            );
+            if when {
+                c.push_str(
+                    r#"
+[[routes]]
+name = "huge orders"
+events = ["order.*"]
+when = "order.total_cents > 100000000"
+sinks = ["unused"]
+"#,
+                );
+            }
+        }
         Routing::Sinks {
             addr,
             sinks,
             concurrency,
             body,
+            when,
         } => {
             let names: Vec<String> = (1..=sinks).map(|k| format!("s{k}")).collect();
             let concurrency = concurrency.map(|n| format!("concurrency = {n}\n")).unwrap_or_default();
@@ -614,8 +634,12 @@ url = "http://{addr}/{name}"
 [[routes]]
 name = "orders"
 events = ["order.*"]
-sinks = [{}]
+{}sinks = [{}]
 "#,
+                match when {
+                    true => "when = \"order.id != ''\"\n",
+                    false => "",
+                },
                 list.join(", ")
             ));
         }

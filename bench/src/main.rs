@@ -95,6 +95,12 @@ struct Cli {
     /// view).
     #[arg(long, value_enum, default_value = "id")]
     sink_body: SinkBody,
+    /// Route with a `when` on the order view, evaluated for every order
+    /// event: for ingest a route whose `when` holds for none (still no
+    /// deliveries), for e2e and fanout the route to the sinks (it holds for
+    /// every order of the corpus).
+    #[arg(long)]
+    when: bool,
     /// The least time between the durable baseline's fsyncs' starts. 0: the
     /// next group is synced the moment the last fsync returns (the most it
     /// can ack flat out); expeditor's store waits 0.5 ms.
@@ -173,6 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
         dir: cli.dir.clone(),
         sink_concurrency: cli.sink_concurrency,
         sink_body: cli.sink_body,
+        when: cli.when,
         preload: cli.preload,
         durable_interval: cli.durable_interval,
         trace: cli.trace.clone(),

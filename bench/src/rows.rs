@@ -83,6 +83,8 @@ pub struct Settings {
     pub sink_concurrency: Option<usize>,
     /// What each sink's body template reads.
     pub sink_body: SinkBody,
+    /// Routes with a `when` on the order view.
+    pub when: bool,
     pub store: StoreKind,
     /// Events in the store before each expeditor row starts.
     pub preload: usize,
@@ -346,12 +348,13 @@ pub async fn expeditor(
         n => Some(SinkServer::start(n, corpus.len()).await?),
     };
     let routing = match &sink_server {
-        None => Routing::Nowhere,
+        None => Routing::Nowhere { when: settings.when },
         Some(s) => Routing::Sinks {
             addr: s.addr,
             sinks: kind.sinks(),
             concurrency: settings.sink_concurrency,
             body: settings.sink_body,
+            when: settings.when,
         },
     };
     let daemon = Daemon::start(
