@@ -105,7 +105,7 @@ impl Pipeline {
                         true => document.take().map(Json::into_value).unwrap_or_default(),
                         false => serde_json::Value::Null,
                     };
-                    event(
+                    Arc::new(event(
                         &source.name,
                         source.kind(),
                         &id,
@@ -114,7 +114,7 @@ impl Pipeline {
                         received_at,
                         payload,
                         views.take().unwrap_or_default(),
-                    )
+                    ))
                 })
             };
             let router = &self.config.router;
@@ -133,7 +133,8 @@ impl Pipeline {
                 .map(|mut prepared| {
                     // Built for `when`s that did not read the payload; a held sink does.
                     if held_read_payload && let Some(document) = document.take() {
-                        prepared.payload = document.into_value();
+                        // The `when`s' context, which shared it, is gone.
+                        Arc::make_mut(&mut prepared).payload = document.into_value();
                     }
                     (reservation, prepared)
                 });
@@ -173,7 +174,7 @@ impl Pipeline {
                 let sinks = new.sinks.clone();
                 let inserted = store.insert(new).await?;
                 if let Inserted::New(ids) = &inserted {
-                    let give_back = handoff.start(reservation, ids, &sinks, &stored, Arc::new(prepared));
+                    let give_back = handoff.start(reservation, ids, &sinks, &stored, prepared);
                     if !give_back.is_empty()
                         && let Err(e) = store.complete(give_back).await
                     {

@@ -88,7 +88,7 @@ impl Router {
 
     /// The context the `when` expressions need: only the parts of the event
     /// they read (`event.type == "..."` needs no payload converted).
-    pub fn context(&self, event: &expeditor_api::Event) -> Value {
+    pub fn context(&self, event: &std::sync::Arc<expeditor_api::Event>) -> Value {
         self.templates.context_for(event)
     }
 
@@ -217,7 +217,7 @@ mod tests {
     /// as the whole context would.
     #[test]
     fn context_holds_what_the_whens_read() {
-        let event = expeditor_api::Event {
+        let event = std::sync::Arc::new(expeditor_api::Event {
             event: expeditor_api::EventMeta {
                 id: "evt_1".into(),
                 source: "crave".into(),
@@ -234,7 +234,7 @@ mod tests {
                 }),
                 ..Default::default()
             },
-        };
+        });
         let cheap = router(vec![
             ("src", None, None, Some("event.source == 'crave'"), &["a"]),
             ("pickup", None, None, Some("payload.data.channel == 'pickup'"), &["b"]),

@@ -168,7 +168,7 @@ fn route(c: &mut Criterion) {
     g.bench_function("when, with context", |b| {
         b.iter(|| {
             let d = router.route("crumb", black_box(&n.event_type), || {
-                router.context(&event_reading("crumb", "crumbpos", &n, router.reads()))
+                router.context(&Arc::new(event_reading("crumb", "crumbpos", &n, router.reads())))
             });
             assert_eq!(d.sinks.len(), 2);
             d

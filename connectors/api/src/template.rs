@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use minijinja::value::{Serde, Value};
+use minijinja::value::{Enumerator, Object, Serde, Value};
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value as Json;
 
@@ -201,6 +201,145 @@ fn single_expression(s: &str) -> Option<&str> {
     (!inner.is_empty()).then_some(inner)
 }
 
+/// One view of an event as templates see it, converted a field at a time
+/// as they read it: a `when` on `order.total_cents` converts one number,
+/// not the order with its items. The same values, field for field and in
+/// the same order, as the view converted whole (`Serde`).
+#[derive(Debug)]
+struct ViewFields {
+    event: Arc<Event>,
+    view: View,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum View {
+    Order,
+    Payment,
+    Stock,
+}
+
+impl ViewFields {
+    /// The view's template value: `none` when the event has no such view.
+    fn value(event: &Arc<Event>, view: View, present: bool) -> Value {
+        match present {
+            true => Value::from_object(ViewFields {
+                event: event.clone(),
+                view,
+            }),
+            false => Value::from(()),
+        }
+    }
+}
+
+impl Object for ViewFields {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let key = key.as_str()?;
+        fn v<T: serde::Serialize>(field: &T) -> Option<Value> {
+            Some(Value::from(Serde(field)))
+        }
+        let views = &self.event.views;
+        // Destructured whole, so that a field added to a view cannot be
+        // missed here (nor in the names below, which a test compares).
+        match self.view {
+            View::Order => {
+                let crate::Order {
+                    id,
+                    location_id,
+                    status,
+                    channel,
+                    total_cents,
+                    tax_cents,
+                    tip_cents,
+                    currency,
+                    customer,
+                    items,
+                } = views.order.as_ref()?;
+                match key {
+                    "id" => v(id),
+                    "location_id" => v(location_id),
+                    "status" => v(status),
+                    "channel" => v(channel),
+                    "total_cents" => v(total_cents),
+                    "tax_cents" => v(tax_cents),
+                    "tip_cents" => v(tip_cents),
+                    "currency" => v(currency),
+                    "customer" => v(customer),
+                    "items" => v(items),
+                    _ => None,
+                }
+            }
+            View::Payment => {
+                let crate::Payment {
+                    id,
+                    order_id,
+                    amount_cents,
+                    tip_cents,
+                    method,
+                    card_brand,
+                    card_last_four,
+                    status,
+                } = views.payment.as_ref()?;
+                match key {
+                    "id" => v(id),
+                    "order_id" => v(order_id),
+                    "amount_cents" => v(amount_cents),
+                    "tip_cents" => v(tip_cents),
+                    "method" => v(method),
+                    "card_brand" => v(card_brand),
+                    "card_last_four" => v(card_last_four),
+                    "status" => v(status),
+                    _ => None,
+                }
+            }
+            View::Stock => {
+                let crate::Stock {
+                    item_id,
+                    name,
+                    location_id,
+                    quantity,
+                    reorder_point,
+                } = views.stock.as_ref()?;
+                match key {
+                    "item_id" => v(item_id),
+                    "name" => v(name),
+                    "location_id" => v(location_id),
+                    "quantity" => v(quantity),
+                    "reorder_point" => v(reorder_point),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(match self.view {
+            View::Order => &[
+                "id",
+                "location_id",
+                "status",
+                "channel",
+                "total_cents",
+                "tax_cents",
+                "tip_cents",
+                "currency",
+                "customer",
+                "items",
+            ],
+            View::Payment => &[
+                "id",
+                "order_id",
+                "amount_cents",
+                "tip_cents",
+                "method",
+                "card_brand",
+                "card_last_four",
+                "status",
+            ],
+            View::Stock => &["item_id", "name", "location_id", "quantity", "reorder_point"],
+        })
+    }
+}
+
 /// `{{ order.total_cents | money }}` -> `"27.98"`: minor units as a decimal
 /// string, for people (Slack, email). Integer arithmetic, never floats.
 fn money_filter(cents: i64) -> String {
@@ -281,7 +420,7 @@ impl Templates {
 
     /// The context with only what these templates read (see [`Reads`]); the
     /// same values as [`Templates::context`] for every name they use.
-    pub fn context_for(&self, event: &Event) -> Value {
+    pub fn context_for(&self, event: &Arc<Event>) -> Value {
         let meta = || Value::from(Serde(&event.event));
         match self.reads {
             Reads::Meta => minijinja::context! { event => meta() },
@@ -292,9 +431,9 @@ impl Templates {
                 let views = &event.views;
                 minijinja::context! {
                     event => meta(),
-                    order => Value::from(Serde(&views.order)),
-                    payment => Value::from(Serde(&views.payment)),
-                    stock => Value::from(Serde(&views.stock)),
+                    order => ViewFields::value(event, View::Order, views.order.is_some()),
+                    payment => ViewFields::value(event, View::Payment, views.payment.is_some()),
+                    stock => ViewFields::value(event, View::Stock, views.stock.is_some()),
                 }
             }
             Reads::All => Self::context(event),
@@ -465,7 +604,7 @@ mod tests {
     /// and renders them exactly as the whole context does.
     #[test]
     fn context_for_holds_what_the_templates_read() {
-        let ev = event();
+        let ev = Arc::new(event());
         let cases: [(&str, Reads, &[&str], &[&str]); 6] = [
             (
                 "{{ event.id }}/{{ event.type }}",
@@ -529,6 +668,86 @@ mod tests {
         )
         .unwrap();
         assert!(!set.finish().context_for(&ev).get_attr("order").unwrap().is_undefined());
+    }
+
+    /// A views-only context reads a view a field at a time; every way a
+    /// template can look at a view (a field, the whole of it as text or
+    /// JSON, its keys, its length, its truth, a missing key or view) gives
+    /// what the whole context gives.
+    #[test]
+    fn views_read_field_by_field_are_the_views_converted_whole() {
+        use crate::{Customer, Item, Modifier, Payment, Stock};
+        let mut full = event();
+        let order = full.views.order.as_mut().unwrap();
+        order.customer = Some(Customer {
+            id: Some("c_1".into()),
+            name: Some("Ada".into()),
+            email: None,
+        });
+        order.items[0].modifiers = vec![Modifier {
+            id: Some("m_1".into()),
+            name: Some("extra cheese".into()),
+            price_cents: Some(150),
+        }];
+        order.items.push(Item {
+            name: Some("Soda".into()),
+            quantity: 1,
+            unit_price_cents: Some(250),
+            total_cents: Some(250),
+            modifiers: vec![],
+        });
+        full.views.payment = Some(Payment {
+            id: Some("p_1".into()),
+            amount_cents: Some(2798),
+            card_last_four: Some("4242".into()),
+            ..Default::default()
+        });
+        full.views.stock = Some(Stock {
+            item_id: Some("mi_1".into()),
+            quantity: Some(3),
+            ..Default::default()
+        });
+        let templates = [
+            "{{ order | tojson }}|{{ payment | tojson }}|{{ stock | tojson }}",
+            "{{ order }}|{{ payment }}|{{ stock }}",
+            "{{ order | length }}/{{ payment | length }}/{{ stock | length }}",
+            "{% for k in order %}{{ k }},{% endfor %}",
+            "{% for k, v in order | items %}{{ k }}={{ v }};{% endfor %}",
+            "{{ order.customer.name }}/{{ order.customer.email }}/{{ order.nope }}/{{ order['total_cents'] }}",
+            "{{ order.items | map(attribute='name') | join(',') }}/{{ order.items[0].modifiers[0].price_cents }}",
+            "{{ 'o' if order }}{{ 'p' if payment }}{{ 's' if stock }}/{{ order is mapping }}/{{ order.total_cents > 2000 }}",
+            "{{ payment.card_last_four }}/{{ stock.quantity * 2 }}/{{ stock.name is none }}",
+            "{{ order | dictsort }}/{{ order | list }}/{{ order == order }}/{{ 'items' in order }}",
+        ];
+        for ev in [full, event()] {
+            let ev = Arc::new(ev);
+            for source in templates {
+                let mut set = TemplateSet::new();
+                let id = set.text("sinks.x.body", source).unwrap();
+                let t = set.finish();
+                assert_eq!(t.reads(), Reads::MetaAndViews, "{source}");
+                // The same text, or the same error (no `payment` has no length).
+                let whole = t.render(&id, &Templates::context(&ev));
+                assert_eq!(t.render(&id, &t.context_for(&ev)), whole, "{source}");
+                if ev.views.payment.is_some() {
+                    assert!(whole.is_ok(), "{source}: {whole:?}");
+                }
+            }
+            // Expressions keep their type, a view's whole too.
+            let mut set = TemplateSet::new();
+            let body = json!({
+                "order": "{{ order }}",
+                "items": "{{ order.items }}",
+                "customer": "{{ order.customer }}",
+                "payment": "{{ payment }}",
+                "stock": "{{ stock }}",
+            });
+            let s = set.structured("sinks.x.body", &body).unwrap();
+            let t = set.finish();
+            let whole = t.render_json(&s, &Templates::context(&ev)).unwrap();
+            assert_eq!(t.render_json(&s, &t.context_for(&ev)).unwrap(), whole);
+            assert_eq!(whole["order"], serde_json::to_value(&ev.views.order).unwrap());
+        }
     }
 
     /// Payload and views are independent: what two readers need together.
