@@ -205,10 +205,18 @@ fn single_expression(s: &str) -> Option<&str> {
 /// as they read it: a `when` on `order.total_cents` converts one number,
 /// not the order with its items. The same values, field for field and in
 /// the same order, as the view converted whole (`Serde`).
-#[derive(Debug)]
 struct ViewFields {
     event: Arc<Event>,
     view: View,
+}
+
+/// The view's name only: the event holds a customer's details.
+impl std::fmt::Debug for ViewFields {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ViewFields")
+            .field("view", &self.view)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
