@@ -285,6 +285,13 @@ fn load_problems(row: &str, load: &LoadResult, problems: &mut Vec<String>) {
 
 /// The baseline or the durable baseline (`kind`); `Run::Half`: at ingest's
 /// half rate, for comparison.
+/// Before a row starts: the disk's writes of the rows before it (their
+/// stores, and the deletion of those) are flushed now, not into this row's
+/// first fsyncs.
+async fn settle_disk() {
+    let _ = tokio::task::spawn_blocking(rustix::fs::sync).await;
+}
+
 pub async fn baseline(
     kind: RowKind,
     corpus: &Arc<Corpus>,
@@ -292,6 +299,7 @@ pub async fn baseline(
     run: Run,
     settings: &Settings,
 ) -> anyhow::Result<Row> {
+    settle_disk().await;
     let server = Baseline::start(
         kind == RowKind::Durable,
         settings.dir.as_deref(),
@@ -342,6 +350,7 @@ pub async fn expeditor(
     run: Run,
     settings: &Settings,
 ) -> anyhow::Result<Row> {
+    settle_disk().await;
     let label = label(kind, run);
     let sink_server = match kind.sinks() {
         0 => None,
