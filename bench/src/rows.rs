@@ -283,8 +283,6 @@ fn load_problems(row: &str, load: &LoadResult, problems: &mut Vec<String>) {
     }
 }
 
-/// The baseline or the durable baseline (`kind`); `Run::Half`: at ingest's
-/// half rate, for comparison.
 /// Before a row starts: the disk's writes of the rows before it (their
 /// stores, and the deletion of those) are flushed now, not into this row's
 /// first fsyncs.
@@ -292,6 +290,8 @@ async fn settle_disk() {
     let _ = tokio::task::spawn_blocking(rustix::fs::sync).await;
 }
 
+/// The baseline or the durable baseline (`kind`); `Run::Half`: at ingest's
+/// half rate, for comparison.
 pub async fn baseline(
     kind: RowKind,
     corpus: &Arc<Corpus>,

@@ -228,7 +228,13 @@ enum View {
 
 impl ViewFields {
     /// The view's template value: `none` when the event has no such view.
-    fn value(event: &Arc<Event>, view: View, present: bool) -> Value {
+    fn value(event: &Arc<Event>, view: View) -> Value {
+        let views = &event.views;
+        let present = match view {
+            View::Order => views.order.is_some(),
+            View::Payment => views.payment.is_some(),
+            View::Stock => views.stock.is_some(),
+        };
         match present {
             true => Value::from_object(ViewFields {
                 event: event.clone(),
@@ -435,15 +441,12 @@ impl Templates {
             Reads::MetaAndPayload => {
                 minijinja::context! { event => meta(), payload => Value::from(Serde(&event.payload)) }
             }
-            Reads::MetaAndViews => {
-                let views = &event.views;
-                minijinja::context! {
-                    event => meta(),
-                    order => ViewFields::value(event, View::Order, views.order.is_some()),
-                    payment => ViewFields::value(event, View::Payment, views.payment.is_some()),
-                    stock => ViewFields::value(event, View::Stock, views.stock.is_some()),
-                }
-            }
+            Reads::MetaAndViews => minijinja::context! {
+                event => meta(),
+                order => ViewFields::value(event, View::Order),
+                payment => ViewFields::value(event, View::Payment),
+                stock => ViewFields::value(event, View::Stock),
+            },
             Reads::All => Self::context(event),
         }
     }
