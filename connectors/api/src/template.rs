@@ -45,6 +45,35 @@ pub struct TemplateId {
     /// A text template without template syntax renders as itself: known
     /// now, so rendering it needs no context.
     literal: Option<String>,
+    /// An expression that is only a field of the event or of a view
+    /// (`order.items`): a structured leaf reads it straight from the event
+    /// (see [`Templates::render_json`]). Boxed: most templates have none,
+    /// and configs hold many ids.
+    field: Option<Box<FieldPath>>,
+}
+
+/// `root.field`, where root is `event`, `order`, `payment` or `stock`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FieldPath {
+    root: &'static str,
+    field: String,
+}
+
+impl FieldPath {
+    /// `"order.items"` -> a path; anything more (a filter, an index, a
+    /// deeper path, an operator, the payload) is `None` and is evaluated.
+    fn parse(expr: &str) -> Option<FieldPath> {
+        let (root, field) = expr.trim().split_once('.')?;
+        let root = ["event", "order", "payment", "stock"]
+            .into_iter()
+            .find(|r| *r == root)?;
+        let mut chars = field.chars();
+        let starts = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+        (starts && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')).then(|| FieldPath {
+            root,
+            field: field.to_owned(),
+        })
+    }
 }
 
 impl TemplateId {
@@ -110,6 +139,7 @@ impl TemplateSet {
             name: name.to_owned(),
             typed: false,
             literal: (!has_syntax(source)).then(|| source.to_owned()),
+            field: None,
         })
     }
 
@@ -126,6 +156,7 @@ impl TemplateSet {
             name: name.to_owned(),
             typed: true,
             literal: None,
+            field: FieldPath::parse(source).map(Box::new),
         })
     }
 
@@ -245,12 +276,37 @@ impl ViewFields {
     }
 }
 
-impl Object for ViewFields {
-    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        let key = key.as_str()?;
-        fn v<T: serde::Serialize>(field: &T) -> Option<Value> {
-            Some(Value::from(Serde(field)))
-        }
+/// What is done with a view's field once it is found: made a template
+/// value, or JSON.
+trait FieldVisitor {
+    type Out;
+    fn visit<T: serde::Serialize>(self, field: &T) -> Option<Self::Out>;
+}
+
+/// A field as a template value.
+struct ToValue;
+
+impl FieldVisitor for ToValue {
+    type Out = Value;
+    fn visit<T: serde::Serialize>(self, field: &T) -> Option<Value> {
+        Some(Value::from(Serde(field)))
+    }
+}
+
+/// A field as JSON, with no template value in between.
+struct ToJson;
+
+impl FieldVisitor for ToJson {
+    type Out = Json;
+    fn visit<T: serde::Serialize>(self, field: &T) -> Option<Json> {
+        serde_json::to_value(field).ok()
+    }
+}
+
+impl ViewFields {
+    /// The field `key` of the view, handed to `v`; `None` if the view has no
+    /// such field.
+    fn field<V: FieldVisitor>(&self, key: &str, v: V) -> Option<V::Out> {
         let views = &self.event.views;
         // Destructured whole, so that a field added to a view cannot be
         // missed here (nor in the names below, which a test compares).
@@ -269,16 +325,16 @@ impl Object for ViewFields {
                     items,
                 } = views.order.as_ref()?;
                 match key {
-                    "id" => v(id),
-                    "location_id" => v(location_id),
-                    "status" => v(status),
-                    "channel" => v(channel),
-                    "total_cents" => v(total_cents),
-                    "tax_cents" => v(tax_cents),
-                    "tip_cents" => v(tip_cents),
-                    "currency" => v(currency),
-                    "customer" => v(customer),
-                    "items" => v(items),
+                    "id" => v.visit(id),
+                    "location_id" => v.visit(location_id),
+                    "status" => v.visit(status),
+                    "channel" => v.visit(channel),
+                    "total_cents" => v.visit(total_cents),
+                    "tax_cents" => v.visit(tax_cents),
+                    "tip_cents" => v.visit(tip_cents),
+                    "currency" => v.visit(currency),
+                    "customer" => v.visit(customer),
+                    "items" => v.visit(items),
                     _ => None,
                 }
             }
@@ -294,14 +350,14 @@ impl Object for ViewFields {
                     status,
                 } = views.payment.as_ref()?;
                 match key {
-                    "id" => v(id),
-                    "order_id" => v(order_id),
-                    "amount_cents" => v(amount_cents),
-                    "tip_cents" => v(tip_cents),
-                    "method" => v(method),
-                    "card_brand" => v(card_brand),
-                    "card_last_four" => v(card_last_four),
-                    "status" => v(status),
+                    "id" => v.visit(id),
+                    "order_id" => v.visit(order_id),
+                    "amount_cents" => v.visit(amount_cents),
+                    "tip_cents" => v.visit(tip_cents),
+                    "method" => v.visit(method),
+                    "card_brand" => v.visit(card_brand),
+                    "card_last_four" => v.visit(card_last_four),
+                    "status" => v.visit(status),
                     _ => None,
                 }
             }
@@ -314,15 +370,21 @@ impl Object for ViewFields {
                     reorder_point,
                 } = views.stock.as_ref()?;
                 match key {
-                    "item_id" => v(item_id),
-                    "name" => v(name),
-                    "location_id" => v(location_id),
-                    "quantity" => v(quantity),
-                    "reorder_point" => v(reorder_point),
+                    "item_id" => v.visit(item_id),
+                    "name" => v.visit(name),
+                    "location_id" => v.visit(location_id),
+                    "quantity" => v.visit(quantity),
+                    "reorder_point" => v.visit(reorder_point),
                     _ => None,
                 }
             }
         }
+    }
+}
+
+impl Object for ViewFields {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.field(key.as_str()?, ToValue)
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
@@ -352,6 +414,25 @@ impl Object for ViewFields {
             View::Stock => &["item_id", "name", "location_id", "quantity", "reorder_point"],
         })
     }
+}
+
+/// A leaf that is only a field (`{{ order.items }}`, `{{ event.id }}`),
+/// read from the context as the expression would read it, without running
+/// it: a view's field goes straight from the event to JSON, with no
+/// template value in between (for a ticket's items, most of a body's
+/// cost). `None` whenever the expression itself should decide (the root or
+/// the field is missing, or is not JSON): it is then evaluated as usual,
+/// so the result, or the error, is always the expression's.
+fn read_field(ctx: &Value, path: &FieldPath) -> Option<Json> {
+    let root = ctx.get_attr(path.root).ok()?;
+    if let Some(view) = root.downcast_object_ref::<ViewFields>() {
+        return view.field(&path.field, ToJson);
+    }
+    let value = root.get_attr(&path.field).ok()?;
+    if value.is_undefined() {
+        return None;
+    }
+    serde_json::to_value(&value).ok()
 }
 
 /// `{{ order.total_cents | money }}` -> `"27.98"`: minor units as a decimal
@@ -488,6 +569,9 @@ impl Templates {
         Ok(match s {
             Structured::Literal(v) => v.clone(),
             Structured::Template(id) if id.typed => {
+                if let Some(json) = id.field.as_ref().and_then(|f| read_field(ctx, f)) {
+                    return Ok(json);
+                }
                 let v = self.eval(id, ctx)?;
                 if v.is_undefined() {
                     Json::Null
@@ -681,12 +765,8 @@ mod tests {
         assert!(!set.finish().context_for(&ev).get_attr("order").unwrap().is_undefined());
     }
 
-    /// A views-only context reads a view a field at a time; every way a
-    /// template can look at a view (a field, the whole of it as text or
-    /// JSON, its keys, its length, its truth, a missing key or view) gives
-    /// what the whole context gives.
-    #[test]
-    fn views_read_field_by_field_are_the_views_converted_whole() {
+    /// The test event with every view, a customer, modifiers and two items.
+    fn full_event() -> Event {
         use crate::{Customer, Item, Modifier, Payment, Stock};
         let mut full = event();
         let order = full.views.order.as_mut().unwrap();
@@ -718,6 +798,17 @@ mod tests {
             quantity: Some(3),
             ..Default::default()
         });
+        full.event.occurred_at = Some("2026-11-23T09:59:58Z".into());
+        full
+    }
+
+    /// A views-only context reads a view a field at a time; every way a
+    /// template can look at a view (a field, the whole of it as text or
+    /// JSON, its keys, its length, its truth, a missing key or view) gives
+    /// what the whole context gives.
+    #[test]
+    fn views_read_field_by_field_are_the_views_converted_whole() {
+        let full = full_event();
         let templates = [
             "{{ order | tojson }}|{{ payment | tojson }}|{{ stock | tojson }}",
             "{{ order }}|{{ payment }}|{{ stock }}",
@@ -758,6 +849,92 @@ mod tests {
             let whole = t.render_json(&s, &Templates::context(&ev)).unwrap();
             assert_eq!(t.render_json(&s, &t.context_for(&ev)).unwrap(), whole);
             assert_eq!(whole["order"], serde_json::to_value(&ev.views.order).unwrap());
+        }
+    }
+
+    /// A leaf that is only a field is read without running the expression
+    /// (for a view's field, with no template value in between), and gives
+    /// what running it gives: every field of every view and of the event,
+    /// with the views present and absent, in a views-only and a whole
+    /// context; a missing field or view is left to the expression.
+    #[test]
+    fn a_field_leaf_is_what_its_expression_gives() {
+        let full = full_event();
+        let mut paths = vec![];
+        for (root, value) in [
+            ("event", serde_json::to_value(&full.event).unwrap()),
+            ("order", serde_json::to_value(&full.views.order).unwrap()),
+            ("payment", serde_json::to_value(&full.views.payment).unwrap()),
+            ("stock", serde_json::to_value(&full.views.stock).unwrap()),
+        ] {
+            let fields = value.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+            assert!(fields.len() >= 5, "{root}: {fields:?}");
+            paths.extend(fields.into_iter().chain(["nope".to_owned()]).map(|f| (root, f)));
+        }
+        let mut bare = event();
+        bare.views = Default::default();
+        let mut read_directly = 0;
+        for ev in [full, event(), bare] {
+            let ev = Arc::new(ev);
+            for (root, field) in &paths {
+                let source = format!("{root}.{field}");
+                let mut set = TemplateSet::new();
+                let s = set
+                    .structured("sinks.x.body", &json!({ "v": format!("{{{{ {source} }}}}") }))
+                    .unwrap();
+                let Structured::Object(leaves) = &s else {
+                    panic!("{s:?}")
+                };
+                let Structured::Template(id) = &leaves[0].1 else {
+                    panic!("{s:?}")
+                };
+                assert_eq!(id.field.as_deref(), FieldPath::parse(&source).as_ref(), "{source}");
+                let t = set.finish();
+                for ctx in [t.context_for(&ev), Templates::context(&ev)] {
+                    let ran = t.eval(id, &ctx).unwrap();
+                    let ran = match ran.is_undefined() {
+                        true => Json::Null,
+                        false => serde_json::to_value(&ran).unwrap(),
+                    };
+                    assert_eq!(t.render_json(&s, &ctx).unwrap(), json!({ "v": ran }), "{source}");
+                    let direct = read_field(&ctx, id.field.as_ref().unwrap());
+                    if let Some(json) = direct {
+                        assert_eq!(json, ran, "{source}");
+                        read_directly += 1;
+                    } else {
+                        assert!(ran.is_null(), "{source}: {ran}");
+                    }
+                }
+            }
+        }
+        // Every field that is there, in both contexts, was read directly.
+        assert!(
+            read_directly >= 2 * (paths.len() - 4),
+            "{read_directly} of {}",
+            paths.len()
+        );
+    }
+
+    #[test]
+    fn field_paths_are_one_field_of_the_event_or_a_view() {
+        let path = |s: &str| FieldPath::parse(s).map(|p| format!("{}/{}", p.root, p.field));
+        assert_eq!(path("order.items").as_deref(), Some("order/items"));
+        assert_eq!(path(" event.occurred_at ").as_deref(), Some("event/occurred_at"));
+        assert_eq!(path("stock.reorder_point").as_deref(), Some("stock/reorder_point"));
+        for not in [
+            "order",
+            "order.customer.id",
+            "order.items | length",
+            "order.items[0]",
+            "order['id']",
+            "payload.id",
+            "orders.id",
+            "order.",
+            "order.1st",
+            "order.total_cents > 0",
+            "order . id",
+        ] {
+            assert_eq!(path(not), None, "{not}");
         }
     }
 
