@@ -21,6 +21,7 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{self, Config};
 use crate::deliver::Engine;
@@ -67,10 +68,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!("http sinks send through the proxy the environment names");
     }
     let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown).await?;
+    let detached = TaskTracker::new();
     let shared = Arc::new(Shared {
-        current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics)),
+        current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics, &detached)),
         store: store.clone(),
         metrics: metrics.clone(),
+        detached,
     });
 
     let limits = shared.current.load().pipeline.limits();
@@ -142,7 +145,13 @@ fn summary(config: &Config) -> String {
     )
 }
 
-fn current(config: &Arc<Config>, store: &Arc<dyn Store>, engine: &Engine, metrics: &Arc<Metrics>) -> Current {
+fn current(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    engine: &Engine,
+    metrics: &Arc<Metrics>,
+    detached: &TaskTracker,
+) -> Current {
     Current {
         config: config.clone(),
         pipeline: Arc::new(Pipeline::new(
@@ -150,6 +159,7 @@ fn current(config: &Arc<Config>, store: &Arc<dyn Store>, engine: &Engine, metric
             store.clone(),
             engine.handoff(),
             metrics.clone(),
+            detached.clone(),
         )),
         handoff: engine.handoff(),
         engine: engine.health(),
@@ -223,9 +233,13 @@ async fn reload(
             return old_engine;
         }
     };
-    shared
-        .current
-        .store(Arc::new(current(&new, &shared.store, &engine, &shared.metrics)));
+    shared.current.store(Arc::new(current(
+        &new,
+        &shared.store,
+        &engine,
+        &shared.metrics,
+        &shared.detached,
+    )));
     // The old workers finish their attempts in flight and stop; the new ones
     // claim everything else (the store's leases keep them from doubling up).
     old_engine.stopped().await;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use expeditor_api::{Event, EventMeta, Reads, Views};
 use http::HeaderMap;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, Source};
 use crate::deliver::Handoff;
@@ -39,10 +40,18 @@ pub struct Pipeline {
     sources: HashMap<String, Intake>,
     store: Arc<dyn Store>,
     handoff: Arc<Handoff>,
+    /// Where a hand-off that must outlive its request runs (see `Shared::detached`).
+    detached: TaskTracker,
 }
 
 impl Pipeline {
-    pub fn new(config: Arc<Config>, store: Arc<dyn Store>, handoff: Arc<Handoff>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        handoff: Arc<Handoff>,
+        metrics: Arc<Metrics>,
+        detached: TaskTracker,
+    ) -> Self {
         let sources = config
             .sources
             .iter()
@@ -59,6 +68,7 @@ impl Pipeline {
             sources,
             store,
             handoff,
+            detached,
         }
     }
 
@@ -170,7 +180,7 @@ impl Pipeline {
                 received_at,
                 body: Vec::new(),
             };
-            let task = tokio::spawn(async move {
+            let task = self.detached.spawn(async move {
                 let sinks = new.sinks.clone();
                 let inserted = store.insert(new).await?;
                 if let Inserted::New(ids) = &inserted {

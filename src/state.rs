@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::deliver::{EngineHealth, Handoff};
@@ -27,4 +28,8 @@ pub struct Shared {
     pub current: ArcSwap<Current>,
     pub store: Arc<dyn Store>,
     pub metrics: Arc<Metrics>,
+    /// Work a request starts that must finish even if the request is
+    /// dropped (held deliveries' hand-off): the ingest listener waits for it
+    /// before its threads stop.
+    pub detached: TaskTracker,
 }
