@@ -5,9 +5,8 @@
 //! of the event with its deliveries; only then is it acknowledged. Error
 //! bodies are short fixed phrases: no internals, secrets or payload.
 //!
-//! Connections are served on [`Shards`]: a single-threaded runtime per CPU,
-//! each connection on one of them for its whole life, while the main
-//! runtime accepts them and runs delivery and the admin API.
+//! Connections are served on a runtime of their own ([`Workers`]), while
+//! the main runtime accepts them and runs delivery and the admin API.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -38,9 +37,9 @@ pub type Body = Full<Bytes>;
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
-    let mut shards = Shards::start(Shards::per_cpu()).unwrap_or_else(|e| {
+    let workers = Workers::start(Workers::per_cpu()).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot start the ingest threads; serving webhooks on the main runtime");
-        Shards::none()
+        Workers::none()
     });
     loop {
         let permit = tokio::select! {
@@ -65,7 +64,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, s
         // polling the listener's token itself would take that token's lock
         // (and its `Notify`'s), shared by every connection, each time.
         let shutdown = shutdown.child_token();
-        // Off the main runtime's reactor, onto the shard's (in its task).
+        // Off the main runtime's reactor, onto the ingest runtime's (in its task).
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -95,92 +94,78 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, s
                 }
             }
         });
-        shards.spawn(connection);
+        workers.spawn(connection);
     }
     drop(listener);
     tracker.close();
     tracker.wait().await;
-    // Hand-offs of held deliveries run on the shards too, and one can outlive
-    // its request (the client hung up): they finish before the shards stop.
+    // Hand-offs of held deliveries run there too, and one can outlive its
+    // request (the client hung up): they finish before the runtime stops.
     shared.detached.close();
     shared.detached.wait().await;
-    shards.stop().await;
+    workers.stop().await;
 }
 
-/// Single-threaded runtimes, one per CPU, that serve the webhook
-/// connections: a connection's tasks never move between threads, and no
-/// worker wakes another to steal them. On the 2-core bench VM, against the
-/// main runtime's two work-stealing workers: flat-out ingest +2 – 6 % (five of
-/// five alternating pairs), e2e sustained +9 – 13 %, fan-out sustained
-/// +16 – 21 %, delivery no longer sharing its workers with ingest (BENCHMARKS.md,
-/// session 27).
-pub struct Shards {
-    shards: Vec<Shard>,
-    next: usize,
+/// The runtime that serves webhook connections, a worker per CPU, apart
+/// from the main runtime's (which accepts them and runs delivery and the
+/// admin API): a burst of webhooks and a backlog of deliveries no longer
+/// queue behind each other on the same workers. On the 2-core bench VM
+/// (BENCHMARKS.md, session 27), against one shared runtime, alternating:
+/// e2e sustained +16 – 18 %, fan-out sustained +12 – 31 %, flat-out ingest
+/// even. Work stealing stays: single-threaded runtimes, one per CPU with
+/// each connection fixed to one, did no better, and a thread held up would
+/// hold up every connection on it.
+pub struct Workers {
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
-struct Shard {
-    runtime: tokio::runtime::Handle,
-    stop: tokio::sync::oneshot::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Shards {
-    /// One shard per CPU this process may use (its cgroup's quota included).
+impl Workers {
+    /// A worker per CPU this process may use (its cgroup's quota included).
     pub fn per_cpu() -> usize {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 
-    /// No shards: connections are served on the runtime that calls [`Shards::spawn`].
+    /// No runtime of their own: connections are served on the runtime that
+    /// calls [`Workers::spawn`].
     pub fn none() -> Self {
-        Shards {
-            shards: Vec::new(),
-            next: 0,
-        }
+        Workers { runtime: None }
     }
 
-    /// Starts `n` threads (`ingest-0`, `ingest-1`, ...), each running a
-    /// runtime of its own until [`Shards::stop`].
+    /// Starts `n` worker threads, named `ingest`.
     pub fn start(n: usize) -> std::io::Result<Self> {
-        let mut shards = Self::none();
-        for i in 0..n {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let handle = runtime.handle().clone();
-            let thread = std::thread::Builder::new().name(format!("ingest-{i}")).spawn(move || {
-                // Ends on `stop`, or if the `Shards` is dropped without it;
-                // dropping the runtime then drops what is left on it.
-                let _ = runtime.block_on(stopped);
-            })?;
-            shards.shards.push(Shard {
-                runtime: handle,
-                stop,
-                thread,
-            });
-        }
-        Ok(shards)
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n.max(1))
+            .thread_name("ingest")
+            .enable_all()
+            .build()?;
+        Ok(Workers { runtime: Some(runtime) })
     }
 
-    /// Runs `task` on the next shard in turn.
-    pub fn spawn<F>(&mut self, task: F)
+    pub fn spawn<F>(&self, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match self.shards.get(self.next) {
-            Some(shard) => {
-                self.next = (self.next + 1) % self.shards.len();
-                drop(shard.runtime.spawn(task));
-            }
+        match &self.runtime {
+            Some(runtime) => drop(runtime.spawn(task)),
             None => drop(tokio::spawn(task)),
         }
     }
 
-    /// Stops every shard and waits for its thread to end (having dropped its
-    /// runtime, and with it any task still there).
-    pub async fn stop(self) {
-        for shard in self.shards {
-            let _ = shard.stop.send(());
-            let _ = tokio::task::spawn_blocking(move || shard.thread.join()).await;
+    /// Stops the runtime and waits (a second at most) for its threads to
+    /// end; any task still there is dropped.
+    pub async fn stop(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            let _ = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(1))).await;
+        }
+    }
+}
+
+impl Drop for Workers {
+    /// Dropped without `stop` (the listener's task was): a runtime cannot be
+    /// dropped, which blocks, on an async worker.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -326,19 +311,26 @@ pub fn json_response(status: StatusCode, body: String) -> Response<Body> {
 mod tests {
     use super::*;
 
-    /// Tasks go to the shards in turn, each runs on its shard's own thread,
-    /// and `stop` returns only once every shard's thread has ended.
+    fn ingest_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|n| n.trim() == "ingest")
+            .count()
+    }
+
+    /// Connections run on the ingest runtime's own threads, timers work
+    /// there, and `stop` (or a drop) ends those threads. (The only test that
+    /// starts any: it counts them.)
     #[tokio::test]
-    async fn shards_take_connections_in_turn_and_stop() {
-        let mut shards = Shards::start(2).unwrap();
+    async fn workers_serve_on_their_own_threads_until_stopped() {
+        let workers = Workers::start(2).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for i in 0..4 {
+        for i in 0..8 {
             let tx = tx.clone();
-            shards.spawn(async move {
-                let name = std::thread::current().name().map(str::to_string);
-                // A timer works there: each shard has its own time driver.
+            workers.spawn(async move {
                 tokio::time::sleep(Duration::from_millis(1)).await;
-                tx.send((i, name)).unwrap();
+                tx.send((i, std::thread::current().name().map(str::to_string))).unwrap();
             });
         }
         drop(tx);
@@ -347,32 +339,43 @@ mod tests {
             ran.push(r);
         }
         ran.sort();
-        let names: Vec<_> = ran.iter().map(|(_, n)| n.as_deref().unwrap_or("")).collect();
-        assert_eq!(names, ["ingest-0", "ingest-1", "ingest-0", "ingest-1"]);
+        assert_eq!(
+            ran.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            (0..8).collect::<Vec<_>>()
+        );
+        assert!(ran.iter().all(|(_, name)| name.as_deref() == Some("ingest")), "{ran:?}");
+        assert_eq!(ingest_threads(), 2, "a worker per thread asked for");
 
-        let threads = || {
-            std::fs::read_dir("/proc/self/task")
-                .unwrap()
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|n| n.starts_with("ingest-"))
-                .count()
+        let ended = || {
+            // A thread's entry goes a moment after it has been joined.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while ingest_threads() > 0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            ingest_threads() == 0
         };
-        assert_eq!(threads(), 2);
-        shards.stop().await;
-        assert_eq!(threads(), 0, "the shards' threads have ended");
+        workers.stop().await;
+        assert!(ended(), "the ingest threads have ended");
+
+        // Dropped on an async worker without `stop` (its task was): no
+        // panic, and the threads end all the same, a task still there or not.
+        let workers = Workers::start(1).unwrap();
+        workers.spawn(std::future::pending());
+        assert_eq!(ingest_threads(), 1);
+        drop(workers);
+        assert!(ended(), "the ingest threads have ended after a drop");
     }
 
-    /// Without shards a task runs on the caller's runtime.
+    /// Without a runtime of their own, tasks run on the caller's.
     #[tokio::test]
-    async fn no_shards_serve_on_the_calling_runtime() {
-        let mut shards = Shards::none();
+    async fn no_workers_serve_on_the_calling_runtime() {
+        let workers = Workers::none();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        shards.spawn(async move {
+        workers.spawn(async move {
             tx.send(std::thread::current().name().map(str::to_string)).unwrap();
         });
-        let name = rx.await.unwrap();
-        assert!(!name.unwrap_or_default().starts_with("ingest-"));
-        shards.stop().await;
+        assert_ne!(rx.await.unwrap().as_deref(), Some("ingest"));
+        workers.stop().await;
     }
 
     #[test]
