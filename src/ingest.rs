@@ -344,26 +344,31 @@ mod tests {
             (0..8).collect::<Vec<_>>()
         );
         assert!(ran.iter().all(|(_, name)| name.as_deref() == Some("ingest")), "{ran:?}");
-        assert_eq!(ingest_threads(), 2, "a worker per thread asked for");
-
-        let ended = || {
-            // A thread's entry goes a moment after it has been joined.
+        // A thread names itself once it runs, and its entry goes a moment
+        // after it has been joined: the count is read until it settles.
+        let settles_at = |n: usize| {
             let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            while ingest_threads() > 0 && std::time::Instant::now() < deadline {
+            while ingest_threads() != n && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            ingest_threads() == 0
+            ingest_threads() == n
         };
+        assert!(settles_at(2), "a worker per thread asked for");
         workers.stop().await;
-        assert!(ended(), "the ingest threads have ended");
+        assert!(settles_at(0), "the ingest threads have ended");
 
         // Dropped on an async worker without `stop` (its task was): no
         // panic, and the threads end all the same, a task still there or not.
         let workers = Workers::start(1).unwrap();
-        workers.spawn(std::future::pending());
-        assert_eq!(ingest_threads(), 1);
+        let (running, started) = tokio::sync::oneshot::channel();
+        workers.spawn(async move {
+            let _ = running.send(());
+            std::future::pending::<()>().await
+        });
+        started.await.unwrap();
+        assert!(settles_at(1));
         drop(workers);
-        assert!(ended(), "the ingest threads have ended after a drop");
+        assert!(settles_at(0), "the ingest threads have ended after a drop");
     }
 
     /// Without a runtime of their own, tasks run on the caller's.
