@@ -47,8 +47,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _starting = crate::systemd::Starting::new("opening the store");
         crate::store::open(&config.store.backend).await?
     };
-    let ingest_listener = TcpListener::bind(config.server.listen)
-        .await
+    let ingest_workers = ingest::Workers::start(ingest::Workers::per_cpu()).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot start the ingest threads; serving webhooks on the main runtime");
+        ingest::Workers::none()
+    });
+    let ingest_listener = std::net::TcpListener::bind(config.server.listen)
+        .and_then(|l| ingest_workers.adopt(l))
         .with_context(|| format!("cannot listen on server.listen = {}", config.server.listen))?;
     let admin_listener = TcpListener::bind(config.admin.listen)
         .await
@@ -77,7 +81,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
 
     let limits = shared.current.load().pipeline.limits();
-    let ingest_task = tokio::spawn(ingest::serve(ingest_listener, shared.clone(), limits, shutdown.clone()));
+    let ingest_task = tokio::spawn(ingest::serve(
+        ingest_workers,
+        ingest_listener,
+        shared.clone(),
+        limits,
+        shutdown.clone(),
+    ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown.clone()));
     let prune_task = tokio::spawn(prune_loop(shared.clone(), shutdown.clone()));
     let watchdog_task = tokio::spawn(systemd::watchdog(shared.clone(), shutdown.clone()));

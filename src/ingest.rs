@@ -5,8 +5,8 @@
 //! of the event with its deliveries; only then is it acknowledged. Error
 //! bodies are short fixed phrases: no internals, secrets or payload.
 //!
-//! Connections are served on a runtime of their own ([`Workers`]), while
-//! the main runtime accepts them and runs delivery and the admin API.
+//! Connections are accepted and served on a runtime of their own
+//! ([`Workers`]), apart from the main runtime's delivery and admin API.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -31,16 +31,31 @@ use crate::state::Shared;
 
 pub type Body = Full<Bytes>;
 
-/// Serves the ingest listener until `shutdown`, then lets in-flight requests
-/// finish (each is bounded by the read timeouts and one store commit).
-/// `limits` are fixed for the listener's life (changing them needs a restart).
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) {
+/// Serves the ingest listener on `workers` until `shutdown`, then lets
+/// in-flight requests finish (each is bounded by the read timeouts and one
+/// store commit), and stops `workers`. `listener` must be theirs
+/// ([`Workers::adopt`]). `limits` are fixed for the listener's life
+/// (changing them needs a restart).
+pub async fn serve(
+    workers: Workers,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    limits: Limits,
+    shutdown: CancellationToken,
+) {
+    workers.run(accept(listener, shared.clone(), limits, shutdown)).await;
+    // Hand-offs of held deliveries run there too, and one can outlive its
+    // request (the client hung up): they finish before the runtime stops.
+    shared.detached.close();
+    shared.detached.wait().await;
+    workers.stop().await;
+}
+
+/// Accepts connections and serves each on a task of its own, on the
+/// runtime it runs on.
+async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
-    let workers = Workers::start(Workers::per_cpu()).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot start the ingest threads; serving webhooks on the main runtime");
-        Workers::none()
-    });
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -64,19 +79,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, s
         // polling the listener's token itself would take that token's lock
         // (and its `Notify`'s), shared by every connection, each time.
         let shutdown = shutdown.child_token();
-        // Off the main runtime's reactor, onto the ingest runtime's (in its task).
-        let stream = match stream.into_std() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot hand an accepted connection over");
-                continue;
-            }
-        };
-        let connection = tracker.track_future(async move {
+        tracker.spawn(async move {
             let _permit = permit;
-            let Ok(stream) = tokio::net::TcpStream::from_std(stream) else {
-                return;
-            };
             let service = service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(req, &shared, limits, peer).await) }
@@ -94,21 +98,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, limits: Limits, s
                 }
             }
         });
-        workers.spawn(connection);
     }
     drop(listener);
     tracker.close();
     tracker.wait().await;
-    // Hand-offs of held deliveries run there too, and one can outlive its
-    // request (the client hung up): they finish before the runtime stops.
-    shared.detached.close();
-    shared.detached.wait().await;
-    workers.stop().await;
 }
 
-/// The runtime that serves webhook connections, a worker per CPU, apart
-/// from the main runtime's (which accepts them and runs delivery and the
-/// admin API): a burst of webhooks and a backlog of deliveries no longer
+/// The runtime that accepts and serves webhook connections, a worker per
+/// CPU, apart from the main runtime's (delivery, the admin API): a burst of webhooks and a backlog of deliveries no longer
 /// queue behind each other on the same workers. On the 2-core bench VM
 /// (BENCHMARKS.md, session 27), against one shared runtime, alternating:
 /// e2e sustained +16 – 18 %, fan-out sustained +12 – 31 %, flat-out ingest
@@ -126,7 +123,7 @@ impl Workers {
     }
 
     /// No runtime of their own: connections are served on the runtime that
-    /// calls [`Workers::spawn`].
+    /// calls [`Workers::run`].
     pub fn none() -> Self {
         Workers { runtime: None }
     }
@@ -141,13 +138,22 @@ impl Workers {
         Ok(Workers { runtime: Some(runtime) })
     }
 
-    pub fn spawn<F>(&self, task: F)
+    /// `listener` on the workers' reactor, so that what it accepts is served there.
+    pub fn adopt(&self, listener: std::net::TcpListener) -> std::io::Result<TcpListener> {
+        listener.set_nonblocking(true)?;
+        let _entered = self.runtime.as_ref().map(|r| r.enter());
+        TcpListener::from_std(listener)
+    }
+
+    /// Runs `task` on the workers (and, from there, whatever it spawns) until
+    /// it ends.
+    pub async fn run<F>(&self, task: F)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         match &self.runtime {
-            Some(runtime) => drop(runtime.spawn(task)),
-            None => drop(tokio::spawn(task)),
+            Some(runtime) => drop(runtime.spawn(task).await),
+            None => task.await,
         }
     }
 
@@ -326,14 +332,18 @@ mod tests {
     async fn workers_serve_on_their_own_threads_until_stopped() {
         let workers = Workers::start(2).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        for i in 0..8 {
-            let tx = tx.clone();
-            workers.spawn(async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                tx.send((i, std::thread::current().name().map(str::to_string))).unwrap();
-            });
-        }
-        drop(tx);
+        workers
+            .run(async move {
+                // Spawned from a task that runs there, as connections are.
+                for i in 0..8 {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        tx.send((i, std::thread::current().name().map(str::to_string))).unwrap();
+                    });
+                }
+            })
+            .await;
         let mut ran = Vec::new();
         while let Some(r) = rx.recv().await {
             ran.push(r);
@@ -354,6 +364,28 @@ mod tests {
             ingest_threads() == n
         };
         assert!(settles_at(2), "a worker per thread asked for");
+
+        // An adopted listener accepts there, and what it accepts is served there.
+        let listener = workers
+            .adopt(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::spawn(tokio::net::TcpStream::connect(addr));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        workers
+            .run(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let _ = tx.send((
+                        stream.peer_addr().ok(),
+                        std::thread::current().name().map(str::to_string),
+                    ));
+                });
+            })
+            .await;
+        let peer = client.await.unwrap().unwrap().local_addr().unwrap();
+        assert_eq!(rx.await.unwrap(), (Some(peer), Some("ingest".to_string())));
+
         workers.stop().await;
         assert!(settles_at(0), "the ingest threads have ended");
 
@@ -361,10 +393,14 @@ mod tests {
         // panic, and the threads end all the same, a task still there or not.
         let workers = Workers::start(1).unwrap();
         let (running, started) = tokio::sync::oneshot::channel();
-        workers.spawn(async move {
-            let _ = running.send(());
-            std::future::pending::<()>().await
-        });
+        workers
+            .run(async move {
+                tokio::spawn(async move {
+                    let _ = running.send(());
+                    std::future::pending::<()>().await
+                });
+            })
+            .await;
         started.await.unwrap();
         assert!(settles_at(1));
         drop(workers);
@@ -376,9 +412,11 @@ mod tests {
     async fn no_workers_serve_on_the_calling_runtime() {
         let workers = Workers::none();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        workers.spawn(async move {
-            tx.send(std::thread::current().name().map(str::to_string)).unwrap();
-        });
+        workers
+            .run(async move {
+                tx.send(std::thread::current().name().map(str::to_string)).unwrap();
+            })
+            .await;
         assert_ne!(rx.await.unwrap().as_deref(), Some("ingest"));
         workers.stop().await;
     }

@@ -42,9 +42,6 @@ pub struct Pipeline {
     handoff: Arc<Handoff>,
     /// Where a hand-off that must outlive its request runs (see `Shared::detached`).
     detached: TaskTracker,
-    /// The runtime that built the pipeline, which runs delivery (requests
-    /// run on ingest's own, see `ingest::Workers`).
-    main: Option<tokio::runtime::Handle>,
 }
 
 impl Pipeline {
@@ -72,7 +69,6 @@ impl Pipeline {
             store,
             handoff,
             detached,
-            main: tokio::runtime::Handle::try_current().ok(),
         }
     }
 
@@ -175,7 +171,6 @@ impl Pipeline {
             // queues even if the client hangs up and this request is dropped.
             let store = self.store.clone();
             let handoff = self.handoff.clone();
-            let main = self.main.clone();
             let stored = StoredEvent {
                 source: new.source.clone(),
                 event_id: new.event_id.clone(),
@@ -190,21 +185,11 @@ impl Pipeline {
                 let inserted = store.insert(new).await?;
                 if let Inserted::New(ids) = &inserted {
                     let give_back = handoff.start(reservation, ids, &sinks, &stored, prepared);
-                    if !give_back.is_empty() {
-                        // On the main runtime: a store connection opened for it
-                        // (PostgreSQL's run as tasks) must outlive ingest's.
-                        let complete = async move { store.complete(give_back).await };
-                        let completed = match &main {
-                            Some(main) => main
-                                .spawn(complete)
-                                .await
-                                .unwrap_or_else(|e| Err(StoreError::Unavailable(e.to_string()))),
-                            None => complete.await,
-                        };
-                        if let Err(e) = completed {
-                            // Stored and acknowledged all the same: they run when the lease ends.
-                            tracing::warn!(error = %e, "cannot give back deliveries of a retired engine");
-                        }
+                    if !give_back.is_empty()
+                        && let Err(e) = store.complete(give_back).await
+                    {
+                        // Stored and acknowledged all the same: they run when the lease ends.
+                        tracing::warn!(error = %e, "cannot give back deliveries of a retired engine");
                     }
                 }
                 Ok(inserted)

@@ -299,6 +299,38 @@ fn db_error(e: tokio_postgres::Error) -> StoreError {
     StoreError::Unavailable(describe(&e))
 }
 
+/// Opens each pooled connection on the runtime that opened the store, and
+/// runs it there. Opened for a call made on another runtime (webhooks have
+/// one of their own, `ingest::Workers`), a connection would live on that
+/// one and break when it stops, while the pool still lends it out.
+struct OnStoreRuntime(tokio::runtime::Handle);
+
+type Opened = Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>;
+
+impl deadpool_postgres::Connect for OnStoreRuntime {
+    fn connect(&self, config: &PgConfig) -> std::pin::Pin<Box<dyn Future<Output = Opened> + Send + '_>> {
+        let (config, runtime) = (config.clone(), self.0.clone());
+        Box::pin(async move {
+            match runtime.spawn(open_connection(config.clone())).await {
+                Ok(opened) => opened,
+                // That runtime is stopping (and expeditor with it): here.
+                Err(_) => open_connection(config).await,
+            }
+        })
+    }
+}
+
+/// A connection, and the task on the current runtime that runs it.
+async fn open_connection(config: PgConfig) -> Opened {
+    let (client, connection) = config.connect(NoTls).await?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "PostgreSQL store connection failed");
+        }
+    });
+    Ok((client, task))
+}
+
 impl PostgresStore {
     /// Connects to `url` and applies pending migrations. Fails at once when
     /// the database cannot be reached, naming it (never the password).
@@ -314,9 +346,9 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("expeditor");
         }
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             config,
-            NoTls,
+            OnStoreRuntime(tokio::runtime::Handle::current()),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -374,7 +406,7 @@ impl PostgresStore {
         &self.target
     }
 
-    async fn client(&self) -> Result<Object, StoreError> {
+    pub(super) async fn client(&self) -> Result<Object, StoreError> {
         pooled(&self.pool).await
     }
 }

@@ -2150,6 +2150,37 @@ async fn postgres_grouped_inserts_stay_under_a_byte_limit() {
     store.close().await;
 }
 
+/// A pooled connection opened for a call made on another runtime (as
+/// webhooks' calls are, on ingest's) lives on the store's: it still works
+/// once that runtime has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_connection_opened_from_another_runtime_outlives_it() {
+    let Some(db) = TestDatabase::create().await else { return };
+    let store = Arc::new(db.store().await);
+    // The pool's one connection is taken: the other runtime's call opens one.
+    let held = store.client().await.unwrap();
+    let other = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let opened = other.spawn({
+        let store = store.clone();
+        async move { store.client().await.unwrap() }
+    });
+    let client = opened.await.unwrap();
+    tokio::task::spawn_blocking(move || other.shutdown_timeout(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    let rows = client
+        .simple_query("SELECT 1")
+        .await
+        .expect("the connection outlived its caller's runtime");
+    assert!(!rows.is_empty());
+    drop((client, held));
+    store.close().await;
+}
+
 /// Instances starting at once take turns on the migration lock: one
 /// migrates, the others find the schema current.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
