@@ -204,8 +204,19 @@ fn template(c: &mut Criterion) {
         let raw = body(kind, "order.created");
         let n = normalizer.normalize(&raw).expect("normalizes");
         let ev = Arc::new(event(kind, kind, &n));
-        // As the http sink does per delivery: context, render, serialize.
+        // As the http sink does per delivery: context, then the body
+        // written as JSON text as it renders.
         g.bench_function(format!("kds ticket/{kind}"), |b| {
+            b.iter(|| {
+                let ctx = templates.context_for(black_box(&ev));
+                let mut body = Vec::with_capacity(512);
+                templates.write_json(&structured, &ctx, &mut body).expect("renders");
+                body
+            })
+        });
+        // As a JSON value first (Slack's blocks and BigQuery's rows need
+        // one), then written: what the http sink did before session 28.
+        g.bench_function(format!("kds ticket as a value/{kind}"), |b| {
             b.iter(|| {
                 let ctx = templates.context_for(black_box(&ev));
                 let json = templates.render_json(&structured, &ctx).expect("renders");

@@ -304,6 +304,20 @@ impl FieldVisitor for ToValue {
 /// A field as JSON, with no template value in between.
 struct ToJson;
 
+/// A field written as JSON text onto the end of a buffer, with no JSON
+/// value in between either. On a failure nothing is left written.
+struct ToWriter<'o>(&'o mut Vec<u8>);
+
+impl FieldVisitor for ToWriter<'_> {
+    type Out = ();
+    fn visit<T: serde::Serialize>(self, field: &T) -> Option<()> {
+        let start = self.0.len();
+        serde_json::to_writer(&mut *self.0, field)
+            .inspect_err(|_| self.0.truncate(start))
+            .ok()
+    }
+}
+
 impl FieldVisitor for ToJson {
     type Out = Json;
     fn visit<T: serde::Serialize>(self, field: &T) -> Option<Json> {
@@ -453,6 +467,33 @@ fn read_field(ctx: &Value, path: &FieldPath) -> Option<Json> {
     Some(json)
 }
 
+/// [`read_field`] written onto the end of `out` as JSON text; `false` (and
+/// nothing written) where that is `None`.
+fn write_field(ctx: &Value, path: &FieldPath, out: &mut Vec<u8>) -> bool {
+    if path.within.is_empty()
+        && let Ok(root) = ctx.get_attr(path.root)
+        && let Some(view) = root.downcast_object_ref::<ViewFields>()
+    {
+        return view.field(&path.field, ToWriter(out)).is_some();
+    }
+    match read_field(ctx, path) {
+        Some(json) => write(out, &json, &path.field).is_ok(),
+        None => false,
+    }
+}
+
+/// `value` as compact JSON text onto the end of `out` (the bytes
+/// `serde_json::to_vec` gives); on a failure nothing is left written.
+fn write<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T, name: &str) -> Result<(), TemplateError> {
+    let start = out.len();
+    serde_json::to_writer(&mut *out, value).map_err(|e| {
+        out.truncate(start);
+        TemplateError {
+            message: format!("{name}: value cannot be written as JSON: {e}"),
+        }
+    })
+}
+
 /// `{{ order.total_cents | money }}` -> `"27.98"`: minor units as a decimal
 /// string, for people (Slack, email). Integer arithmetic, never floats.
 fn money_filter(cents: i64) -> String {
@@ -590,14 +631,7 @@ impl Templates {
                 if let Some(json) = id.field.as_ref().and_then(|f| read_field(ctx, f)) {
                     return Ok(json);
                 }
-                let v = self.eval(id, ctx)?;
-                if v.is_undefined() {
-                    Json::Null
-                } else {
-                    serde_json::to_value(&v).map_err(|e| TemplateError {
-                        message: format!("{}: value cannot be written as JSON: {e}", id.name),
-                    })?
-                }
+                self.eval_json(id, ctx)?
             }
             Structured::Template(id) => Json::String(self.render(id, ctx)?),
             Structured::Array(items) => Json::Array(
@@ -612,6 +646,62 @@ impl Templates {
                     .map(|(k, v)| Ok((k.clone(), self.render_json(v, ctx)?)))
                     .collect::<Result<_, TemplateError>>()?,
             ),
+        })
+    }
+
+    /// Renders a structured template as JSON text onto the end of `out`:
+    /// the bytes `serde_json::to_vec` gives of [`Templates::render_json`],
+    /// or its error, without building the JSON value. For a body that is
+    /// sent as it is (an http sink's): the value, every key and string of
+    /// it allocated and the keys hashed, then written and dropped, was most
+    /// of a KDS ticket's render. After an error `out` may hold part of it.
+    pub fn write_json(&self, s: &Structured, ctx: &Value, out: &mut Vec<u8>) -> Result<(), TemplateError> {
+        match s {
+            Structured::Literal(v) => write(out, v, "literal"),
+            Structured::Template(id) if id.typed => {
+                if let Some(field) = &id.field
+                    && write_field(ctx, field, out)
+                {
+                    return Ok(());
+                }
+                write(out, &self.eval_json(id, ctx)?, &id.name)
+            }
+            Structured::Template(id) => write(out, &self.render(id, ctx)?, &id.name),
+            Structured::Array(items) => {
+                out.push(b'[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    self.write_json(item, ctx, out)?;
+                }
+                out.push(b']');
+                Ok(())
+            }
+            Structured::Object(fields) => {
+                out.push(b'{');
+                for (i, (key, value)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    write(out, key, key)?;
+                    out.push(b':');
+                    self.write_json(value, ctx, out)?;
+                }
+                out.push(b'}');
+                Ok(())
+            }
+        }
+    }
+
+    /// An expression's value as JSON (`null` if it is undefined).
+    fn eval_json(&self, id: &TemplateId, ctx: &Value) -> Result<Json, TemplateError> {
+        let v = self.eval(id, ctx)?;
+        if v.is_undefined() {
+            return Ok(Json::Null);
+        }
+        serde_json::to_value(&v).map_err(|e| TemplateError {
+            message: format!("{}: value cannot be written as JSON: {e}", id.name),
         })
     }
 }
@@ -932,6 +1022,9 @@ mod tests {
                         false => serde_json::to_value(&ran).unwrap(),
                     };
                     assert_eq!(t.render_json(&s, &ctx).unwrap(), json!({ "v": ran }), "{source}");
+                    let mut text = Vec::new();
+                    t.write_json(&s, &ctx, &mut text).unwrap();
+                    assert_eq!(text, serde_json::to_vec(&json!({ "v": ran })).unwrap(), "{source}");
                     match read_field(&ctx, id.field.as_ref().unwrap()) {
                         Some(direct) => assert_eq!(direct, ran, "{source}"),
                         None => assert!(ran.is_null(), "{source}: {ran}"),
@@ -943,6 +1036,70 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Written as text, a structured template is byte for byte what its
+    /// rendered JSON is written as, or fails as that fails: literals of
+    /// every JSON type, text that needs escaping, expressions of every
+    /// type (a map with a number for a key, a missing value), field leaves,
+    /// nesting; with the views present and absent, in either context.
+    #[test]
+    fn written_json_is_the_rendered_json_as_text() {
+        let body = json!({
+            "literals": [1, -2.5, 1e300, true, null, "quote \" back \\ nl \n tab \t é ✓ \u{1}", { "nested": [[], {}] }],
+            "text": "Order {{ order.id }} \"{{ order.customer.name }}\"\n{{ event.source }} – ✓ \\ {{ '\u{7}' }}",
+            "plain": "no template here",
+            "typed": {
+                "int": "{{ order.total_cents }}",
+                "arith": "{{ (order.total_cents or 0) // 100 }}",
+                "float": "{{ (order.total_cents or 1) / 3 }}",
+                "bool": "{{ order.channel == 'delivery' }}",
+                "none": "{{ none }}",
+                "missing": "{{ order.nope }}",
+                "list": "{{ [1, 'two', none, [3]] }}",
+                "map": "{{ {'b': 1, 'a': [2]} }}",
+                "number_keys": "{{ {1: 'one', 2: 'two'} }}",
+                "money": "{{ (order.total_cents or 0) | money }}",
+                "string": "{{ 'a \"b\" \\ c' }}",
+            },
+            "fields": ["{{ order.items }}", "{{ order.customer }}", "{{ order.customer.name }}", "{{ event.id }}", "{{ payment.card_last_four }}", "{{ stock }}"],
+            "": "{{ event.type }}",
+            "key \" with \n escapes ✓": [],
+        });
+        let mut set = TemplateSet::new();
+        let s = set.structured("sinks.x.body", &body).unwrap();
+        let t = set.finish();
+        let mut bare = event();
+        bare.views = Default::default();
+        for ev in [full_event(), event(), bare] {
+            let ev = Arc::new(ev);
+            for ctx in [t.context_for(&ev), Templates::context(&ev)] {
+                let rendered = t.render_json(&s, &ctx).unwrap();
+                let mut text = b"before ".to_vec();
+                t.write_json(&s, &ctx, &mut text).unwrap();
+                assert_eq!(
+                    text,
+                    [&b"before "[..], &serde_json::to_vec(&rendered).unwrap()].concat()
+                );
+                assert_eq!(rendered["typed"]["number_keys"], json!({ "1": "one", "2": "two" }));
+            }
+        }
+
+        // An expression that fails fails the same way, wherever it is.
+        for failing in [
+            json!({ "a": 1, "b": "{{ 'x' + 1 }}" }),
+            json!(["ok", { "deep": ["{{ order.items | join(1, 2, 3) }}"] }]),
+            json!({ "a": "text {{ 'x' + 1 }}" }),
+        ] {
+            let mut set = TemplateSet::new();
+            let s = set.structured("sinks.x.body", &failing).unwrap();
+            let t = set.finish();
+            let ctx = Templates::context(&event());
+            let rendered = t.render_json(&s, &ctx).unwrap_err();
+            let written = t.write_json(&s, &ctx, &mut Vec::new()).unwrap_err();
+            assert_eq!(written.message, rendered.message, "{failing}");
+            assert!(written.message.starts_with("sinks.x.body"), "{}", written.message);
         }
     }
 

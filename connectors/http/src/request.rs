@@ -12,6 +12,8 @@ use crate::HttpSinkConfig;
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 const ATTEMPT: HeaderName = HeaderName::from_static("x-expeditor-attempt");
 const AGENT: &str = concat!("expeditor/", env!("CARGO_PKG_VERSION"));
+/// Room for a templated body at first: a KDS ticket of a few items fits.
+const BODY_CAPACITY: usize = 512;
 
 /// Everything that can fail here is in the config or the event, not the
 /// network, so every error is permanent.
@@ -32,10 +34,15 @@ pub(crate) fn build(
     };
 
     let body = match &cfg.body {
-        Some(body) => serde_json::to_vec(&templates.render_json(body, ctx()).map_err(render_error)?),
-        None => serde_json::to_vec(&*delivery.event),
-    }
-    .map_err(|e| DeliveryError::permanent(format!("body cannot be written as JSON: {e}")))?;
+        // Written as it renders, with no JSON value built in between.
+        Some(body) => {
+            let mut text = Vec::with_capacity(BODY_CAPACITY);
+            templates.write_json(body, ctx(), &mut text).map_err(render_error)?;
+            text
+        }
+        None => serde_json::to_vec(&*delivery.event)
+            .map_err(|e| DeliveryError::permanent(format!("body cannot be written as JSON: {e}")))?,
+    };
 
     let mut headers = HeaderMap::with_capacity(cfg.headers.len() + 4);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
