@@ -447,7 +447,11 @@ impl Object for ViewFields {
 /// the field is missing, or is not JSON): it is then evaluated as usual,
 /// so the result, or the error, is always the expression's.
 fn read_field(ctx: &Value, path: &FieldPath) -> Option<Json> {
-    let root = ctx.get_attr(path.root).ok()?;
+    field_of(&ctx.get_attr(path.root).ok()?, path)
+}
+
+/// [`read_field`] of the path's root, already looked up.
+fn field_of(root: &Value, path: &FieldPath) -> Option<Json> {
     let mut json = match root.downcast_object_ref::<ViewFields>() {
         Some(view) => view.field(&path.field, ToJson)?,
         None => {
@@ -470,13 +474,15 @@ fn read_field(ctx: &Value, path: &FieldPath) -> Option<Json> {
 /// [`read_field`] written onto the end of `out` as JSON text; `false` (and
 /// nothing written) where that is `None`.
 fn write_field(ctx: &Value, path: &FieldPath, out: &mut Vec<u8>) -> bool {
+    let Ok(root) = ctx.get_attr(path.root) else {
+        return false;
+    };
     if path.within.is_empty()
-        && let Ok(root) = ctx.get_attr(path.root)
         && let Some(view) = root.downcast_object_ref::<ViewFields>()
     {
         return view.field(&path.field, ToWriter(out)).is_some();
     }
-    match read_field(ctx, path) {
+    match field_of(&root, path) {
         Some(json) => write(out, &json, &path.field).is_ok(),
         None => false,
     }
