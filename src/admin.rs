@@ -173,9 +173,10 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     }
 }
 
-/// Ready: the store takes writes and every sink worker runs.
+/// Ready: a write reaches the store's disk (not full, not failing) and
+/// every sink worker runs.
 async fn readyz(admin: &Shared, current: &crate::state::Current) -> Response<Body> {
-    let store = tokio::time::timeout(std::time::Duration::from_secs(5), admin.store.ping()).await;
+    let store = tokio::time::timeout(std::time::Duration::from_secs(5), admin.store.writable()).await;
     let store_ok = matches!(store, Ok(Ok(())));
     let workers_ok = current.engine.running();
     let body = serde_json::json!({ "store": if store_ok { "ok" } else { "unavailable" },

@@ -331,8 +331,15 @@ pub trait Store: Send + Sync + 'static {
     /// Pending and dead deliveries per sink (sinks with neither are omitted).
     async fn queue_stats(&self) -> Result<Vec<SinkQueue>, StoreError>;
 
-    /// Whether the store can commit a write now (readiness, watchdog).
+    /// Whether the store is alive and takes transactions (the systemd
+    /// watchdog: a wedged writer stops it, and systemd restarts expeditor).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether a write would reach the disk now (readiness): unlike `ping`,
+    /// a full disk fails this, though restarting would not fix that.
+    async fn writable(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
 
     /// Makes deliveries due again with a fresh attempt budget; returns how many.
     async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError>;

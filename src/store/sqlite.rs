@@ -85,7 +85,7 @@ const WAL_RESTART_FRAMES: i64 = 16_384;
 /// dropped on upgrade and written again from its events at open. 4 drops the
 /// index of events that still have a body (compaction walks seqs instead),
 /// which an older expeditor's pruning would need.
-const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -156,6 +156,10 @@ enum Op {
     Complete(Vec<Completion>, oneshot::Sender<Result<(), StoreError>>),
     Replay(ReplayTarget, i64, oneshot::Sender<Result<u64, StoreError>>),
     Prune(Retention, i64, oneshot::Sender<Result<PruneStats, StoreError>>),
+    /// A write that changes nothing but still has a page to commit and sync
+    /// (`Store::writable`): an empty transaction writes nothing, so it
+    /// succeeds on a full disk.
+    Probe(oneshot::Sender<Result<(), StoreError>>),
     /// Commit what came before, checkpoint, and stop.
     Close(oneshot::Sender<()>),
     /// Work waits for the writer thread under the writer's lock: a group
@@ -1218,6 +1222,12 @@ fn run<'c>(t: &'c Connection, dedupe: &mut Dedupe, op: &Op, inserts: &mut Insert
         Op::Complete(done, _) => complete(t, done).map_or_else(refused_or_failed, |()| Done::Completed),
         Op::Replay(target, now, _) => replay(t, dedupe, target, *now).map_or_else(refused_or_failed, Done::Replayed),
         Op::Prune(retention, now, _) => prune(t, dedupe, *retention, *now).map_or_else(refused_or_failed, Done::Pruned),
+        // The schema version rewritten as it is: SQLite writes the header
+        // page out again even when a pragma sets the value it already has.
+        Op::Probe(_) => t
+            .pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(unavailable)
+            .map_or_else(refused_or_failed, |()| Done::Completed),
         Op::Close(_) | Op::Wake => Done::Closed,
     }
 }
@@ -1253,6 +1263,7 @@ fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
         Op::Complete(_, to) => reply!(to, Done::Completed => ()),
         Op::Replay(_, _, to) => reply!(to, Done::Replayed(n) => n),
         Op::Prune(_, _, to) => reply!(to, Done::Pruned(p) => p),
+        Op::Probe(to) => reply!(to, Done::Completed => ()),
         Op::Close(to) => {
             let _ = to.send(());
         }
@@ -1958,8 +1969,13 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         // An empty group still begins and commits an IMMEDIATE transaction:
-        // the writer is alive and the database takes writes.
+        // the writer is alive and takes the write lock. It writes nothing,
+        // so a full disk passes this (`writable` reaches the disk).
         self.submit(|r| Op::Complete(Vec::new(), r)).await
+    }
+
+    async fn writable(&self) -> Result<(), StoreError> {
+        self.submit(Op::Probe).await
     }
 
     async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError> {

@@ -182,7 +182,7 @@ store_tests!(
     replay_dead_letters_by_source_type_and_since,
     event_detail_has_payload_deliveries_and_attempt_log,
     queue_stats_count_pending_and_dead_per_sink,
-    ping_succeeds_on_a_working_store,
+    ping_and_writable_succeed_on_a_working_store,
     a_stale_completion_does_not_overwrite_a_newer_attempt,
 );
 
@@ -1710,6 +1710,7 @@ async fn sqlite_a_failed_fsync_refuses_every_write_until_reopened() {
     failing.store(false, Ordering::SeqCst); // the disk answers again; the store does not trust it
     refused(store.insert(new_event("after", &["a"])).await.map(drop));
     refused(store.ping().await);
+    refused(store.writable().await);
     refused(store.claim("a", ALL, LEASE, T0).await.map(drop));
     refused(store.replay(event_target("before", None), T0).await.map(drop));
     // Reads still answer (the listings help whoever investigates).
@@ -1727,6 +1728,27 @@ async fn sqlite_a_failed_fsync_refuses_every_write_until_reopened() {
     // vendor's retry of it is taken either way, never refused or lost.
     assert!(store.insert(new_event("unsynced", &["a"])).await.is_ok());
     assert!(store.ping().await.is_ok());
+    store.close().await;
+}
+
+/// SQLite only: `writable` commits a page (so a full disk fails it), where
+/// `ping`'s empty transaction writes nothing; another connection's
+/// `data_version` tells whether anything was committed.
+#[tokio::test]
+async fn sqlite_writable_commits_a_page_and_ping_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path()).unwrap();
+    let other = rusqlite::Connection::open(dir.path().join("expeditor.db")).unwrap();
+    let version = || -> i64 { other.query_row("PRAGMA data_version", [], |r| r.get(0)).unwrap() };
+    let before = version();
+    store.ping().await.unwrap();
+    assert_eq!(version(), before, "an empty transaction commits nothing");
+    store.writable().await.unwrap();
+    let after = version();
+    assert_ne!(after, before, "the probe committed a write");
+    // And changed nothing: the schema version is what it was.
+    let schema: i64 = other.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    assert_eq!(schema, super::sqlite::SCHEMA_VERSION);
     store.close().await;
 }
 
@@ -1927,8 +1949,9 @@ async fn queue_stats_count_pending_and_dead_per_sink(store: Arc<dyn Store>) {
     );
 }
 
-async fn ping_succeeds_on_a_working_store(store: Arc<dyn Store>) {
+async fn ping_and_writable_succeed_on_a_working_store(store: Arc<dyn Store>) {
     assert_eq!(store.ping().await, Ok(()));
+    assert_eq!(store.writable().await, Ok(()));
 }
 
 async fn a_stale_completion_does_not_overwrite_a_newer_attempt(store: Arc<dyn Store>) {

@@ -162,3 +162,99 @@ async fn a_second_daemon_on_the_same_store_is_refused() {
     let reply = d.post_crumb(&crumb_order("evt_owned", 1000)).await;
     assert_eq!(reply.json()["status"], "duplicate", "{}", reply.body);
 }
+
+/// A disk that takes no more writes (every file the daemon writes is limited
+/// in size, so a write past the limit fails as on a full disk): webhooks get
+/// 503 with `Retry-After`, `/readyz` says the store is unavailable, nothing
+/// acknowledged is lost, and once writes succeed again the same process is
+/// ready and takes webhooks, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_that_takes_no_more_writes_gets_503_and_recovers_without_a_restart() {
+    let config = format!("{}\n{SOURCES}", base_config(""));
+    let mut d = Daemon::start_with_file_size_limit(&config, 256 * 1024).await;
+    assert_eq!(ready(&d).await, (200, "ok".to_string()));
+
+    // Until every write fails: while only the WAL is at the limit, a
+    // checkpoint lets it start over and writes succeed again; once the
+    // database file is too, nothing does.
+    let (mut acked, mut refused_in_a_row) = (Vec::new(), 0);
+    for i in 0..5_000 {
+        let id = format!("evt_full_{i:04}");
+        let reply = d.post_crumb(&crumb_order(&id, 1000)).await;
+        match reply.status {
+            200 => {
+                acked.push(id);
+                refused_in_a_row = 0;
+            }
+            503 => {
+                assert_eq!(reply.json()["error"], "temporarily unavailable, retry later");
+                assert_eq!(reply.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"5"[..]));
+                refused_in_a_row += 1;
+                if refused_in_a_row == 20 {
+                    break;
+                }
+            }
+            other => panic!("{id}: {other} {}\n{}", reply.body, d.log()),
+        }
+    }
+    assert_eq!(
+        refused_in_a_row,
+        20,
+        "5,000 webhooks fit in 256 KiB files?\n{}",
+        d.log()
+    );
+    assert!(acked.len() >= 10, "only {} acknowledged before the limit", acked.len());
+
+    // Readiness tells: a write that changes nothing still has to reach the
+    // disk (an empty transaction would pass on a full one).
+    wait_for_ready(&d, (503, "unavailable")).await;
+    let reply = d.post_crumb(&crumb_order("evt_full_while_full", 1000)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+
+    d.lift_file_size_limit();
+    wait_for_ready(&d, (200, "ok")).await;
+    let reply = d.post_crumb(&crumb_order("evt_full_after", 1000)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(reply.json()["status"], "accepted");
+
+    let stored: BTreeSet<String> = d.api("/api/events?limit=10000").await["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !stored.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged events lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    assert!(stored.contains("evt_full_after"));
+}
+
+/// `/readyz`: its status and what it says of the store.
+async fn ready(d: &Daemon) -> (u16, String) {
+    let reply = reqwest::get(format!("http://{}/readyz", d.admin))
+        .await
+        .expect("readyz");
+    let status = reply.status().as_u16();
+    let body: serde_json::Value = reply.json().await.expect("readyz JSON");
+    (status, body["store"].as_str().unwrap_or_default().to_string())
+}
+
+async fn wait_for_ready(d: &Daemon, want: (u16, &str)) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = ready(d).await;
+        if (got.0, got.1.as_str()) == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz: {got:?}, want {want:?}\n{}",
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

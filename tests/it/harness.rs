@@ -130,6 +130,9 @@ pub struct Daemon {
     http: reqwest::Client,
     /// Extra environment for the daemon (`NOTIFY_SOCKET`, `EXPEDITOR_LOG`, ...).
     env: Vec<(String, String)>,
+    /// A limit on the size of any file the daemon writes (`RLIMIT_FSIZE`,
+    /// soft; `SIGXFSZ` ignored): a write past it fails as on a full disk.
+    file_size_limit: Option<u64>,
 }
 
 impl Daemon {
@@ -141,6 +144,16 @@ impl Daemon {
 
     /// [`Daemon::start`] with extra environment variables for the daemon.
     pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Daemon {
+        Self::launch(config, env, None).await
+    }
+
+    /// Starts like [`Daemon::start`], with every file the daemon writes
+    /// limited to `bytes` ([`Daemon::lift_file_size_limit`] lifts it).
+    pub async fn start_with_file_size_limit(config: &str, bytes: u64) -> Daemon {
+        Self::launch(config, &[], Some(bytes)).await
+    }
+
+    async fn launch(config: &str, env: &[(&str, &str)], file_size_limit: Option<u64>) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
         let ingest = free_addr();
         let admin = free_addr();
@@ -164,6 +177,7 @@ impl Daemon {
             runs: 0,
             http: http_client(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            file_size_limit,
         };
         daemon.spawn();
         daemon.wait_ready().await;
@@ -175,7 +189,21 @@ impl Daemon {
         self.runs += 1;
         let out = std::fs::File::create(self.dir.path().join(format!("run-{}.out", self.runs))).expect("log");
         let err = std::fs::File::create(self.dir.path().join(format!("run-{}.err", self.runs))).expect("log");
-        let child = Command::new(BIN)
+        let mut command = match self.file_size_limit {
+            None => Command::new(BIN),
+            // The shell leaves SIGXFSZ ignored, which exec keeps, so a write
+            // past the limit fails with EFBIG instead of killing the daemon;
+            // the hard limit stays unlimited so the test can lift the soft one.
+            Some(bytes) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(r#"trap '' XFSZ; exec prlimit --fsize="$0":unlimited -- "$@""#)
+                    .arg(bytes.to_string())
+                    .arg(BIN);
+                c
+            }
+        };
+        let child = command
             .arg("--config")
             .arg(&self.config_path)
             .arg("run")
@@ -265,6 +293,21 @@ impl Daemon {
             child.kill().expect("SIGKILL");
             child.wait().expect("reap");
         }
+    }
+
+    /// Lets the running daemon write again (`prlimit --pid`).
+    pub fn lift_file_size_limit(&mut self) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let out = Command::new("prlimit")
+            .args(["--pid", &pid, "--fsize=unlimited:unlimited"])
+            .output()
+            .expect("run prlimit");
+        assert!(
+            out.status.success(),
+            "prlimit: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.file_size_limit = None;
     }
 
     /// Same config, same ports, same store.
