@@ -252,20 +252,28 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             intake.metrics.ack(started.elapsed());
             self::accepted(status, &id)
         }
+        // Anyone who reaches the port can set these off: a line a second per
+        // source and kind, counting the ones held back (the metrics count all).
         Err(Rejected::Verification(reason)) => {
             outcome(RequestOutcome::unauthorized);
             intake.metrics.verification_failure(reason.reason());
-            tracing::warn!(source = %source.name, %peer, reason = reason.reason(), "webhook rejected: signature verification failed");
+            if let Some(held_back) = intake.rejections.verification.pass_now() {
+                tracing::warn!(source = %source.name, %peer, reason = reason.reason(), held_back, "webhook rejected: signature verification failed");
+            }
             error(StatusCode::UNAUTHORIZED, "signature verification failed")
         }
         Err(Rejected::Invalid(e)) => {
             outcome(RequestOutcome::invalid);
-            tracing::warn!(source = %source.name, %peer, error = %e, "webhook rejected: invalid event");
+            if let Some(held_back) = intake.rejections.invalid.pass_now() {
+                tracing::warn!(source = %source.name, %peer, error = %e, held_back, "webhook rejected: invalid event");
+            }
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }
         Err(Rejected::Store(e)) => {
             outcome(RequestOutcome::unavailable);
-            tracing::error!(source = %source.name, error = %e, "webhook not acknowledged: store unavailable");
+            if let Some(held_back) = intake.rejections.unavailable.pass_now() {
+                tracing::error!(source = %source.name, error = %e, held_back, "webhook not acknowledged: store unavailable");
+            }
             let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "temporarily unavailable, retry later");
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));

@@ -31,4 +31,5 @@ pub mod sample;
 pub mod state;
 pub mod store;
 pub mod systemd;
+pub mod throttle;
 pub mod verify;

@@ -4,6 +4,7 @@
 use std::cell::{Cell, OnceCell};
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use expeditor_api::{Event, EventMeta, Reads, Views};
@@ -16,12 +17,34 @@ use crate::ingest::Limits;
 use crate::metrics::{Metrics, SourceMetrics};
 use crate::normalize::{Json, NormalizeError, Normalizer};
 use crate::store::{Inserted, NewEvent, Store, StoreError, StoredEvent, format_time, now_ms};
+use crate::throttle::LogThrottle;
 use crate::verify::VerifyError;
 
 /// A configured source, with its metrics series at hand.
 pub struct Intake {
     pub source: Arc<Source>,
     pub metrics: SourceMetrics,
+    /// This source's rejection log lines (see [`crate::throttle`]).
+    pub rejections: Rejections,
+}
+
+/// A line a second at most per source and kind of rejection.
+#[derive(Debug)]
+pub struct Rejections {
+    pub verification: LogThrottle,
+    pub invalid: LogThrottle,
+    pub unavailable: LogThrottle,
+}
+
+impl Default for Rejections {
+    fn default() -> Self {
+        const EVERY: Duration = Duration::from_secs(1);
+        Self {
+            verification: LogThrottle::new(EVERY),
+            invalid: LogThrottle::new(EVERY),
+            unavailable: LogThrottle::new(EVERY),
+        }
+    }
 }
 
 pub enum Accepted {
@@ -59,6 +82,7 @@ impl Pipeline {
                 let intake = Intake {
                     source: source.clone(),
                     metrics: SourceMetrics::new(metrics.clone(), name),
+                    rejections: Rejections::default(),
                 };
                 (name.clone(), intake)
             })

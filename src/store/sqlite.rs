@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dedupe::{self, Dedupe, Tuning};
 use super::*;
+use crate::throttle::LogThrottle;
 
 /// Operations the writer takes from its queue at once: between batches it
 /// looks whether the syncer is idle, so it can hand it the open transaction.
@@ -615,6 +616,7 @@ impl SqliteStore {
                 last_group: 0,
                 syncing: false,
                 redo: Vec::new(),
+                commit_failures: LogThrottle::new(Duration::from_secs(1)),
             })),
             pending: Mutex::default(),
             queue: tx.downgrade(),
@@ -849,6 +851,8 @@ struct Writer {
     /// A group that failed where an insert joined it, rolled back, for the
     /// writer thread to run again one by one.
     redo: Vec<Op>,
+    /// A full disk fails every group: a line a second, not one per group.
+    commit_failures: LogThrottle,
 }
 
 fn writer_loop(
@@ -1127,7 +1131,9 @@ impl Writer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "store commit failed; nothing in this group is acknowledged");
+                    if let Some(held_back) = self.commit_failures.pass_now() {
+                        tracing::error!(error = %e, held_back, "store commit failed; nothing in this group is acknowledged");
+                    }
                     let _ = self.conn.execute_batch("ROLLBACK");
                     self.dedupe.reload(&self.conn);
                     let err = unavailable(e);

@@ -566,3 +566,60 @@ async fn logs_never_contain_secrets() {
         assert!(!log.contains(secret), "secret {secret:?} in the log:\n{log}");
     }
 }
+
+/// Anyone who reaches the port can send bad signatures: the log gets a line
+/// a second per source for them, each saying how many it held back, and the
+/// metrics count every one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_bad_signatures_logs_a_line_a_second_and_counts_every_one() {
+    let d = Daemon::start(&format!("{}\n{}", base_config(""), vendor::SOURCES)).await;
+    let headers = [("content-type", "application/json"), ("x-crave-signature", "00")];
+    let started = Instant::now();
+    for i in 0..50 {
+        let reply = d.post("crave", &headers, format!("{{\"id\":\"evt_flood_{i}\"}}")).await;
+        assert_eq!(reply.status, 401, "{}", reply.body);
+    }
+    let flood = started.elapsed();
+    // A period later the next one goes out, with the count of the rest.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        d.post("crave", &headers, "{\"id\":\"evt_flood_last\"}").await.status,
+        401
+    );
+    wait_log(&d, "held_back=", 2).await;
+
+    let log = d.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("signature verification failed"))
+        .collect();
+    let held_back: u64 = lines
+        .iter()
+        .map(|l| {
+            let n = l.split("held_back=").nth(1).unwrap_or_else(|| panic!("no count: {l}"));
+            n.split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(
+        lines.len() as u64 + held_back,
+        51,
+        "each rejection a line or counted in one:\n{lines:#?}"
+    );
+    assert!(
+        lines.len() as u64 <= flood.as_secs() + 2,
+        "{} lines for a flood of {flood:?} and one more:\n{lines:#?}",
+        lines.len()
+    );
+    let failures: f64 = parse_metrics(&d.api_text("/metrics").await)
+        .iter()
+        .filter(|(series, _)| {
+            series.starts_with("expeditor_verification_failures_total{") && series.contains("source=\"crave\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(failures, 51.0);
+}
