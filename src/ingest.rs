@@ -252,8 +252,10 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             intake.metrics.ack(started.elapsed());
             self::accepted(status, &id)
         }
-        // Anyone who reaches the port can set these off: a line a second per
-        // source and kind, counting the ones held back (the metrics count all).
+        // Anyone who reaches the port can set off the first two, and a
+        // vendor's retries the third while the disk refuses writes: a line a
+        // second per source and kind, counting the ones held back (the
+        // metrics count all).
         Err(Rejected::Verification(reason)) => {
             outcome(RequestOutcome::unauthorized);
             intake.metrics.verification_failure(reason.reason());
