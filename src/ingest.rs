@@ -105,8 +105,9 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shut
 }
 
 /// The runtime that accepts and serves webhook connections, a worker per
-/// CPU, apart from the main runtime's (delivery, the admin API): a burst of webhooks and a backlog of deliveries no longer
-/// queue behind each other on the same workers. On the 2-core bench VM
+/// CPU, apart from the main runtime's (delivery, the admin API): a burst of
+/// webhooks and a backlog of deliveries no longer queue behind each other
+/// on the same workers. On the 2-core bench VM
 /// (BENCHMARKS.md, session 27), against one shared runtime, alternating:
 /// e2e sustained +16 – 18 %, fan-out sustained +12 – 31 %, flat-out ingest
 /// even. Work stealing stays: single-threaded runtimes, one per CPU with

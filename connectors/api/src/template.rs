@@ -311,10 +311,7 @@ struct ToWriter<'o>(&'o mut Vec<u8>);
 impl FieldVisitor for ToWriter<'_> {
     type Out = ();
     fn visit<T: serde::Serialize>(self, field: &T) -> Option<()> {
-        let start = self.0.len();
-        serde_json::to_writer(&mut *self.0, field)
-            .inspect_err(|_| self.0.truncate(start))
-            .ok()
+        write(self.0, field, "field").ok()
     }
 }
 
