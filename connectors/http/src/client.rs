@@ -103,28 +103,30 @@ impl Client {
         matches!(self.0, Transport::Proxied(_))
     }
 
-    /// Sends `request` and judges the answer; `timeout` covers connecting,
-    /// sending and reading the response.
+    /// Sends `request` and judges the answer. `timeout` covers connecting,
+    /// sending and the answer's status and headers: past it, the attempt
+    /// timed out. The body is read (for an error's snippet, and so the
+    /// connection can be reused) only until the same deadline, and a body
+    /// still arriving then changes nothing: the status has said what
+    /// happened, so a 200 whose body is slow is delivered, not retried.
     pub(crate) async fn send(&self, request: Request<Bytes>, timeout: Duration) -> Outcome {
+        let deadline = tokio::time::Instant::now() + timeout;
         match &self.0 {
             Transport::Direct(client) => {
-                let exchange = async {
-                    let response = client
-                        .request(request.map(Full::new))
-                        .await
-                        .map_err(|e| DeliveryError::retryable(root_cause(&e)))?;
-                    judge_direct(response).await
-                };
-                tokio::time::timeout(timeout, exchange)
+                let response = tokio::time::timeout_at(deadline, client.request(request.map(Full::new)))
                     .await
-                    .unwrap_or_else(|_| Err(DeliveryError::timed_out(timeout)))
+                    .map_err(|_| DeliveryError::timed_out(timeout))?
+                    .map_err(|e| DeliveryError::retryable(root_cause(&e)))?;
+                judge_direct(response, deadline).await
             }
             Transport::Proxied(client) => {
-                let mut request = reqwest::Request::try_from(request)
+                let request = reqwest::Request::try_from(request)
                     .map_err(|e| DeliveryError::permanent(format!("invalid request: {}", root_cause(&e))))?;
-                *request.timeout_mut() = Some(timeout);
-                match client.execute(request).await {
-                    Ok(response) => judge_reqwest(response).await,
+                match tokio::time::timeout_at(deadline, client.execute(request))
+                    .await
+                    .map_err(|_| DeliveryError::timed_out(timeout))?
+                {
+                    Ok(response) => judge_reqwest(response, deadline).await,
                     Err(err) => Err(reqwest_error(&err, timeout)),
                 }
             }
@@ -139,24 +141,32 @@ pub(crate) fn proxy_configured(var: impl Fn(&str) -> Option<OsString>) -> bool {
         .any(|name| var(name).is_some_and(|v| !v.is_empty()))
 }
 
-async fn judge_direct(response: Response<hyper::body::Incoming>) -> Outcome {
+/// Judges an answer by its status and headers, with as much of its body as
+/// arrives by `deadline` (see [`Client::send`]).
+async fn judge_direct(response: Response<hyper::body::Incoming>, deadline: tokio::time::Instant) -> Outcome {
     let (parts, mut body) = response.into_parts();
     let mut drain = Drain::new(parts.status);
-    while drain.wants_more() {
-        let Some(Ok(frame)) = body.frame().await else { break };
-        if let Ok(chunk) = frame.into_data() {
-            drain.take(&chunk);
+    let read = async {
+        while drain.wants_more() {
+            let Some(Ok(frame)) = body.frame().await else { break };
+            if let Ok(chunk) = frame.into_data() {
+                drain.take(&chunk);
+            }
         }
-    }
+    };
+    let _ = tokio::time::timeout_at(deadline, read).await;
     outcome::judge(parts.status, &parts.headers, &drain.head)
 }
 
-async fn judge_reqwest(mut response: reqwest::Response) -> Outcome {
+async fn judge_reqwest(mut response: reqwest::Response, deadline: tokio::time::Instant) -> Outcome {
     let mut drain = Drain::new(response.status());
-    while drain.wants_more() {
-        let Ok(Some(chunk)) = response.chunk().await else { break };
-        drain.take(&chunk);
-    }
+    let read = async {
+        while drain.wants_more() {
+            let Ok(Some(chunk)) = response.chunk().await else { break };
+            drain.take(&chunk);
+        }
+    };
+    let _ = tokio::time::timeout_at(deadline, read).await;
     outcome::judge(response.status(), response.headers(), &drain.head)
 }
 

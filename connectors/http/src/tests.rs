@@ -425,6 +425,57 @@ async fn a_slow_server_times_out_retryably_with(client: Client) {
     assert_eq!(err.message, "timed out after 200ms");
 }
 
+/// A server that answers `status` with a body it never finishes: the head
+/// and 5 of the 100 bytes it announces, then nothing, with the connection
+/// held open.
+async fn serve_a_stalled_body(status: u16) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!("HTTP/1.1 {status} Whatever\r\ncontent-length: 100\r\n\r\nhello");
+                let _ = stream.write_all(head.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn the_status_decides_even_when_the_body_never_ends() {
+    for client in [direct(), proxied()] {
+        let proxied = client.is_proxied();
+        let mut b = build(serve_a_stalled_body(200).await).via(client.clone());
+        b.timeout = Duration::from_millis(300);
+        let delivered = deliver_one(&b.sink(), 1).await;
+        assert!(
+            delivered.is_ok(),
+            "a 200 whose body stalls is delivered (proxied: {proxied}): {delivered:?}"
+        );
+
+        let mut b = build(serve_a_stalled_body(503).await).via(client);
+        b.timeout = Duration::from_millis(300);
+        let err = deliver_one(&b.sink(), 1).await.unwrap_err();
+        assert!(err.retryable, "proxied: {proxied}");
+        assert!(
+            err.message.starts_with("HTTP 503 Service Unavailable"),
+            "the status, not a timeout (proxied: {proxied}): {}",
+            err.message
+        );
+    }
+}
+
 #[tokio::test]
 async fn connection_refused_is_retryable() {
     for client in [direct(), proxied()] {
