@@ -103,13 +103,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     systemd::ready(&summary(&config));
 
     let mut engine = engine;
+    // Engines a reload replaced, finishing their attempts in flight. Not
+    // awaited in the loop: a stop signal must be heard while they finish
+    // (up to a sink's timeout), and the stop bound covers them too.
+    let retiring = TaskTracker::new();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                engine = reload(&config.file, engine, &shared, &client, &shutdown).await;
+                engine = reload(&config.file, engine, &shared, &client, &shutdown, &retiring).await;
                 systemd::ready(&summary(&shared.current.load().config));
             }
         }
@@ -125,6 +129,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = prune_task.await;
         let _ = watchdog_task.await;
         engine.stopped().await;
+        retiring.close();
+        retiring.wait().await;
     })
     .await;
     if drained.is_err() {
@@ -177,13 +183,15 @@ fn current(
 }
 
 /// Applies the config file anew, or keeps the running one. Returns the
-/// engine that is running afterwards.
+/// engine that is running afterwards; one it replaced finishes its attempts
+/// in flight on `retiring`.
 async fn reload(
     file: &Path,
     old_engine: Engine,
     shared: &Arc<Shared>,
     client: &expeditor_http::Client,
     shutdown: &CancellationToken,
+    retiring: &TaskTracker,
 ) -> Engine {
     let old = shared.current.load_full();
     let refuse = |why: String| {
@@ -250,9 +258,10 @@ async fn reload(
         &shared.metrics,
         &shared.detached,
     )));
-    // The old workers finish their attempts in flight and stop; the new ones
-    // claim everything else (the store's leases keep them from doubling up).
-    old_engine.stopped().await;
+    // The old workers finish their attempts in flight and stop, in the
+    // background; the new ones claim everything else (the store's leases keep
+    // them from doubling up).
+    retiring.spawn(old_engine.stopped());
     shared.metrics.reload(true);
     tracing::info!(
         sources = new.sources.len(),

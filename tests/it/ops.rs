@@ -221,6 +221,44 @@ async fn stop_gives_back_claims_it_never_attempted() {
     }
 }
 
+/// A stop right after a reload keeps the stop bound: the engine the reload
+/// replaced finishes its attempt in flight in the background, and the stop
+/// signal is heard at once, not once that attempt ends (here 15 s, past
+/// the 3 s bound).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_right_after_a_reload_keeps_the_stop_bound() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_secs(15)));
+    let config = one_sink_config("shutdown_timeout = \"3s\"", &sink.url("/hook"))
+        .replace("\ntimeout = \"2s\"", "\ntimeout = \"20s\"");
+    assert!(
+        config.contains("shutdown_timeout = \"3s\"") && config.contains("\ntimeout = \"20s\""),
+        "{config}"
+    );
+    let mut d = Daemon::start(&config).await;
+    let reply = d.post_crumb(&crumb_order("evt_reload_then_stop", 1000)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // The attempt is in flight: the sink holds it 15 s.
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    d.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopping = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status}\n{}", d.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(10),
+        "the stop waited for the retired engine's attempt: {:?}",
+        stopping.elapsed()
+    );
+    let log = d.log();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(
+        log.contains("stop bound reached"),
+        "the attempt was cut off at the bound: {log}"
+    );
+}
+
 fn two_sink_config(a: &str, b: Option<&str>, extra_route: &str) -> String {
     let mut c = format!(
         "{}{}\n[sinks.a]\ntype = \"http\"\nurl = \"{a}\"\ntimeout = \"2s\"\nretry = {{ max_attempts = 1000, initial = \"50ms\", max = \"200ms\" }}\n",
