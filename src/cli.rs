@@ -191,7 +191,7 @@ pub async fn send(
         );
     };
     let id = id.unwrap_or_else(|| format!("evt_test_{:016x}", fastrand::u64(..)));
-    let Some(payload) = crate::sample::sample_event(src.kind(), event_type, &id, fastrand::u64(..1000)) else {
+    let Some(mut payload) = crate::sample::sample_event(src.kind(), event_type, &id, fastrand::u64(..1000)) else {
         let known = match src.kind() {
             "crumbpos" => crate::sample::CRUMBPOS_EVENTS.join(", "),
             "crave" => crate::sample::CRAVE_EVENTS.join(", "),
@@ -202,7 +202,15 @@ pub async fn send(
             src.kind()
         );
     };
+    crate::sample::place_fields(&mut payload, &src.normalizer);
     let body = serde_json::to_vec(&payload)?;
+    // Fields that overlap (`id_field = "event"`, `type_field = "event.type"`)
+    // leave no body that has both: say so here, not as the daemon's 400.
+    if let Err(e) = src.normalizer.normalize(&body) {
+        bail!(
+            "cannot build a sample event that source {source:?} reads ({e}); check its id_field, type_field and time_field"
+        );
+    }
     let now = crate::store::now_ms() / 1000;
     let url = url.unwrap_or_else(|| format!("{}/webhooks/{source}", local_url(cfg.server.listen)));
     let mut req = client()?.post(&url).header("content-type", "application/json");

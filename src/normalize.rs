@@ -212,23 +212,7 @@ pub enum MoneyError {
     Overflow,
 }
 
-/// Decimal places of the minor unit of `currency` (ISO 4217, any case):
-/// 0 for JPY, KRW, VND, CLP, ISK, UGX, XAF, XOF, PYG; 3 for BHD, KWD, JOD,
-/// OMR, TND, IQD, LYD; 2 otherwise, and when unknown or absent.
-pub fn currency_exponent(currency: Option<&str>) -> u32 {
-    const ZERO: &[&str] = &["JPY", "KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF", "PYG"];
-    const THREE: &[&str] = &["BHD", "KWD", "JOD", "OMR", "TND", "IQD", "LYD"];
-    let Some(code) = currency.map(str::trim) else {
-        return 2;
-    };
-    if ZERO.iter().any(|c| c.eq_ignore_ascii_case(code)) {
-        0
-    } else if THREE.iter().any(|c| c.eq_ignore_ascii_case(code)) {
-        3
-    } else {
-        2
-    }
-}
+pub use expeditor_api::currency_exponent;
 
 /// An exact decimal amount (`"27.98"`) to integer minor units (`2798`) of
 /// `currency` (see [`currency_exponent`]).
@@ -370,6 +354,34 @@ impl FieldPath {
             };
         }
         (!cur.is_null()).then_some(cur)
+    }
+
+    /// Puts `value` at this path in `root`, so that [`lookup`](Self::lookup)
+    /// finds it: missing objects on the way are made, an array is indexed by
+    /// a number segment within it, and anything else in the way is replaced
+    /// by an object. For building a body a source will read (`expeditor
+    /// send`), not for reading one.
+    pub fn set(&self, root: &mut Value, value: Value) {
+        let mut cur = root;
+        for seg in &self.segments {
+            let index = match &*cur {
+                Value::Array(list) => seg.parse::<usize>().ok().filter(|&i| i < list.len()),
+                _ => None,
+            };
+            cur = match index {
+                Some(i) => &mut cur[i],
+                None => {
+                    if !cur.is_object() {
+                        *cur = Value::Object(Map::new());
+                    }
+                    cur.as_object_mut()
+                        .expect("made an object above")
+                        .entry(seg.clone())
+                        .or_insert(Value::Null)
+                }
+            };
+        }
+        *cur = value;
     }
 }
 
@@ -894,6 +906,29 @@ mod tests {
     // -- the parsed document ---------------------------------------------------
 
     #[test]
+    fn a_field_path_sets_what_its_lookup_finds() {
+        let path = |p: &str| FieldPath::parse(p).unwrap();
+        let mut root = json!({"a": "scalar", "list": [{"x": 1}, {"x": 2}], "keep": true});
+        let cases = [
+            ("new.deep.key", json!("made")),
+            ("a.b", json!(2)),
+            ("list.1.x", json!(20)),
+            ("top", json!({"whole": "object"})),
+        ];
+        for (p, value) in &cases {
+            path(p).set(&mut root, value.clone());
+        }
+        let body = serde_json::to_vec(&root).unwrap();
+        let doc = Json::parse(&body).unwrap();
+        for (p, value) in cases {
+            let found = path(p).lookup(&doc).map(|j| j.clone().into_value());
+            assert_eq!(found, Some(value), "{p} in {root}");
+        }
+        assert_eq!(root["list"][0], json!({"x": 1}), "{root}");
+        assert_eq!(root["keep"], json!(true), "{root}");
+    }
+
+    #[test]
     fn documents_become_the_value_serde_json_parses() {
         let texts = [
             CRUMB_ORDER,
@@ -1037,7 +1072,10 @@ mod tests {
         assert_eq!(parse_minor_units("1500", Some("jpy")), Ok(1500));
         assert_eq!(parse_minor_units("1500.00", Some("jpy")), Ok(1500));
         assert_eq!(parse_minor_units("1500.5", Some("jpy")), Err(MoneyError::TooPrecise));
-        for code in ["KRW", "VND", "CLP", "ISK", "UGX", "XAF", "XOF", "PYG"] {
+        for code in [
+            "BIF", "CLP", "DJF", "GNF", "ISK", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF",
+            "XPF",
+        ] {
             assert_eq!(currency_exponent(Some(code)), 0, "{code}");
             assert_eq!(currency_exponent(Some(&code.to_lowercase())), 0, "{code}");
         }
@@ -1048,6 +1086,12 @@ mod tests {
         assert_eq!(parse_minor_units("1.234", Some("KWD")), Ok(1234));
         assert_eq!(parse_minor_units("1.2345", Some("KWD")), Err(MoneyError::TooPrecise));
         assert_eq!(parse_minor_units("1.2340", Some("KWD")), Ok(1234));
+        assert_eq!(parse_minor_units("1500", Some("RWF")), Ok(1500));
+        for code in ["CLF", "UYW"] {
+            assert_eq!(currency_exponent(Some(code)), 4, "{code}");
+        }
+        assert_eq!(parse_minor_units("1.2345", Some("CLF")), Ok(12345));
+        assert_eq!(parse_minor_units("1.23456", Some("CLF")), Err(MoneyError::TooPrecise));
         for code in [None, Some("usd"), Some("EUR"), Some("xyz"), Some("")] {
             assert_eq!(currency_exponent(code), 2, "{code:?}");
         }

@@ -8,6 +8,8 @@
 
 use serde_json::{Value, json};
 
+use crate::normalize::Normalizer;
+
 /// CrumbPOS event types `sample_event` knows.
 pub const CRUMBPOS_EVENTS: &[&str] = &[
     "order.created",
@@ -60,6 +62,34 @@ pub fn sample_event(kind: &str, event_type: &str, event_id: &str, seq: u64) -> O
         })),
         _ => None,
     }
+}
+
+/// Moves an `hmac` sample's top-level `id`, `type` and `created_at` to where
+/// the source reads them (`id_field`, `type_field`, `time_field`), so its own
+/// test webhook is one it accepts. Without a `time_field` the time stays at
+/// `created_at`, as a vendor's would. Other kinds are left as they are.
+pub fn place_fields(sample: &mut Value, normalizer: &Normalizer) {
+    let Normalizer::Hmac {
+        id_field,
+        type_field,
+        time_field,
+    } = normalizer
+    else {
+        return;
+    };
+    let Some(top) = sample.as_object_mut() else { return };
+    let mut take = |key: &str| top.remove(key).unwrap_or(Value::Null);
+    let (id, event_type, at) = (take("id"), take("type"), take("created_at"));
+    match time_field {
+        Some(field) => field.set(sample, at),
+        None => {
+            if let Some(top) = sample.as_object_mut() {
+                top.insert("created_at".to_owned(), at);
+            }
+        }
+    }
+    type_field.set(sample, event_type);
+    id_field.set(sample, id);
 }
 
 fn now_rfc3339() -> String {
@@ -354,6 +384,44 @@ mod tests {
 
     fn body(v: &Value) -> Vec<u8> {
         serde_json::to_vec(v).unwrap()
+    }
+
+    #[test]
+    fn an_hmac_sample_puts_id_type_and_time_where_the_source_reads_them() {
+        let path = |p: &str| crate::normalize::FieldPath::parse(p).unwrap();
+        let source = Normalizer::Hmac {
+            id_field: path("event.id"),
+            type_field: path("event.kind"),
+            time_field: Some(path("meta.at")),
+        };
+        let mut sample = sample_event("hmac", "thing.happened", "evt_moved", 3).unwrap();
+        place_fields(&mut sample, &source);
+        let raw = body(&sample);
+        let got = source.normalize(&raw).unwrap();
+        assert_eq!(got.id, "evt_moved");
+        assert_eq!(got.event_type, "thing.happened");
+        assert!(got.occurred_at.is_some(), "time read from meta.at: {sample}");
+        for key in ["id", "type", "created_at"] {
+            assert!(sample.get(key).is_none(), "{key} moved away: {sample}");
+        }
+        assert!(sample["data"].is_object(), "the rest stays: {sample}");
+
+        // The default fields keep the generic sample as it was.
+        let defaults = Normalizer::Hmac {
+            id_field: path("id"),
+            type_field: path("type"),
+            time_field: None,
+        };
+        let generic = sample_event("hmac", "thing.happened", "evt_same", 3).unwrap();
+        let mut placed = generic.clone();
+        place_fields(&mut placed, &defaults);
+        assert_eq!(placed, generic);
+
+        // Vendors' samples are already what their kinds read.
+        let crumb = sample_event("crumbpos", "order.created", "evt_c", 3).unwrap();
+        let mut placed = crumb.clone();
+        place_fields(&mut placed, &Normalizer::CrumbPos);
+        assert_eq!(placed, crumb);
     }
 
     #[test]

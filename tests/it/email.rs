@@ -32,10 +32,10 @@ subject = "Commande confirmée — {{ order.id }}"
 text = """
 Merci {{ order.customer.name }} !
 Your order {{ order.id }} of {{ order.items | length }} item(s) is being prepared.
-Total: {{ order.total_cents | money }} {{ order.currency | upper }}
+Total: {{ order.total_cents | money(order.currency) }} {{ order.currency | upper }}
 """
 html = """<p>Merci <strong>{{ order.customer.name }}</strong> !</p>
-<p>Total: {{ order.total_cents | money }} {{ order.currency | upper }}</p>"""
+<p>Total: {{ order.total_cents | money(order.currency) }} {{ order.currency | upper }}</p>"""
 
 [[routes]]
 name = "confirmations"

@@ -5,30 +5,24 @@ use std::time::Duration;
 use crate::fake_sink::FakeSink;
 use crate::harness::{Daemon, assert_success, one_sink_config, output_text};
 
+/// Runs `expeditor send ARGS`, which must succeed with `HTTP 200`; its stdout.
+async fn send_ok(d: &Daemon, args: &[&str]) -> String {
+    let out = d.cli(args).await;
+    assert_success(&out, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("HTTP 200"), "{args:?}: {}", output_text(&out));
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn send_posts_a_signed_sample_that_reaches_the_sink() {
     let sink = FakeSink::start().await;
     let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
 
-    let args = ["send", "crumb", "order.created", "--id", "evt_sent_crumb"];
-    let out = d.cli(&args).await;
-    assert_success(&out, &args);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("HTTP 200"), "send output: {}", output_text(&out));
-    assert!(
-        stdout.contains("accepted"),
-        "send prints the body: {}",
-        output_text(&out)
-    );
+    let stdout = send_ok(&d, &["send", "crumb", "order.created", "--id", "evt_sent_crumb"]).await;
+    assert!(stdout.contains("accepted"), "send prints the body: {stdout}");
 
-    let args = ["send", "crave", "order.created", "--id", "evt_sent_crave"];
-    let out = d.cli(&args).await;
-    assert_success(&out, &args);
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("HTTP 200"),
-        "{}",
-        output_text(&out)
-    );
+    send_ok(&d, &["send", "crave", "order.created", "--id", "evt_sent_crave"]).await;
 
     let got = sink.wait_for(2, Duration::from_secs(10)).await;
     let mut seen: Vec<(String, String, String)> = got
@@ -89,14 +83,7 @@ async fn send_without_id_uses_a_fresh_one_and_other_types_work() {
     let sink = FakeSink::start().await;
     let d = Daemon::start(&one_sink_config("", &sink.url("/hook"))).await;
     for event_type in ["order.created", "payment.completed", "inventory.low_stock"] {
-        let args = ["send", "crumb", event_type];
-        let out = d.cli(&args).await;
-        assert_success(&out, &args);
-        assert!(
-            String::from_utf8_lossy(&out.stdout).contains("HTTP 200"),
-            "{event_type}: {}",
-            output_text(&out)
-        );
+        send_ok(&d, &["send", "crumb", event_type]).await;
     }
     let out = d.cli(&["send", "crumb", "order.created"]).await;
     assert_success(&out, &["send", "crumb", "order.created"]);
@@ -152,4 +139,67 @@ async fn send_fails_clearly() {
         output_text(&out)
     );
     assert!(d.events().await.is_empty(), "nothing was accepted");
+}
+
+/// An `hmac` source reads its id, type and time where its config says; its
+/// own test webhook puts them there, and a config whose fields cannot all
+/// be in one body is told so before anything is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_to_an_hmac_source_puts_the_fields_where_it_reads_them() {
+    let sink = FakeSink::start().await;
+    let config = format!(
+        r#"{base}
+[sources.generic]
+kind = "hmac"
+secrets = ["generic-secret"]
+header = "X-Signature"
+timestamp_header = "X-Timestamp"
+id_field = "event.id"
+type_field = "event.kind"
+time_field = "meta.at"
+
+[sources.overlapping]
+kind = "hmac"
+secrets = ["overlapping-secret"]
+header = "X-Signature"
+id_field = "event"
+type_field = "event.kind"
+
+[sinks.hook]
+type = "http"
+url = "{url}"
+
+[[routes]]
+name = "everything"
+sinks = ["hook"]
+"#,
+        base = crate::harness::base_config(""),
+        url = sink.url("/hook"),
+    );
+    let d = Daemon::start(&config).await;
+
+    send_ok(&d, &["send", "generic", "thing.happened", "--id", "evt_generic_1"]).await;
+    let got = sink.wait_for(1, Duration::from_secs(10)).await;
+    let body = got[0].json();
+    assert_eq!(body["event"]["id"], "evt_generic_1", "{body}");
+    assert_eq!(body["event"]["type"], "thing.happened", "{body}");
+    assert!(
+        body["event"]["occurred_at"].is_string(),
+        "the time is read from meta.at: {body}"
+    );
+
+    let args = ["send", "overlapping", "thing.happened"];
+    let out = d.cli(&args).await;
+    assert!(
+        !out.status.success(),
+        "a sample the source cannot read was sent: {}",
+        output_text(&out)
+    );
+    let text = output_text(&out);
+    assert!(
+        text.contains("overlapping") && text.contains("id_field"),
+        "the message names the source and its fields: {text}"
+    );
+    assert!(!text.contains("HTTP "), "nothing was posted: {text}");
+    assert_eq!(d.events().await.len(), 1, "only the first event is in the store");
 }

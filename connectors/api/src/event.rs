@@ -100,3 +100,30 @@ pub struct Stock {
     pub quantity: Option<i64>,
     pub reorder_point: Option<i64>,
 }
+
+/// Decimal places of the minor unit of `currency` (ISO 4217, any case): 0
+/// for BIF, CLP, DJF, GNF, ISK, JPY, KMF, KRW, PYG, RWF, UGX, UYI, VND, VUV,
+/// XAF, XOF and XPF; 3 for BHD, IQD, JOD, KWD, LYD, OMR and TND; 4 for CLF
+/// and UYW; 2 otherwise, and when unknown or absent. Shared by the parse of
+/// a vendor's amount and the `money` filter that prints it back.
+pub fn currency_exponent(currency: Option<&str>) -> u32 {
+    const ZERO: &[&str] = &[
+        "BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "UYI", "VND", "VUV", "XAF", "XOF",
+        "XPF",
+    ];
+    const THREE: &[&str] = &["BHD", "IQD", "JOD", "KWD", "LYD", "OMR", "TND"];
+    const FOUR: &[&str] = &["CLF", "UYW"];
+    let Some(code) = currency.map(str::trim) else {
+        return 2;
+    };
+    let is = |list: &[&str]| list.iter().any(|c| c.eq_ignore_ascii_case(code));
+    if is(ZERO) {
+        0
+    } else if is(THREE) {
+        3
+    } else if is(FOUR) {
+        4
+    } else {
+        2
+    }
+}

@@ -15,7 +15,7 @@ pub mod retry;
 pub mod sink;
 pub mod template;
 
-pub use event::{Customer, Event, EventMeta, Item, Modifier, Order, Payment, Stock, Views};
+pub use event::{Customer, Event, EventMeta, Item, Modifier, Order, Payment, Stock, Views, currency_exponent};
 pub use retry::RetryPolicy;
 pub use sink::{Delivery, DeliveryError, Outcome, Sink, delivery_key, one_by_one};
 pub use template::{Reads, Structured, TemplateError, TemplateId, TemplateSet, Templates};

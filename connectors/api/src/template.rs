@@ -499,10 +499,18 @@ fn write<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T, name: &str)
 
 /// `{{ order.total_cents | money }}` -> `"27.98"`: minor units as a decimal
 /// string, for people (Slack, email). Integer arithmetic, never floats.
-fn money_filter(cents: i64) -> String {
-    let sign = if cents < 0 { "-" } else { "" };
-    let abs = cents.unsigned_abs();
-    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+/// With the currency, `{{ order.total_cents | money(order.currency) }}`, it
+/// has that currency's decimals (JPY 1200 is `"1200"`, KWD 1234 `"1.234"`);
+/// without, or for an unknown one, two.
+fn money_filter(minor: i64, currency: Option<&str>) -> String {
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    let digits = crate::event::currency_exponent(currency);
+    if digits == 0 {
+        return format!("{sign}{abs}");
+    }
+    let unit = 10u64.pow(digits);
+    format!("{sign}{}.{:0width$}", abs / unit, abs % unit, width = digits as usize)
 }
 
 /// The compiled templates of one component.
@@ -1152,9 +1160,39 @@ mod tests {
 
     #[test]
     fn money_filter_is_exact() {
-        assert_eq!(money_filter(2798), "27.98");
-        assert_eq!(money_filter(5), "0.05");
-        assert_eq!(money_filter(-1050), "-10.50");
+        assert_eq!(money_filter(2798, None), "27.98");
+        assert_eq!(money_filter(5, None), "0.05");
+        assert_eq!(money_filter(-1050, None), "-10.50");
+        assert_eq!(money_filter(i64::MIN, None), "-92233720368547758.08");
+        assert_eq!(money_filter(2798, Some("usd")), "27.98");
+        assert_eq!(money_filter(2798, Some("nope")), "27.98");
+        assert_eq!(money_filter(1200, Some("JPY")), "1200");
+        assert_eq!(money_filter(-1200, Some("RWF")), "-1200");
+        assert_eq!(money_filter(1234, Some("KWD")), "1.234");
+        assert_eq!(money_filter(5, Some("KWD")), "0.005");
+        assert_eq!(money_filter(12345, Some("CLF")), "1.2345");
+    }
+
+    #[test]
+    fn money_filter_takes_the_currency_in_a_template() {
+        let mut set = TemplateSet::new();
+        let bare = set.text("t.bare", "{{ order.total_cents | money }}").unwrap();
+        let with = set
+            .text("t.with", "{{ order.total_cents | money(order.currency) }}")
+            .unwrap();
+        let missing = set
+            .text("t.missing", "{{ order.total_cents | money(order.nope) }}")
+            .unwrap();
+        let t = set.finish();
+        let mut yen = event();
+        if let Some(order) = yen.views.order.as_mut() {
+            order.total_cents = Some(1200);
+            order.currency = Some("JPY".into());
+        }
+        let ctx = Templates::context(&yen);
+        assert_eq!(t.render(&bare, &ctx).unwrap(), "12.00");
+        assert_eq!(t.render(&with, &ctx).unwrap(), "1200");
+        assert_eq!(t.render(&missing, &ctx).unwrap(), "12.00");
     }
 
     #[test]
