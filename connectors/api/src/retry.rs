@@ -28,13 +28,16 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     /// The delay before the next attempt after `attempts_made` failed ones, or
     /// `None` when attempts are used up. A sink's `retry_after` wins over the
-    /// backoff (it knows its own load) but never beyond `max`.
+    /// backoff (it knows its own load) but never beyond `max`, nor under
+    /// `initial`: a `Retry-After: 0`, or a date already past, would otherwise
+    /// spend every attempt within moments and make a dead letter of a sink
+    /// that is only busy.
     pub fn next_delay(&self, attempts_made: u32, retry_after: Option<Duration>) -> Option<Duration> {
         if attempts_made >= self.max_attempts {
             return None;
         }
         if let Some(after) = retry_after {
-            return Some(after.min(self.max));
+            return Some(after.max(self.initial).min(self.max));
         }
         let exp = attempts_made.saturating_sub(1).min(32);
         let backoff = self.initial.saturating_mul(1u32 << exp.min(31)).min(self.max);
@@ -93,5 +96,16 @@ mod tests {
             p.next_delay(1, Some(Duration::from_secs(700))),
             Some(Duration::from_secs(10))
         );
+        // Not sooner than `initial`, however soon the sink asks.
+        assert_eq!(p.next_delay(3, Some(Duration::ZERO)), Some(Duration::from_secs(1)));
+        assert_eq!(
+            p.next_delay(1, Some(Duration::from_millis(300))),
+            Some(Duration::from_secs(1))
+        );
+        let tight = RetryPolicy {
+            initial: Duration::from_secs(20),
+            ..p
+        };
+        assert_eq!(tight.next_delay(1, Some(Duration::ZERO)), Some(Duration::from_secs(10)));
     }
 }
