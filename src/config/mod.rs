@@ -722,6 +722,14 @@ impl Cx<'_> {
                 "Crave signs no timestamp, so there is no tolerance to set",
             );
         }
+        if kind == "hmac" && r.tolerance.is_some() && r.timestamp_header.is_none() {
+            let span = r.tolerance.as_ref().map_or(0..0, |t| t.span());
+            self.error_at(
+                span,
+                &format!("{key}.tolerance"),
+                "has no effect without timestamp_header (the header that carries the signed time)",
+            );
+        }
         let (scheme, normalizer) = match kind {
             "crumbpos" => (
                 Scheme::CrumbPos(CrumbPosVerifier {

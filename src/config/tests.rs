@@ -344,6 +344,13 @@ fn kind_specific_keys() {
         "kind = \"hmac\"\nheader = \"X-Sig\"\nsigned = \"{timestamp}:{body}\"",
     );
     one_error(&no_ts, &["sources.crumb.signed", "timestamp_header"]);
+    let tolerance_alone = BASE.replace(
+        "kind = \"crumbpos\"",
+        "kind = \"hmac\"\nheader = \"X-Sig\"\ntolerance = \"1m\"",
+    );
+    one_error(&tolerance_alone, &["sources.crumb.tolerance", "timestamp_header"]);
+    let with_ts = tolerance_alone.replace("tolerance = \"1m\"", "tolerance = \"1m\"\ntimestamp_header = \"X-Ts\"");
+    assert!(parse_with(&with_ts, &env()).is_ok());
 }
 
 #[test]
