@@ -1010,13 +1010,20 @@ impl Store for PostgresStore {
                             "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at)
                              VALUES ($1, $2, 0, $3, $3)
                              ON CONFLICT (event_seq, sink) DO UPDATE SET state = 0, attempts = 0, due_at = $3,
-                             lease_until = NULL, updated_at = $3",
+                             lease_until = NULL, updated_at = $3
+                             WHERE NOT (deliveries.state = 0 AND COALESCE(deliveries.lease_until, 0) > $3)",
                             &[&seq, &s, &now],
                         )
                         .await
                         .map_err(db_error)?,
                     None => tx
-                        .execute(&format!("{REQUEUE} WHERE event_seq = $2"), &[&now, &seq])
+                        // Not a delivery in flight (see the SQLite store's replay).
+                        .execute(
+                            &format!(
+                                "{REQUEUE} WHERE event_seq = $2 AND NOT (state = 0 AND COALESCE(lease_until, 0) > $1)"
+                            ),
+                            &[&now, &seq],
+                        )
                         .await
                         .map_err(db_error)?,
                 };

@@ -1483,7 +1483,10 @@ fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) 
             if !has_body {
                 return Err(StoreError::Pruned);
             }
-            // The delivered attempts this resets live only on their rows: log
+            // A delivery in flight (pending, its lease running) is left to its
+            // attempt: reset, it would be claimed and sent beside it, and the
+            // first attempt's outcome would then stand for the second's. The
+            // delivered attempts this resets live only on their rows: log
             // them first, so the history keeps them.
             t.execute(
                 "INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error)
@@ -1500,12 +1503,18 @@ fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) 
                     .execute(
                         "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at) VALUES (?1, ?2, 0, ?3, ?3)
                          ON CONFLICT (event_seq, sink) DO UPDATE SET state = 0, attempts = 0, due_at = ?3,
-                         lease_until = NULL, updated_at = ?3",
+                         lease_until = NULL, updated_at = ?3
+                         WHERE NOT (deliveries.state = 0 AND COALESCE(deliveries.lease_until, 0) > ?3)",
                         params![seq, s, now],
                     )
                     .map_err(unavailable)?,
                 None => t
-                    .execute(&format!("{REQUEUE} WHERE event_seq = ?2"), params![now, seq])
+                    .execute(
+                        &format!(
+                            "{REQUEUE} WHERE event_seq = ?2 AND NOT (state = 0 AND COALESCE(lease_until, 0) > ?1)"
+                        ),
+                        params![now, seq],
+                    )
                     .map_err(unavailable)?,
             };
             Ok(n as u64)

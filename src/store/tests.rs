@@ -171,6 +171,7 @@ store_tests!(
     replay_dead_letters_of_one_sink,
     replay_event_requeues_every_delivery_even_delivered,
     replay_event_to_a_new_sink_adds_a_delivery,
+    replay_event_leaves_a_delivery_in_flight_to_its_attempt,
     replay_unknown_event_is_not_found,
     prune_follows_retention,
     prune_never_touches_pending_deliveries,
@@ -706,6 +707,40 @@ async fn replay_event_to_a_new_sink_adds_a_delivery(store: Arc<dyn Store>) {
     assert_eq!(store.replay(event_target("evt_1", Some("a")), now).await, Ok(1));
     assert_eq!(attempts(&claim(&*store, "a", now).await), [("evt_1", 1)]);
     assert_eq!(deliveries(&*store, None, None).await.len(), 2);
+}
+
+/// A delivery in flight when its event is replayed is left to its attempt:
+/// reset, it would be claimed and sent beside that attempt, and the first
+/// outcome recorded would stand for the other's.
+async fn replay_event_leaves_a_delivery_in_flight_to_its_attempt(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a", "b"])).await;
+    let in_flight = claim(&*store, "a", T0).await;
+    assert_eq!(attempts(&in_flight), [("evt_1", 1)]);
+    finish_all(&*store, "b", T0, dead("HTTP 400")).await;
+
+    let now = T0 + SECOND; // a's lease runs until T0 + 30 s
+    assert_eq!(store.replay(event_target("evt_1", None), now).await, Ok(1), "b only");
+    assert!(claim(&*store, "a", now).await.is_empty(), "a is still its attempt's");
+    assert_eq!(attempts(&claim(&*store, "b", now).await), [("evt_1", 1)]);
+    assert_eq!(store.replay(event_target("evt_1", Some("a")), now).await, Ok(0));
+    assert!(claim(&*store, "a", now).await.is_empty());
+
+    // The attempt in flight records its own outcome.
+    complete(&*store, &in_flight[0], now + SECOND, Completed::Delivered).await;
+    let delivered = deliveries(&*store, Some("a"), Some(Status::Delivered)).await;
+    assert_eq!(pairs(&delivered), [("evt_1", "a")]);
+    assert_eq!(delivered[0].attempts, 1);
+
+    // Done, it is replayed as any other; so is one whose lease ran out.
+    assert_eq!(
+        store.replay(event_target("evt_1", Some("a")), now + 2 * SECOND).await,
+        Ok(1)
+    );
+    let again = claim(&*store, "a", now + 2 * SECOND).await;
+    assert_eq!(attempts(&again), [("evt_1", 1)]);
+    let expired = now + 2 * SECOND + LEASE_MS + 1;
+    assert_eq!(store.replay(event_target("evt_1", None), expired).await, Ok(2));
+    assert_eq!(attempts(&claim(&*store, "a", expired).await), [("evt_1", 1)]);
 }
 
 async fn replay_unknown_event_is_not_found(store: Arc<dyn Store>) {
