@@ -917,6 +917,21 @@ impl Cx<'_> {
                         );
                         return None;
                     }
+                    // `user:password@` in the URL is never sent (no client
+                    // turns it into a header here), so every delivery would
+                    // meet a 401: say so, without repeating the URL.
+                    let authority = static_part
+                        .split_once("://")
+                        .map_or("", |(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(""));
+                    if authority.contains('@') {
+                        self.error_at(
+                            r.url.span(),
+                            &format!("{key}.url"),
+                            "has credentials (user:password@), which are not sent; \
+                             put them in headers instead, e.g. Authorization = \"Basic ${VAR}\"",
+                        );
+                        return None;
+                    }
                     self.template(&mut set, &format!("{key}.url"), &u, r.url.span())
                 });
                 let mut headers = Vec::new();

@@ -223,6 +223,14 @@ fn bad_values_are_explained() {
         &["sinks.kds.type", "\"kafka\""],
     );
     one_error(&BASE.replace("https://kds", "ftp://kds"), &["sinks.kds.url", "http://"]);
+    let e = one_error(
+        &BASE.replace("https://kds", "https://kds-user:kds-pa55@kds"),
+        &["sinks.kds.url", "credentials", "headers"],
+    );
+    assert!(!e.contains("kds-pa55"), "the password is not repeated: {e}");
+    // An @ in the path or query is no credential.
+    let at_in_path = BASE.replace("/api/tickets", "/api/tickets/@kitchen?by=a@b");
+    assert!(parse_with(&at_in_path, &env()).is_ok());
     one_error(
         &BASE.replace("[store]", "[store]\ndedupe_window = \"1h\""),
         &["store.dedupe_window", "5.3 hours"],
