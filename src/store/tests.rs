@@ -1656,12 +1656,13 @@ async fn sqlite_fsyncs_start_at_least_the_interval_apart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_a_full_group_does_not_wait_for_the_interval() {
     // Events keep arriving in bursts (an open loop: 50 about every
-    // millisecond) while each fsync takes 5 ms, so a full group gathers
-    // during most of them, and during the first whatever the machine's
-    // timer does: the rest of the first burst arrives while it runs.
+    // millisecond, for 40 bursts) while each fsync takes 5 ms, so a full
+    // group gathers during most of them. On a machine busy with other tests
+    // the first few bursts may come late, so a full group first finds the
+    // syncer asleep; the load lasts long enough that later ones do not.
     let arrivals = |store: Arc<dyn Store>| async move {
         let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..400 {
+        for i in 0..2000 {
             let store = store.clone();
             tasks.spawn(async move {
                 let id = format!("e{i}");
@@ -1674,7 +1675,7 @@ async fn sqlite_a_full_group_does_not_wait_for_the_interval() {
         while let Some(done) = tasks.join_next().await {
             done.unwrap();
         }
-        400
+        2000
     };
     let starts = record_fsyncs(TEST_INTERVAL, Duration::from_millis(5), arrivals).await;
     let fsyncs = starts.len() - 1;
