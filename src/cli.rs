@@ -1,4 +1,5 @@
-//! Command line: the daemon (`run`), config validation (`check`), a vendor
+//! Command line: the daemon (`run`), config validation (`check`) and its
+//! own test cases (`test`), a vendor
 //! "send test webhook" button (`send`), and the operator commands that talk
 //! to a running daemon through its admin API.
 
@@ -40,6 +41,10 @@ pub enum Command {
     Run,
     /// Validate the configuration without starting anything.
     Check,
+    /// Run the configuration's own test cases (`[[tests]]`): each event is
+    /// read and routed as a webhook would be, and must reach exactly the
+    /// sinks the case names.
+    Test,
     /// Sign a realistic sample event of a source's vendor and POST it.
     Send {
         /// The source (`[sources.NAME]`) whose kind and secret to use.
@@ -158,6 +163,89 @@ pub fn check(cli: &Cli) -> ExitCode {
         }
         Err(code) => code,
     }
+}
+
+/// `expeditor test`: the config's `[[tests]]`, each event read by its source
+/// (signatures aside) and routed as a webhook would be; the routes must
+/// choose exactly the sinks the case names. Exit 1 if the config is invalid
+/// or any case fails.
+pub fn test(cli: &Cli) -> ExitCode {
+    let cfg = match load_config(cli) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if cfg.tests.is_empty() {
+        println!("{}: no [[tests]] to run", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let mut failed = 0;
+    for case in &cfg.tests {
+        match run_case(&cfg, case) {
+            Ok(()) => println!("ok    {}", case.name),
+            Err(why) => {
+                failed += 1;
+                println!("FAIL  {}: {why}", case.name);
+            }
+        }
+    }
+    println!("{} passed, {failed} failed", cfg.tests.len() - failed);
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn run_case(cfg: &Config, case: &config::TestCase) -> Result<(), String> {
+    let src = cfg
+        .sources
+        .get(&case.source)
+        .ok_or_else(|| format!("no source named {:?}", case.source))?;
+    let body = match &case.event {
+        config::TestEvent::Sample(event_type) => {
+            let mut sample = crate::sample::sample_event(src.kind(), event_type, "evt_config_test", 0)
+                .ok_or_else(|| format!("no sample {event_type:?} event for kind {}", src.kind()))?;
+            crate::sample::place_fields(&mut sample, &src.normalizer);
+            serde_json::to_vec(&sample).map_err(|e| e.to_string())?
+        }
+        config::TestEvent::File(path) => {
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        }
+    };
+    let normalized = src
+        .normalizer
+        .normalize(&body)
+        .map_err(|e| format!("the source refuses the event: {e}"))?;
+    let event = std::sync::Arc::new(expeditor_api::Event {
+        event: expeditor_api::EventMeta {
+            id: normalized.id.clone(),
+            source: src.name.clone(),
+            kind: src.kind().to_string(),
+            event_type: normalized.event_type.clone(),
+            occurred_at: normalized.occurred_at.map(|t| t.to_string()),
+            received_at: jiff::Timestamp::now().to_string(),
+        },
+        payload: normalized.payload(),
+        views: normalized.views.clone(),
+    });
+    let decision = cfg
+        .router
+        .route(&src.name, &normalized.event_type, || cfg.router.context(&event));
+    if let Some((route, error)) = decision.when_errors.first() {
+        return Err(format!("route {route:?}: its when failed: {error}"));
+    }
+    let chose: std::collections::BTreeSet<String> = decision.sinks.into_iter().collect();
+    if chose != case.sinks {
+        let list = |s: &std::collections::BTreeSet<String>| s.iter().cloned().collect::<Vec<_>>().join(", ");
+        return Err(format!(
+            "{} {:?}: expected sinks [{}], the routes chose [{}]",
+            src.name,
+            normalized.event_type,
+            list(&case.sinks),
+            list(&chose)
+        ));
+    }
+    Ok(())
 }
 
 /// The URL to reach a listener from this machine (`0.0.0.0` -> loopback).

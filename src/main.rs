@@ -15,6 +15,9 @@ fn main() -> ExitCode {
     if let Command::Check = cli.command {
         return cli::check(&cli);
     }
+    if let Command::Test = cli.command {
+        return cli::test(&cli);
+    }
     let config = match cli::load_config(&cli) {
         Ok(c) => c,
         Err(code) => return code,
@@ -35,7 +38,7 @@ fn main() -> ExitCode {
                 url,
                 id,
             } => cli::send(&config, source, event_type, url.clone(), id.clone()).await,
-            Command::Check => unreachable!("handled above"),
+            Command::Check | Command::Test => unreachable!("handled above"),
             other => cli::list(&config, other).await.map(|()| true),
         }
     });

@@ -97,6 +97,27 @@ pub struct Config {
     pub sources: BTreeMap<String, Arc<Source>>,
     pub sinks: BTreeMap<String, SinkSpec>,
     pub router: Router,
+    /// `[[tests]]`, run by `expeditor test`.
+    pub tests: Vec<TestCase>,
+}
+
+/// One of the config's own test cases: an event, and exactly the sinks its
+/// routes must choose for it.
+#[derive(Debug, Clone)]
+pub struct TestCase {
+    pub name: String,
+    pub source: String,
+    pub event: TestEvent,
+    pub sinks: BTreeSet<String>,
+}
+
+/// Where a test case's event comes from.
+#[derive(Debug, Clone)]
+pub enum TestEvent {
+    /// A sample of this type for the source's vendor (`expeditor send`'s).
+    Sample(String),
+    /// The vendor's JSON body, read from this file.
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone)]
@@ -370,6 +391,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         _ => BTreeSet::new(),
     };
     let router = cx.router(&raw.routes, &declared_sources, &declared_sinks);
+    let tests = cx.tests(&raw.tests, &sources, &declared_sinks, &base_dir);
 
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
@@ -382,6 +404,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         sources,
         sinks,
         router: router.expect("no errors means a router"),
+        tests,
     })
 }
 
@@ -397,6 +420,90 @@ struct Cx<'a> {
 }
 
 impl Cx<'_> {
+    /// `[[tests]]`: each names a configured source, sinks that are declared,
+    /// and either a sample event type the source's vendor sends or a body
+    /// file that exists.
+    fn tests(
+        &mut self,
+        raw: &[Spanned<RawTest>],
+        sources: &BTreeMap<String, Arc<Source>>,
+        declared_sinks: &BTreeSet<String>,
+        base_dir: &Path,
+    ) -> Vec<TestCase> {
+        let mut tests = Vec::new();
+        for (i, t) in raw.iter().enumerate() {
+            let key = format!("tests[{i}]");
+            let r = t.get_ref();
+            let mut ok = true;
+            let source = r.source.get_ref().clone();
+            if !sources.contains_key(&source) {
+                self.error_at(
+                    r.source.span(),
+                    &format!("{key}.source"),
+                    format!("no source named {source:?}"),
+                );
+                ok = false;
+            }
+            for sink in r.sinks.get_ref() {
+                if !declared_sinks.contains(sink.get_ref()) {
+                    self.error_at(
+                        sink.span(),
+                        &format!("{key}.sinks"),
+                        format!("no sink named {:?}", sink.get_ref()),
+                    );
+                    ok = false;
+                }
+            }
+            let event = match (&r.event, &r.body) {
+                (Some(e), None) => {
+                    let kind = sources.get(&source).map(|s| s.kind());
+                    let known = kind.and_then(crate::sample::event_types);
+                    if let Some(types) = known
+                        && !types.is_empty()
+                        && !types.contains(&e.get_ref().as_str())
+                    {
+                        self.error_at(
+                            e.span(),
+                            &format!("{key}.event"),
+                            format!(
+                                "no sample {:?} event for this source's kind; known: {}",
+                                e.get_ref(),
+                                types.join(", ")
+                            ),
+                        );
+                        ok = false;
+                    }
+                    TestEvent::Sample(e.get_ref().clone())
+                }
+                (None, Some(b)) => {
+                    let path = base_dir.join(b.get_ref());
+                    if !path.is_file() {
+                        self.error_at(b.span(), &format!("{key}.body"), format!("no file {}", path.display()));
+                        ok = false;
+                    }
+                    TestEvent::File(path)
+                }
+                _ => {
+                    self.error_at(
+                        t.span(),
+                        &key,
+                        "needs either event (a sample's type) or body (a JSON file)",
+                    );
+                    continue;
+                }
+            };
+            if ok {
+                tests.push(TestCase {
+                    name: r.name.get_ref().clone(),
+                    source,
+                    event,
+                    sinks: r.sinks.get_ref().iter().map(|s| s.get_ref().clone()).collect(),
+                });
+            }
+        }
+        tests
+    }
+
     fn position(&self, offset: usize) -> (usize, usize) {
         let offset = offset.min(self.text.len());
         let before = &self.text[..offset];

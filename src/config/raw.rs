@@ -23,6 +23,21 @@ pub struct RawConfig {
     pub sinks: Option<IgnoredAny>,
     #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub tests: Vec<Spanned<RawTest>>,
+}
+
+/// `[[tests]]`: an event and the sinks the routes must choose for it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTest {
+    pub name: Str,
+    pub source: Str,
+    /// A sample event of this type, as `expeditor send` builds it.
+    pub event: Option<Str>,
+    /// Or a file with the vendor's JSON body (relative to the config file).
+    pub body: Option<Str>,
+    pub sinks: Spanned<Vec<Str>>,
 }
 
 #[derive(Debug, Deserialize)]

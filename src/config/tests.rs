@@ -362,6 +362,35 @@ fn kind_specific_keys() {
 }
 
 #[test]
+fn test_cases_name_what_the_config_has() {
+    let case = |body: &str| format!("{BASE}\n[[tests]]\nname = \"t\"\n{body}\n");
+    let cfg = parse_with(
+        &case("source = \"crumb\"\nevent = \"order.created\"\nsinks = [\"kds\"]"),
+        &env(),
+    )
+    .unwrap();
+    assert_eq!(cfg.tests.len(), 1);
+    assert_eq!(cfg.tests[0].sinks.iter().collect::<Vec<_>>(), ["kds"]);
+    one_error(
+        &case("source = \"nope\"\nevent = \"order.created\"\nsinks = []"),
+        &["tests[0].source", "no source named \"nope\""],
+    );
+    one_error(
+        &case("source = \"crumb\"\nevent = \"order.ready\"\nsinks = []"),
+        &["tests[0].event", "order.ready", "order.created"],
+    );
+    one_error(
+        &case("source = \"crumb\"\nbody = \"no-such-file.json\"\nsinks = []"),
+        &["tests[0].body", "no file"],
+    );
+    one_error(&case("source = \"crumb\"\nsinks = []"), &["tests[0]", "either event"]);
+    one_error(
+        &case("source = \"crumb\"\nevent = \"order.created\"\nbody = \"x.json\"\nsinks = []"),
+        &["tests[0]", "either event"],
+    );
+}
+
+#[test]
 fn admin_off_loopback_requires_a_token() {
     one_error(
         &format!("{BASE}\n[admin]\nlisten = \"0.0.0.0:9090\"\n"),

@@ -44,16 +44,21 @@ sinks = ["kds"]
 "#;
 
 fn check(dir: &Path, config: &str) -> Output {
+    with_config(dir, config, "check")
+}
+
+/// `expeditor --config DIR/config.toml COMMAND`, the file holding `config`.
+fn with_config(dir: &Path, config: &str, command: &str) -> Output {
     let path = dir.join("config.toml");
     std::fs::write(&path, config).expect("write config");
     Command::new(BIN)
         .arg("--config")
         .arg(&path)
-        .arg("check")
+        .arg(command)
         .current_dir(dir)
         .env_remove(UNSET_VAR)
         .output()
-        .expect("run expeditor check")
+        .unwrap_or_else(|e| panic!("run expeditor {command}: {e}"))
 }
 
 /// Replaces the line starting with `prefix` by `replacement` (marked).
@@ -318,4 +323,74 @@ fn a_missing_config_file_fails_naming_it() {
         "must name the file: {}",
         output_text(&out)
     );
+}
+
+fn run_tests(dir: &Path, config: &str) -> Output {
+    with_config(dir, config, "test")
+}
+
+/// `expeditor test` runs the config's own `[[tests]]`: each event is read
+/// and routed as a webhook would be, and must reach exactly the sinks the
+/// case names; a failing case says what the routes chose, and the exit code
+/// is 1.
+#[test]
+fn config_test_cases_pass_and_fail_on_what_the_routes_choose() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("paid.json"),
+        r#"{"id": "evt_file", "type": "payment.completed", "created_at": "2026-11-23T10:00:00Z",
+            "data": {"id": "pay_1", "type": "payment", "attributes": {"order_id": "ord_1", "amount": 1250}}}"#,
+    )
+    .unwrap();
+    let passing = format!(
+        r#"{VALID}
+[[tests]]
+name = "an order goes to the kitchen"
+source = "crumb"
+event = "order.created"
+sinks = ["kds"]
+
+[[tests]]
+name = "a payment, from a file, goes nowhere"
+source = "crumb"
+body = "paid.json"
+sinks = []
+"#
+    );
+    let out = run_tests(dir.path(), &passing);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("ok    an order goes to the kitchen"), "{text}");
+    assert!(text.contains("ok    a payment, from a file, goes nowhere"), "{text}");
+    assert!(text.contains("2 passed, 0 failed"), "{text}");
+
+    let failing = passing.replace(
+        "event = \"order.created\"\nsinks = [\"kds\"]",
+        "event = \"order.updated\"\nsinks = [\"kds\"]",
+    );
+    let out = run_tests(dir.path(), &failing);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  an order goes to the kitchen")
+            && text.contains("expected sinks [kds], the routes chose []"),
+        "{text}"
+    );
+    assert!(text.contains("1 passed, 1 failed"), "{text}");
+
+    // A case that names what the config does not have fails `check` too,
+    // at its line.
+    let broken = passing.replace("sinks = [\"kds\"]\n\n[[tests]]", "sinks = [\"kitchen\"]\n\n[[tests]]");
+    let out = check(dir.path(), &broken);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("tests[0].sinks") && text.contains("no sink named \"kitchen\""),
+        "{text}"
+    );
+
+    // No cases: nothing to run, and that is no failure.
+    let out = run_tests(dir.path(), VALID);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(output_text(&out).contains("no [[tests]]"), "{}", output_text(&out));
 }
