@@ -1,4 +1,5 @@
-//! The sink: one message per delivery over a pooled SMTP transport.
+//! The sink: one message per delivery, each over a connection of its own
+//! (see the `lettre` entry of Cargo.toml for why not a pool).
 
 use std::time::Instant;
 
@@ -23,8 +24,8 @@ impl std::fmt::Debug for EmailSink {
 }
 
 impl EmailSink {
-    /// Builds the transport; connections are opened by the first delivery
-    /// and pooled. Fails only on TLS setup (a CA file lettre cannot use).
+    /// Builds the transport; each delivery opens its own connection. Fails
+    /// only on TLS setup (a CA file lettre cannot use).
     pub fn new(cfg: EmailSinkConfig) -> Result<Self, String> {
         let smtp = &cfg.smtp;
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.clone())

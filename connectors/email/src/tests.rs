@@ -1,10 +1,11 @@
-//! Rendering and encoding; the SMTP exchanges themselves are tested end to
+//! Rendering and encoding, and one exchange with a scripted server (a late
+//! reply after a timeout); the SMTP exchanges themselves are tested end to
 //! end against a real SMTP server in `tests/it/email.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use expeditor_api::{Customer, Delivery, Event, EventMeta, Order, TemplateSet, Views};
+use expeditor_api::{Customer, Delivery, Event, EventMeta, Order, Sink, TemplateSet, Views};
 use serde_json::json;
 
 use super::*;
@@ -164,4 +165,79 @@ fn debug_hides_the_password() {
     let debug = format!("{cfg:?}");
     assert!(!debug.contains("hunter2-secret"), "{debug}");
     assert!(debug.contains("user"), "{debug}");
+}
+
+/// A server that takes the first message, but answers its final dot only
+/// after 1.5 s, past the sink's 1 s timeout, and rejects every later
+/// message at once with a 554.
+async fn slow_then_rejecting_server() -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let messages = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let messages = messages.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut lines = BufReader::new(read).lines();
+                let _ = write.write_all(b"220 test ESMTP\r\n").await;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let command = line.to_ascii_uppercase();
+                    let reply: &[u8] = if command.starts_with("EHLO") {
+                        b"250-test\r\n250 8BITMIME\r\n"
+                    } else if command.starts_with("MAIL") || command.starts_with("RCPT") || command.starts_with("NOOP")
+                    {
+                        b"250 ok\r\n"
+                    } else if command == "DATA" {
+                        let _ = write.write_all(b"354 go\r\n").await;
+                        while let Ok(Some(data)) = lines.next_line().await {
+                            if data == "." {
+                                break;
+                            }
+                        }
+                        if messages.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                            tokio::time::sleep(Duration::from_millis(1500)).await;
+                            b"250 queued\r\n"
+                        } else {
+                            b"554 rejected\r\n"
+                        }
+                    } else if command.starts_with("QUIT") {
+                        let _ = write.write_all(b"221 bye\r\n").await;
+                        return;
+                    } else {
+                        b"500 what\r\n"
+                    };
+                    if write.write_all(reply).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// A send cut off by the timeout leaves its connection waiting for a reply
+/// that is still to come; used again, every reply on it would answer the
+/// command before (a 554 for the next message read as a 2xx, the message
+/// recorded as delivered and lost). Each message has a connection of its own.
+#[tokio::test]
+async fn a_timed_out_send_does_not_leave_its_connection_to_the_next() {
+    let port = slow_then_rejecting_server().await;
+    let mut cfg = config("{{ order.customer.email }}", None, None);
+    cfg.smtp.port = port;
+    cfg.timeout = Duration::from_secs(1);
+    let sink = EmailSink::new(cfg).unwrap();
+
+    let first = sink.deliver(&[delivery(Some("ada@example.com"))]).await;
+    let err = first[0].clone().unwrap_err();
+    assert!(err.retryable && err.message.contains("timed out"), "{err:?}");
+    // Long enough for the first message's late answer to have come.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let second = sink.deliver(&[delivery(Some("bob@example.com"))]).await;
+    let err = second[0]
+        .clone()
+        .expect_err("the server rejected the second message: it was not delivered");
+    assert!(!err.retryable && err.message.contains("554"), "{err:?}");
 }
