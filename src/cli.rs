@@ -106,12 +106,14 @@ pub enum Command {
         /// Only to this sink.
         #[arg(long)]
         sink: Option<String>,
-        #[arg(long, requires = "dead_letters")]
+        // Dead-letter filters: with --event they would be dropped unsaid
+        // (a bool flag is always "present" to `requires`), so they conflict.
+        #[arg(long, requires = "dead_letters", conflicts_with = "event")]
         source: Option<String>,
-        #[arg(long = "type", requires = "dead_letters")]
+        #[arg(long = "type", requires = "dead_letters", conflicts_with = "event")]
         event_type: Option<String>,
         /// Dead-lettered at or after: a duration ago ("2h") or an RFC 3339 time.
-        #[arg(long, requires = "dead_letters")]
+        #[arg(long, requires = "dead_letters", conflicts_with = "event")]
         since: Option<String>,
     },
 }

@@ -349,6 +349,23 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
 
     let server = cx.server(raw.server.as_ref());
     let admin = cx.admin(raw.admin.as_ref());
+    if let (Some(server), Some(admin)) = (&server, &admin)
+        && server.listen == admin.listen
+    {
+        let span = raw
+            .admin
+            .as_ref()
+            .and_then(|a| a.get_ref().listen.as_ref())
+            .map_or(0..0, |l| l.span());
+        cx.error_at(
+            span,
+            "admin.listen",
+            format!(
+                "is server.listen's address too ({}); each listener needs its own port",
+                admin.listen
+            ),
+        );
+    }
     let store = cx.store(raw.store.as_ref(), &base_dir);
     cx.plugin_cache = store.as_ref().and_then(wasm::plugin_cache);
     let mut sources = BTreeMap::new();

@@ -391,6 +391,13 @@ fn test_cases_name_what_the_config_has() {
 }
 
 #[test]
+fn the_two_listeners_need_their_own_ports() {
+    let same = format!("{BASE}\n[admin]\nlisten = \"127.0.0.1:8080\"\n");
+    assert!(same.contains("listen = \"127.0.0.1:8080\""), "{same}");
+    one_error(&same, &["admin.listen", "server.listen", "own port"]);
+}
+
+#[test]
 fn admin_off_loopback_requires_a_token() {
     one_error(
         &format!("{BASE}\n[admin]\nlisten = \"0.0.0.0:9090\"\n"),

@@ -136,6 +136,14 @@ sinks = ["hook"]
         "replay --event without SOURCE:ID: {}",
         output_text(&out)
     );
+    // Dead-letter filters do not apply to one event: refused, not dropped.
+    for filter in [["--source", "crave"], ["--type", "order.created"], ["--since", "1h"]] {
+        let mut args = vec!["replay", "--event", "crumb:evt_1"];
+        args.extend(filter);
+        let out = d.cli(&args).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", output_text(&out));
+        assert!(output_text(&out).contains(filter[0]), "{args:?}: {}", output_text(&out));
+    }
 
     // Replaying one sink's dead letters via the API directly.
     sink.script(&[], 200);
