@@ -389,6 +389,18 @@ sinks = []
         "{text}"
     );
 
+    // A body file that is not there fails its case when the tests run, and
+    // does not keep the config from loading.
+    let missing = passing.replace("body = \"paid.json\"", "body = \"missing.json\"");
+    assert!(check(dir.path(), &missing).status.success());
+    let out = run_tests(dir.path(), &missing);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  a payment, from a file, goes nowhere: cannot read"),
+        "{text}"
+    );
+
     // No cases: nothing to run, and that is no failure.
     let out = run_tests(dir.path(), VALID);
     assert!(out.status.success(), "{}", output_text(&out));
