@@ -84,11 +84,14 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
         }
     }
     let query = parse_query(req.uri().query().unwrap_or(""));
-    let limit = query
-        .get("limit")
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(DEFAULT_LIMIT)
-        .min(MAX_LIMIT);
+    // Larger than the most is the most; anything but a count is refused,
+    // as a bad `since` or `status` is, not read as the default.
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEFAULT_LIMIT,
+        Some(Ok(n)) => n.min(MAX_LIMIT),
+        Some(Err(_)) if query["limit"].bytes().all(|b| b.is_ascii_digit()) && !query["limit"].is_empty() => MAX_LIMIT,
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a count of rows, e.g. 50"),
+    };
     let since = match query.get("since").map(|s| parse_since(s)) {
         None => None,
         Some(Ok(t)) => Some(t),

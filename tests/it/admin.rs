@@ -92,6 +92,17 @@ sinks = ["hook"]
         d.api("/api/events?limit=1").await["events"].as_array().map(Vec::len),
         Some(1)
     );
+    // A limit that is not a count is refused, as a bad `since` is; one past
+    // any number is the most.
+    for (limit, status) in [("abc", 400), ("-1", 400), ("99999999999999999999999", 200)] {
+        let resp = http
+            .get(format!("{url}?limit={limit}"))
+            .bearer_auth("it-admin-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "limit={limit}");
+    }
     assert_eq!(
         ids(d.api("/api/deliveries?status=dead").await, "deliveries"),
         ["evt_adm_1", "evt_adm_crave"]
