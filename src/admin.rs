@@ -86,11 +86,13 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     let query = parse_query(req.uri().query().unwrap_or(""));
     // Larger than the most is the most; anything but a count is refused,
     // as a bad `since` or `status` is, not read as the default.
-    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+    let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,
-        Some(Ok(n)) => n.min(MAX_LIMIT),
-        Some(Err(_)) if query["limit"].bytes().all(|b| b.is_ascii_digit()) && !query["limit"].is_empty() => MAX_LIMIT,
-        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a count of rows, e.g. 50"),
+        // All digits: too many for a usize is more than the most too.
+        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+            l.parse::<usize>().map_or(MAX_LIMIT, |n| n.min(MAX_LIMIT))
+        }
+        Some(_) => return error(StatusCode::BAD_REQUEST, "limit must be a count of rows, e.g. 50"),
     };
     let since = match query.get("since").map(|s| parse_since(s)) {
         None => None,

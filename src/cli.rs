@@ -205,9 +205,8 @@ fn run_case(cfg: &Config, case: &config::TestCase) -> Result<(), String> {
         .ok_or_else(|| format!("no source named {:?}", case.source))?;
     let body = match &case.event {
         config::TestEvent::Sample(event_type) => {
-            let mut sample = crate::sample::sample_event(src.kind(), event_type, "evt_config_test", 0)
+            let sample = crate::sample::for_source(src, event_type, "evt_config_test", 0)
                 .ok_or_else(|| format!("no sample {event_type:?} event for kind {}", src.kind()))?;
-            crate::sample::place_fields(&mut sample, &src.normalizer);
             serde_json::to_vec(&sample).map_err(|e| e.to_string())?
         }
         config::TestEvent::File(path) => {
@@ -218,18 +217,16 @@ fn run_case(cfg: &Config, case: &config::TestCase) -> Result<(), String> {
         .normalizer
         .normalize(&body)
         .map_err(|e| format!("the source refuses the event: {e}"))?;
-    let event = std::sync::Arc::new(expeditor_api::Event {
-        event: expeditor_api::EventMeta {
-            id: normalized.id.clone(),
-            source: src.name.clone(),
-            kind: src.kind().to_string(),
-            event_type: normalized.event_type.clone(),
-            occurred_at: normalized.occurred_at.map(|t| t.to_string()),
-            received_at: jiff::Timestamp::now().to_string(),
-        },
-        payload: normalized.payload(),
-        views: normalized.views.clone(),
-    });
+    let event = std::sync::Arc::new(crate::pipeline::event(
+        &src.name,
+        src.kind(),
+        &normalized.id,
+        &normalized.event_type,
+        normalized.occurred_at.map(|t| t.as_millisecond()),
+        crate::store::now_ms(),
+        normalized.payload(),
+        normalized.views.clone(),
+    ));
     let decision = cfg
         .router
         .route(&src.name, &normalized.event_type, || cfg.router.context(&event));
@@ -281,7 +278,7 @@ pub async fn send(
         );
     };
     let id = id.unwrap_or_else(|| format!("evt_test_{:016x}", fastrand::u64(..)));
-    let Some(mut payload) = crate::sample::sample_event(src.kind(), event_type, &id, fastrand::u64(..1000)) else {
+    let Some(payload) = crate::sample::for_source(src, event_type, &id, fastrand::u64(..1000)) else {
         let known = match src.kind() {
             "crumbpos" => crate::sample::CRUMBPOS_EVENTS.join(", "),
             "crave" => crate::sample::CRAVE_EVENTS.join(", "),
@@ -292,7 +289,6 @@ pub async fn send(
             src.kind()
         );
     };
-    crate::sample::place_fields(&mut payload, &src.normalizer);
     let body = serde_json::to_vec(&payload)?;
     // Fields that overlap (`id_field = "event"`, `type_field = "event.type"`)
     // leave no body that has both: say so here, not as the daemon's 400.

@@ -253,8 +253,10 @@ impl Pipeline {
     }
 }
 
+/// The event as routes and sinks see it, times formatted as the store's.
+/// Also what `expeditor test` routes, so its `when`s see the same event.
 #[allow(clippy::too_many_arguments)]
-fn event(
+pub(crate) fn event(
     source: &str,
     kind: &str,
     id: &str,

@@ -64,11 +64,20 @@ pub fn sample_event(kind: &str, event_type: &str, event_id: &str, seq: u64) -> O
     }
 }
 
+/// A sample body for `source` (its kind's vendor shape, `None` as
+/// [`sample_event`]), with the id, type and time where the source reads them:
+/// what `expeditor send` posts and what `expeditor test` routes.
+pub fn for_source(source: &crate::config::Source, event_type: &str, event_id: &str, seq: u64) -> Option<Value> {
+    let mut sample = sample_event(source.kind(), event_type, event_id, seq)?;
+    place_fields(&mut sample, &source.normalizer);
+    Some(sample)
+}
+
 /// Moves an `hmac` sample's top-level `id`, `type` and `created_at` to where
 /// the source reads them (`id_field`, `type_field`, `time_field`), so its own
 /// test webhook is one it accepts. Without a `time_field` the time stays at
 /// `created_at`, as a vendor's would. Other kinds are left as they are.
-pub fn place_fields(sample: &mut Value, normalizer: &Normalizer) {
+fn place_fields(sample: &mut Value, normalizer: &Normalizer) {
     let Normalizer::Hmac {
         id_field,
         type_field,
