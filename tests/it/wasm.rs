@@ -311,6 +311,45 @@ retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
     assert!(log.contains("the next delivery gets a fresh one"), "{log}");
 }
 
+/// A plugin that waits in a host call uses no CPU, so epoch interruption
+/// never sees it: the sink timeout must still stop the call itself, not
+/// just stop waiting for it while it goes on beside the retry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_waiting_in_a_host_call_is_stopped_at_the_sink_timeout() {
+    let sinks = r#"[sinks.sleepy]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+timeout = "1s"
+concurrency = 1
+retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["sleepy"]), &[("misbehave", "misbehave")]).await;
+    let mut event = with_behaviour(crumb_order("evt_sleep", 100), "sleep");
+    event["sleep_ms"] = json!(2500);
+    let posted = Instant::now();
+    assert_eq!(d.post_crumb(&event).await.status, 200);
+
+    let dead = d.wait_delivery("crumb", "evt_sleep", "sleepy", "dead").await;
+    assert_eq!(dead["attempts"], 2, "a stopped call is retryable: {dead}");
+    let text = dead.to_string();
+    assert!(
+        text.contains("plugin deliver ran past the sink timeout of 1s and was stopped"),
+        "{dead}"
+    );
+
+    // Had a call gone on sleeping, it would wake after 2.5 s and say so.
+    let woken = posted + Duration::from_millis(3500);
+    tokio::time::sleep_until(woken.into()).await;
+    let log = plain(&d.log());
+    assert!(!log.contains("misbehave slept"), "a stopped call ran on: {log}");
+    assert!(log.contains("the next delivery gets a fresh one"), "{log}");
+
+    // The sink goes on with a fresh instance.
+    assert_eq!(d.post_crumb(&crumb_order("evt_awake", 100)).await.status, 200);
+    d.wait_delivery("crumb", "evt_awake", "sleepy", "delivered").await;
+    assert_eq!(healthz(&d).await, 200);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_errors_follow_the_retry_policy() {
     let sinks = r#"[sinks.wild]

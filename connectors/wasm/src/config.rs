@@ -50,7 +50,8 @@ pub struct Limits {
     /// epoch ticks while the plugin runs: time spent waiting for an HTTP
     /// answer does not count (`cpu = "1s"`).
     pub cpu: Duration,
-    /// Wall-clock time of one call, HTTP included (the sink's `timeout`).
+    /// Wall-clock time of one call, waits in host calls (HTTP, sleep)
+    /// included (the sink's `timeout`).
     pub timeout: Duration,
 }
 

@@ -118,7 +118,15 @@ impl WasiHttpHooks for Egress {
                 first_byte_timeout: cap(options.and_then(|o| o.first_byte_timeout)),
                 between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout)),
             };
-            tracing::debug!(sink = %sink, method = %request.method(), uri = %uri, "plugin HTTP request");
+            // Host and path only: a query or user info may carry a key.
+            tracing::debug!(
+                sink = %sink,
+                method = %request.method(),
+                host = authority.host(),
+                port,
+                path = uri.path(),
+                "plugin HTTP request",
+            );
             let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
             Ok((
                 response.map(BodyExt::boxed_unsync),

@@ -180,15 +180,15 @@ impl Plugin {
     /// A fresh instance with `init` done.
     pub(crate) fn instantiate(&self) -> Result<Instance, InitFailed> {
         let mut store = State::store(&self.engine, State::new(&self.cfg, self.sink.clone()));
-        State::start_call(&mut store);
-        let bindings = match self.pre.instantiate(&mut store) {
-            Ok(b) => b,
-            Err(e) => return Err(InitFailed::Failed(describe(&store, &e, "instantiating"))),
-        };
-        match bindings.call_init(&mut store, &self.cfg.config) {
+        let bindings = bounded(&mut store, "instantiating", async |s| {
+            self.pre.instantiate_async(s).await
+        })
+        .map_err(InitFailed::Failed)?;
+        let config = &self.cfg.config;
+        match bounded(&mut store, "init", async |s| bindings.call_init(s, config).await) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
             Ok(Err(msg)) => Err(InitFailed::Rejected(msg)),
-            Err(e) => Err(InitFailed::Failed(describe(&store, &e, "init"))),
+            Err(failed) => Err(InitFailed::Failed(failed)),
         }
     }
 
@@ -199,21 +199,49 @@ impl Plugin {
         instance: &mut Instance,
         events: &[Event],
     ) -> Result<Vec<Result<(), bindings::DeliveryError>>, CallFailed> {
-        State::start_call(&mut instance.store);
-        instance
-            .bindings
-            .call_deliver(&mut instance.store, events)
-            .map_err(|e| describe(&instance.store, &e, "deliver"))
+        let bindings = &instance.bindings;
+        bounded(&mut instance.store, "deliver", async |s| {
+            bindings.call_deliver(s, events).await
+        })
     }
 
     /// The shutdown contract: `shutdown` under the usual limits, then the
     /// instance is dropped. A failure is logged, never propagated: the sink is
     /// going away either way.
     pub(crate) fn shutdown(&self, mut instance: Instance) {
-        State::start_call(&mut instance.store);
-        if let Err(e) = instance.bindings.call_shutdown(&mut instance.store) {
-            let CallFailed(msg) = describe(&instance.store, &e, "shutdown");
+        let bindings = &instance.bindings;
+        if let Err(CallFailed(msg)) = bounded(&mut instance.store, "shutdown", async |s| {
+            bindings.call_shutdown(s).await
+        }) {
             tracing::warn!(sink = %self.cfg.name, error = %msg, "plugin shutdown failed");
+        }
+    }
+}
+
+/// Runs one call into the plugin under its limits, blocking the thread until
+/// it returns or is stopped (callers are off the async runtime's workers).
+///
+/// Epoch interruption stops guest code that computes too long or past the
+/// deadline, but it never sees a call that waits in the host (a WASI sleep,
+/// an HTTP answer): the timer here cuts that off at the sink timeout. Dropping
+/// the call unwinds the plugin's stack with an error, so the instance is
+/// unusable afterwards and the caller drops it, as after any trap.
+fn bounded<R>(
+    store: &mut Store<State>,
+    call: &str,
+    run: impl AsyncFnOnce(&mut Store<State>) -> wasmtime::Result<R>,
+) -> Result<R, CallFailed> {
+    State::start_call(store);
+    let timeout = store.data().limits().timeout;
+    // The timer is made inside: outside a runtime (`expeditor check`) there
+    // is no clock to make it with until `in_tokio` has entered one.
+    let outcome = wasmtime_wasi::runtime::in_tokio(async { tokio::time::timeout(timeout, run(store)).await });
+    match outcome {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(describe(store, Some(&e), call)),
+        Err(_) => {
+            store.data_mut().stopped = Some(Stopped::Timeout);
+            Err(describe(store, None, call))
         }
     }
 }
@@ -234,7 +262,7 @@ impl InitFailed {
 }
 
 /// What stopped a call, in words for the delivery's error and the log.
-fn describe(store: &Store<State>, e: &wasmtime::Error, call: &str) -> CallFailed {
+fn describe(store: &Store<State>, e: Option<&wasmtime::Error>, call: &str) -> CallFailed {
     let limits: Limits = store.data().limits();
     let msg = match store.data().stopped {
         Some(Stopped::Cpu) => format!(
@@ -249,10 +277,13 @@ fn describe(store: &Store<State>, e: &wasmtime::Error, call: &str) -> CallFailed
             "plugin {call} reached its memory limit of {} and was stopped",
             human_bytes(limits.memory)
         ),
-        None => match e.downcast_ref::<Trap>() {
-            Some(Trap::UnreachableCodeReached) => format!("plugin {call} trapped (a panic or abort): {e}"),
-            Some(trap) => format!("plugin {call} trapped: {trap}"),
-            None => format!("plugin {call} failed: {e:#}"),
+        None => match e {
+            None => format!("plugin {call} was stopped"),
+            Some(e) => match e.downcast_ref::<Trap>() {
+                Some(Trap::UnreachableCodeReached) => format!("plugin {call} trapped (a panic or abort): {e}"),
+                Some(trap) => format!("plugin {call} trapped: {trap}"),
+                None => format!("plugin {call} failed: {e:#}"),
+            },
         },
     };
     CallFailed(msg)

@@ -61,12 +61,13 @@ fn build() -> wasmtime::Result<Runtime> {
     let mut plain = Linker::new(&engine);
     // Rust's std imports WASI (cli, io, clocks, random, filesystem, sockets)
     // even when a plugin uses none of it; the context is empty, so there are
-    // no files, environment, arguments or sockets behind those imports.
-    wasmtime_wasi::p2::add_to_linker_sync(&mut plain)?;
+    // no files, environment, arguments or sockets behind those imports. The
+    // async flavour, so a call waiting in WASI can be cut off (`bounded`).
+    wasmtime_wasi::p2::add_to_linker_async(&mut plain)?;
     bindings::expeditor::sink::host::add_to_linker::<State, HasSelf<State>>(&mut plain, |s| s)?;
     bindings::expeditor::sink::types::add_to_linker::<State, HasSelf<State>>(&mut plain, |s| s)?;
     let mut http = plain.clone();
-    wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut http)?;
+    wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut http)?;
 
     let ticker = engine.clone();
     std::thread::Builder::new().name("wasm-epoch".into()).spawn(move || {

@@ -4,6 +4,8 @@
 //! - `"panic"`: panics (a trap);
 //! - `"loop"`: spins forever (stopped by the CPU limit);
 //! - `"oom"`: allocates until the memory limit stops it;
+//! - `"sleep"`: sleeps for `sleep_ms` from the payload (default an hour)
+//!   in a WASI host call, where no CPU is used (stopped by the sink timeout);
 //! - `"retry"`: a retryable error, with `retry_after_ms` from the payload
 //!   when given;
 //! - `"permanent"`: a permanent error;
@@ -75,6 +77,13 @@ fn behave(event: &Event) -> Result<(), DeliveryError> {
                 hoard.push(vec![1u8; 16 << 20]);
                 std::hint::black_box(&hoard);
             }
+        }
+        "sleep" => {
+            let ms = payload["sleep_ms"].as_u64().unwrap_or(3_600_000);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            DELIVERED.with(|d| d.set(d.get() + 1));
+            log(Level::Info, &format!("misbehave slept {ms}ms for {}", event.id));
+            Ok(())
         }
         "retry" => Err(DeliveryError::Retryable(RetryHint {
             message: format!("asked to retry by event {}", event.id),
