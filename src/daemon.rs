@@ -71,7 +71,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if client.is_proxied() {
         tracing::info!("http sinks send through the proxy the environment names");
     }
-    let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown).await?;
+    let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown, None).await?;
     let detached = TaskTracker::new();
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics, &detached)),
@@ -242,6 +242,7 @@ async fn reload(
         client.clone(),
         shared.metrics.clone(),
         shutdown,
+        Some(&old_engine),
     )
     .await
     {

@@ -75,6 +75,22 @@ pub struct Engine {
     /// can retire one engine while the daemon runs on.
     stop: CancellationToken,
     health: EngineHealth,
+    turns: Arc<Turns>,
+}
+
+/// Which engine's worker may attempt deliveries to a sink: one at a time
+/// per sink name, shared by an engine and the one a reload starts after it.
+/// The new worker begins once the old one's attempts in flight have ended,
+/// so the two never go past the sink's `concurrency` or `rate_limit`
+/// together (the wait is at most the old sink's timeout).
+#[derive(Default)]
+struct Turns(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl Turns {
+    fn of(&self, sink: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut turns = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        turns.entry(sink.to_owned()).or_default().clone()
+    }
 }
 
 /// Whether every sink worker of an engine is still running (`/readyz`).
@@ -132,15 +148,19 @@ pub async fn build_sink(kind: &SinkKind, client: &expeditor_http::Client) -> any
 
 impl Engine {
     /// Builds every configured sink and starts one worker per sink. Fails,
-    /// starting nothing, if a sink cannot be built.
+    /// starting nothing, if a sink cannot be built. An engine a reload
+    /// replaces is passed as `after`: each sink's new worker waits for the
+    /// old one of that name to finish its attempts in flight ([`Turns`]).
     pub async fn start(
         config: &Config,
         store: Arc<dyn Store>,
         client: expeditor_http::Client,
         metrics: Arc<Metrics>,
         parent: &CancellationToken,
+        after: Option<&Engine>,
     ) -> anyhow::Result<Self> {
         let stop = parent.child_token();
+        let turns = after.map(|e| e.turns.clone()).unwrap_or_default();
         let tracker = TaskTracker::new();
         let mut notifies = HashMap::new();
         let mut sinks = Vec::new();
@@ -193,9 +213,17 @@ impl Engine {
                 depth,
                 max_batch,
             };
+            let turn = turns.of(&name);
             tracker.spawn(async move {
                 let _live = live;
+                // Stopped while waiting, the worker still runs, briefly: it
+                // gives back what ingest queued for it and closes its sink.
+                let turn = tokio::select! {
+                    t = turn.lock_owned() => Some(t),
+                    _ = stop.cancelled() => None,
+                };
                 worker.run(queue, stop).await;
+                drop(turn);
             });
         }
         let health = EngineHealth {
@@ -210,6 +238,7 @@ impl Engine {
             completions: Some(tx),
             stop,
             health,
+            turns,
         })
     }
 
@@ -484,6 +513,11 @@ impl Worker {
         let in_flight = TaskTracker::new();
         let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
         loop {
+            // Checked first: `select!` picks among ready branches at random,
+            // and a worker stopped before it began must not start anything.
+            if shutdown.is_cancelled() {
+                break;
+            }
             let mut slot = tokio::select! {
                 s = limiter.acquire() => s,
                 _ = shutdown.cancelled() => break,

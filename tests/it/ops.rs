@@ -259,6 +259,35 @@ async fn a_stop_right_after_a_reload_keeps_the_stop_bound() {
     );
 }
 
+/// A reload does not double a sink's concurrency: the new engine's worker
+/// for a sink starts once the old one's attempt in flight has ended.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_a_sink_within_its_concurrency() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_millis(1500)));
+    let config =
+        one_sink_config("", &sink.url("/hook")).replace("\ntimeout = \"2s\"", "\ntimeout = \"5s\"\nconcurrency = 1");
+    assert!(config.contains("concurrency = 1"), "{config}");
+    let d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_before_reload", 1000)).await.status, 200);
+    // The first attempt is in flight for 1.5 s.
+    sink.wait_for(1, Duration::from_secs(10)).await;
+    d.signal("HUP");
+    wait_log(&d, "configuration reloaded", 1).await;
+    for id in ["evt_after_reload_1", "evt_after_reload_2"] {
+        assert_eq!(d.post_crumb(&crumb_order(id, 1000)).await.status, 200);
+    }
+    for id in ["evt_before_reload", "evt_after_reload_1", "evt_after_reload_2"] {
+        d.wait_delivery("crumb", id, "hook", "delivered").await;
+    }
+    assert_eq!(
+        sink.most_in_flight(),
+        1,
+        "the old and the new engine attempted at once\n{}",
+        d.log()
+    );
+}
+
 fn two_sink_config(a: &str, b: Option<&str>, extra_route: &str) -> String {
     let mut c = format!(
         "{}{}\n[sinks.a]\ntype = \"http\"\nurl = \"{a}\"\ntimeout = \"2s\"\nretry = {{ max_attempts = 1000, initial = \"50ms\", max = \"200ms\" }}\n",
