@@ -14,6 +14,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,15 @@ pub async fn serve(listener: TcpListener, admin: Arc<Shared>, shutdown: Cancella
     tracker.wait().await;
 }
 
+/// The credentials of an `Authorization: Bearer ...` header; the scheme's
+/// case does not matter (RFC 9110, section 11.1).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim_matches(' '))
+}
+
 async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     let path = req.uri().path().to_string();
     if path == "/healthz" {
@@ -74,9 +84,12 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(token.expose())) {
+        // Digests of equal length: comparing the tokens themselves would
+        // answer a wrong length sooner than a wrong byte.
+        let (given, token) = (Sha256::digest(given.as_bytes()), Sha256::digest(token.expose()));
+        if !bool::from(given.as_slice().ct_eq(token.as_slice())) {
             let mut resp = error(StatusCode::UNAUTHORIZED, "missing or wrong admin token");
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
@@ -199,7 +212,15 @@ fn parse_since(s: &str) -> Result<i64, String> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(now_ms().saturating_sub(d.as_millis() as i64));
     }
-    s.parse::<jiff::Timestamp>()
+    let parsed = s.parse::<jiff::Timestamp>().or_else(|e| {
+        // A `+01:00` offset typed into a URL unencoded arrives as ` 01:00`
+        // (a query's `+` is a space): read it as the offset it was.
+        match s.rfind(' ') {
+            Some(i) if s.len() - i == 6 => format!("{}+{}", &s[..i], &s[i + 1..]).parse(),
+            _ => Err(e),
+        }
+    });
+    parsed
         .map(|t| t.as_millisecond())
         .map_err(|_| format!("invalid since {s:?}: write a duration (\"1h\") or an RFC 3339 time"))
 }
@@ -355,5 +376,25 @@ mod tests {
         assert!(!q.contains_key("x"));
         assert_eq!(q["y"], "a b c");
         assert!(parse_query("a=%zz").is_empty());
+    }
+
+    #[test]
+    fn since_reads_an_offset_whose_plus_became_a_space() {
+        let utc = parse_since("2026-11-23T09:00:00Z").unwrap();
+        assert_eq!(parse_since("2026-11-23T10:00:00+01:00"), Ok(utc));
+        let q = parse_query("since=2026-11-23T10:00:00+01:00");
+        assert_eq!(parse_since(&q["since"]), Ok(utc));
+        assert!(parse_since("2026-11-23T10:00:00 1:00").is_err());
+        assert!(parse_since("yesterday").is_err());
+    }
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"), "the scheme is case-insensitive");
+        assert_eq!(bearer("BEARER  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        assert_eq!(bearer(""), None);
     }
 }

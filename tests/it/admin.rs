@@ -47,6 +47,7 @@ sinks = ["hook"]
         ("no token", None),
         ("wrong token", Some("nope")),
         ("prefix of it", Some("it-admin")),
+        ("longer than it", Some("it-admin-token-2")),
     ] {
         let mut req = http.get(&url);
         if let Some(token) = token {
@@ -55,6 +56,13 @@ sinks = ["hook"]
         let resp = req.send().await.unwrap();
         assert_eq!(resp.status(), 401, "{case}");
     }
+    let resp = http
+        .get(&url)
+        .header("authorization", "bearer it-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "the scheme's case does not matter");
     let resp = http.get(format!("http://{}/healthz", d.admin)).send().await.unwrap();
     assert_eq!(resp.status(), 200, "/healthz is for probes: no token");
     assert_eq!(resp.text().await.unwrap().trim(), "ok");
