@@ -922,12 +922,22 @@ impl Cx<'_> {
         let signed_src = r.signed.as_ref().map_or(default_signed, |s| s.get_ref().as_str());
         let signed = match SignedPayload::parse(signed_src) {
             Ok(s) => {
-                if signed_src.contains("{timestamp}") && timestamp_header.is_none() {
-                    let span = r.signed.as_ref().map_or(raw.span(), |s| s.span());
+                let span = r.signed.as_ref().map_or(raw.span(), |s| s.span());
+                if s.uses_timestamp() && timestamp_header.is_none() {
                     self.error_at(
                         span,
                         &format!("{key}.signed"),
                         "uses {timestamp} but no timestamp_header is set",
+                    );
+                } else if !s.uses_timestamp() && timestamp_header.is_some() {
+                    // The tolerance would judge a time anyone can rewrite:
+                    // a replayed request passes with a fresh header.
+                    self.error_at(
+                        span,
+                        &format!("{key}.signed"),
+                        "does not include {timestamp}, so the time in timestamp_header is not signed and a \
+                         replayed request passes the tolerance with a fresh one; sign it as the vendor does \
+                         (e.g. \"{timestamp}.{body}\") or remove timestamp_header",
                     );
                 }
                 Some(s)

@@ -359,6 +359,11 @@ fn kind_specific_keys() {
     one_error(&tolerance_alone, &["sources.crumb.tolerance", "timestamp_header"]);
     let with_ts = tolerance_alone.replace("tolerance = \"1m\"", "tolerance = \"1m\"\ntimestamp_header = \"X-Ts\"");
     assert!(parse_with(&with_ts, &env()).is_ok());
+    let unsigned_ts = with_ts.replace("header = \"X-Sig\"", "header = \"X-Sig\"\nsigned = \"{body}\"");
+    one_error(
+        &unsigned_ts,
+        &["sources.crumb.signed", "not signed", "timestamp_header"],
+    );
 }
 
 #[test]

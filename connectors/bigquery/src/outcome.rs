@@ -8,8 +8,11 @@
 //!   invalid, with `skipInvalidRows: false`) is retried at once. Anything
 //!   else (`timeout`, `backendError`, ...) is retried with the usual backoff.
 //! - An error status is the same for every row of the request: 5xx, 408,
-//!   429 and 403 `quotaExceeded`/`rateLimitExceeded` are retried; other 4xx
-//!   (400 `invalid`, 401, 403 `accessDenied`, 404 `notFound`) are permanent.
+//!   429, 403 `quotaExceeded`/`rateLimitExceeded` and 401 are retried; other
+//!   4xx (400 `invalid`, 403 `accessDenied`, 404 `notFound`) are permanent.
+//!   A 401 says the token was refused: one that expired on the way is
+//!   replaced by the next attempt's, and credentials that are wrong get the
+//!   retry window to be fixed in before the rows become dead letters.
 //! - No answer (timeout, connection refused, an unreadable body) and a failed
 //!   token fetch are retried.
 //!
@@ -127,7 +130,7 @@ pub(crate) fn request_error(err: &BqError, timeout: Duration) -> DeliveryError {
 }
 
 fn retryable_status(code: u16) -> bool {
-    code >= 500 || code == 408 || code == 429
+    code >= 500 || code == 401 || code == 408 || code == 429
 }
 
 fn classify(retryable: bool, message: String) -> DeliveryError {
