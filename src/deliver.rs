@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use expeditor_api::{Delivery, DeliveryError, Event, Outcome, Reads, Sink, delivery_key};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{Notify, OwnedMutexGuard, OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -81,8 +81,8 @@ pub struct Engine {
 /// Which engine's worker may attempt deliveries to a sink: one at a time
 /// per sink name, shared by an engine and the one a reload starts after it.
 /// The new worker begins once the old one's attempts in flight have ended,
-/// so the two never go past the sink's `concurrency` or `rate_limit`
-/// together (the wait is at most the old sink's timeout).
+/// so the two never go past the sink's `concurrency` together (the wait is
+/// at most the old sink's timeout).
 #[derive(Default)]
 struct Turns(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
@@ -222,8 +222,7 @@ impl Engine {
                     t = turn.lock_owned() => Some(t),
                     _ = stop.cancelled() => None,
                 };
-                worker.run(queue, stop).await;
-                drop(turn);
+                worker.run(queue, stop, turn).await;
             });
         }
         let health = EngineHealth {
@@ -407,7 +406,10 @@ impl Worker {
     /// up, and the dispatcher starts attempts from it as permits free up. So
     /// the store round trip of the next claim overlaps the attempts of the
     /// last one instead of idling the sink between them.
-    async fn run(self, queue: Queue, shutdown: CancellationToken) {
+    /// Claims and attempts until `shutdown`; the sink's `turn` is given up
+    /// once no attempt is in flight, before the sink is closed (closing may
+    /// take a while, e.g. a plugin's `shutdown`, and attempts nothing).
+    async fn run(self, queue: Queue, shutdown: CancellationToken, turn: Option<OwnedMutexGuard<()>>) {
         let this = Arc::new(self);
         let Queue {
             hot:
@@ -429,6 +431,7 @@ impl Worker {
         this.clone().dispatch_loop(slots, rx, max_batch, shutdown).await;
         stop_claiming.cancel();
         let _ = claimer.await;
+        drop(turn);
         this.sink.close().await;
     }
 
@@ -444,6 +447,10 @@ impl Worker {
         stop: CancellationToken,
     ) {
         loop {
+            // First: a worker stopped before it began claims nothing.
+            if stop.is_cancelled() {
+                return;
+            }
             let room = tokio::select! {
                 p = slots.acquire_many(1) => p.expect("semaphore is never closed"),
                 _ = stop.cancelled() => return,

@@ -350,6 +350,38 @@ retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
     assert_eq!(healthz(&d).await, 200);
 }
 
+/// A fresh instance's `init` and the `deliver` after it share the sink
+/// timeout: together they are one attempt, which must end within it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_init_and_the_deliver_after_it_share_the_sink_timeout() {
+    let sinks = r#"[sinks.slow_start]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+config = { init_sleep_ms = 700 }
+timeout = "1s"
+concurrency = 1
+retry = { max_attempts = 1 }
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["slow_start"]), &[("misbehave", "misbehave")]).await;
+    // 0.7 s of init and 0.6 s of deliver: each within 1 s, both not.
+    let mut event = with_behaviour(crumb_order("evt_late", 100), "sleep");
+    event["sleep_ms"] = json!(600);
+    let posted = Instant::now();
+    assert_eq!(d.post_crumb(&event).await.status, 200);
+    let dead = d.wait_delivery("crumb", "evt_late", "slow_start", "dead").await;
+    assert!(
+        dead.to_string()
+            .contains("plugin deliver ran past the sink timeout of 1s"),
+        "{dead}"
+    );
+    tokio::time::sleep_until((posted + Duration::from_millis(2000)).into()).await;
+    let log = plain(&d.log());
+    assert!(
+        !log.contains("misbehave slept"),
+        "the attempt ran past its timeout: {log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_errors_follow_the_retry_policy() {
     let sinks = r#"[sinks.wild]

@@ -158,7 +158,7 @@ impl Plugin {
             hash,
         };
         // `init` judges the config now, so `expeditor check` reports it.
-        let instance = plugin.instantiate().map_err(|e| match e {
+        let instance = plugin.instantiate(plugin.deadline()).map_err(|e| match e {
             InitFailed::Rejected(msg) => err(
                 PluginErrorKind::Init,
                 format!("{shown}: init rejected the config: {msg}"),
@@ -177,30 +177,38 @@ impl Plugin {
         &self.cfg
     }
 
-    /// A fresh instance with `init` done.
-    pub(crate) fn instantiate(&self) -> Result<Instance, InitFailed> {
+    /// When a call starting now runs out of time: the sink timeout from now.
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.cfg.limits.timeout
+    }
+
+    /// A fresh instance with `init` done, by `deadline`.
+    pub(crate) fn instantiate(&self, deadline: Instant) -> Result<Instance, InitFailed> {
         let mut store = State::store(&self.engine, State::new(&self.cfg, self.sink.clone()));
-        let bindings = bounded(&mut store, "instantiating", async |s| {
+        let bindings = bounded(&mut store, "instantiating", deadline, async |s| {
             self.pre.instantiate_async(s).await
         })
         .map_err(InitFailed::Failed)?;
         let config = &self.cfg.config;
-        match bounded(&mut store, "init", async |s| bindings.call_init(s, config).await) {
+        match bounded(&mut store, "init", deadline, async |s| {
+            bindings.call_init(s, config).await
+        }) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
             Ok(Err(msg)) => Err(InitFailed::Rejected(msg)),
             Err(failed) => Err(InitFailed::Failed(failed)),
         }
     }
 
-    /// One `deliver` call. An `Err` means the instance trapped (or was
-    /// stopped) and must be dropped.
+    /// One `deliver` call, by `deadline`. An `Err` means the instance
+    /// trapped (or was stopped) and must be dropped.
     pub(crate) fn deliver(
         &self,
         instance: &mut Instance,
         events: &[Event],
+        deadline: Instant,
     ) -> Result<Vec<Result<(), bindings::DeliveryError>>, CallFailed> {
         let bindings = &instance.bindings;
-        bounded(&mut instance.store, "deliver", async |s| {
+        bounded(&mut instance.store, "deliver", deadline, async |s| {
             bindings.call_deliver(s, events).await
         })
     }
@@ -210,7 +218,8 @@ impl Plugin {
     /// going away either way.
     pub(crate) fn shutdown(&self, mut instance: Instance) {
         let bindings = &instance.bindings;
-        if let Err(CallFailed(msg)) = bounded(&mut instance.store, "shutdown", async |s| {
+        let deadline = self.deadline();
+        if let Err(CallFailed(msg)) = bounded(&mut instance.store, "shutdown", deadline, async |s| {
             bindings.call_shutdown(s).await
         }) {
             tracing::warn!(sink = %self.cfg.name, error = %msg, "plugin shutdown failed");
@@ -220,6 +229,8 @@ impl Plugin {
 
 /// Runs one call into the plugin under its limits, blocking the thread until
 /// it returns or is stopped (callers are off the async runtime's workers).
+/// The calls of one delivery (a fresh instance's `init`, then `deliver`)
+/// share one deadline, so together they end within the sink timeout.
 ///
 /// Epoch interruption stops guest code that computes too long or past the
 /// deadline, but it never sees a call that waits in the host (a WASI sleep,
@@ -229,13 +240,14 @@ impl Plugin {
 fn bounded<R>(
     store: &mut Store<State>,
     call: &str,
+    deadline: Instant,
     run: impl AsyncFnOnce(&mut Store<State>) -> wasmtime::Result<R>,
 ) -> Result<R, CallFailed> {
-    State::start_call(store);
-    let timeout = store.data().limits().timeout;
+    State::start_call(store, deadline);
     // The timer is made inside: outside a runtime (`expeditor check`) there
     // is no clock to make it with until `in_tokio` has entered one.
-    let outcome = wasmtime_wasi::runtime::in_tokio(async { tokio::time::timeout(timeout, run(store)).await });
+    let outcome =
+        wasmtime_wasi::runtime::in_tokio(async { tokio::time::timeout_at(deadline.into(), run(store)).await });
     match outcome {
         Ok(Ok(r)) => Ok(r),
         Ok(Err(e)) => Err(describe(store, Some(&e), call)),

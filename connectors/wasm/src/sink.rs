@@ -2,7 +2,7 @@
 //! runtime, and a fresh instance after any trap.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use expeditor_api::{Delivery, DeliveryError, Outcome, Sink};
 
@@ -87,14 +87,19 @@ fn to_outcome(r: Result<(), bindings::DeliveryError>) -> Outcome {
     }
 }
 
-/// Runs one batch on `instance` (or a new one): the outcomes, and the
-/// instance when it may be used again.
-fn run(plugin: &Plugin, instance: Option<Instance>, events: Vec<Event>) -> (Vec<Outcome>, Option<Instance>) {
+/// Runs one batch on `instance` (or a new one, `init` included) by
+/// `deadline`: the outcomes, and the instance when it may be used again.
+fn run(
+    plugin: &Plugin,
+    instance: Option<Instance>,
+    events: Vec<Event>,
+    deadline: Instant,
+) -> (Vec<Outcome>, Option<Instance>) {
     let n = events.len();
     let all = |e: DeliveryError| vec![Err(e); n];
     let mut instance = match instance {
         Some(i) => i,
-        None => match plugin.instantiate() {
+        None => match plugin.instantiate(deadline) {
             Ok(i) => i,
             Err(e) => {
                 let msg = e.message();
@@ -103,7 +108,7 @@ fn run(plugin: &Plugin, instance: Option<Instance>, events: Vec<Event>) -> (Vec<
             }
         },
     };
-    match plugin.deliver(&mut instance, &events) {
+    match plugin.deliver(&mut instance, &events, deadline) {
         Ok(results) if results.len() == n => (results.into_iter().map(to_outcome).collect(), Some(instance)),
         Ok(results) => {
             let msg = format!("plugin answered {} results for {n} events", results.len());
@@ -127,9 +132,11 @@ impl Sink for WasmSink {
         let events: Vec<Event> = batch.iter().map(to_wit).collect();
         let instance = self.take_idle();
         let plugin = self.plugin.clone();
-        // wasmtime's calls are synchronous: a plugin may compute for up to its
-        // CPU limit or wait on HTTP, which must not stall the runtime's workers.
-        match tokio::task::spawn_blocking(move || run(&plugin, instance, events)).await {
+        // From here, so a wait for a blocking thread counts against it too.
+        let deadline = plugin.deadline();
+        // A call blocks its thread while the plugin computes (up to its CPU
+        // limit), which must not stall the runtime's workers.
+        match tokio::task::spawn_blocking(move || run(&plugin, instance, events, deadline)).await {
             Ok((outcomes, instance)) => {
                 if let Some(instance) = instance {
                     self.put_idle(instance);

@@ -68,11 +68,11 @@ impl State {
         store
     }
 
-    /// Arms the CPU and wall-clock budgets for one call.
-    pub fn start_call(store: &mut Store<State>) {
+    /// Arms the CPU budget for one call, and the time it must end by.
+    pub fn start_call(store: &mut Store<State>, deadline: Instant) {
         let s = store.data_mut();
         s.ticks_left = (s.limits.cpu.as_nanos() / TICK.as_nanos()).max(1) as u64;
-        s.deadline = Instant::now() + s.limits.timeout;
+        s.deadline = deadline;
         s.stopped = None;
         store.set_epoch_deadline(1);
     }

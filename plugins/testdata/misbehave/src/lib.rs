@@ -13,7 +13,8 @@
 //!
 //! The config may say `{"reject": "why"}`: `init` then fails with that text.
 //! `{"fail_shutdown": true}` makes `shutdown` panic, to test that a failing
-//! shutdown does not stop the daemon's.
+//! shutdown does not stop the daemon's. `{"init_sleep_ms": N}` makes `init`
+//! take that long (a slow start, such as fetching a token).
 
 use std::cell::Cell;
 
@@ -41,6 +42,9 @@ impl Guest for Plugin {
             return Err(why.to_owned());
         }
         FAIL_SHUTDOWN.with(|f| f.set(config["fail_shutdown"].as_bool().unwrap_or(false)));
+        if let Some(ms) = config["init_sleep_ms"].as_u64() {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         Ok(())
     }
 
