@@ -5,7 +5,8 @@
 //!   and sinks atomically (new requests see all of the new config, none see
 //!   half); pending deliveries stay in the store and the new sink workers
 //!   pick them up. An invalid one is refused, logged, and the old config
-//!   keeps running. Listener addresses and the store need a restart.
+//!   keeps running. Listener addresses, their limits and the store change
+//!   only at a restart: a reload keeps them and applies the rest.
 //! - SIGTERM/SIGINT stop in order, within `server.shutdown_timeout`: stop
 //!   accepting, finish requests in flight, finish attempts in flight, record
 //!   their outcomes, close the store. Work cut off by the bound is not lost:
@@ -113,8 +114,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                engine = reload(&config.file, engine, &shared, &client, &shutdown, &retiring).await;
-                systemd::ready(&summary(&shared.current.load().config));
+                let (running, note) = reload(&config.file, engine, &shared, &client, &shutdown, &retiring).await;
+                engine = running;
+                // A refusal stays in `systemctl status` until the next reload.
+                let summary = summary(&shared.current.load().config);
+                systemd::ready(&note.map_or(summary.clone(), |n| format!("{summary}; {n}")));
             }
         }
     }
@@ -192,50 +196,31 @@ async fn reload(
     client: &expeditor_http::Client,
     shutdown: &CancellationToken,
     retiring: &TaskTracker,
-) -> Engine {
+) -> (Engine, Option<String>) {
     let old = shared.current.load_full();
     let refuse = |why: String| {
         tracing::error!(file = %file.display(), "reload refused, the running configuration stays: {why}");
-        systemd::status(&format!("reload refused: {}", why.lines().next().unwrap_or("")));
         shared.metrics.reload(false);
+        Some(format!("reload refused: {}", why.lines().next().unwrap_or("")))
     };
     let path = file.to_path_buf();
     // Loading may read plugins and certificates: keep it off the runtime threads.
     let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
-    let new = match loaded {
-        Ok(Ok(c)) => Arc::new(c),
-        Ok(Err(errors)) => {
-            refuse(errors.to_string());
-            return old_engine;
-        }
-        Err(e) => {
-            refuse(format!("loading failed: {e}"));
-            return old_engine;
-        }
+    let mut new = match loaded {
+        Ok(Ok(c)) => c,
+        Ok(Err(errors)) => return (old_engine, refuse(errors.to_string())),
+        Err(e) => return (old_engine, refuse(format!("loading failed: {e}"))),
     };
-    let fixed = [
-        ("server.listen", old.config.server.listen != new.server.listen),
-        ("admin.listen", old.config.admin.listen != new.admin.listen),
-        ("store.path/store.url", old.config.store.backend != new.store.backend),
-        ("server.max_body", old.config.server.max_body != new.server.max_body),
-        (
-            "server.header_timeout",
-            old.config.server.header_timeout != new.server.header_timeout,
-        ),
-        (
-            "server.body_timeout",
-            old.config.server.body_timeout != new.server.body_timeout,
-        ),
-        (
-            "server.max_connections",
-            old.config.server.max_connections != new.server.max_connections,
-        ),
-    ];
-    let changed: Vec<&str> = fixed.iter().filter(|(_, c)| *c).map(|(k, _)| *k).collect();
-    if !changed.is_empty() {
-        refuse(format!("{} can only change with a restart", changed.join(", ")));
-        return old_engine;
+    // What is bound or opened at start stays as it is; the rest of the
+    // file is applied, and the log says what waits for a restart.
+    let restart = keep_fixed(&old.config, &mut new);
+    if !restart.is_empty() {
+        tracing::warn!(
+            keys = %restart.join(", "),
+            "changed in the file, applied at the next restart; the rest of the configuration is reloaded"
+        );
     }
+    let new = Arc::new(new);
     let engine = match Engine::start(
         &new,
         shared.store.clone(),
@@ -247,10 +232,7 @@ async fn reload(
     .await
     {
         Ok(e) => e,
-        Err(e) => {
-            refuse(format!("{e:#}"));
-            return old_engine;
-        }
+        Err(e) => return (old_engine, refuse(format!("{e:#}"))),
     };
     shared.current.store(Arc::new(current(
         &new,
@@ -271,7 +253,31 @@ async fn reload(
         "configuration reloaded"
     );
     report_orphans(shared, &new).await;
-    engine
+    let note = (!restart.is_empty()).then(|| format!("{} changed: applied at the next restart", restart.join(", ")));
+    (engine, note)
+}
+
+/// Puts the running values of what only a restart can change (listeners,
+/// their limits, the store) back into a reloaded config, and names the keys
+/// whose values differed.
+fn keep_fixed(running: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! keep {
+        ($key:literal, $($field:ident).+) => {
+            if new.$($field).+ != running.$($field).+ {
+                changed.push($key);
+                new.$($field).+ = running.$($field).+.clone();
+            }
+        };
+    }
+    keep!("server.listen", server.listen);
+    keep!("server.max_body", server.max_body);
+    keep!("server.header_timeout", server.header_timeout);
+    keep!("server.body_timeout", server.body_timeout);
+    keep!("server.max_connections", server.max_connections);
+    keep!("admin.listen", admin.listen);
+    keep!("store.path/store.url", store.backend);
+    changed
 }
 
 /// Pending deliveries of sinks the config no longer has are kept, and said.

@@ -81,6 +81,24 @@ async fn systemd_ready_status_watchdog_reloading_and_stopping() {
         reload.iter().any(|m| m.contains("MONOTONIC_USEC=")),
         "RELOADING carries MONOTONIC_USEC: {reload:?}"
     );
+    // A refusal stays in the status line, not overwritten by the summary.
+    d.rewrite_config(&format!("{config}\nnot_a_section = 1\n"));
+    d.signal("HUP");
+    let refused = wait_for_notification(&sock, "READY=1", Duration::from_secs(5));
+    let status = refused.last().unwrap();
+    assert!(
+        status.contains("STATUS=serving 2 sources") && status.contains("; reload refused: "),
+        "{refused:?}"
+    );
+    // So does a key that waits for a restart.
+    d.rewrite_config(&config.replace("[server]", "[server]\nmax_body = \"2KiB\""));
+    d.signal("HUP");
+    let partly = wait_for_notification(&sock, "READY=1", Duration::from_secs(5));
+    let status = partly.last().unwrap();
+    assert!(
+        status.contains("; server.max_body changed: applied at the next restart"),
+        "{partly:?}"
+    );
 
     d.signal("TERM");
     wait_for_notification(&sock, "STOPPING=1", Duration::from_secs(5));
@@ -286,6 +304,39 @@ async fn a_reload_keeps_a_sink_within_its_concurrency() {
         "the old and the new engine attempted at once\n{}",
         d.log()
     );
+}
+
+/// A reload that also changes what only a restart can (here the body
+/// limit) applies the rest, keeps the running limit, and says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_applies_the_rest_when_a_key_needs_a_restart() {
+    let a = FakeSink::start().await;
+    let b = FakeSink::start().await;
+    let d = Daemon::start(&two_sink_config(&a.url("/a"), None, "")).await;
+    d.rewrite_config(
+        &two_sink_config(
+            &a.url("/a"),
+            Some(&b.url("/b")),
+            "\n[[routes]]\nname = \"to-b\"\nsinks = [\"b\"]\n",
+        )
+        .replace("[server]", "[server]\nmax_body = \"1KiB\""),
+    );
+    d.signal("HUP");
+    wait_log(&d, "configuration reloaded", 1).await;
+    let log = d.log();
+    assert!(
+        log.contains("server.max_body") && log.contains("applied at the next restart"),
+        "{log}"
+    );
+    assert!(!log.contains("reload refused"), "{log}");
+    // Over the new limit, within the running one: still taken.
+    let mut big = crumb_order("evt_big_after_reload", 1000);
+    big["note"] = serde_json::json!("x".repeat(2000));
+    let reply = d.post_crumb(&big).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    // The new route and sink are in.
+    d.wait_delivery("crumb", "evt_big_after_reload", "b", "delivered").await;
+    d.wait_delivery("crumb", "evt_big_after_reload", "a", "delivered").await;
 }
 
 fn two_sink_config(a: &str, b: Option<&str>, extra_route: &str) -> String {
