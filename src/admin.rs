@@ -146,7 +146,7 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             let rest = &p["/api/events/".len()..];
             let Some((source, id)) = rest
                 .split_once('/')
-                .and_then(|(s, i)| Some((percent_decode(s)?, percent_decode(i)?)))
+                .and_then(|(s, i)| Some((path_decode(s)?, path_decode(i)?)))
             else {
                 return error(StatusCode::NOT_FOUND, "use /api/events/SOURCE/ID");
             };
@@ -333,13 +333,23 @@ fn parse_query(q: &str) -> HashMap<String, String> {
         .filter(|p| !p.is_empty())
         .filter_map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Some((percent_decode(k)?, percent_decode(v)?))
+            Some((query_decode(k)?, query_decode(v)?))
         })
         .filter(|(_, v)| !v.is_empty())
         .collect()
 }
 
-fn percent_decode(s: &str) -> Option<String> {
+/// A query's key or value: `%XX` escapes, and `+` for a space.
+fn query_decode(s: &str) -> Option<String> {
+    percent_decode(s, true)
+}
+
+/// A path segment: `%XX` escapes; `+` is itself (an event id may hold one).
+fn path_decode(s: &str) -> Option<String> {
+    percent_decode(s, false)
+}
+
+fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -350,7 +360,7 @@ fn percent_decode(s: &str) -> Option<String> {
                 out.push(u8::from_str_radix(hex, 16).ok()?);
                 i += 3;
             }
-            b'+' => {
+            b'+' if plus_is_space => {
                 out.push(b' ');
                 i += 1;
             }
@@ -376,6 +386,7 @@ mod tests {
         assert!(!q.contains_key("x"));
         assert_eq!(q["y"], "a b c");
         assert!(parse_query("a=%zz").is_empty());
+        assert_eq!(path_decode("evt+1%2F2").as_deref(), Some("evt+1/2"));
     }
 
     #[test]
