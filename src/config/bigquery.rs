@@ -4,11 +4,10 @@
 //! `expeditor_bigquery::check_auth`).
 
 use std::path::Path;
-use std::time::Duration;
 
 use expeditor_api::TemplateSet;
 use expeditor_bigquery::{
-    Auth, BigQuerySinkConfig, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, MAX_BYTES_LIMIT, MAX_LINGER, MAX_ROWS_LIMIT,
+    Auth, BigQuerySinkConfig, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, MAX_BYTES_LIMIT, MAX_ROWS_LIMIT,
 };
 use toml::Spanned;
 use toml::de::DeValue;
@@ -58,22 +57,7 @@ impl Cx<'_> {
             }
             (n, _) => n,
         };
-        let linger = self.duration(
-            b.and_then(|b| b.linger.as_ref()),
-            &format!("{bkey}.linger"),
-            Duration::ZERO,
-        );
-        let linger = match (linger, b.and_then(|b| b.linger.as_ref())) {
-            (Some(d), Some(s)) if d > MAX_LINGER => {
-                self.error_at(
-                    s.span(),
-                    &format!("{bkey}.linger"),
-                    "must be at most 10s: deliveries wait in the batch meanwhile",
-                );
-                None
-            }
-            (d, _) => d,
-        };
+        let linger = self.linger(b.and_then(|b| b.linger.as_ref()), &format!("{bkey}.linger"));
 
         let ekey = format!("{key}.endpoint");
         let endpoint = match &r.endpoint {

@@ -305,6 +305,9 @@ impl SinkKind {
     }
 }
 
+/// The longest `batch.linger`: deliveries wait in a claimed lease while a
+/// batch fills, so it stays short.
+const MAX_LINGER: Duration = Duration::from_secs(10);
 const SINK_TYPES: &str = "http, file, wasm, slack, email, bigquery";
 const SOURCE_KINDS: &str = "crumbpos, crave, hmac";
 
@@ -352,10 +355,12 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
     if let (Some(server), Some(admin)) = (&server, &admin)
         && server.listen == admin.listen
     {
+        // At admin.listen, or at server.listen when admin's is the default.
         let span = raw
             .admin
             .as_ref()
             .and_then(|a| a.get_ref().listen.as_ref())
+            .or_else(|| raw.server.as_ref().and_then(|s| s.get_ref().listen.as_ref()))
             .map_or(0..0, |l| l.span());
         cx.error_at(
             span,
@@ -392,12 +397,17 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         if let SinkKind::File(f) = &sink.kind
             && let Some(other) = file_paths.insert(&f.path, name)
         {
-            cx.errors.push(ConfigError {
-                file: cx.file.clone(),
-                position: None,
-                key: format!("sinks.{name}.path"),
-                message: format!("sinks {other} and {name} write the same file; give each file sink its own path"),
-            });
+            let span = doc
+                .get_ref()
+                .get("sinks")
+                .and_then(|t| t.get_ref().get(name.as_str()))
+                .and_then(|t| t.get_ref().get("path"))
+                .map_or(0..0, |p| p.span());
+            cx.error_at(
+                span,
+                &format!("sinks.{name}.path"),
+                format!("sinks {other} and {name} write the same file; give each file sink its own path"),
+            );
         }
     }
     // Routes are checked against every declared name, so one broken sink
@@ -534,13 +544,30 @@ impl Cx<'_> {
         });
     }
 
+    /// A batching sink's `batch.linger`: up to 10s, deliveries wait in the
+    /// batch meanwhile.
+    fn linger(&mut self, s: Option<&Str>, key: &str) -> Option<Duration> {
+        let linger = self.duration(s, key, Duration::ZERO)?;
+        if let Some(s) = s
+            && linger > MAX_LINGER
+        {
+            self.error_at(
+                s.span(),
+                key,
+                "must be at most 10s: deliveries wait in the batch meanwhile",
+            );
+            return None;
+        }
+        Some(linger)
+    }
+
     fn toml_error(&mut self, key: &str, e: toml::de::Error) {
         let position = e.span().map(|s| self.position(s.start));
         self.errors.push(ConfigError {
             file: self.file.clone(),
             position,
             key: key.to_string(),
-            message: e.message().trim().to_string(),
+            message: without_literals(e.message().trim()),
         });
     }
 
@@ -1105,7 +1132,17 @@ impl Cx<'_> {
             "file" => {
                 let r: RawFileSink = self.typed(value, &key)?;
                 let common = sink_common!(self, &key, r);
-                let path = self.resolve(&r.path, &format!("{key}.path"))?;
+                let path = self.resolve(&r.path, &format!("{key}.path"));
+                let bkey = format!("{key}.batch");
+                let b = r.batch.as_ref().map(Spanned::get_ref);
+                let max_batch = self.int(
+                    b.and_then(|b| b.max_rows.as_ref()),
+                    &format!("{bkey}.max_rows"),
+                    FileSinkConfig::DEFAULT_MAX_BATCH as i64,
+                    1..FileSinkConfig::MAX_BATCH_LIMIT as i64 + 1,
+                );
+                let linger = self.linger(b.and_then(|b| b.linger.as_ref()), &format!("{bkey}.linger"));
+                let path = path?;
                 let mut set = TemplateSet::new();
                 let body = match body {
                     Some(b) => Some(self.structured(&mut set, &format!("{key}.body"), b)?),
@@ -1119,6 +1156,8 @@ impl Cx<'_> {
                         path: base.join(path),
                         body,
                         templates: set.finish(),
+                        max_batch: max_batch? as usize,
+                        linger: linger?,
                     }),
                 })
             }
@@ -1248,6 +1287,7 @@ impl Cx<'_> {
             None => Some(None),
             Some(r) => self.rate_limit(r, &format!("{key}.rate_limit")).map(Some),
         };
+        let timeout_raw = timeout;
         let timeout = self.duration(timeout, &format!("{key}.timeout"), Duration::from_secs(10));
         let default = RetryPolicy::default();
         let retry = match retry {
@@ -1279,7 +1319,9 @@ impl Cx<'_> {
         };
         let timeout = timeout?;
         if timeout.is_zero() {
-            self.error_at(0..0, &format!("{key}.timeout"), "must be longer than 0s");
+            // Zero is only ever written: the default is 10s.
+            let span = timeout_raw.map_or(0..0, |t| t.span());
+            self.error_at(span, &format!("{key}.timeout"), "must be longer than 0s");
             return None;
         }
         Some(SinkCommon {
@@ -1451,6 +1493,35 @@ fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, 
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// A parse error's message without the string values it quotes: serde says
+/// `invalid type: string "whsec_...", expected a sequence` of a secret
+/// written where a list belongs, and that message reaches the terminal and,
+/// on a reload, the journal. What the key expected is the useful part.
+fn without_literals(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(at) = rest.find("string \"") {
+        let (before, quoted) = rest.split_at(at + "string ".len());
+        out.push_str(before.trim_end());
+        // Past the closing quote; `\"` inside is escaped (Debug format).
+        let mut end = quoted.len();
+        let mut escaped = false;
+        for (i, c) in quoted.char_indices().skip(1) {
+            match c {
+                '\\' if !escaped => escaped = true,
+                '"' if !escaped => {
+                    end = i + 1;
+                    break;
+                }
+                _ => escaped = false,
+            }
+        }
+        rest = &quoted[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]

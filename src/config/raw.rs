@@ -143,8 +143,17 @@ pub struct RawFileSink {
     pub timeout: Option<Str>,
     pub retry: Option<Spanned<RawRetry>>,
     pub path: Str,
+    pub batch: Option<Spanned<RawFileBatch>>,
     #[allow(dead_code)]
     pub body: Option<IgnoredAny>,
+}
+
+/// A file sink's `batch`: no `max_bytes`, a line has no size limit to keep.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFileBatch {
+    pub max_rows: Option<Spanned<i64>>,
+    pub linger: Option<Str>,
 }
 
 #[derive(Debug, Deserialize)]

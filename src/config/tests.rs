@@ -186,6 +186,28 @@ fn errors_never_contain_resolved_secrets() {
 }
 
 #[test]
+fn a_secret_written_where_a_list_belongs_is_not_echoed() {
+    let e = one_error(
+        &BASE.replace("secrets = [\"${CRUMB_SECRET}\"]", "secrets = \"whsec_live_4f9a\\\"x\""),
+        &["config.toml:10:", "invalid type: string, expected a sequence"],
+    );
+    assert!(!e.contains("whsec_live_4f9a") && !e.contains("\\\"x"), "{e}");
+    // A bare header value where a table belongs.
+    let e = one_error(
+        &BASE.replace(
+            "headers = { Authorization = \"Bearer ${KDS_TOKEN}\" }",
+            "headers = \"Bearer tok-literal-9\"",
+        ),
+        &["sinks.kds"],
+    );
+    assert!(!e.contains("tok-literal-9"), "{e}");
+    assert_eq!(
+        without_literals(r#"invalid type: string "a\"b", expected a sequence"#),
+        "invalid type: string, expected a sequence"
+    );
+}
+
+#[test]
 fn unknown_keys_are_rejected_with_their_line() {
     let e = one_error(&BASE.replace("[store]", "[store]\npaht = \"x\""), &["paht"]);
     assert!(e.contains(":6:"), "{e}");
@@ -322,7 +344,41 @@ fn routes_and_sinks_are_cross_checked() {
     let two_files = format!(
         "{BASE}\n[sinks.a]\ntype = \"file\"\npath = \"out.jsonl\"\n[sinks.b]\ntype = \"file\"\npath = \"out.jsonl\"\n"
     );
-    one_error(&two_files, &["sinks.b.path", "same file"]);
+    let at = format!("config.toml:{}:", line_of(&two_files, "path = \"out.jsonl\"", 1));
+    one_error(&two_files, &["sinks.b.path", "same file", &at]);
+    let zero = BASE.replace("[sinks.kds.body]", "timeout = \"0s\"\n[sinks.kds.body]");
+    let at = format!("config.toml:{}:", line_of(&zero, "timeout = \"0s\"", 0));
+    one_error(&zero, &["sinks.kds.timeout", "longer than 0s", &at]);
+}
+
+#[test]
+fn a_file_sink_batches_as_configured() {
+    let file = |batch: &str| format!("{BASE}\n[sinks.log]\ntype = \"file\"\npath = \"out.jsonl\"\n{batch}\n");
+    let cfg = parse_with(&file("batch = { max_rows = 10, linger = \"250ms\" }"), &env()).unwrap();
+    let SinkKind::File(f) = &cfg.sinks["log"].kind else {
+        panic!()
+    };
+    assert_eq!((f.max_batch, f.linger), (10, Duration::from_millis(250)));
+    let cfg = parse_with(&file(""), &env()).unwrap();
+    let SinkKind::File(f) = &cfg.sinks["log"].kind else {
+        panic!()
+    };
+    assert_eq!(
+        (f.max_batch, f.linger),
+        (FileSinkConfig::DEFAULT_MAX_BATCH, Duration::ZERO)
+    );
+    one_error(&file("batch = { max_rows = 0 }"), &["sinks.log.batch.max_rows"]);
+    one_error(
+        &file("batch = { linger = \"11s\" }"),
+        &["sinks.log.batch.linger", "at most 10s"],
+    );
+    one_error(&file("batch = { max_bytes = \"1MiB\" }"), &["max_bytes"]);
+}
+
+/// The 1-based line of the `nth` (from 0) occurrence of `needle`.
+fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+    let at = text.match_indices(needle).nth(nth).expect("needle in text").0;
+    text[..at].lines().count() + 1
 }
 
 #[test]
@@ -403,7 +459,15 @@ fn test_cases_name_what_the_config_has() {
 fn the_two_listeners_need_their_own_ports() {
     let same = format!("{BASE}\n[admin]\nlisten = \"127.0.0.1:8080\"\n");
     assert!(same.contains("listen = \"127.0.0.1:8080\""), "{same}");
-    one_error(&same, &["admin.listen", "server.listen", "own port"]);
+    let at = format!("config.toml:{}:", line_of(&same, "listen = \"127.0.0.1:8080\"", 1));
+    one_error(&same, &["admin.listen", "server.listen", "own port", &at]);
+    // admin.listen left at its default: the clash is at server.listen.
+    let onto_admin = BASE.replace("listen = \"127.0.0.1:8080\"", "listen = \"127.0.0.1:9090\"");
+    let at = format!(
+        "config.toml:{}:",
+        line_of(&onto_admin, "listen = \"127.0.0.1:9090\"", 0)
+    );
+    one_error(&onto_admin, &["admin.listen", "own port", &at]);
 }
 
 #[test]

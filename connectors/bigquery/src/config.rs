@@ -15,8 +15,6 @@ pub const DEFAULT_MAX_ROWS: usize = 500;
 /// exceeds the limit: 10485760 bytes").
 pub const MAX_BYTES_LIMIT: usize = 10 * 1024 * 1024;
 pub const DEFAULT_MAX_BYTES: usize = 5 * 1024 * 1024;
-/// Deliveries wait in a claimed lease while a batch fills: keep it short.
-pub const MAX_LINGER: Duration = Duration::from_secs(10);
 
 /// One `[sinks.NAME]` with `type = "bigquery"`, validated and compiled by the
 /// daemon's config module; building the sink trusts it.

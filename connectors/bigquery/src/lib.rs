@@ -38,7 +38,7 @@ mod tests;
 
 pub use auth::{DMI_PRODUCT_NAME, check_auth};
 pub use config::{
-    Auth, BigQuerySinkConfig, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, MAX_BYTES_LIMIT, MAX_LINGER, MAX_ROWS_LIMIT,
-    check_dataset, check_endpoint, check_project, check_table,
+    Auth, BigQuerySinkConfig, DEFAULT_MAX_BYTES, DEFAULT_MAX_ROWS, MAX_BYTES_LIMIT, MAX_ROWS_LIMIT, check_dataset,
+    check_endpoint, check_project, check_table,
 };
 pub use sink::BigQuerySink;

@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink, Structured, Templates};
 
@@ -36,6 +37,18 @@ pub struct FileSinkConfig {
     pub body: Option<Structured>,
     /// Where `body` was compiled.
     pub templates: Arc<Templates>,
+    /// Lines per write-and-sync (`batch.max_rows`).
+    pub max_batch: usize,
+    /// How long a smaller batch may wait for more (`batch.linger`).
+    pub linger: Duration,
+}
+
+impl FileSinkConfig {
+    /// Lines per write-and-sync unless `batch.max_rows` says otherwise: one
+    /// modest write.
+    pub const DEFAULT_MAX_BATCH: usize = 100;
+    /// The most `batch.max_rows` may be.
+    pub const MAX_BATCH_LIMIT: usize = 10_000;
 }
 
 #[derive(Debug)]
@@ -105,9 +118,12 @@ fn append(file: &Mutex<File>, buf: &[u8]) -> io::Result<()> {
 
 #[async_trait::async_trait]
 impl Sink for FileSink {
-    /// Bounded so one batch is one modest write.
     fn max_batch(&self) -> usize {
-        100
+        self.cfg.max_batch
+    }
+
+    fn linger(&self) -> Duration {
+        self.cfg.linger
     }
 
     /// What its body template reads; the whole event when there is none

@@ -42,6 +42,8 @@ async fn sink(path: &Path, body: Option<Json>) -> FileSink {
         path: path.to_owned(),
         body,
         templates: set.finish(),
+        max_batch: FileSinkConfig::DEFAULT_MAX_BATCH,
+        linger: Duration::ZERO,
     };
     FileSink::open(cfg).await.unwrap()
 }
@@ -181,6 +183,8 @@ async fn open_errors_name_the_path() {
         path: path.clone(),
         body: None,
         templates: TemplateSet::new().finish(),
+        max_batch: FileSinkConfig::DEFAULT_MAX_BATCH,
+        linger: Duration::ZERO,
     };
     let err = FileSink::open(cfg).await.unwrap_err();
     assert!(err.to_string().contains(&blocker.display().to_string()), "{err}");
@@ -217,4 +221,20 @@ async fn reads_what_its_body_reads() {
         Reads::All
     );
     assert_eq!(sink(&path, None).await.reads(), Reads::All);
+}
+
+/// The engine batches by what the sink says: the configured `batch`.
+#[tokio::test]
+async fn the_sink_batches_as_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = FileSinkConfig {
+        name: "log".into(),
+        path: dir.path().join("events.jsonl"),
+        body: None,
+        templates: TemplateSet::new().finish(),
+        max_batch: 7,
+        linger: Duration::from_millis(20),
+    };
+    let sink = FileSink::open(cfg).await.unwrap();
+    assert_eq!((sink.max_batch(), sink.linger()), (7, Duration::from_millis(20)));
 }
