@@ -82,12 +82,17 @@ pub struct Engine {
 /// per sink name, shared by an engine and the one a reload starts after it.
 /// The new worker begins once the old one's attempts in flight have ended,
 /// so the two never go past the sink's `concurrency` together (the wait is
-/// at most the old sink's timeout).
+/// at most the old sink's timeout). The turn also carries when the next
+/// attempt may start under `rate_limit`, so the new worker keeps the old
+/// one's spacing.
 #[derive(Default)]
-struct Turns(std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+struct Turns(std::sync::Mutex<HashMap<String, Turn>>);
+
+/// One sink's turn: when its next attempt may start, if it is paced.
+type Turn = Arc<tokio::sync::Mutex<Option<tokio::time::Instant>>>;
 
 impl Turns {
-    fn of(&self, sink: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn of(&self, sink: &str) -> Turn {
         let mut turns = self.0.lock().unwrap_or_else(|e| e.into_inner());
         turns.entry(sink.to_owned()).or_default().clone()
     }
@@ -409,7 +414,12 @@ impl Worker {
     /// Claims and attempts until `shutdown`; the sink's `turn` is given up
     /// once no attempt is in flight, before the sink is closed (closing may
     /// take a while, e.g. a plugin's `shutdown`, and attempts nothing).
-    async fn run(self, queue: Queue, shutdown: CancellationToken, turn: Option<OwnedMutexGuard<()>>) {
+    async fn run(
+        self,
+        queue: Queue,
+        shutdown: CancellationToken,
+        mut turn: Option<OwnedMutexGuard<Option<tokio::time::Instant>>>,
+    ) {
         let this = Arc::new(self);
         let Queue {
             hot:
@@ -428,9 +438,16 @@ impl Worker {
             this.clone()
                 .claim_loop(slots.clone(), tx, depth, lease, stop_claiming.clone()),
         );
-        this.clone().dispatch_loop(slots, rx, max_batch, shutdown).await;
+        let paced_from = turn.as_deref().copied().flatten();
+        let next_start = this
+            .clone()
+            .dispatch_loop(slots, rx, max_batch, shutdown, paced_from)
+            .await;
         stop_claiming.cancel();
         let _ = claimer.await;
+        if let Some(turn) = turn.as_mut() {
+            **turn = next_start;
+        }
         drop(turn);
         this.sink.close().await;
     }
@@ -506,16 +523,18 @@ impl Worker {
     /// Starts an attempt per batch as permits allow; a sink's `linger` holds
     /// a batch smaller than `max_batch` for up to that long to fill it.
     /// Stops at shutdown: attempts in flight finish, queued claims are given
-    /// back.
+    /// back. A `rate_limit` paces from `paced_from` (where the worker before
+    /// this one left off); returns when the next attempt may start.
     async fn dispatch_loop(
         self: Arc<Self>,
         slots: Arc<Semaphore>,
         mut queue: mpsc::UnboundedReceiver<Claimed>,
         max_batch: usize,
         shutdown: CancellationToken,
-    ) {
+        paced_from: Option<tokio::time::Instant>,
+    ) -> Option<tokio::time::Instant> {
         let limiter = self.limiter.clone();
-        let mut pace = self.common.rate_limit.map(Pace::new);
+        let mut pace = self.common.rate_limit.map(|limit| Pace::new(limit, paced_from));
         let linger = self.sink.linger();
         let in_flight = TaskTracker::new();
         let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
@@ -587,6 +606,7 @@ impl Worker {
         // Attempts in flight finish (each is bounded by the sink timeout).
         in_flight.close();
         in_flight.wait().await;
+        pace.map(|p| p.next())
     }
 
     async fn release(&self, claims: Vec<Claimed>) {

@@ -241,11 +241,19 @@ pub struct Pace {
 }
 
 impl Pace {
-    pub fn new(limit: RateLimit) -> Self {
+    /// Pacing from now, or from `from` when that is later: where a worker
+    /// this one took over from left off.
+    pub fn new(limit: RateLimit, from: Option<Instant>) -> Self {
+        let now = Instant::now();
         Self {
             spacing: limit.spacing(),
-            next: Instant::now(),
+            next: from.map_or(now, |f| f.max(now)),
         }
+    }
+
+    /// When the next attempt may start.
+    pub fn next(&self) -> Instant {
+        self.next
     }
 
     /// Waits until the next attempt may start.
@@ -413,10 +421,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pace_spaces_starts_by_the_rate_limit() {
-        let mut pace = Pace::new(RateLimit {
-            count: 5,
-            per: Duration::from_secs(1),
-        });
+        let mut pace = Pace::new(
+            RateLimit {
+                count: 5,
+                per: Duration::from_secs(1),
+            },
+            None,
+        );
         let start = Instant::now();
         let mut starts = Vec::new();
         for _ in 0..6 {
@@ -436,5 +447,18 @@ mod tests {
         let first = Instant::now();
         pace.ready().await;
         assert_eq!(first.elapsed(), Duration::from_millis(200));
+
+        // A pace taking over keeps the spacing of the one it follows.
+        pace.start();
+        let handed_over = Instant::now();
+        let next = Pace::new(
+            RateLimit {
+                count: 5,
+                per: Duration::from_secs(1),
+            },
+            Some(pace.next()),
+        );
+        next.ready().await;
+        assert_eq!(handed_over.elapsed(), Duration::from_millis(200));
     }
 }

@@ -306,6 +306,28 @@ async fn a_reload_keeps_a_sink_within_its_concurrency() {
     );
 }
 
+/// The new worker keeps the old one's `rate_limit` spacing across a reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reload_keeps_a_sinks_rate_limit_spacing() {
+    let sink = FakeSink::start().await;
+    let config = one_sink_config("", &sink.url("/hook"))
+        .replace("\ntimeout = \"2s\"", "\ntimeout = \"2s\"\nrate_limit = \"1/2s\"");
+    assert!(config.contains("rate_limit = \"1/2s\""), "{config}");
+    let d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_paced_before", 1000)).await.status, 200);
+    d.wait_delivery("crumb", "evt_paced_before", "hook", "delivered").await;
+    d.signal("HUP");
+    wait_log(&d, "configuration reloaded", 1).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_paced_after", 1000)).await.status, 200);
+    let got = sink.wait_for(2, Duration::from_secs(10)).await;
+    let gap = got[1].at - got[0].at;
+    assert!(
+        gap >= Duration::from_millis(1800),
+        "one attempt per 2 s, across the reload: {gap:?}"
+    );
+    d.wait_delivery("crumb", "evt_paced_after", "hook", "delivered").await;
+}
+
 /// A reload that also changes what only a restart can (here the body
 /// limit) applies the rest, keeps the running limit, and says so.
 #[tokio::test(flavor = "multi_thread")]
