@@ -276,10 +276,9 @@ fn released(c: &Claimed, at: i64) -> Completion {
     Completion {
         delivery_id: c.delivery_id,
         attempt: c.attempt,
+        lease_until: c.lease_until,
         finished_at: at,
-        result: Completed::Released {
-            lease_until: c.lease_until,
-        },
+        result: Completed::Released,
     }
 }
 
@@ -675,12 +674,13 @@ impl Worker {
                 Completed::Delivered => AttemptOutcome::delivered,
                 Completed::Retry { .. } => AttemptOutcome::retry,
                 Completed::Dead { .. } => AttemptOutcome::dead,
-                Completed::Released { .. } => continue,
+                Completed::Released => continue,
             };
             self.metrics.attempt(label, elapsed);
             let completion = Completion {
                 delivery_id: c.delivery_id,
                 attempt: c.attempt,
+                lease_until: c.lease_until,
                 finished_at,
                 result,
             };

@@ -94,17 +94,44 @@ pub enum Completed {
     },
     /// Claimed but never attempted (the worker stopped first): the lease is
     /// given back and the attempt not counted, as if it was never claimed.
-    /// Only while the claim (`lease_until`) is still the current one.
-    Released {
-        lease_until: i64,
-    },
+    Released,
 }
 
-/// The end of one attempt.
+/// The most of an attempt's error a store keeps (characters).
+pub const MAX_ERROR_CHARS: usize = 2000;
+
+/// An attempt's error as stored: one line, without control characters
+/// (PostgreSQL refuses a NUL in text, and a refused row would hold back the
+/// whole group of outcomes recorded with it), and at most
+/// [`MAX_ERROR_CHARS`]. A sink's message is mostly its own, but a plugin's
+/// is whatever the plugin says.
+pub fn stored_error(error: &str) -> std::borrow::Cow<'_, str> {
+    let clean = error.chars().all(|c| !c.is_control()) && error.len() <= MAX_ERROR_CHARS;
+    if clean {
+        return std::borrow::Cow::Borrowed(error);
+    }
+    let mut out: String = error
+        .chars()
+        .take(MAX_ERROR_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if error.chars().nth(MAX_ERROR_CHARS).is_some() {
+        out.push_str("...");
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// The end of one attempt. It is recorded only while its claim is still the
+/// delivery's current one: the same attempt number and the same lease. The
+/// number alone is not enough, since a replay starts the count again: an
+/// outcome that comes after its lease ran out, a replay and a new claim
+/// would otherwise stand for the new attempt.
 #[derive(Debug, Clone)]
 pub struct Completion {
     pub delivery_id: i64,
     pub attempt: u32,
+    /// The claim's lease ([`Claimed::lease_until`]), which names it alone.
+    pub lease_until: i64,
     pub finished_at: i64,
     pub result: Completed,
 }

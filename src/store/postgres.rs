@@ -178,7 +178,7 @@ FROM u JOIN events e ON e.seq = u.event_seq
 ORDER BY u.due_at, u.id";
 
 /// Ends attempts: only the holder of a delivery's current attempt may end it
-/// (`state = 0 AND attempts = attempt`), and each ending is logged.
+/// (`state = 0`, the same attempt and lease), and each ending is logged.
 const COMPLETE: &str = "
 WITH done AS (
     SELECT * FROM unnest($1::bigint[], $2::integer[], $3::integer[], $4::bigint[], $5::text[], $6::bigint[], $7::text[],
@@ -191,8 +191,7 @@ WITH done AS (
         last_error = CASE WHEN done.outcome = 'released' THEN d.last_error ELSE done.error END,
         updated_at = CASE WHEN done.outcome = 'released' THEN d.updated_at ELSE done.finished_at END
     FROM done
-    WHERE d.id = done.id AND d.state = 0 AND d.attempts = done.attempt
-      AND (done.outcome <> 'released' OR d.lease_until = done.lease_until)
+    WHERE d.id = done.id AND d.state = 0 AND d.attempts = done.attempt AND d.lease_until = done.lease_until
     RETURNING d.id, done.attempt, done.finished_at, done.outcome, done.error
 )
 INSERT INTO attempts (delivery_id, attempt, finished_at, outcome, error)
@@ -725,7 +724,7 @@ impl Store for PostgresStore {
         }
         let n = done.len();
         let (mut ids, mut tries, mut states) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let mut leases: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut leases: Vec<i64> = Vec::with_capacity(n);
         let (mut dues, mut errors, mut finished, mut outcomes) = (
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -733,16 +732,13 @@ impl Store for PostgresStore {
             Vec::with_capacity(n),
         );
         for c in &done {
-            let (state, due, error, outcome): (Status, Option<i64>, Option<&str>, &str) = match &c.result {
+            let (state, due, error, outcome): (Status, Option<i64>, Option<std::borrow::Cow<str>>, &str) = match &c.result {
                 Completed::Delivered => (Status::Delivered, None, None, "delivered"),
-                Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(error), "retry"),
-                Completed::Dead { error } => (Status::Dead, None, Some(error), "dead"),
-                Completed::Released { .. } => (Status::Pending, None, None, "released"),
+                Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(stored_error(error)), "retry"),
+                Completed::Dead { error } => (Status::Dead, None, Some(stored_error(error)), "dead"),
+                Completed::Released => (Status::Pending, None, None, "released"),
             };
-            leases.push(match c.result {
-                Completed::Released { lease_until } => Some(lease_until),
-                _ => None,
-            });
+            leases.push(c.lease_until);
             ids.push(c.delivery_id);
             tries.push(c.attempt.min(i32::MAX as u32) as i32);
             states.push(state.code() as i32);

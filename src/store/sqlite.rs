@@ -1396,7 +1396,7 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
     let mut update = t
         .prepare_cached(
             "UPDATE deliveries SET state = ?2, due_at = COALESCE(?3, due_at), lease_until = NULL,
-             last_error = ?4, updated_at = ?5 WHERE id = ?1 AND state = 0 AND attempts = ?6",
+             last_error = ?4, updated_at = ?5 WHERE id = ?1 AND state = 0 AND attempts = ?6 AND lease_until = ?7",
         )
         .map_err(unavailable)?;
     let mut log = t
@@ -1413,11 +1413,11 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
     for c in done {
         let (state, due, error, outcome) = match &c.result {
             Completed::Delivered => (Status::Delivered, None, None, "delivered"),
-            Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(error.as_str()), "retry"),
-            Completed::Dead { error } => (Status::Dead, None, Some(error.as_str()), "dead"),
-            Completed::Released { lease_until } => {
+            Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(stored_error(error)), "retry"),
+            Completed::Dead { error } => (Status::Dead, None, Some(stored_error(error)), "dead"),
+            Completed::Released => {
                 release
-                    .execute(params![c.delivery_id, c.attempt, lease_until])
+                    .execute(params![c.delivery_id, c.attempt, c.lease_until])
                     .map_err(unavailable)?;
                 continue;
             }
@@ -1429,12 +1429,14 @@ fn complete(t: &Connection, done: &[Completion]) -> Result<(), StoreError> {
                 due,
                 error,
                 c.finished_at,
-                c.attempt
+                c.attempt,
+                c.lease_until
             ])
             .map_err(unavailable)?;
-        // Only the holder of the current attempt may finish it: a completion
-        // that arrives after its lease ran out and the delivery was claimed
-        // again (or replayed, or pruned) must not overwrite the newer state.
+        // Only the holder of the current claim (attempt and lease) may finish
+        // it: a completion that arrives after its lease ran out and the
+        // delivery was claimed again (or replayed, or pruned) must not
+        // overwrite the newer state.
         // The last attempt of a delivered delivery is on its row already
         // (attempts, updated_at, no error): it gets no log row of its own, a
         // table and index insert fewer for nearly every delivery (see

@@ -165,6 +165,7 @@ store_tests!(
     held_deliveries_are_written_claimed_by_the_inserter,
     delivered_is_never_claimed_again,
     retry_is_claimable_at_its_due_time_with_the_next_attempt,
+    any_error_text_is_recorded_with_the_outcomes_beside_it,
     released_claims_run_again_at_once_with_the_same_attempt,
     dead_is_listed_and_never_claimed,
     replay_dead_letters_requeues_them_with_fresh_attempts,
@@ -255,6 +256,7 @@ async fn complete(store: &dyn Store, claimed: &Claimed, finished_at: i64, result
     let done = Completion {
         delivery_id: claimed.delivery_id,
         attempt: claimed.attempt,
+        lease_until: claimed.lease_until,
         finished_at,
         result,
     };
@@ -466,13 +468,14 @@ async fn held_deliveries_are_written_claimed_by_the_inserter(store: Arc<dyn Stor
     let finish = |id: i64, result: Completed| Completion {
         delivery_id: id,
         attempt: 1,
+        lease_until,
         finished_at: T0 + 2,
         result,
     };
     store
         .complete(vec![
             finish(ids[1], Completed::Delivered),
-            finish(ids[0], Completed::Released { lease_until }),
+            finish(ids[0], Completed::Released),
         ])
         .await
         .expect("complete");
@@ -510,10 +513,7 @@ async fn released_claims_run_again_at_once_with_the_same_attempt(store: Arc<dyn 
     insert(&*store, new_event("evt_1", &["a"])).await;
     let first = claim(&*store, "a", T0).await;
     assert_eq!(attempts(&first), [("evt_1", 1)]);
-    let release = |c: &Claimed| Completed::Released {
-        lease_until: c.lease_until,
-    };
-    complete(&*store, &first[0], T0 + 1, release(&first[0])).await;
+    complete(&*store, &first[0], T0 + 1, Completed::Released).await;
 
     let again = claim(&*store, "a", T0 + 2).await;
     assert_eq!(
@@ -526,13 +526,43 @@ async fn released_claims_run_again_at_once_with_the_same_attempt(store: Arc<dyn 
     assert_eq!(pending[0].last_error, None);
 
     // Released again by a worker that no longer holds it: ignored.
-    complete(&*store, &first[0], T0 + 3, release(&first[0])).await;
+    complete(&*store, &first[0], T0 + 3, Completed::Released).await;
     complete(&*store, &again[0], T0 + 4, Completed::Delivered).await;
     assert!(claim(&*store, "a", T0 + 5).await.is_empty());
     let detail = store.event_detail("crumb", "evt_1").await.unwrap();
     let log = &detail.deliveries[0].attempt_log;
     assert_eq!(log.len(), 1, "only the real attempt is logged: {log:?}");
     assert_eq!(deliveries(&*store, None, Some(Status::Delivered)).await[0].attempts, 1);
+}
+
+/// Whatever a sink says (a plugin's error may hold a NUL, which PostgreSQL
+/// refuses in text, or be very long) is recorded, and does not hold back the
+/// outcomes recorded with it.
+async fn any_error_text_is_recorded_with_the_outcomes_beside_it(store: Arc<dyn Store>) {
+    insert(&*store, new_event("evt_1", &["a", "b"])).await;
+    let a = claim(&*store, "a", T0).await;
+    let b = claim(&*store, "b", T0).await;
+    let end = |c: &Claimed, result: Completed| Completion {
+        delivery_id: c.delivery_id,
+        attempt: c.attempt,
+        lease_until: c.lease_until,
+        finished_at: T0 + 1,
+        result,
+    };
+    let long = "x".repeat(MAX_ERROR_CHARS + 10);
+    store
+        .complete(vec![
+            end(&a[0], dead("bad\0byte\nand a new line")),
+            end(&b[0], dead(&long)),
+        ])
+        .await
+        .expect("complete");
+    let dead_rows = deliveries(&*store, None, Some(Status::Dead)).await;
+    let error_of = |sink: &str| dead_rows.iter().find(|r| r.sink == sink).and_then(|r| r.last_error.clone());
+    assert_eq!(error_of("a").as_deref(), Some("bad byte and a new line"));
+    let b_error = error_of("b").expect("b's error");
+    assert_eq!(b_error.chars().count(), MAX_ERROR_CHARS + 3, "cut, and said so");
+    assert!(b_error.ends_with("..."));
 }
 
 async fn retry_is_claimable_at_its_due_time_with_the_next_attempt(store: Arc<dyn Store>) {
@@ -740,7 +770,24 @@ async fn replay_event_leaves_a_delivery_in_flight_to_its_attempt(store: Arc<dyn 
     assert_eq!(attempts(&again), [("evt_1", 1)]);
     let expired = now + 2 * SECOND + LEASE_MS + 1;
     assert_eq!(store.replay(event_target("evt_1", None), expired).await, Ok(2));
-    assert_eq!(attempts(&claim(&*store, "a", expired).await), [("evt_1", 1)]);
+    let replayed = claim(&*store, "a", expired).await;
+    assert_eq!(attempts(&replayed), [("evt_1", 1)]);
+
+    // The claim whose lease ran out ends late, with the same attempt number
+    // as the replay's claim: it must not stand for the replay's attempt.
+    complete(&*store, &again[0], expired + 1, Completed::Delivered).await;
+    let pending = deliveries(&*store, Some("a"), Some(Status::Pending)).await;
+    assert_eq!(pairs(&pending), [("evt_1", "a")], "the replay's attempt is still its own");
+    complete(&*store, &again[0], expired + 1, dead("late")).await;
+    assert!(deliveries(&*store, Some("a"), Some(Status::Dead)).await.is_empty());
+    // The replay's own claim ends it.
+    let retry = Completed::Retry {
+        due_at: expired + HOUR,
+        error: "HTTP 503".into(),
+    };
+    complete(&*store, &replayed[0], expired + 2, retry).await;
+    let pending = deliveries(&*store, Some("a"), Some(Status::Pending)).await;
+    assert_eq!(pending[0].last_error.as_deref(), Some("HTTP 503"));
 }
 
 async fn replay_unknown_event_is_not_found(store: Arc<dyn Store>) {
