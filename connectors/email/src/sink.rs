@@ -1,18 +1,31 @@
 //! The sink: one message per delivery, each over a connection of its own
 //! (see the `lettre` entry of Cargo.toml for why not a pool).
+//!
+//! The connection is lettre's, driven step by step rather than through its
+//! transport: the transport ends every send with a `QUIT` and waits for the
+//! answer with no time limit, so a server slow to say goodbye after it took
+//! the message (its `250`) would have the attempt time out, and the
+//! message sent again. Here the `250` decides, and the goodbye is said on
+//! the side, briefly.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink};
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, Certificate, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
 
 use crate::{EmailSinkConfig, TlsMode, message, outcome};
 
+/// How long a `QUIT` after a delivered message may wait for its answer.
+const GOODBYE: Duration = Duration::from_secs(2);
+
 pub struct EmailSink {
     cfg: EmailSinkConfig,
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// For `Tls` (from the first byte) and `StartTls`.
+    tls: Option<TlsParameters>,
+    credentials: Option<Credentials>,
+    hello: ClientId,
 }
 
 impl std::fmt::Debug for EmailSink {
@@ -24,42 +37,73 @@ impl std::fmt::Debug for EmailSink {
 }
 
 impl EmailSink {
-    /// Builds the transport; each delivery opens its own connection. Fails
-    /// only on TLS setup (a CA file lettre cannot use).
+    /// Prepares TLS and credentials; each delivery opens its own
+    /// connection. Fails only on TLS setup (a CA file lettre cannot use).
     pub fn new(cfg: EmailSinkConfig) -> Result<Self, String> {
         let smtp = &cfg.smtp;
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(smtp.host.clone())
-            .port(smtp.port)
-            // Per SMTP command; the whole exchange is bounded in `send`.
-            .timeout(Some(cfg.timeout));
-        if smtp.tls != TlsMode::None {
+        let tls = if smtp.tls != TlsMode::None {
             let mut params = TlsParameters::builder(smtp.host.clone());
             if let Some(pem) = &smtp.ca_pem {
                 let cert = Certificate::from_pem(pem).map_err(|e| format!("ca_file: {e}"))?;
                 params = params.add_root_certificate(cert);
             }
-            let params = params.build_rustls().map_err(|e| format!("TLS setup: {e}"))?;
-            builder = builder.tls(match smtp.tls {
-                TlsMode::StartTls => Tls::Required(params),
-                _ => Tls::Wrapper(params),
-            });
+            Some(params.build_rustls().map_err(|e| format!("TLS setup: {e}"))?)
         } else {
-            builder = builder.tls(Tls::None);
-        }
-        if let Some((user, password)) = &smtp.credentials {
-            builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
-        }
+            None
+        };
+        let credentials = smtp
+            .credentials
+            .as_ref()
+            .map(|(user, password)| Credentials::new(user.clone(), password.clone()));
         Ok(Self {
-            transport: builder.build(),
+            tls,
+            credentials,
+            hello: ClientId::default(),
             cfg,
         })
+    }
+
+    /// Connects (TLS, STARTTLS, AUTH as configured) and sends the message:
+    /// the connection, once the server has taken it.
+    async fn exchange(&self, message: &lettre::Message) -> Result<AsyncSmtpConnection, lettre::transport::smtp::Error> {
+        let smtp = &self.cfg.smtp;
+        let wrapper = match smtp.tls {
+            TlsMode::Tls => self.tls.clone(),
+            _ => None,
+        };
+        // The timeout here is per command; the whole exchange is bounded in `send`.
+        let mut conn = AsyncSmtpConnection::connect_tokio1(
+            (smtp.host.as_str(), smtp.port),
+            Some(self.cfg.timeout),
+            &self.hello,
+            wrapper,
+            None,
+        )
+        .await?;
+        if smtp.tls == TlsMode::StartTls
+            && let Some(params) = &self.tls
+        {
+            // Refused, with an error, by a server that does not offer it.
+            conn.starttls(params.clone(), &self.hello).await?;
+        }
+        if let Some(credentials) = &self.credentials {
+            conn.auth(DEFAULT_MECHANISMS, credentials).await?;
+        }
+        conn.send(message.envelope(), &message.formatted()).await?;
+        Ok(conn)
     }
 
     async fn send(&self, delivery: &Delivery) -> Outcome {
         let message = message::render(&self.cfg, delivery)?;
         let started = Instant::now();
-        let outcome = match tokio::time::timeout(self.cfg.timeout, self.transport.send(message)).await {
-            Ok(Ok(_response)) => Ok(()),
+        let outcome = match tokio::time::timeout(self.cfg.timeout, self.exchange(&message)).await {
+            Ok(Ok(mut conn)) => {
+                // Delivered: a goodbye that is slow or lost changes nothing.
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(GOODBYE, conn.abort()).await;
+                });
+                Ok(())
+            }
             Ok(Err(err)) => Err(outcome::classify(&err)),
             Err(_) => Err(DeliveryError::timed_out(self.cfg.timeout)),
         };
@@ -89,9 +133,5 @@ impl Sink for EmailSink {
 
     async fn deliver(&self, batch: &[Delivery]) -> Vec<Outcome> {
         expeditor_api::one_by_one(batch, |d| self.send(d)).await
-    }
-
-    async fn close(&self) {
-        self.transport.shutdown().await;
     }
 }

@@ -169,8 +169,13 @@ fn debug_hides_the_password() {
 
 /// A server that takes the first message, but answers its final dot only
 /// after 1.5 s, past the sink's 1 s timeout, and rejects every later
-/// message at once with a 554.
+/// message at once with a 554. With `silent_quit`, it takes every message
+/// at once and never answers `QUIT`.
 async fn slow_then_rejecting_server() -> u16 {
+    scripted_server(false).await
+}
+
+async fn scripted_server(silent_quit: bool) -> u16 {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -196,13 +201,19 @@ async fn slow_then_rejecting_server() -> u16 {
                                 break;
                             }
                         }
-                        if messages.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                        if silent_quit {
+                            b"250 queued\r\n"
+                        } else if messages.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
                             tokio::time::sleep(Duration::from_millis(1500)).await;
                             b"250 queued\r\n"
                         } else {
                             b"554 rejected\r\n"
                         }
                     } else if command.starts_with("QUIT") {
+                        if silent_quit {
+                            // Holds the connection open, and says nothing.
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                        }
                         let _ = write.write_all(b"221 bye\r\n").await;
                         return;
                     } else {
@@ -240,4 +251,20 @@ async fn a_timed_out_send_does_not_leave_its_connection_to_the_next() {
         .clone()
         .expect_err("the server rejected the second message: it was not delivered");
     assert!(!err.retryable && err.message.contains("554"), "{err:?}");
+}
+
+/// The server's `250` for the message decides: a goodbye (`QUIT`) that is
+/// never answered does not turn a delivered message into a timeout, which
+/// would send it again.
+#[tokio::test]
+async fn a_message_taken_is_delivered_however_the_goodbye_goes() {
+    let port = scripted_server(true).await;
+    let mut cfg = config("{{ order.customer.email }}", None, None);
+    cfg.smtp.port = port;
+    cfg.timeout = Duration::from_secs(1);
+    let sink = EmailSink::new(cfg).unwrap();
+    for to in ["ada@example.com", "bob@example.com"] {
+        let out = sink.deliver(&[delivery(Some(to))]).await;
+        assert_eq!(out, vec![Ok(())]);
+    }
 }
