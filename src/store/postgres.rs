@@ -732,12 +732,15 @@ impl Store for PostgresStore {
             Vec::with_capacity(n),
         );
         for c in &done {
-            let (state, due, error, outcome): (Status, Option<i64>, Option<std::borrow::Cow<str>>, &str) = match &c.result {
-                Completed::Delivered => (Status::Delivered, None, None, "delivered"),
-                Completed::Retry { due_at, error } => (Status::Pending, Some(*due_at), Some(stored_error(error)), "retry"),
-                Completed::Dead { error } => (Status::Dead, None, Some(stored_error(error)), "dead"),
-                Completed::Released => (Status::Pending, None, None, "released"),
-            };
+            let (state, due, error, outcome): (Status, Option<i64>, Option<std::borrow::Cow<str>>, &str) =
+                match &c.result {
+                    Completed::Delivered => (Status::Delivered, None, None, "delivered"),
+                    Completed::Retry { due_at, error } => {
+                        (Status::Pending, Some(*due_at), Some(stored_error(error)), "retry")
+                    }
+                    Completed::Dead { error } => (Status::Dead, None, Some(stored_error(error)), "dead"),
+                    Completed::Released => (Status::Pending, None, None, "released"),
+                };
             leases.push(c.lease_until);
             ids.push(c.delivery_id);
             tries.push(c.attempt.min(i32::MAX as u32) as i32);

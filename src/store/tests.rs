@@ -558,7 +558,12 @@ async fn any_error_text_is_recorded_with_the_outcomes_beside_it(store: Arc<dyn S
         .await
         .expect("complete");
     let dead_rows = deliveries(&*store, None, Some(Status::Dead)).await;
-    let error_of = |sink: &str| dead_rows.iter().find(|r| r.sink == sink).and_then(|r| r.last_error.clone());
+    let error_of = |sink: &str| {
+        dead_rows
+            .iter()
+            .find(|r| r.sink == sink)
+            .and_then(|r| r.last_error.clone())
+    };
     assert_eq!(error_of("a").as_deref(), Some("bad byte and a new line"));
     let b_error = error_of("b").expect("b's error");
     assert_eq!(b_error.chars().count(), MAX_ERROR_CHARS + 3, "cut, and said so");
@@ -777,7 +782,11 @@ async fn replay_event_leaves_a_delivery_in_flight_to_its_attempt(store: Arc<dyn 
     // as the replay's claim: it must not stand for the replay's attempt.
     complete(&*store, &again[0], expired + 1, Completed::Delivered).await;
     let pending = deliveries(&*store, Some("a"), Some(Status::Pending)).await;
-    assert_eq!(pairs(&pending), [("evt_1", "a")], "the replay's attempt is still its own");
+    assert_eq!(
+        pairs(&pending),
+        [("evt_1", "a")],
+        "the replay's attempt is still its own"
+    );
     complete(&*store, &again[0], expired + 1, dead("late")).await;
     assert!(deliveries(&*store, Some("a"), Some(Status::Dead)).await.is_empty());
     // The replay's own claim ends it.

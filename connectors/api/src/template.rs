@@ -37,7 +37,9 @@ impl From<minijinja::Error> for TemplateError {
 }
 
 /// Handle to one compiled template or expression in a [`Templates`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `Debug` names it and hides its text: a literal may be a resolved secret
+/// (`Authorization = "Bearer ${KDS_TOKEN}"`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct TemplateId {
     name: String,
     /// Expressions keep the type of their value; text templates are strings.
@@ -50,6 +52,17 @@ pub struct TemplateId {
     /// (see [`Templates::render_json`]). Boxed: most templates have none,
     /// and configs hold many ids.
     field: Option<Box<FieldPath>>,
+}
+
+impl std::fmt::Debug for TemplateId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TemplateId")
+            .field("name", &self.name)
+            .field("typed", &self.typed)
+            .field("literal", &self.literal.as_ref().map(|_| "<hidden>"))
+            .field("field", &self.field)
+            .finish()
+    }
 }
 
 /// `root.field` or `root.field.key...`, where root is `event`, `order`,
@@ -116,6 +129,18 @@ impl Default for TemplateSet {
     }
 }
 
+/// The name of a structured value's member: `sinks.kds.body.note`, or
+/// `sinks.kds.body["html"]` for a key that would make it read as an HTML
+/// template's name and have its values escaped.
+fn leaf_name(parent: &str, key: &str) -> String {
+    let name = format!("{parent}.{key}");
+    if name.ends_with(".html") {
+        format!("{parent}[{key:?}]")
+    } else {
+        name
+    }
+}
+
 /// Name of the variable that captures an expression's value (see [`TemplateSet::expression`]).
 const RESULT_VAR: &str = "__expeditor_value";
 
@@ -136,6 +161,18 @@ impl TemplateSet {
             minijinja::escape_formatter(out, state, value)
         });
         env.add_filter("money", money_filter);
+        // Escaping is chosen by a template's name, the config key: only an
+        // HTML body (`sinks.NAME.html`, the email sink's) is HTML-escaped.
+        // MiniJinja's default would also quote values in any template whose
+        // name ends in `.json`, `.js` or `.yaml`, and structured leaves
+        // below never end in `.html` (see `leaf_name`).
+        env.set_auto_escape_callback(|name| {
+            if name.ends_with(".html") {
+                minijinja::AutoEscape::Html
+            } else {
+                minijinja::AutoEscape::None
+            }
+        });
         Self { env }
     }
 
@@ -190,7 +227,7 @@ impl TemplateSet {
             ),
             Json::Object(map) => Structured::Object(
                 map.iter()
-                    .map(|(k, v)| Ok((k.clone(), self.structured(&format!("{name}.{k}"), v)?)))
+                    .map(|(k, v)| Ok((k.clone(), self.structured(&leaf_name(name, k), v)?)))
                     .collect::<Result<_, TemplateError>>()?,
             ),
             other => Structured::Literal(other.clone()),
@@ -501,8 +538,12 @@ fn write<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T, name: &str)
 /// string, for people (Slack, email). Integer arithmetic, never floats.
 /// With the currency, `{{ order.total_cents | money(order.currency) }}`, it
 /// has that currency's decimals (JPY 1200 is `"1200"`, KWD 1234 `"1.234"`);
-/// without, or for an unknown one, two.
-fn money_filter(minor: i64, currency: Option<&str>) -> String {
+/// without, or for an unknown one, two. A missing amount renders empty, as
+/// a missing field does (a Crave order may come without a total).
+fn money_filter(minor: Option<i64>, currency: Option<&str>) -> String {
+    let Some(minor) = minor else {
+        return String::new();
+    };
     let sign = if minor < 0 { "-" } else { "" };
     let abs = minor.unsigned_abs();
     let digits = crate::event::currency_exponent(currency);
@@ -1159,18 +1200,66 @@ mod tests {
     }
 
     #[test]
+    fn only_an_html_body_is_escaped() {
+        let mut set = TemplateSet::new();
+        let body = json!({
+            "html": "{{ '<b>&' }} x",
+            "json": "{{ 'a' }} b",
+            "yaml": "{{ 'c' }} d",
+            "nested": { "html": ["{{ '<i>' }} y"] },
+        });
+        let s = set.structured("sinks.kds.body", &body).unwrap();
+        let html = set.text("sinks.mail.html", "<p>{{ '<b>&' }}</p>").unwrap();
+        let t = set.finish();
+        let ev = Arc::new(event());
+        let ctx = Templates::context(&ev);
+        assert_eq!(
+            t.render_json(&s, &ctx).unwrap(),
+            json!({ "html": "<b>& x", "json": "a b", "yaml": "c d", "nested": { "html": ["<i> y"] } })
+        );
+        assert_eq!(t.render(&html, &ctx).unwrap(), "<p>&lt;b&gt;&amp;</p>");
+    }
+
+    #[test]
+    fn debug_hides_a_literal() {
+        let mut set = TemplateSet::new();
+        let id = set
+            .text("sinks.kds.headers.Authorization", "Bearer tok-kds-123")
+            .unwrap();
+        let shown = format!("{id:?}");
+        assert!(
+            !shown.contains("tok-kds-123") && shown.contains("sinks.kds.headers.Authorization"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn money_of_a_missing_amount_renders_empty() {
+        let mut set = TemplateSet::new();
+        let id = set
+            .text(
+                "sinks.x.text",
+                "[{{ order.nope | money }}][{{ none | money(order.currency) }}]",
+            )
+            .unwrap();
+        let t = set.finish();
+        let ev = Arc::new(event());
+        assert_eq!(t.render(&id, &Templates::context(&ev)).unwrap(), "[][]");
+    }
+
+    #[test]
     fn money_filter_is_exact() {
-        assert_eq!(money_filter(2798, None), "27.98");
-        assert_eq!(money_filter(5, None), "0.05");
-        assert_eq!(money_filter(-1050, None), "-10.50");
-        assert_eq!(money_filter(i64::MIN, None), "-92233720368547758.08");
-        assert_eq!(money_filter(2798, Some("usd")), "27.98");
-        assert_eq!(money_filter(2798, Some("nope")), "27.98");
-        assert_eq!(money_filter(1200, Some("JPY")), "1200");
-        assert_eq!(money_filter(-1200, Some("RWF")), "-1200");
-        assert_eq!(money_filter(1234, Some("KWD")), "1.234");
-        assert_eq!(money_filter(5, Some("KWD")), "0.005");
-        assert_eq!(money_filter(12345, Some("CLF")), "1.2345");
+        assert_eq!(money_filter(Some(2798), None), "27.98");
+        assert_eq!(money_filter(Some(5), None), "0.05");
+        assert_eq!(money_filter(Some(-1050), None), "-10.50");
+        assert_eq!(money_filter(Some(i64::MIN), None), "-92233720368547758.08");
+        assert_eq!(money_filter(Some(2798), Some("usd")), "27.98");
+        assert_eq!(money_filter(Some(2798), Some("nope")), "27.98");
+        assert_eq!(money_filter(Some(1200), Some("JPY")), "1200");
+        assert_eq!(money_filter(Some(-1200), Some("RWF")), "-1200");
+        assert_eq!(money_filter(Some(1234), Some("KWD")), "1.234");
+        assert_eq!(money_filter(Some(5), Some("KWD")), "0.005");
+        assert_eq!(money_filter(Some(12345), Some("CLF")), "1.2345");
     }
 
     #[test]
