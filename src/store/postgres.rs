@@ -63,6 +63,12 @@ const MAX_INSERT_BATCH: usize = 256;
 pub(super) const MAX_INSERT_BYTES: usize = 8 << 20;
 /// Key of the advisory lock that serializes migrations ("expedito").
 const MIGRATION_LOCK: i64 = 0x6578_7065_6469_746f;
+/// Key of the advisory lock between pruning events (exclusive) and
+/// replaying one (shared): a pruning statement's snapshot must be taken
+/// after any replay that adds a delivery to an event has committed, or it
+/// would see the event without deliveries and delete or compact it under
+/// the new delivery ("exp-prun").
+pub(super) const PRUNE_REPLAY_LOCK: i64 = 0x6578_702d_7072_756e;
 
 /// Schema migrations, applied in order at start; `schema_version` records how
 /// many have run. Append only: never edit a migration that has shipped.
@@ -987,6 +993,9 @@ impl Store for PostgresStore {
             }
             ReplayTarget::Event { source, id, sink } => {
                 let tx = client.transaction().await.map_err(db_error)?;
+                tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&PRUNE_REPLAY_LOCK])
+                    .await
+                    .map_err(db_error)?;
                 // FOR SHARE: pruning skips locked events, so it cannot delete
                 // or compact this one while its deliveries are re-queued.
                 let found = tx
@@ -1037,7 +1046,7 @@ impl Store for PostgresStore {
         let delivered_cutoff = now.saturating_sub(ms(r.keep_delivered));
         let dead_cutoff = now.saturating_sub(ms(r.keep_dead_letters));
         let dedupe_cutoff = now.saturating_sub(ms(r.dedupe_window.max(r.keep_delivered)));
-        let client = self.client().await?;
+        let mut client = self.client().await?;
         // One chunk per statement, each its own short transaction; rows other
         // transactions hold (a claim, a completion, a replay) are skipped,
         // not waited for: the next pass gets them.
@@ -1057,7 +1066,18 @@ impl Store for PostgresStore {
             dead_cutoff,
         )
         .await?;
-        stats.events_compacted = run(
+        // Events without deliveries: each statement after the replays in
+        // progress (see PRUNE_REPLAY_LOCK), in a transaction of its own.
+        let mut without_deliveries = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
+            let tx = client.transaction().await.map_err(db_error)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PRUNE_REPLAY_LOCK])
+                .await
+                .map_err(db_error)?;
+            let n = tx.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await.map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            Ok(n)
+        };
+        stats.events_compacted = without_deliveries(
             "UPDATE events SET body = NULL WHERE seq IN
              (SELECT seq FROM events e WHERE body IS NOT NULL AND received_at < $1
               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
@@ -1065,7 +1085,7 @@ impl Store for PostgresStore {
             delivered_cutoff,
         )
         .await?;
-        stats.events_deleted = run(
+        stats.events_deleted = without_deliveries(
             "DELETE FROM events WHERE seq IN
              (SELECT seq FROM events e WHERE received_at < $1
               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)

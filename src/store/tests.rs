@@ -2143,6 +2143,44 @@ async fn postgres_instances_share_dedupe_queue_and_leases() {
 /// is still answered as if it were alone: a key twice in a batch is new
 /// once, a held delivery gets its own id, and an event the server refuses
 /// fails alone, not with the others in its batch.
+/// Pruning an event that has no deliveries waits for a replay in progress,
+/// which may be adding one: a prune statement that started first would see
+/// the event without it and delete it, the new delivery with it, or
+/// compact its body away. (The replay's transaction holds the lock shared.)
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_pruning_events_waits_for_a_replay_in_progress() {
+    let Some(db) = TestDatabase::create().await else { return };
+    let store: Arc<dyn Store> = Arc::new(db.store().await);
+    insert(&*store, new_event("evt_1", &[])).await;
+    let keep_nothing = Retention {
+        dedupe_window: Duration::ZERO,
+        keep_delivered: Duration::ZERO,
+        keep_dead_letters: Duration::ZERO,
+    };
+
+    let (replay, connection) = db.config().connect(tokio_postgres::NoTls).await.expect("connect");
+    tokio::spawn(connection);
+    replay
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_advisory_xact_lock_shared({})",
+            super::postgres::PRUNE_REPLAY_LOCK
+        ))
+        .await
+        .expect("a replay's lock");
+    let pruning = tokio::spawn({
+        let store = store.clone();
+        async move { store.prune(keep_nothing, T0 + DAY).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pruning.is_finished(), "pruning went ahead of the replay");
+    assert!(store.event_detail("crumb", "evt_1").await.is_ok());
+
+    replay.batch_execute("COMMIT").await.expect("commit");
+    let stats = pruning.await.unwrap().expect("prune");
+    assert_eq!(stats.events_deleted, 1, "{stats:?}");
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_grouped_inserts_answer_each_event_as_if_alone() {
     let Some(db) = TestDatabase::create().await else { return };
