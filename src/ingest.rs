@@ -74,6 +74,13 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shut
             _ = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
+        // A client that stops taking our answers (its window full) would
+        // park the connection with no timer running: hyper reads no next
+        // request and bounds no write, so the connection, its permit and a
+        // graceful stop would wait for ever. A write stalled this long ends it.
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.header_timeout));
+        let stream = Box::pin(stream);
         let shared = shared.clone();
         // A connection's own token: its task polls it at every wake-up, and
         // polling the listener's token itself would take that token's lock

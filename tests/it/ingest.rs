@@ -589,3 +589,38 @@ async fn store_that_cannot_commit_is_503_and_nothing_is_acknowledged() {
     d.wait_delivery("crumb", "evt_503", "hook", "delivered").await;
     assert_eq!(sink.settle().await.len(), 1);
 }
+
+/// A client that sends requests and never reads the answers stalls our
+/// writes once its window is full; such a connection is cut off after
+/// `header_timeout`, so it cannot hold a connection slot (here the only one)
+/// for ever, nor a stop.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_never_reads_its_answers_is_cut_off() {
+    let sink = FakeSink::start().await;
+    let d = Daemon::start(&one_sink_config(
+        "max_connections = 1\nheader_timeout = \"1s\"",
+        &sink.url("/hook"),
+    ))
+    .await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = socket.connect(d.ingest).await.unwrap();
+    // Enough pipelined requests that their answers fill both socket buffers.
+    let requests = b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n".repeat(40_000);
+    let writer = tokio::spawn(async move {
+        let _ = stuck.write_all(&requests).await;
+        // Holds the connection open, reading nothing.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(stuck);
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let reply = tokio::time::timeout(
+        Duration::from_secs(15),
+        d.post_crumb(&crumb_order("evt_after_a_stuck_client", 100)),
+    )
+    .await
+    .expect("the only connection slot was never given back");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    writer.abort();
+}
