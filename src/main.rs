@@ -42,6 +42,10 @@ fn main() -> ExitCode {
             other => cli::list(&config, other).await.map(|()| true),
         }
     });
+    // Past the daemon's own stop bound, nothing may hold the exit: a plugin
+    // call still running on a blocking thread would (dropping a runtime
+    // waits for those).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,

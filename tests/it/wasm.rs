@@ -382,6 +382,55 @@ retry = { max_attempts = 1 }
     );
 }
 
+/// A stop closes every idle instance of a wasm sink within one sink
+/// timeout, however many there are, so the stop keeps its bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn closing_many_instances_keeps_the_stop_bound() {
+    let sinks = r#"[sinks.flusher]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+config = { shutdown_sleep_ms = 10000 }
+timeout = "1s"
+concurrency = 4
+"#;
+    let config = config(sinks, &["flusher"]).replace("[server]", "[server]\nshutdown_timeout = \"3s\"");
+    let (mut d, _plugins) = start_with_plugins(&config, &[("misbehave", "misbehave")]).await;
+    // Four at once, each 300 ms in `deliver`: four instances, then idle.
+    let mut posts = Vec::new();
+    for i in 0..4 {
+        let mut event = with_behaviour(crumb_order(&format!("evt_flush_{i}"), 100), "sleep");
+        event["sleep_ms"] = json!(300);
+        posts.push(event);
+    }
+    let replies = tokio::join!(
+        d.post_crumb(&posts[0]),
+        d.post_crumb(&posts[1]),
+        d.post_crumb(&posts[2]),
+        d.post_crumb(&posts[3])
+    );
+    assert!(
+        [replies.0, replies.1, replies.2, replies.3]
+            .iter()
+            .all(|r| r.status == 200)
+    );
+    for i in 0..4 {
+        d.wait_delivery("crumb", &format!("evt_flush_{i}"), "flusher", "delivered")
+            .await;
+    }
+    let log = plain(&d.log());
+    assert!(log.matches("misbehave slept 300ms").count() == 4, "{log}");
+
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "exit status {status}\n{}", d.log());
+    let log = plain(&d.log());
+    assert!(
+        log.matches("plugin shutdown failed").count() >= 2,
+        "several instances were closed: {log}"
+    );
+    assert!(!log.contains("stop bound reached"), "{log}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plugin_errors_follow_the_retry_policy() {
     let sinks = r#"[sinks.wild]

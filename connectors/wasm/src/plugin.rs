@@ -165,7 +165,7 @@ impl Plugin {
             ),
             InitFailed::Failed(CallFailed(msg)) => err(PluginErrorKind::Init, format!("{shown}: init failed: {msg}")),
         })?;
-        plugin.shutdown(instance);
+        plugin.shutdown(instance, plugin.deadline());
         Ok(plugin)
     }
 
@@ -213,12 +213,11 @@ impl Plugin {
         })
     }
 
-    /// The shutdown contract: `shutdown` under the usual limits, then the
-    /// instance is dropped. A failure is logged, never propagated: the sink is
-    /// going away either way.
-    pub(crate) fn shutdown(&self, mut instance: Instance) {
+    /// The shutdown contract: `shutdown` under the usual limits, by
+    /// `deadline`, then the instance is dropped. A failure is logged, never
+    /// propagated: the sink is going away either way.
+    pub(crate) fn shutdown(&self, mut instance: Instance, deadline: Instant) {
         let bindings = &instance.bindings;
-        let deadline = self.deadline();
         if let Err(CallFailed(msg)) = bounded(&mut instance.store, "shutdown", deadline, async |s| {
             bindings.call_shutdown(s).await
         }) {

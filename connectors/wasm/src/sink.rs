@@ -151,16 +151,18 @@ impl Sink for WasmSink {
     }
 
     /// The shutdown contract: every instance's `shutdown` is called (under
-    /// the usual limits), then the instances are dropped.
+    /// the usual limits), then the instances are dropped. All of them within
+    /// one sink timeout, however many there are: a stop has its bound.
     async fn close(&self) {
         let instances = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
         if instances.is_empty() {
             return;
         }
         let plugin = self.plugin.clone();
+        let deadline = plugin.deadline();
         let _ = tokio::task::spawn_blocking(move || {
             for instance in instances {
-                plugin.shutdown(instance);
+                plugin.shutdown(instance, deadline);
             }
         })
         .await;

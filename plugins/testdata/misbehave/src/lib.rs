@@ -14,7 +14,8 @@
 //! The config may say `{"reject": "why"}`: `init` then fails with that text.
 //! `{"fail_shutdown": true}` makes `shutdown` panic, to test that a failing
 //! shutdown does not stop the daemon's. `{"init_sleep_ms": N}` makes `init`
-//! take that long (a slow start, such as fetching a token).
+//! take that long (a slow start, such as fetching a token), and
+//! `{"shutdown_sleep_ms": N}` does the same to `shutdown` (a slow flush).
 
 use std::cell::Cell;
 
@@ -30,6 +31,7 @@ use expeditor::sink::types::{Level, RetryHint};
 
 thread_local! {
     static FAIL_SHUTDOWN: Cell<bool> = const { Cell::new(false) };
+    static SHUTDOWN_SLEEP_MS: Cell<u64> = const { Cell::new(0) };
     static DELIVERED: Cell<u64> = const { Cell::new(0) };
 }
 
@@ -42,6 +44,7 @@ impl Guest for Plugin {
             return Err(why.to_owned());
         }
         FAIL_SHUTDOWN.with(|f| f.set(config["fail_shutdown"].as_bool().unwrap_or(false)));
+        SHUTDOWN_SLEEP_MS.with(|s| s.set(config["shutdown_sleep_ms"].as_u64().unwrap_or(0)));
         if let Some(ms) = config["init_sleep_ms"].as_u64() {
             std::thread::sleep(std::time::Duration::from_millis(ms));
         }
@@ -58,6 +61,10 @@ impl Guest for Plugin {
             Level::Info,
             &format!("misbehave shutting down after {delivered} deliveries"),
         );
+        let ms = SHUTDOWN_SLEEP_MS.with(Cell::get);
+        if ms > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         if FAIL_SHUTDOWN.with(Cell::get) {
             panic!("asked to fail at shutdown");
         }
