@@ -91,6 +91,9 @@ pub struct Metrics {
     dead_letters: Family<SinkLabels, Gauge>,
     oldest_pending_age: Family<SinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     reloads: Family<ReloadLabels, Counter>,
+    /// One scrape at a time: each clears the queue gauges and fills them
+    /// again, and an overlapping one would write out the cleared families.
+    scrape: std::sync::Mutex<()>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -210,6 +213,7 @@ impl Metrics {
             dead_letters,
             oldest_pending_age,
             reloads,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -258,6 +262,7 @@ impl Metrics {
     /// `limits`: each sink's concurrency limit now, from the engine that is
     /// current (a sink a reload removed has none).
     pub fn render(&self, queues: &[SinkQueue], sinks: &[String], limits: &[(String, usize)], now_ms: i64) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.pending.clear();
         self.concurrency_limit.clear();
         for (sink, limit) in limits {
@@ -409,6 +414,30 @@ impl SinkMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Scrapes that overlap each write out every queue gauge: one never
+    /// sees the families another has just cleared.
+    #[test]
+    fn overlapping_scrapes_each_have_every_series() {
+        let m = Arc::new(Metrics::new());
+        let sinks = vec!["kds".to_owned()];
+        let scrapers: Vec<_> = (0..4)
+            .map(|_| {
+                let (m, sinks) = (m.clone(), sinks.clone());
+                std::thread::spawn(move || {
+                    (0..2000)
+                        .filter(|_| {
+                            let out = m.render(&[], &sinks, &[("kds".to_owned(), 8)], 0);
+                            !(out.contains("expeditor_deliveries_pending{sink=\"kds\"} 0")
+                                && out.contains("expeditor_sink_concurrency_limit{sink=\"kds\"} 8"))
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        let missing: usize = scrapers.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(missing, 0, "scrapes without a queue gauge");
+    }
 
     #[test]
     fn names_follow_the_convention() {
