@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
-use crate::config::{self, Config, Scheme};
+use crate::config::{self, AdminConfig, Config, Scheme};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -145,6 +145,16 @@ pub struct ListArgs {
 
 pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
     config::load(&cli.config).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
+        ExitCode::FAILURE
+    })
+}
+
+/// Only `[admin]` of the config, for the commands that talk to a running
+/// daemon ([`config::load_admin`]).
+pub fn load_admin(cli: &Cli) -> Result<AdminConfig, ExitCode> {
+    config::load_admin(&cli.config).map_err(|errors| {
         eprintln!("{errors}");
         eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
         ExitCode::FAILURE
@@ -339,11 +349,10 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(cfg: &Config) -> anyhow::Result<Self> {
+    pub fn new(admin: &AdminConfig) -> anyhow::Result<Self> {
         Ok(Self {
-            base: local_url(cfg.admin.listen),
-            token: cfg
-                .admin
+            base: local_url(admin.listen),
+            token: admin
                 .token
                 .as_ref()
                 .map(|t| String::from_utf8_lossy(t.expose()).into_owned()),
@@ -390,7 +399,7 @@ impl AdminClient {
     }
 }
 
-pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
+pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
     let admin = AdminClient::new(cfg)?;
     match command {
         Command::Events {
@@ -446,8 +455,9 @@ pub async fn list(cfg: &Config, command: &Command) -> anyhow::Result<()> {
                         s(&e["source"]),
                         s(&e["id"]),
                         s(&e["type"]),
+                        // Unrouted, or its deliveries pruned by retention.
                         if deliveries.is_empty() {
-                            "(unrouted)".into()
+                            "(no deliveries)".into()
                         } else {
                             deliveries
                         },
@@ -557,7 +567,13 @@ fn print_event_detail(e: &Value) {
     }
     let deliveries = e["deliveries"].as_array().cloned().unwrap_or_default();
     if deliveries.is_empty() {
-        println!("\nno deliveries: no route took this event");
+        // Retention prunes delivered deliveries and then the payload, on the
+        // same schedule: with the payload here, none were routed.
+        if e["payload"].is_string() {
+            println!("\nno deliveries: no route took this event");
+        } else {
+            println!("\nno deliveries left: pruned by retention, or no route took this event");
+        }
     }
     for d in deliveries {
         println!();

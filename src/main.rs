@@ -18,9 +18,19 @@ fn main() -> ExitCode {
     if let Command::Test = cli.command {
         return cli::test(&cli);
     }
-    let config = match cli::load_config(&cli) {
-        Ok(c) => c,
-        Err(code) => return code,
+    // `run` and `send` need the whole config; the commands that only talk
+    // to a running daemon need its `[admin]`, and no secret of the rest.
+    let needs_all = matches!(cli.command, Command::Run | Command::Send { .. });
+    let (config, admin) = if needs_all {
+        match cli::load_config(&cli) {
+            Ok(c) => (Some(c), None),
+            Err(code) => return code,
+        }
+    } else {
+        match cli::load_admin(&cli) {
+            Ok(a) => (None, Some(a)),
+            Err(code) => return code,
+        }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -30,16 +40,20 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match &cli.command {
-            Command::Run => expeditor::daemon::run(config).await.map(|()| true),
-            Command::Send {
-                source,
-                event_type,
-                url,
-                id,
-            } => cli::send(&config, source, event_type, url.clone(), id.clone()).await,
-            Command::Check | Command::Test => unreachable!("handled above"),
-            other => cli::list(&config, other).await.map(|()| true),
+        match (&cli.command, config, admin) {
+            (Command::Run, Some(config), _) => expeditor::daemon::run(config).await.map(|()| true),
+            (
+                Command::Send {
+                    source,
+                    event_type,
+                    url,
+                    id,
+                },
+                Some(config),
+                _,
+            ) => cli::send(&config, source, event_type, url.clone(), id.clone()).await,
+            (other, _, Some(admin)) => cli::list(&admin, other).await.map(|()| true),
+            _ => unreachable!("check and test are handled above; run and send load the whole config"),
         }
     });
     // Past the daemon's own stop bound, nothing may hold the exit: a plugin

@@ -313,15 +313,58 @@ const SOURCE_KINDS: &str = "crumbpos, crave, hmac";
 
 /// Reads and validates a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
+    let text = read(path)?;
+    parse(path, &text, &|name| std::env::var(name).ok())
+}
+
+fn read(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
         ConfigErrors(vec![ConfigError {
             file: path.display().to_string(),
             position: None,
             key: String::new(),
             message: format!("cannot read the config file: {e}"),
         }])
-    })?;
-    parse(path, &text, &|name| std::env::var(name).ok())
+    })
+}
+
+/// Reads only `[admin]` of a config file: what the CLI's admin commands
+/// (`events`, `deliveries`, `dead-letters`, `replay`) need to reach a running
+/// daemon. The rest is not judged and its `${VAR}`s are not read, so an
+/// operator's shell needs no webhook or sink secret (under systemd those
+/// live in the service's environment file), and no plugin is loaded.
+pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigErrors> {
+    let text = read(path)?;
+    parse_admin(path, &text, &|name| std::env::var(name).ok())
+}
+
+/// [`load_admin`] on config text.
+pub fn parse_admin(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<AdminConfig, ConfigErrors> {
+    let mut cx = Cx {
+        file: path.display().to_string(),
+        text,
+        env,
+        errors: Vec::new(),
+        plugin_cache: None,
+    };
+    let doc = match DeTable::parse(text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            cx.toml_error("", e);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let admin = match doc.get_ref().get("admin") {
+        None => None,
+        Some(v) => match cx.typed::<Spanned<RawAdmin>>(v, "admin") {
+            Some(a) => Some(a),
+            None => return Err(ConfigErrors(cx.errors)),
+        },
+    };
+    match cx.admin(admin.as_ref()) {
+        Some(admin) if cx.errors.is_empty() => Ok(admin),
+        _ => Err(ConfigErrors(cx.errors)),
+    }
 }
 
 /// Validates config text; `env` resolves `${VAR}` (the process environment in

@@ -406,3 +406,31 @@ sinks = []
     assert!(out.status.success(), "{}", output_text(&out));
     assert!(output_text(&out).contains("no [[tests]]"), "{}", output_text(&out));
 }
+
+/// The commands that talk to a running daemon read only `[admin]`: a secret
+/// of a source or sink that the shell does not have (under systemd it is in
+/// the service's environment file) does not stop them; a broken `[admin]`
+/// does.
+#[test]
+fn admin_commands_need_only_the_admin_section() {
+    let dir = tempfile::tempdir().unwrap();
+    // Port 9 (discard): nothing answers, so the command fails reaching it.
+    let config = VALID
+        .replace("listen = \"127.0.0.1:19090\"", "listen = \"127.0.0.1:9\"")
+        .replace("secrets = [\"s3cret\"]", &format!("secrets = [\"${{{UNSET_VAR}}}\"]"));
+    assert!(config.contains(UNSET_VAR), "{config}");
+    let out = with_config(dir.path(), &config, "dead-letters");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("cannot reach the admin API"), "{text}");
+    assert!(!text.contains(UNSET_VAR), "{text}");
+
+    let config = config.replace(
+        "listen = \"127.0.0.1:9\"",
+        "listen = \"127.0.0.1:9\"\ntoken = \"${EXPEDITOR_IT_SURELY_UNSET_VAR}\"",
+    );
+    let out = with_config(dir.path(), &config, "dead-letters");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("admin.token") && text.contains(UNSET_VAR), "{text}");
+}
