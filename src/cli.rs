@@ -567,13 +567,9 @@ fn print_event_detail(e: &Value) {
     }
     let deliveries = e["deliveries"].as_array().cloned().unwrap_or_default();
     if deliveries.is_empty() {
-        // Retention prunes delivered deliveries and then the payload, on the
-        // same schedule: with the payload here, none were routed.
-        if e["payload"].is_string() {
-            println!("\nno deliveries: no route took this event");
-        } else {
-            println!("\nno deliveries left: pruned by retention, or no route took this event");
-        }
+        // Retention prunes deliveries on schedules of their own (delivered,
+        // dead), before the payload or with it: which it was is not known.
+        println!("\nno deliveries: no route took this event, or retention pruned them");
     }
     for d in deliveries {
         println!();

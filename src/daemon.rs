@@ -214,6 +214,11 @@ async fn reload(
     // What is bound or opened at start stays as it is; the rest of the
     // file is applied, and the log says what waits for a restart.
     let restart = keep_fixed(&old.config, &mut new);
+    // `check` judged the token against the file's admin.listen; the one
+    // that stays bound is what it must guard.
+    if let Some(why) = admin_unguarded(&new) {
+        return (old_engine, refuse(why));
+    }
     if !restart.is_empty() {
         tracing::warn!(
             keys = %restart.join(", "),
@@ -255,6 +260,18 @@ async fn reload(
     report_orphans(shared, &new).await;
     let note = (!restart.is_empty()).then(|| format!("{} changed: applied at the next restart", restart.join(", ")));
     (engine, note)
+}
+
+/// Why a config leaves the admin API open: no token while it listens
+/// beyond loopback (the rule `check` applies to the file's own address).
+fn admin_unguarded(config: &Config) -> Option<String> {
+    let admin = &config.admin;
+    (admin.token.is_none() && !admin.listen.ip().is_loopback()).then(|| {
+        format!(
+            "admin.token is required while admin.listen ({}, kept until a restart) is not a loopback address",
+            admin.listen
+        )
+    })
 }
 
 /// Puts the running values of what only a restart can change (listeners,
@@ -326,5 +343,35 @@ async fn prune_loop(shared: Arc<Shared>, shutdown: CancellationToken) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn parse(admin: &str) -> Config {
+        let text = format!(
+            "[admin]\n{admin}\n[store]\npath = \"data\"\n[sources.crumb]\nkind = \"crumbpos\"\nsecrets = [\"s\"]\n"
+        );
+        config::parse(Path::new("config.toml"), &text, &|_| None).expect("a valid config")
+    }
+
+    /// A reload that moves admin.listen to loopback and drops the token in
+    /// the same edit keeps the old address, so it must keep a token too.
+    #[test]
+    fn a_reload_cannot_leave_the_kept_admin_address_without_a_token() {
+        let running = parse("listen = \"0.0.0.0:9090\"\ntoken = \"t0ken\"");
+        let mut new = parse("listen = \"127.0.0.1:9090\"");
+        assert!(admin_unguarded(&new).is_none(), "the file alone is valid");
+        assert_eq!(keep_fixed(&running, &mut new), ["admin.listen"]);
+        let why = admin_unguarded(&new).expect("refused");
+        assert!(why.contains("0.0.0.0:9090"), "{why}");
+
+        let mut with_token = parse("listen = \"127.0.0.1:9090\"\ntoken = \"t0ken\"");
+        keep_fixed(&running, &mut with_token);
+        assert!(admin_unguarded(&with_token).is_none());
     }
 }

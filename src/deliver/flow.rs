@@ -242,12 +242,15 @@ pub struct Pace {
 
 impl Pace {
     /// Pacing from now, or from `from` when that is later: where a worker
-    /// this one took over from left off.
+    /// this one took over from left off, but no further off than this
+    /// limit's own spacing (a reload that loosens the limit is not held to
+    /// the old one's).
     pub fn new(limit: RateLimit, from: Option<Instant>) -> Self {
         let now = Instant::now();
+        let spacing = limit.spacing();
         Self {
-            spacing: limit.spacing(),
-            next: from.map_or(now, |f| f.max(now)),
+            spacing,
+            next: from.map_or(now, |f| f.min(now + spacing).max(now)),
         }
     }
 
@@ -460,5 +463,25 @@ mod tests {
         );
         next.ready().await;
         assert_eq!(handed_over.elapsed(), Duration::from_millis(200));
+
+        // Taking over from a slower limit waits one of its own spacings at most.
+        let mut hourly = Pace::new(
+            RateLimit {
+                count: 1,
+                per: Duration::from_secs(3600),
+            },
+            None,
+        );
+        hourly.start();
+        let handed_over = Instant::now();
+        let faster = Pace::new(
+            RateLimit {
+                count: 10,
+                per: Duration::from_secs(1),
+            },
+            Some(hourly.next()),
+        );
+        faster.ready().await;
+        assert_eq!(handed_over.elapsed(), Duration::from_millis(100));
     }
 }

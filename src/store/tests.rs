@@ -2139,10 +2139,6 @@ async fn postgres_instances_share_dedupe_queue_and_leases() {
     }
 }
 
-/// Inserts that arrive together share a statement and a commit, and each
-/// is still answered as if it were alone: a key twice in a batch is new
-/// once, a held delivery gets its own id, and an event the server refuses
-/// fails alone, not with the others in its batch.
 /// Pruning an event that has no deliveries waits for a replay in progress,
 /// which may be adding one: a prune statement that started first would see
 /// the event without it and delete it, the new delivery with it, or
@@ -2181,6 +2177,10 @@ async fn postgres_pruning_events_waits_for_a_replay_in_progress() {
     store.close().await;
 }
 
+/// Inserts that arrive together share a statement and a commit, and each
+/// is still answered as if it were alone: a key twice in a batch is new
+/// once, a held delivery gets its own id, and an event the server refuses
+/// fails alone, not with the others in its batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_grouped_inserts_answer_each_event_as_if_alone() {
     let Some(db) = TestDatabase::create().await else { return };

@@ -151,21 +151,25 @@ impl Sink for WasmSink {
     }
 
     /// The shutdown contract: every instance's `shutdown` is called (under
-    /// the usual limits), then the instances are dropped. All of them within
-    /// one sink timeout, however many there are: a stop has its bound.
+    /// the usual limits), then the instances are dropped. All at once, each
+    /// on a blocking thread of its own with the whole sink timeout: however
+    /// many there are, a stop keeps its bound.
     async fn close(&self) {
         let instances = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
         if instances.is_empty() {
             return;
         }
-        let plugin = self.plugin.clone();
-        let deadline = plugin.deadline();
-        let _ = tokio::task::spawn_blocking(move || {
-            for instance in instances {
-                plugin.shutdown(instance, deadline);
+        let deadline = self.plugin.deadline();
+        let mut closing = tokio::task::JoinSet::new();
+        for instance in instances {
+            let plugin = self.plugin.clone();
+            closing.spawn_blocking(move || plugin.shutdown(instance, deadline));
+        }
+        while let Some(closed) = closing.join_next().await {
+            if let Err(e) = closed {
+                tracing::error!(sink = %self.plugin.name(), error = %e, "plugin shutdown failed in the host");
             }
-        })
-        .await;
+        }
         tracing::debug!(sink = %self.plugin.name(), "wasm sink closed");
     }
 }
