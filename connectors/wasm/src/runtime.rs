@@ -52,6 +52,11 @@ fn build() -> wasmtime::Result<Runtime> {
     pool.total_core_instances(MAX_INSTANCES * 4);
     pool.total_memories(MAX_INSTANCES);
     pool.total_tables(MAX_INSTANCES * 2);
+    // Per component, so one crafted plugin cannot take the shared pool's
+    // slots (or memories: the limiter counts their bytes together).
+    pool.max_core_instances_per_component(16);
+    pool.max_memories_per_component(4);
+    pool.max_tables_per_component(16);
     pool.max_memory_size(crate::Limits::MAX_MEMORY);
     // An idle pooled slot keeps no more than this of a plugin's memory.
     pool.linear_memory_keep_resident(1 << 20);

@@ -35,6 +35,9 @@ pub(crate) struct State {
     ticks_left: u64,
     /// When the current call runs out of wall-clock time.
     deadline: Instant,
+    /// Bytes of all the instance's linear memories together: the memory
+    /// limit is the instance's, however many memories a component has.
+    memory_used: usize,
     pub stopped: Option<Stopped>,
 }
 
@@ -56,6 +59,7 @@ impl State {
             limits: cfg.limits,
             ticks_left: 0,
             deadline: Instant::now(),
+            memory_used: 0,
             stopped: None,
         }
     }
@@ -100,21 +104,33 @@ fn on_tick(mut cx: StoreContextMut<'_, State>) -> wasmtime::Result<UpdateDeadlin
 }
 
 impl ResourceLimiter for State {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired > self.limits.memory {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.memory_used.saturating_sub(current).saturating_add(desired);
+        if total > self.limits.memory {
             self.stopped = Some(Stopped::Memory);
             // An error traps at once with a readable reason; returning false
             // would make a Rust guest abort with a bare `unreachable`.
             return Err(wasmtime::format_err!(
-                "plugin memory limit of {} reached (it asked for {desired} bytes)",
+                "plugin memory limit of {} reached (it asked for {total} bytes in all)",
                 human_bytes(self.limits.memory)
             ));
         }
+        self.memory_used = total;
         Ok(true)
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         Ok(desired <= 100_000)
+    }
+}
+
+/// A plugin's log message as one line (breaks written as `\n`), so it
+/// cannot write lines that look like the daemon's or another sink's.
+fn one_line(message: String) -> String {
+    if message.contains(['\n', '\r']) {
+        message.replace('\n', "\\n").replace('\r', "\\r")
+    } else {
+        message
     }
 }
 
@@ -161,7 +177,7 @@ impl bindings::expeditor::sink::types::Host for State {}
 
 impl bindings::expeditor::sink::host::Host for State {
     fn log(&mut self, level: Level, message: String) {
-        let mut message = message;
+        let mut message = one_line(message);
         if message.len() > MAX_LOG {
             let mut cut = MAX_LOG;
             while !message.is_char_boundary(cut) {
@@ -178,5 +194,41 @@ impl bindings::expeditor::sink::host::Host for State {
             Level::Warn => tracing::warn!(target: "expeditor::plugin", sink = %sink, "{message}"),
             Level::Error => tracing::error!(target: "expeditor::plugin", sink = %sink, "{message}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_message_is_one_line() {
+        assert_eq!(one_line("a\nb\r\nc".into()), "a\\nb\\r\\nc");
+        assert_eq!(one_line("plain".into()), "plain");
+    }
+
+    /// The memory limit is the instance's: two memories of a component
+    /// count together, and what one gives up is not counted twice.
+    #[test]
+    fn memories_count_together() {
+        let cfg = WasmSinkConfig {
+            name: "s".into(),
+            plugin: "s.wasm".into(),
+            config: "{}".into(),
+            allow_http: Vec::new(),
+            limits: Limits {
+                memory: 32 << 20,
+                ..Limits::default()
+            },
+            max_batch: 1,
+            cache_dir: None,
+        };
+        let mut s = State::new(&cfg, "s".into());
+        assert!(s.memory_growing(0, 16 << 20, None).unwrap(), "the first memory");
+        assert!(s.memory_growing(16 << 20, 20 << 20, None).unwrap(), "it grows");
+        let second = s.memory_growing(0, 16 << 20, None).unwrap_err();
+        assert!(second.to_string().contains("32MiB"), "{second}");
+        assert_eq!(s.stopped, Some(Stopped::Memory));
+        assert!(s.memory_growing(0, 12 << 20, None).unwrap(), "within what is left");
     }
 }
