@@ -114,7 +114,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => {
                 systemd::reloading();
-                let (running, note) = reload(&config.file, engine, &shared, &client, &shutdown, &retiring).await;
+                // Loading may take a while (each plugin's `init`, up to its
+                // sink's timeout): a stop signal meanwhile abandons it.
+                let path = config.file.clone();
+                let loading = tokio::task::spawn_blocking(move || config::load(&path));
+                let loaded = tokio::select! {
+                    loaded = loading => loaded,
+                    _ = term.recv() => {
+                        tracing::info!("reload abandoned: stopping");
+                        break;
+                    }
+                    _ = int.recv() => {
+                        tracing::info!("reload abandoned: stopping");
+                        break;
+                    }
+                };
+                let (running, note) = reload(&config.file, loaded, engine, &shared, &client, &shutdown, &retiring).await;
                 engine = running;
                 // A refusal stays in `systemctl status` until the next reload.
                 let summary = summary(&shared.current.load().config);
@@ -188,9 +203,10 @@ fn current(
 
 /// Applies the config file anew, or keeps the running one. Returns the
 /// engine that is running afterwards; one it replaced finishes its attempts
-/// in flight on `retiring`.
+/// in flight on `retiring`. `loaded` is the file as `config::load` read it.
 async fn reload(
     file: &Path,
+    loaded: Result<Result<Config, config::ConfigErrors>, tokio::task::JoinError>,
     old_engine: Engine,
     shared: &Arc<Shared>,
     client: &expeditor_http::Client,
@@ -203,9 +219,6 @@ async fn reload(
         shared.metrics.reload(false);
         Some(format!("reload refused: {}", why.lines().next().unwrap_or("")))
     };
-    let path = file.to_path_buf();
-    // Loading may read plugins and certificates: keep it off the runtime threads.
-    let loaded = tokio::task::spawn_blocking(move || config::load(&path)).await;
     let mut new = match loaded {
         Ok(Ok(c)) => c,
         Ok(Err(errors)) => return (old_engine, refuse(errors.to_string())),

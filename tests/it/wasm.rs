@@ -592,3 +592,32 @@ fn check_loads_every_plugin_and_refuses_those_it_cannot_use() {
     let (_, out) = check(d, "[sinks.p]\ntype = \"wasm\"\nplugin = \"future\"\n");
     assert!(out.contains("future.wasm"), "the error names the file:\n{out}");
 }
+
+/// A reload whose plugins are slow to load (each `init` may take up to its
+/// sink's timeout) does not keep a stop signal waiting: the reload is
+/// abandoned and the daemon stops within its bound.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_during_a_slow_reload_is_heard_at_once() {
+    let sinks = |config: &str| {
+        format!("[sinks.p]\ntype = \"wasm\"\nplugin = \"{{PLUGINS}}/p.wasm\"\ntimeout = \"30s\"\nconfig = {config}\n")
+    };
+    let (mut d, plugins) = start_with_plugins(&config(&sinks("{}"), &["p"]), &[("misbehave", "p")]).await;
+    let slow = config(&sinks("{ init_sleep_ms = 20000 }"), &["p"])
+        .replace("{DIR}/store", plugins.path().join("store").to_str().unwrap())
+        .replace("{PLUGINS}", plugins.path().join("plugins").to_str().unwrap());
+    d.rewrite_config(&slow);
+    d.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopping = Instant::now();
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(30)).await;
+    assert!(status.success(), "exit status {status}\n{}", d.log());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(15),
+        "the stop waited for the reload's plugin init: {:?}",
+        stopping.elapsed()
+    );
+    let log = plain(&d.log());
+    assert!(log.contains("reload abandoned: stopping"), "{log}");
+    assert!(!log.contains("configuration reloaded"), "{log}");
+}
