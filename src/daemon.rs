@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -110,8 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let retiring = TaskTracker::new();
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
+            _ = stop_signal(&mut term, &mut int) => break,
             _ = hup.recv() => {
                 systemd::reloading();
                 // Loading may take a while (each plugin's `init`, up to its
@@ -120,11 +119,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let loading = tokio::task::spawn_blocking(move || config::load(&path));
                 let loaded = tokio::select! {
                     loaded = loading => loaded,
-                    _ = term.recv() => {
-                        tracing::info!("reload abandoned: stopping");
-                        break;
-                    }
-                    _ = int.recv() => {
+                    _ = stop_signal(&mut term, &mut int) => {
                         tracing::info!("reload abandoned: stopping");
                         break;
                     }
@@ -198,6 +193,14 @@ fn current(
         )),
         handoff: engine.handoff(),
         engine: engine.health(),
+    }
+}
+
+/// SIGTERM or SIGINT, whichever comes first.
+async fn stop_signal(term: &mut Signal, int: &mut Signal) {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
     }
 }
 

@@ -406,13 +406,13 @@ struct Worker {
 }
 
 impl Worker {
-    /// Two loops: a claimer keeps a small queue of claimed deliveries topped
-    /// up, and the dispatcher starts attempts from it as permits free up. So
-    /// the store round trip of the next claim overlaps the attempts of the
-    /// last one instead of idling the sink between them.
-    /// Claims and attempts until `shutdown`; the sink's `turn` is given up
-    /// once no attempt is in flight, before the sink is closed (closing may
-    /// take a while, e.g. a plugin's `shutdown`, and attempts nothing).
+    /// Claims and attempts until `shutdown`, in two loops: a claimer keeps a
+    /// small queue of claimed deliveries topped up, and the dispatcher starts
+    /// attempts from it as permits free up. So the store round trip of the
+    /// next claim overlaps the attempts of the last one instead of idling the
+    /// sink between them. The sink's `turn` is given up once no attempt is
+    /// in flight, before the sink is closed (closing may take a while, e.g. a
+    /// plugin's `shutdown`, and attempts nothing).
     async fn run(
         self,
         queue: Queue,

@@ -340,26 +340,15 @@ pub fn load_admin(path: &Path) -> Result<AdminConfig, ConfigErrors> {
 
 /// [`load_admin`] on config text.
 pub fn parse_admin(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<AdminConfig, ConfigErrors> {
-    let mut cx = Cx {
-        file: path.display().to_string(),
-        text,
-        env,
-        errors: Vec::new(),
-        plugin_cache: None,
-    };
-    let doc = match DeTable::parse(text) {
-        Ok(doc) => doc,
-        Err(e) => {
-            cx.toml_error("", e);
-            return Err(ConfigErrors(cx.errors));
-        }
-    };
+    let (mut cx, doc) = parsed(path, text, env)?;
     let admin = match doc.get_ref().get("admin") {
         None => None,
-        Some(v) => match cx.typed::<Spanned<RawAdmin>>(v, "admin") {
-            Some(a) => Some(a),
-            None => return Err(ConfigErrors(cx.errors)),
-        },
+        Some(v) => {
+            let Some(admin) = cx.typed::<Spanned<RawAdmin>>(v, "admin") else {
+                return Err(ConfigErrors(cx.errors));
+            };
+            Some(admin)
+        }
     };
     match cx.admin(admin.as_ref()) {
         Some(admin) if cx.errors.is_empty() => Ok(admin),
@@ -367,9 +356,13 @@ pub fn parse_admin(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>
     }
 }
 
-/// Validates config text; `env` resolves `${VAR}` (the process environment in
-/// production, a map in tests).
-pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+/// The context that checks `text`, and its TOML document; a syntax error
+/// is the only error then.
+fn parsed<'a>(
+    path: &Path,
+    text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+) -> Result<(Cx<'a>, Spanned<DeTable<'a>>), ConfigErrors> {
     let mut cx = Cx {
         file: path.display().to_string(),
         text,
@@ -377,14 +370,20 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         errors: Vec::new(),
         plugin_cache: None,
     };
-    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let doc = match DeTable::parse(text) {
-        Ok(doc) => doc,
+    match DeTable::parse(text) {
+        Ok(doc) => Ok((cx, doc)),
         Err(e) => {
             cx.toml_error("", e);
-            return Err(ConfigErrors(cx.errors));
+            Err(ConfigErrors(cx.errors))
         }
-    };
+    }
+}
+
+/// Validates config text; `env` resolves `${VAR}` (the process environment in
+/// production, a map in tests).
+pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    let (mut cx, doc) = parsed(path, text, env)?;
+    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     let raw = match RawConfig::deserialize(doc.clone().into_deserializer()) {
         Ok(raw) => raw,
         Err(e) => {
