@@ -311,6 +311,52 @@ retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
     assert!(log.contains("the next delivery gets a fresh one"), "{log}");
 }
 
+/// A plugin that logs in a loop cannot flood the journal: each call may
+/// write a hundred lines, the warning that says so among them, and the
+/// next call starts afresh.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_logging_in_a_loop_is_cut_off_per_call() {
+    let sinks = r#"[sinks.chatty]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+concurrency = 1
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["chatty"]), &[("misbehave", "misbehave")]).await;
+    let mut flood = with_behaviour(crumb_order("evt_flood", 100), "chatter");
+    flood["lines"] = json!(20_000);
+    assert_eq!(d.post_crumb(&flood).await.status, 200);
+    d.wait_delivery("crumb", "evt_flood", "chatty", "delivered").await;
+    let mut few = with_behaviour(crumb_order("evt_few", 100), "chatter");
+    few["lines"] = json!(3);
+    assert_eq!(d.post_crumb(&few).await.status, 200);
+    d.wait_delivery("crumb", "evt_few", "chatty", "delivered").await;
+
+    let log = plain(&d.log());
+    let flooded = log
+        .lines()
+        .filter(|l| l.contains("misbehave chatter") && l.contains("evt_flood"))
+        .count();
+    assert_eq!(flooded, 99, "99 lines and the warning make the call's hundred");
+    assert!(log.contains("misbehave chatter 99 for evt_flood"), "{log}");
+    assert!(
+        !log.contains("misbehave chatter 100 for evt_flood"),
+        "a line past the limit was written"
+    );
+    assert!(
+        !log.contains("misbehave chattered for evt_flood"),
+        "a line past the limit was written"
+    );
+    assert_eq!(
+        log.matches("the plugin reached its limit of 100 log lines in one call")
+            .count(),
+        1,
+        "the cut is said once"
+    );
+    for line in ["misbehave chatter 3 for evt_few", "misbehave chattered for evt_few"] {
+        assert!(log.contains(line), "the next call logs afresh: {line:?} missing");
+    }
+}
+
 /// A plugin that waits in a host call uses no CPU, so epoch interruption
 /// never sees it: the sink timeout must still stop the call itself, not
 /// just stop waiting for it while it goes on beside the retry.

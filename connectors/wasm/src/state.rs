@@ -15,6 +15,11 @@ use crate::{Limits, WasmSinkConfig};
 
 /// Longest log line a plugin may write; the rest is cut.
 const MAX_LOG: usize = 4096;
+/// Most log lines one call (an `init`, a `deliver`, a `shutdown`) may
+/// write: a plugin logging in a loop would otherwise flood the journal
+/// for as long as its CPU budget lasts. What is over is counted, and said
+/// once.
+const MAX_LOG_LINES_PER_CALL: u32 = 100;
 
 /// Why the last call was stopped, when the host stopped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +43,8 @@ pub(crate) struct State {
     /// Bytes of all the instance's linear memories together: the memory
     /// limit is the instance's, however many memories a component has.
     memory_used: usize,
+    /// Log lines the current call may still write.
+    log_lines_left: u32,
     pub stopped: Option<Stopped>,
 }
 
@@ -60,6 +67,7 @@ impl State {
             ticks_left: 0,
             deadline: Instant::now(),
             memory_used: 0,
+            log_lines_left: MAX_LOG_LINES_PER_CALL,
             stopped: None,
         }
     }
@@ -77,6 +85,7 @@ impl State {
         let s = store.data_mut();
         s.ticks_left = (s.limits.cpu.as_nanos() / TICK.as_nanos()).max(1) as u64;
         s.deadline = deadline;
+        s.log_lines_left = MAX_LOG_LINES_PER_CALL;
         s.stopped = None;
         store.set_epoch_deadline(1);
     }
@@ -177,6 +186,20 @@ impl bindings::expeditor::sink::types::Host for State {}
 
 impl bindings::expeditor::sink::host::Host for State {
     fn log(&mut self, level: Level, message: String) {
+        let sink = &*self.sink;
+        match self.log_lines_left {
+            0 => return,
+            1 => {
+                self.log_lines_left = 0;
+                tracing::warn!(
+                    target: "expeditor::plugin",
+                    sink = %sink,
+                    "the plugin reached its limit of {MAX_LOG_LINES_PER_CALL} log lines in one call; the rest of this call's are dropped"
+                );
+                return;
+            }
+            _ => self.log_lines_left -= 1,
+        }
         let mut message = one_line(message);
         if message.len() > MAX_LOG {
             let mut cut = MAX_LOG;
@@ -186,7 +209,6 @@ impl bindings::expeditor::sink::host::Host for State {
             message.truncate(cut);
             message.push_str("...");
         }
-        let sink = &*self.sink;
         match level {
             Level::Trace => tracing::trace!(target: "expeditor::plugin", sink = %sink, "{message}"),
             Level::Debug => tracing::debug!(target: "expeditor::plugin", sink = %sink, "{message}"),

@@ -9,6 +9,8 @@
 //! - `"retry"`: a retryable error, with `retry_after_ms` from the payload
 //!   when given;
 //! - `"permanent"`: a permanent error;
+//! - `"chatter"`: logs `lines` numbered lines from the payload (default
+//!   a million), then is delivered;
 //! - anything else, or nothing: delivered, and logged through the host.
 //!
 //! The config may say `{"reject": "why"}`: `init` then fails with that text.
@@ -101,6 +103,15 @@ fn behave(event: &Event) -> Result<(), DeliveryError> {
             retry_after_ms: payload["retry_after_ms"].as_u64(),
         })),
         "permanent" => Err(DeliveryError::Permanent(format!("asked to fail by event {}", event.id))),
+        "chatter" => {
+            let lines = payload["lines"].as_u64().unwrap_or(1_000_000);
+            for n in 1..=lines {
+                log(Level::Info, &format!("misbehave chatter {n} for {}", event.id));
+            }
+            DELIVERED.with(|d| d.set(d.get() + 1));
+            log(Level::Info, &format!("misbehave chattered for {}", event.id));
+            Ok(())
+        }
         _ => {
             DELIVERED.with(|d| d.set(d.get() + 1));
             log(
