@@ -26,6 +26,8 @@ use crate::pipeline::rebuild;
 use crate::store::{Claimed, Completed, Completion, Held, Store, StoredEvent, now_ms};
 
 mod flow;
+#[cfg(test)]
+mod tests;
 
 use flow::{Limiter, Pace, Signal, Slot};
 
@@ -720,6 +722,48 @@ impl Worker {
     }
 }
 
+/// Failed tries of a group of outcomes before the store is asked whether it
+/// takes writes at all.
+const TRIES_BEFORE_SPLIT: u32 = 3;
+
+/// Records a group of outcomes, trying again while the store is down: an
+/// outcome that is not recorded is redone after its lease runs out, which
+/// is safe but wasteful. If the group keeps failing while the store takes
+/// other writes, one of its outcomes is what the store refuses, and it
+/// must not hold back the rest (and every outcome after them) for ever:
+/// each is then tried alone, and one that still fails is left to its lease.
+async fn record(store: &dyn Store, done: Vec<Completion>, closed: impl Fn() -> bool) {
+    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0;
+    loop {
+        let Err(e) = store.complete(done.clone()).await else {
+            return;
+        };
+        failures += 1;
+        if failures >= TRIES_BEFORE_SPLIT && store.writable().await.is_ok() {
+            for c in done {
+                let (id, attempt) = (c.delivery_id, c.attempt);
+                if let Err(e) = store.complete(vec![c]).await {
+                    tracing::error!(
+                        delivery = id,
+                        attempt,
+                        error = %e,
+                        "the store refuses this delivery's outcome; the delivery runs again when its lease ends"
+                    );
+                }
+            }
+            return;
+        }
+        tracing::error!(error = %e, "cannot record delivery outcomes; retrying");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+        if closed() && backoff >= Duration::from_secs(5) {
+            tracing::error!("giving up recording outcomes at shutdown; those deliveries will run again");
+            return;
+        }
+    }
+}
+
 /// Records outcomes in groups (one store commit for many), and wakes a sink's
 /// worker when a retry was scheduled so it can sleep until exactly then.
 async fn record_completions(
@@ -737,23 +781,7 @@ async fn record_completions(
             }
             done.push(c);
         }
-        // Keep trying: an outcome that is not recorded is redone after the
-        // lease runs out, which is safe but wasteful.
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match store.complete(done.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot record delivery outcomes; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    if rx.is_closed() && backoff >= Duration::from_secs(5) {
-                        tracing::error!("giving up recording outcomes at shutdown; those deliveries will run again");
-                        break;
-                    }
-                }
-            }
-        }
+        record(&*store, done, || rx.is_closed()).await;
         for sink in retried {
             if let Some(n) = notifies.get(&sink) {
                 n.notify_one();
