@@ -15,11 +15,20 @@
 //! one `sync_data`, by one writer at a time, so lines never interleave. A
 //! failed write is cut back off the file, so no torn line is left for the
 //! next one to be glued to. Both assume the sink is the file's only writer:
-//! give each file sink its own path.
+//! give each file sink its own path. A torn last line that a crash left
+//! (a batch that was never confirmed, so it is written again) is cut off
+//! when the file is opened.
+//!
+//! # Rotation
+//! Before each batch the sink checks that its path still names the file it
+//! has open. When logrotate (or anyone) has moved or removed it, the sink
+//! opens the path afresh, creating it, so no confirmed line goes to a file
+//! that is about to be compressed or deleted. No reload is needed after a
+//! rotation; `copytruncate` works too.
 
 use std::fs::File;
-use std::io::{self, Write};
-use std::path::PathBuf;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -57,25 +66,109 @@ pub struct FileSink {
     /// A std mutex taken inside the blocking write task, not across an
     /// `.await`: a `deliver` cancelled mid-write cannot stop the task, so a
     /// batch is always written and synced (or cut off) whole.
-    file: Arc<Mutex<File>>,
+    file: Arc<Mutex<Open>>,
+}
+
+/// The file being appended to, and which file that is, to notice when its
+/// path has come to name another (rotation) or none.
+#[derive(Debug)]
+struct Open {
+    file: File,
+    id: Option<(u64, u64)>,
+}
+
+impl Open {
+    /// Creates the parent directories and the file if missing, and cuts off
+    /// a torn last line.
+    fn at(path: &Path) -> io::Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(path)?;
+        cut_torn_line(&mut file, path)?;
+        let id = identity(&file.metadata()?);
+        Ok(Self { file, id })
+    }
+
+    /// Whether `path` still names the open file.
+    fn current(&self, path: &Path) -> bool {
+        match std::fs::metadata(path) {
+            Ok(meta) => identity(&meta) == self.id,
+            Err(_) => false,
+        }
+    }
+}
+
+/// A file's device and inode, where the platform has them.
+fn identity(meta: &std::fs::Metadata) -> Option<(u64, u64)> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        None
+    }
+}
+
+/// A file that does not end in a newline holds the start of a batch that a
+/// crash cut short. That batch was never confirmed and will be written
+/// again; the fragment is removed, so the next line is not glued to it.
+fn cut_torn_line(file: &mut File, path: &Path) -> io::Result<()> {
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut end = len;
+    loop {
+        let start = end.saturating_sub(chunk.len() as u64);
+        let part = &mut chunk[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(part)?;
+        if end == len && part.last() == Some(&b'\n') {
+            return Ok(());
+        }
+        if let Some(at) = part.iter().rposition(|&b| b == b'\n') {
+            return cut(file, path, start + at as u64 + 1, len);
+        }
+        if start == 0 {
+            return cut(file, path, 0, len);
+        }
+        end = start;
+    }
+}
+
+fn cut(file: &File, path: &Path, keep: u64, len: u64) -> io::Result<()> {
+    file.set_len(keep)?;
+    file.sync_data()?;
+    tracing::warn!(
+        file = %path.display(),
+        bytes = len - keep,
+        "removed a torn last line (a write that did not finish); its batch is written again"
+    );
+    Ok(())
 }
 
 impl FileSink {
     /// Creates the parent directories and opens the file for appending. The
     /// error names the path.
     pub async fn open(cfg: FileSinkConfig) -> io::Result<Self> {
-        let with_path = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", cfg.path.display()));
-        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            tokio::fs::create_dir_all(dir).await.map_err(with_path)?;
-        }
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&cfg.path)
+        let path = cfg.path.clone();
+        let opened = tokio::task::spawn_blocking(move || Open::at(&path))
             .await
-            .map_err(with_path)?;
-        let file = Arc::new(Mutex::new(file.into_std().await));
-        Ok(Self { cfg, file })
+            .map_err(io::Error::other)?
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.path.display())))?;
+        Ok(Self {
+            cfg,
+            file: Arc::new(Mutex::new(opened)),
+        })
     }
 
     /// Appends one delivery's line to `buf`, or nothing if it cannot render.
@@ -103,9 +196,15 @@ impl FileSink {
     }
 }
 
-/// One write and one fsync; on failure the file is cut back to where it was.
-fn append(file: &Mutex<File>, buf: &[u8]) -> io::Result<()> {
-    let mut file = file.lock().unwrap_or_else(PoisonError::into_inner);
+/// One write and one fsync, to the file `path` names now; on failure the
+/// file is cut back to where it was.
+fn append(open: &Mutex<Open>, path: &Path, buf: &[u8]) -> io::Result<()> {
+    let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
+    if !open.current(path) {
+        *open = Open::at(path)?;
+        tracing::info!(file = %path.display(), "the file was moved or removed (rotated); appending to a new one");
+    }
+    let file = &mut open.file;
     let start = file.metadata()?.len();
     let written = file.write_all(buf).and_then(|()| file.sync_data());
     if written.is_err() {
@@ -142,7 +241,8 @@ impl Sink for FileSink {
             return outcomes;
         }
         let file = Arc::clone(&self.file);
-        let written = match tokio::task::spawn_blocking(move || append(&file, &buf)).await {
+        let path = self.cfg.path.clone();
+        let written = match tokio::task::spawn_blocking(move || append(&file, &path, &buf)).await {
             Ok(result) => result,
             Err(join) => Err(io::Error::other(join)),
         };

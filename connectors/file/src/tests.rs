@@ -238,3 +238,66 @@ async fn the_sink_batches_as_configured() {
     let sink = FileSink::open(cfg).await.unwrap();
     assert_eq!((sink.max_batch(), sink.linger()), (7, Duration::from_millis(20)));
 }
+
+/// logrotate moves the file away (and later compresses and deletes it):
+/// lines after that go to a new file at the path, not the moved one.
+#[tokio::test]
+async fn follows_the_path_when_the_file_is_moved_or_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    let rotated = dir.path().join("events.jsonl.1");
+    let sink = sink(&path, None).await;
+    assert!(sink.deliver(&[delivery("e1")]).await[0].is_ok());
+
+    std::fs::rename(&path, &rotated).unwrap();
+    assert!(sink.deliver(&[delivery("e2")]).await[0].is_ok());
+    let ids = |p: &Path| -> Vec<Json> { lines(p).iter().map(|l| l["event"]["id"].clone()).collect() };
+    assert_eq!(ids(&rotated), [json!("e1")]);
+    assert_eq!(ids(&path), [json!("e2")]);
+
+    std::fs::remove_file(&path).unwrap();
+    assert!(sink.deliver(&[delivery("e3")]).await[0].is_ok());
+    assert_eq!(ids(&path), [json!("e3")]);
+
+    // logrotate's default, `create`: moved away, and a new empty file made.
+    std::fs::rename(&path, &rotated).unwrap();
+    std::fs::File::create(&path).unwrap();
+    assert!(sink.deliver(&[delivery("e5")]).await[0].is_ok());
+    assert_eq!(ids(&rotated), [json!("e3")]);
+    assert_eq!(ids(&path), [json!("e5")]);
+
+    // copytruncate empties the same file: appending goes on at its start.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert!(sink.deliver(&[delivery("e4")]).await[0].is_ok());
+    assert_eq!(ids(&path), [json!("e4")]);
+}
+
+/// A crash in the middle of a batch's write leaves the start of a line; the
+/// batch is written again after the restart, and must not be glued to it.
+#[tokio::test]
+async fn a_torn_last_line_is_cut_off_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    let whole = format!("{}\n", json!({"event": {"id": "e0"}}));
+    // Longer than one 64 KiB read back from the end.
+    let torn = format!("{{\"event\":{{\"id\":\"e1\",\"pad\":\"{}", "x".repeat(100_000));
+    std::fs::write(&path, format!("{whole}{torn}")).unwrap();
+    let sink = sink(&path, None).await;
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+    assert!(sink.deliver(&[delivery("e1")]).await[0].is_ok());
+    let ids: Vec<Json> = lines(&path).iter().map(|l| l["event"]["id"].clone()).collect();
+    assert_eq!(ids, [json!("e0"), json!("e1")]);
+
+    // Only a fragment: nothing of it is kept. A whole file is left alone.
+    std::fs::write(&path, "{\"event\":").unwrap();
+    drop(self::sink(&path, None).await);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    std::fs::write(&path, &whole).unwrap();
+    drop(self::sink(&path, None).await);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+}
