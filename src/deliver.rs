@@ -657,6 +657,7 @@ impl Worker {
             } else {
                 Signal::Answered(started.elapsed())
             });
+            self.hold_if_asked(&results);
             let mut results = results.into_iter();
             for outcome in outcomes.iter_mut().filter(|o| o.is_none()) {
                 *outcome = results.next();
@@ -688,6 +689,25 @@ impl Worker {
             };
             // The receiver lives until every worker has stopped.
             let _ = self.completions.send((self.name.clone(), completion)).await;
+        }
+    }
+
+    /// When the sink's service asked for a wait (`Retry-After` on a 429 or
+    /// 503, Slack's rate limit), no attempt to it starts until then, within
+    /// the retry policy's bounds as for the delivery that was told: the
+    /// others would only spend attempts on the same answer.
+    fn hold_if_asked(&self, results: &[Outcome]) {
+        let asked = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .filter(|e| e.retryable && e.holds_sink)
+            .filter_map(|e| e.retry_after)
+            .max();
+        if let Some(after) = asked {
+            let retry = &self.common.retry;
+            let wait = after.max(retry.initial).min(retry.max);
+            tracing::info!(sink = %self.name, wait = ?wait, "the sink asked to wait; no attempt starts until then");
+            self.limiter.hold(tokio::time::Instant::now() + wait);
         }
     }
 

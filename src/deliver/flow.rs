@@ -119,6 +119,8 @@ struct State {
     working: usize,
     limit: usize,
     adaptive: Option<Aimd>,
+    /// No attempt starts before this: the sink asked everyone to wait.
+    held_until: Option<Instant>,
 }
 
 /// Attempts in flight for one sink, under its `concurrency`.
@@ -140,6 +142,7 @@ impl Limiter {
                 working: 0,
                 limit,
                 adaptive,
+                held_until: None,
             }),
             freed: Notify::new(),
         })
@@ -149,24 +152,42 @@ impl Limiter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for room for one more attempt. (One task waits here: the
+    /// Waits for room for one more attempt, and for a hold to end. (One task waits here: the
     /// sink's dispatcher.)
     pub async fn acquire(self: &Arc<Self>) -> Slot {
         loop {
             let freed = self.freed.notified();
-            {
+            let held = {
                 let mut s = self.lock();
-                if s.in_flight < s.limit {
-                    s.in_flight += 1;
-                    return Slot {
-                        limiter: self.clone(),
-                        working: false,
-                        signal: None,
-                    };
+                match s.held_until {
+                    Some(until) if until > Instant::now() => Some(until),
+                    _ => {
+                        s.held_until = None;
+                        if s.in_flight < s.limit {
+                            s.in_flight += 1;
+                            return Slot {
+                                limiter: self.clone(),
+                                working: false,
+                                signal: None,
+                            };
+                        }
+                        None
+                    }
                 }
+            };
+            match held {
+                // Looked at again after: a later answer may have moved it on.
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => freed.await,
             }
-            freed.await;
         }
+    }
+
+    /// Starts no attempt before `until` (a sink's `Retry-After`); a later
+    /// hold already in place stays.
+    pub fn hold(&self, until: Instant) {
+        let mut s = self.lock();
+        s.held_until = Some(s.held_until.map_or(until, |h| h.max(until)));
     }
 
     /// The limit now.
@@ -300,6 +321,36 @@ mod tests {
             seen.push(limiter.limit());
         }
         seen
+    }
+
+    /// A hold keeps every slot back until it ends, however much room there
+    /// is; a shorter hold does not cut a longer one short.
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_starts_nothing_until_it_ends() {
+        let limiter = Limiter::new(Concurrency::Fixed(4));
+        let start = Instant::now();
+        limiter.hold(start + 2000 * MS);
+        limiter.hold(start + 500 * MS);
+        let slot = limiter.acquire().await;
+        assert_eq!(Instant::now() - start, 2000 * MS);
+        drop(slot);
+        // Moved on while a dispatcher waits: it waits for the later end.
+        let waiting = tokio::spawn({
+            let limiter = limiter.clone();
+            async move {
+                let _slot = limiter.acquire().await;
+                Instant::now()
+            }
+        });
+        limiter.hold(Instant::now() + 1000 * MS);
+        tokio::time::advance(10 * MS).await;
+        limiter.hold(Instant::now() + 3000 * MS);
+        let got = waiting.await.unwrap();
+        assert_eq!(got - start, 2000 * MS + 3010 * MS);
+        // Once past, slots come at once.
+        let before = Instant::now();
+        drop(limiter.acquire().await);
+        assert_eq!(Instant::now(), before);
     }
 
     #[tokio::test(start_paused = true)]

@@ -325,6 +325,52 @@ sinks = ["patient", "capped"]
     d.wait_delivery("crumb", "evt_retry_after", "capped", "delivered").await;
 }
 
+/// A `Retry-After` is the service's own load: the sink's other deliveries
+/// wait it out too, instead of each spending an attempt on the same 429.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_holds_the_whole_sink() {
+    let sink = FakeSink::start().await;
+    // Slow enough that all three events are queued when the 429 comes.
+    sink.script_answers(
+        &[Answer::status(429).retry_after("2").after(Duration::from_millis(500))],
+        Answer::status(200),
+    );
+    let config = format!(
+        r#"{base}
+{sources}
+[sinks.busy]
+type = "http"
+url = "{url}"
+concurrency = 1
+retry = {{ max_attempts = 2, initial = "50ms", max = "10s" }}
+
+[[routes]]
+name = "all"
+sinks = ["busy"]
+"#,
+        base = crate::harness::base_config(""),
+        sources = crate::vendor::SOURCES,
+        url = sink.url("/busy"),
+    );
+    let d = Daemon::start(&config).await;
+    for id in ["evt_busy_1", "evt_busy_2", "evt_busy_3"] {
+        assert_eq!(d.post_crumb(&crumb_order(id, 4250)).await.status, 200);
+    }
+    let got = sink.wait_for(4, SECS_10).await;
+    let answered = got[0].at + Duration::from_millis(500);
+    for later in &got[1..] {
+        let after = later.at.saturating_duration_since(answered);
+        assert!(
+            after >= Duration::from_millis(1900),
+            "{} was sent {after:?} after the 429, inside its Retry-After: 2",
+            later.event_id()
+        );
+    }
+    for id in ["evt_busy_1", "evt_busy_2", "evt_busy_3"] {
+        d.wait_delivery("crumb", id, "busy", "delivered").await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sink_that_times_out_is_retried() {
     let sink = FakeSink::start().await;

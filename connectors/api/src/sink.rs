@@ -35,6 +35,11 @@ pub struct DeliveryError {
     pub retryable: bool,
     /// What the sink asked for (`Retry-After`, Slack's rate limit), if anything.
     pub retry_after: Option<Duration>,
+    /// The service behind the sink asked for that wait, not just for this
+    /// event (an HTTP 429 or 503 with `Retry-After`, Slack's rate limit):
+    /// the engine then starts no attempt to the sink until it is up, so the
+    /// other deliveries do not spend their attempts on the same answer.
+    pub holds_sink: bool,
 }
 
 impl DeliveryError {
@@ -43,6 +48,7 @@ impl DeliveryError {
             message: message.into(),
             retryable: true,
             retry_after: None,
+            holds_sink: false,
         }
     }
 
@@ -51,12 +57,19 @@ impl DeliveryError {
             message: message.into(),
             retryable: false,
             retry_after: None,
+            holds_sink: false,
         }
     }
 
     pub fn with_retry_after(mut self, after: Option<Duration>) -> Self {
         self.retry_after = after;
         self
+    }
+
+    /// `retry_after` as the whole sink's wait (see [`DeliveryError::holds_sink`]).
+    pub fn holding_sink(mut self, after: Option<Duration>) -> Self {
+        self.holds_sink = after.is_some();
+        self.with_retry_after(after)
     }
 
     /// No answer within the sink's timeout: worth another attempt.

@@ -77,7 +77,8 @@ pub(crate) fn judge(status: StatusCode, headers: &HeaderMap, head: &[u8]) -> Out
     } else {
         DeliveryError::permanent(message)
     };
-    Err(err.with_retry_after(retry_after))
+    // Only 429 and 503 read it: the service's own load, so the whole sink waits.
+    Err(err.holding_sink(retry_after))
 }
 
 /// The innermost cause, not the client's message (which quotes the URL).

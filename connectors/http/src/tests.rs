@@ -335,7 +335,10 @@ async fn unavailable_with_retry_after_is_retryable() {
     let err = status_outcome(r).await;
     assert!(err.retryable);
     assert_eq!(err.retry_after, Some(Duration::from_secs(7)));
+    assert!(err.holds_sink, "the service's own wait holds the whole sink");
     assert_eq!(err.message, "HTTP 503 Service Unavailable: upstream down (maintenance)");
+    // Without a Retry-After there is nothing to hold for.
+    assert!(!status_outcome(reply(503)).await.holds_sink);
 }
 
 #[tokio::test]

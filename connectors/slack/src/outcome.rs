@@ -51,7 +51,7 @@ pub(crate) fn classify(err: SlackClientError) -> Outcome {
         }
         SlackClientError::RateLimitError(e) => {
             let code = e.code.as_deref().unwrap_or("ratelimited");
-            DeliveryError::retryable(format!("Slack rate limit (HTTP 429 {code})")).with_retry_after(e.retry_after)
+            DeliveryError::retryable(format!("Slack rate limit (HTTP 429 {code})")).holding_sink(e.retry_after)
         }
         SlackClientError::HttpError(e) => {
             let status = e.status_code;

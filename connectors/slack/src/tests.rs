@@ -295,6 +295,7 @@ async fn webhook_posts_and_classifies_plain_text_answers() {
     let err = deliver(&sink).await.unwrap_err();
     assert!(err.retryable, "{err:?}");
     assert_eq!(err.retry_after, Some(Duration::from_secs(3)));
+    assert!(err.holds_sink, "a rate limit holds the whole sink: {err:?}");
     let seen = server.seen.lock().unwrap();
     let (path, auth, body) = &seen[0];
     assert_eq!(path, "/services/T000/B000/XXXX");
