@@ -351,6 +351,16 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("expeditor");
         }
+        // Whatever the server's or the role's default: the guard between
+        // pruning and replay (an advisory lock, then fresh reads) and the
+        // rechecks of `SKIP LOCKED` assume each statement sees what committed
+        // before it, which a repeatable-read snapshot taken before the lock
+        // would not.
+        let options = match config.get_options() {
+            Some(given) if !given.trim().is_empty() => format!("{given} {READ_COMMITTED}"),
+            _ => READ_COMMITTED.to_owned(),
+        };
+        config.options(&options);
         let manager = Manager::from_connect(
             config,
             OnStoreRuntime(tokio::runtime::Handle::current()),
@@ -376,6 +386,8 @@ impl PostgresStore {
                 pool_message(&e)
             ))
         })?;
+        refuse_unless_utf8(&client, &store.target).await?;
+        warn_of_clock_skew(&client, &store.target).await;
         migrate(&mut client).await.map_err(|e| {
             StoreError::Unavailable(format!("cannot prepare the PostgreSQL store at {}: {e}", store.target))
         })?;
@@ -414,6 +426,68 @@ impl PostgresStore {
     pub(super) async fn client(&self) -> Result<Object, StoreError> {
         pooled(&self.pool).await
     }
+}
+
+/// The session option that sets every transaction's isolation.
+const READ_COMMITTED: &str = "-c default_transaction_isolation=read\\ committed";
+/// A difference between this machine's clock and the server's worth a
+/// warning: well under a lease (the sink timeout twice, plus 30 s).
+const CLOCK_SKEW_WARNING_MS: i64 = 5_000;
+
+/// Event ids, payloads and sink errors are any Unicode: a database in
+/// another encoding would refuse some of them for good (an event answered
+/// 503 at every retry, an outcome never recorded).
+async fn refuse_unless_utf8(client: &Object, target: &str) -> Result<(), StoreError> {
+    let encoding: String = client
+        .query_one("SELECT current_setting('server_encoding')", &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| {
+            StoreError::Unavailable(format!(
+                "cannot read the PostgreSQL store's encoding at {target}: {}",
+                describe(&e)
+            ))
+        })?;
+    if encoding != "UTF8" {
+        return Err(StoreError::Unavailable(format!(
+            "the PostgreSQL store's database at {target} is encoded {encoding}; expeditor needs UTF8 \
+             (CREATE DATABASE ... ENCODING 'UTF8')"
+        )));
+    }
+    Ok(())
+}
+
+/// Instances sharing a store compare leases written by each other's clocks:
+/// one far off would take over deliveries still in flight elsewhere, or
+/// leave a crashed instance's for too long.
+async fn warn_of_clock_skew(client: &Object, target: &str) {
+    if let Some(skew) = clock_skew(client, now_ms).await
+        && skew > CLOCK_SKEW_WARNING_MS
+    {
+        tracing::warn!(
+            store = %target,
+            skew_ms = skew,
+            "this machine's clock and the PostgreSQL server's differ by more than 5 s: instances sharing \
+             a store compare delivery leases by their own clocks, so keep every machine's clock in sync (NTP)"
+        );
+    }
+}
+
+/// How far the server's clock is from `local`'s, in milliseconds (the
+/// query's own round trip not counted).
+pub(super) async fn clock_skew(client: &Object, local: impl Fn() -> i64) -> Option<i64> {
+    let before = local();
+    let row = client
+        .query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint", &[])
+        .await
+        .ok()?;
+    let after = local();
+    let server: i64 = row.try_get(0).ok()?;
+    Some(if server < before {
+        before - server
+    } else {
+        server.saturating_sub(after)
+    })
 }
 
 /// A connection from the pool (which bounds the wait itself).

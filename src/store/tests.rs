@@ -2433,6 +2433,75 @@ async fn postgres_unavailable_while_the_database_is_gone() {
     store.close().await;
 }
 
+/// A database (or role) whose default is repeatable read still runs the
+/// store's transactions read committed: the guard between pruning and
+/// replay depends on it.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_transactions_are_read_committed_whatever_the_default() {
+    let Some(db) = TestDatabase::create().await else { return };
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let isolation = async |client: &tokio_postgres::Client| -> String {
+        let row = client.query_one("SHOW transaction_isolation", &[]).await.unwrap();
+        row.get(0)
+    };
+    let (plain, connection) = db.config().connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    assert_eq!(isolation(&plain).await, "repeatable read", "the database's default");
+
+    let store = db.store().await;
+    let pooled = store.client().await.unwrap();
+    assert_eq!(isolation(&pooled).await, "read committed");
+
+    // The clock check the store warns by: this machine and the server
+    // agree; a clock a minute ahead is seen as such.
+    let skew = super::postgres::clock_skew(&pooled, now_ms).await.unwrap();
+    assert!(skew < 1_000, "{skew} ms");
+    let skew = super::postgres::clock_skew(&pooled, || now_ms() + 60_000)
+        .await
+        .unwrap();
+    assert!((59_000..61_000).contains(&skew), "{skew} ms");
+}
+
+/// A database in another encoding would refuse some event ids and sink
+/// errors for good: it is refused at start, before anything is created.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_refuses_a_database_not_in_utf8() {
+    let Some(db) = TestDatabase::create().await else { return };
+    let admin = db.admin().await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {}", db.name))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE DATABASE {} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let Err(err) = PostgresStore::connect_config(db.config()).await else {
+        panic!("a LATIN1 database was taken");
+    };
+    let err = err.to_string();
+    assert!(err.contains("is encoded LATIN1; expeditor needs UTF8"), "{err}");
+
+    let (plain, connection) = db.config().connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let tables: i64 = plain
+        .query_one("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "nothing was created");
+}
+
 /// Needs no server: a refused connection fails `connect` at once, naming
 /// host, port and database but never the password.
 #[tokio::test]
