@@ -210,6 +210,8 @@ pub enum MoneyError {
     TooPrecise,
     #[error("amount out of range")]
     Overflow,
+    #[error("a JSON number with more digits than it can carry exactly; send it as a string")]
+    Inexact,
 }
 
 pub use expeditor_api::currency_exponent;
@@ -234,7 +236,7 @@ pub fn parse_minor_units(s: &str, currency: Option<&str>) -> Result<i64, MoneyEr
 pub fn json_minor_units(value: &Json<'_>, currency: Option<&str>) -> Result<i64, MoneyError> {
     match value {
         Json::String(s) => parse_minor_units(s, currency),
-        Json::Number(n) => parse_minor_units(&n.to_string(), currency),
+        Json::Number(n) => parse_minor_units(&exact_text(n).ok_or(MoneyError::Inexact)?, currency),
         _ => Err(MoneyError::Syntax),
     }
 }
@@ -278,7 +280,27 @@ fn parse_decimal(s: &str, exponent: u32) -> Result<i64, MoneyError> {
 
 /// An integral JSON number (`42`, `42.0`), exactly; anything else `None`.
 fn integral(n: &serde_json::Number) -> Option<i64> {
-    n.as_i64().or_else(|| parse_decimal(&n.to_string(), 0).ok())
+    n.as_i64().or_else(|| parse_decimal(&exact_text(n)?, 0).ok())
+}
+
+/// Most significant digits any `f64` holds exactly as decimal text.
+const F64_EXACT_DIGITS: usize = 15;
+
+/// A JSON number's text where it is the sender's: an integer as sent, or a
+/// number serde_json read as a float (a fraction, an exponent, an integer
+/// past 64 bits) with at most 15 significant digits, which the shortest
+/// text of the float gives back. `None` for more: the float rounded it, and
+/// two different ids or amounts could come out the same.
+fn exact_text(n: &Number) -> Option<String> {
+    let text = n.to_string();
+    if n.is_f64() {
+        let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
+        let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+        if digits.trim_start_matches('0').trim_end_matches('0').len() > F64_EXACT_DIGITS {
+            return None;
+        }
+    }
+    Some(text)
 }
 
 // ---------------------------------------------------------------------------
@@ -488,7 +510,7 @@ fn event_id(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeEr
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingId),
         Some(Json::String(s)) if s.chars().any(char::is_control) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
-        Some(Json::Number(n)) => Ok(n.to_string()),
+        Some(Json::Number(n)) => exact_text(n).ok_or_else(|| bad_field(field)),
         Some(_) => Err(bad_field(field)),
     }
 }
@@ -583,7 +605,7 @@ impl<'v, 'p> Obj<'v, 'p> {
         match self.get(key) {
             None => Ok(None),
             Some(Json::String(s)) => Ok(Some(s.to_string())),
-            Some(Json::Number(n)) => Ok(Some(n.to_string())),
+            Some(Json::Number(n)) => exact_text(n).map(Some).ok_or_else(|| bad_field(self.path_of(key))),
             Some(_) => Err(bad_field(self.path_of(key))),
         }
     }
@@ -1121,6 +1143,34 @@ mod tests {
         }
         let v = Json::parse(b"1e3").unwrap();
         assert_eq!(json_minor_units(&v, None), Ok(100_000));
+        // Past 15 significant digits an f64 no longer holds the sender's
+        // text: refused, not silently rounded to a neighbouring amount.
+        for text in ["90071992547409.93", "9007199254740993.5", "123456789012345678901.5"] {
+            let v = Json::parse(text.as_bytes()).unwrap();
+            assert_eq!(json_minor_units(&v, None), Err(MoneyError::Inexact), "{text}");
+        }
+        let v = Json::parse(b"9999999999999.99").unwrap();
+        assert_eq!(
+            json_minor_units(&v, None),
+            Ok(999_999_999_999_999),
+            "15 digits are exact"
+        );
+        // Integers come through as sent, however long (up to 64 bits).
+        let v = Json::parse(b"18446744073709551615").unwrap();
+        assert_eq!(json_minor_units(&v, Some("jpy")), Err(MoneyError::Overflow));
+    }
+
+    /// Numeric ids past 64 bits are read through a float: two different ids
+    /// could come out the same, and the second event be dropped as a
+    /// duplicate. They are refused; 64-bit ids and short floats are kept.
+    #[test]
+    fn numeric_ids_are_kept_only_when_exact() {
+        let id = |text: &str| event_id(Some(&Json::parse(text.as_bytes()).unwrap()), "id");
+        assert_eq!(id("18446744073709551615"), Ok("18446744073709551615".into()));
+        assert_eq!(id("-42"), Ok("-42".into()));
+        assert_eq!(id("12.5"), Ok("12.5".into()));
+        assert!(id("12345678901234567890123").is_err());
+        assert!(id("12345678901234567890124").is_err());
     }
 
     // -- field paths and errors ---------------------------------------------
