@@ -10,7 +10,7 @@
 //! claimed, and the event it has just normalized goes with them, so the
 //! common case needs no claim and no second parse.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -39,6 +39,8 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 const PREFETCH_ROUNDS: usize = 2;
 /// Lease left after an attempt's timeout, to record its outcome.
 const LEASE_MARGIN_MS: i64 = 10_000;
+/// How often claims waiting for a slot are looked at for their lease.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// The least a worker keeps claimed ahead.
 const MIN_PREFETCH: usize = 64;
 /// The most an adaptive sink keeps claimed ahead, unless a fixed default
@@ -469,6 +471,15 @@ impl Worker {
             if stop.is_cancelled() {
                 return;
             }
+            // Nothing is attempted while the sink holds; a claim taken now
+            // would only wait out its lease.
+            if let Some(until) = self.limiter.held_until() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = stop.cancelled() => return,
+                }
+                continue;
+            }
             let room = tokio::select! {
                 p = slots.acquire_many(1) => p.expect("semaphore is never closed"),
                 _ = stop.cancelled() => return,
@@ -526,6 +537,12 @@ impl Worker {
     /// Stops at shutdown: attempts in flight finish, queued claims are given
     /// back. A `rate_limit` paces from `paced_from` (where the worker before
     /// this one left off); returns when the next attempt may start.
+    ///
+    /// While no attempt can start (every slot busy with a slow sink, or a
+    /// `Retry-After` hold), claims wait; every [`SWEEP_EVERY`] those too
+    /// close to their lease's end are given back. Left in the queue, a
+    /// lapsed claim would be claimed again, by this worker too, and each
+    /// claim counts an attempt that was never made.
     async fn dispatch_loop(
         self: Arc<Self>,
         slots: Arc<Semaphore>,
@@ -538,16 +555,24 @@ impl Worker {
         let mut pace = self.common.rate_limit.map(|limit| Pace::new(limit, paced_from));
         let linger = self.sink.linger();
         let in_flight = TaskTracker::new();
+        // Claims taken off the queue while they waited, oldest first.
+        let mut waiting: VecDeque<Claimed> = VecDeque::new();
         let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
-        loop {
+        'dispatch: loop {
             // Checked first: `select!` picks among ready branches at random,
             // and a worker stopped before it began must not start anything.
             if shutdown.is_cancelled() {
                 break;
             }
-            let mut slot = tokio::select! {
-                s = limiter.acquire() => s,
-                _ = shutdown.cancelled() => break,
+            let mut slot = match limiter.try_acquire() {
+                Some(slot) => slot,
+                None => loop {
+                    tokio::select! {
+                        s = limiter.acquire() => break s,
+                        _ = tokio::time::sleep(SWEEP_EVERY) => self.sweep(&mut queue, &mut waiting, &slots).await,
+                        _ = shutdown.cancelled() => break 'dispatch,
+                    }
+                },
             };
             // A rate limit's turn comes before the claims are taken, so none
             // waits for it past the lease check below.
@@ -557,9 +582,16 @@ impl Worker {
                     _ = shutdown.cancelled() => break,
                 }
             }
-            tokio::select! {
-                n = queue.recv_many(&mut batch, max_batch) => if n == 0 { break },
-                _ = shutdown.cancelled() => break,
+            while batch.len() < max_batch
+                && let Some(c) = waiting.pop_front()
+            {
+                batch.push(c);
+            }
+            if batch.is_empty() {
+                tokio::select! {
+                    n = queue.recv_many(&mut batch, max_batch) => if n == 0 { break },
+                    _ = shutdown.cancelled() => break,
+                }
             }
             if !linger.is_zero() && batch.len() < max_batch {
                 let deadline = tokio::time::Instant::now() + linger;
@@ -573,31 +605,42 @@ impl Worker {
                     }
                 }
             }
-            slots.add_permits(batch.len());
-            // An attempt must end (timeout) and be recorded within the lease.
-            let must_start_by = now_ms() + self.common.timeout.as_millis() as i64 + LEASE_MARGIN_MS;
-            if batch.iter().any(|c| c.lease_until < must_start_by) {
-                let (fresh, stale): (Vec<Claimed>, Vec<Claimed>) =
-                    batch.drain(..).partition(|c| c.lease_until >= must_start_by);
-                self.release(stale).await;
-                batch = fresh;
-                if batch.is_empty() {
-                    continue;
+            // The sink asked for a wait while this slot waited for work: the
+            // batch waits with the rest.
+            if limiter.held_until().is_some() {
+                for c in batch.drain(..).rev() {
+                    waiting.push_front(c);
                 }
+                continue;
+            }
+            // An attempt must end (timeout) and be recorded within the lease.
+            let (fresh, stale) = self.split_stale(std::mem::take(&mut batch));
+            slots.add_permits(fresh.len() + stale.len());
+            if !stale.is_empty() {
+                self.release(stale).await;
+            }
+            // Looked at again: giving back may have waited on the store.
+            let (fresh, stale) = self.split_stale(fresh);
+            if !stale.is_empty() {
+                self.release(stale).await;
+            }
+            if fresh.is_empty() {
+                continue;
             }
             if let Some(pace) = pace.as_mut() {
                 pace.start();
             }
             slot.in_use();
             let this = self.clone();
-            let taken = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
             in_flight.spawn(async move {
-                this.attempt(taken, slot).await;
+                this.attempt(fresh, slot).await;
             });
+            batch.reserve(max_batch);
         }
         // Claimed but never started: give them back so they run at once
         // elsewhere or after the restart, not after the lease.
         queue.close();
+        batch.extend(waiting);
         while let Ok(c) = queue.try_recv() {
             batch.push(c);
         }
@@ -608,6 +651,36 @@ impl Worker {
         in_flight.close();
         in_flight.wait().await;
         pace.map(|p| p.next())
+    }
+
+    /// Claims that can still be attempted and recorded within their lease,
+    /// and those that cannot.
+    fn split_stale(&self, claims: Vec<Claimed>) -> (Vec<Claimed>, Vec<Claimed>) {
+        let must_start_by = now_ms() + self.common.timeout.as_millis() as i64 + LEASE_MARGIN_MS;
+        if claims.iter().all(|c| c.lease_until >= must_start_by) {
+            return (claims, Vec::new());
+        }
+        claims.into_iter().partition(|c| c.lease_until >= must_start_by)
+    }
+
+    /// Takes what the queue holds into `waiting` and gives back the claims
+    /// too close to their lease's end, making room for them to be claimed
+    /// again (afresh, as the count of attempts goes back down).
+    async fn sweep(
+        &self,
+        queue: &mut mpsc::UnboundedReceiver<Claimed>,
+        waiting: &mut VecDeque<Claimed>,
+        slots: &Semaphore,
+    ) {
+        while let Ok(c) = queue.try_recv() {
+            waiting.push_back(c);
+        }
+        let (fresh, stale) = self.split_stale(std::mem::take(waiting).into());
+        *waiting = fresh.into();
+        if !stale.is_empty() {
+            slots.add_permits(stale.len());
+            self.release(stale).await;
+        }
     }
 
     async fn release(&self, claims: Vec<Claimed>) {

@@ -183,6 +183,25 @@ impl Limiter {
         }
     }
 
+    /// Room for one more attempt if there is some now, and no hold.
+    pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut s = self.lock();
+        if s.held_until.is_some_and(|until| until > Instant::now()) || s.in_flight >= s.limit {
+            return None;
+        }
+        s.in_flight += 1;
+        Some(Slot {
+            limiter: self.clone(),
+            working: false,
+            signal: None,
+        })
+    }
+
+    /// Until when no attempt may start, if a hold is on.
+    pub fn held_until(&self) -> Option<Instant> {
+        self.lock().held_until.filter(|&until| until > Instant::now())
+    }
+
     /// Starts no attempt before `until` (a sink's `Retry-After`); a later
     /// hold already in place stays.
     pub fn hold(&self, until: Instant) {

@@ -371,6 +371,53 @@ sinks = ["busy"]
     }
 }
 
+/// A hold longer than a claim's lease (twice the timeout, plus 30 s): the
+/// claims waiting for it are given back before their lease lapses, and
+/// taken again once it ends. Left waiting, they would lapse, be claimed
+/// again, and each lapse would count an attempt never made.
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_waiting_out_a_long_hold_keep_their_attempts() {
+    let sink = FakeSink::start().await;
+    sink.script_answers(
+        &[Answer::status(429).retry_after("32").after(Duration::from_millis(300))],
+        Answer::status(200),
+    );
+    let config = format!(
+        r#"{base}
+{sources}
+[sinks.busy]
+type = "http"
+url = "{url}"
+timeout = "500ms"
+concurrency = 1
+retry = {{ max_attempts = 3, initial = "50ms", max = "60s" }}
+
+[[routes]]
+name = "all"
+sinks = ["busy"]
+"#,
+        base = crate::harness::base_config(""),
+        sources = crate::vendor::SOURCES,
+        url = sink.url("/busy"),
+    );
+    let d = Daemon::start(&config).await;
+    for id in ["evt_hold_1", "evt_hold_2", "evt_hold_3"] {
+        assert_eq!(d.post_crumb(&crumb_order(id, 4250)).await.status, 200);
+    }
+    let got = sink.wait_for(4, Duration::from_secs(60)).await;
+    let answered = got[0].at + Duration::from_millis(300);
+    for later in &got[1..] {
+        assert!(later.at >= answered + Duration::from_secs(31), "sent inside the hold");
+    }
+    for id in ["evt_hold_2", "evt_hold_3"] {
+        let row = d.wait_delivery("crumb", id, "busy", "delivered").await;
+        assert_eq!(row["attempts"], 1, "one attempt was made: {row}");
+    }
+    let row = d.wait_delivery("crumb", "evt_hold_1", "busy", "delivered").await;
+    assert_eq!(row["attempts"], 2, "{row}");
+    assert_eq!(sink.settle().await.len(), 4, "each event sent once more at most");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sink_that_times_out_is_retried() {
     let sink = FakeSink::start().await;
