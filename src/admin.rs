@@ -117,20 +117,22 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     let sink = query.get("sink").cloned();
     let result = match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
-            return match admin.store.queue_stats().await {
-                Ok(queues) => {
-                    let sinks: Vec<String> = current.config.sinks.keys().cloned().collect();
-                    let limits = current.engine.concurrency_limits();
-                    let body = admin.metrics.render(&queues, &sinks, &limits, now_ms());
-                    let mut resp = Response::new(Full::new(Bytes::from(body)));
-                    resp.headers_mut().insert(
-                        header::CONTENT_TYPE,
-                        http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-                    );
-                    resp
+            let queues = match admin.store.queue_stats().await {
+                Ok(queues) => Some(queues),
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: cannot read the queues from the store; serving the rest");
+                    None
                 }
-                Err(e) => store_error(e),
             };
+            let sinks: Vec<String> = current.config.sinks.keys().cloned().collect();
+            let limits = current.engine.concurrency_limits();
+            let body = admin.metrics.render(queues.as_deref(), &sinks, &limits, now_ms());
+            let mut resp = Response::new(Full::new(Bytes::from(body)));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            );
+            return resp;
         }
         (&Method::GET, "/api/events") => admin
             .store

@@ -267,9 +267,13 @@ fn local_url(addr: std::net::SocketAddr) -> String {
     format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
 }
 
+/// Never through a proxy from the environment: the admin API is this
+/// machine's (a proxy's loopback is not), and its token must not go to a
+/// third party in clear text.
 fn client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
+        .no_proxy()
         .build()?)
 }
 

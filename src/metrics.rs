@@ -261,7 +261,17 @@ impl Metrics {
     /// zero when their queue is empty.
     /// `limits`: each sink's concurrency limit now, from the engine that is
     /// current (a sink a reload removed has none).
-    pub fn render(&self, queues: &[SinkQueue], sinks: &[String], limits: &[(String, usize)], now_ms: i64) -> String {
+    /// The scrape's text. `queues` is `None` when the store could not be
+    /// read: the queue gauges are then left out (not reported as zero), and
+    /// everything counted in memory is still there, as an outage is when
+    /// it is most wanted.
+    pub fn render(
+        &self,
+        queues: Option<&[SinkQueue]>,
+        sinks: &[String],
+        limits: &[(String, usize)],
+        now_ms: i64,
+    ) -> String {
         let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.pending.clear();
         self.concurrency_limit.clear();
@@ -271,6 +281,9 @@ impl Metrics {
         }
         self.dead_letters.clear();
         self.oldest_pending_age.clear();
+        let Some(queues) = queues else {
+            return self.encode();
+        };
         for sink in sinks {
             let l = SinkLabels { sink: sink.clone() };
             self.pending.get_or_create(&l).set(0);
@@ -286,6 +299,10 @@ impl Metrics {
                 .map_or(0.0, |t| (now_ms - t).max(0) as f64 / 1000.0);
             self.oldest_pending_age.get_or_create(&l).set(age);
         }
+        self.encode()
+    }
+
+    fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -427,7 +444,7 @@ mod tests {
                 std::thread::spawn(move || {
                     (0..2000)
                         .filter(|_| {
-                            let out = m.render(&[], &sinks, &[("kds".to_owned(), 8)], 0);
+                            let out = m.render(Some(&[]), &sinks, &[("kds".to_owned(), 8)], 0);
                             !(out.contains("expeditor_deliveries_pending{sink=\"kds\"} 0")
                                 && out.contains("expeditor_sink_concurrency_limit{sink=\"kds\"} 8"))
                         })
@@ -470,7 +487,12 @@ mod tests {
             dead: 1,
             oldest_pending_received_at: Some(1_000),
         }];
-        let text = m.render(&queues, &["kds".into(), "slack".into()], &[("kds".into(), 12)], 11_000);
+        let text = m.render(
+            Some(&queues),
+            &["kds".into(), "slack".into()],
+            &[("kds".into(), 12)],
+            11_000,
+        );
         for line in [
             "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"accepted\"} 2",
             "expeditor_webhook_requests_total{source=\"crumb\",outcome=\"duplicate\"} 1",
@@ -498,7 +520,7 @@ mod tests {
             "only what the engine reports: {text}"
         );
         // A later scrape with the sink gone (a reload removed it) drops it.
-        let text = m.render(&queues, &["slack".into()], &[], 12_000);
+        let text = m.render(Some(&queues), &["slack".into()], &[], 12_000);
         assert!(!text.contains("expeditor_sink_concurrency_limit{"), "{text}");
         for l in text
             .lines()
@@ -506,5 +528,14 @@ mod tests {
         {
             assert!(!l.contains("_total_total"), "{l}");
         }
+        // The store unreadable: no queue gauge is made up, the rest is served.
+        let text = m.render(None, &["kds".into(), "slack".into()], &[("kds".into(), 12)], 13_000);
+        assert!(!text.contains("expeditor_deliveries_pending{"), "{text}");
+        assert!(!text.contains("expeditor_dead_letters{"), "{text}");
+        assert!(
+            text.contains("expeditor_sink_concurrency_limit{sink=\"kds\"} 12"),
+            "{text}"
+        );
+        assert!(text.contains("expeditor_store_synced_operations_total 12"), "{text}");
     }
 }

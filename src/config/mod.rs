@@ -308,6 +308,8 @@ impl SinkKind {
 /// The longest `batch.linger`: deliveries wait in a claimed lease while a
 /// batch fills, so it stays short.
 const MAX_LINGER: Duration = Duration::from_secs(10);
+/// The longest a sink's `timeout` may be.
+const MAX_SINK_TIMEOUT: Duration = Duration::from_secs(3600);
 const SINK_TYPES: &str = "http, file, wasm, slack, email, bigquery";
 const SOURCE_KINDS: &str = "crumbpos, crave, hmac";
 
@@ -770,6 +772,16 @@ impl Cx<'_> {
                 let v = self.resolve(t, "admin.token")?;
                 if v.trim().is_empty() {
                     self.error_at(t.span(), "admin.token", "is empty");
+                    return None;
+                }
+                // What a Bearer header can carry and the admin API reads back
+                // as sent; anything else would pass here and never match.
+                if v.trim() != v || !v.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+                    self.error_at(
+                        t.span(),
+                        "admin.token",
+                        "must be printable ASCII, without spaces at either end",
+                    );
                     return None;
                 }
                 Some(Secret::new(v))
@@ -1360,10 +1372,16 @@ impl Cx<'_> {
             }
         };
         let timeout = timeout?;
-        if timeout.is_zero() {
-            // Zero is only ever written: the default is 10s.
+        if timeout.is_zero() || timeout > MAX_SINK_TIMEOUT {
+            // Zero is only ever written: the default is 10s. A claim's lease
+            // is twice the timeout, and an hour is far past any sink's.
             let span = timeout_raw.map_or(0..0, |t| t.span());
-            self.error_at(span, &format!("{key}.timeout"), "must be longer than 0s");
+            let msg = if timeout.is_zero() {
+                "must be longer than 0s"
+            } else {
+                "must be at most 1h"
+            };
+            self.error_at(span, &format!("{key}.timeout"), msg);
             return None;
         }
         Some(SinkCommon {
@@ -1399,6 +1417,18 @@ impl Cx<'_> {
                     format!("route name {name:?} is used twice"),
                 );
                 ok = false;
+            }
+            // An empty list matches nothing: a route that never fires, with
+            // no word of it. Leaving the key out is what means "all".
+            for (field, list) in [("sources", &rr.sources), ("events", &rr.events)] {
+                if list.as_ref().is_some_and(Vec::is_empty) {
+                    self.error_at(
+                        r.span(),
+                        &format!("{key}.{field}"),
+                        format!("is empty, so the route never matches; leave {field} out to match all"),
+                    );
+                    ok = false;
+                }
             }
             let mut route_sources = None;
             if let Some(list) = &rr.sources {

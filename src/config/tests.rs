@@ -480,6 +480,35 @@ fn admin_off_loopback_requires_a_token() {
     assert!(parse_with(&with_token, &env()).is_ok());
 }
 
+/// A token the Bearer header cannot carry as written never matches: refused.
+#[test]
+fn the_admin_token_is_what_a_header_carries() {
+    for bad in ["p\u{e4}sswort", " padded", "padded ", "tab\there"] {
+        let text = format!("{BASE}\n[admin]\ntoken = \"{bad}\"\n");
+        let e = one_error(&text, &["admin.token", "printable ASCII"]);
+        assert!(!e.contains(bad.trim()), "the token is not quoted: {e}");
+    }
+    assert!(parse_with(&format!("{BASE}\n[admin]\ntoken = \"a b~c!\"\n"), &env()).is_ok());
+}
+
+/// `sources = []` or `events = []` would never match: said at the line.
+#[test]
+fn an_empty_route_list_is_refused() {
+    for field in ["sources", "events"] {
+        let text = BASE.replace("events = [\"order.*\"]", &format!("{field} = []"));
+        one_error(&text, &[&format!("routes[0].{field}"), "never matches", "leave"]);
+    }
+}
+
+/// A sink timeout past an hour is refused (its lease is twice as long).
+#[test]
+fn a_sink_timeout_is_at_most_an_hour() {
+    let text = BASE.replace("[sinks.kds.body]", "timeout = \"2h\"\n\n[sinks.kds.body]");
+    one_error(&text, &["sinks.kds.timeout", "at most 1h"]);
+    let text = BASE.replace("[sinks.kds.body]", "timeout = \"1h\"\n\n[sinks.kds.body]");
+    assert!(parse_with(&text, &env()).is_ok());
+}
+
 #[test]
 fn every_error_is_reported_at_once() {
     let text = BASE

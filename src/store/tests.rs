@@ -1474,7 +1474,7 @@ async fn sqlite_commits_are_checkpointed_in_the_background() {
 fn checkpoints(durability: &Durability, mode: &str) -> u64 {
     let mut metrics = crate::metrics::Metrics::new();
     metrics.register_durability(durability.clone());
-    let text = metrics.render(&[], &[], &[], 0);
+    let text = metrics.render(Some(&[]), &[], &[], 0);
     let series = format!("expeditor_store_checkpoint_duration_seconds_count{{mode=\"{mode}\"}} ");
     text.lines()
         .find_map(|l| l.strip_prefix(series.as_str())?.parse().ok())

@@ -182,3 +182,37 @@ sinks = ["hook"]
     let out = d.cli(&["dead-letters", "--json"]).await;
     assert_success(&out, &["dead-letters", "--json"]);
 }
+
+/// A proxy in the operator's environment is not the admin API's way: the
+/// CLI talks to this machine directly, and its token never goes to a proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_ignores_proxies_from_the_environment() {
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let config = format!(
+        r#"[server]
+listen = "{{INGEST}}"
+
+[admin]
+listen = "{{ADMIN}}"
+token = "it-admin-token"
+
+[store]
+path = "{{DIR}}/store"
+
+{SOURCES}
+"#
+    );
+    let env = [
+        ("http_proxy", proxy_url.as_str()),
+        ("HTTP_PROXY", proxy_url.as_str()),
+        ("ALL_PROXY", proxy_url.as_str()),
+    ];
+    let d = Daemon::start_with_env(&config, &env).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_proxy", 100)).await.status, 200);
+    let listed = d.cli_json(&["events", "--json"]).await;
+    assert_eq!(listed["events"][0]["id"], "evt_proxy", "{listed}");
+    // Nothing reached the proxy.
+    let accepted = tokio::time::timeout(std::time::Duration::from_millis(200), proxy.accept()).await;
+    assert!(accepted.is_err(), "the CLI connected to the proxy");
+}
