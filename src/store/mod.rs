@@ -451,6 +451,10 @@ pub async fn open(backend: &crate::config::StoreBackend) -> anyhow::Result<std::
     })
 }
 
+/// Dead letters a replay re-queues per statement: each chunk is its own
+/// commit, so acks go on between them.
+pub(crate) const REPLAY_CHUNK: u64 = 5000;
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

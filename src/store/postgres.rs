@@ -1054,16 +1054,28 @@ impl Store for PostgresStore {
             } => {
                 // Dead letters always still have their payload: compaction
                 // only touches events with no deliveries left.
+                // A chunk per statement (see `REPLAY_CHUNK`); those
+                // dead-lettered after `now` are not taken.
                 let sql = format!(
-                    "{REQUEUE} WHERE state = 2 AND ($2::text IS NULL OR sink = $2)
-                     AND ($5::bigint IS NULL OR updated_at >= $5)
+                    "{REQUEUE} WHERE id IN (SELECT id FROM deliveries
+                     WHERE state = 2 AND ($2::text IS NULL OR sink = $2)
+                     AND ($5::bigint IS NULL OR updated_at >= $5) AND updated_at <= $1
                      AND ($3::text IS NULL AND $4::text IS NULL OR event_seq IN (SELECT seq FROM events
-                          WHERE ($3::text IS NULL OR source = $3) AND ($4::text IS NULL OR type = $4)))"
+                          WHERE ($3::text IS NULL OR source = $3) AND ($4::text IS NULL OR type = $4)))
+                     LIMIT $6 FOR UPDATE SKIP LOCKED)"
                 );
-                client
-                    .execute(&sql, &[&now, &sink, &source, &event_type, &since])
-                    .await
-                    .map_err(db_error)
+                let chunk = REPLAY_CHUNK as i64;
+                let mut total = 0;
+                loop {
+                    let n = client
+                        .execute(&sql, &[&now, &sink, &source, &event_type, &since, &chunk])
+                        .await
+                        .map_err(db_error)?;
+                    total += n;
+                    if n < REPLAY_CHUNK {
+                        return Ok(total);
+                    }
+                }
             }
             ReplayTarget::Event { source, id, sink } => {
                 let tx = client.transaction().await.map_err(db_error)?;

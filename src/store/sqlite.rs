@@ -1460,15 +1460,20 @@ fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) 
             since,
         } => {
             // Dead letters always still have their payload: compaction only
-            // touches events with no deliveries left.
+            // touches events with no deliveries left. At most a chunk per
+            // call (see `REPLAY_CHUNK`); those dead-lettered after `now`
+            // (a replay's own, if the sink is still down) are not taken.
             let n = t
                 .execute(
                     &format!(
-                        "{REQUEUE} WHERE state = 2 AND (?2 IS NULL OR sink = ?2) AND (?5 IS NULL OR updated_at >= ?5)
+                        "{REQUEUE} WHERE id IN (SELECT id FROM deliveries
+                         WHERE state = 2 AND (?2 IS NULL OR sink = ?2) AND (?5 IS NULL OR updated_at >= ?5)
+                         AND updated_at <= ?1
                          AND (?3 IS NULL AND ?4 IS NULL OR event_seq IN (SELECT seq FROM events
-                              WHERE (?3 IS NULL OR source = ?3) AND (?4 IS NULL OR type = ?4)))"
+                              WHERE (?3 IS NULL OR source = ?3) AND (?4 IS NULL OR type = ?4)))
+                         LIMIT ?6)"
                     ),
-                    params![now, sink, source, event_type, since],
+                    params![now, sink, source, event_type, since, REPLAY_CHUNK as i64],
                 )
                 .map_err(unavailable)?;
             Ok(n as u64)
@@ -1996,7 +2001,19 @@ impl Store for SqliteStore {
     }
 
     async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError> {
-        self.submit(|r| Op::Replay(target, now, r)).await
+        if !matches!(target, ReplayTarget::DeadLetters { .. }) {
+            return self.submit(|r| Op::Replay(target, now, r)).await;
+        }
+        // A chunk per group commit, so a replay of millions does not hold
+        // every ack (and the watchdog's ping) behind one statement.
+        let mut total = 0;
+        loop {
+            let n = self.submit(|r| Op::Replay(target.clone(), now, r)).await?;
+            total += n;
+            if n < REPLAY_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 
     async fn prune(&self, retention: Retention, now: i64) -> Result<PruneStats, StoreError> {

@@ -170,6 +170,7 @@ store_tests!(
     dead_is_listed_and_never_claimed,
     replay_dead_letters_requeues_them_with_fresh_attempts,
     replay_dead_letters_of_one_sink,
+    replay_of_many_dead_letters_goes_in_chunks,
     replay_event_requeues_every_delivery_even_delivered,
     replay_event_to_a_new_sink_adds_a_delivery,
     replay_event_leaves_a_delivery_in_flight_to_its_attempt,
@@ -692,6 +693,45 @@ async fn replay_dead_letters_of_one_sink(store: Arc<dyn Store>) {
     assert!(claim(&*store, "b", now).await.is_empty());
     let still_dead = deliveries(&*store, None, Some(Status::Dead)).await;
     assert_eq!(pairs(&still_dead), [("evt_1", "b")]);
+}
+
+/// More dead letters than one statement takes: every one is re-queued,
+/// chunk by chunk, and one that died after the replay began is not.
+async fn replay_of_many_dead_letters_goes_in_chunks(store: Arc<dyn Store>) {
+    let many = 2 * super::REPLAY_CHUNK as usize + 7;
+    let mut inserts = tokio::task::JoinSet::new();
+    for i in 0..many + 1 {
+        let store = store.clone();
+        inserts.spawn(async move { insert(&*store, new_event(&format!("evt_{i}"), &["a"])).await });
+    }
+    inserts.join_all().await;
+    let claimed = store.claim("a", many + 1, LEASE, T0).await.unwrap();
+    assert_eq!(claimed.len(), many + 1);
+    let now = T0 + HOUR;
+    let done = claimed
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Completion {
+            delivery_id: c.delivery_id,
+            attempt: c.attempt,
+            lease_until: c.lease_until,
+            // The last one dies after the replay's `now`.
+            finished_at: if i == many { now + SECOND } else { T0 },
+            result: dead("HTTP 400"),
+        })
+        .collect();
+    store.complete(done).await.unwrap();
+
+    let target = ReplayTarget::DeadLetters {
+        sink: None,
+        source: None,
+        event_type: None,
+        since: None,
+    };
+    assert_eq!(store.replay(target, now).await, Ok(many as u64));
+    let still_dead = deliveries(&*store, None, Some(Status::Dead)).await;
+    assert_eq!(still_dead.len(), 1, "the one that died after `now`");
+    assert_eq!(store.claim("a", many + 1, LEASE, now).await.unwrap().len(), many);
 }
 
 async fn replay_event_requeues_every_delivery_even_delivered(store: Arc<dyn Store>) {
