@@ -28,21 +28,38 @@ impl Glob {
 }
 
 /// Iterative wildcard match with single-star backtracking: linear in practice,
-/// no recursion, so no pattern can blow the stack.
+/// no recursion, so no pattern can blow the stack. A `*` in the pattern is
+/// always the wildcard (even where the text has a `*` too), and `?` takes
+/// one character, however many bytes it is.
 fn glob_match(p: &[u8], t: &[u8]) -> bool {
+    // Text positions stay on character boundaries: a literal byte match
+    // walks a character's bytes in step with the pattern's own.
+    let char_len = |at: usize| {
+        match t[at] {
+            0xF0.. => 4,
+            0xE0.. => 3,
+            0xC0.. => 2,
+            _ => 1,
+        }
+        .min(t.len() - at)
+    };
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {
-        if pi < p.len() && (p[pi] == b'?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == b'*' {
+        if pi < p.len() && p[pi] == b'*' {
             star = Some((pi, ti));
             pi += 1;
+        } else if pi < p.len() && p[pi] == b'?' {
+            pi += 1;
+            ti += char_len(ti);
+        } else if pi < p.len() && p[pi] == t[ti] {
+            pi += 1;
+            ti += 1;
         } else if let Some((sp, st)) = star {
+            let next = st + char_len(st);
             pi = sp + 1;
-            ti = st + 1;
-            star = Some((sp, st + 1));
+            ti = next;
+            star = Some((sp, next));
         } else {
             return false;
         }
@@ -159,6 +176,16 @@ mod tests {
         assert!(g("a*b*c", "axxbyyc"));
         assert!(!g("a*b*c", "axxbyy"));
         assert!(Glob::new(" ").is_err());
+        // A `*` in the text does not stop the pattern's from being a wildcard.
+        assert!(g("*", "*x"));
+        assert!(g("a*", "a*b"));
+        assert!(g("*.ready", "*.x.ready"));
+        // `?` is one character, not one byte.
+        assert!(g("order.?", "order.\u{e9}"));
+        assert!(g("?\u{e9}?", "\u{1f600}\u{e9}z"));
+        assert!(!g("?", "\u{e9}\u{e9}"));
+        assert!(g("*\u{e9}", "\u{e0}\u{e9}"));
+        assert!(!g("*\u{e9}", "\u{e9}a"));
     }
 
     /// (name, sources, events, when, sinks)
