@@ -557,6 +557,11 @@ impl Worker {
         let in_flight = TaskTracker::new();
         // Claims taken off the queue while they waited, oldest first.
         let mut waiting: VecDeque<Claimed> = VecDeque::new();
+        // One timer, reset only when it fires: a full limit is the common
+        // case of a busy sink, and a fresh timer for each wait would cost
+        // every batch a trip through the runtime's timer wheel.
+        let sweep = tokio::time::sleep(SWEEP_EVERY);
+        tokio::pin!(sweep);
         let mut batch: Vec<Claimed> = Vec::with_capacity(max_batch);
         'dispatch: loop {
             // Checked first: `select!` picks among ready branches at random,
@@ -569,7 +574,10 @@ impl Worker {
                 None => loop {
                     tokio::select! {
                         s = limiter.acquire() => break s,
-                        _ = tokio::time::sleep(SWEEP_EVERY) => self.sweep(&mut queue, &mut waiting, &slots).await,
+                        _ = &mut sweep => {
+                            self.sweep(&mut queue, &mut waiting, &slots).await;
+                            sweep.as_mut().reset(tokio::time::Instant::now() + SWEEP_EVERY);
+                        }
                         _ = shutdown.cancelled() => break 'dispatch,
                     }
                 },
