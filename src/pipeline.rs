@@ -174,9 +174,7 @@ impl Pipeline {
                 });
             (decision, hand_off)
         };
-        for (route, error) in &decision.when_errors {
-            tracing::warn!(source = %source.name, event_id = %id, route = %route, %error, "route condition failed to evaluate; route not taken");
-        }
+        let when_errors = decision.when_errors;
         let sinks = decision.sinks;
         let new = NewEvent {
             source: source.name.clone(),
@@ -235,6 +233,11 @@ impl Pipeline {
         };
         match inserted {
             Inserted::New(_) => {
+                // Said once, for the event stored: a vendor's retry of it is
+                // a duplicate, and its routing counts for nothing.
+                for (route, error) in &when_errors {
+                    tracing::warn!(source = %source.name, event_id = %id, route = %route, %error, "route condition failed to evaluate; route not taken");
+                }
                 intake.metrics.stored(!sinks.is_empty());
                 if sinks.is_empty() {
                     // Debug, not info: a source whose routes take a few types sends

@@ -136,3 +136,45 @@ sinks = ["shared"]
         "one delivery per (event, chosen sink): {deliveries:#?}"
     );
 }
+
+/// A `when` that fails to evaluate is logged with the event it failed on,
+/// once: the vendor's retry of that event is a duplicate, dropped before it
+/// counts, so it is not logged again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_when_is_logged_once_not_again_for_a_retry() {
+    let sink = FakeSink::start().await;
+    let config = format!(
+        r#"{base}
+{SOURCES}
+[sinks.hook]
+type = "http"
+url = "{url}"
+
+[[routes]]
+name = "broken"
+when = "order.total_cents > 'x' + 1"
+sinks = ["hook"]
+"#,
+        base = base_config(""),
+        url = sink.url("/hook"),
+    );
+    let d = Daemon::start(&config).await;
+    for _ in 0..3 {
+        assert_eq!(d.post_crumb(&crumb_order("evt_when", 4250)).await.status, 200);
+    }
+    assert_eq!(d.post_crumb(&crumb_order("evt_when_2", 4250)).await.status, 200);
+    let log = d.log();
+    let said = |id: &str| {
+        log.lines()
+            .filter(|l| l.contains("route condition failed to evaluate") && l.contains(id))
+            .count()
+    };
+    assert_eq!(said("evt_when_2"), 1, "{log}");
+    let first = log
+        .lines()
+        .filter(|l| l.contains("route condition failed to evaluate"))
+        .filter(|l| !l.contains("evt_when_2"))
+        .count();
+    assert_eq!(first, 1, "evt_when and its two retries: said once\n{log}");
+    assert!(sink.settle().await.is_empty(), "the route is not taken");
+}
