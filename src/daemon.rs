@@ -44,9 +44,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let config = Arc::new(config);
     // PostgreSQL: connects now and fails fast when the database is unreachable.
+    // A stop signal is heard meanwhile: a schema upgrade, or another
+    // instance's migration lock, may take long, and systemd extends the
+    // stop timeout as long as the start's.
     let store: Arc<dyn Store> = {
         let _starting = crate::systemd::Starting::new("opening the store");
-        crate::store::open(&config.store.backend).await?
+        tokio::select! {
+            opened = crate::store::open(&config.store.backend) => opened?,
+            _ = stop_signal(&mut term, &mut int) => {
+                tracing::info!("stop signal while the store was opening; stopped");
+                return Ok(());
+            }
+        }
     };
     let ingest_workers = ingest::Workers::start(ingest::Workers::per_cpu()).unwrap_or_else(|e| {
         tracing::warn!(error = %e, "cannot start the ingest threads; serving webhooks on the main runtime");

@@ -560,3 +560,63 @@ async fn run_fails_fast_when_the_store_is_unreachable() {
     );
     assert!(!text.contains("hunter2"), "the password leaked: {text}");
 }
+
+/// A stop signal while the store opens is heard at once: here another
+/// instance holds the migration lock, and `run` waits for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_signal_while_the_store_opens_stops_at_once() {
+    let Some(db) = TestDb::create("a_stop_signal_while_the_store_opens").await else {
+        return;
+    };
+    let (holder, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    // expeditor's migration lock (src/store/postgres.rs), held in a transaction.
+    holder
+        .batch_execute("BEGIN; SELECT pg_advisory_xact_lock(7311717575814640751)")
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = shared_store_config(&db.url)
+        .replace("{INGEST}", &free_addr().to_string())
+        .replace("{ADMIN}", &free_addr().to_string())
+        .replace("{DIR}", dir.path().to_str().unwrap());
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, format!("{config}\n{SOURCES}")).unwrap();
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    let mut child = std::process::Command::new(crate::harness::BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .current_dir(dir.path())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(child.try_wait().unwrap().is_none(), "run waits for the lock");
+
+    let stopped = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if stopped.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!(
+                "still waiting for the store 5 s after SIGTERM: {}",
+                std::fs::read_to_string(dir.path().join("log")).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let text = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    assert!(text.contains("stop signal while the store was opening"), "{text}");
+}
