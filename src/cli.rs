@@ -267,10 +267,18 @@ fn local_url(addr: std::net::SocketAddr) -> String {
     format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
 }
 
-/// Never through a proxy from the environment: the admin API is this
-/// machine's (a proxy's loopback is not), and its token must not go to a
-/// third party in clear text.
+/// For `send`, which may post to another machine: proxies from the
+/// environment apply.
 fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()?)
+}
+
+/// For the admin API: never through a proxy from the environment. The API
+/// is this machine's (a proxy's loopback is not), and its token must not go
+/// to a third party in clear text.
+fn admin_client() -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .no_proxy()
@@ -360,7 +368,7 @@ impl AdminClient {
                 .token
                 .as_ref()
                 .map(|t| String::from_utf8_lossy(t.expose()).into_owned()),
-            http: client()?,
+            http: admin_client()?,
         })
     }
 

@@ -595,6 +595,14 @@ impl Worker {
             {
                 batch.push(c);
             }
+            // Topped up from the queue, so a batching sink's batches stay
+            // full after a wait.
+            while batch.len() < max_batch
+                && !batch.is_empty()
+                && let Ok(c) = queue.try_recv()
+            {
+                batch.push(c);
+            }
             if batch.is_empty() {
                 tokio::select! {
                     n = queue.recv_many(&mut batch, max_batch) => if n == 0 { break },
@@ -833,7 +841,7 @@ const TRIES_BEFORE_SPLIT: u32 = 3;
 /// other writes, one of its outcomes is what the store refuses, and it
 /// must not hold back the rest (and every outcome after them) for ever:
 /// each is then tried alone, and one that still fails is left to its lease.
-async fn record(store: &dyn Store, done: Vec<Completion>, closed: impl Fn() -> bool) {
+async fn record(store: &dyn Store, mut done: Vec<Completion>, closed: impl Fn() -> bool) {
     let mut backoff = Duration::from_millis(50);
     let mut failures = 0;
     loop {
@@ -842,18 +850,31 @@ async fn record(store: &dyn Store, done: Vec<Completion>, closed: impl Fn() -> b
         };
         failures += 1;
         if failures >= TRIES_BEFORE_SPLIT && store.writable().await.is_ok() {
-            for c in done {
-                let (id, attempt) = (c.delivery_id, c.attempt);
-                if let Err(e) = store.complete(vec![c]).await {
+            let mut refused = Vec::new();
+            for c in std::mem::take(&mut done) {
+                if let Err(e) = store.complete(vec![c.clone()]).await {
+                    refused.push((c, e));
+                }
+            }
+            if refused.is_empty() {
+                return;
+            }
+            // Still taking writes: these are the store's refusals, not an
+            // outage that began meanwhile.
+            if store.writable().await.is_ok() {
+                for (c, e) in refused {
                     tracing::error!(
-                        delivery = id,
-                        attempt,
+                        delivery = c.delivery_id,
+                        attempt = c.attempt,
                         error = %e,
                         "the store refuses this delivery's outcome; the delivery runs again when its lease ends"
                     );
                 }
+                return;
             }
-            return;
+            done = refused.into_iter().map(|(c, _)| c).collect();
+            failures = 0;
+            continue;
         }
         tracing::error!(error = %e, "cannot record delivery outcomes; retrying");
         tokio::time::sleep(backoff).await;

@@ -293,6 +293,13 @@ const F64_EXACT_DIGITS: usize = 15;
 /// two different ids or amounts could come out the same.
 fn exact_text(n: &Number) -> Option<String> {
     let text = n.to_string();
+    // Past 2^53 neighbouring integers share a float: 20000000000000000001
+    // comes out 2e19, as 20000000000000000000 does.
+    if n.as_f64()
+        .is_some_and(|v| n.is_f64() && v.abs() >= 9_007_199_254_740_992.0)
+    {
+        return None;
+    }
     if n.is_f64() {
         let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
         let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
@@ -1171,6 +1178,10 @@ mod tests {
         assert_eq!(id("12.5"), Ok("12.5".into()));
         assert!(id("12345678901234567890123").is_err());
         assert!(id("12345678901234567890124").is_err());
+        // Round ones too: both would be 2e19, one significant digit.
+        assert!(id("20000000000000000000").is_err());
+        assert!(id("20000000000000000001").is_err());
+        assert!(id("9007199254740993.0").is_err());
     }
 
     // -- field paths and errors ---------------------------------------------

@@ -436,10 +436,17 @@ pub async fn open(backend: &crate::config::StoreBackend) -> anyhow::Result<std::
         other => other.to_string(),
     };
     Ok(match backend {
-        StoreBackend::Sqlite { path } => std::sync::Arc::new(
-            sqlite::SqliteStore::open(path)
-                .map_err(|e| anyhow::anyhow!("cannot open the store at {}: {}", path.display(), message(e)))?,
-        ),
+        StoreBackend::Sqlite { path } => {
+            // Off the async workers (a schema upgrade may take a while), so
+            // the caller can stop waiting for it.
+            let at = path.clone();
+            let opened = tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(&at))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the store at {}: {e}", path.display()))?;
+            std::sync::Arc::new(
+                opened.map_err(|e| anyhow::anyhow!("cannot open the store at {}: {}", path.display(), message(e)))?,
+            )
+        }
         StoreBackend::Postgres { url } => {
             let url = std::str::from_utf8(url.expose()).unwrap_or_default();
             std::sync::Arc::new(

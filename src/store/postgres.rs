@@ -351,16 +351,6 @@ impl PostgresStore {
         if config.get_application_name().is_none() {
             config.application_name("expeditor");
         }
-        // Whatever the server's or the role's default: the guard between
-        // pruning and replay (an advisory lock, then fresh reads) and the
-        // rechecks of `SKIP LOCKED` assume each statement sees what committed
-        // before it, which a repeatable-read snapshot taken before the lock
-        // would not.
-        let options = match config.get_options() {
-            Some(given) if !given.trim().is_empty() => format!("{given} {READ_COMMITTED}"),
-            _ => READ_COMMITTED.to_owned(),
-        };
-        config.options(&options);
         let manager = Manager::from_connect(
             config,
             OnStoreRuntime(tokio::runtime::Handle::current()),
@@ -428,8 +418,20 @@ impl PostgresStore {
     }
 }
 
-/// The session option that sets every transaction's isolation.
-const READ_COMMITTED: &str = "-c default_transaction_isolation=read\\ committed";
+/// A transaction, read committed whatever the server's or the role's
+/// default: the guard between pruning and replay (an advisory lock, then
+/// fresh reads) and the rechecks of `SKIP LOCKED` assume each statement
+/// sees what committed before it, which a repeatable-read snapshot taken
+/// before the lock would not. Set per transaction, not as a startup
+/// option, so connection poolers (PgBouncer) take it.
+pub(super) async fn begin(client: &mut Object) -> Result<deadpool_postgres::Transaction<'_>, tokio_postgres::Error> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::ReadCommitted)
+        .start()
+        .await
+}
+
 /// A difference between this machine's clock and the server's worth a
 /// warning: well under a lease (the sink timeout twice, plus 30 s).
 const CLOCK_SKEW_WARNING_MS: i64 = 5_000;
@@ -499,7 +501,7 @@ async fn pooled(pool: &Pool) -> Result<Object, StoreError> {
 /// held until commit, so instances starting at once take turns and only the
 /// first one migrates.
 async fn migrate(client: &mut Object) -> Result<(), String> {
-    let tx = client.transaction().await.map_err(|e| describe(&e))?;
+    let tx = begin(client).await.map_err(|e| describe(&e))?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(|e| describe(&e))?;
@@ -1078,7 +1080,7 @@ impl Store for PostgresStore {
                 }
             }
             ReplayTarget::Event { source, id, sink } => {
-                let tx = client.transaction().await.map_err(db_error)?;
+                let tx = begin(&mut client).await.map_err(db_error)?;
                 tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&PRUNE_REPLAY_LOCK])
                     .await
                     .map_err(db_error)?;
@@ -1155,7 +1157,7 @@ impl Store for PostgresStore {
         // Events without deliveries: each statement after the replays in
         // progress (see PRUNE_REPLAY_LOCK), in a transaction of its own.
         let mut without_deliveries = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
-            let tx = client.transaction().await.map_err(db_error)?;
+            let tx = begin(&mut client).await.map_err(db_error)?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PRUNE_REPLAY_LOCK])
                 .await
                 .map_err(db_error)?;

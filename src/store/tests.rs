@@ -2475,7 +2475,8 @@ async fn postgres_unavailable_while_the_database_is_gone() {
 
 /// A database (or role) whose default is repeatable read still runs the
 /// store's transactions read committed: the guard between pruning and
-/// replay depends on it.
+/// replay depends on it. Set per transaction (every store transaction
+/// begins through `begin`), not per session.
 #[tokio::test(flavor = "multi_thread")]
 async fn postgres_transactions_are_read_committed_whatever_the_default() {
     let Some(db) = TestDatabase::create().await else { return };
@@ -2496,8 +2497,16 @@ async fn postgres_transactions_are_read_committed_whatever_the_default() {
     assert_eq!(isolation(&plain).await, "repeatable read", "the database's default");
 
     let store = db.store().await;
-    let pooled = store.client().await.unwrap();
-    assert_eq!(isolation(&pooled).await, "read committed");
+    let mut pooled = store.client().await.unwrap();
+    let tx = super::postgres::begin(&mut pooled).await.unwrap();
+    let row = tx.query_one("SHOW transaction_isolation", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "read committed", "the store's transactions");
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        isolation(&pooled).await,
+        "repeatable read",
+        "no session setting, which poolers refuse"
+    );
 
     // The clock check the store warns by: this machine and the server
     // agree; a clock a minute ahead is seen as such.

@@ -69,6 +69,16 @@ pub struct FileSink {
     file: Arc<Mutex<Open>>,
 }
 
+/// Every file a file sink of this process has open, by its configured path.
+fn open_files() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, std::sync::Weak<Mutex<Open>>>> {
+    static FILES: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<Mutex<Open>>>>> =
+        std::sync::OnceLock::new();
+    FILES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The file being appended to, and which file that is, to notice when its
 /// path has come to name another (rotation) or none.
 #[derive(Debug)]
@@ -159,16 +169,29 @@ fn cut(file: &File, path: &Path, keep: u64, len: u64) -> io::Result<()> {
 impl FileSink {
     /// Creates the parent directories and opens the file for appending. The
     /// error names the path.
+    ///
+    /// A path another file sink of this process has open (the engine a
+    /// reload is replacing) shares that sink's file and its lock: the two
+    /// never write at once, and the new one does not take the old one's
+    /// batch, half written, for a crash's torn line.
     pub async fn open(cfg: FileSinkConfig) -> io::Result<Self> {
+        if let Some(file) = open_files().get(&cfg.path).and_then(std::sync::Weak::upgrade) {
+            return Ok(Self { cfg, file });
+        }
         let path = cfg.path.clone();
         let opened = tokio::task::spawn_blocking(move || Open::at(&path))
             .await
             .map_err(io::Error::other)?
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.path.display())))?;
-        Ok(Self {
-            cfg,
-            file: Arc::new(Mutex::new(opened)),
-        })
+        let mut files = open_files();
+        // Another open of the same path may have won meanwhile: share it.
+        if let Some(file) = files.get(&cfg.path).and_then(std::sync::Weak::upgrade) {
+            return Ok(Self { cfg, file });
+        }
+        let file = Arc::new(Mutex::new(opened));
+        files.retain(|_, f| f.strong_count() > 0);
+        files.insert(cfg.path.clone(), Arc::downgrade(&file));
+        Ok(Self { cfg, file })
     }
 
     /// Appends one delivery's line to `buf`, or nothing if it cannot render.

@@ -292,6 +292,7 @@ async fn a_torn_last_line_is_cut_off_at_open() {
     assert!(sink.deliver(&[delivery("e1")]).await[0].is_ok());
     let ids: Vec<Json> = lines(&path).iter().map(|l| l["event"]["id"].clone()).collect();
     assert_eq!(ids, [json!("e0"), json!("e1")]);
+    drop(sink);
 
     // Only a fragment: nothing of it is kept. A whole file is left alone.
     std::fs::write(&path, "{\"event\":").unwrap();
@@ -300,4 +301,34 @@ async fn a_torn_last_line_is_cut_off_at_open() {
     std::fs::write(&path, &whole).unwrap();
     drop(self::sink(&path, None).await);
     assert_eq!(std::fs::read_to_string(&path).unwrap(), whole);
+}
+
+/// A reload opens the file sink again while the old one may be mid-write:
+/// the new one shares the open file (and its lock) and cuts nothing; a
+/// later open, with no sink left on the path, repairs a torn line.
+#[tokio::test]
+async fn a_second_sink_on_an_open_path_shares_it_and_cuts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.jsonl");
+    let old = sink(&path, None).await;
+    assert!(old.deliver(&[delivery("e1")]).await[0].is_ok());
+    // The old sink's next batch, half written when the new one opens.
+    let half = "{\"event\":{\"id\":\"e2\"";
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(half.as_bytes())
+        .unwrap();
+    let new = sink(&path, None).await;
+    assert!(Arc::ptr_eq(&old.file, &new.file), "one open file for the path");
+    assert!(std::fs::read_to_string(&path).unwrap().ends_with(half), "nothing cut");
+
+    drop(old);
+    drop(new);
+    drop(sink(&path, None).await);
+    assert!(
+        std::fs::read_to_string(&path).unwrap().ends_with("\n"),
+        "cut once no sink has it open"
+    );
 }

@@ -27,7 +27,14 @@ impl HttpSink {
     async fn send(&self, delivery: &Delivery) -> Outcome {
         let request = request::build(&self.cfg, self.url.as_ref(), delivery)?;
         let started = Instant::now();
-        let outcome = self.client.send(request, self.cfg.timeout).await;
+        let mut outcome = self.client.send(request, self.cfg.timeout).await;
+        // A templated URL may name many hosts: one host's Retry-After holds
+        // only its own delivery, not the others'.
+        if let Err(e) = &mut outcome
+            && self.cfg.url.literal().is_none()
+        {
+            e.holds_sink = false;
+        }
         tracing::debug!(
             sink = %self.cfg.name,
             key = %delivery.key,

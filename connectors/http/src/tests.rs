@@ -332,13 +332,28 @@ async fn unavailable_with_retry_after_is_retryable() {
     let mut r = reply(503);
     r.headers.push(("retry-after", "7".into()));
     r.body = "upstream\n  down\t(maintenance)".into();
-    let err = status_outcome(r).await;
+    let err = status_outcome(r.clone()).await;
     assert!(err.retryable);
     assert_eq!(err.retry_after, Some(Duration::from_secs(7)));
-    assert!(err.holds_sink, "the service's own wait holds the whole sink");
     assert_eq!(err.message, "HTTP 503 Service Unavailable: upstream down (maintenance)");
+    // The service's own wait holds the whole sink, where the sink is one
+    // service: a templated URL (as `build`'s) may name many hosts.
+    assert!(!err.holds_sink, "a templated URL holds only this delivery");
+    let (addr, _seen) = serve(r).await;
+    let literal = Build {
+        url: format!("http://{addr}/tickets"),
+        ..build(addr)
+    };
+    let err = deliver_one(&literal.sink(), 1).await.unwrap_err();
+    assert_eq!(err.retry_after, Some(Duration::from_secs(7)));
+    assert!(err.holds_sink, "a literal URL's service holds the sink");
     // Without a Retry-After there is nothing to hold for.
-    assert!(!status_outcome(reply(503)).await.holds_sink);
+    let (addr, _seen) = serve(reply(503)).await;
+    let literal = Build {
+        url: format!("http://{addr}/tickets"),
+        ..build(addr)
+    };
+    assert!(!deliver_one(&literal.sink(), 1).await.unwrap_err().holds_sink);
 }
 
 #[tokio::test]

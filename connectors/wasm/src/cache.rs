@@ -182,7 +182,13 @@ fn store(dir: &Path, path: &Path, compiled: &[u8]) -> std::io::Result<()> {
     create_private_dir(dir)?;
     let tmp: PathBuf = dir.join(format!(".tmp-{}-{}", std::process::id(), fastrand_suffix()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        // Private whatever the umask: a file others may write is never
+        // trusted (see `trusted`), so it would be compiled afresh for ever.
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut f = options.open(&tmp)?;
         f.write_all(compiled)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
@@ -264,6 +270,20 @@ mod tests {
         touch(&file);
         prune(dir.path(), Path::new("/nothing"), SystemTime::now());
         assert!(file.exists(), "a file just loaded is not pruned");
+    }
+
+    /// Written private whatever the umask, so it is trusted when read back.
+    #[cfg(unix)]
+    #[test]
+    fn a_stored_file_is_ours_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = dir.path().join("plugin-cache");
+        let file = cache.join("k.cwasm");
+        store(&cache, &file, b"compiled").unwrap();
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(trusted(&cache).and_then(|()| trusted(&file)), Ok(()));
     }
 
     #[cfg(unix)]

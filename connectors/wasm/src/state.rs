@@ -43,7 +43,8 @@ pub(crate) struct State {
     /// Bytes of all the instance's linear memories together: the memory
     /// limit is the instance's, however many memories a component has.
     memory_used: usize,
-    /// Log lines the current call may still write.
+    /// Log lines the current call may still write, plus one: at one, the
+    /// next is the warning that the rest are dropped.
     log_lines_left: u32,
     pub stopped: Option<Stopped>,
 }
@@ -67,7 +68,7 @@ impl State {
             ticks_left: 0,
             deadline: Instant::now(),
             memory_used: 0,
-            log_lines_left: MAX_LOG_LINES_PER_CALL,
+            log_lines_left: MAX_LOG_LINES_PER_CALL + 1,
             stopped: None,
         }
     }
@@ -85,7 +86,7 @@ impl State {
         let s = store.data_mut();
         s.ticks_left = (s.limits.cpu.as_nanos() / TICK.as_nanos()).max(1) as u64;
         s.deadline = deadline;
-        s.log_lines_left = MAX_LOG_LINES_PER_CALL;
+        s.log_lines_left = MAX_LOG_LINES_PER_CALL + 1;
         s.stopped = None;
         store.set_epoch_deadline(1);
     }
