@@ -477,6 +477,7 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 })
                 .collect();
             print_table(&["RECEIVED", "SOURCE", "ID", "TYPE", "DELIVERIES"], &table);
+            say_if_cut(rows.len(), list.limit);
         }
         Command::Deliveries {
             sink,
@@ -500,6 +501,9 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 )
                 .await?;
             print_deliveries(&v, list.json)?;
+            if !list.json {
+                say_if_cut(v["deliveries"].as_array().map_or(0, Vec::len), list.limit);
+            }
         }
         Command::DeadLetters {
             sink,
@@ -521,6 +525,9 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 )
                 .await?;
             print_deliveries(&v, list.json)?;
+            if !list.json {
+                say_if_cut(v["deliveries"].as_array().map_or(0, Vec::len), list.limit);
+            }
         }
         Command::Replay {
             dead_letters,
@@ -605,6 +612,16 @@ fn print_event_detail(e: &Value) {
                 error
             );
         }
+    }
+}
+
+/// A table as long as `--limit` may have more rows behind it: said on
+/// stderr, so the table itself stays clean for a pipe.
+fn say_if_cut(shown: usize, limit: usize) {
+    if shown > 0 && shown >= limit {
+        eprintln!(
+            "(the newest {shown} shown; there may be more: narrow with --since or the filters, or raise --limit)"
+        );
     }
 }
 

@@ -216,3 +216,42 @@ path = "{{DIR}}/store"
     let accepted = tokio::time::timeout(std::time::Duration::from_millis(200), proxy.accept()).await;
     assert!(accepted.is_err(), "the CLI connected to the proxy");
 }
+
+/// A listing as long as `--limit` says, on stderr, that more may be behind
+/// it; a shorter one says nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_cut_at_its_limit_says_so() {
+    let config = format!(
+        r#"[server]
+listen = "{{INGEST}}"
+
+[admin]
+listen = "{{ADMIN}}"
+
+[store]
+path = "{{DIR}}/store"
+
+{SOURCES}
+"#
+    );
+    let d = Daemon::start(&config).await;
+    for id in ["evt_l1", "evt_l2", "evt_l3"] {
+        assert_eq!(d.post_crumb(&crumb_order(id, 100)).await.status, 200);
+    }
+    let cut = d.cli(&["events", "--limit", "2"]).await;
+    assert_success(&cut, &["events"]);
+    let stdout = String::from_utf8_lossy(&cut.stdout);
+    assert!(stdout.contains("evt_l3") && !stdout.contains("evt_l1"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&cut.stderr).contains("the newest 2 shown"),
+        "{}",
+        output_text(&cut)
+    );
+    let whole = d.cli(&["events", "--limit", "10"]).await;
+    assert_success(&whole, &["events"]);
+    assert!(
+        !String::from_utf8_lossy(&whole.stderr).contains("shown"),
+        "{}",
+        output_text(&whole)
+    );
+}
