@@ -267,22 +267,13 @@ fn local_url(addr: std::net::SocketAddr) -> String {
     format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
 }
 
-/// For `send`, which may post to another machine: proxies from the
-/// environment apply.
-fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .build()?)
-}
-
-/// For the admin API: never through a proxy from the environment. The API
-/// is this machine's (a proxy's loopback is not), and its token must not go
-/// to a third party in clear text.
-fn admin_client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(30))
-        .no_proxy()
-        .build()?)
+/// `through_proxies`: for `send`, which may post to another machine. Never
+/// for the admin API: it is this machine's (a proxy's loopback is not), and
+/// its token must not go to a third party in clear text.
+fn client(through_proxies: bool) -> anyhow::Result<reqwest::Client> {
+    let builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+    let builder = if through_proxies { builder } else { builder.no_proxy() };
+    Ok(builder.build()?)
 }
 
 pub async fn send(
@@ -321,7 +312,7 @@ pub async fn send(
     }
     let now = crate::store::now_ms() / 1000;
     let url = url.unwrap_or_else(|| format!("{}/webhooks/{source}", local_url(cfg.server.listen)));
-    let mut req = client()?.post(&url).header("content-type", "application/json");
+    let mut req = client(true)?.post(&url).header("content-type", "application/json");
     match &src.scheme {
         Scheme::CrumbPos(v) => {
             let secret = v.secrets.first().context("source has no secret")?;
@@ -368,7 +359,7 @@ impl AdminClient {
                 .token
                 .as_ref()
                 .map(|t| String::from_utf8_lossy(t.expose()).into_owned()),
-            http: admin_client()?,
+            http: client(false)?,
         })
     }
 

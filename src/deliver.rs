@@ -793,8 +793,7 @@ impl Worker {
             .filter_map(|e| e.retry_after)
             .max();
         if let Some(after) = asked {
-            let retry = &self.common.retry;
-            let wait = after.max(retry.initial).min(retry.max);
+            let wait = self.common.retry.bounded(after);
             tracing::info!(sink = %self.name, wait = ?wait, "the sink asked to wait; no attempt starts until then");
             self.limiter.hold(tokio::time::Instant::now() + wait);
         }

@@ -293,17 +293,12 @@ const F64_EXACT_DIGITS: usize = 15;
 /// two different ids or amounts could come out the same.
 fn exact_text(n: &Number) -> Option<String> {
     let text = n.to_string();
-    // Past 2^53 neighbouring integers share a float: 20000000000000000001
-    // comes out 2e19, as 20000000000000000000 does.
-    if n.as_f64()
-        .is_some_and(|v| n.is_f64() && v.abs() >= 9_007_199_254_740_992.0)
-    {
-        return None;
-    }
-    if n.is_f64() {
+    if let Some(v) = n.as_f64().filter(|_| n.is_f64()) {
+        // Past 2^53 neighbouring integers share a float: 20000000000000000001
+        // comes out 2e19, as 20000000000000000000 does.
         let mantissa = text.split(['e', 'E']).next().unwrap_or_default();
-        let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-        if digits.trim_start_matches('0').trim_end_matches('0').len() > F64_EXACT_DIGITS {
+        let digits = mantissa.trim_matches(|c: char| c == '0' || c == '-' || c == '.');
+        if v.abs() >= 9_007_199_254_740_992.0 || digits.bytes().filter(u8::is_ascii_digit).count() > F64_EXACT_DIGITS {
             return None;
         }
     }

@@ -152,45 +152,38 @@ impl Limiter {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits for room for one more attempt, and for a hold to end. (One task waits here: the
-    /// sink's dispatcher.)
+    /// Waits for room for one more attempt, and for a hold to end. (One
+    /// task waits here: the sink's dispatcher.)
     pub async fn acquire(self: &Arc<Self>) -> Slot {
         loop {
             let freed = self.freed.notified();
-            let held = {
-                let mut s = self.lock();
-                match s.held_until {
-                    Some(until) if until > Instant::now() => Some(until),
-                    _ => {
-                        s.held_until = None;
-                        if s.in_flight < s.limit {
-                            s.in_flight += 1;
-                            return Slot {
-                                limiter: self.clone(),
-                                working: false,
-                                signal: None,
-                            };
-                        }
-                        None
-                    }
-                }
-            };
-            match held {
+            match self.take() {
+                Ok(slot) => return slot,
                 // Looked at again after: a later answer may have moved it on.
-                Some(until) => tokio::time::sleep_until(until).await,
-                None => freed.await,
+                Err(Some(until)) => tokio::time::sleep_until(until).await,
+                Err(None) => freed.await,
             }
         }
     }
 
     /// Room for one more attempt if there is some now, and no hold.
     pub fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        self.take().ok()
+    }
+
+    /// A slot, or why not: the hold's end, or `None` for no room.
+    fn take(self: &Arc<Self>) -> Result<Slot, Option<Instant>> {
         let mut s = self.lock();
-        if s.held_until.is_some_and(|until| until > Instant::now()) || s.in_flight >= s.limit {
-            return None;
+        match s.held_until {
+            Some(until) if until > Instant::now() => return Err(Some(until)),
+            Some(_) => s.held_until = None,
+            None => {}
+        }
+        if s.in_flight >= s.limit {
+            return Err(None);
         }
         s.in_flight += 1;
-        Some(Slot {
+        Ok(Slot {
             limiter: self.clone(),
             working: false,
             signal: None,

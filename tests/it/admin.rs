@@ -189,20 +189,7 @@ sinks = ["hook"]
 async fn the_cli_ignores_proxies_from_the_environment() {
     let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
-    let config = format!(
-        r#"[server]
-listen = "{{INGEST}}"
-
-[admin]
-listen = "{{ADMIN}}"
-token = "it-admin-token"
-
-[store]
-path = "{{DIR}}/store"
-
-{SOURCES}
-"#
-    );
+    let config = sources_only("token = \"it-admin-token\"\n");
     let env = [
         ("http_proxy", proxy_url.as_str()),
         ("HTTP_PROXY", proxy_url.as_str()),
@@ -221,19 +208,7 @@ path = "{{DIR}}/store"
 /// it; a shorter one says nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listing_cut_at_its_limit_says_so() {
-    let config = format!(
-        r#"[server]
-listen = "{{INGEST}}"
-
-[admin]
-listen = "{{ADMIN}}"
-
-[store]
-path = "{{DIR}}/store"
-
-{SOURCES}
-"#
-    );
+    let config = sources_only("");
     let d = Daemon::start(&config).await;
     for id in ["evt_l1", "evt_l2", "evt_l3"] {
         assert_eq!(d.post_crumb(&crumb_order(id, 100)).await.status, 200);
@@ -254,4 +229,21 @@ path = "{{DIR}}/store"
         "{}",
         output_text(&whole)
     );
+}
+
+/// The sources and no sink, with `admin_extra` under `[admin]`.
+fn sources_only(admin_extra: &str) -> String {
+    format!(
+        r#"[server]
+listen = "{{INGEST}}"
+
+[admin]
+listen = "{{ADMIN}}"
+{admin_extra}
+[store]
+path = "{{DIR}}/store"
+
+{SOURCES}
+"#
+    )
 }

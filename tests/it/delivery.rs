@@ -325,14 +325,19 @@ sinks = ["patient", "capped"]
     d.wait_delivery("crumb", "evt_retry_after", "capped", "delivered").await;
 }
 
-/// A `Retry-After` is the service's own load: the sink's other deliveries
-/// wait it out too, instead of each spending an attempt on the same 429.
-#[tokio::test(flavor = "multi_thread")]
-async fn retry_after_holds_the_whole_sink() {
+/// A daemon with one http sink, `busy` (one attempt at a time, and
+/// `sink_extra`), whose service answers its first request after `answer_in`
+/// with a 429 and `Retry-After: retry_after`, then 200s; and `ids`, order
+/// events routed to it, posted.
+async fn events_to_a_busy_sink(
+    ids: &[&str],
+    retry_after: &'static str,
+    answer_in: Duration,
+    sink_extra: &str,
+) -> (Daemon, FakeSink) {
     let sink = FakeSink::start().await;
-    // Slow enough that all three events are queued when the 429 comes.
     sink.script_answers(
-        &[Answer::status(429).retry_after("2").after(Duration::from_millis(500))],
+        &[Answer::status(429).retry_after(retry_after).after(answer_in)],
         Answer::status(200),
     );
     let config = format!(
@@ -342,7 +347,7 @@ async fn retry_after_holds_the_whole_sink() {
 type = "http"
 url = "{url}"
 concurrency = 1
-retry = {{ max_attempts = 2, initial = "50ms", max = "10s" }}
+{sink_extra}
 
 [[routes]]
 name = "all"
@@ -353,11 +358,23 @@ sinks = ["busy"]
         url = sink.url("/busy"),
     );
     let d = Daemon::start(&config).await;
-    for id in ["evt_busy_1", "evt_busy_2", "evt_busy_3"] {
+    for id in ids {
         assert_eq!(d.post_crumb(&crumb_order(id, 4250)).await.status, 200);
     }
+    (d, sink)
+}
+
+/// A `Retry-After` is the service's own load: the sink's other deliveries
+/// wait it out too, instead of each spending an attempt on the same 429.
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_after_holds_the_whole_sink() {
+    let ids = ["evt_busy_1", "evt_busy_2", "evt_busy_3"];
+    // Slow enough that all three events are queued when the 429 comes.
+    let answer_in = Duration::from_millis(500);
+    let retry = r#"retry = { max_attempts = 2, initial = "50ms", max = "10s" }"#;
+    let (d, sink) = events_to_a_busy_sink(&ids, "2", answer_in, retry).await;
     let got = sink.wait_for(4, SECS_10).await;
-    let answered = got[0].at + Duration::from_millis(500);
+    let answered = got[0].at + answer_in;
     for later in &got[1..] {
         let after = later.at.saturating_duration_since(answered);
         assert!(
@@ -366,7 +383,7 @@ sinks = ["busy"]
             later.event_id()
         );
     }
-    for id in ["evt_busy_1", "evt_busy_2", "evt_busy_3"] {
+    for id in ids {
         d.wait_delivery("crumb", id, "busy", "delivered").await;
     }
 }
@@ -377,35 +394,12 @@ sinks = ["busy"]
 /// again, and each lapse would count an attempt never made.
 #[tokio::test(flavor = "multi_thread")]
 async fn claims_waiting_out_a_long_hold_keep_their_attempts() {
-    let sink = FakeSink::start().await;
-    sink.script_answers(
-        &[Answer::status(429).retry_after("32").after(Duration::from_millis(300))],
-        Answer::status(200),
-    );
-    let config = format!(
-        r#"{base}
-{sources}
-[sinks.busy]
-type = "http"
-url = "{url}"
-timeout = "500ms"
-concurrency = 1
-retry = {{ max_attempts = 3, initial = "50ms", max = "60s" }}
-
-[[routes]]
-name = "all"
-sinks = ["busy"]
-"#,
-        base = crate::harness::base_config(""),
-        sources = crate::vendor::SOURCES,
-        url = sink.url("/busy"),
-    );
-    let d = Daemon::start(&config).await;
-    for id in ["evt_hold_1", "evt_hold_2", "evt_hold_3"] {
-        assert_eq!(d.post_crumb(&crumb_order(id, 4250)).await.status, 200);
-    }
+    let ids = ["evt_hold_1", "evt_hold_2", "evt_hold_3"];
+    let answer_in = Duration::from_millis(300);
+    let extra = "timeout = \"500ms\"\nretry = { max_attempts = 3, initial = \"50ms\", max = \"60s\" }";
+    let (d, sink) = events_to_a_busy_sink(&ids, "32", answer_in, extra).await;
     let got = sink.wait_for(4, Duration::from_secs(60)).await;
-    let answered = got[0].at + Duration::from_millis(300);
+    let answered = got[0].at + answer_in;
     for later in &got[1..] {
         assert!(later.at >= answered + Duration::from_secs(31), "sent inside the hold");
     }

@@ -26,6 +26,13 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// A sink's requested wait (`Retry-After`) within `initial` and `max`:
+    /// never so long it outlives the policy, never so short a busy sink
+    /// spends every attempt within moments.
+    pub fn bounded(&self, after: Duration) -> Duration {
+        after.max(self.initial).min(self.max)
+    }
+
     /// The delay before the next attempt after `attempts_made` failed ones, or
     /// `None` when attempts are used up. A sink's `retry_after` wins over the
     /// backoff (it knows its own load) but never beyond `max`, nor under
@@ -37,7 +44,7 @@ impl RetryPolicy {
             return None;
         }
         if let Some(after) = retry_after {
-            return Some(after.max(self.initial).min(self.max));
+            return Some(self.bounded(after));
         }
         let exp = attempts_made.saturating_sub(1).min(32);
         let backoff = self.initial.saturating_mul(1u32 << exp.min(31)).min(self.max);

@@ -26,10 +26,11 @@
 //! that is about to be compressed or deleted. No reload is needed after a
 //! rotation; `copytruncate` works too.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink, Structured, Templates};
@@ -70,9 +71,10 @@ pub struct FileSink {
 }
 
 /// Every file a file sink of this process has open, by its configured path.
-fn open_files() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, std::sync::Weak<Mutex<Open>>>> {
-    static FILES: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, std::sync::Weak<Mutex<Open>>>>> =
-        std::sync::OnceLock::new();
+type OpenFiles = HashMap<PathBuf, Weak<Mutex<Open>>>;
+
+fn open_files() -> MutexGuard<'static, OpenFiles> {
+    static FILES: OnceLock<Mutex<OpenFiles>> = OnceLock::new();
     FILES
         .get_or_init(Default::default)
         .lock()
@@ -175,7 +177,7 @@ impl FileSink {
     /// never write at once, and the new one does not take the old one's
     /// batch, half written, for a crash's torn line.
     pub async fn open(cfg: FileSinkConfig) -> io::Result<Self> {
-        if let Some(file) = open_files().get(&cfg.path).and_then(std::sync::Weak::upgrade) {
+        if let Some(file) = open_files().get(&cfg.path).and_then(Weak::upgrade) {
             return Ok(Self { cfg, file });
         }
         let path = cfg.path.clone();
@@ -185,7 +187,7 @@ impl FileSink {
             .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.path.display())))?;
         let mut files = open_files();
         // Another open of the same path may have won meanwhile: share it.
-        if let Some(file) = files.get(&cfg.path).and_then(std::sync::Weak::upgrade) {
+        if let Some(file) = files.get(&cfg.path).and_then(Weak::upgrade) {
             return Ok(Self { cfg, file });
         }
         let file = Arc::new(Mutex::new(opened));
