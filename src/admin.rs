@@ -112,6 +112,7 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
         Some(Ok(t)) => Some(t),
         Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
     };
+    let before = query.get("before").map(String::as_str);
     let source = query.get("source").cloned();
     let event_type = query.get("type").cloned();
     let sink = query.get("sink").cloned();
@@ -134,16 +135,27 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             );
             return resp;
         }
-        (&Method::GET, "/api/events") => admin
-            .store
-            .events(EventFilter {
-                source,
-                event_type,
-                since,
-                limit,
-            })
-            .await
-            .map(|events| serde_json::json!({ "events": events })),
+        (&Method::GET, "/api/events") => {
+            let before = match before.map(|b| b.parse::<i64>()) {
+                None => None,
+                Some(Ok(seq)) => Some(seq),
+                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, BAD_CURSOR),
+            };
+            admin
+                .store
+                .events(EventFilter {
+                    source,
+                    event_type,
+                    since,
+                    before,
+                    limit,
+                })
+                .await
+                .map(|events| {
+                    let next = next_cursor(&events, limit, |e| e.seq.to_string());
+                    serde_json::json!({ "events": events, "next": next })
+                })
+        }
         (&Method::GET, p) if p.starts_with("/api/events/") => {
             let rest = &p["/api/events/".len()..];
             let Some((source, id)) = rest
@@ -168,6 +180,11 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
                     Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
                 }
             };
+            let before = match before.map(delivery_cursor) {
+                None => None,
+                Some(Some(at_id)) => Some(at_id),
+                Some(None) => return error(StatusCode::BAD_REQUEST, BAD_CURSOR),
+            };
             admin
                 .store
                 .deliveries(DeliveryFilter {
@@ -176,10 +193,14 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
                     source,
                     event_type,
                     since,
+                    before,
                     limit,
                 })
                 .await
-                .map(|d| serde_json::json!({ "deliveries": d }))
+                .map(|d| {
+                    let next = next_cursor(&d, limit, |r| format!("{}.{}", r.updated_at, r.id));
+                    serde_json::json!({ "deliveries": d, "next": next })
+                })
         }
         (&Method::POST, "/api/replay") => return replay(req, admin, &current).await,
         (_, "/metrics" | "/api/events" | "/api/deliveries" | "/api/dead-letters" | "/api/replay") => {
@@ -191,6 +212,21 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
         Ok(v) => json_response(StatusCode::OK, v.to_string()),
         Err(e) => store_error(e),
     }
+}
+
+const BAD_CURSOR: &str = "before must be the `next` of an earlier page of the same listing";
+
+/// A page as long as its limit may have more rows behind it: it gets a
+/// `next` cursor, its last row's, which `before` takes to list them.
+fn next_cursor<T>(rows: &[T], limit: usize, cursor: impl Fn(&T) -> String) -> Option<String> {
+    rows.last().filter(|_| rows.len() >= limit).map(cursor)
+}
+
+/// A deliveries listing's cursor, `<updated_at ms>.<id>` (its order is by
+/// both, newest first).
+fn delivery_cursor(text: &str) -> Option<(i64, i64)> {
+    let (at, id) = text.split_once('.')?;
+    Some((at.parse().ok()?, id.parse().ok()?))
 }
 
 /// Ready: a write reaches the store's disk (not full, not failing) and

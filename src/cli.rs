@@ -138,6 +138,9 @@ pub struct ListArgs {
     /// Only since: a duration ago ("1h", "2d") or an RFC 3339 time.
     #[arg(long)]
     pub since: Option<String>,
+    /// The next page: the cursor a listing as long as --limit ends with.
+    #[arg(long, value_name = "CURSOR")]
+    pub before: Option<String>,
     /// Print the API's JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -164,6 +167,9 @@ pub fn load_admin(cli: &Cli) -> Result<AdminConfig, ExitCode> {
 pub fn check(cli: &Cli) -> ExitCode {
     match load_config(cli) {
         Ok(cfg) => {
+            for warning in path_warnings(&cfg) {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "{}: ok ({} sources, {} sinks, {} routes)",
                 cli.config.display(),
@@ -175,6 +181,77 @@ pub fn check(cli: &Cli) -> ExitCode {
         }
         Err(code) => code,
     }
+}
+
+/// What the daemon will create or write that it could not, as far as this
+/// process can tell: the store's folder and each file sink's file. Warnings,
+/// not errors: `check` may run as another user than the daemon (a CI job,
+/// root before a deploy), and the daemon creates what is missing.
+fn path_warnings(cfg: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if let config::StoreBackend::Sqlite { path } = &cfg.store.backend
+        && let Some(why) = unusable(path, true)
+    {
+        warnings.push(format!("[store] path {}: {why}", path.display()));
+    }
+    for (name, sink) in &cfg.sinks {
+        if let config::SinkKind::File(f) = &sink.kind
+            && let Some(why) = unusable(&f.path, false)
+        {
+            warnings.push(format!("[sinks.{name}] path {}: {why}", f.path.display()));
+        }
+    }
+    warnings
+}
+
+/// Why `path` (a folder if `folder`, else a file to append to) could not be
+/// created or written by this user, if it could not.
+fn unusable(path: &std::path::Path, folder: bool) -> Option<String> {
+    use rustix::fs::{Access, access};
+    match std::fs::metadata(path) {
+        Ok(m) if folder && !m.is_dir() => Some("exists and is not a folder".into()),
+        Ok(m) if !folder && m.is_dir() => Some("is a folder, not a file".into()),
+        Ok(_) => {
+            let wanted = if folder {
+                Access::WRITE_OK | Access::EXEC_OK
+            } else {
+                Access::WRITE_OK
+            };
+            access(path, wanted)
+                .err()
+                .map(|e| format!("this user cannot write to it ({e})"))
+        }
+        Err(e) if missing(&e) => {
+            // Created with its missing parents: the nearest that exists must
+            // be a folder this user may create in.
+            let path = std::path::absolute(path).ok()?;
+            let mut up = path.parent();
+            while let Some(dir) = up {
+                match std::fs::metadata(dir) {
+                    Ok(m) if !m.is_dir() => {
+                        return Some(format!("cannot be created: {} is not a folder", dir.display()));
+                    }
+                    Ok(_) => {
+                        return access(dir, Access::WRITE_OK | Access::EXEC_OK)
+                            .err()
+                            .map(|e| format!("cannot be created: this user cannot write to {} ({e})", dir.display()));
+                    }
+                    Err(e) if missing(&e) => up = dir.parent(),
+                    Err(e) => return Some(format!("cannot be created: {}: {e}", dir.display())),
+                }
+            }
+            None
+        }
+        Err(e) => Some(format!("cannot be read: {e}")),
+    }
+}
+
+/// Not there: missing, or under a file (which the walk up then names).
+fn missing(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+    )
 }
 
 /// `expeditor test`: the config's `[[tests]]`, each event read by its source
@@ -432,6 +509,7 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                         ("source", source.as_deref()),
                         ("type", event_type.as_deref()),
                         ("since", list.since.as_deref()),
+                        ("before", list.before.as_deref()),
                         ("limit", Some(&limit)),
                     ],
                 )
@@ -468,7 +546,7 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 })
                 .collect();
             print_table(&["RECEIVED", "SOURCE", "ID", "TYPE", "DELIVERIES"], &table);
-            say_if_cut(rows.len(), list.limit);
+            say_if_cut(rows.len(), &v["next"]);
         }
         Command::Deliveries {
             sink,
@@ -487,13 +565,14 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                         ("source", source.as_deref()),
                         ("type", event_type.as_deref()),
                         ("since", list.since.as_deref()),
+                        ("before", list.before.as_deref()),
                         ("limit", Some(&limit)),
                     ],
                 )
                 .await?;
             print_deliveries(&v, list.json)?;
             if !list.json {
-                say_if_cut(v["deliveries"].as_array().map_or(0, Vec::len), list.limit);
+                say_if_cut(v["deliveries"].as_array().map_or(0, Vec::len), &v["next"]);
             }
         }
         Command::DeadLetters {
@@ -511,13 +590,14 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                         ("source", source.as_deref()),
                         ("type", event_type.as_deref()),
                         ("since", list.since.as_deref()),
+                        ("before", list.before.as_deref()),
                         ("limit", Some(&limit)),
                     ],
                 )
                 .await?;
             print_deliveries(&v, list.json)?;
             if !list.json {
-                say_if_cut(v["deliveries"].as_array().map_or(0, Vec::len), list.limit);
+                say_if_cut(v["deliveries"].as_array().map_or(0, Vec::len), &v["next"]);
             }
         }
         Command::Replay {
@@ -606,13 +686,12 @@ fn print_event_detail(e: &Value) {
     }
 }
 
-/// A table as long as `--limit` may have more rows behind it: said on
-/// stderr, so the table itself stays clean for a pipe.
-fn say_if_cut(shown: usize, limit: usize) {
-    if shown > 0 && shown >= limit {
-        eprintln!(
-            "(the newest {shown} shown; there may be more: narrow with --since or the filters, or raise --limit)"
-        );
+/// A table as long as `--limit` may have more rows behind it: the API
+/// then gives the next page's cursor, said on stderr, so the table itself
+/// stays clean for a pipe.
+fn say_if_cut(shown: usize, next: &Value) {
+    if let Some(next) = next.as_str() {
+        eprintln!("(the newest {shown} shown; there may be more: the next page with --before {next})");
     }
 }
 

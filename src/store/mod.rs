@@ -188,6 +188,9 @@ pub struct EventFilter {
     pub event_type: Option<String>,
     /// Received at or after (Unix ms).
     pub since: Option<i64>,
+    /// Only events older than this seq: the next page after one that ended
+    /// with it (a page is newest first).
+    pub before: Option<i64>,
     pub limit: usize,
 }
 
@@ -199,6 +202,9 @@ pub struct DeliveryFilter {
     pub event_type: Option<String>,
     /// Last changed at or after (Unix ms).
     pub since: Option<i64>,
+    /// Only rows after this (updated_at, id) in the listing's order (newest
+    /// first): the next page after one that ended with it.
+    pub before: Option<(i64, i64)>,
     pub limit: usize,
 }
 
@@ -256,6 +262,9 @@ pub struct DeliverySummary {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EventSummary {
+    /// The store's order of receipt: where the next page starts.
+    #[serde(skip)]
+    pub seq: i64,
     pub source: String,
     pub id: String,
     #[serde(rename = "type")]

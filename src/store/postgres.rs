@@ -868,20 +868,21 @@ impl Store for PostgresStore {
             .prepare_cached(
                 "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
                  WHERE ($1::text IS NULL OR source = $1) AND ($2::text IS NULL OR type = $2)
-                   AND ($4::bigint IS NULL OR received_at >= $4)
+                   AND ($4::bigint IS NULL OR received_at >= $4) AND ($5::bigint IS NULL OR seq < $5)
                  ORDER BY seq DESC LIMIT $3",
             )
             .await
             .map_err(db_error)?;
         let limit = f.limit.min(i64::MAX as usize) as i64;
         let rows = client
-            .query(&stmt, &[&f.source, &f.event_type, &limit, &f.since])
+            .query(&stmt, &[&f.source, &f.event_type, &limit, &f.since, &f.before])
             .await
             .map_err(db_error)?;
         let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         let mut events: Vec<EventSummary> = rows
             .iter()
             .map(|r| EventSummary {
+                seq: r.get(0),
                 source: r.get(1),
                 id: r.get(2),
                 event_type: r.get(3),
@@ -922,14 +923,28 @@ impl Store for PostgresStore {
                  WHERE ($1::text IS NULL OR d.sink = $1) AND ($2::integer IS NULL OR d.state = $2)
                    AND ($4::text IS NULL OR e.source = $4) AND ($5::text IS NULL OR e.type = $5)
                    AND ($6::bigint IS NULL OR d.updated_at >= $6)
+                   AND ($7::bigint IS NULL OR (d.updated_at, d.id) < ($7, $8::bigint))
                  ORDER BY d.updated_at DESC, d.id DESC LIMIT $3",
             )
             .await
             .map_err(db_error)?;
         let state = f.status.map(|s| s.code() as i32);
         let limit = f.limit.min(i64::MAX as usize) as i64;
+        let (before_at, before_id) = (f.before.map(|b| b.0), f.before.map(|b| b.1));
         let rows = client
-            .query(&stmt, &[&f.sink, &state, &limit, &f.source, &f.event_type, &f.since])
+            .query(
+                &stmt,
+                &[
+                    &f.sink,
+                    &state,
+                    &limit,
+                    &f.source,
+                    &f.event_type,
+                    &f.since,
+                    &before_at,
+                    &before_id,
+                ],
+            )
             .await
             .map_err(db_error)?;
         Ok(rows.iter().map(delivery_row).collect())

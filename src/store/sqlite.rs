@@ -1790,24 +1790,28 @@ impl Store for SqliteStore {
                 .prepare_cached(
                     "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
                      WHERE (?1 IS NULL OR source = ?1) AND (?2 IS NULL OR type = ?2)
-                       AND (?4 IS NULL OR received_at >= ?4)
+                       AND (?4 IS NULL OR received_at >= ?4) AND (?5 IS NULL OR seq < ?5)
                      ORDER BY seq DESC LIMIT ?3",
                 )
                 .map_err(unavailable)?;
             let events = stmt
-                .query_map(params![f.source, f.event_type, f.limit as i64, f.since], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        EventSummary {
-                            source: r.get(1)?,
-                            id: r.get(2)?,
-                            event_type: r.get(3)?,
-                            occurred_at: r.get(4)?,
-                            received_at: r.get(5)?,
-                            deliveries: Vec::new(),
-                        },
-                    ))
-                })
+                .query_map(
+                    params![f.source, f.event_type, f.limit as i64, f.since, f.before],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            EventSummary {
+                                seq: r.get(0)?,
+                                source: r.get(1)?,
+                                id: r.get(2)?,
+                                event_type: r.get(3)?,
+                                occurred_at: r.get(4)?,
+                                received_at: r.get(5)?,
+                                deliveries: Vec::new(),
+                            },
+                        ))
+                    },
+                )
                 .map_err(unavailable)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(unavailable)?;
@@ -1844,6 +1848,7 @@ impl Store for SqliteStore {
                      WHERE (?1 IS NULL OR d.sink = ?1) AND (?2 IS NULL OR d.state = ?2)
                        AND (?4 IS NULL OR e.source = ?4) AND (?5 IS NULL OR e.type = ?5)
                        AND (?6 IS NULL OR d.updated_at >= ?6)
+                       AND (?7 IS NULL OR d.updated_at < ?7 OR (d.updated_at = ?7 AND d.id < ?8))
                      ORDER BY d.updated_at DESC, d.id DESC LIMIT ?3",
                 )
                 .map_err(unavailable)?;
@@ -1854,7 +1859,9 @@ impl Store for SqliteStore {
                     f.limit as i64,
                     f.source,
                     f.event_type,
-                    f.since
+                    f.since,
+                    f.before.map(|b| b.0),
+                    f.before.map(|b| b.1)
                 ],
                 delivery_row,
             )

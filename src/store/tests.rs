@@ -182,6 +182,7 @@ store_tests!(
     events_filters_and_fields,
     deliveries_filters_and_fields,
     deliveries_filter_by_source_type_and_since,
+    listings_page_by_cursor_through_ties,
     replay_dead_letters_by_source_type_and_since,
     event_detail_has_payload_deliveries_and_attempt_log,
     queue_stats_count_pending_and_dead_per_sink,
@@ -1976,6 +1977,64 @@ async fn deliveries_filter_by_source_type_and_since(store: Arc<dyn Store>) {
         .await
         .unwrap();
     assert_eq!(sorted(event_ids(&events)), ["evt_crave", "evt_new"]);
+}
+
+/// Paging by `before` lists every row once, in the order of one whole
+/// listing, though many rows share an `updated_at` (one commit wrote them).
+async fn listings_page_by_cursor_through_ties(store: Arc<dyn Store>) {
+    for i in 0..7 {
+        insert(&*store, event_at(&format!("evt_p{i}"), &["a", "b"], T0)).await;
+    }
+    let whole = store
+        .deliveries(DeliveryFilter {
+            limit: ALL,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(whole.len(), 14);
+    assert!(
+        whole.windows(2).any(|w| w[0].updated_at == w[1].updated_at),
+        "ties to page through"
+    );
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .deliveries(DeliveryFilter {
+                before,
+                limit: 3,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        before = Some((last.updated_at, last.id));
+        paged.extend(page.iter().map(|r| r.id));
+        assert!(paged.len() <= whole.len(), "pages repeat rows: {paged:?}");
+    }
+    assert_eq!(paged, whole.iter().map(|r| r.id).collect::<Vec<_>>());
+
+    let whole = events(&*store, None, None).await;
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .events(EventFilter {
+                before,
+                limit: 2,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(last.seq);
+        paged.extend(page.into_iter().map(|e| e.id));
+        assert!(paged.len() <= whole.len(), "pages repeat events: {paged:?}");
+    }
+    assert_eq!(paged, whole.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
+    assert_eq!(paged.len(), 7);
 }
 
 async fn replay_dead_letters_by_source_type_and_since(store: Arc<dyn Store>) {

@@ -111,6 +111,23 @@ sinks = ["hook"]
             .unwrap();
         assert_eq!(resp.status(), status, "limit={limit}");
     }
+    // So is a cursor that is not one of the listing's own.
+    for (path, before, status) in [
+        ("/api/events", "yesterday", 400),
+        ("/api/events", "1.2", 400),
+        ("/api/events", "12", 200),
+        ("/api/deliveries", "12", 400),
+        ("/api/dead-letters", "1.x", 400),
+        ("/api/dead-letters", "1700000000000.12", 200),
+    ] {
+        let resp = http
+            .get(format!("http://{}{path}?before={before}", d.admin))
+            .bearer_auth("it-admin-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{path}?before={before}");
+    }
     assert_eq!(
         ids(d.api("/api/deliveries?status=dead").await, "deliveries"),
         ["evt_adm_1", "evt_adm_crave"]
@@ -205,7 +222,8 @@ async fn the_cli_ignores_proxies_from_the_environment() {
 }
 
 /// A listing as long as `--limit` says, on stderr, that more may be behind
-/// it; a shorter one says nothing.
+/// it and the cursor of the next page, which lists the rest; a shorter one
+/// says nothing. A cursor that is not one is a 400.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listing_cut_at_its_limit_says_so() {
     let config = sources_only("");
@@ -221,6 +239,25 @@ async fn a_listing_cut_at_its_limit_says_so() {
         String::from_utf8_lossy(&cut.stderr).contains("the newest 2 shown"),
         "{}",
         output_text(&cut)
+    );
+    // The cursor it names lists the rest.
+    let said = String::from_utf8_lossy(&cut.stderr).into_owned();
+    let cursor = said
+        .split("--before ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| c == ')' || c.is_whitespace()).next())
+        .unwrap_or_else(|| panic!("no cursor in {said:?}"));
+    let rest = d.cli(&["events", "--limit", "2", "--before", cursor]).await;
+    assert_success(&rest, &["events", "--before"]);
+    let stdout = String::from_utf8_lossy(&rest.stdout);
+    assert!(
+        stdout.contains("evt_l1") && !stdout.contains("evt_l2") && !stdout.contains("evt_l3"),
+        "{stdout}"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest.stderr).contains("shown"),
+        "{}",
+        output_text(&rest)
     );
     let whole = d.cli(&["events", "--limit", "10"]).await;
     assert_success(&whole, &["events"]);

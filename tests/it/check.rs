@@ -104,6 +104,48 @@ fn the_valid_base_config_passes() {
     );
 }
 
+/// A store folder or file sink path that cannot be created or written is
+/// warned about on stderr (check may run as another user than the daemon,
+/// so it stays a pass); usable paths, existing or not, say nothing.
+#[test]
+fn check_warns_of_paths_the_daemon_could_not_create() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a-file"), "x").unwrap();
+    std::fs::create_dir(dir.path().join("a-folder")).unwrap();
+    let file_sink = |path: &str| format!("\n[sinks.log]\ntype = \"file\"\npath = \"{path}\"\n");
+    let config = |store: &str, sink_path: &str| {
+        VALID.replace("path = \"./data\"", &format!("path = \"{store}\"")) + &file_sink(sink_path)
+    };
+
+    let fine = check(dir.path(), &config("./new/store", "logs/new/events.jsonl"));
+    assert_eq!(fine.status.code(), Some(0), "{}", output_text(&fine));
+    assert!(
+        !String::from_utf8_lossy(&fine.stderr).contains("warning"),
+        "{}",
+        output_text(&fine)
+    );
+
+    let out = check(dir.path(), &config("./a-file/store", "a-folder"));
+    assert_eq!(out.status.code(), Some(0), "warnings only: {}", output_text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("warning: [store] path") && said.contains("a-file is not a folder"),
+        "{said}"
+    );
+    assert!(
+        said.contains("warning: [sinks.log] path") && said.contains("is a folder, not a file"),
+        "{said}"
+    );
+
+    let out = check(dir.path(), &config("./a-file", "a-file/events.jsonl"));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("exists and is not a folder"), "{said}");
+    assert!(
+        said.contains("[sinks.log]") && said.contains("a-file is not a folder"),
+        "{said}"
+    );
+}
+
 #[test]
 fn the_shipped_config_passes() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");

@@ -149,22 +149,8 @@ impl FakeSink {
     /// A sink answering 200 over https, with the certificate for
     /// `127.0.0.1` that `tests/it/tls/ca.pem` signed.
     pub async fn start_tls() -> FakeSink {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls");
-        let certs = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
-            .expect("server.pem")
-            .collect::<Result<Vec<_>, _>>()
-            .expect("server.pem certificates");
-        let key = PrivateKeyDer::from_pem_file(format!("{dir}/server.key")).expect("server.key");
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .expect("server certificate");
         let mut sink = FakeSink::down();
-        sink.tls = Some(TlsAcceptor::from(Arc::new(config)));
+        sink.tls = Some(test_tls_acceptor());
         sink.up().await;
         sink
     }
@@ -183,19 +169,7 @@ impl FakeSink {
                 };
                 let state = state.clone();
                 let tls = tls.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(state.clone(), req));
-                    // A connection the daemon drops mid-request (or a
-                    // handshake it refuses) is not our concern.
-                    let conn = http1::Builder::new();
-                    let _ = match tls {
-                        Some(tls) => match tls.accept(stream).await {
-                            Ok(stream) => conn.serve_connection(TokioIo::new(stream), service).await,
-                            Err(_) => return,
-                        },
-                        None => conn.serve_connection(TokioIo::new(stream), service).await,
-                    };
-                });
+                tokio::spawn(serve(stream, tls, service_fn(move |req| handle(state.clone(), req))));
             }
         });
         let previous = self.server.lock().unwrap().replace(task);
@@ -305,4 +279,43 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Fu
     Ok(response
         .body(Full::new(Bytes::from_static(b"{}")))
         .expect("valid response"))
+}
+
+/// A TLS server side with `tests/it/tls/server.pem`, the certificate for
+/// `127.0.0.1` that `tests/it/tls/ca.pem` signed.
+pub fn test_tls_acceptor() -> TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls");
+    let certs = CertificateDer::pem_file_iter(format!("{dir}/server.pem"))
+        .expect("server.pem")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("server.pem certificates");
+    let key = PrivateKeyDer::from_pem_file(format!("{dir}/server.key")).expect("server.key");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("server certificate");
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// Serves one accepted connection, over TLS if `tls` is set. A connection
+/// the daemon drops mid-request (or a handshake it refuses) is not our
+/// concern.
+pub async fn serve<S>(stream: tokio::net::TcpStream, tls: Option<TlsAcceptor>, service: S)
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1::Builder::new();
+    let _ = match tls {
+        Some(tls) => match tls.accept(stream).await {
+            Ok(stream) => conn.serve_connection(TokioIo::new(stream), service).await,
+            Err(_) => return,
+        },
+        None => conn.serve_connection(TokioIo::new(stream), service).await,
+    };
 }

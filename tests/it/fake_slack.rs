@@ -27,10 +27,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -74,11 +72,22 @@ pub struct FakeSlack {
     addr: SocketAddr,
     state: Arc<State>,
     server: JoinHandle<()>,
+    tls: bool,
 }
 
 impl FakeSlack {
     /// Listening now; `token` is the one bot token it accepts.
     pub async fn start(token: &str) -> FakeSlack {
+        Self::listen(token, None).await
+    }
+
+    /// [`FakeSlack::start`] over https, with the certificate for `127.0.0.1`
+    /// that `tests/it/tls/ca.pem` signed.
+    pub async fn start_tls(token: &str) -> FakeSlack {
+        Self::listen(token, Some(crate::fake_sink::test_tls_acceptor())).await
+    }
+
+    async fn listen(token: &str, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeSlack {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake slack");
         let addr = listener.local_addr().expect("addr");
         let state = Arc::new(State {
@@ -88,31 +97,46 @@ impl FakeSlack {
             ts: Mutex::new(1_503_435_956_000_247),
         });
         let shared = state.clone();
+        let is_tls = tls.is_some();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 let state = shared.clone();
-                tokio::spawn(async move {
-                    let service = service_fn(move |req| handle(state.clone(), req));
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                let tls = tls.clone();
+                tokio::spawn(crate::fake_sink::serve(
+                    stream,
+                    tls,
+                    service_fn(move |req| handle(state.clone(), req)),
+                ));
             }
         });
-        FakeSlack { addr, state, server }
+        FakeSlack {
+            addr,
+            state,
+            server,
+            tls: is_tls,
+        }
     }
 
-    /// For `api_url`: `http://127.0.0.1:PORT/api`.
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// For `api_url`: `http://127.0.0.1:PORT/api` (`https` for [`FakeSlack::start_tls`]).
     pub fn api_url(&self) -> String {
-        format!("http://{}/api", self.addr)
+        format!("{}://{}/api", self.scheme(), self.addr)
     }
 
     /// For `webhook_url`.
     pub fn webhook_url(&self) -> String {
-        format!("http://{}{WEBHOOK_PATH}", self.addr)
+        format!("{}://{}{WEBHOOK_PATH}", self.scheme(), self.addr)
+    }
+
+    /// `127.0.0.1:PORT`, as a CONNECT names it.
+    pub fn authority(&self) -> String {
+        self.addr.to_string()
     }
 
     /// Answers the next requests with `answers`, in order, then succeeds.

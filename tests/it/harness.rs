@@ -240,6 +240,11 @@ impl Daemon {
         }
     }
 
+    /// The running daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
     /// Sends a signal by name (`TERM`, `HUP`, ...) to the running daemon.
     pub fn signal(&self, name: &str) {
         let pid = self.child.as_ref().expect("daemon running").id();

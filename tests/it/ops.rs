@@ -763,3 +763,77 @@ async fn a_flood_of_bad_signatures_logs_a_line_a_second_and_counts_every_one() {
         .sum();
     assert_eq!(failures, 51.0);
 }
+
+/// The shipped unit's `ExecReload=` lines, run in order as systemd runs
+/// them (the first to fail fails the reload and the rest are not run), with
+/// this test's binary, config and daemon in place of the unit's.
+fn systemctl_reload(d: &Daemon) -> std::process::Output {
+    let unit = include_str!("../../packaging/expeditor.service");
+    let lines: Vec<&str> = unit.lines().filter_map(|l| l.strip_prefix("ExecReload=")).collect();
+    assert!(!lines.is_empty(), "the unit has no ExecReload");
+    let mut last = None;
+    for line in lines {
+        let line = line
+            .replace("/usr/local/bin/expeditor", crate::harness::BIN)
+            .replace(
+                "${CONFIGURATION_DIRECTORY}/config.toml",
+                d.config_path.to_str().unwrap(),
+            )
+            .replace("$MAINPID", &d.pid().to_string());
+        assert!(!line.contains('$'), "a variable left to expand: {line}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let out = std::process::Command::new(words[0])
+            .args(&words[1..])
+            .output()
+            .expect("run an ExecReload line");
+        let failed = !out.status.success();
+        last = Some(out);
+        if failed {
+            break;
+        }
+    }
+    last.expect("one line ran")
+}
+
+/// `systemctl reload` answers whether the config was taken: with a config
+/// that does not pass `check`, the unit's reload fails, says why, and sends
+/// no signal (the daemon keeps its config and never sees the bad one); a
+/// valid one is checked, then applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_units_reload_fails_on_a_bad_config_and_applies_a_good_one() {
+    let a = FakeSink::start().await;
+    let b = FakeSink::start().await;
+    let d = Daemon::start(&two_sink_config(&a.url("/a"), None, "")).await;
+
+    d.rewrite_config(&format!(
+        "{}\nnot_a_section = 1\n",
+        two_sink_config(&a.url("/a"), None, "")
+    ));
+    let out = systemctl_reload(&d);
+    assert!(!out.status.success(), "the reload of a bad config must fail");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("not_a_section"), "the failure names the problem: {said}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = d.log();
+    assert!(!log.contains("reload refused"), "no signal was sent: {log}");
+    assert_eq!(
+        d.post_crumb(&crumb_order("evt_after_bad_reload", 1000)).await.status,
+        200
+    );
+    d.wait_delivery("crumb", "evt_after_bad_reload", "a", "delivered").await;
+
+    d.rewrite_config(&two_sink_config(
+        &a.url("/a"),
+        Some(&b.url("/b")),
+        "\n[[routes]]\nname = \"to-b\"\nevents = [\"order.*\"]\nsinks = [\"b\"]\n",
+    ));
+    let out = systemctl_reload(&d);
+    assert!(out.status.success(), "{out:?}");
+    wait_log(&d, "configuration reloaded", 1).await;
+    assert_eq!(
+        d.post_crumb(&crumb_order("evt_after_good_reload", 1000)).await.status,
+        200
+    );
+    d.wait_delivery("crumb", "evt_after_good_reload", "b", "delivered")
+        .await;
+}

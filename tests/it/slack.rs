@@ -266,3 +266,164 @@ fn check_refuses_a_broken_slack_sink() {
         "names the sink's line and the missing key: {text}"
     );
 }
+
+/// What a CONNECT proxy saw of one tunnel request.
+#[derive(Debug, Clone)]
+struct Connect {
+    target: String,
+    authorization: Option<String>,
+}
+
+/// An HTTP proxy that serves only CONNECT, as an egress proxy for https
+/// does: it asks for `user:secret` basic credentials (407 without them),
+/// records each request, then relays bytes both ways untouched.
+async fn connect_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Connect>>>) {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let want = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("user:proxy-pass-31")
+    );
+    let log = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = listener.accept().await else {
+                continue;
+            };
+            let (log, want) = (log.clone(), want.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let mut lines = head.lines();
+                let request: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+                let authorization = lines.find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("proxy-authorization")
+                        .then(|| value.trim().to_owned())
+                });
+                if request.first() != Some(&"CONNECT") || request.len() < 2 {
+                    let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n").await;
+                    return;
+                }
+                let target = request[1].to_owned();
+                log.lock().unwrap().push(Connect {
+                    target: target.clone(),
+                    authorization: authorization.clone(),
+                });
+                if authorization.as_deref() != Some(want.as_str()) {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// With `HTTPS_PROXY` in its environment (and no `NO_PROXY` for the host),
+/// the daemon reaches Slack through a CONNECT tunnel with the proxy's
+/// credentials, TLS inside it to Slack; with the host in `NO_PROXY` it goes
+/// direct. The proxy's password never reaches the log.
+#[tokio::test(flavor = "multi_thread")]
+async fn slack_goes_through_the_proxy_the_environment_names() {
+    let slack = FakeSlack::start_tls(TOKEN).await;
+    let (proxy, seen) = connect_proxy().await;
+    let proxy_url = format!("http://user:proxy-pass-31@{proxy}");
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls/ca.pem");
+    let cfg = config(&api_target(&slack));
+    let d = Daemon::start_with_env(
+        &cfg,
+        &[
+            ("SLACK_BOT_TOKEN", TOKEN),
+            ("SSL_CERT_FILE", ca),
+            ("HTTPS_PROXY", &proxy_url),
+        ],
+    )
+    .await;
+    assert_eq!(d.post_crumb(&low_stock("evt_low_proxy")).await.status, 200);
+    let delivered = d.wait_delivery("crumb", "evt_low_proxy", "alerts", "delivered").await;
+    assert_eq!(delivered["attempts"], 1, "{delivered}");
+    let tunnels = seen.lock().unwrap().clone();
+    assert_eq!(tunnels.len(), 1, "{tunnels:?}");
+    assert_eq!(tunnels[0].target, slack.authority());
+    assert!(
+        tunnels[0]
+            .authorization
+            .as_deref()
+            .is_some_and(|a| a.starts_with("Basic ")),
+        "the proxy's credentials were sent: {tunnels:?}"
+    );
+    let got = slack.settle().await;
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert_eq!(got[0].body["channel"], "#inventory-alerts");
+    assert!(!d.log().contains("proxy-pass-31"), "{}", d.log());
+    drop(d);
+
+    // Wrong credentials: the proxy's 407 is a retryable failure that says so.
+    let wrong = format!("http://user:wrong@{proxy}");
+    let d = Daemon::start_with_env(
+        &cfg,
+        &[
+            ("SLACK_BOT_TOKEN", TOKEN),
+            ("SSL_CERT_FILE", ca),
+            ("HTTPS_PROXY", &wrong),
+        ],
+    )
+    .await;
+    assert_eq!(d.post_crumb(&low_stock("evt_low_proxy_407")).await.status, 200);
+    let failing = loop {
+        let rows = d.api("/api/deliveries?sink=alerts").await;
+        let row = rows["deliveries"][0].clone();
+        if row["last_error"].is_string() {
+            break row;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = failing["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("proxy"), "{failing}");
+    assert!(
+        !error.contains("wrong") && !d.log().contains("user:wrong"),
+        "{failing}\n{}",
+        d.log()
+    );
+    drop(d);
+
+    // The host in NO_PROXY: straight to Slack, no new tunnel.
+    let before = seen.lock().unwrap().len();
+    let d = Daemon::start_with_env(
+        &cfg,
+        &[
+            ("SLACK_BOT_TOKEN", TOKEN),
+            ("SSL_CERT_FILE", ca),
+            ("HTTPS_PROXY", &proxy_url),
+            ("NO_PROXY", "127.0.0.1"),
+        ],
+    )
+    .await;
+    assert_eq!(d.post_crumb(&low_stock("evt_low_direct")).await.status, 200);
+    d.wait_delivery("crumb", "evt_low_direct", "alerts", "delivered").await;
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        before,
+        "NO_PROXY's host went through the proxy"
+    );
+    assert_eq!(slack.settle().await.len(), 2);
+}

@@ -17,9 +17,12 @@
 //! - `outcome`: what Slack's answer means for the engine: success, retryable
 //!   (`ratelimited`, 429 `Retry-After`, 5xx, network) or permanent
 //!   (`channel_not_found`, `invalid_auth`, ...).
+//! - `egress`: how the client reaches Slack: direct, or through the proxy
+//!   the environment names.
 //! - `sink`: [`SlackSink`], the [`expeditor_api::Sink`] that ties them together.
 
 mod config;
+mod egress;
 mod message;
 mod outcome;
 mod sink;

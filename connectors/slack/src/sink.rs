@@ -8,9 +8,10 @@ use expeditor_api::{Delivery, DeliveryError, Outcome, Reads, Sink};
 use hyper_rustls::HttpsConnectorBuilder;
 use slack_morphism::prelude::*;
 
+use crate::egress::Egress;
 use crate::{SlackSinkConfig, SlackTarget, message, outcome};
 
-type Client = SlackClient<SlackClientHyperHttpsConnector>;
+type Client = SlackClient<SlackClientHyperConnector<hyper_rustls::HttpsConnector<Egress>>>;
 
 pub struct SlackSink {
     cfg: SlackSinkConfig,
@@ -46,7 +47,10 @@ impl SlackSink {
         };
         // Plain http only reaches a loopback test server: config refuses it
         // for any other host (`check_url`).
-        let https = builder.https_or_http().enable_all_versions().build();
+        let https = builder
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(Egress::from_env());
         let mut connector = SlackClientHyperConnector::with_connector(https);
         let token = match &cfg.target {
             SlackTarget::Api { token, api_url, .. } => {
