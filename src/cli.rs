@@ -189,10 +189,14 @@ pub fn check(cli: &Cli) -> ExitCode {
 /// root before a deploy), and the daemon creates what is missing.
 fn path_warnings(cfg: &Config) -> Vec<String> {
     let mut warnings = Vec::new();
-    if let config::StoreBackend::Sqlite { path } = &cfg.store.backend
-        && let Some(why) = unusable(path, true)
-    {
-        warnings.push(format!("[store] path {}: {why}", path.display()));
+    if let config::StoreBackend::Sqlite { path } = &cfg.store.backend {
+        // The folder, and the database's files if they are there already
+        // (say, left by a run as root).
+        let files = ["expeditor.db", "expeditor.db-wal", "expeditor.db-shm"].map(|f| path.join(f));
+        let why = unusable(path, true).or_else(|| files.iter().find_map(|f| unusable_file(f)));
+        if let Some(why) = why {
+            warnings.push(format!("[store] path {}: {why}", path.display()));
+        }
     }
     for (name, sink) in &cfg.sinks {
         if let config::SinkKind::File(f) = &sink.kind
@@ -204,6 +208,15 @@ fn path_warnings(cfg: &Config) -> Vec<String> {
     warnings
 }
 
+/// Why an existing file could not be opened to read and write, if so.
+fn unusable_file(path: &std::path::Path) -> Option<String> {
+    use rustix::fs::{Access, access};
+    match access(path, Access::READ_OK | Access::WRITE_OK) {
+        Err(rustix::io::Errno::NOENT) | Ok(()) => None,
+        Err(e) => Some(format!("this user cannot read and write {} ({e})", path.display())),
+    }
+}
+
 /// Why `path` (a folder if `folder`, else a file to append to) could not be
 /// created or written by this user, if it could not.
 fn unusable(path: &std::path::Path, folder: bool) -> Option<String> {
@@ -211,16 +224,20 @@ fn unusable(path: &std::path::Path, folder: bool) -> Option<String> {
     match std::fs::metadata(path) {
         Ok(m) if folder && !m.is_dir() => Some("exists and is not a folder".into()),
         Ok(m) if !folder && m.is_dir() => Some("is a folder, not a file".into()),
-        Ok(_) => {
-            let wanted = if folder {
-                Access::WRITE_OK | Access::EXEC_OK
-            } else {
-                Access::WRITE_OK
-            };
-            access(path, wanted)
-                .err()
-                .map(|e| format!("this user cannot write to it ({e})"))
-        }
+        Ok(_) if folder => access(path, Access::WRITE_OK | Access::EXEC_OK)
+            .err()
+            .map(|e| format!("this user cannot write to it ({e})")),
+        // A file sink reads its last line at open and makes the file anew
+        // after a rotation, so its folder must take new files too.
+        Ok(_) => unusable_file(path).or_else(|| {
+            let folder = std::path::absolute(path).ok()?.parent()?.to_path_buf();
+            access(&folder, Access::WRITE_OK | Access::EXEC_OK).err().map(|e| {
+                format!(
+                    "this user cannot create files in {} ({e}): the file could not be made anew after a rotation",
+                    folder.display()
+                )
+            })
+        }),
         Err(e) if missing(&e) => {
             // Created with its missing parents: the nearest that exists must
             // be a folder this user may create in.
@@ -344,8 +361,7 @@ fn local_url(addr: std::net::SocketAddr) -> String {
     format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
 }
 
-/// `through_proxies`: for `send`, which may post to another machine. Never
-/// for the admin API: it is this machine's (a proxy's loopback is not), and
+/// `through_proxies`: for `send` to another machine. Never for the admin API: it is this machine's (a proxy's loopback is not), and
 /// its token must not go to a third party in clear text.
 fn client(through_proxies: bool) -> anyhow::Result<reqwest::Client> {
     let builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
@@ -389,7 +405,15 @@ pub async fn send(
     }
     let now = crate::store::now_ms() / 1000;
     let url = url.unwrap_or_else(|| format!("{}/webhooks/{source}", local_url(cfg.server.listen)));
-    let mut req = client(true)?.post(&url).header("content-type", "application/json");
+    // A proxy's loopback is not this machine's: those go direct.
+    let host = reqwest::Url::parse(&url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned));
+    let loopback = host.is_some_and(|h| {
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    });
+    let mut req = client(!loopback)?.post(&url).header("content-type", "application/json");
     match &src.scheme {
         Scheme::CrumbPos(v) => {
             let secret = v.secrets.first().context("source has no secret")?;
@@ -691,7 +715,7 @@ fn print_event_detail(e: &Value) {
 /// stays clean for a pipe.
 fn say_if_cut(shown: usize, next: &Value) {
     if let Some(next) = next.as_str() {
-        eprintln!("(the newest {shown} shown; there may be more: the next page with --before {next})");
+        eprintln!("({shown} shown; there may be more: the next page with --before {next})");
     }
 }
 

@@ -86,8 +86,10 @@ pub fn stopping() {
 }
 
 /// Pings the watchdog at half its interval, but only while the daemon is
-/// healthy: the store commits and every sink worker runs. A wedged process
-/// (stuck writer, dead workers) stops pinging and systemd restarts it.
+/// healthy: its store works (`Store::alive`: the SQLite writer commits; a
+/// PostgreSQL server being away is not the process's fault) and every sink
+/// worker runs. A wedged process (stuck writer, dead workers) stops pinging
+/// and systemd restarts it.
 pub async fn watchdog(shared: Arc<Shared>, shutdown: CancellationToken) {
     let Some(interval) = sd_notify::watchdog_enabled() else {
         return;
@@ -99,7 +101,7 @@ pub async fn watchdog(shared: Arc<Shared>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
         }
-        let store_ok = matches!(tokio::time::timeout(every, shared.store.ping()).await, Ok(Ok(())));
+        let store_ok = matches!(tokio::time::timeout(every, shared.store.alive()).await, Ok(Ok(())));
         let workers_ok = shared.current.load().engine.running();
         if store_ok && workers_ok {
             send(&[NotifyState::Watchdog]);

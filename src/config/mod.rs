@@ -642,6 +642,29 @@ impl Cx<'_> {
         }
     }
 
+    /// [`Self::duration`], refused under `least` (with `why`): a time limit
+    /// of zero would fail every request, not none.
+    fn duration_at_least(
+        &mut self,
+        s: Option<&Str>,
+        key: &str,
+        default: Duration,
+        least: Duration,
+        why: &str,
+    ) -> Option<Duration> {
+        let d = self.duration(s, key, default)?;
+        if d < least {
+            let span = s.map_or(0..0, |s| s.span());
+            self.error_at(
+                span,
+                key,
+                format!("must be at least {}: {why}", humantime::format_duration(least)),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
     fn size(&mut self, s: Option<&Str>, key: &str, default: usize) -> Option<usize> {
         let Some(s) = s else { return Some(default) };
         let v = self.resolve(s, key)?;
@@ -733,15 +756,19 @@ impl Cx<'_> {
         let r = raw.map(Spanned::get_ref);
         let listen = self.addr(r.and_then(|r| r.listen.as_ref()), "server.listen", "0.0.0.0:8080");
         let max_body = self.size(r.and_then(|r| r.max_body.as_ref()), "server.max_body", 1 << 20);
-        let header_timeout = self.duration(
+        let header_timeout = self.duration_at_least(
             r.and_then(|r| r.header_timeout.as_ref()),
             "server.header_timeout",
             Duration::from_secs(10),
+            Duration::from_secs(1),
+            "a vendor's request headers must have time to arrive",
         );
-        let body_timeout = self.duration(
+        let body_timeout = self.duration_at_least(
             r.and_then(|r| r.body_timeout.as_ref()),
             "server.body_timeout",
             Duration::from_secs(10),
+            Duration::from_secs(1),
+            "a vendor's request body must have time to arrive",
         );
         let max_connections = self.int(
             r.and_then(|r| r.max_connections.as_ref()),
@@ -887,10 +914,12 @@ impl Cx<'_> {
                 }
             }
         }
-        let tolerance = self.duration(
+        let tolerance = self.duration_at_least(
             r.tolerance.as_ref(),
             &format!("{key}.tolerance"),
             Duration::from_secs(300),
+            Duration::from_secs(1),
+            "a signed time is already some time old when it arrives",
         );
         let kind = r.kind.get_ref().as_str();
         let hmac_only = [
@@ -1554,8 +1583,13 @@ fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, 
             if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
                 return Err(format!("invalid variable name in ${{{name}}}"));
             }
-            // The value is never shown: it may be a secret.
+            // The value is never shown: it may be a secret. Empty is as
+            // good as unset: a secret left blank in the env file would send
+            // `Authorization: Bearer ` and fail every delivery.
             let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+            if value.is_empty() {
+                return Err(format!("environment variable {name} is set but empty"));
+            }
             out.push_str(&value);
             rest = &inner[end + 1..];
         } else {

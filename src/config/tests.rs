@@ -526,10 +526,19 @@ fn toml_syntax_errors_point_at_the_line() {
 
 #[test]
 fn interpolation() {
-    let env = |k: &str| (k == "A").then(|| "1".to_string());
+    let env = |k: &str| match k {
+        "A" => Some("1".to_string()),
+        "EMPTY" => Some(String::new()),
+        _ => None,
+    };
     assert_eq!(interpolate("x${A}y", &env).unwrap(), "x1y");
     assert_eq!(interpolate("$$A $5 ${A}", &env).unwrap(), "$A $5 1");
     assert!(interpolate("${B}", &env).unwrap_err().contains("B is not set"));
+    assert!(
+        interpolate("Bearer ${EMPTY}", &env)
+            .unwrap_err()
+            .contains("EMPTY is set but empty")
+    );
     assert!(interpolate("${A", &env).unwrap_err().contains("unterminated"));
     assert!(interpolate("${A-B}", &env).is_err());
 }

@@ -367,9 +367,18 @@ pub trait Store: Send + Sync + 'static {
     /// Pending and dead deliveries per sink (sinks with neither are omitted).
     async fn queue_stats(&self) -> Result<Vec<SinkQueue>, StoreError>;
 
-    /// Whether the store is alive and takes transactions (the systemd
-    /// watchdog: a wedged writer stops it, and systemd restarts expeditor).
+    /// Whether the store takes transactions now.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Whether this process's part of the store works: the systemd watchdog
+    /// pings only while it does, so a wedged SQLite writer gets expeditor
+    /// restarted. A PostgreSQL server that is down fails `ping` but not
+    /// this: a restart would not bring the server back (and a start that
+    /// cannot reach it fails), while the running daemon reconnects by
+    /// itself; readiness and the 503s say meanwhile that it is away.
+    async fn alive(&self) -> Result<(), StoreError> {
+        self.ping().await
+    }
 
     /// Whether a write would reach the disk now (readiness): unlike `ping`,
     /// a full disk fails this, though restarting would not fix that.

@@ -1042,6 +1042,14 @@ impl Store for PostgresStore {
         Ok(out)
     }
 
+    async fn alive(&self) -> Result<(), StoreError> {
+        // The one task of ours between the handlers and the server.
+        if self.inserts.is_closed() {
+            return Err(StoreError::Unavailable("the store's insert task has stopped".into()));
+        }
+        Ok(())
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         bounded(async {
             let client = self.client().await?;

@@ -1843,6 +1843,7 @@ async fn sqlite_a_failed_fsync_refuses_every_write_until_reopened() {
     failing.store(false, Ordering::SeqCst); // the disk answers again; the store does not trust it
     refused(store.insert(new_event("after", &["a"])).await.map(drop));
     refused(store.ping().await);
+    refused(store.alive().await);
     refused(store.writable().await);
     refused(store.claim("a", ALL, LEASE, T0).await.map(drop));
     refused(store.replay(event_target("before", None), T0).await.map(drop));
@@ -2504,6 +2505,11 @@ async fn postgres_unavailable_while_the_database_is_gone() {
         Err(StoreError::Unavailable(_))
     ));
     assert!(matches!(store.ping().await, Err(StoreError::Unavailable(_))));
+    assert_eq!(
+        store.alive().await,
+        Ok(()),
+        "the server is away, not our part of the store"
+    );
 
     admin
         .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name))

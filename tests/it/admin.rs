@@ -221,6 +221,62 @@ async fn the_cli_ignores_proxies_from_the_environment() {
     assert!(accepted.is_err(), "the CLI connected to the proxy");
 }
 
+/// `send` goes direct to a loopback address (the daemon's own listener, by
+/// default), whatever proxy the environment names, and through that proxy
+/// to any other host.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_skips_the_proxy_only_for_loopback() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_url = format!("http://{}", proxy.local_addr().unwrap());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = proxy.accept().await {
+            let mut buf = vec![0u8; 4096];
+            let n = conn.read(&mut buf).await.unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n]);
+            log.lock().unwrap().push(head.lines().next().unwrap_or("").to_owned());
+            let _ = conn
+                .write_all(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    let env = [("http_proxy", proxy_url.as_str()), ("HTTP_PROXY", proxy_url.as_str())];
+    let d = Daemon::start_with_env(&sources_only(""), &env).await;
+    let out = d
+        .cli(&["send", "crumb", "order.created", "--id", "evt_send_direct"])
+        .await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HTTP 200"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "went to the proxy: {:?}",
+        seen.lock().unwrap()
+    );
+
+    let out = d
+        .cli(&[
+            "send",
+            "crumb",
+            "order.created",
+            "--url",
+            "http://kitchen.example/webhooks/crumb",
+        ])
+        .await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("502"),
+        "{}",
+        output_text(&out)
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].contains("http://kitchen.example/webhooks/crumb"), "{seen:?}");
+}
+
 /// A listing as long as `--limit` says, on stderr, that more may be behind
 /// it and the cursor of the next page, which lists the rest; a shorter one
 /// says nothing. A cursor that is not one is a 400.
@@ -236,7 +292,7 @@ async fn a_listing_cut_at_its_limit_says_so() {
     let stdout = String::from_utf8_lossy(&cut.stdout);
     assert!(stdout.contains("evt_l3") && !stdout.contains("evt_l1"), "{stdout}");
     assert!(
-        String::from_utf8_lossy(&cut.stderr).contains("the newest 2 shown"),
+        String::from_utf8_lossy(&cut.stderr).contains("2 shown"),
         "{}",
         output_text(&cut)
     );

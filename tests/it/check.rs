@@ -260,6 +260,21 @@ fn broken_configs_fail_naming_the_problem_and_line() {
             &["tolerance"],
         ),
         (
+            "a tolerance of zero",
+            break_line("tolerance", r#"tolerance = "0s""#),
+            &["tolerance", "at least 1s"],
+        ),
+        (
+            "a header timeout of zero",
+            break_line("max_body", r#"header_timeout = "0s""#),
+            &["header_timeout", "at least 1s"],
+        ),
+        (
+            "a body timeout under a second",
+            break_line("max_body", r#"body_timeout = "200ms""#),
+            &["body_timeout", "at least 1s"],
+        ),
+        (
             "bad duration in retry",
             break_line("retry", r#"retry = { max_attempts = 5, initial = "soon", max = "1m" }"#),
             &["initial"],
@@ -278,6 +293,16 @@ fn broken_configs_fail_naming_the_problem_and_line() {
             "template that does not compile",
             break_line("external_id", r#"external_id = "{{ order.id ""#),
             &["external_id"],
+        ),
+        (
+            "a misspelled name in a template",
+            break_line("external_id", r#"external_id = "{{ ordr.id }}""#),
+            &["external_id", "unknown name `ordr`"],
+        ),
+        (
+            "a misspelled name in a when",
+            break_line("when", r#"when = "order.total_cents > 0 and evnt.type""#),
+            &["when", "`evnt`"],
         ),
         (
             "unknown source kind",

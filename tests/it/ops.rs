@@ -16,7 +16,7 @@ use crate::harness::{Daemon, base_config, http_client, one_sink_config};
 use crate::vendor::{self, crumb_order};
 
 /// Reads datagrams from a notify socket until one contains `needle`.
-fn wait_for_notification(sock: &UnixDatagram, needle: &str, timeout: Duration) -> Vec<String> {
+pub(crate) fn wait_for_notification(sock: &UnixDatagram, needle: &str, timeout: Duration) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     let mut seen = Vec::new();
     let mut buf = [0u8; 4096];

@@ -513,6 +513,68 @@ async fn database_going_away_mid_load_loses_nothing_acknowledged() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// While the PostgreSQL server is away the daemon keeps pinging systemd's
+/// watchdog (a restart would not bring the server back, and a start
+/// without it fails): it answers not ready and 503 meanwhile, and is ready
+/// again when the server is back, with no restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_watchdog_keeps_pinging_while_the_database_is_away() {
+    let Some(db) = TestDb::create("the_watchdog_keeps_pinging_while_the_database_is_away").await else {
+        return;
+    };
+    let sink = FakeSink::start().await;
+    let sock_dir = tempfile::tempdir().unwrap();
+    let sock_path = sock_dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    let d = Daemon::start_with_env(
+        &instance_config(&db.url, "a", &sink, "5s"),
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    )
+    .await;
+    let wait = crate::ops::wait_for_notification;
+    wait(&sock, "READY=1", Duration::from_secs(5));
+    let readyz = || async {
+        crate::harness::http_client()
+            .get(format!("http://{}/readyz", d.admin))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    assert_eq!(readyz().await, 200);
+
+    db.go_away().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while readyz().await != 503 {
+        assert!(Instant::now() < deadline, "still ready with the database away");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Pings at half the interval go on: several over a few intervals,
+    // counting none sent before the database went.
+    sock.set_nonblocking(true).unwrap();
+    while sock.recv(&mut [0u8; 4096]).is_ok() {}
+    sock.set_nonblocking(false).unwrap();
+    for _ in 0..5 {
+        wait(&sock, "WATCHDOG=1", Duration::from_secs(1));
+    }
+    assert_eq!(d.post_crumb(&crumb_order("evt_while_away", 1200)).await.status, 503);
+
+    db.come_back().await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while readyz().await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the database came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(d.post_crumb(&crumb_order("evt_after_away", 1200)).await.status, 200);
+    assert!(!d.log().contains("not pinging the systemd watchdog"), "{}", d.log());
+}
+
 /// Needs no server: `expeditor run` with an unreachable store exits at once,
 /// naming the database, never the password.
 #[tokio::test(flavor = "multi_thread")]

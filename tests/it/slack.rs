@@ -267,157 +267,268 @@ fn check_refuses_a_broken_slack_sink() {
     );
 }
 
-/// What a CONNECT proxy saw of one tunnel request.
+/// What the proxy saw of one tunnel request.
 #[derive(Debug, Clone)]
 struct Connect {
+    /// `CONNECT` or `SOCKS5`.
+    protocol: &'static str,
+    /// `host:port`, as the client named it.
     target: String,
-    authorization: Option<String>,
+    /// `Proxy-Authorization`, or SOCKS5's `user:password`.
+    credentials: Option<String>,
 }
 
-/// An HTTP proxy that serves only CONNECT, as an egress proxy for https
-/// does: it asks for `user:secret` basic credentials (407 without them),
-/// records each request, then relays bytes both ways untouched.
-async fn connect_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Connect>>>) {
-    use base64::Engine;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+const PROXY_USER: &str = "user";
+const PROXY_PASSWORD: &str = "proxy-pass-31";
+
+/// An egress proxy for https, as corporate networks run them: HTTP CONNECT
+/// and SOCKS5 (told apart by the first byte), each asking for
+/// `user:proxy-pass-31` (HTTP 407, or SOCKS5's failed sub-negotiation,
+/// without them). It records each request, then relays bytes both ways
+/// untouched.
+async fn egress_proxy() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<Connect>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let want = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("user:proxy-pass-31")
-    );
     let log = seen.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut client, _)) = listener.accept().await else {
+            let Ok((client, _)) = listener.accept().await else {
                 continue;
             };
-            let (log, want) = (log.clone(), want.clone());
+            let log = log.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if client.read(&mut byte).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let mut lines = head.lines();
-                let request: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
-                let authorization = lines.find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("proxy-authorization")
-                        .then(|| value.trim().to_owned())
-                });
-                if request.first() != Some(&"CONNECT") || request.len() < 2 {
-                    let _ = client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n").await;
+                let mut first = [0u8; 1];
+                if client.peek(&mut first).await.unwrap_or(0) == 0 {
                     return;
                 }
-                let target = request[1].to_owned();
-                log.lock().unwrap().push(Connect {
-                    target: target.clone(),
-                    authorization: authorization.clone(),
-                });
-                if authorization.as_deref() != Some(want.as_str()) {
-                    let _ = client
-                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
-                        .await;
-                    return;
-                }
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
-                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
-                    return;
+                let _ = if first[0] == 5 {
+                    socks5(client, log).await
+                } else {
+                    http_connect(client, log).await
                 };
-                let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
-                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
             });
         }
     });
     (addr, seen)
 }
 
-/// With `HTTPS_PROXY` in its environment (and no `NO_PROXY` for the host),
-/// the daemon reaches Slack through a CONNECT tunnel with the proxy's
-/// credentials, TLS inside it to Slack; with the host in `NO_PROXY` it goes
-/// direct. The proxy's password never reaches the log.
+type Seen = std::sync::Arc<std::sync::Mutex<Vec<Connect>>>;
+
+async fn http_connect(mut client: tokio::net::TcpStream, log: Seen) -> std::io::Result<()> {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        client.read_exact(&mut byte).await?;
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.lines();
+    let request: Vec<&str> = lines.next().unwrap_or("").split(' ').collect();
+    let credentials = lines.find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("proxy-authorization")
+            .then(|| value.trim().to_owned())
+    });
+    if request.first() != Some(&"CONNECT") || request.len() < 2 {
+        return client.write_all(b"HTTP/1.1 405 Method Not Allowed\r\n\r\n").await;
+    }
+    let target = request[1].to_owned();
+    log.lock().unwrap().push(Connect {
+        protocol: "CONNECT",
+        target: target.clone(),
+        credentials: credentials.clone(),
+    });
+    let want = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{PROXY_USER}:{PROXY_PASSWORD}"))
+    );
+    if credentials.as_deref() != Some(want.as_str()) {
+        return client
+            .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            .await;
+    }
+    let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+        return client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+    };
+    client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .map(drop)
+}
+
+/// RFC 1928 with RFC 1929's username/password method, CONNECT only.
+async fn socks5(mut client: tokio::net::TcpStream, log: Seen) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut greeting = [0u8; 2];
+    client.read_exact(&mut greeting).await?;
+    let mut methods = vec![0u8; greeting[1] as usize];
+    client.read_exact(&mut methods).await?;
+    if !methods.contains(&2) {
+        return client.write_all(&[5, 0xff]).await;
+    }
+    client.write_all(&[5, 2]).await?;
+    let field = |len: usize| vec![0u8; len];
+    let mut version_len = [0u8; 2];
+    client.read_exact(&mut version_len).await?;
+    let mut user = field(version_len[1] as usize);
+    client.read_exact(&mut user).await?;
+    let mut len = [0u8; 1];
+    client.read_exact(&mut len).await?;
+    let mut pass = field(len[0] as usize);
+    client.read_exact(&mut pass).await?;
+    let credentials = format!("{}:{}", String::from_utf8_lossy(&user), String::from_utf8_lossy(&pass));
+    let accepted = credentials == format!("{PROXY_USER}:{PROXY_PASSWORD}");
+    client.write_all(&[1, if accepted { 0 } else { 1 }]).await?;
+    if !accepted {
+        log.lock().unwrap().push(Connect {
+            protocol: "SOCKS5",
+            target: String::new(),
+            credentials: Some(credentials),
+        });
+        return Ok(());
+    }
+    let mut request = [0u8; 4];
+    client.read_exact(&mut request).await?;
+    let host = match request[3] {
+        1 => {
+            let mut ip = [0u8; 4];
+            client.read_exact(&mut ip).await?;
+            std::net::Ipv4Addr::from(ip).to_string()
+        }
+        3 => {
+            client.read_exact(&mut len).await?;
+            let mut name = field(len[0] as usize);
+            client.read_exact(&mut name).await?;
+            String::from_utf8_lossy(&name).into_owned()
+        }
+        _ => return client.write_all(&[5, 8, 0, 1, 0, 0, 0, 0, 0, 0]).await,
+    };
+    let mut port = [0u8; 2];
+    client.read_exact(&mut port).await?;
+    let target = format!("{host}:{}", u16::from_be_bytes(port));
+    log.lock().unwrap().push(Connect {
+        protocol: "SOCKS5",
+        target: target.clone(),
+        credentials: Some(credentials),
+    });
+    let Ok(mut upstream) = tokio::net::TcpStream::connect(&target).await else {
+        return client.write_all(&[5, 5, 0, 1, 0, 0, 0, 0, 0, 0]).await;
+    };
+    client.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await?;
+    tokio::io::copy_bidirectional(&mut client, &mut upstream)
+        .await
+        .map(drop)
+}
+
+/// Starts a daemon whose Slack is `slack` (over https), with `env` added.
+async fn proxied_daemon(slack: &FakeSlack, env: &[(&str, &str)]) -> Daemon {
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls/ca.pem");
+    let mut all = vec![("SLACK_BOT_TOKEN", TOKEN), ("SSL_CERT_FILE", ca)];
+    all.extend_from_slice(env);
+    Daemon::start_with_env(&config(&api_target(slack)), &all).await
+}
+
+/// The alerts delivery once its first attempt has failed: it must be
+/// pending (a retryable failure), with an error to show.
+async fn first_failure(d: &Daemon) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let row = d.api("/api/deliveries?sink=alerts").await["deliveries"][0].clone();
+        if row["last_error"].is_string() {
+            assert_eq!(row["status"], "pending", "a proxy's refusal is retried: {row}");
+            return row;
+        }
+        assert!(std::time::Instant::now() < deadline, "no attempt failed: {row}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// With `HTTPS_PROXY` (an http:// proxy, CONNECT) or `ALL_PROXY` (a
+/// socks5h:// one) in its environment, and no `NO_PROXY` for the host, the
+/// daemon reaches Slack through the proxy with its credentials, TLS inside
+/// to Slack; with the host in `NO_PROXY` it goes direct. A refusal (wrong
+/// credentials) and a proxy scheme it does not speak are retried failures
+/// that name the proxy, never its password.
 #[tokio::test(flavor = "multi_thread")]
 async fn slack_goes_through_the_proxy_the_environment_names() {
     let slack = FakeSlack::start_tls(TOKEN).await;
-    let (proxy, seen) = connect_proxy().await;
-    let proxy_url = format!("http://user:proxy-pass-31@{proxy}");
-    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/tls/ca.pem");
-    let cfg = config(&api_target(&slack));
-    let d = Daemon::start_with_env(
-        &cfg,
-        &[
-            ("SLACK_BOT_TOKEN", TOKEN),
-            ("SSL_CERT_FILE", ca),
-            ("HTTPS_PROXY", &proxy_url),
-        ],
-    )
-    .await;
-    assert_eq!(d.post_crumb(&low_stock("evt_low_proxy")).await.status, 200);
-    let delivered = d.wait_delivery("crumb", "evt_low_proxy", "alerts", "delivered").await;
-    assert_eq!(delivered["attempts"], 1, "{delivered}");
-    let tunnels = seen.lock().unwrap().clone();
-    assert_eq!(tunnels.len(), 1, "{tunnels:?}");
-    assert_eq!(tunnels[0].target, slack.authority());
-    assert!(
-        tunnels[0]
-            .authorization
-            .as_deref()
-            .is_some_and(|a| a.starts_with("Basic ")),
-        "the proxy's credentials were sent: {tunnels:?}"
-    );
+    let (proxy, seen) = egress_proxy().await;
+    let secret = format!("{PROXY_USER}:{PROXY_PASSWORD}");
+    for (i, (var, url, protocol)) in [
+        ("HTTPS_PROXY", format!("http://{secret}@{proxy}"), "CONNECT"),
+        ("ALL_PROXY", format!("socks5h://{secret}@{proxy}"), "SOCKS5"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d = proxied_daemon(&slack, &[(var, &url)]).await;
+        let id = format!("evt_low_proxy_{i}");
+        assert_eq!(d.post_crumb(&low_stock(&id)).await.status, 200);
+        let delivered = d.wait_delivery("crumb", &id, "alerts", "delivered").await;
+        assert_eq!(delivered["attempts"], 1, "{delivered}");
+        let tunnels = seen.lock().unwrap().clone();
+        assert_eq!(tunnels.len(), i + 1, "{tunnels:?}");
+        let tunnel = &tunnels[i];
+        assert_eq!(
+            (tunnel.protocol, tunnel.target.as_str()),
+            (protocol, slack.authority().as_str())
+        );
+        let sent = tunnel.credentials.as_deref().unwrap_or_default();
+        assert!(
+            sent.starts_with("Basic ") || sent == secret,
+            "credentials sent: {tunnel:?}"
+        );
+        assert!(!d.log().contains(PROXY_PASSWORD), "{}", d.log());
+    }
     let got = slack.settle().await;
-    assert_eq!(got.len(), 1, "{got:#?}");
-    assert_eq!(got[0].body["channel"], "#inventory-alerts");
-    assert!(!d.log().contains("proxy-pass-31"), "{}", d.log());
-    drop(d);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(got.iter().all(|r| r.body["channel"] == "#inventory-alerts"), "{got:#?}");
 
-    // Wrong credentials: the proxy's 407 is a retryable failure that says so.
-    let wrong = format!("http://user:wrong@{proxy}");
-    let d = Daemon::start_with_env(
-        &cfg,
-        &[
-            ("SLACK_BOT_TOKEN", TOKEN),
-            ("SSL_CERT_FILE", ca),
-            ("HTTPS_PROXY", &wrong),
-        ],
-    )
-    .await;
-    assert_eq!(d.post_crumb(&low_stock("evt_low_proxy_407")).await.status, 200);
-    let failing = loop {
-        let rows = d.api("/api/deliveries?sink=alerts").await;
-        let row = rows["deliveries"][0].clone();
-        if row["last_error"].is_string() {
-            break row;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let error = failing["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("proxy"), "{failing}");
+    // Wrong credentials, for either protocol: the proxy's refusal.
+    for url in [
+        format!("http://user:wrong@{proxy}"),
+        format!("socks5://user:wrong@{proxy}"),
+    ] {
+        let d = proxied_daemon(&slack, &[("HTTPS_PROXY", &url)]).await;
+        assert_eq!(d.post_crumb(&low_stock("evt_low_refused")).await.status, 200);
+        let failing = first_failure(&d).await;
+        let error = failing["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("proxy"), "{failing}");
+        assert!(
+            !error.contains("wrong") && !d.log().contains("user:wrong"),
+            "{failing}\n{}",
+            d.log()
+        );
+    }
+
+    // A scheme it does not speak: refused, not sent around the proxy.
+    let url = format!("https://{secret}@{proxy}");
+    let d = proxied_daemon(&slack, &[("HTTPS_PROXY", &url)]).await;
+    assert_eq!(d.post_crumb(&low_stock("evt_low_https_proxy")).await.status, 200);
+    let failing = first_failure(&d).await;
     assert!(
-        !error.contains("wrong") && !d.log().contains("user:wrong"),
-        "{failing}\n{}",
+        failing["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("https:// proxy is not supported"),
+        "{failing}"
+    );
+    assert!(
+        d.log().contains("reaches a proxy only over"),
+        "warned at start: {}",
         d.log()
     );
+    assert!(!d.log().contains(PROXY_PASSWORD), "{}", d.log());
+    assert_eq!(slack.requests().len(), 2, "nothing went around the proxy");
     drop(d);
 
     // The host in NO_PROXY: straight to Slack, no new tunnel.
     let before = seen.lock().unwrap().len();
-    let d = Daemon::start_with_env(
-        &cfg,
-        &[
-            ("SLACK_BOT_TOKEN", TOKEN),
-            ("SSL_CERT_FILE", ca),
-            ("HTTPS_PROXY", &proxy_url),
-            ("NO_PROXY", "127.0.0.1"),
-        ],
-    )
-    .await;
+    let url = format!("http://{secret}@{proxy}");
+    let d = proxied_daemon(&slack, &[("HTTPS_PROXY", &url), ("NO_PROXY", "127.0.0.1")]).await;
     assert_eq!(d.post_crumb(&low_stock("evt_low_direct")).await.status, 200);
     d.wait_delivery("crumb", "evt_low_direct", "alerts", "delivered").await;
     assert_eq!(
@@ -425,5 +536,5 @@ async fn slack_goes_through_the_proxy_the_environment_names() {
         before,
         "NO_PROXY's host went through the proxy"
     );
-    assert_eq!(slack.settle().await.len(), 2);
+    assert_eq!(slack.settle().await.len(), 3);
 }

@@ -141,6 +141,10 @@ fn leaf_name(parent: &str, key: &str) -> String {
     }
 }
 
+/// The names a template's context has (`Templates::context`), besides the
+/// environment's globals (`range`, `dict`, `namespace`, ...).
+const CONTEXT_NAMES: [&str; 5] = ["event", "payload", "order", "payment", "stock"];
+
 /// Name of the variable that captures an expression's value (see [`TemplateSet::expression`]).
 const RESULT_VAR: &str = "__expeditor_value";
 
@@ -176,10 +180,37 @@ impl TemplateSet {
         Self { env }
     }
 
+    /// Refuses a template (just added as `name`) that reads a name the
+    /// context never has: `{{ ordr.id }}` would render empty (missing values
+    /// are, on purpose) on every delivery, with nothing to say why.
+    fn known_names_only(&mut self, name: &str) -> Result<(), TemplateError> {
+        let unknown: Vec<String> = {
+            let template = self.env.get_template(name)?;
+            let mut unknown: Vec<String> = template
+                .undeclared_variables(false)
+                .into_iter()
+                .filter(|v| !CONTEXT_NAMES.contains(&v.as_str()) && !self.env.globals().any(|(g, _)| g == v))
+                .collect();
+            unknown.sort();
+            unknown
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        self.env.remove_template(name);
+        let list = unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ");
+        Err(TemplateError {
+            message: format!(
+                "{name}: unknown name {list}: a template reads `event`, `payload`, `order`, `payment` and `stock`"
+            ),
+        })
+    }
+
     /// A text template, rendered to a string. `name` should be the config key
     /// path (`sinks.kds.url`): it shows up in error messages.
     pub fn text(&mut self, name: &str, source: &str) -> Result<TemplateId, TemplateError> {
         self.env.add_template_owned(name.to_owned(), source.to_owned())?;
+        self.known_names_only(name)?;
         Ok(TemplateId {
             name: name.to_owned(),
             typed: false,
@@ -197,6 +228,7 @@ impl TemplateSet {
         // by the environment, bare expressions cannot.
         let wrapped = format!("{{% set {RESULT_VAR} = ({source}) %}}");
         self.env.add_template_owned(name.to_owned(), wrapped)?;
+        self.known_names_only(name)?;
         Ok(TemplateId {
             name: name.to_owned(),
             typed: true,
@@ -790,6 +822,32 @@ mod tests {
                 ..Default::default()
             },
         }
+    }
+
+    #[test]
+    fn a_name_the_context_never_has_is_refused_at_compile() {
+        let mut set = TemplateSet::new();
+        let err = set.text("sinks.kds.body.id", "#{{ ordr.id }}").unwrap_err();
+        assert!(
+            err.message.contains("sinks.kds.body.id") && err.message.contains("unknown name `ordr`"),
+            "{err:?}"
+        );
+        let err = set
+            .expression("routes.kitchen.when", "totl > 0 and order.id")
+            .unwrap_err();
+        assert!(err.message.contains("`totl`"), "{err:?}");
+        // Names a template declares, loop variables and globals are known.
+        for ok in [
+            "{% for item in order.items %}{{ loop.index }}. {{ item.name }}{% endfor %}",
+            "{% set id = order.id %}{{ id }} {{ payload.id }} {{ event.type }}",
+            "{{ range(3) | list }} {{ dict(a=1).a }} {% set ns = namespace(n=0) %}{{ ns.n }}",
+            "{{ payment.amount_cents }} {{ stock.item_id }}",
+        ] {
+            set.text("sinks.ok.text", ok).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+        }
+        assert!(set.expression("routes.ok.when", "order.total_cents > 0").is_ok());
+        // The refused template is not left behind under its name.
+        assert!(set.text("sinks.kds.body.id", "#{{ order.id }}").is_ok());
     }
 
     #[test]

@@ -79,7 +79,17 @@ pub fn check_token(token: &str) -> Result<(), String> {
     if token.trim() != token || token.contains(char::is_whitespace) {
         return Err("contains whitespace".into());
     }
-    // xoxb- (bot), xoxp- (user), xoxe.xoxb- (rotating): all start with "xox".
+    // xoxb- (bot), xoxp- (user): both start with "xox". With token rotation
+    // on, Slack hands out xoxe.xoxb- tokens that expire after 12 hours, and
+    // xoxe- refresh tokens to get the next: a sink has no way to refresh, so
+    // it would work for half a day and then dead-letter every message.
+    if token.starts_with("xoxe") {
+        return Err(
+            "is a rotating Slack token (xoxe), which expires after 12 hours and is not refreshed here: \
+             use a bot token (`xoxb-`) of an app without token rotation"
+                .into(),
+        );
+    }
     if !token.starts_with("xox") {
         return Err("is not a Slack token: bot tokens start with `xoxb-` (OAuth & Permissions page of the app)".into());
     }

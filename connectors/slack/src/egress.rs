@@ -1,11 +1,14 @@
 //! How the client reaches Slack: straight to it, or, when the daemon's
 //! environment names a proxy (`HTTPS_PROXY`, `ALL_PROXY`, either case, with
 //! `NO_PROXY` for exceptions, read as curl and reqwest read them), through
-//! an HTTP CONNECT tunnel to that proxy, so a Slack sink works on a host
-//! whose only way out is the proxy, as the http and bigquery sinks do.
-//! TLS runs inside the tunnel, end to end with Slack: the proxy sees only
-//! the host and port. Plain http (a loopback test server only) always goes
-//! direct.
+//! that proxy, so a Slack sink works on a host whose only way out is the
+//! proxy, as the http and bigquery sinks do: an `http://` proxy by an HTTP
+//! CONNECT tunnel, a `socks5://` (or `socks5h://`, names resolved by the
+//! proxy) one by SOCKS5. TLS runs inside, end to end with Slack: the proxy
+//! sees only the host and port. A proxy of another scheme (`https://`,
+//! `socks4://`) fails each connection with a message that says so, rather
+//! than going around the proxy. Plain http (a loopback test server only)
+//! always goes direct.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,7 +17,7 @@ use std::task::{Context, Poll};
 
 use http::Uri;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
 use hyper_util::client::proxy::matcher::Matcher;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -33,10 +36,27 @@ impl Egress {
     /// Reads the proxy variables now, once: a sink is built at each start
     /// and reload.
     pub(crate) fn from_env() -> Self {
-        let named = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
-            .iter()
-            .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
-        Self::new(named.then(Matcher::from_env))
+        let first = |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok()).unwrap_or_default();
+        let (all, https) = (first(["ALL_PROXY", "all_proxy"]), first(["HTTPS_PROXY", "https_proxy"]));
+        if all.is_empty() && https.is_empty() {
+            return Self::new(None);
+        }
+        // The same values without NO_PROXY: nothing intercepted then means
+        // the value is not a proxy URL at all (never shown: it may hold a
+        // password).
+        let alone = Matcher::builder().all(all).https(https).build();
+        match alone.intercept(&Uri::from_static("https://slack.com/")) {
+            None => tracing::warn!(
+                "HTTPS_PROXY / ALL_PROXY is set but is not a proxy URL (check the scheme and the escaping of its \
+                 user and password); the slack sink connects to Slack directly"
+            ),
+            Some(proxy) if !supported(proxy.uri()) => tracing::warn!(
+                scheme = proxy.uri().scheme_str().unwrap_or(""),
+                "the slack sink reaches a proxy only over http:// or socks5://; its connections will fail"
+            ),
+            Some(_) => {}
+        }
+        Self::new(Some(Matcher::from_env()))
     }
 
     pub(crate) fn new(proxy: Option<Matcher>) -> Self {
@@ -60,30 +80,60 @@ impl Service<Uri> for Egress {
     }
 
     fn call(&mut self, dst: Uri) -> Self::Future {
-        let through = match &self.proxy {
+        let intercept = match &self.proxy {
             Some(matcher) if dst.scheme_str() == Some("https") => matcher.intercept(&dst),
             _ => None,
         };
-        let Some(proxy) = through else {
+        let Some(proxy) = intercept else {
             let connecting = self.direct.call(dst);
             return Box::pin(async move { connecting.await.map_err(Into::into) });
         };
-        let mut tunnel = Tunnel::new(proxy.uri().clone(), self.direct.clone());
-        if let Some(auth) = proxy.basic_auth() {
-            tunnel = tunnel.with_auth(auth.clone());
+        let proxy_uri = proxy.uri().clone();
+        let scheme = proxy_uri.scheme_str().unwrap_or("").to_owned();
+        match scheme.as_str() {
+            "http" => {
+                let mut tunnel = Tunnel::new(proxy_uri, self.direct.clone());
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                Box::pin(through(tunnel, dst))
+            }
+            "socks5" | "socks5h" => {
+                let mut socks = SocksV5::new(proxy_uri, self.direct.clone()).local_dns(scheme == "socks5");
+                if let Some((user, pass)) = proxy.raw_auth() {
+                    socks = socks.with_auth(user.to_owned(), pass.to_owned());
+                }
+                Box::pin(through(socks, dst))
+            }
+            other => {
+                let message =
+                    format!("through the proxy: a {other}:// proxy is not supported (use http:// or socks5://)");
+                Box::pin(async move { Err(message.into()) })
+            }
         }
-        Box::pin(async move {
-            std::future::poll_fn(|cx| tunnel.poll_ready(cx))
-                .await
-                .map_err(tunnel_error)?;
-            tunnel.call(dst).await.map_err(tunnel_error)
-        })
     }
 }
 
-/// The tunnel's failure as one message that says a proxy was in the way,
+/// Whether [`Egress`] speaks to a proxy at `uri`.
+fn supported(uri: &Uri) -> bool {
+    matches!(uri.scheme_str(), Some("http" | "socks5" | "socks5h"))
+}
+
+/// Connects to `dst` through a proxy connector.
+async fn through<P>(mut proxy: P, dst: Uri) -> Result<TokioIo<TcpStream>, BoxError>
+where
+    P: Service<Uri, Response = TokioIo<TcpStream>>,
+    P::Error: std::error::Error + 'static,
+{
+    std::future::poll_fn(|cx| proxy.poll_ready(cx))
+        .await
+        .map_err(proxy_error)?;
+    proxy.call(dst).await.map_err(proxy_error)
+}
+
+/// The proxy's failure as one message that says a proxy was in the way,
 /// never its address (it may carry credentials).
-fn tunnel_error(e: impl std::error::Error + 'static) -> BoxError {
+fn proxy_error(e: impl std::error::Error + 'static) -> BoxError {
     let mut message = format!("through the proxy: {e}");
     let mut cause = e.source();
     while let Some(c) = cause {

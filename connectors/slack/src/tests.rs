@@ -324,6 +324,10 @@ fn tokens_and_urls_are_checked() {
     assert!(check_token("").is_err());
     assert!(check_token("8f14e45fceea167a5a36dedd4bea2543").is_err());
     assert!(check_token("xoxb-1 2").is_err());
+    for rotating in ["xoxe.xoxb-1-MS0yLTIy", "xoxe-1-My0xLTIyMTA"] {
+        let why = check_token(rotating).unwrap_err();
+        assert!(why.contains("rotating") && !why.contains(rotating), "{why}");
+    }
     assert!(check_url("https://slack.com/api").is_ok());
     assert!(check_url("http://127.0.0.1:9/api").is_ok());
     assert!(check_url("http://localhost:9/api").is_ok());
