@@ -192,7 +192,7 @@ fn path_warnings(cfg: &Config) -> Vec<String> {
     if let config::StoreBackend::Sqlite { path } = &cfg.store.backend {
         // The folder, and the database's files if they are there already
         // (say, left by a run as root).
-        let files = ["expeditor.db", "expeditor.db-wal", "expeditor.db-shm"].map(|f| path.join(f));
+        let files = ["expeditor.db", "expeditor.db-wal", "expeditor.db-shm", "expeditor.lock"].map(|f| path.join(f));
         let why = unusable(path, true).or_else(|| files.iter().find_map(|f| unusable_file(f)));
         if let Some(why) = why {
             warnings.push(format!("[store] path {}: {why}", path.display()));

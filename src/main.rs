@@ -24,6 +24,9 @@ fn main() -> ExitCode {
     let (config, admin) = if needs_all {
         match cli::load_config(&cli) {
             Ok(c) => (Some(c), None),
+            // EX_CONFIG (sysexits.h): the unit's RestartPreventExitStatus
+            // does not restart a config that cannot start, every 2 s.
+            Err(_) if matches!(cli.command, Command::Run) => return ExitCode::from(CONFIG_ERROR),
             Err(code) => return code,
         }
     } else {
@@ -69,6 +72,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// `run`'s exit code for a config that does not load (`EX_CONFIG`).
+const CONFIG_ERROR: u8 = 78;
 
 fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;

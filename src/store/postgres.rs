@@ -1043,7 +1043,10 @@ impl Store for PostgresStore {
     }
 
     async fn alive(&self) -> Result<(), StoreError> {
-        // The one task of ours between the handlers and the server.
+        // The one task of ours between the handlers and the server. Not the
+        // pool: a pool that cannot hand out a connection looks the same as a
+        // server that is away, and only the latter is common; the 503s and
+        // readiness show either.
         if self.inserts.is_closed() {
             return Err(StoreError::Unavailable("the store's insert task has stopped".into()));
         }

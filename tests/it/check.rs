@@ -146,6 +146,18 @@ fn check_warns_of_paths_the_daemon_could_not_create() {
     );
 }
 
+/// `run` with a config that does not load exits 78 (`EX_CONFIG`), which
+/// the unit does not restart; `check` says 1 as before.
+#[test]
+fn run_exits_78_on_a_config_that_does_not_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = break_line("kind", r#"kind = "squarepos""#);
+    let out = with_config(dir.path(), &broken, "run");
+    assert_eq!(out.status.code(), Some(78), "{}", output_text(&out));
+    assert!(output_text(&out).contains("squarepos"), "{}", output_text(&out));
+    assert_eq!(check(dir.path(), &broken).status.code(), Some(1));
+}
+
 #[test]
 fn the_shipped_config_passes() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");

@@ -460,6 +460,7 @@ async fn slack_goes_through_the_proxy_the_environment_names() {
     for (i, (var, url, protocol)) in [
         ("HTTPS_PROXY", format!("http://{secret}@{proxy}"), "CONNECT"),
         ("ALL_PROXY", format!("socks5h://{secret}@{proxy}"), "SOCKS5"),
+        ("HTTPS_PROXY", format!("socks5://{secret}@{proxy}"), "SOCKS5"),
     ]
     .into_iter()
     .enumerate()
@@ -484,7 +485,7 @@ async fn slack_goes_through_the_proxy_the_environment_names() {
         assert!(!d.log().contains(PROXY_PASSWORD), "{}", d.log());
     }
     let got = slack.settle().await;
-    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got.len(), 3, "{got:#?}");
     assert!(got.iter().all(|r| r.body["channel"] == "#inventory-alerts"), "{got:#?}");
 
     // Wrong credentials, for either protocol: the proxy's refusal.
@@ -522,7 +523,7 @@ async fn slack_goes_through_the_proxy_the_environment_names() {
         d.log()
     );
     assert!(!d.log().contains(PROXY_PASSWORD), "{}", d.log());
-    assert_eq!(slack.requests().len(), 2, "nothing went around the proxy");
+    assert_eq!(slack.requests().len(), 3, "nothing went around the proxy");
     drop(d);
 
     // The host in NO_PROXY: straight to Slack, no new tunnel.
@@ -536,5 +537,5 @@ async fn slack_goes_through_the_proxy_the_environment_names() {
         before,
         "NO_PROXY's host went through the proxy"
     );
-    assert_eq!(slack.settle().await.len(), 3);
+    assert_eq!(slack.settle().await.len(), 4);
 }

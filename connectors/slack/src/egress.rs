@@ -99,11 +99,20 @@ impl Service<Uri> for Egress {
                 Box::pin(through(tunnel, dst))
             }
             "socks5" | "socks5h" => {
-                let mut socks = SocksV5::new(proxy_uri, self.direct.clone()).local_dns(scheme == "socks5");
-                if let Some((user, pass)) = proxy.raw_auth() {
-                    socks = socks.with_auth(user.to_owned(), pass.to_owned());
-                }
-                Box::pin(through(socks, dst))
+                let proxy_uri = with_port(proxy_uri, SOCKS_PORT);
+                let auth = proxy.raw_auth().map(|(u, p)| (u.to_owned(), p.to_owned()));
+                let direct = self.direct.clone();
+                Box::pin(async move {
+                    // socks5: we resolve the name, off the async workers
+                    // (hyper-util's own lookup would block one), and hand
+                    // the proxy an address; socks5h: the proxy resolves it.
+                    let dst = if scheme == "socks5" { resolved(dst).await? } else { dst };
+                    let mut socks = SocksV5::new(proxy_uri, direct).local_dns(false);
+                    if let Some((user, pass)) = auth {
+                        socks = socks.with_auth(user, pass);
+                    }
+                    through(socks, dst).await
+                })
             }
             other => {
                 let message =
@@ -112,6 +121,46 @@ impl Service<Uri> for Egress {
             }
         }
     }
+}
+
+/// A SOCKS proxy's port when its URL names none, as curl and reqwest take it.
+const SOCKS_PORT: u16 = 1080;
+
+fn with_port(uri: Uri, port: u16) -> Uri {
+    match uri.authority() {
+        Some(a) if a.port().is_none() => {
+            let authority = format!("{}:{port}", a.as_str());
+            Uri::builder()
+                .scheme(uri.scheme_str().unwrap_or("socks5"))
+                .authority(authority.as_str())
+                .path_and_query("/")
+                .build()
+                .unwrap_or(uri)
+        }
+        _ => uri,
+    }
+}
+
+/// `dst` with its host looked up (without blocking), for a proxy that is
+/// to be handed an address.
+async fn resolved(dst: Uri) -> Result<Uri, BoxError> {
+    let host = dst
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let port = dst.port_u16().unwrap_or(443);
+    let addr = tokio::net::lookup_host((host, port))
+        .await
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("cannot resolve {host}"))?;
+    let authority = addr.to_string();
+    Ok(Uri::builder()
+        .scheme(dst.scheme_str().unwrap_or("https"))
+        .authority(authority.as_str())
+        .path_and_query(dst.path_and_query().map_or("/", |p| p.as_str()))
+        .build()?)
 }
 
 /// Whether [`Egress`] speaks to a proxy at `uri`.
@@ -142,4 +191,36 @@ fn proxy_error(e: impl std::error::Error + 'static) -> BoxError {
         cause = c.source();
     }
     message.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socks_proxy_without_a_port_is_on_1080() {
+        let uri = |s: &str| s.parse::<Uri>().unwrap();
+        assert_eq!(
+            with_port(uri("socks5://proxy.corp"), SOCKS_PORT),
+            uri("socks5://proxy.corp:1080/")
+        );
+        assert_eq!(
+            with_port(uri("socks5h://10.0.0.1:9050"), SOCKS_PORT),
+            uri("socks5h://10.0.0.1:9050")
+        );
+    }
+
+    #[tokio::test]
+    async fn resolved_keeps_the_port_and_path() {
+        let dst: Uri = "https://localhost:8443/api/chat.postMessage".parse().unwrap();
+        let ip = resolved(dst).await.unwrap();
+        assert!(
+            [
+                "https://127.0.0.1:8443/api/chat.postMessage",
+                "https://[::1]:8443/api/chat.postMessage"
+            ]
+            .contains(&ip.to_string().as_str()),
+            "{ip}"
+        );
+    }
 }
