@@ -312,6 +312,11 @@ fn broken_configs_fail_naming_the_problem_and_line() {
             &["external_id", "unknown name `ordr`"],
         ),
         (
+            "a misspelled filter in a template",
+            break_line("external_id", r#"external_id = "{{ order.id | uper }}""#),
+            &["external_id", "uper"],
+        ),
+        (
             "a misspelled name in a when",
             break_line("when", r#"when = "order.total_cents > 0 and evnt.type""#),
             &["when", "`evnt`"],

@@ -151,12 +151,7 @@ const CONTEXT_NAMES: [&str; 5] = ["event", "payload", "order", "payment", "stock
 /// refuse a good template.
 fn assigned_names(source: &str) -> std::collections::HashSet<&str> {
     let mut names = std::collections::HashSet::new();
-    let mut rest = source;
-    while let Some(start) = rest.find("{%") {
-        let after = &rest[start + 2..];
-        let Some(end) = after.find("%}") else { break };
-        let tag = after[..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace());
-        rest = &after[end + 2..];
+    for tag in tags(source) {
         let (keyword, body) = tag.split_once(char::is_whitespace).unwrap_or((tag, ""));
         let targets = match keyword {
             "set" | "with" => body.split('=').next().unwrap_or(""),
@@ -175,6 +170,23 @@ fn assigned_names(source: &str) -> std::collections::HashSet<&str> {
         names.extend(identifiers(targets));
     }
     names
+}
+
+/// The inside of each `{% ... %}` tag, without its whitespace control.
+fn tags(source: &str) -> impl Iterator<Item = &str> {
+    let mut rest = source;
+    std::iter::from_fn(move || {
+        let start = rest.find("{%")?;
+        let after = &rest[start + 2..];
+        let end = after.find("%}")?;
+        rest = &after[end + 2..];
+        Some(after[..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace()))
+    })
+}
+
+/// The keyword of each tag (`for`, `set`, `if`, ...).
+fn tag_keywords(source: &str) -> impl Iterator<Item = &str> {
+    tags(source).map(|tag| tag.split_whitespace().next().unwrap_or(""))
 }
 
 fn identifiers(text: &str) -> impl Iterator<Item = &str> {
@@ -239,16 +251,39 @@ impl TemplateSet {
             unknown.sort();
             unknown
         };
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        self.env.remove_template(name);
-        let list = unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ");
-        Err(TemplateError {
-            message: format!(
+        let refused = if unknown.is_empty() {
+            self.unknown_filter(name)
+        } else {
+            let list = unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", ");
+            Some(format!(
                 "unknown name {list}: a template reads `event`, `payload`, `order`, `payment` and `stock`"
-            ),
-        })
+            ))
+        };
+        let Some(message) = refused else { return Ok(()) };
+        self.env.remove_template(name);
+        Err(TemplateError { message })
+    }
+
+    /// A filter or test MiniJinja does not have (`| moneyy`), found by a
+    /// render with nothing in the context: MiniJinja looks them up only as
+    /// it applies them, so every delivery would fail. One behind a branch
+    /// that an empty context does not take is not found here, nor any in a
+    /// template with a loop or a macro, which is not run: without them a
+    /// render runs each instruction at most once, so it cannot take long
+    /// (MiniJinja's `fuel`, which would bound any, costs every render up to
+    /// 8 %: BENCHMARKS.md, session 33).
+    fn unknown_filter(&self, name: &str) -> Option<String> {
+        let template = self.env.get_template(name).ok()?;
+        let repeats = tag_keywords(template.source()).any(|k| matches!(k, "for" | "macro" | "call"));
+        if repeats {
+            return None;
+        }
+        let err = template.render(minijinja::context! {}).err()?;
+        matches!(
+            err.kind(),
+            minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest
+        )
+        .then(|| err.detail().unwrap_or("unknown filter or test").to_owned())
     }
 
     /// A text template, rendered to a string. `name` should be the config key
@@ -894,6 +929,22 @@ mod tests {
             set.text("sinks.ok.text", ok).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
         }
         assert!(set.expression("routes.ok.when", "order.total_cents > 0").is_ok());
+        // A filter or test MiniJinja does not have is refused too, wherever
+        // the context's values would not matter to reaching it.
+        let err = set
+            .text("sinks.x.text", "{{ order.total_cents | moneyy }}")
+            .unwrap_err();
+        assert!(err.message.contains("moneyy"), "{err:?}");
+        let err = set.expression("routes.x.when", "order.id is strng").unwrap_err();
+        assert!(err.message.contains("strng"), "{err:?}");
+        // A template with a loop is not run (it could run long).
+        assert!(
+            set.text(
+                "sinks.x.text",
+                "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}"
+            )
+            .is_ok()
+        );
         // Assigning from a misspelled name is still caught.
         let err = set.text("sinks.x.text", "{% set id = ordr.id %}{{ id }}").unwrap_err();
         assert!(err.message.contains("`ordr`"), "{err:?}");
