@@ -273,7 +273,8 @@ fn missing(e: &std::io::Error) -> bool {
 
 /// `expeditor test`: the config's `[[tests]]`, each event read by its source
 /// (signatures aside) and routed as a webhook would be; the routes must
-/// choose exactly the sinks the case names. Exit 1 if the config is invalid
+/// choose exactly the sinks the case names, and each chosen sink's
+/// templates must render for it. Exit 1 if the config is invalid
 /// or any case fails.
 pub fn test(cli: &Cli) -> ExitCode {
     let cfg = match load_config(cli) {
@@ -348,6 +349,14 @@ fn run_case(cfg: &Config, case: &config::TestCase) -> Result<(), String> {
             list(&chose)
         ));
     }
+    // Each chosen sink's templates, rendered for this event as its delivery
+    // would: an error here would be a dead letter.
+    for sink in &chose {
+        let templates = cfg.sinks.get(sink).and_then(|s| s.kind.templates());
+        if let Some(error) = templates.and_then(|t| t.render_all(&event).into_iter().next()) {
+            return Err(format!("sink {sink:?} cannot render this event: {}", error.message));
+        }
+    }
     Ok(())
 }
 
@@ -361,8 +370,9 @@ fn local_url(addr: std::net::SocketAddr) -> String {
     format!("http://{}", std::net::SocketAddr::new(ip, addr.port()))
 }
 
-/// `through_proxies`: for `send` to another machine. Never for the admin API: it is this machine's (a proxy's loopback is not), and
-/// its token must not go to a third party in clear text.
+/// `through_proxies`: for `send` to another machine. Never for the admin
+/// API: it is this machine's (a proxy's loopback is not), and its token
+/// must not go to a third party in clear text.
 fn client(through_proxies: bool) -> anyhow::Result<reqwest::Client> {
     let builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
     let builder = if through_proxies { builder } else { builder.no_proxy() };

@@ -293,6 +293,18 @@ impl fmt::Debug for SinkKind {
 }
 
 impl SinkKind {
+    /// The sink's compiled templates (a wasm sink has none).
+    pub fn templates(&self) -> Option<&Arc<expeditor_api::Templates>> {
+        match self {
+            SinkKind::Http(c) => Some(&c.templates),
+            SinkKind::File(c) => Some(&c.templates),
+            SinkKind::Slack(c) => Some(&c.templates),
+            SinkKind::Email(c) => Some(&c.templates),
+            SinkKind::BigQuery(c) => Some(&c.templates),
+            SinkKind::Wasm(_) => None,
+        }
+    }
+
     pub fn type_name(&self) -> &'static str {
         match self {
             SinkKind::Http(_) => "http",

@@ -485,6 +485,25 @@ sinks = []
         "{text}"
     );
 
+    // A chosen sink whose template fails for the case's event (text plus a
+    // number) fails the case, naming the template: a delivery of it would
+    // be a dead letter.
+    let unrenderable = passing.replace(
+        "external_id = \"{{ order.id }}\"",
+        "external_id = \"{{ order.id }}\"\npoints = \"{{ order.id + 1 }}\"",
+    );
+    assert!(unrenderable.contains("points ="), "{unrenderable}");
+    assert!(check(dir.path(), &unrenderable).status.success());
+    let out = run_tests(dir.path(), &unrenderable);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL  an order goes to the kitchen")
+            && text.contains("sink \"kds\" cannot render this event")
+            && text.contains("points"),
+        "{text}"
+    );
+
     // No cases: nothing to run, and that is no failure.
     let out = run_tests(dir.path(), VALID);
     assert!(out.status.success(), "{}", output_text(&out));

@@ -152,7 +152,9 @@ const CONTEXT_NAMES: [&str; 5] = ["event", "payload", "order", "payment", "stock
 fn assigned_names(source: &str) -> std::collections::HashSet<&str> {
     let mut names = std::collections::HashSet::new();
     for tag in tags(source) {
-        let (keyword, body) = tag.split_once(char::is_whitespace).unwrap_or((tag, ""));
+        // `set x`, `set(a, b)`: the keyword is the leading identifier.
+        let keyword = identifiers(tag).next().filter(|k| tag.starts_with(k)).unwrap_or("");
+        let body = &tag[keyword.len()..];
         let targets = match keyword {
             "set" | "with" => body.split('=').next().unwrap_or(""),
             "for" => body.split(" in ").next().unwrap_or(""),
@@ -182,11 +184,6 @@ fn tags(source: &str) -> impl Iterator<Item = &str> {
         rest = &after[end + 2..];
         Some(after[..end].trim_matches(|c: char| c == '-' || c == '+' || c.is_whitespace()))
     })
-}
-
-/// The keyword of each tag (`for`, `set`, `if`, ...).
-fn tag_keywords(source: &str) -> impl Iterator<Item = &str> {
-    tags(source).map(|tag| tag.split_whitespace().next().unwrap_or(""))
 }
 
 fn identifiers(text: &str) -> impl Iterator<Item = &str> {
@@ -268,22 +265,32 @@ impl TemplateSet {
     /// render with nothing in the context: MiniJinja looks them up only as
     /// it applies them, so every delivery would fail. One behind a branch
     /// that an empty context does not take is not found here, nor any in a
-    /// template with a loop or a macro, which is not run: without them a
-    /// render runs each instruction at most once, so it cannot take long
-    /// (MiniJinja's `fuel`, which would bound any, costs every render up to
-    /// 8 %: BENCHMARKS.md, session 33).
+    /// template with a loop or a macro, which is not run: a loop over a
+    /// constant range could run for ever at load (MiniJinja's `fuel`, which
+    /// would bound it, costs every render up to 8 %: BENCHMARKS.md, session
+    /// 33). Whatever else a template does without data, every delivery of
+    /// it would do too.
     fn unknown_filter(&self, name: &str) -> Option<String> {
         let template = self.env.get_template(name).ok()?;
-        let repeats = tag_keywords(template.source()).any(|k| matches!(k, "for" | "macro" | "call"));
+        // Any tag that so much as mentions one: a `{%` in a comment or a
+        // string can hide where a tag really starts.
+        let repeats = tags(template.source())
+            .flat_map(identifiers)
+            .any(|w| matches!(w, "for" | "macro" | "call"));
         if repeats {
             return None;
         }
-        let err = template.render(minijinja::context! {}).err()?;
+        let rendered =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| template.render(minijinja::context! {})));
+        let err = match rendered {
+            Ok(result) => result.err()?,
+            Err(_) => return Some("the template panics when rendered".to_owned()),
+        };
         matches!(
             err.kind(),
             minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest
         )
-        .then(|| err.detail().unwrap_or("unknown filter or test").to_owned())
+        .then(|| TemplateError::from(err).message)
     }
 
     /// A text template, rendered to a string. `name` should be the config key
@@ -755,6 +762,20 @@ impl Templates {
         }
     }
 
+    /// Renders every template once for `event`, as a delivery would (the
+    /// context of [`Templates::context_for`]): the errors, each naming its
+    /// template (`expeditor test`).
+    pub fn render_all(&self, event: &Arc<Event>) -> Vec<TemplateError> {
+        let ctx = self.context_for(event);
+        let mut errors: Vec<TemplateError> = self
+            .env
+            .templates()
+            .filter_map(|(name, template)| template.render(ctx.clone()).err().map(|e| at(name, e.into())))
+            .collect();
+        errors.sort_by(|a, b| a.message.cmp(&b.message));
+        errors
+    }
+
     /// Renders a text template, or an expression's value as text.
     pub fn render(&self, id: &TemplateId, ctx: &Value) -> Result<String, TemplateError> {
         if let Some(text) = &id.literal {
@@ -937,7 +958,22 @@ mod tests {
         assert!(err.message.contains("moneyy"), "{err:?}");
         let err = set.expression("routes.x.when", "order.id is strng").unwrap_err();
         assert!(err.message.contains("strng"), "{err:?}");
-        // A template with a loop is not run (it could run long).
+        // A template with a loop is not run (it could run long), however
+        // its tag is written or hidden.
+        for looping in [
+            "{% for(i) in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+            "{# {% #}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+            "{{ '{%' }}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
+        ] {
+            assert!(set.text("sinks.x.loop", looping).is_ok(), "{looping}");
+        }
+        assert!(
+            set.text(
+                "sinks.x.text",
+                "{% if order %}{% set(a, b) = (1, 2) %}{% endif %}{{ a }}{{ b }}"
+            )
+            .is_ok()
+        );
         assert!(
             set.text(
                 "sinks.x.text",
