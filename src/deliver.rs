@@ -758,7 +758,7 @@ impl Worker {
             slot.report(signal);
         }
         let finished_at = now_ms();
-        let elapsed = started.elapsed();
+        self.metrics.attempt_took(started.elapsed());
         for (c, outcome) in batch.into_iter().zip(outcomes) {
             let outcome = outcome.unwrap_or_else(|| Err(DeliveryError::retryable("no outcome")));
             let result = self.judge(&c, outcome, finished_at);
@@ -768,7 +768,7 @@ impl Worker {
                 Completed::Dead { .. } => AttemptOutcome::dead,
                 Completed::Released => continue,
             };
-            self.metrics.attempt(label, elapsed);
+            self.metrics.attempt(label);
             let completion = Completion {
                 delivery_id: c.delivery_id,
                 attempt: c.attempt,

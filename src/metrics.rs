@@ -411,12 +411,18 @@ impl SinkMetrics {
         }
     }
 
-    pub fn attempt(&self, outcome: AttemptOutcome, duration: Duration) {
+    /// One delivery's attempt and how it ended (a batch of 500 rows is 500).
+    pub fn attempt(&self, outcome: AttemptOutcome) {
         let labels = || DeliveryLabels {
             sink: self.sink.clone(),
             outcome,
         };
         count(self.attempts.get(outcome as usize), &self.metrics.deliveries, labels);
+    }
+
+    /// How long one call to the sink took: once per batch, however many
+    /// deliveries it carried.
+    pub fn attempt_took(&self, duration: Duration) {
         self.duration
             .get_or_init(|| {
                 let labels = SinkLabels {
@@ -479,8 +485,9 @@ mod tests {
         crumb.stored(false);
         m.request("", RequestOutcome::unknown_source);
         let kds = SinkMetrics::new(m.clone(), "kds");
-        kds.attempt(AttemptOutcome::delivered, Duration::from_millis(12));
-        kds.attempt(AttemptOutcome::retry, Duration::from_millis(12));
+        kds.attempt(AttemptOutcome::delivered);
+        kds.attempt(AttemptOutcome::retry);
+        kds.attempt_took(Duration::from_millis(12));
         let queues = [SinkQueue {
             sink: "kds".into(),
             pending: 3,
@@ -500,7 +507,7 @@ mod tests {
             "expeditor_events_routed_total{source=\"crumb\"} 1",
             "expeditor_events_unrouted_total{source=\"crumb\"} 2",
             "expeditor_delivery_attempts_total{sink=\"kds\",outcome=\"retry\"} 1",
-            "expeditor_delivery_attempt_duration_seconds_count{sink=\"kds\"} 2",
+            "expeditor_delivery_attempt_duration_seconds_count{sink=\"kds\"} 1",
             "expeditor_verification_failures_total{source=\"crumb\",reason=\"mismatch\"} 1",
             "expeditor_ack_duration_seconds_count{source=\"crumb\"} 1",
             "expeditor_delivery_attempts_total{sink=\"kds\",outcome=\"delivered\"} 1",

@@ -149,6 +149,9 @@ async fn a_5xx_reply_is_dead_lettered_and_replayed() {
     assert_eq!(dead["attempts"], 1, "permanent: not retried: {dead}");
     let error = dead["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("550") && error.contains("User unknown"), "{dead}");
+    // The customer's address the server quoted is neither stored nor logged.
+    assert!(error.contains("<address>:") && !error.contains("zoe@"), "{dead}");
+    assert!(!d.log().contains("zoe@example.com"), "{}", d.log());
     assert!(smtp.messages("accepted").is_empty());
 
     // The mailbox exists now: replay.

@@ -91,3 +91,30 @@ sinks = ["archive", "summary"]
         ]
     );
 }
+
+/// logrotate's `copytruncate` empties the file in place: the sink goes on
+/// at its start, and says in the log that it found the file shorter than it
+/// left it (lines written between the copy and the truncation are lost).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_file_truncated_in_place_is_appended_to_from_its_start_and_warned_of() {
+    let config = format!(
+        "{}{SOURCES}\n[sinks.archive]\ntype = \"file\"\npath = \"{{DIR}}/events.jsonl\"\n\n[[routes]]\nname = \"all\"\nsinks = [\"archive\"]\n",
+        base_config("")
+    );
+    let d = Daemon::start(&config).await;
+    let path = d.dir.path().join("events.jsonl");
+    assert_eq!(d.post_crumb(&crumb_order("evt_before_cut", 4250)).await.status, 200);
+    wait_lines(&path, 1).await;
+    assert!(!d.log().contains("truncated under the sink"), "{}", d.log());
+
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    assert_eq!(d.post_crumb(&crumb_order("evt_after_cut", 4250)).await.status, 200);
+    let lines = wait_lines(&path, 1).await;
+    assert_eq!(lines[0]["event"]["id"], "evt_after_cut");
+    assert!(d.log().contains("truncated under the sink"), "{}", d.log());
+}

@@ -268,3 +268,20 @@ async fn a_message_taken_is_delivered_however_the_goodbye_goes() {
         assert_eq!(out, vec![Ok(())]);
     }
 }
+
+#[test]
+fn a_reply_quoting_an_address_is_stored_without_it() {
+    use crate::outcome::without_addresses;
+    assert_eq!(
+        without_addresses("550 5.1.1 <jane@example.com>: Recipient address rejected"),
+        "550 5.1.1 <address>: Recipient address rejected"
+    );
+    assert_eq!(
+        without_addresses("452 4.2.2 jane@example.com, bob@example.org. over quota"),
+        "452 4.2.2 <address>, <address>. over quota"
+    );
+    assert_eq!(
+        without_addresses("421 4.7.0 try again later"),
+        "421 4.7.0 try again later"
+    );
+}

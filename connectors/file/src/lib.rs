@@ -24,7 +24,10 @@
 //! has open. When logrotate (or anyone) has moved or removed it, the sink
 //! opens the path afresh, creating it, so no confirmed line goes to a file
 //! that is about to be compressed or deleted. No reload is needed after a
-//! rotation; `copytruncate` works too.
+//! rotation. `copytruncate` empties the file in place: appending goes on
+//! at its start, but lines written between logrotate's copy and its
+//! truncation are lost (logrotate says so too), so the sink warns when it
+//! finds the file shorter than it left it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -87,6 +90,9 @@ fn open_files() -> MutexGuard<'static, OpenFiles> {
 struct Open {
     file: File,
     id: Option<(u64, u64)>,
+    /// Its length after our last write: shorter at the next means it was
+    /// truncated under us (logrotate's `copytruncate`).
+    end: u64,
 }
 
 impl Open {
@@ -102,8 +108,12 @@ impl Open {
             .read(true)
             .open(path)?;
         cut_torn_line(&mut file, path)?;
-        let id = identity(&file.metadata()?);
-        Ok(Self { file, id })
+        let meta = file.metadata()?;
+        Ok(Self {
+            id: identity(&meta),
+            end: meta.len(),
+            file,
+        })
     }
 
     /// Whether `path` still names the open file.
@@ -229,13 +239,28 @@ fn append(open: &Mutex<Open>, path: &Path, buf: &[u8]) -> io::Result<()> {
         *open = Open::at(path)?;
         tracing::info!(file = %path.display(), "the file was moved or removed (rotated); appending to a new one");
     }
+    let start = open.file.metadata()?.len();
+    if start < open.end {
+        // Truncated in place: a copy was made first (logrotate's
+        // `copytruncate`), and lines written between the copy and the
+        // truncation are in neither file, though confirmed.
+        tracing::warn!(
+            file = %path.display(),
+            was = open.end,
+            now = start,
+            "the file was truncated under the sink (copytruncate?): lines written between its copy and its truncation are lost; rotate with `create` instead"
+        );
+    }
     let file = &mut open.file;
-    let start = file.metadata()?.len();
     let written = file.write_all(buf).and_then(|()| file.sync_data());
-    if written.is_err() {
-        // Also after a failed fsync: the engine retries the whole batch, and
-        // the lines should then be there once.
-        let _ = file.set_len(start);
+    match &written {
+        Ok(()) => open.end = start + buf.len() as u64,
+        Err(_) => {
+            // Also after a failed fsync: the engine retries the whole batch,
+            // and the lines should then be there once.
+            let _ = file.set_len(start);
+            open.end = start;
+        }
     }
     written
 }
