@@ -27,19 +27,38 @@ use crate::store::{DeliveryFilter, EventFilter, ReplayTarget, Status, StoreError
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 10_000;
 
+/// Admin connections open at once. Past it the listener accepts no more
+/// until one closes: clients that open sockets and send nothing (the
+/// listener may be off loopback, with a token) then wait in the kernel's
+/// backlog, rather than taking file descriptors the webhook listener and
+/// the sinks need.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub async fn serve(listener: TcpListener, admin: Arc<Shared>, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
+    let room = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => { tokio::time::sleep(std::time::Duration::from_millis(50)).await; continue; }
+        let accepted = tokio::select! {
+            permit = room.clone().acquire_owned() => match permit {
+                Ok(permit) => tokio::select! {
+                    r = listener.accept() => r.map(|(s, _)| (s, permit)),
+                    _ = shutdown.cancelled() => break,
+                },
+                Err(_) => break,
             },
             _ = shutdown.cancelled() => break,
+        };
+        let (stream, permit) = match accepted {
+            Ok(accepted) => accepted,
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let admin = admin.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(handle(req, &admin).await) }
@@ -96,7 +115,12 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             return resp;
         }
     }
-    let query = parse_query(req.uri().query().unwrap_or(""));
+    let Some(query) = parse_query(req.uri().query().unwrap_or("")) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "the query is not valid percent-encoded UTF-8 (or holds a NUL)",
+        );
+    };
     // Larger than the most is the most; anything but a count is refused,
     // as a bad `since` or `status` is, not read as the default.
     let limit = match query.get("limit") {
@@ -232,8 +256,7 @@ fn delivery_cursor(text: &str) -> Option<(i64, i64)> {
 /// Ready: a write reaches the store's disk (not full, not failing) and
 /// every sink worker runs.
 async fn readyz(admin: &Shared, current: &crate::state::Current) -> Response<Body> {
-    let store = tokio::time::timeout(std::time::Duration::from_secs(5), admin.store.writable()).await;
-    let store_ok = matches!(store, Ok(Ok(())));
+    let store_ok = store_ready(admin).await;
     let workers_ok = current.engine.running();
     let body = serde_json::json!({ "store": if store_ok { "ok" } else { "unavailable" },
                                    "workers": if workers_ok { "ok" } else { "stopped" } });
@@ -245,10 +268,35 @@ async fn readyz(admin: &Shared, current: &crate::state::Current) -> Response<Bod
     json_response(status, body.to_string())
 }
 
+/// The last probe of the store for `/readyz`, and when it ran.
+static READY_PROBE: tokio::sync::Mutex<Option<(std::time::Instant, bool)>> = tokio::sync::Mutex::const_new(None);
+
+/// How long a probe's answer stands: each commits a page to the store, so a
+/// flood of `/readyz` (it needs no token) must not keep the writer busy.
+const READY_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether a write reaches the store's disk: probed at most once per
+/// [`READY_PROBE_EVERY`], however many ask meanwhile (they wait for the one
+/// probe in flight).
+async fn store_ready(admin: &Shared) -> bool {
+    let mut last = READY_PROBE.lock().await;
+    if let Some((at, ok)) = *last
+        && at.elapsed() < READY_PROBE_EVERY
+    {
+        return ok;
+    }
+    let probe = tokio::time::timeout(std::time::Duration::from_secs(5), admin.store.writable()).await;
+    let ok = matches!(probe, Ok(Ok(())));
+    *last = Some((std::time::Instant::now(), ok));
+    ok
+}
+
 /// `since=1h` (that long ago) or `since=2026-11-23T10:00:00Z`.
 fn parse_since(s: &str) -> Result<i64, String> {
     if let Ok(d) = humantime::parse_duration(s) {
-        return Ok(now_ms().saturating_sub(d.as_millis() as i64));
+        return i64::try_from(d.as_millis())
+            .map(|ago| now_ms().saturating_sub(ago))
+            .map_err(|_| format!("invalid since {s:?}: too long ago"));
     }
     let parsed = s.parse::<jiff::Timestamp>().or_else(|e| {
         // A `+01:00` offset typed into a URL unencoded arrives as ` 01:00`
@@ -365,16 +413,19 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     resp
 }
 
-/// `a=1&b=x%20y` -> {a: "1", b: "x y"}.
-fn parse_query(q: &str) -> HashMap<String, String> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .filter_map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Some((query_decode(k)?, query_decode(v)?))
-        })
-        .filter(|(_, v)| !v.is_empty())
-        .collect()
+/// `a=1&b=x%20y` -> {a: "1", b: "x y"}; an empty value is no value. `None`
+/// when a key or value does not decode: dropping it would widen a filter
+/// (`source=crumb%ZZ` listing every source) rather than refuse it.
+fn parse_query(q: &str) -> Option<HashMap<String, String>> {
+    let mut out = HashMap::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (query_decode(k)?, query_decode(v)?);
+        if !v.is_empty() {
+            out.insert(k, v);
+        }
+    }
+    Some(out)
 }
 
 /// A query's key or value: `%XX` escapes, and `+` for a space.
@@ -408,6 +459,10 @@ fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
             }
         }
     }
+    // No store keeps a NUL in text (PostgreSQL refuses it): not a name.
+    if out.contains(&0) {
+        return None;
+    }
     String::from_utf8(out).ok()
 }
 
@@ -417,21 +472,25 @@ mod tests {
 
     #[test]
     fn query_parsing() {
-        let q = parse_query("source=crumb&type=order.created&limit=5&x=&y=a%20b+c");
+        let q = parse_query("source=crumb&type=order.created&limit=5&x=&y=a%20b+c").unwrap();
         assert_eq!(q["source"], "crumb");
         assert_eq!(q["type"], "order.created");
         assert_eq!(q["limit"], "5");
         assert!(!q.contains_key("x"));
         assert_eq!(q["y"], "a b c");
-        assert!(parse_query("a=%zz").is_empty());
+        assert!(parse_query("a=%zz").is_none(), "refused, not dropped");
+        assert!(parse_query("sink=kds&source=crumb%ZZ").is_none());
+        assert!(parse_query("source=a%00b").is_none());
         assert_eq!(path_decode("evt+1%2F2").as_deref(), Some("evt+1/2"));
+        assert_eq!(path_decode("evt%00"), None);
+        assert!(parse_since("300000000y").unwrap_err().contains("too long ago"));
     }
 
     #[test]
     fn since_reads_an_offset_whose_plus_became_a_space() {
         let utc = parse_since("2026-11-23T09:00:00Z").unwrap();
         assert_eq!(parse_since("2026-11-23T10:00:00+01:00"), Ok(utc));
-        let q = parse_query("since=2026-11-23T10:00:00+01:00");
+        let q = parse_query("since=2026-11-23T10:00:00+01:00").unwrap();
         assert_eq!(parse_since(&q["since"]), Ok(utc));
         assert!(parse_since("2026-11-23T10:00:00 1:00").is_err());
         assert!(parse_since("yesterday").is_err());

@@ -502,27 +502,34 @@ impl Normalizer {
     }
 }
 
-/// A non-empty id; a JSON number is taken as its text. Control characters
-/// (a NUL, escaped as `\u0000`) are refused: no vendor sends them, a terminal
-/// or log line would show them raw, and PostgreSQL cannot store a NUL in
-/// text, so such an event would be refused on every retry with a 503.
+/// The longest event id or type taken, in bytes. Vendors' ids are a few
+/// dozen characters; PostgreSQL's dedupe index cannot hold a key much over
+/// 2.7 KB, so a longer one would be refused with a 503 on every retry.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// A non-empty id of at most [`MAX_ID_BYTES`]; a JSON number is taken as its
+/// text. Control characters (a NUL, escaped as `\u0000`) are refused: no
+/// vendor sends them, a terminal or log line would show them raw, and
+/// PostgreSQL cannot store a NUL in text, so such an event would be refused
+/// on every retry with a 503.
 fn event_id(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
         None | Some(Json::Null) => Err(NormalizeError::MissingId),
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingId),
-        Some(Json::String(s)) if s.chars().any(char::is_control) => Err(bad_field(field)),
+        Some(Json::String(s)) if s.len() > MAX_ID_BYTES || s.chars().any(char::is_control) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
         Some(Json::Number(n)) => exact_text(n).ok_or_else(|| bad_field(field)),
         Some(_) => Err(bad_field(field)),
     }
 }
 
-/// A non-empty type string, without control characters (as an id).
+/// A non-empty type string, without control characters, of at most
+/// [`MAX_ID_BYTES`] (as an id).
 fn event_type(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
         None | Some(Json::Null) => Err(NormalizeError::MissingType),
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingType),
-        Some(Json::String(s)) if s.chars().any(char::is_control) => Err(bad_field(field)),
+        Some(Json::String(s)) if s.len() > MAX_ID_BYTES || s.chars().any(char::is_control) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
         Some(_) => Err(bad_field(field)),
     }
@@ -1257,6 +1264,21 @@ mod tests {
                     "{id:?}"
                 );
             }
+            // Longer than the stores' keys may be: refused, at once.
+            let long = "e".repeat(MAX_ID_BYTES + 1);
+            assert_eq!(
+                norm(&n, &json!({"id": long, "type": "t"})).unwrap_err(),
+                bad_field("id")
+            );
+            assert_eq!(
+                norm(&n, &json!({"id": "e", "type": long})).unwrap_err(),
+                bad_field("type")
+            );
+            let longest = "e".repeat(MAX_ID_BYTES);
+            assert_eq!(
+                norm(&n, &json!({"id": longest, "type": "t"})).unwrap().id.len(),
+                MAX_ID_BYTES
+            );
             // Beyond ASCII, anything printable is an id.
             assert_eq!(norm(&n, &json!({"id": "évt_ü_1", "type": "t"})).unwrap().id, "évt_ü_1");
             // A numeric id is taken as text.

@@ -1639,6 +1639,15 @@ fn without_literals(message: &str) -> String {
         rest = &quoted[end..];
     }
     out.push_str(rest);
+    // serde quotes other values in backticks (`integer `12345678``, a
+    // numeric secret written without quotes); field names too, which stay.
+    for kind in ["integer `", "floating point `", "boolean `", "character `"] {
+        while let Some(at) = out.find(kind) {
+            let value = at + kind.len();
+            let Some(end) = out[value..].find('`') else { break };
+            out.replace_range(at + kind.len() - 2..value + end + 1, "");
+        }
+    }
     out
 }
 

@@ -205,6 +205,14 @@ fn a_secret_written_where_a_list_belongs_is_not_echoed() {
         without_literals(r#"invalid type: string "a\"b", expected a sequence"#),
         "invalid type: string, expected a sequence"
     );
+    assert_eq!(
+        without_literals("invalid type: integer `83920174`, expected a string"),
+        "invalid type: integer, expected a string"
+    );
+    assert_eq!(
+        without_literals("invalid type: floating point `1.5`, expected a sequence"),
+        "invalid type: floating point, expected a sequence"
+    );
 }
 
 #[test]

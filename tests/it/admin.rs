@@ -340,3 +340,83 @@ path = "{{DIR}}/store"
 "#
     )
 }
+
+/// The admin listener serves at most 64 connections at once: sockets that
+/// send nothing do not take every file descriptor, and clients are served
+/// again once they go. Webhooks are answered meanwhile.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_admin_connections_are_capped_and_webhooks_go_on() {
+    let d = Daemon::start(&sources_only("")).await;
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(d.admin).await.unwrap());
+    }
+    // Let the listener take all 64 before the next one knocks.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let healthz = || {
+        let url = format!("http://{}/healthz", d.admin);
+        async move {
+            crate::harness::http_client()
+                .get(url)
+                .timeout(std::time::Duration::from_millis(700))
+                .send()
+                .await
+        }
+    };
+    assert!(healthz().await.is_err(), "a 65th connection was served");
+    assert_eq!(
+        d.post_crumb(&crumb_order("evt_while_admin_full", 100)).await.status,
+        200
+    );
+    // (The harness's own pooled connection may hold a place too, so the
+    // last of these may still be in the kernel's backlog: close them all.)
+    idle.clear();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let r = healthz().await;
+        if r.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not served after a connection closed"
+        );
+    }
+}
+
+/// `/readyz` needs no token, and each probe commits a page to the store: a
+/// flood of them probes at most about once a second.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_readyz_probes_the_store_about_once_a_second() {
+    let d = Daemon::start(&sources_only("")).await;
+    let synced = |text: String| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("expeditor_store_synced_operations_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no synced operations in {text}"))
+    };
+    let before = synced(d.api_text("/metrics").await);
+    let started = std::time::Instant::now();
+    let mut probes = Vec::new();
+    for _ in 0..100 {
+        let url = format!("http://{}/readyz", d.admin);
+        probes.push(tokio::spawn(async move {
+            crate::harness::http_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }));
+    }
+    for p in probes {
+        assert_eq!(p.await.unwrap(), 200);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let wrote = synced(d.api_text("/metrics").await) - before;
+    assert!(
+        wrote <= seconds + 1,
+        "{wrote} store writes for 100 probes in {seconds} s"
+    );
+}

@@ -101,13 +101,13 @@ impl WasiHttpHooks for Egress {
                 first_byte_timeout: cap(options.and_then(|o| o.first_byte_timeout)),
                 between_bytes_timeout: cap(options.and_then(|o| o.between_bytes_timeout)),
             };
-            // Host and path only: a query or user info may carry a key.
+            // Host and port only: a path, a query or user info may carry a
+            // key (a Slack webhook's path is its secret).
             tracing::debug!(
                 sink = %sink,
                 method = %request.method(),
                 host = authority.host(),
                 port,
-                path = uri.path(),
                 "plugin HTTP request",
             );
             let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
