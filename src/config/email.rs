@@ -38,7 +38,7 @@ impl Cx<'_> {
         let mut set = TemplateSet::new();
         let mut text_template = |cx: &mut Self, field: &str, s: &Str| -> Option<TemplateId> {
             let k = format!("{key}.{field}");
-            let v = cx.resolve(s, &k)?;
+            let v = cx.resolve_template(s, &k)?;
             cx.template(&mut set, &k, &v, s.span())
         };
         let to = text_template(self, "to", &r.to);

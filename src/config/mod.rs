@@ -629,7 +629,22 @@ impl Cx<'_> {
 
     /// Resolves `${VAR}` in a string value.
     fn resolve(&mut self, s: &Str, key: &str) -> Option<String> {
-        match interpolate(s.get_ref(), self.env) {
+        self.resolve_with(s, key, false)
+    }
+
+    /// Resolves `${VAR}` in a string that is then compiled as a template
+    /// ([`interpolate_template`]).
+    fn resolve_template(&mut self, s: &Str, key: &str) -> Option<String> {
+        self.resolve_with(s, key, true)
+    }
+
+    fn resolve_with(&mut self, s: &Str, key: &str, template: bool) -> Option<String> {
+        let resolved = if template {
+            interpolate_template(s.get_ref(), self.env)
+        } else {
+            interpolate(s.get_ref(), self.env)
+        };
+        match resolved {
             Ok(v) => Some(v),
             Err(msg) => {
                 self.error_at(s.span(), key, msg);
@@ -1195,7 +1210,7 @@ impl Cx<'_> {
                             continue;
                         }
                     };
-                    if let Some(v) = self.resolve(hval, &hkey)
+                    if let Some(v) = self.resolve_template(hval, &hkey)
                         && let Some(t) = self.template(&mut set, &hkey, &v, hval.span())
                     {
                         headers.push((n, t));
@@ -1301,7 +1316,7 @@ impl Cx<'_> {
         key: &str,
         value: &Spanned<DeValue<'_>>,
     ) -> Option<expeditor_api::Structured> {
-        let json = self.json_value(key, value)?;
+        let json = self.json_value_as(key, value, true)?;
         match set.structured(key, &json) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -1318,9 +1333,15 @@ impl Cx<'_> {
     }
 
     fn json_value(&mut self, key: &str, value: &Spanned<DeValue<'_>>) -> Option<serde_json::Value> {
+        self.json_value_as(key, value, false)
+    }
+
+    /// A TOML value as JSON, `${VAR}`s resolved; as templates' sources
+    /// ([`interpolate_template`]) if `templates`.
+    fn json_value_as(&mut self, key: &str, value: &Spanned<DeValue<'_>>, templates: bool) -> Option<serde_json::Value> {
         use serde_json::Value as J;
         Some(match value.get_ref() {
-            DeValue::String(s) => match interpolate(s, self.env) {
+            DeValue::String(s) => match interpolate_with(s, self.env, templates) {
                 Ok(v) => J::String(v),
                 Err(msg) => {
                     self.error_at(value.span(), key, msg);
@@ -1352,7 +1373,7 @@ impl Cx<'_> {
             DeValue::Array(items) => {
                 let mut out = Vec::new();
                 for (i, item) in items.iter().enumerate() {
-                    out.push(self.json_value(&format!("{key}[{i}]"), item)?);
+                    out.push(self.json_value_as(&format!("{key}[{i}]"), item, templates)?);
                 }
                 J::Array(out)
             }
@@ -1361,7 +1382,7 @@ impl Cx<'_> {
                 for (k, v) in t.iter() {
                     out.insert(
                         k.get_ref().to_string(),
-                        self.json_value(&format!("{key}.{}", k.get_ref()), v)?,
+                        self.json_value_as(&format!("{key}.{}", k.get_ref()), v, templates)?,
                     );
                 }
                 J::Object(out)
@@ -1578,6 +1599,18 @@ fn valid_name(name: &str) -> bool {
 
 /// Replaces `${NAME}` with the variable's value. `$$` is a literal `$`.
 fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    interpolate_with(s, env, false)
+}
+
+/// [`interpolate`] for a string that is compiled as a template: a value
+/// that holds template syntax (`{{`, `{%`, `{#`; a token may) is quoted
+/// in a `raw` block, so it is sent as it is, never run, and never shown in
+/// a template error.
+fn interpolate_template(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    interpolate_with(s, env, true)
+}
+
+fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: bool) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());
     }
@@ -1602,7 +1635,18 @@ fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, 
             if value.is_empty() {
                 return Err(format!("environment variable {name} is set but empty"));
             }
-            out.push_str(&value);
+            if template && ["{{", "{%", "{#"].iter().any(|t| value.contains(t)) {
+                if value.contains("endraw") {
+                    return Err(format!(
+                        "environment variable {name} holds template syntax and `endraw`, which a template cannot quote"
+                    ));
+                }
+                out.push_str("{% raw %}");
+                out.push_str(&value);
+                out.push_str("{% endraw %}");
+            } else {
+                out.push_str(&value);
+            }
             rest = &inner[end + 1..];
         } else {
             out.push('$');

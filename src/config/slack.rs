@@ -47,7 +47,7 @@ impl Cx<'_> {
                     });
                 let ckey = format!("{key}.channel");
                 let channel = match &r.channel {
-                    Some(c) => self.resolve(c, &ckey).and_then(|v| {
+                    Some(c) => self.resolve_template(c, &ckey).and_then(|v| {
                         if v.trim().is_empty() {
                             self.error_at(c.span(), &ckey, "is empty; e.g. \"#inventory-alerts\" or a channel id");
                             return None;
@@ -112,7 +112,7 @@ impl Cx<'_> {
         let text = match &r.text {
             Some(t) => {
                 let tkey = format!("{key}.text");
-                let v = self.resolve(t, &tkey);
+                let v = self.resolve_template(t, &tkey);
                 let t = v.and_then(|v| self.template(&mut set, &tkey, &v, t.span()));
                 ok &= t.is_some();
                 t

@@ -548,6 +548,19 @@ fn interpolation() {
             .contains("EMPTY is set but empty")
     );
     assert!(interpolate("${A", &env).unwrap_err().contains("unterminated"));
+    // Into a template's source, a value with template syntax is quoted.
+    let env_t = |k: &str| match k {
+        "T" => Some("a{{b}}".to_string()),
+        "E" => Some("{% endraw %}".to_string()),
+        _ => Some("1".to_string()),
+    };
+    assert_eq!(
+        interpolate_template("Bearer ${T} {{ x }}", &env_t).unwrap(),
+        "Bearer {% raw %}a{{b}}{% endraw %} {{ x }}"
+    );
+    assert_eq!(interpolate_template("${A}", &env_t).unwrap(), "1");
+    assert!(interpolate_template("${E}", &env_t).unwrap_err().contains("endraw"));
+    assert_eq!(interpolate("${T}", &env_t).unwrap(), "a{{b}}", "elsewhere, as it is");
     assert!(interpolate("${A-B}", &env).is_err());
 }
 

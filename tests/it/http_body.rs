@@ -243,3 +243,45 @@ sinks = ["meta", "payload", "views", "both"]
         d.wait_delivery("crumb", "evt_rebuilt", sink, "delivered").await;
     }
 }
+
+/// A secret from the environment that holds template syntax (`{{`, `{%`)
+/// is sent as it is, in a header and in a body leaf around a template, and
+/// is neither run nor shown in an error.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_env_secret_with_template_syntax_is_sent_verbatim() {
+    let sink = FakeSink::start().await;
+    let config = format!(
+        r#"{base}
+{SOURCES}
+[sinks.kds]
+type = "http"
+url = "{url}"
+headers = {{ Authorization = "Bearer ${{KDS_TOKEN}}" }}
+retry = {{ max_attempts = 3, initial = "50ms", max = "200ms" }}
+
+[sinks.kds.body]
+signed = "${{KDS_TOKEN}}:{{{{ order.id }}}}"
+
+[[routes]]
+name = "kitchen"
+sinks = ["kds"]
+"#,
+        base = base_config(""),
+        url = sink.url("/tickets"),
+    );
+    let token = "ab{{cd}}e{%f%}g{#h";
+    let d = Daemon::start_with_env(&config, &[("KDS_TOKEN", token)]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_raw_token", 4250)).await.status, 200);
+    let got = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].header("authorization"), Some(format!("Bearer {token}").as_str()));
+    let body = got[0].json();
+    let order_id = body["signed"]
+        .as_str()
+        .unwrap_or_default()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!order_id.is_empty(), "{body}");
+    assert_eq!(body["signed"], format!("{token}:{order_id}"), "{body}");
+}
