@@ -70,10 +70,17 @@ impl SlackSink {
         let message = message::render(&self.cfg, delivery)?;
         let started = Instant::now();
         let post = self.post(message);
-        let outcome = match tokio::time::timeout(self.cfg.timeout, post).await {
+        let mut outcome = match tokio::time::timeout(self.cfg.timeout, post).await {
             Ok(outcome) => outcome,
             Err(_) => Err(DeliveryError::timed_out(self.cfg.timeout)),
         };
+        // Slack limits posting per channel: with a templated channel, one
+        // channel's 429 holds only its own delivery, not the others'.
+        if let Err(e) = &mut outcome
+            && matches!(&self.cfg.target, SlackTarget::Api { channel, .. } if channel.literal().is_none())
+        {
+            e.holds_sink = false;
+        }
         tracing::debug!(
             sink = %self.cfg.name,
             key = %delivery.key,

@@ -136,10 +136,14 @@ fn blocks_template() -> Json {
 }
 
 fn api_sink(url: &str, blocks: Option<Json>) -> SlackSink {
+    api_sink_to(url, blocks, "#inventory-alerts")
+}
+
+fn api_sink_to(url: &str, blocks: Option<Json>, channel: &str) -> SlackSink {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut set = TemplateSet::new();
     let text = set.text("sinks.alerts.text", TEXT).unwrap();
-    let channel = set.text("sinks.alerts.channel", "#inventory-alerts").unwrap();
+    let channel = set.text("sinks.alerts.channel", channel).unwrap();
     let blocks = blocks.map(|b| set.structured("sinks.alerts.blocks", &b).unwrap());
     SlackSink::new(SlackSinkConfig {
         name: "alerts".into(),
@@ -371,4 +375,36 @@ fn reads_what_its_templates_read() {
     })
     .unwrap();
     assert_eq!(sink.reads(), Reads::Meta);
+}
+
+/// Slack limits posting per channel: a 429 holds the whole sink when its
+/// channel is fixed, and only the told delivery when the channel is a
+/// template (one sink, many channels).
+#[tokio::test]
+async fn a_templated_channel_holds_only_its_delivery_on_a_429() {
+    let ratelimited = || {
+        (
+            429,
+            "application/json; charset=utf-8",
+            json!({"ok": false, "error": "ratelimited"}).to_string(),
+            vec![("retry-after", "3")],
+        )
+    };
+    let server = serve(vec![ratelimited()]).await;
+    let fixed = api_sink(&format!("http://{}/api", server.addr), None);
+    let err = deliver(&fixed).await.unwrap_err();
+    assert!(
+        err.holds_sink && err.retry_after == Some(Duration::from_secs(3)),
+        "{err:?}"
+    );
+
+    let server = serve(vec![ratelimited()]).await;
+    let per_location = api_sink_to(
+        &format!("http://{}/api", server.addr),
+        None,
+        "#stock-{{ stock.location_id }}",
+    );
+    let err = deliver(&per_location).await.unwrap_err();
+    assert_eq!(err.retry_after, Some(Duration::from_secs(3)), "{err:?}");
+    assert!(!err.holds_sink, "{err:?}");
 }
