@@ -160,10 +160,8 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             return resp;
         }
         (&Method::GET, "/api/events") => {
-            let before = match before.map(|b| b.parse::<i64>()) {
-                None => None,
-                Some(Ok(seq)) => Some(seq),
-                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, BAD_CURSOR),
+            let Some(before) = cursor(before, |b| b.parse::<i64>().ok()) else {
+                return error(StatusCode::BAD_REQUEST, BAD_CURSOR);
             };
             admin
                 .store
@@ -204,10 +202,8 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
                     Some(Err(e)) => return error(StatusCode::BAD_REQUEST, &e),
                 }
             };
-            let before = match before.map(delivery_cursor) {
-                None => None,
-                Some(Some(at_id)) => Some(at_id),
-                Some(None) => return error(StatusCode::BAD_REQUEST, BAD_CURSOR),
+            let Some(before) = cursor(before, delivery_cursor) else {
+                return error(StatusCode::BAD_REQUEST, BAD_CURSOR);
             };
             admin
                 .store
@@ -244,6 +240,15 @@ const BAD_CURSOR: &str = "before must be the `next` of an earlier page of the sa
 /// `next` cursor, its last row's, which `before` takes to list them.
 fn next_cursor<T>(rows: &[T], limit: usize, cursor: impl Fn(&T) -> String) -> Option<String> {
     rows.last().filter(|_| rows.len() >= limit).map(cursor)
+}
+
+/// `before`, read by `parse`: `Some(None)` without one, `None` for one
+/// that does not read.
+fn cursor<T>(before: Option<&str>, parse: impl Fn(&str) -> Option<T>) -> Option<Option<T>> {
+    match before {
+        None => Some(None),
+        Some(b) => parse(b).map(Some),
+    }
 }
 
 /// A deliveries listing's cursor, `<updated_at ms>.<id>` (its order is by

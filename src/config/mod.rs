@@ -633,18 +633,13 @@ impl Cx<'_> {
     }
 
     /// Resolves `${VAR}` in a string that is then compiled as a template
-    /// ([`interpolate_template`]).
+    /// ([`interpolate_with`]).
     fn resolve_template(&mut self, s: &Str, key: &str) -> Option<String> {
         self.resolve_with(s, key, true)
     }
 
     fn resolve_with(&mut self, s: &Str, key: &str, template: bool) -> Option<String> {
-        let resolved = if template {
-            interpolate_template(s.get_ref(), self.env)
-        } else {
-            interpolate(s.get_ref(), self.env)
-        };
-        match resolved {
+        match interpolate_with(s.get_ref(), self.env, template) {
             Ok(v) => Some(v),
             Err(msg) => {
                 self.error_at(s.span(), key, msg);
@@ -1337,7 +1332,7 @@ impl Cx<'_> {
     }
 
     /// A TOML value as JSON, `${VAR}`s resolved; as templates' sources
-    /// ([`interpolate_template`]) if `templates`.
+    /// ([`interpolate_with`]) if `templates`.
     fn json_value_as(&mut self, key: &str, value: &Spanned<DeValue<'_>>, templates: bool) -> Option<serde_json::Value> {
         use serde_json::Value as J;
         Some(match value.get_ref() {
@@ -1598,18 +1593,15 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Replaces `${NAME}` with the variable's value. `$$` is a literal `$`.
+#[cfg(test)]
 fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     interpolate_with(s, env, false)
 }
 
-/// [`interpolate`] for a string that is compiled as a template: a value
-/// that holds template syntax (`{{`, `{%`, `{#`; a token may) is quoted
-/// in a `raw` block, so it is sent as it is, never run, and never shown in
-/// a template error.
-fn interpolate_template(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    interpolate_with(s, env, true)
-}
-
+/// Replaces `${NAME}` with the variable's value; `$$` is a literal `$`. In a
+/// string that is compiled as a `template`, a value that holds template
+/// syntax (`{{`, `{%`, `{#`; a token may) is quoted in a `raw` block, so it
+/// is sent as it is, never run, and never shown in a template error.
 fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: bool) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());

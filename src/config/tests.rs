@@ -555,11 +555,11 @@ fn interpolation() {
         _ => Some("1".to_string()),
     };
     assert_eq!(
-        interpolate_template("Bearer ${T} {{ x }}", &env_t).unwrap(),
+        interpolate_with("Bearer ${T} {{ x }}", &env_t, true).unwrap(),
         "Bearer {% raw %}a{{b}}{% endraw %} {{ x }}"
     );
-    assert_eq!(interpolate_template("${A}", &env_t).unwrap(), "1");
-    assert!(interpolate_template("${E}", &env_t).unwrap_err().contains("endraw"));
+    assert_eq!(interpolate_with("${A}", &env_t, true).unwrap(), "1");
+    assert!(interpolate_with("${E}", &env_t, true).unwrap_err().contains("endraw"));
     assert_eq!(interpolate("${T}", &env_t).unwrap(), "a{{b}}", "elsewhere, as it is");
     assert!(interpolate("${A-B}", &env).is_err());
 }

@@ -1798,18 +1798,15 @@ impl Store for SqliteStore {
                 .query_map(
                     params![f.source, f.event_type, f.limit as i64, f.since, f.before],
                     |r| {
-                        Ok((
-                            r.get::<_, i64>(0)?,
-                            EventSummary {
-                                seq: r.get(0)?,
-                                source: r.get(1)?,
-                                id: r.get(2)?,
-                                event_type: r.get(3)?,
-                                occurred_at: r.get(4)?,
-                                received_at: r.get(5)?,
-                                deliveries: Vec::new(),
-                            },
-                        ))
+                        Ok(EventSummary {
+                            seq: r.get(0)?,
+                            source: r.get(1)?,
+                            id: r.get(2)?,
+                            event_type: r.get(3)?,
+                            occurred_at: r.get(4)?,
+                            received_at: r.get(5)?,
+                            deliveries: Vec::new(),
+                        })
                     },
                 )
                 .map_err(unavailable)?
@@ -1819,9 +1816,9 @@ impl Store for SqliteStore {
                 .prepare_cached("SELECT sink, state, attempts FROM deliveries WHERE event_seq = ?1 ORDER BY id")
                 .map_err(unavailable)?;
             let mut out = Vec::with_capacity(events.len());
-            for (seq, mut ev) in events {
+            for mut ev in events {
                 ev.deliveries = ds
-                    .query_map([seq], |r| {
+                    .query_map([ev.seq], |r| {
                         Ok(DeliverySummary {
                             sink: r.get(0)?,
                             status: Status::from_code(r.get(1)?),

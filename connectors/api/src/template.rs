@@ -155,21 +155,18 @@ fn assigned_names(source: &str) -> std::collections::HashSet<&str> {
         // `set x`, `set(a, b)`: the keyword is the leading identifier.
         let keyword = identifiers(tag).next().filter(|k| tag.starts_with(k)).unwrap_or("");
         let body = &tag[keyword.len()..];
-        let targets = match keyword {
-            "set" | "with" => body.split('=').next().unwrap_or(""),
-            "for" => body.split(" in ").next().unwrap_or(""),
-            "macro" => body,
-            _ => continue,
-        };
-        if keyword == "with" {
+        match keyword {
+            "set" => names.extend(identifiers(body.split('=').next().unwrap_or(""))),
             // `with a = 1, b = 2`: each name before an `=`.
-            names.extend(
+            "with" => names.extend(
                 body.split(',')
                     .filter_map(|p| p.split('=').next())
                     .flat_map(identifiers),
-            );
+            ),
+            "for" => names.extend(identifiers(body.split(" in ").next().unwrap_or(""))),
+            "macro" => names.extend(identifiers(body)),
+            _ => {}
         }
-        names.extend(identifiers(targets));
     }
     names
 }
@@ -228,8 +225,9 @@ impl TemplateSet {
 
     /// Refuses a template (just added as `name`) that reads a name the
     /// context never has: `{{ ordr.id }}` would render empty (missing values
-    /// are, on purpose) on every delivery, with nothing to say why.
-    fn known_names_only(&mut self, name: &str) -> Result<(), TemplateError> {
+    /// are, on purpose) on every delivery, with nothing to say why; or a
+    /// filter or test MiniJinja does not have ([`Self::unknown_filter`]).
+    fn refuse_unknown(&mut self, name: &str) -> Result<(), TemplateError> {
         let unknown: Vec<String> = {
             let template = self.env.get_template(name)?;
             // MiniJinja's analysis scopes an `if` branch's `set` to the
@@ -297,7 +295,7 @@ impl TemplateSet {
     /// path (`sinks.kds.url`): it shows up in error messages.
     pub fn text(&mut self, name: &str, source: &str) -> Result<TemplateId, TemplateError> {
         self.env.add_template_owned(name.to_owned(), source.to_owned())?;
-        self.known_names_only(name)?;
+        self.refuse_unknown(name)?;
         Ok(TemplateId {
             name: name.to_owned(),
             typed: false,
@@ -315,7 +313,7 @@ impl TemplateSet {
         // by the environment, bare expressions cannot.
         let wrapped = format!("{{% set {RESULT_VAR} = ({source}) %}}");
         self.env.add_template_owned(name.to_owned(), wrapped)?;
-        self.known_names_only(name)?;
+        self.refuse_unknown(name)?;
         Ok(TemplateId {
             name: name.to_owned(),
             typed: true,
@@ -961,6 +959,7 @@ mod tests {
         // A template with a loop is not run (it could run long), however
         // its tag is written or hidden.
         for looping in [
+            "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
             "{% for(i) in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
             "{# {% #}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
             "{{ '{%' }}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
@@ -971,13 +970,6 @@ mod tests {
             set.text(
                 "sinks.x.text",
                 "{% if order %}{% set(a, b) = (1, 2) %}{% endif %}{{ a }}{{ b }}"
-            )
-            .is_ok()
-        );
-        assert!(
-            set.text(
-                "sinks.x.text",
-                "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}"
             )
             .is_ok()
         );
