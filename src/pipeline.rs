@@ -259,7 +259,7 @@ impl Pipeline {
 /// The event as routes and sinks see it, times formatted as the store's.
 /// Also what `expeditor test` routes, so its `when`s see the same event.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn event(
+pub fn event(
     source: &str,
     kind: &str,
     id: &str,
