@@ -1,4 +1,6 @@
-//! The config both targets run against: every source kind and a sink of each
+//! The config both targets run against: every source kind (`hmac` twice: base64
+//! with a prefix and a signed timestamp, and hex over the body alone with two
+//! secrets) and a sink of each
 //! kind whose templates read what a webhook brings (the views, the payload,
 //! loops, filters), as in `config.toml`'s commented examples.
 
@@ -30,6 +32,11 @@ signed = "v0:{timestamp}:{body}"
 id_field = "meta.id"
 type_field = "meta.kind"
 time_field = "meta.at"
+
+[sources.plain]
+kind = "hmac"
+secrets = ["plain-secret", "plain-secret-next"]
+header = "X-Hub-Signature"
 
 [sinks.events]
 type = "file"
@@ -129,6 +136,9 @@ sources = ["crave", "hook"]
 when = "order.customer.email"
 sinks = ["mail"]
 "##;
+
+/// The sources, picked by an input's first byte (modulo their number).
+pub const SOURCES: [&str; 4] = ["crumb", "crave", "hook", "plain"];
 
 pub static FUZZ_CONFIG: LazyLock<Config> = LazyLock::new(|| {
     config::parse(Path::new("fuzz.toml"), CONFIG, &|_| None)

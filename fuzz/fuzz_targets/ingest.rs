@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cfg = &*common::FUZZ_CONFIG;
-    let name = ["crumb", "crave", "hook"][usize::from(which) % 3];
+    let name = common::SOURCES[usize::from(which) % common::SOURCES.len()];
     let source = &cfg.sources[name];
     let now = 1_780_000_000;
     let mut headers = HeaderMap::new();
@@ -36,7 +36,13 @@ fuzz_target!(|data: &[u8]| {
             headers.insert(verify::CRAVE_SIGNATURE, HeaderValue::from_str(&value).unwrap());
         }
         Scheme::Hmac(v) => {
-            for (header, value) in v.sign(b"hook-secret", Some(now), body) {
+            // The plain source's second secret: either verifies (rotation).
+            let secret: &[u8] = if name == "hook" {
+                b"hook-secret"
+            } else {
+                b"plain-secret-next"
+            };
+            for (header, value) in v.sign(secret, Some(now), body) {
                 headers.insert(header, HeaderValue::from_str(&value).unwrap());
             }
         }

@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cfg = &*common::FUZZ_CONFIG;
-    let name = ["crumb", "crave", "hook"][usize::from(which) % 3];
+    let name = common::SOURCES[usize::from(which) % common::SOURCES.len()];
     let source = &cfg.sources[name];
     // Header values, then the body, split at 0xFF bytes.
     let mut parts = rest.splitn(4, |&b| b == 0xFF);
@@ -30,7 +30,8 @@ fuzz_target!(|data: &[u8]| {
     let header = match name {
         "crumb" => "crumb-signature",
         "crave" => "x-crave-signature",
-        _ => "x-signature",
+        "hook" => "x-signature",
+        _ => "x-hub-signature",
     };
     set(&mut headers, header, signature);
     set(&mut headers, "x-timestamp", timestamp);
