@@ -132,7 +132,7 @@ sinks = ["alerts"]
 
 [[routes]]
 name = "mail"
-sources = ["crave", "hook"]
+sources = ["crave", "crumb"]
 when = "order.customer.email"
 sinks = ["mail"]
 "##;

@@ -19,8 +19,18 @@ fuzz_target!(|data: &[u8]| {
     match config::parse(Path::new("config.toml"), text, &env) {
         Ok(_) => {}
         Err(errors) => {
-            let shown = errors.to_string();
-            assert!(!shown.is_empty());
+            assert!(!errors.0.is_empty(), "an Err names at least one problem");
+            // A position points into the text: a line it has, a column within it.
+            let lines: Vec<&str> = text.split('\n').collect();
+            for e in &errors.0 {
+                if let Some((line, col)) = e.position {
+                    let Some(at) = line.checked_sub(1).and_then(|l| lines.get(l)) else {
+                        panic!("{e}: line {line} of {}", lines.len())
+                    };
+                    assert!(col >= 1 && col <= at.chars().count() + 1, "{e}: column {col} of {at:?}");
+                }
+                let _ = e.to_string();
+            }
         }
     }
 });

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use expeditor::config::Scheme;
 use expeditor::store::StoredEvent;
 use expeditor::{pipeline, verify};
+use expeditor_api::Views;
 use expeditor_api::template::Reads;
 use http::{HeaderMap, HeaderValue};
 use libfuzzer_sys::fuzz_target;
@@ -36,11 +37,11 @@ fuzz_target!(|data: &[u8]| {
             headers.insert(verify::CRAVE_SIGNATURE, HeaderValue::from_str(&value).unwrap());
         }
         Scheme::Hmac(v) => {
-            // The plain source's second secret: either verifies (rotation).
-            let secret: &[u8] = if name == "hook" {
-                b"hook-secret"
-            } else {
-                b"plain-secret-next"
+            // The plain source has two secrets (rotation): either verifies.
+            let secret: &[u8] = match (name, which & 0x40 != 0) {
+                ("hook", _) => b"hook-secret",
+                (_, false) => b"plain-secret",
+                (_, true) => b"plain-secret-next",
             };
             for (header, value) in v.sign(secret, Some(now), body) {
                 headers.insert(header, HeaderValue::from_str(&value).unwrap());
@@ -66,17 +67,21 @@ fuzz_target!(|data: &[u8]| {
         n.payload(),
         n.views.clone(),
     ));
-    let decision = cfg
+    // Routing evaluates every matching route's `when`; an error there is
+    // the route not taken, not a panic.
+    let _ = cfg
         .router
         .route(&source.name, &n.event_type, || cfg.router.context(&event));
-    assert!(decision.sinks.iter().all(|s| cfg.sinks.contains_key(s)));
     // Every sink's templates, taken or not: a dead letter is not a panic.
     for sink in cfg.sinks.values() {
         if let Some(templates) = sink.kind.templates() {
             let _ = templates.render_all(&event);
         }
     }
-    // What a delivery rebuilds from the stored body must be what was routed.
+    // What a delivery rebuilds from the stored body must be what was routed,
+    // as much of it as the sink reads: the payload parsed by serde_json
+    // (`MetaAndPayload`) as by the normalizer's own parser, the views
+    // normalized again.
     let stored = StoredEvent {
         source: source.name.clone(),
         event_id: n.id.clone(),
@@ -86,11 +91,13 @@ fuzz_target!(|data: &[u8]| {
         received_at,
         body: body.to_vec(),
     };
-    for reads in [Reads::Meta, Reads::MetaAndPayload, Reads::MetaAndViews, Reads::All] {
-        let rebuilt = pipeline::rebuild(&stored, reads).expect("a stored body that normalized rebuilds");
-        assert_eq!(rebuilt.event, event.event);
-    }
-    let all = pipeline::rebuild(&stored, Reads::All).unwrap();
+    let rebuild = |reads| pipeline::rebuild(&stored, reads).expect("a stored body that normalized rebuilds");
+    let meta = rebuild(Reads::Meta);
+    assert!(meta.payload.is_null());
+    assert_eq!(meta.views, Views::default());
+    assert_eq!(rebuild(Reads::MetaAndPayload).payload, event.payload);
+    assert_eq!(rebuild(Reads::MetaAndViews).views, event.views);
+    let all = rebuild(Reads::All);
     assert_eq!(all.payload, event.payload);
     assert_eq!(all.views, event.views);
 });

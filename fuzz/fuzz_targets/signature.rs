@@ -40,9 +40,10 @@ fuzz_target!(|data: &[u8]| {
         set(&mut headers, header, extra);
     }
     let now = 1_780_000_000;
-    if let Ok(verified) = source.verifier().verify(&headers, body, now) {
-        // Only a real signature passes: recompute it and compare.
-        assert_eq!(verified.body(), body);
+    // An HMAC-SHA256 tag cannot be guessed (and the comparison is constant
+    // time, so the fuzzer's compare tracing learns nothing from it): any
+    // success here would be a forgery getting through.
+    if source.verifier().verify(&headers, body, now).is_ok() {
         panic!("a fuzzed signature verified for {name}: {headers:?}");
     }
 });

@@ -582,12 +582,17 @@ impl Cx<'_> {
         tests
     }
 
+    /// 1-based line and column of a byte offset, the column in characters
+    /// as an editor counts them (`—` or `é` earlier on the line is one).
     fn position(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
+        let mut offset = offset.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
         let before = &self.text[..offset];
         let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
-        let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-        (line, col)
+        let line_start = before.rfind('\n').map_or(0, |nl| nl + 1);
+        (line, before[line_start..].chars().count() + 1)
     }
 
     fn error_at(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {

@@ -160,6 +160,21 @@ fn route_naming_a_missing_sink_names_it_and_its_line() {
     );
 }
 
+/// The column an error names is counted in characters, as an editor shows
+/// it, not in bytes: an em dash earlier on the line is one column.
+#[test]
+fn error_columns_count_characters() {
+    let text = BASE.replace(r#"sinks = ["kds"]"#, r#"sinks = ["—", "slack"]"#);
+    let errs = parse_with(&text, &env()).unwrap_err().0;
+    let line = text.lines().position(|l| l.contains("\"slack\"")).unwrap() + 1;
+    let slack = errs
+        .iter()
+        .find(|e| e.message.contains("\"slack\""))
+        .expect("an error names the sink");
+    // `sinks = ["—", ` is 14 characters (16 bytes): the name starts at 15.
+    assert_eq!(slack.position, Some((line, 15)), "{errs:?}");
+}
+
 #[test]
 fn unset_variable_is_an_error_naming_it() {
     let mut env = env();
