@@ -1009,6 +1009,24 @@ mod tests {
         assert_eq!(out["list"], json!(["order.created", "plain"]));
     }
 
+    /// A body need not be a table: one template as the whole body keeps its
+    /// JSON type too (`body = "{{ payload }}"` sends the vendor's JSON as it
+    /// came), and an array's strings are templates.
+    #[test]
+    fn a_whole_body_may_be_one_template_or_an_array() {
+        let mut set = TemplateSet::new();
+        let whole = set.structured("sinks.x.body", &json!("{{ payload }}")).unwrap();
+        let list = set
+            .structured("sinks.y.body", &json!(["{{ order.id }}", "{{ order.total_cents }}"]))
+            .unwrap();
+        let t = set.finish();
+        let event = event();
+        let ctx = Templates::context(&event);
+        assert_eq!(t.render_json(&whole, &ctx).unwrap(), event.payload);
+        assert!(event.payload.is_object());
+        assert_eq!(t.render_json(&list, &ctx).unwrap(), json!(["ord_456", 2798]));
+    }
+
     #[test]
     fn expressions_evaluate_and_errors_name_the_key() {
         let mut set = TemplateSet::new();
