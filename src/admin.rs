@@ -273,9 +273,6 @@ async fn readyz(admin: &Shared, current: &crate::state::Current) -> Response<Bod
     json_response(status, body.to_string())
 }
 
-/// The last probe of the store for `/readyz`, and when it ran.
-static READY_PROBE: tokio::sync::Mutex<Option<(std::time::Instant, bool)>> = tokio::sync::Mutex::const_new(None);
-
 /// How long a probe's answer stands: each commits a page to the store, so a
 /// flood of `/readyz` (it needs no token) must not keep the writer busy.
 const READY_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -284,7 +281,7 @@ const READY_PROBE_EVERY: std::time::Duration = std::time::Duration::from_secs(1)
 /// [`READY_PROBE_EVERY`], however many ask meanwhile (they wait for the one
 /// probe in flight).
 async fn store_ready(admin: &Shared) -> bool {
-    let mut last = READY_PROBE.lock().await;
+    let mut last = admin.ready_probe.lock().await;
     if let Some((at, ok)) = *last
         && at.elapsed() < READY_PROBE_EVERY
     {

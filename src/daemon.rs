@@ -88,6 +88,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: store.clone(),
         metrics: metrics.clone(),
         detached,
+        ready_probe: tokio::sync::Mutex::new(None),
     });
 
     let limits = shared.current.load().pipeline.limits();

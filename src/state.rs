@@ -32,4 +32,6 @@ pub struct Shared {
     /// dropped (held deliveries' hand-off): the ingest listener waits for it
     /// before its threads stop.
     pub detached: TaskTracker,
+    /// The last `/readyz` probe of the store, and when it ran (`admin`).
+    pub ready_probe: tokio::sync::Mutex<Option<(std::time::Instant, bool)>>,
 }
