@@ -121,15 +121,35 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             "the query is not valid percent-encoded UTF-8 (or holds a NUL)",
         );
     };
+    // A filter a listing does not take is refused, not ignored: ignoring
+    // it would list more than was asked for (`/api/events?sink=kds`).
+    if let Some(takes) = listing_filters(&path)
+        && let Some(unknown) = query.keys().find(|k| !takes.contains(&k.as_str()))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "this listing does not filter by {}; it takes {}",
+                one_line(unknown),
+                takes.join(", ")
+            ),
+        );
+    }
     // Larger than the most is the most; anything but a count is refused,
-    // as a bad `since` or `status` is, not read as the default.
+    // as a bad `since` or `status` is, not read as the default. Zero rows
+    // would be an empty page without a cursor, which reads as "none".
     let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,
         // All digits: too many for a usize is more than the most too.
-        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) => {
+        Some(l) if !l.is_empty() && l.bytes().all(|b| b.is_ascii_digit()) && l.bytes().any(|b| b != b'0') => {
             l.parse::<usize>().map_or(MAX_LIMIT, |n| n.min(MAX_LIMIT))
         }
-        Some(_) => return error(StatusCode::BAD_REQUEST, "limit must be a count of rows, e.g. 50"),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "limit must be a count of rows, at least 1, e.g. 50",
+            );
+        }
     };
     let since = match query.get("since").map(|s| parse_since(s)) {
         None => None,
@@ -232,6 +252,23 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
         Ok(v) => json_response(StatusCode::OK, v.to_string()),
         Err(e) => store_error(e),
     }
+}
+
+/// The query parameters each listing takes; `None` for other paths.
+fn listing_filters(path: &str) -> Option<&'static [&'static str]> {
+    const PAGE: [&str; 3] = ["limit", "since", "before"];
+    Some(match path {
+        "/api/events" => &[PAGE[0], PAGE[1], PAGE[2], "source", "type"],
+        "/api/deliveries" => &[PAGE[0], PAGE[1], PAGE[2], "source", "type", "sink", "status"],
+        "/api/dead-letters" => &[PAGE[0], PAGE[1], PAGE[2], "source", "type", "sink"],
+        _ => return None,
+    })
+}
+
+/// A client's text in an error: one short line.
+fn one_line(text: &str) -> String {
+    let line: String = text.chars().filter(|c| !c.is_control()).take(64).collect();
+    format!("{line:?}")
 }
 
 const BAD_CURSOR: &str = "before must be the `next` of an earlier page of the same listing";

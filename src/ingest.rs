@@ -234,6 +234,26 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             "content type must be application/json",
         );
     }
+    // The signature is over the bytes as sent; a compressed body would
+    // fail it or read as junk, and one merely labelled so would be stored
+    // as if it were. RFC 9110 answers an unsupported coding with 415 and
+    // says which coding is taken.
+    let identity = |v: &HeaderValue| {
+        v.to_str().is_ok_and(|c| {
+            c.split(',')
+                .all(|c| c.trim().is_empty() || c.trim().eq_ignore_ascii_case("identity"))
+        })
+    };
+    if !req.headers().get_all(header::CONTENT_ENCODING).iter().all(identity) {
+        outcome(RequestOutcome::unsupported_media_type);
+        let mut resp = error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content encoding not supported: send the body uncompressed",
+        );
+        resp.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        return resp;
+    }
     let (parts, body) = req.into_parts();
     let body = match tokio::time::timeout(limits.body_timeout, Limited::new(body, limits.max_body).collect()).await {
         Err(_) => {
@@ -260,10 +280,10 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             intake.metrics.ack(started.elapsed());
             self::accepted(status, &id)
         }
-        // Anyone who reaches the port can set off the first two, and a
-        // vendor's retries the third while the disk refuses writes: a line a
-        // second per source and kind, counting the ones held back (the
-        // metrics count all).
+        // Anyone who reaches the port can set off the first, anyone who
+        // replays a captured body the second, and a vendor's retries the
+        // third while the disk refuses writes: a line a second per source
+        // and kind, counting the ones held back (the metrics count all).
         Err(Rejected::Verification(reason)) => {
             outcome(RequestOutcome::unauthorized);
             intake.metrics.verification_failure(reason.reason());
@@ -272,10 +292,19 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             }
             error(StatusCode::UNAUTHORIZED, "signature verification failed")
         }
-        Err(Rejected::Invalid(e)) => {
+        Err(Rejected::Invalid { error: e, event_id }) => {
             outcome(RequestOutcome::invalid);
+            // Signed by the vendor, so worth naming: the vendor retries it
+            // and then gives up, and this line is what says which one it was.
             if let Some(held_back) = intake.rejections.invalid.pass_now() {
-                tracing::warn!(source = %source.name, %peer, error = %e, held_back, "webhook rejected: invalid event");
+                match &event_id {
+                    Some(id) => {
+                        tracing::warn!(source = %source.name, event_id = %id, %peer, error = %e, held_back, "webhook rejected: invalid event")
+                    }
+                    None => {
+                        tracing::warn!(source = %source.name, %peer, error = %e, held_back, "webhook rejected: invalid event")
+                    }
+                }
             }
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }

@@ -461,6 +461,18 @@ impl Normalizer {
         }
     }
 
+    /// The event id of a body that [`Self::normalize`] refused, if it has
+    /// one that reads: for the log line that says which event was refused
+    /// (the body is not kept). Parses the body again; only refusals pay.
+    pub fn event_id_of(&self, body: &[u8]) -> Option<String> {
+        let document = Json::parse(body).ok()?;
+        let value = match self {
+            Normalizer::CrumbPos | Normalizer::Crave => document.get("id"),
+            Normalizer::Hmac { id_field, .. } => id_field.lookup(&document),
+        };
+        event_id(value, "id").ok()
+    }
+
     pub fn normalize<'a>(&self, body: &'a [u8]) -> Result<Normalized<'a>, NormalizeError> {
         let document = Json::parse(body).map_err(|_| NormalizeError::NotJson)?;
         let Json::Object(root) = &document else {

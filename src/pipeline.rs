@@ -54,7 +54,12 @@ pub enum Accepted {
 
 pub enum Rejected {
     Verification(VerifyError),
-    Invalid(NormalizeError),
+    /// Verified, but not an event that can be stored; with its id when
+    /// that much reads.
+    Invalid {
+        error: NormalizeError,
+        event_id: Option<String>,
+    },
     Store(StoreError),
 }
 
@@ -122,7 +127,10 @@ impl Pipeline {
         let n = source
             .normalizer
             .normalize(verified.body())
-            .map_err(Rejected::Invalid)?;
+            .map_err(|error| Rejected::Invalid {
+                event_id: source.normalizer.event_id_of(verified.body()),
+                error,
+            })?;
         let occurred_at = n.occurred_at.map(|t| t.as_millisecond());
         // What sinks see (the event with its payload as a `Value`), built at
         // most once and only if needed: a route with a `when` reads it, and

@@ -393,6 +393,16 @@ fn parsed<'a>(
     }
 }
 
+/// Whether binding both addresses would fail: the same port on the same
+/// address, or on an unspecified one that takes it too (`0.0.0.0` every IPv4
+/// address; `[::]` every address, IPv4 as well, as Linux binds it by
+/// default). Port 0 is a new port for each.
+fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers =
+        |wild: std::net::IpAddr, other: std::net::IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
+    a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
 /// Validates config text; `env` resolves `${VAR}` (the process environment in
 /// production, a map in tests).
 pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
@@ -409,7 +419,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
     let server = cx.server(raw.server.as_ref());
     let admin = cx.admin(raw.admin.as_ref());
     if let (Some(server), Some(admin)) = (&server, &admin)
-        && server.listen == admin.listen
+        && listeners_clash(server.listen, admin.listen)
     {
         // At admin.listen, or at server.listen when admin's is the default.
         let span = raw
@@ -422,8 +432,8 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
             span,
             "admin.listen",
             format!(
-                "is server.listen's address too ({}); each listener needs its own port",
-                admin.listen
+                "{} takes server.listen's port too ({}); each listener needs its own port",
+                admin.listen, server.listen
             ),
         );
     }

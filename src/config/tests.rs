@@ -491,6 +491,35 @@ fn the_two_listeners_need_their_own_ports() {
         line_of(&onto_admin, "listen = \"127.0.0.1:9090\"", 0)
     );
     one_error(&onto_admin, &["admin.listen", "own port", &at]);
+    // A wildcard address takes the port on every address: `run` could not
+    // bind the second listener, so `check` says so.
+    for (server, admin) in [
+        ("127.0.0.1:8084", "0.0.0.0:8084"),
+        ("0.0.0.0:8084", "127.0.0.1:8084"),
+        ("[::]:8084", "127.0.0.1:8084"),
+        ("0.0.0.0:8084", "[::]:8084"),
+        ("[::1]:8084", "[::]:8084"),
+    ] {
+        let text = BASE.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"{server}\""))
+            + &format!("\n[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n");
+        one_error(&text, &["admin.listen", "own port", server]);
+    }
+    // Other ports, or addresses that do not overlap, are fine; port 0 is
+    // a port of its own each time.
+    for (server, admin) in [
+        ("127.0.0.1:8084", "127.0.0.2:8084"),
+        ("0.0.0.0:8084", "[::1]:8084"),
+        ("0.0.0.0:8084", "0.0.0.0:8085"),
+        ("127.0.0.1:0", "127.0.0.1:0"),
+    ] {
+        let text = BASE.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"{server}\""))
+            + &format!("\n[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n");
+        assert!(
+            parse_with(&text, &env()).is_ok(),
+            "{server} and {admin}: {:?}",
+            parse_with(&text, &env()).err()
+        );
+    }
 }
 
 #[test]

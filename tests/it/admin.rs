@@ -102,7 +102,15 @@ sinks = ["hook"]
     );
     // A limit that is not a count is refused, as a bad `since` is; one past
     // any number is the most.
-    for (limit, status) in [("abc", 400), ("-1", 400), ("99999999999999999999999", 200)] {
+    // Zero rows is refused too: an empty page without a cursor reads as "none".
+    for (limit, status) in [
+        ("abc", 400),
+        ("-1", 400),
+        ("0", 400),
+        ("000", 400),
+        ("010", 200),
+        ("99999999999999999999999", 200),
+    ] {
         let resp = http
             .get(format!("{url}?limit={limit}"))
             .bearer_auth("it-admin-token")
@@ -127,6 +135,42 @@ sinks = ["hook"]
             .await
             .unwrap();
         assert_eq!(resp.status(), status, "{path}?before={before}");
+    }
+    // A filter the listing does not take is refused rather than ignored,
+    // which would list more than was asked for; the ones it takes are fine.
+    for (query, status) in [
+        ("/api/events?sink=kds", 400),
+        ("/api/events?status=dead", 400),
+        ("/api/events?source=crumb&foo=bar", 400),
+        ("/api/dead-letters?status=delivered", 400),
+        ("/api/deliveries?event=evt_adm_1", 400),
+        (
+            "/api/events?source=crumb&type=order.created&since=1h&limit=5&before=12",
+            200,
+        ),
+        (
+            "/api/deliveries?sink=kds&status=dead&source=crumb&type=order.created&since=1h&limit=5",
+            200,
+        ),
+        (
+            "/api/dead-letters?sink=kds&source=crumb&type=order.created&since=1h&limit=5",
+            200,
+        ),
+    ] {
+        let resp = http
+            .get(format!("http://{}{query}", d.admin))
+            .bearer_auth("it-admin-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), status, "{query}");
+        if status == 400 {
+            let body: serde_json::Value = resp.json().await.unwrap();
+            assert!(
+                body["error"].as_str().unwrap().contains("does not filter by"),
+                "{query}: {body}"
+            );
+        }
     }
     assert_eq!(
         ids(d.api("/api/deliveries?status=dead").await, "deliveries"),

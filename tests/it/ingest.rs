@@ -94,6 +94,24 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
         )
         .await;
     assert_rejected("text/html", &reply, 415);
+    // 415 too for a content coding: the signature is over the bytes as sent,
+    // so a body labelled compressed is refused, not stored as it came.
+    for (id, coding) in [
+        ("evt_415_gzip", vec!["gzip"]),
+        ("evt_415_br", vec!["br"]),
+        ("evt_415_list", vec!["identity, gzip"]),
+        ("evt_415_second", vec!["identity", "deflate"]),
+    ] {
+        let body = bytes(&crumb_order(id, 4250));
+        let sig = crumb_signature(CRUMB_SECRET, now(), &body);
+        let mut headers = vec![JSON, ("crumb-signature", sig.as_str())];
+        headers.extend(coding.iter().map(|c| ("content-encoding", *c)));
+        let reply = d.post("crumb", &headers, body).await;
+        assert_rejected(&format!("content-encoding {coding:?}"), &reply, 415);
+        assert!(reply.body.contains("content encoding"), "{id}: {}", reply.body);
+        let accepts = reply.headers.get("accept-encoding").and_then(|v| v.to_str().ok());
+        assert_eq!(accepts, Some("identity"), "{id}");
+    }
 
     // 401: every way a CrumbPOS signature can be wrong.
     let body = bytes(&crumb_order("evt_401", 4250));
@@ -180,6 +198,17 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
     let sig = crave_signature(CRAVE_SECRET, &junk_total);
     let reply = d.post("crave", &[JSON, ("x-crave-signature", &sig)], junk_total).await;
     assert_rejected("crave: total \"abc\"", &reply, 400);
+    // The vendor signed it, will retry it and then give up: the log line
+    // says which event it was (the body is not kept).
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("webhook rejected: invalid event") && l.contains("crave"))
+        .unwrap_or_else(|| panic!("no line for the refused Crave event:\n{log}"));
+    assert!(
+        line.contains("evt_400_money") && line.contains("invalid amount in data.total"),
+        "{line}"
+    );
 
     // Only the accepted event is stored, with one delivery, delivered once.
     d.wait_delivery("crumb", "evt_ok", "hook", "delivered").await;
@@ -220,6 +249,10 @@ async fn json_content_types_are_accepted() {
         let sig = crumb_signature(CRUMB_SECRET, now(), &body);
         let mut headers = vec![("crumb-signature", sig.as_str())];
         headers.extend(content_type.map(|ct| ("content-type", ct)));
+        // `identity` is no coding at all.
+        if id == "evt_ct_upper" {
+            headers.push(("content-encoding", "Identity"));
+        }
         let reply = d.post("crumb", &headers, body).await;
         assert_eq!(
             reply.status, 200,
