@@ -1183,8 +1183,13 @@ impl Cx<'_> {
                     },
                     None => Some(http::Method::POST),
                 };
-                let url = self.resolve(&r.url, &format!("{key}.url")).and_then(|u| {
-                    let static_part = u.split("{{").next().unwrap_or("");
+                // The URL is a template, so `${VAR}` values in it are quoted
+                // as text (a `{{` in a secret is not template code, and its
+                // error would echo the secret); its fixed start is read from
+                // the plain text.
+                let url = self.resolve_template(&r.url, &format!("{key}.url")).and_then(|u| {
+                    let plain = interpolate_with(r.url.get_ref(), self.env, false).unwrap_or_default();
+                    let static_part = plain.split("{{").next().unwrap_or("");
                     if !(static_part.starts_with("http://") || static_part.starts_with("https://")) {
                         self.error_at(
                             r.url.span(),
@@ -1220,9 +1225,23 @@ impl Cx<'_> {
                             continue;
                         }
                     };
-                    if let Some(v) = self.resolve_template(hval, &hkey)
-                        && let Some(t) = self.template(&mut set, &hkey, &v, hval.span())
-                    {
+                    let Some(v) = self.resolve_template(hval, &hkey) else {
+                        continue;
+                    };
+                    // A value without template syntax is what every delivery
+                    // sends: one no request can carry (a newline, say from an
+                    // env file) would dead-letter them all. Not quoted: it
+                    // may be a secret.
+                    let literal = !["{{", "{%", "{#"].iter().any(|t| v.contains(t));
+                    if literal && http::HeaderValue::from_str(&v).is_err() {
+                        self.error_at(
+                            hval.span(),
+                            &hkey,
+                            "is not a valid header value: it holds a control character such as a newline",
+                        );
+                        continue;
+                    }
+                    if let Some(t) = self.template(&mut set, &hkey, &v, hval.span()) {
                         headers.push((n, t));
                     }
                 }

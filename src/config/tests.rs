@@ -608,6 +608,59 @@ fn interpolation() {
     assert!(interpolate("${A-B}", &env).is_err());
 }
 
+/// A header value no request can carry is a `check` error, whether written
+/// so or read from an env file with its newline, and the error does not
+/// quote it; a templated one is left to its rendering.
+#[test]
+fn a_header_value_no_request_can_carry_is_refused() {
+    let mut newline = env();
+    newline.insert("KDS_TOKEN", "tok-kds-123\n");
+    let err = match parse_with(BASE, &newline) {
+        Ok(_) => panic!("a header value with a newline is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("sinks.kds.headers.Authorization") || err.contains("sinks.kds.headers.authorization"),
+        "{err}"
+    );
+    assert!(err.contains("not a valid header value"), "{err}");
+    assert!(!err.contains("tok-kds-123"), "{err}");
+    let text = BASE.replace("\"Bearer ${KDS_TOKEN}\"", "\"Bearer a\\u0000b\"");
+    assert!(parse_with(&text, &env()).is_err(), "a NUL is refused too");
+    let text = BASE.replace("\"Bearer ${KDS_TOKEN}\"", "\"Bearer {{ order.id }}\"");
+    assert!(parse_with(&text, &env()).is_ok(), "a template is rendered per delivery");
+}
+
+/// An http sink's `url` is a template: a `${VAR}` in it is text, even one
+/// holding `{{` (a token in a query string), never template code whose error
+/// would quote the secret; its start is still checked.
+#[test]
+fn an_env_value_in_a_url_is_text_not_template_code() {
+    let with_url = |url: &str| {
+        BASE.replace(
+            "url = \"https://kds.example.com/api/tickets\"",
+            &format!("url = \"{url}\""),
+        )
+    };
+    let mut env = env();
+    env.insert("KDS_URL", "https://kds.example.com/t?token={{TOPSECRETQ}}");
+    env.insert("KDS_TOKEN_Q", "{{TOPSECRETQ}");
+    env.insert("KDS_BARE", "kds.example.com/{{TOPSECRETQ}}");
+    for url in [
+        "${KDS_URL}",
+        "https://kds.example.com/t?token=${KDS_TOKEN_Q}&id={{ order.id }}",
+    ] {
+        let parsed = parse_with(&with_url(url), &env);
+        assert!(parsed.is_ok(), "{url}: {:?}", parsed.err());
+    }
+    let err = match parse_with(&with_url("${KDS_BARE}"), &env) {
+        Ok(_) => panic!("a URL without http:// is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("must start with http://"), "{err}");
+    assert!(!err.contains("TOPSECRETQ"), "{err}");
+}
+
 // ---------------------------------------------------------------------------
 // [store] url: the shared PostgreSQL store
 

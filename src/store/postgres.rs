@@ -166,7 +166,9 @@ WITH input AS (
 SELECT e.seq, e.source, e.event_id, d.id, d.sink FROM e LEFT JOIN d ON d.event_seq = e.seq AND d.lease_until IS NOT NULL";
 
 /// Locks due, unleased deliveries other transactions have not locked, leases
-/// them and counts the attempt, and returns them with their events.
+/// them and counts the attempt, and returns them with their events. A lease
+/// run out is taken over as the same attempt: its holder died before it
+/// could record how it went, so it is not counted twice.
 const CLAIM: &str = "
 WITH c AS (
     SELECT id FROM deliveries
@@ -175,7 +177,8 @@ WITH c AS (
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), u AS (
-    UPDATE deliveries d SET lease_until = $4, attempts = d.attempts + 1
+    UPDATE deliveries d SET lease_until = $4,
+        attempts = GREATEST(d.attempts + CASE WHEN d.lease_until IS NULL THEN 1 ELSE 0 END, 1)
     FROM c WHERE d.id = c.id
     RETURNING d.id, d.attempts, d.event_seq, d.due_at
 )

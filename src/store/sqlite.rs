@@ -572,7 +572,11 @@ impl SqliteStore {
             .execute(
                 // `state = 0` lets this read the small pending index, not every
                 // delivery the store remembers.
-                "UPDATE deliveries SET lease_until = NULL WHERE state = 0 AND lease_until IS NOT NULL",
+                // Their attempts ended with the process, unrecorded: not
+                // counted (a claim counts one as it leases), so a crash
+                // loop does not spend every prefetched delivery's attempts.
+                "UPDATE deliveries SET lease_until = NULL, attempts = MAX(attempts - 1, 0)
+                 WHERE state = 0 AND lease_until IS NOT NULL",
                 [],
             )
             .map_err(unavailable)?;
@@ -1350,8 +1354,11 @@ fn insert<'c>(
 }
 
 /// The deliveries a claim takes: due, not leased, oldest first.
+/// Due deliveries, unleased or with a lease run out, with the attempt each
+/// is now: the next one, or, where a lease ran out, the same one again (its
+/// holder died before it could record how it went).
 pub(super) const CLAIM: &str =
-    "SELECT d.id, d.attempts, e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
+    "SELECT d.id, MAX(d.attempts + (d.lease_until IS NULL), 1), e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
      FROM deliveries d JOIN events e ON e.seq = d.event_seq
      WHERE d.sink = ?1 AND d.state = 0 AND d.due_at <= ?2
        AND (d.lease_until IS NULL OR d.lease_until <= ?2)
@@ -1364,7 +1371,7 @@ fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -
             Ok(Claimed {
                 delivery_id: r.get(0)?,
                 sink: sink.to_string(),
-                attempt: r.get::<_, u32>(1)? + 1,
+                attempt: r.get::<_, u32>(1)?,
                 lease_until,
                 event: StoredEvent {
                     source: r.get(2)?,
@@ -1382,7 +1389,10 @@ fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -
         .collect::<Result<Vec<_>, _>>()
         .map_err(unavailable)?;
     let mut lease = t
-        .prepare_cached("UPDATE deliveries SET lease_until = ?2, attempts = attempts + 1 WHERE id = ?1")
+        .prepare_cached(
+            "UPDATE deliveries SET lease_until = ?2, attempts = MAX(attempts + (lease_until IS NULL), 1)
+             WHERE id = ?1",
+        )
         .map_err(unavailable)?;
     for c in &rows {
         lease

@@ -432,9 +432,13 @@ async fn lease_hides_a_claimed_delivery_until_it_runs_out(store: Arc<dyn Store>)
     assert!(claim(&*store, "a", T0 + 1 + LEASE_MS - 1).await.is_empty());
     assert_eq!(store.next_due("a").await.unwrap(), Some(T0 + 1 + LEASE_MS));
 
-    // The worker holding evt_1 died: its lease ran out, so it runs again.
+    // The worker holding evt_1 died: its lease ran out, so it runs again,
+    // as the same attempt (how the first went was never recorded).
     let again = claim(&*store, "a", T0 + 1 + LEASE_MS + 1).await;
-    assert_eq!(attempts(&again), [("evt_1", 2)]);
+    assert_eq!(attempts(&again), [("evt_1", 1)]);
+    let rows = deliveries(&*store, Some("a"), None).await;
+    let evt_1 = rows.iter().find(|r| r.event_id == "evt_1").expect("evt_1's delivery");
+    assert_eq!(evt_1.attempts, 1, "{rows:?}");
     assert_eq!(again[0].delivery_id, first[0].delivery_id);
 }
 
@@ -976,7 +980,8 @@ async fn prune_never_touches_pending_deliveries(store: Arc<dyn Store>) {
     assert_eq!(store.prune(keep_nothing, far).await.unwrap(), PruneStats::default());
     let pending = deliveries(&*store, None, Some(Status::Pending)).await;
     assert_eq!(pairs(&pending), [("fresh", "a"), ("leased", "b"), ("retrying", "c")]);
-    for (sink, id, attempt) in [("a", "fresh", 1), ("b", "leased", 2), ("c", "retrying", 2)] {
+    // The lease ran out long ago: the same attempt again.
+    for (sink, id, attempt) in [("a", "fresh", 1), ("b", "leased", 1), ("c", "retrying", 2)] {
         let c = claim(&*store, sink, far).await;
         assert_eq!(attempts(&c), [(id, attempt)]);
         assert_same_event(&c[0].event, &new_event(id, &[]));
@@ -1458,9 +1463,11 @@ async fn sqlite_reopen_keeps_everything_and_releases_leases() {
         pairs(&deliveries(&*store, None, Some(Status::Delivered)).await),
         [("evt_1", "b")]
     );
-    // Well within evt_1's lease, yet claimable: the lease died with the process.
+    // Well within evt_1's lease, yet claimable: the lease died with the
+    // process, and so did its attempt, unrecorded: it runs again as attempt
+    // 1, so a crash loop does not use up the attempts of what was claimed.
     let a = claim(&*store, "a", T0 + 11).await;
-    assert_eq!(attempts(&a), [("evt_1", 2), ("evt_2", 1)]);
+    assert_eq!(attempts(&a), [("evt_1", 1), ("evt_2", 1)]);
     assert_eq!(a[0].delivery_id, leased[0].delivery_id);
     assert_same_event(&a[0].event, &e1);
     assert!(claim(&*store, "b", T0 + 11).await.is_empty());
@@ -2149,16 +2156,18 @@ async fn ping_and_writable_succeed_on_a_working_store(store: Arc<dyn Store>) {
 async fn a_stale_completion_does_not_overwrite_a_newer_attempt(store: Arc<dyn Store>) {
     insert(&*store, new_event("evt_1", &["a"])).await;
     let first = claim(&*store, "a", T0).await.remove(0);
-    // The lease runs out; another worker claims and delivers.
+    // The lease runs out; another worker claims and delivers, as the same
+    // attempt (the first never recorded how it went) under its own lease.
     let second = claim(&*store, "a", T0 + LEASE_MS + 1).await.remove(0);
-    assert_eq!(second.attempt, 2);
+    assert_eq!(second.attempt, 1);
+    assert_ne!(second.lease_until, first.lease_until);
     complete(&*store, &second, T0 + LEASE_MS + 2, Completed::Delivered).await;
     // The first worker finally reports a failure: it must change nothing.
     complete(&*store, &first, T0 + LEASE_MS + 3, dead("late")).await;
     let rows = deliveries(&*store, None, None).await;
     assert_eq!(
         (rows[0].status, rows[0].attempts, rows[0].last_error.as_deref()),
-        (Status::Delivered, 2, None)
+        (Status::Delivered, 1, None)
     );
     let log = &store.event_detail("crumb", "evt_1").await.unwrap().deliveries[0].attempt_log;
     assert_eq!(log.len(), 1, "the stale completion is not logged either");
@@ -2222,18 +2231,33 @@ async fn postgres_instances_share_dedupe_queue_and_leases() {
     let c: Arc<dyn Store> = Arc::new(db.store().await);
     assert!(claim(&*c, "s", T0 + 1).await.is_empty());
 
-    // The lease runs out (its holder died): another instance takes over; the
-    // first holder's late completion changes nothing.
+    // The lease runs out (its holder died): another instance takes over, as
+    // the same attempt (the first never recorded how it went); the first
+    // holder's late completion changes nothing.
     insert(&*a, event_at("late", &["t"], T0)).await;
     let first = claim(&*a, "t", T0).await;
     let second = claim(&*b, "t", T0 + LEASE_MS).await;
-    assert_eq!(attempts(&second), [("late", 2)]);
+    assert_eq!(attempts(&second), [("late", 1)]);
     complete(&*a, &first[0], T0 + LEASE_MS + 1, Completed::Delivered).await;
     let row = deliveries(&*c, Some("t"), None).await;
-    assert_eq!((row[0].status, row[0].attempts), (Status::Pending, 2));
+    assert_eq!((row[0].status, row[0].attempts), (Status::Pending, 1));
     complete(&*b, &second[0], T0 + LEASE_MS + 2, dead("HTTP 400")).await;
     let row = deliveries(&*c, Some("t"), None).await;
-    assert_eq!((row[0].status, row[0].attempts), (Status::Dead, 2));
+    assert_eq!((row[0].status, row[0].attempts), (Status::Dead, 1));
+    // After a recorded attempt, the next claim is the next attempt.
+    insert(&*a, event_at("again", &["t"], T0)).await;
+    let one = claim(&*a, "t", T0 + LEASE_MS + 3).await;
+    complete(
+        &*a,
+        &one[0],
+        T0 + LEASE_MS + 4,
+        Completed::Retry {
+            due_at: T0 + LEASE_MS + 5,
+            error: "HTTP 500".into(),
+        },
+    )
+    .await;
+    assert_eq!(attempts(&claim(&*b, "t", T0 + LEASE_MS + 5).await), [("again", 2)]);
     for store in [a, b, c] {
         store.close().await;
     }
