@@ -371,13 +371,16 @@ struct EventRef {
     id: String,
 }
 
+/// A replay request is a few filters: far below this.
+const REPLAY_MAX_BODY: usize = 64 * 1024;
+
 async fn replay(req: Request<Incoming>, admin: &Shared, current: &crate::state::Current) -> Response<Body> {
-    let Ok(body) = Limited::new(req.into_body(), 64 * 1024)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-    else {
-        return error(StatusCode::BAD_REQUEST, "body could not be read");
+    let body = match Limited::new(req.into_body(), REPLAY_MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "a replay request is at most 64 KiB");
+        }
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body could not be read"),
     };
     let r: ReplayRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,

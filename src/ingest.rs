@@ -225,8 +225,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
         outcome(RequestOutcome::too_large);
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
-    if let Some(ct) = req.headers().get(header::CONTENT_TYPE)
-        && !is_json_content_type(ct)
+    // Every one given: a second, non-JSON type would make the body mean
+    // something else to whoever reads it that way.
+    if !req
+        .headers()
+        .get_all(header::CONTENT_TYPE)
+        .iter()
+        .all(is_json_content_type)
     {
         outcome(RequestOutcome::unsupported_media_type);
         return error(

@@ -484,7 +484,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         _ => BTreeSet::new(),
     };
     let router = cx.router(&raw.routes, &declared_sources, &declared_sinks);
-    let tests = cx.tests(&raw.tests, &sources, &declared_sinks, &base_dir);
+    let tests = cx.tests(&raw.tests, &sources, &declared_sources, &declared_sinks, &base_dir);
 
     if !cx.errors.is_empty() {
         return Err(ConfigErrors(cx.errors));
@@ -520,6 +520,7 @@ impl Cx<'_> {
         &mut self,
         raw: &[Spanned<RawTest>],
         sources: &BTreeMap<String, Arc<Source>>,
+        declared_sources: &BTreeSet<String>,
         declared_sinks: &BTreeSet<String>,
         base_dir: &Path,
     ) -> Vec<TestCase> {
@@ -529,7 +530,12 @@ impl Cx<'_> {
             let r = t.get_ref();
             let mut ok = true;
             let source = r.source.get_ref().clone();
+            // A declared source with errors of its own has been reported;
+            // saying it does not exist too would mislead.
             if !sources.contains_key(&source) {
+                ok = false;
+            }
+            if !declared_sources.contains(&source) {
                 self.error_at(
                     r.source.span(),
                     &format!("{key}.source"),

@@ -463,6 +463,10 @@ fn test_cases_name_what_the_config_has() {
         &case("source = \"crumb\"\nevent = \"order.ready\"\nsinks = []"),
         &["tests[0].event", "order.ready", "order.created"],
     );
+    // A source that is there but broken is reported once, as itself.
+    let broken = case("source = \"crumb\"\nevent = \"order.created\"\nsinks = [\"kds\"]")
+        .replace("kind = \"crumbpos\"", "kind = \"crumbpos\"\ntolerance = \"5\"");
+    one_error(&broken, &["sources.crumb.tolerance"]);
     // A body file is read by `expeditor test`, not required to start.
     assert!(
         parse_with(

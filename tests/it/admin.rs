@@ -225,6 +225,18 @@ sinks = ["hook"]
         assert!(output_text(&out).contains(filter[0]), "{args:?}: {}", output_text(&out));
     }
 
+    // A replay request far over its size is 413, as a webhook's would be.
+    let resp = http
+        .post(format!("http://{}/api/replay", d.admin))
+        .bearer_auth("it-admin-token")
+        .header("content-type", "application/json")
+        .body(format!(r#"{{"dead_letters":true,"type":"{}"}}"#, "x".repeat(70 * 1024)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    assert!(resp.text().await.unwrap().contains("64 KiB"));
+
     // Replaying one sink's dead letters via the API directly.
     sink.script(&[], 200);
     let resp = http

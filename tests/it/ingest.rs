@@ -94,6 +94,20 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
         )
         .await;
     assert_rejected("text/html", &reply, 415);
+    let twice = bytes(&crumb_order("evt_415_twice", 4250));
+    let sig = crumb_signature(CRUMB_SECRET, now(), &twice);
+    let reply = d
+        .post(
+            "crumb",
+            &[
+                JSON,
+                ("content-type", "application/x-www-form-urlencoded"),
+                ("crumb-signature", &sig),
+            ],
+            twice,
+        )
+        .await;
+    assert_rejected("JSON, then a form type", &reply, 415);
     // 415 too for a content coding: the signature is over the bytes as sent,
     // so a body labelled compressed is refused, not stored as it came.
     for (id, coding) in [
