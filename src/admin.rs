@@ -123,7 +123,8 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     };
     // A filter a listing does not take is refused, not ignored: ignoring
     // it would list more than was asked for (`/api/events?sink=kds`).
-    if let Some(takes) = listing_filters(&path)
+    if req.method() == Method::GET
+        && let Some(takes) = listing_filters(&path)
         && let Some(unknown) = query.keys().find(|k| !takes.contains(&k.as_str()))
     {
         return error(

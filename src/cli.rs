@@ -132,9 +132,9 @@ pub enum EventsAction {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// At most this many rows.
-    #[arg(long, default_value_t = 50)]
-    pub limit: usize,
+    /// At most this many rows (1 or more).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: u64,
     /// Only since: a duration ago ("1h", "2d") or an RFC 3339 time.
     #[arg(long)]
     pub since: Option<String>,

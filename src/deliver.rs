@@ -541,8 +541,8 @@ impl Worker {
     /// While no attempt can start (every slot busy with a slow sink, or a
     /// `Retry-After` hold), claims wait; every [`SWEEP_EVERY`] those too
     /// close to their lease's end are given back. Left in the queue, a
-    /// lapsed claim would be claimed again, by this worker too, and each
-    /// claim counts an attempt that was never made.
+    /// lapsed claim would be claimed again, by this worker too, while this
+    /// one may still start it: the same attempt twice.
     async fn dispatch_loop(
         self: Arc<Self>,
         slots: Arc<Semaphore>,

@@ -395,11 +395,13 @@ fn parsed<'a>(
 
 /// Whether binding both addresses would fail: the same port on the same
 /// address, or on an unspecified one that takes it too (`0.0.0.0` every IPv4
-/// address; `[::]` every address, IPv4 as well, as Linux binds it by
-/// default). Port 0 is a new port for each.
+/// address; `[::]` every IPv6 one, and IPv4 too unless this machine sets
+/// `net.ipv6.bindv6only`). Port 0 is a new port for each.
 fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
-    let covers =
-        |wild: std::net::IpAddr, other: std::net::IpAddr| wild.is_unspecified() && (wild.is_ipv6() || other.is_ipv4());
+    let v6_takes_v4 = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").map_or(true, |v| v.trim() == "0");
+    let covers = |wild: std::net::IpAddr, other: std::net::IpAddr| {
+        wild.is_unspecified() && (wild.is_ipv4() == other.is_ipv4() || (wild.is_ipv6() && v6_takes_v4))
+    };
     a.port() == b.port() && a.port() != 0 && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
@@ -1238,8 +1240,13 @@ impl Cx<'_> {
                     // sends: one no request can carry (a newline, say from an
                     // env file) would dead-letter them all. Not quoted: it
                     // may be a secret.
+                    // A `${VAR}` value lands in the header as it is, templated
+                    // or not: one with a control character breaks them all.
                     let literal = !["{{", "{%", "{#"].iter().any(|t| v.contains(t));
-                    if literal && http::HeaderValue::from_str(&v).is_err() {
+                    let unsendable = |text: &str| text.chars().any(|c| c.is_ascii_control() && c != '\t');
+                    if (literal && http::HeaderValue::from_str(&v).is_err())
+                        || env_values(hval.get_ref(), self.env).iter().any(|v| unsendable(v))
+                    {
                         self.error_at(
                             hval.span(),
                             &hkey,
@@ -1642,6 +1649,25 @@ fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, 
 /// string that is compiled as a `template`, a value that holds template
 /// syntax (`{{`, `{%`, `{#`; a token may) is quoted in a `raw` block, so it
 /// is sent as it is, never run, and never shown in a template error.
+/// The values of the `${VAR}`s in `s` that are set (as [`interpolate_with`]
+/// reads them; `$$` is a dollar sign).
+fn env_values(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    let mut values = Vec::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('$') {
+        let after = &rest[i + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            rest = after;
+        } else if let Some((name, after)) = after.strip_prefix('{').and_then(|inner| inner.split_once('}')) {
+            values.extend(env(name));
+            rest = after;
+        } else {
+            rest = after;
+        }
+    }
+    values
+}
+
 fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: bool) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());

@@ -633,6 +633,21 @@ fn a_header_value_no_request_can_carry_is_refused() {
     assert!(parse_with(&text, &env()).is_err(), "a NUL is refused too");
     let text = BASE.replace("\"Bearer ${KDS_TOKEN}\"", "\"Bearer {{ order.id }}\"");
     assert!(parse_with(&text, &env()).is_ok(), "a template is rendered per delivery");
+    // An env value lands in the header as it is, templated or not.
+    let text = BASE.replace("\"Bearer ${KDS_TOKEN}\"", "\"Bearer ${KDS_TOKEN} {{ order.id }}\"");
+    let err = match parse_with(&text, &newline) {
+        Ok(_) => panic!("an env value with a newline in a templated header is refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("not a valid header value") && !err.contains("tok-kds-123"),
+        "{err}"
+    );
+    newline.insert("KDS_TOKEN", "tok-kds-123\t\u{e9}");
+    assert!(
+        parse_with(&text, &newline).is_ok(),
+        "a tab and non-ASCII text are sendable"
+    );
 }
 
 /// An http sink's `url` is a template: a `${VAR}` in it is text, even one

@@ -1353,8 +1353,7 @@ fn insert<'c>(
     Ok(Inserted::New(held))
 }
 
-/// The deliveries a claim takes: due, not leased, oldest first.
-/// Due deliveries, unleased or with a lease run out, with the attempt each
+/// The deliveries a claim takes, oldest first: due deliveries, unleased or with a lease run out, with the attempt each
 /// is now: the next one, or, where a lease ran out, the same one again (its
 /// holder died before it could record how it went).
 pub(super) const CLAIM: &str =

@@ -172,6 +172,17 @@ sinks = ["hook"]
             );
         }
     }
+    // Another method is still 405, whatever its query.
+    let resp = http
+        .post(format!("http://{}/api/events?sink=kds", d.admin))
+        .bearer_auth("it-admin-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    // The CLI refuses a limit of 0 itself.
+    let out = d.cli(&["events", "--limit", "0"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
     assert_eq!(
         ids(d.api("/api/deliveries?status=dead").await, "deliveries"),
         ["evt_adm_1", "evt_adm_crave"]
