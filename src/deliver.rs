@@ -375,6 +375,7 @@ impl Handoff {
                 delivery_id: id,
                 sink: h.sink.clone(),
                 attempt: 1,
+                taken_over: false,
                 lease_until: h.lease_until,
                 event: event.clone(),
                 prepared: Some(prepared.clone()),
@@ -509,6 +510,18 @@ impl Worker {
             };
             let got = claimed.len();
             slots.add_permits(want - got);
+            // Each of these had a holder that stopped mid-attempt (a crash, an
+            // instance gone) and runs again as the same attempt: a delivery
+            // that keeps coming back here may be what stops its holders.
+            for c in claimed.iter().filter(|c| c.taken_over) {
+                tracing::warn!(
+                    sink = %self.name,
+                    source = %c.event.source,
+                    event_id = %c.event.event_id,
+                    attempt = c.attempt,
+                    "delivery taken over: its last holder's lease ran out mid-attempt; it runs again as the same attempt"
+                );
+            }
             for c in claimed {
                 if let Err(unsent) = queue.send(c) {
                     // The dispatcher has stopped: give the claim back.

@@ -73,6 +73,10 @@ pub struct Claimed {
     pub sink: String,
     /// The attempt this claim is: 1 for the first.
     pub attempt: u32,
+    /// Its last holder's lease ran out before that attempt was recorded
+    /// (the holder died mid-attempt, or could not reach the store): this
+    /// claim is the same attempt again.
+    pub taken_over: bool,
     /// When the lease runs out; with the id, it names this claim alone (a
     /// later claim of the same delivery has a later lease).
     pub lease_until: i64,

@@ -171,7 +171,7 @@ SELECT e.seq, e.source, e.event_id, d.id, d.sink FROM e LEFT JOIN d ON d.event_s
 /// could record how it went, so it is not counted twice.
 const CLAIM: &str = "
 WITH c AS (
-    SELECT id FROM deliveries
+    SELECT id, lease_until IS NOT NULL AS taken_over FROM deliveries
     WHERE sink = $1 AND state = 0 AND due_at <= $2 AND (lease_until IS NULL OR lease_until <= $2)
     ORDER BY due_at, id
     LIMIT $3
@@ -182,8 +182,8 @@ WITH c AS (
     FROM c WHERE d.id = c.id
     RETURNING d.id, d.attempts, d.event_seq, d.due_at
 )
-SELECT u.id, u.attempts, e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
-FROM u JOIN events e ON e.seq = u.event_seq
+SELECT u.id, u.attempts, e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body, c.taken_over
+FROM u JOIN c ON c.id = u.id JOIN events e ON e.seq = u.event_seq
 ORDER BY u.due_at, u.id";
 
 /// Ends attempts: only the holder of a delivery's current attempt may end it
@@ -786,6 +786,7 @@ impl Store for PostgresStore {
                     delivery_id: r.get(0),
                     sink: sink.to_string(),
                     attempt: attempts(r.get(1)),
+                    taken_over: r.get(9),
                     lease_until,
                     event: StoredEvent {
                         source: r.get(2),

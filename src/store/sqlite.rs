@@ -1357,7 +1357,8 @@ fn insert<'c>(
 /// is now: the next one, or, where a lease ran out, the same one again (its
 /// holder died before it could record how it went).
 pub(super) const CLAIM: &str =
-    "SELECT d.id, MAX(d.attempts + (d.lease_until IS NULL), 1), e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body
+    "SELECT d.id, MAX(d.attempts + (d.lease_until IS NULL), 1), e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body,
+            d.lease_until IS NOT NULL
      FROM deliveries d JOIN events e ON e.seq = d.event_seq
      WHERE d.sink = ?1 AND d.state = 0 AND d.due_at <= ?2
        AND (d.lease_until IS NULL OR d.lease_until <= ?2)
@@ -1371,6 +1372,7 @@ fn claim(t: &Connection, sink: &str, limit: usize, lease_until: i64, now: i64) -
                 delivery_id: r.get(0)?,
                 sink: sink.to_string(),
                 attempt: r.get::<_, u32>(1)?,
+                taken_over: r.get(9)?,
                 lease_until,
                 event: StoredEvent {
                     source: r.get(2)?,

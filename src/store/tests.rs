@@ -436,6 +436,7 @@ async fn lease_hides_a_claimed_delivery_until_it_runs_out(store: Arc<dyn Store>)
     // as the same attempt (how the first went was never recorded).
     let again = claim(&*store, "a", T0 + 1 + LEASE_MS + 1).await;
     assert_eq!(attempts(&again), [("evt_1", 1)]);
+    assert!(again[0].taken_over && !first[0].taken_over && !second[0].taken_over);
     let rows = deliveries(&*store, Some("a"), None).await;
     let evt_1 = rows.iter().find(|r| r.event_id == "evt_1").expect("evt_1's delivery");
     assert_eq!(evt_1.attempts, 1, "{rows:?}");
