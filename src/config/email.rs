@@ -10,7 +10,7 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use super::raw::{RawEmailSink, RawSmtp, Str};
-use super::{Cx, SinkKind, SinkSpec};
+use super::{Cx, SinkKind, SinkSpec, interpolate_with};
 
 impl Cx<'_> {
     pub(super) fn email_sink(
@@ -42,6 +42,8 @@ impl Cx<'_> {
             cx.template(&mut set, &k, &v, s.span())
         };
         let to = text_template(self, "to", &r.to);
+        // Commas from `${VAR}` values are the config's own, not event data.
+        let plain_to = interpolate_with(r.to.get_ref(), self.env, false).unwrap_or_default();
         let to_name = r.to_name.as_ref().map(|s| text_template(self, "to_name", s));
         let subject = text_template(self, "subject", &r.subject);
         let text = text_template(self, "text", &r.text);
@@ -75,6 +77,7 @@ impl Cx<'_> {
                 from: from?,
                 to: to?,
                 to_name,
+                to_most: expeditor_email::most_recipients(&plain_to),
                 subject: subject?,
                 text: text?,
                 html,

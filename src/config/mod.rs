@@ -821,11 +821,23 @@ impl Cx<'_> {
             1024,
             1..1_000_001,
         );
-        let shutdown_timeout = self.duration(
-            r.and_then(|r| r.shutdown_timeout.as_ref()),
-            "server.shutdown_timeout",
-            Duration::from_secs(25),
-        );
+        let shutdown_raw = r.and_then(|r| r.shutdown_timeout.as_ref());
+        let shutdown_timeout = self
+            .duration(shutdown_raw, "server.shutdown_timeout", Duration::from_secs(25))
+            .and_then(|d| {
+                // Zero drains nothing (work in flight runs again at the next
+                // start), which one may mean; past an hour, systemd (its unit's
+                // TimeoutStopSec) or the operator kills it first.
+                if d > Duration::from_secs(3600) {
+                    self.error_at(
+                        shutdown_raw.map_or(0..0, |s| s.span()),
+                        "server.shutdown_timeout",
+                        "must be at most 1h; raise the unit's TimeoutStopSec with it",
+                    );
+                    return None;
+                }
+                Some(d)
+            });
         Some(ServerConfig {
             listen: listen?,
             max_body: max_body?,

@@ -566,6 +566,15 @@ fn a_sink_timeout_is_at_most_an_hour() {
 }
 
 #[test]
+fn shutdown_timeout_is_at_most_an_hour() {
+    let with = |t: &str| BASE.replace("[server]\n", &format!("[server]\nshutdown_timeout = \"{t}\"\n"));
+    one_error(&with("100d"), &["server.shutdown_timeout", "at most 1h"]);
+    for ok in ["0s", "25s", "1h"] {
+        assert!(parse_with(&with(ok), &env()).is_ok(), "{ok}");
+    }
+}
+
+#[test]
 fn every_error_is_reported_at_once() {
     let text = BASE
         .replace("kind = \"crumbpos\"", "kind = \"nope\"")

@@ -24,6 +24,9 @@ pub struct EmailSinkConfig {
     /// A text template naming a single recipient (`{{ order.customer.name }}`);
     /// any characters, encoded as needed.
     pub to_name: Option<TemplateId>,
+    /// With a templated `to`, the most addresses it may render
+    /// ([`most_recipients`]): more means event data held a list.
+    pub to_most: Option<usize>,
     pub subject: TemplateId,
     /// The plain text body.
     pub text: TemplateId,
@@ -120,6 +123,31 @@ impl fmt::Debug for EmailSinkConfig {
 
 /// Parses `from` (`orders@example.com` or `Crave Pizza <orders@example.com>`),
 /// for the config module, so a bad sender is a `check` error.
+/// How many addresses a templated `to` may render: one, and one more for
+/// each `,` in its own text outside `{{ }}`, `{% %}` and `{# #}`.
+/// Its expressions each name one address: a customer's email typed as
+/// `me@x.com, someone@else.com` must not add a recipient of the order's
+/// details. `None` for a `to` without template syntax (nothing to inject).
+pub fn most_recipients(source: &str) -> Option<usize> {
+    let mut separators = 0;
+    let mut tagged = false;
+    let mut rest = source;
+    while let Some(c) = rest.chars().next() {
+        let close = ["{{", "{%", "{#"]
+            .iter()
+            .position(|open| rest.starts_with(open))
+            .map(|i| ["}}", "%}", "#}"][i]);
+        if let Some(close) = close {
+            tagged = true;
+            rest = rest[2..].find(close).map_or("", |end| &rest[2 + end + 2..]);
+            continue;
+        }
+        separators += usize::from(c == ',');
+        rest = &rest[c.len_utf8()..];
+    }
+    tagged.then_some(separators + 1)
+}
+
 pub fn parse_mailbox(s: &str) -> Result<Mailbox, String> {
     Mailbox::from_str(s.trim())
         .map_err(|e| format!("{s:?} is not an email address ({e}); write e.g. \"Crave Pizza <orders@example.com>\""))

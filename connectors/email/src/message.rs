@@ -33,6 +33,16 @@ pub(crate) fn render(cfg: &EmailSinkConfig, delivery: &Delivery) -> Result<Messa
     // The address is the customer's: it is not quoted in the stored error.
     let mut recipients = Mailboxes::from_str(to)
         .map_err(|e| DeliveryError::permanent(format!("sinks.{}.to: not a valid email address ({e})", cfg.name)))?;
+    let rendered = recipients.iter().count();
+    if let Some(most) = cfg.to_most
+        && rendered > most
+    {
+        return Err(DeliveryError::permanent(format!(
+            "sinks.{}.to: rendered {rendered} addresses where its template names at most {most}: \
+             event data held a list (an email field with a comma?); sent to none",
+            cfg.name
+        )));
+    }
     if let Some(name) = &cfg.to_name {
         let mut list = recipients.into_iter();
         let (Some(only), None) = (list.next(), list.next()) else {

@@ -47,6 +47,7 @@ fn delivery(email: Option<&str>) -> Delivery {
 
 fn config(to: &str, to_name: Option<&str>, html: Option<&str>) -> EmailSinkConfig {
     let mut set = TemplateSet::new();
+    let to_most = crate::most_recipients(to);
     let to = set.text("sinks.confirm.to", to).unwrap();
     let to_name = to_name.map(|n| set.text("sinks.confirm.to_name", n).unwrap());
     let subject = set
@@ -71,6 +72,7 @@ fn config(to: &str, to_name: Option<&str>, html: Option<&str>) -> EmailSinkConfi
         from: parse_mailbox("Crêperie Zoë <orders@crave.example>").unwrap(),
         to,
         to_name,
+        to_most,
         subject,
         text,
         html,
@@ -144,6 +146,25 @@ fn several_recipients() {
     let m = message::render(&cfg, &delivery(None)).unwrap();
     let to: Vec<String> = m.envelope().to().iter().map(ToString::to_string).collect();
     assert_eq!(to, ["a@example.com", "kitchen@example.com"]);
+}
+
+/// A customer's email field holding a list adds no recipient: each
+/// expression of a templated `to` names one address.
+#[test]
+fn event_data_cannot_add_recipients() {
+    let injected = Some("priya@example.net, attacker@evil.test");
+    let cfg = config("{{ order.customer.email }}", None, None);
+    let err = message::render(&cfg, &delivery(injected)).unwrap_err();
+    assert!(!err.retryable && err.message.contains("at most 1"), "{err:?}");
+    assert!(!err.message.contains("evil.test"), "{err:?}");
+    assert!(message::render(&cfg, &delivery(Some("priya@example.net"))).is_ok());
+    let cfg = config("Ops <ops@example.com>, {{ order.customer.email }}", None, None);
+    let m = message::render(&cfg, &delivery(Some("priya@example.net"))).unwrap();
+    assert_eq!(m.envelope().to().len(), 2);
+    assert!(message::render(&cfg, &delivery(injected)).is_err());
+    assert_eq!(crate::most_recipients("a@x.com, b@x.com"), None);
+    assert_eq!(crate::most_recipients("{{ a }}, {{ b | default('x,y') }}"), Some(2));
+    assert_eq!(crate::most_recipients("{# a, b #}{{ c }}"), Some(1));
 }
 
 #[test]

@@ -32,6 +32,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
@@ -102,10 +103,14 @@ impl Open {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
+        // A new file holds customers' names and emails: readable by its owner
+        // and group (a log shipper), not by every user, whatever the umask.
+        // An existing file keeps the mode it was given.
         let mut file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
+            .mode(0o640)
             .open(path)?;
         cut_torn_line(&mut file, path)?;
         let meta = file.metadata()?;

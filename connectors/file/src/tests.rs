@@ -136,6 +136,11 @@ async fn creates_missing_parent_directories() {
     let sink = sink(&path, None).await;
     assert!(sink.deliver(&[delivery("e1")]).await[0].is_ok());
     assert_eq!(lines(&path).len(), 1);
+    // Customer data: not readable by every user, whatever the umask.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode & 0o007, 0, "{mode:o}");
+    assert_eq!(mode & 0o600, 0o600, "{mode:o}");
 }
 
 #[tokio::test]
