@@ -815,6 +815,15 @@ impl Worker {
     /// Applies the retry policy to one outcome.
     fn judge(&self, c: &Claimed, outcome: Outcome, now: i64) -> Completed {
         let ids = (&c.event.source, &c.event.event_id, &self.name, c.attempt);
+        // A sink's message may be a plugin's own words: one bounded line in
+        // the log, so it cannot forge lines or flood the journal (the store
+        // keeps its own bounded copy).
+        let logged = |m: &str| -> String {
+            m.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(LOGGED_ERROR_CHARS)
+                .collect()
+        };
         match outcome {
             Ok(()) => {
                 tracing::debug!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, "delivered");
@@ -822,21 +831,21 @@ impl Worker {
             }
             Err(e) if e.retryable => match self.common.retry.next_delay(c.attempt, e.retry_after) {
                 Some(delay) => {
-                    tracing::info!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, error = %e.message, retry_in = ?delay, "delivery failed; will retry");
+                    tracing::info!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, error = %logged(&e.message), retry_in = ?delay, "delivery failed; will retry");
                     Completed::Retry {
                         due_at: now + delay.as_millis() as i64,
                         error: e.message,
                     }
                 }
                 None => {
-                    tracing::warn!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, error = %e.message, "delivery failed; attempts used up, dead-lettered");
+                    tracing::warn!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, error = %logged(&e.message), "delivery failed; attempts used up, dead-lettered");
                     Completed::Dead {
                         error: format!("{} (gave up after {} attempts)", e.message, c.attempt),
                     }
                 }
             },
             Err(e) => {
-                tracing::warn!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, error = %e.message, "delivery failed permanently; dead-lettered");
+                tracing::warn!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, error = %logged(&e.message), "delivery failed permanently; dead-lettered");
                 Completed::Dead { error: e.message }
             }
         }
@@ -846,6 +855,8 @@ impl Worker {
 /// Failed tries of a group of outcomes before the store is asked whether it
 /// takes writes at all.
 const TRIES_BEFORE_SPLIT: u32 = 3;
+/// The most of a sink's error message a log line carries.
+const LOGGED_ERROR_CHARS: usize = 500;
 
 /// Records a group of outcomes, trying again while the store is down: an
 /// outcome that is not recorded is redone after its lease runs out, which

@@ -2,10 +2,10 @@
 //!
 //! Every request a plugin makes through `wasi:http/outgoing-handler` passes
 //! [`Egress::send_request`]. A request is allowed when its `host:port` (the
-//! port defaulting from the scheme) is granted by name, or when it names an IP
-//! address, or a name that resolves only to addresses, that `allow_http`
-//! grants as IP:port. A grant by name trusts that name's DNS answers. Anything
-//! else is denied and logged; the plugin sees `HttpRequestDenied`, an ordinary
+//! port defaulting from the scheme) is granted: a name by a grant of that
+//! name (never by what it resolves to: see [`allowed`]), an IP address by a
+//! grant of that address. A grant by name trusts that name's DNS answers.
+//! Anything else is denied and logged; the plugin sees `HttpRequestDenied`, an ordinary
 //! error it can report (as retryable, so a fixed grant lets the delivery
 //! through).
 

@@ -194,7 +194,7 @@ impl Plugin {
             bindings.call_init(s, config).await
         }) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
-            Ok(Err(msg)) => Err(InitFailed::Rejected(msg)),
+            Ok(Err(msg)) => Err(InitFailed::Rejected(own_words(&msg))),
             Err(failed) => Err(InitFailed::Failed(failed)),
         }
     }
@@ -385,9 +385,40 @@ fn compatible(version: &str) -> bool {
     }
 }
 
+/// The most of a plugin's own message (an error it returns) the host keeps.
+const OWN_WORDS_CHARS: usize = 1000;
+
+/// A plugin's message as the host passes it on, to logs, the CLI and the
+/// store: one line (control characters become spaces, so it cannot forge
+/// log lines) of at most [`OWN_WORDS_CHARS`] characters.
+pub(crate) fn own_words(message: &str) -> String {
+    let mut line: String = message
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(OWN_WORDS_CHARS + 1)
+        .collect();
+    if line.chars().count() > OWN_WORDS_CHARS {
+        line = line.chars().take(OWN_WORDS_CHARS).collect::<String>() + "…";
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plugin's message cannot forge log lines or flood the journal.
+    #[test]
+    fn a_plugins_words_are_one_bounded_line() {
+        assert_eq!(
+            own_words("bad\n2026-12-07T00:00:00Z INFO forged"),
+            "bad 2026-12-07T00:00:00Z INFO forged"
+        );
+        let long = own_words(&"é".repeat(5000));
+        assert_eq!(long.chars().count(), OWN_WORDS_CHARS + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(own_words(&"x".repeat(OWN_WORDS_CHARS)), "x".repeat(OWN_WORDS_CHARS));
+    }
 
     #[test]
     fn versions() {

@@ -81,9 +81,10 @@ fn to_outcome(r: Result<(), bindings::DeliveryError>) -> Outcome {
     match r {
         Ok(()) => Ok(()),
         Err(bindings::DeliveryError::Retryable(hint)) => {
-            Err(DeliveryError::retryable(hint.message).with_retry_after(hint.retry_after_ms.map(Duration::from_millis)))
+            Err(DeliveryError::retryable(crate::plugin::own_words(&hint.message))
+                .with_retry_after(hint.retry_after_ms.map(Duration::from_millis)))
         }
-        Err(bindings::DeliveryError::Permanent(msg)) => Err(DeliveryError::permanent(msg)),
+        Err(bindings::DeliveryError::Permanent(msg)) => Err(DeliveryError::permanent(crate::plugin::own_words(&msg))),
     }
 }
 
