@@ -131,7 +131,7 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             StatusCode::BAD_REQUEST,
             &format!(
                 "this listing does not filter by {}; it takes {}",
-                one_line(unknown),
+                quoted(unknown),
                 takes.join(", ")
             ),
         );
@@ -266,10 +266,9 @@ fn listing_filters(path: &str) -> Option<&'static [&'static str]> {
     })
 }
 
-/// A client's text in an error: one short line.
-fn one_line(text: &str) -> String {
-    let line: String = text.chars().filter(|c| !c.is_control()).take(64).collect();
-    format!("{line:?}")
+/// A client's text in an error: one short line, quoted.
+fn quoted(text: &str) -> String {
+    format!("{:?}", expeditor_api::message::one_line(text, 64))
 }
 
 const BAD_CURSOR: &str = "before must be the `next` of an earlier page of the same listing";

@@ -818,12 +818,7 @@ impl Worker {
         // A sink's message may be a plugin's own words: one bounded line in
         // the log, so it cannot forge lines or flood the journal (the store
         // keeps its own bounded copy).
-        let logged = |m: &str| -> String {
-            m.chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .take(LOGGED_ERROR_CHARS)
-                .collect()
-        };
+        let logged = |m| expeditor_api::message::one_line(m, LOGGED_ERROR_CHARS);
         match outcome {
             Ok(()) => {
                 tracing::debug!(source = %ids.0, event_id = %ids.1, sink = %ids.2, attempt = ids.3, "delivered");

@@ -297,19 +297,14 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             }
             error(StatusCode::UNAUTHORIZED, "signature verification failed")
         }
-        Err(Rejected::Invalid { error: e, event_id }) => {
+        Err(Rejected::Invalid { error: e, body }) => {
             outcome(RequestOutcome::invalid);
             // Signed by the vendor, so worth naming: the vendor retries it
             // and then gives up, and this line is what says which one it was.
             if let Some(held_back) = intake.rejections.invalid.pass_now() {
-                match &event_id {
-                    Some(id) => {
-                        tracing::warn!(source = %source.name, event_id = %id, %peer, error = %e, held_back, "webhook rejected: invalid event")
-                    }
-                    None => {
-                        tracing::warn!(source = %source.name, %peer, error = %e, held_back, "webhook rejected: invalid event")
-                    }
-                }
+                let event_id = source.normalizer.event_id_of(&body);
+                let event_id = event_id.as_deref().map(tracing::field::display);
+                tracing::warn!(source = %source.name, event_id, %peer, error = %e, held_back, "webhook rejected: invalid event");
             }
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }

@@ -463,7 +463,8 @@ impl Normalizer {
 
     /// The event id of a body that [`Self::normalize`] refused, if it has
     /// one that reads: for the log line that says which event was refused
-    /// (the body is not kept). Parses the body again; only refusals pay.
+    /// (the body is not kept). Parses the body again; only a refusal that
+    /// is logged pays.
     pub fn event_id_of(&self, body: &[u8]) -> Option<String> {
         let document = Json::parse(body).ok()?;
         let value = match self {

@@ -54,11 +54,11 @@ pub enum Accepted {
 
 pub enum Rejected {
     Verification(VerifyError),
-    /// Verified, but not an event that can be stored; with its id when
-    /// that much reads.
+    /// Verified, but not an event that can be stored; with the body, from
+    /// which its log line reads the event id (only if one is written).
     Invalid {
         error: NormalizeError,
-        event_id: Option<String>,
+        body: Bytes,
     },
     Store(StoreError),
 }
@@ -128,8 +128,8 @@ impl Pipeline {
             .normalizer
             .normalize(verified.body())
             .map_err(|error| Rejected::Invalid {
-                event_id: source.normalizer.event_id_of(verified.body()),
                 error,
+                body: body.clone(),
             })?;
         let occurred_at = n.occurred_at.map(|t| t.as_millisecond());
         // What sinks see (the event with its payload as a `Value`), built at

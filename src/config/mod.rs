@@ -1248,12 +1248,11 @@ impl Cx<'_> {
                     let Some(v) = self.resolve_template(hval, &hkey) else {
                         continue;
                     };
-                    // A value without template syntax is what every delivery
-                    // sends: one no request can carry (a newline, say from an
-                    // env file) would dead-letter them all. Not quoted: it
-                    // may be a secret.
-                    // A `${VAR}` value lands in the header as it is, templated
-                    // or not: one with a control character breaks them all.
+                    // What every delivery sends as it is, a value without
+                    // template syntax or a `${VAR}` value in any: one no
+                    // request can carry (a newline, say from an env file)
+                    // would dead-letter them all. Not quoted: it may be a
+                    // secret.
                     let literal = !["{{", "{%", "{#"].iter().any(|t| v.contains(t));
                     let unsendable = |text: &str| text.chars().any(|c| c.is_ascii_control() && c != '\t');
                     if (literal && http::HeaderValue::from_str(&v).is_err())
@@ -1657,29 +1656,26 @@ fn interpolate(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, 
     interpolate_with(s, env, false)
 }
 
+/// The values of the `${VAR}`s in `s` that are set, read as
+/// [`interpolate_with`] reads them.
+fn env_values(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
+    let values = std::cell::RefCell::new(Vec::new());
+    let _ = interpolate_with(
+        s,
+        &|name| {
+            let value = env(name);
+            values.borrow_mut().extend(value.clone());
+            value
+        },
+        false,
+    );
+    values.into_inner()
+}
+
 /// Replaces `${NAME}` with the variable's value; `$$` is a literal `$`. In a
 /// string that is compiled as a `template`, a value that holds template
 /// syntax (`{{`, `{%`, `{#`; a token may) is quoted in a `raw` block, so it
 /// is sent as it is, never run, and never shown in a template error.
-/// The values of the `${VAR}`s in `s` that are set (as [`interpolate_with`]
-/// reads them; `$$` is a dollar sign).
-fn env_values(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
-    let mut values = Vec::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        let after = &rest[i + 1..];
-        if let Some(after) = after.strip_prefix('$') {
-            rest = after;
-        } else if let Some((name, after)) = after.strip_prefix('{').and_then(|inner| inner.split_once('}')) {
-            values.extend(env(name));
-            rest = after;
-        } else {
-            rest = after;
-        }
-    }
-    values
-}
-
 fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: bool) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());

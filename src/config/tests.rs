@@ -497,6 +497,10 @@ fn the_two_listeners_need_their_own_ports() {
     one_error(&onto_admin, &["admin.listen", "own port", &at]);
     // A wildcard address takes the port on every address: `run` could not
     // bind the second listener, so `check` says so.
+    let listeners = |server: &str, admin: &str| {
+        BASE.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"{server}\""))
+            + &format!("\n[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n")
+    };
     for (server, admin) in [
         ("127.0.0.1:8084", "0.0.0.0:8084"),
         ("0.0.0.0:8084", "127.0.0.1:8084"),
@@ -504,9 +508,7 @@ fn the_two_listeners_need_their_own_ports() {
         ("0.0.0.0:8084", "[::]:8084"),
         ("[::1]:8084", "[::]:8084"),
     ] {
-        let text = BASE.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"{server}\""))
-            + &format!("\n[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n");
-        one_error(&text, &["admin.listen", "own port", server]);
+        one_error(&listeners(server, admin), &["admin.listen", "own port", server]);
     }
     // Other ports, or addresses that do not overlap, are fine; port 0 is
     // a port of its own each time.
@@ -516,8 +518,7 @@ fn the_two_listeners_need_their_own_ports() {
         ("0.0.0.0:8084", "0.0.0.0:8085"),
         ("127.0.0.1:0", "127.0.0.1:0"),
     ] {
-        let text = BASE.replace("listen = \"127.0.0.1:8080\"", &format!("listen = \"{server}\""))
-            + &format!("\n[admin]\nlisten = \"{admin}\"\ntoken = \"t\"\n");
+        let text = listeners(server, admin);
         assert!(
             parse_with(&text, &env()).is_ok(),
             "{server} and {admin}: {:?}",

@@ -110,19 +110,7 @@ pub const MAX_ERROR_CHARS: usize = 2000;
 /// [`MAX_ERROR_CHARS`]. A sink's message is mostly its own, but a plugin's
 /// is whatever the plugin says.
 pub fn stored_error(error: &str) -> std::borrow::Cow<'_, str> {
-    let clean = error.chars().all(|c| !c.is_control()) && error.len() <= MAX_ERROR_CHARS;
-    if clean {
-        return std::borrow::Cow::Borrowed(error);
-    }
-    let mut out: String = error
-        .chars()
-        .take(MAX_ERROR_CHARS)
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if error.chars().nth(MAX_ERROR_CHARS).is_some() {
-        out.push_str("...");
-    }
-    std::borrow::Cow::Owned(out)
+    expeditor_api::message::one_line(error, MAX_ERROR_CHARS)
 }
 
 /// The end of one attempt. It is recorded only while its claim is still the

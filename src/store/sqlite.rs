@@ -1353,9 +1353,10 @@ fn insert<'c>(
     Ok(Inserted::New(held))
 }
 
-/// The deliveries a claim takes, oldest first: due deliveries, unleased or with a lease run out, with the attempt each
-/// is now: the next one, or, where a lease ran out, the same one again (its
-/// holder died before it could record how it went).
+/// The deliveries a claim takes, oldest first: due, unleased or with a lease
+/// run out, with the attempt each is now: the next one, or, where a lease
+/// ran out, the same one again (its holder died before it could record how
+/// it went).
 pub(super) const CLAIM: &str =
     "SELECT d.id, MAX(d.attempts + (d.lease_until IS NULL), 1), e.source, e.event_id, e.kind, e.type, e.occurred_at, e.received_at, e.body,
             d.lease_until IS NOT NULL

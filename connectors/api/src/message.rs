@@ -21,6 +21,25 @@ pub fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
     }
 }
 
+/// Text as one line of at most `most` characters: control characters
+/// (line breaks, NULs, escapes) become spaces, so it cannot forge log lines
+/// nor be refused by a database, and a longer text ends in `...`. Borrowed
+/// when it is clean already.
+pub fn one_line(text: &str, most: usize) -> std::borrow::Cow<'_, str> {
+    if text.chars().all(|c| !c.is_control()) && text.len() <= most {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out: String = text
+        .chars()
+        .take(most)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.chars().nth(most).is_some() {
+        out.push_str("...");
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -389,18 +389,10 @@ fn compatible(version: &str) -> bool {
 const OWN_WORDS_CHARS: usize = 1000;
 
 /// A plugin's message as the host passes it on, to logs, the CLI and the
-/// store: one line (control characters become spaces, so it cannot forge
-/// log lines) of at most [`OWN_WORDS_CHARS`] characters.
+/// store: one line of at most [`OWN_WORDS_CHARS`] characters, so it cannot
+/// forge log lines or flood the journal.
 pub(crate) fn own_words(message: &str) -> String {
-    let mut line: String = message
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(OWN_WORDS_CHARS + 1)
-        .collect();
-    if line.chars().count() > OWN_WORDS_CHARS {
-        line = line.chars().take(OWN_WORDS_CHARS).collect::<String>() + "…";
-    }
-    line
+    expeditor_api::message::one_line(message, OWN_WORDS_CHARS).into_owned()
 }
 
 #[cfg(test)]
@@ -415,8 +407,8 @@ mod tests {
             "bad 2026-12-07T00:00:00Z INFO forged"
         );
         let long = own_words(&"é".repeat(5000));
-        assert_eq!(long.chars().count(), OWN_WORDS_CHARS + 1);
-        assert!(long.ends_with('…'));
+        assert_eq!(long.chars().count(), OWN_WORDS_CHARS + 3);
+        assert!(long.ends_with("..."));
         assert_eq!(own_words(&"x".repeat(OWN_WORDS_CHARS)), "x".repeat(OWN_WORDS_CHARS));
     }
 
