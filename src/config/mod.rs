@@ -241,6 +241,14 @@ impl Concurrency {
     pub const ADAPTIVE_START: usize = 8;
     /// The most an adaptive limit reaches.
     pub const ADAPTIVE_MAX: usize = 32;
+
+    /// The most attempts that may ever be in flight at once.
+    pub fn most(self) -> usize {
+        match self {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Adaptive => Concurrency::ADAPTIVE_MAX,
+        }
+    }
 }
 
 /// `rate_limit = "50/s"`: at most `count` attempts start in any `per`.
@@ -477,6 +485,24 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
                 format!("sinks {other} and {name} write the same file; give each file sink its own path"),
             );
         }
+    }
+    let wasm_instances: usize = sinks
+        .values()
+        .filter(|s| matches!(s.kind, SinkKind::Wasm(_)))
+        .map(|s| s.common.concurrency.most())
+        .sum();
+    if wasm_instances > expeditor_wasm::MAX_SINK_INSTANCES {
+        let span = doc.get_ref().get("sinks").map_or(0..0, |t| t.span());
+        cx.error_at(
+            span,
+            "sinks",
+            format!(
+                "the wasm sinks together may keep at most {} plugin instances (one per delivery in flight: \
+                 its concurrency, {} for \"adaptive\"); these take {wasm_instances}. Lower a wasm sink's concurrency",
+                expeditor_wasm::MAX_SINK_INSTANCES,
+                Concurrency::ADAPTIVE_MAX
+            ),
+        );
     }
     // Routes are checked against every declared name, so one broken sink
     // is reported once, not again by each route that names it.

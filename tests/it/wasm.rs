@@ -311,6 +311,70 @@ retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
     assert!(log.contains("the next delivery gets a fresh one"), "{log}");
 }
 
+/// What a plugin hands back is copied out of its memory by the host, so the
+/// host bounds it: a plugin answering a hundred results that all point at
+/// one 2 MiB string (a few MiB of its own memory, 200 MiB if copied out
+/// each time) is stopped once it passed 8 MiB, and the daemon's memory
+/// shows no such copy. A plugin leaking host resources (timers here; HTTP
+/// requests and bodies alike) is stopped at a thousand, and the instance
+/// goes with them. Both are retryable; the next delivery is fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_cannot_make_the_host_hold_more_than_its_limits() {
+    let sinks = r#"[sinks.greedy]
+type = "wasm"
+plugin = "{PLUGINS}/misbehave.wasm"
+retry = { max_attempts = 2, initial = "50ms", max = "100ms" }
+"#;
+    let (d, _plugins) = start_with_plugins(&config(sinks, &["greedy"]), &[("misbehave", "misbehave")]).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_warm", 100)).await.status, 200);
+    d.wait_delivery("crumb", "evt_warm", "greedy", "delivered").await;
+    let before = peak_rss_kib(d.pid());
+
+    assert_eq!(
+        d.post_crumb(&with_behaviour(crumb_order("evt_alias", 100), "alias"))
+            .await
+            .status,
+        200
+    );
+    let dead = d.wait_delivery("crumb", "evt_alias", "greedy", "dead").await;
+    assert_eq!(dead["attempts"], 2, "stopped, so retryable: {dead}");
+    assert!(
+        dead.to_string()
+            .contains("passed more than 8MiB to the host in one call"),
+        "{dead}"
+    );
+    let grown_mib = (peak_rss_kib(d.pid()) - before) / 1024;
+    assert!(
+        grown_mib < 48,
+        "the daemon's peak memory grew by {grown_mib} MiB: the aliased results were copied out"
+    );
+
+    assert_eq!(
+        d.post_crumb(&with_behaviour(crumb_order("evt_hoard", 100), "hoard"))
+            .await
+            .status,
+        200
+    );
+    let dead = d.wait_delivery("crumb", "evt_hoard", "greedy", "dead").await;
+    assert!(
+        dead.to_string().contains("held more than 1000 host resources"),
+        "{dead}"
+    );
+    // A plugin keeping a few is fine.
+    let mut few = with_behaviour(crumb_order("evt_few", 100), "hoard");
+    few["count"] = json!(100);
+    assert_eq!(d.post_crumb(&few).await.status, 200);
+    d.wait_delivery("crumb", "evt_few", "greedy", "delivered").await;
+    assert_eq!(healthz(&d).await, 200);
+}
+
+/// The daemon's peak resident memory so far (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> i64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// A plugin that logs in a loop cannot flood the journal: each call may
 /// write a hundred lines, then one warning says the rest are dropped, and
 /// the next call starts afresh.
@@ -637,6 +701,24 @@ fn check_loads_every_plugin_and_refuses_those_it_cannot_use() {
     }
     let (_, out) = check(d, "[sinks.p]\ntype = \"wasm\"\nplugin = \"future\"\n");
     assert!(out.contains("future.wasm"), "the error names the file:\n{out}");
+
+    // The process's pool of instances is shared, and a reload needs room
+    // for old and new sinks side by side.
+    let wide = |n: usize| format!("[sinks.p]\ntype = \"wasm\"\nplugin = \"misbehave\"\nconcurrency = {n}\n");
+    let (ok, out) = check(
+        d,
+        &format!("{}[sinks.q]\ntype = \"wasm\"\nplugin = \"misbehave\"\n", wide(400)),
+    );
+    assert!(ok, "400 + 32 (adaptive) instances fit: {out}");
+    let (ok, out) = check(
+        d,
+        &format!("{}[sinks.q]\ntype = \"wasm\"\nplugin = \"misbehave\"\n", wide(419)),
+    );
+    assert!(!ok, "419 + 32 do not");
+    assert!(
+        out.contains("the wasm sinks together may keep at most 450 plugin instances") && out.contains("these take 451"),
+        "{out}"
+    );
 }
 
 /// A reload whose plugins are slow to load (each `init` may take up to its

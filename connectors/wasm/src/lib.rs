@@ -35,3 +35,9 @@ mod tests;
 pub use config::{Grant, Limits, WasmSinkConfig, parse_grant};
 pub use plugin::{Plugin, PluginError, PluginErrorKind, WIT_PACKAGE};
 pub use sink::WasmSink;
+
+/// The most instances one config's wasm sinks may keep together (one per
+/// delivery in flight). Half the process's pool: during a reload the old
+/// sinks finish their deliveries while the new ones start theirs, and each
+/// load of a plugin also makes an instance to run `init` on.
+pub const MAX_SINK_INSTANCES: usize = runtime::MAX_INSTANCES as usize / 2 - 50;

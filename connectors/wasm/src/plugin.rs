@@ -10,13 +10,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use wasmtime::component::Component;
+use wasmtime::component::{Component, ResourceTableError};
 use wasmtime::{Store, Trap};
 
 use crate::bindings::{self, Event, SinkPre};
 use crate::cache;
 use crate::runtime::runtime;
-use crate::state::{State, Stopped, human_bytes, human_duration};
+use crate::state::{MAX_CALL_DATA, MAX_HOST_RESOURCES, State, Stopped, human_bytes, human_duration};
 use crate::{Limits, WasmSinkConfig};
 
 /// The WIT package (and version) this host implements: `plugins/wit`.
@@ -293,11 +293,34 @@ fn describe(store: &Store<State>, e: Option<&wasmtime::Error>, call: &str) -> Ca
             Some(e) => match e.downcast_ref::<Trap>() {
                 Some(Trap::UnreachableCodeReached) => format!("plugin {call} trapped (a panic or abort): {e}"),
                 Some(trap) => format!("plugin {call} trapped: {trap}"),
-                None => format!("plugin {call} failed: {e:#}"),
+                None => match host_limit(e) {
+                    Some(limit) => format!("plugin {call} {limit} and was stopped"),
+                    None => format!("plugin {call} failed: {e:#}"),
+                },
             },
         },
     };
     CallFailed(msg)
+}
+
+/// The host-side limit an error says a plugin reached, in words.
+fn host_limit(e: &wasmtime::Error) -> Option<String> {
+    if e.chain()
+        .any(|c| matches!(c.downcast_ref(), Some(ResourceTableError::Full)))
+    {
+        return Some(format!(
+            "held more than {MAX_HOST_RESOURCES} host resources (streams, pollables, HTTP requests, headers, bodies) at once"
+        ));
+    }
+    // wasmtime's own error type for it is private: its words are the mark.
+    format!("{e:#}")
+        .contains("fuel allocated for hostcalls has been exhausted")
+        .then(|| {
+            format!(
+                "passed more than {} to the host in one call (its results, or one host call's arguments)",
+                human_bytes(MAX_CALL_DATA)
+            )
+        })
 }
 
 /// Tells a component from a core module or something else entirely by the

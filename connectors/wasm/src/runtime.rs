@@ -21,8 +21,10 @@ pub(crate) const TICK: Duration = Duration::from_millis(10);
 pub(crate) const WASMTIME_VERSION: &str = "48.0.8";
 
 /// Instances that may exist at once, all wasm sinks together (each sink keeps
-/// up to `concurrency` of them). Past this, a delivery fails as retryable.
-const MAX_INSTANCES: u32 = 1000;
+/// up to `concurrency` of them). Past this, a delivery fails as retryable;
+/// `expeditor check` keeps a config's sinks to half of it
+/// ([`crate::MAX_SINK_INSTANCES`]).
+pub(crate) const MAX_INSTANCES: u32 = 1000;
 
 pub(crate) struct Runtime {
     pub engine: Engine,

@@ -15,10 +15,25 @@ use crate::plugin::{CallFailed, Instance, Plugin};
 /// instance, or makes one (`init` included, tens of microseconds with the
 /// pooling allocator), and puts it back when the call returned normally. An
 /// instance that trapped is dropped with its memory: it cannot be entered
-/// again, and whatever state made it trap goes with it.
+/// again, and whatever state made it trap goes with it. An instance left
+/// idle for a minute is let go (its `shutdown` called), so the
+/// memory a rush took is given back when it is over.
 pub struct WasmSink {
     plugin: Arc<Plugin>,
-    idle: Mutex<Vec<Instance>>,
+    idle: Arc<Mutex<IdlePool>>,
+    retire_after: Duration,
+}
+
+/// How long an instance may sit unused before it is let go.
+pub(crate) const IDLE_RETIRE: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct IdlePool {
+    /// Most recently used last: deliveries take from the end, so a quiet
+    /// sink keeps reusing one warm instance and the others grow old.
+    instances: Vec<(Instance, Instant)>,
+    /// A task is on its way to retire the old ones.
+    sweeping: bool,
 }
 
 impl std::fmt::Debug for WasmSink {
@@ -32,6 +47,13 @@ impl std::fmt::Debug for WasmSink {
 impl WasmSink {
     /// A sink on a loaded plugin ([`Plugin::load`]).
     pub fn new(plugin: Arc<Plugin>) -> Self {
+        Self::retiring_after(plugin, IDLE_RETIRE)
+    }
+
+    /// [`WasmSink::new`] with another idle time than a minute: for
+    /// tests, which cannot wait a minute.
+    #[doc(hidden)]
+    pub fn retiring_after(plugin: Arc<Plugin>, retire_after: Duration) -> Self {
         tracing::info!(
             sink = %plugin.name(),
             plugin = %plugin.config().plugin.display(),
@@ -40,16 +62,86 @@ impl WasmSink {
         );
         Self {
             plugin,
-            idle: Mutex::new(Vec::new()),
+            idle: Arc::default(),
+            retire_after,
         }
     }
 
-    fn take_idle(&self) -> Option<Instance> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    /// Instances waiting for a delivery.
+    #[doc(hidden)]
+    pub fn idle_instances(&self) -> usize {
+        lock(&self.idle).instances.len()
     }
 
+    fn take_idle(&self) -> Option<Instance> {
+        lock(&self.idle).instances.pop().map(|(instance, _)| instance)
+    }
+
+    /// Puts an instance back, and makes sure a sweep will come by for it.
     fn put_idle(&self, instance: Instance) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(instance);
+        let mut pool = lock(&self.idle);
+        pool.instances.push((instance, Instant::now()));
+        if !pool.sweeping
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            pool.sweeping = true;
+            runtime.spawn(sweep(
+                Arc::downgrade(&self.idle),
+                self.plugin.clone(),
+                self.retire_after,
+            ));
+        }
+    }
+}
+
+fn lock(idle: &Mutex<IdlePool>) -> std::sync::MutexGuard<'_, IdlePool> {
+    idle.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Retires the instances idle for `retire_after`, for as long as there are
+/// idle ones to watch; ends with the sink (`close` takes them all first).
+async fn sweep(idle: std::sync::Weak<Mutex<IdlePool>>, plugin: Arc<Plugin>, retire_after: Duration) {
+    let mut wait = retire_after;
+    loop {
+        tokio::time::sleep(wait).await;
+        let Some(idle) = idle.upgrade() else { return };
+        let (old, done): (Vec<Instance>, bool) = {
+            let mut pool = lock(&idle);
+            let now = Instant::now();
+            let fresh_from = pool
+                .instances
+                .iter()
+                .position(|(_, since)| now.duration_since(*since) < retire_after)
+                .unwrap_or(pool.instances.len());
+            let old = pool.instances.drain(..fresh_from).map(|(i, _)| i).collect();
+            match pool.instances.first() {
+                // The oldest left is the next to grow old; a second at least,
+                // so a steady trickle does not wake this for each one.
+                Some((_, since)) => {
+                    wait = retire_after
+                        .saturating_sub(now.duration_since(*since))
+                        .max(retire_after.min(Duration::from_secs(1)));
+                }
+                None => pool.sweeping = false,
+            }
+            (old, pool.instances.is_empty())
+        };
+        drop(idle);
+        if !old.is_empty() {
+            tracing::debug!(sink = %plugin.name(), instances = old.len(), "idle plugin instances let go");
+            let retiring = plugin.clone();
+            let retired = tokio::task::spawn_blocking(move || {
+                for instance in old {
+                    retiring.shutdown(instance, retiring.deadline());
+                }
+            });
+            if let Err(e) = retired.await {
+                tracing::error!(sink = %plugin.name(), error = %e, "plugin shutdown failed in the host");
+            }
+        }
+        if done {
+            return;
+        }
     }
 }
 
@@ -156,7 +248,10 @@ impl Sink for WasmSink {
     /// on a blocking thread of its own with the whole sink timeout: however
     /// many there are, a stop keeps its bound.
     async fn close(&self) {
-        let instances = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let instances: Vec<Instance> = std::mem::take(&mut lock(&self.idle).instances)
+            .into_iter()
+            .map(|(instance, _)| instance)
+            .collect();
         if instances.is_empty() {
             return;
         }

@@ -21,6 +21,24 @@ const MAX_LOG: usize = 4096;
 /// once.
 const MAX_LOG_LINES_PER_CALL: u32 = 100;
 
+/// Most bytes one call may hand the host: all of a `deliver`'s results
+/// together, or one host call's arguments (a log line, an HTTP body write of
+/// at most 1 MiB, headers). wasmtime copies what a plugin returns out of its
+/// memory before we see it; without this bound a plugin could answer a
+/// million results that all point at one large string, and the host would
+/// copy it a million times (wasmtime's default bound is 128 MiB per call).
+pub(crate) const MAX_CALL_DATA: usize = 8 << 20;
+
+/// Most host resources (WASI streams and pollables, HTTP requests, headers
+/// and bodies) an instance may hold at once. They live in the daemon's
+/// memory, not the plugin's, so its `memory` limit does not count them; a
+/// plugin that leaks them is stopped here, and its instance goes with them.
+pub(crate) const MAX_HOST_RESOURCES: usize = 1000;
+
+/// Most bytes the headers of one HTTP request or response may take (as the
+/// host holds them): real ones are a few KiB.
+const MAX_HEADER_BYTES: usize = 64 << 10;
+
 /// Why the last call was stopped, when the host stopped it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stopped {
@@ -58,12 +76,16 @@ impl State {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_HEADER_BYTES);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_HOST_RESOURCES);
         Self {
             egress: Egress::new(sink.clone(), cfg.allow_http.clone(), cfg.limits.timeout),
             sink,
             wasi,
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            http,
+            table,
             limits: cfg.limits,
             ticks_left: 0,
             deadline: Instant::now(),
@@ -77,6 +99,7 @@ impl State {
     pub fn store(engine: &wasmtime::Engine, state: State) -> Store<State> {
         let mut store = Store::new(engine, state);
         store.limiter(|s| s);
+        store.set_hostcall_fuel(MAX_CALL_DATA);
         store.epoch_deadline_callback(on_tick);
         store
     }

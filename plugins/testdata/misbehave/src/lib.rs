@@ -11,6 +11,12 @@
 //! - `"permanent"`: a permanent error;
 //! - `"chatter"`: logs `lines` numbered lines from the payload (default
 //!   a million), then is delivered;
+//! - `"alias"`: the whole call answers `results` permanent errors (default
+//!   100) whose messages all point at one string of `mib` MiB (default 2)
+//!   in the plugin's memory: a few MiB here, hundreds if the host copied
+//!   each one out;
+//! - `"hoard"`: makes `count` (default 10,000) timers in the host and keeps
+//!   them all (a plugin leaking host resources), then is delivered;
 //! - anything else, or nothing: delivered, and logged through the host.
 //!
 //! The config may say `{"reject": "why"}`: `init` then fails with that text.
@@ -54,6 +60,12 @@ impl Guest for Plugin {
     }
 
     fn deliver(events: Vec<Event>) -> Vec<Result<(), DeliveryError>> {
+        for event in &events {
+            let payload: Value = serde_json::from_str(&event.payload).unwrap_or(Value::Null);
+            if payload["behave"] == "alias" {
+                return aliased(&payload);
+            }
+        }
         events.iter().map(behave).collect()
     }
 
@@ -71,6 +83,26 @@ impl Guest for Plugin {
             panic!("asked to fail at shutdown");
         }
     }
+}
+
+/// Many results sharing one big message: each `String` below owns the same
+/// bytes. Only the host reads them (a lift it must bound); the plugin's own
+/// cleanup after the call would free them more than once, so an instance
+/// that gets this far is not fit for another call, which is the point.
+fn aliased(payload: &Value) -> Vec<Result<(), DeliveryError>> {
+    let results = payload["results"].as_u64().unwrap_or(100) as usize;
+    let mib = payload["mib"].as_u64().unwrap_or(2) as usize;
+    let mut big = std::mem::ManuallyDrop::new("x".repeat(mib << 20));
+    let (ptr, len, cap) = (big.as_mut_ptr(), big.len(), big.capacity());
+    (0..results)
+        // SAFETY: not sound, on purpose (see above): the host only reads
+        // these bytes, and this plugin never touches them again.
+        .map(|_| {
+            Err(DeliveryError::Permanent(unsafe {
+                String::from_raw_parts(ptr, len, cap)
+            }))
+        })
+        .collect()
 }
 
 fn behave(event: &Event) -> Result<(), DeliveryError> {
@@ -96,6 +128,18 @@ fn behave(event: &Event) -> Result<(), DeliveryError> {
             std::thread::sleep(std::time::Duration::from_millis(ms));
             DELIVERED.with(|d| d.set(d.get() + 1));
             log(Level::Info, &format!("misbehave slept {ms}ms for {}", event.id));
+            Ok(())
+        }
+        "hoard" => {
+            let count = payload["count"].as_u64().unwrap_or(10_000);
+            for _ in 0..count {
+                std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(1_000_000_000));
+            }
+            DELIVERED.with(|d| d.set(d.get() + 1));
+            log(
+                Level::Info,
+                &format!("misbehave hoarded {count} timers for {}", event.id),
+            );
             Ok(())
         }
         "retry" => Err(DeliveryError::Retryable(RetryHint {
