@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use expeditor_api::{RetryPolicy, TemplateSet};
+use expeditor_api::{Escape, RetryPolicy, TemplateSet};
 use expeditor_file::FileSinkConfig;
 use expeditor_http::HttpSinkConfig;
 use serde::Deserialize;
@@ -1215,6 +1215,10 @@ impl Cx<'_> {
                 let r: RawHttpSink = self.typed(value, &key)?;
                 let common = sink_common!(self, &key, r);
                 let mut set = TemplateSet::new();
+                // `sinks.NAME.url`; not a body's `url` member.
+                set.escape_values(Escape::Url, |name| {
+                    name.ends_with(".url") && name.matches('.').count() == 2
+                });
                 let method = match &r.method {
                     Some(m) => match http::Method::from_bytes(m.get_ref().trim().to_ascii_uppercase().as_bytes()) {
                         Ok(m) => Some(m),
@@ -1699,9 +1703,11 @@ fn env_values(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Vec<String> {
 }
 
 /// Replaces `${NAME}` with the variable's value; `$$` is a literal `$`. In a
-/// string that is compiled as a `template`, a value that holds template
-/// syntax (`{{`, `{%`, `{#`; a token may) is quoted in a `raw` block, so it
-/// is sent as it is, never run, and never shown in a template error.
+/// string that is compiled as a `template`, a value that holds a character
+/// template syntax is made of (`{`, `}`, `%`, `#`; a token may) is quoted in
+/// a `raw` block, so it is sent as it is, never run, and never shown in a
+/// template error: even a lone `{` at its end would make `{{` with the text
+/// after it.
 fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: bool) -> Result<String, String> {
     if !s.contains('$') {
         return Ok(s.to_string());
@@ -1727,7 +1733,7 @@ fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: boo
             if value.is_empty() {
                 return Err(format!("environment variable {name} is set but empty"));
             }
-            if template && ["{{", "{%", "{#"].iter().any(|t| value.contains(t)) {
+            if template && value.contains(['{', '}', '%', '#']) {
                 if value.contains("endraw") {
                     return Err(format!(
                         "environment variable {name} holds template syntax and `endraw`, which a template cannot quote"

@@ -1,7 +1,7 @@
 //! `type = "slack"` sinks: a bot token and a channel (`chat.postMessage`), or
 //! an incoming webhook URL; `text` and/or Block Kit `blocks` templates.
 
-use expeditor_api::TemplateSet;
+use expeditor_api::{Escape, TemplateSet};
 use expeditor_slack::{DEFAULT_API_URL, SlackSinkConfig, SlackTarget};
 use toml::Spanned;
 use toml::de::DeValue;
@@ -14,6 +14,8 @@ impl Cx<'_> {
         let r: RawSlackSink = self.typed(value, key)?;
         let common = sink_common!(self, key, r);
         let mut set = TemplateSet::new();
+        // `text`, and the `text` of each text object in `blocks`.
+        set.escape_values(Escape::Slack, |name| name.ends_with(".text"));
         let mut ok = true;
 
         let target = match (&r.token, &r.webhook_url) {

@@ -610,6 +610,7 @@ fn interpolation() {
     let env_t = |k: &str| match k {
         "T" => Some("a{{b}}".to_string()),
         "E" => Some("{% endraw %}".to_string()),
+        "L" => Some("s3cr3t{".to_string()),
         _ => Some("1".to_string()),
     };
     assert_eq!(
@@ -618,6 +619,14 @@ fn interpolation() {
     );
     assert_eq!(interpolate_with("${A}", &env_t, true).unwrap(), "1");
     assert!(interpolate_with("${E}", &env_t, true).unwrap_err().contains("endraw"));
+    // A lone `{` would make `{{` with the template text after it.
+    let quoted = interpolate_with("${L}{{ event.id }}", &env_t, true).unwrap();
+    assert_eq!(quoted, "{% raw %}s3cr3t{{% endraw %}{{ event.id }}");
+    let mut set = TemplateSet::new();
+    let id = set.text("sinks.k.headers.X-Sig", &quoted).unwrap();
+    let templates = set.finish();
+    let ctx = minijinja::context! { event => minijinja::context! { id => "evt_1" } };
+    assert_eq!(templates.render(&id, &ctx).unwrap(), "s3cr3t{evt_1");
     assert_eq!(interpolate("${T}", &env_t).unwrap(), "a{{b}}", "elsewhere, as it is");
     assert!(interpolate("${A-B}", &env).is_err());
 }

@@ -346,7 +346,11 @@ pub trait Store: Send + Sync + 'static {
     /// Records the ends of attempts (and releases their leases).
     async fn complete(&self, done: Vec<Completion>) -> Result<(), StoreError>;
 
-    /// When the next delivery of `sink` may be claimed, if any is pending.
+    /// When the next delivery of `sink` that no one holds falls due, if any
+    /// is pending: the first entry of the due index, whatever the store's
+    /// size. Leased ones are left out (finding the earliest lease would read
+    /// every pending row): a lease that runs out is found by the engine's
+    /// poll, at most a second later.
     async fn next_due(&self, sink: &str) -> Result<Option<i64>, StoreError>;
 
     async fn events(&self, filter: EventFilter) -> Result<Vec<EventSummary>, StoreError>;

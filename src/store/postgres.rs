@@ -419,6 +419,11 @@ impl PostgresStore {
     pub(super) async fn client(&self) -> Result<Object, StoreError> {
         pooled(&self.pool).await
     }
+
+    #[cfg(test)]
+    pub(super) fn pool(&self) -> &Pool {
+        &self.pool
+    }
 }
 
 /// A transaction, read committed whatever the server's or the role's
@@ -544,7 +549,55 @@ async fn migrate(client: &mut Object) -> Result<(), String> {
 async fn bounded<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
     tokio::time::timeout(OP_TIMEOUT, op)
         .await
-        .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))))
+        .unwrap_or_else(|_| Err(no_answer()))
+}
+
+fn no_answer() -> StoreError {
+    StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))
+}
+
+/// Runs a hot operation on a pooled connection, the wait for one included,
+/// within [`OP_TIMEOUT`]. A connection whose operation it cuts off is
+/// [`abandon`]ed, not given back.
+async fn on_connection<T>(
+    pool: &Pool,
+    op: impl AsyncFnOnce(&Object) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    within(pool, OP_TIMEOUT, op).await
+}
+
+/// [`on_connection`] within `limit`.
+pub(super) async fn within<T>(
+    pool: &Pool,
+    limit: Duration,
+    op: impl AsyncFnOnce(&Object) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let client = tokio::time::timeout_at(deadline, pooled(pool))
+        .await
+        .unwrap_or_else(|_| Err(no_answer()))?;
+    match tokio::time::timeout_at(deadline, op(&client)).await {
+        Ok(result) => result,
+        Err(_) => {
+            abandon(client);
+            Err(no_answer())
+        }
+    }
+}
+
+/// Takes a connection whose operation was cut off out of the pool and
+/// closes it, asking the server to cancel what it ran. Given back, it would
+/// be lent to the next operation while its query may still be stuck behind
+/// a hung server or a silent link, and that one would wait as long again:
+/// leases would run out and deliveries be sent twice. The pool opens a
+/// fresh one when it needs it.
+fn abandon(client: Object) {
+    let cancel = client.cancel_token();
+    // Dropping the connection stops its task and closes the socket.
+    drop(Object::take(client));
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(CONNECT_TIMEOUT, cancel.cancel_query(NoTls)).await;
+    });
 }
 
 /// The columns [`delivery_row`] reads.
@@ -653,14 +706,27 @@ async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
             }
             // Lost or hung: one by one would only wait as long again for each.
             Ok(Err(e)) => Some(db_error(e)),
-            Err(_) => Some(StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))),
+            Err(_) => {
+                abandon(client);
+                return fail_all(batch, no_answer());
+            }
         };
         if let Some(e) = failed {
             return fail_all(batch, e);
         }
     }
-    for (ev, to) in batch {
-        let _ = to.send(bounded(insert_one(&client, &ev)).await);
+    let mut batch = batch.into_iter();
+    while let Some((ev, to)) = batch.next() {
+        match tokio::time::timeout(OP_TIMEOUT, insert_one(&client, &ev)).await {
+            Ok(answer) => {
+                let _ = to.send(answer);
+            }
+            Err(_) => {
+                abandon(client);
+                let _ = to.send(Err(no_answer()));
+                return fail_all(batch.collect(), no_answer());
+            }
+        }
     }
 }
 
@@ -773,8 +839,7 @@ impl Store for PostgresStore {
     async fn claim(&self, sink: &str, limit: usize, lease: Duration, now: i64) -> Result<Vec<Claimed>, StoreError> {
         let lease_until = now.saturating_add(lease.as_millis().min(i64::MAX as u128) as i64);
         let limit = limit.min(i64::MAX as usize) as i64;
-        bounded(async {
-            let client = self.client().await?;
+        on_connection(&self.pool, async |client| {
             let stmt = client.prepare_cached(CLAIM).await.map_err(db_error)?;
             let rows = client
                 .query(&stmt, &[&sink, &now, &limit, &lease_until])
@@ -836,8 +901,7 @@ impl Store for PostgresStore {
             finished.push(c.finished_at);
             outcomes.push(outcome);
         }
-        bounded(async {
-            let client = self.client().await?;
+        on_connection(&self.pool, async |client| {
             let stmt = client.prepare_cached(COMPLETE).await.map_err(db_error)?;
             client
                 .execute(
@@ -852,16 +916,16 @@ impl Store for PostgresStore {
     }
 
     async fn next_due(&self, sink: &str) -> Result<Option<i64>, StoreError> {
-        bounded(async {
-            let client = self.client().await?;
+        on_connection(&self.pool, async |client| {
             let stmt = client
                 .prepare_cached(
-                    "SELECT MIN(GREATEST(due_at, lease_until)) FROM deliveries WHERE sink = $1 AND state = 0",
+                    "SELECT due_at FROM deliveries WHERE sink = $1 AND state = 0 AND lease_until IS NULL
+                     ORDER BY due_at LIMIT 1",
                 )
                 .await
                 .map_err(db_error)?;
-            let row = client.query_one(&stmt, &[&sink]).await.map_err(db_error)?;
-            Ok(row.get(0))
+            let row = client.query_opt(&stmt, &[&sink]).await.map_err(db_error)?;
+            Ok(row.map(|r| r.get(0)))
         })
         .await
     }
@@ -1058,8 +1122,7 @@ impl Store for PostgresStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        bounded(async {
-            let client = self.client().await?;
+        on_connection(&self.pool, async |client| {
             // A standby answers queries but takes no writes.
             let row = client
                 .query_one("SELECT pg_is_in_recovery()", &[])

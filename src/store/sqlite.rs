@@ -1787,10 +1787,10 @@ impl Store for SqliteStore {
         let sink = sink.to_string();
         self.read(move |c| {
             c.prepare_cached(
-                "SELECT MIN(CASE WHEN lease_until > due_at THEN lease_until ELSE due_at END)
-                 FROM deliveries WHERE sink = ?1 AND state = 0",
+                "SELECT due_at FROM deliveries INDEXED BY deliveries_due
+                 WHERE sink = ?1 AND state = 0 AND lease_until IS NULL ORDER BY due_at LIMIT 1",
             )
-            .and_then(|mut s| s.query_row([sink], |r| r.get(0)))
+            .and_then(|mut s| s.query_row([sink], |r| r.get(0)).optional())
             .map_err(unavailable)
         })
         .await

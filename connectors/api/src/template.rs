@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use minijinja::value::{Enumerator, Object, Serde, Value};
-use minijinja::{Environment, UndefinedBehavior};
+use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde_json::Value as Json;
 
 use crate::Event;
@@ -25,7 +25,12 @@ impl From<minijinja::Error> for TemplateError {
     fn from(err: minijinja::Error) -> Self {
         // `Display` of a minijinja error names the kind and the detail; the
         // template name is ours (a config key path), so it is kept.
-        let mut message = err.kind().to_string();
+        let mut message = match err.kind() {
+            minijinja::ErrorKind::OutOfFuel => format!(
+                "the template did more than one render may ({RENDER_FUEL} steps, or about 64 MiB made; a loop over large event data?)"
+            ),
+            kind => kind.to_string(),
+        };
         if let Some(detail) = err.detail() {
             message = format!("{message}: {detail}");
         }
@@ -121,6 +126,90 @@ pub enum Structured {
 /// Collects templates while a config is loaded.
 pub struct TemplateSet {
     env: Environment<'static>,
+    /// Which templates escape the values they write, and how (besides
+    /// HTML for an `.html` template): see [`TemplateSet::escape_values`].
+    escapes: Vec<EscapeRule>,
+}
+
+/// An [`Escape`] and the template names it applies to.
+type EscapeRule = (Escape, fn(&str) -> bool);
+
+/// How a template escapes the values it writes, so event data lands as data
+/// and not as syntax of what the template makes. Text written in the
+/// template itself is never escaped, nor a value marked `| safe`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Escape {
+    /// Percent-encoded, all but letters, digits and `-._~`: a value can
+    /// change neither a URL's host, port, path nor query (`a/b?c` is sent
+    /// as `a%2Fb%3Fc`), and a value of `.` or `..`, which would climb the
+    /// path, fails the render.
+    Url,
+    /// `&`, `<` and `>` as `&amp;`, `&lt;` and `&gt;`: Slack's control
+    /// characters, with which a customer's name could mention `<!channel>`
+    /// or show a link of its own.
+    Slack,
+}
+
+impl Escape {
+    fn mode(self) -> AutoEscape {
+        match self {
+            Escape::Url => AutoEscape::Custom(URL_ESCAPE.into()),
+            Escape::Slack => AutoEscape::Custom(SLACK_ESCAPE.into()),
+        }
+    }
+}
+
+const URL_ESCAPE: &str = "expeditor-url";
+const SLACK_ESCAPE: &str = "expeditor-slack";
+
+/// Fuel for one render (MiniJinja counts an instruction as about one, and
+/// 64 bytes of data made as one): a ticket for an order of thousands of
+/// items takes a few hundred thousand, while a loop that event data drives
+/// without end (`range(item.quantity)` over every item) is stopped in tens
+/// of milliseconds, with at most about 64 MiB made.
+const RENDER_FUEL: u64 = 1_000_000;
+
+/// Writes a value as [`Escape::Url`] says.
+fn write_url_value(out: &mut minijinja::Output, value: &Value) -> Result<(), minijinja::Error> {
+    /// What is left as is: RFC 3986's unreserved characters.
+    const KEEP: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let text = value_text(value);
+    if text == "." || text == ".." {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("a value of {text:?} in a URL would climb its path"),
+        ));
+    }
+    write!(out, "{}", percent_encoding::utf8_percent_encode(&text, KEEP)).map_err(minijinja::Error::from)
+}
+
+/// Writes a value as [`Escape::Slack`] says.
+fn write_slack_value(out: &mut minijinja::Output, value: &Value) -> Result<(), minijinja::Error> {
+    let text = value_text(value);
+    let mut rest = text.as_ref();
+    while let Some(at) = rest.find(['&', '<', '>']) {
+        out.write_str(&rest[..at])?;
+        out.write_str(match rest.as_bytes()[at] {
+            b'&' => "&amp;",
+            b'<' => "&lt;",
+            _ => "&gt;",
+        })?;
+        rest = &rest[at + 1..];
+    }
+    out.write_str(rest).map_err(minijinja::Error::from)
+}
+
+/// A value as the template would write it.
+fn value_text(value: &Value) -> std::borrow::Cow<'_, str> {
+    match value.as_str() {
+        Some(s) => s.into(),
+        None if value.is_undefined() => "".into(),
+        None => value.to_string().into(),
+    }
 }
 
 impl Default for TemplateSet {
@@ -191,6 +280,10 @@ fn identifiers(text: &str) -> impl Iterator<Item = &str> {
 /// Name of the variable that captures an expression's value (see [`TemplateSet::expression`]).
 const RESULT_VAR: &str = "__expeditor_value";
 
+fn escape_of(escapes: &[EscapeRule], name: &str) -> Option<Escape> {
+    escapes.iter().find(|(_, applies)| applies(name)).map(|(e, _)| *e)
+}
+
 impl TemplateSet {
     pub fn new() -> Self {
         let mut env = Environment::new();
@@ -198,6 +291,10 @@ impl TemplateSet {
         // order): a missing one renders empty and is false in a `when`, rather
         // than failing the delivery.
         env.set_undefined_behavior(UndefinedBehavior::Chainable);
+        // Event data decides how often a loop runs: each render may do only
+        // so much, so one event cannot hold a worker (and every delivery
+        // behind it) for minutes.
+        env.set_fuel(Some(RENDER_FUEL));
         // A field the vendor sent as null (or the event's views left out, as
         // `order.customer.email` of a guest) renders empty like a missing
         // one, not as the word "none" (an email to "none", a Slack "at none").
@@ -205,22 +302,52 @@ impl TemplateSet {
             if value.is_none() {
                 return Ok(());
             }
-            minijinja::escape_formatter(out, state, value)
-        });
-        env.add_filter("money", money_filter);
-        // Escaping is chosen by a template's name, the config key: only an
-        // HTML body (`sinks.NAME.html`, the email sink's) is HTML-escaped.
-        // MiniJinja's default would also quote values in any template whose
-        // name ends in `.json`, `.js` or `.yaml`, and structured leaves
-        // below never end in `.html` (see `leaf_name`).
-        env.set_auto_escape_callback(|name| {
-            if name.ends_with(".html") {
-                minijinja::AutoEscape::Html
-            } else {
-                minijinja::AutoEscape::None
+            match state.auto_escape() {
+                AutoEscape::Custom(_) if value.is_safe() => {
+                    out.write_str(&value_text(value)).map_err(minijinja::Error::from)
+                }
+                AutoEscape::Custom(mode) if mode == URL_ESCAPE => write_url_value(out, value),
+                AutoEscape::Custom(_) => write_slack_value(out, value),
+                _ => minijinja::escape_formatter(out, state, value),
             }
         });
-        Self { env }
+        env.add_filter("money", money_filter);
+        let mut set = Self {
+            env,
+            escapes: Vec::new(),
+        };
+        set.install_escapes();
+        set
+    }
+
+    /// Escapes the values written by the templates whose names `applies`
+    /// to (config key paths: `sinks.kds.url`), added from now on. A leaf of
+    /// a structured value that is one `{{ expression }}` is then a text
+    /// template: escaping makes a string.
+    pub fn escape_values(&mut self, escape: Escape, applies: fn(&str) -> bool) {
+        self.escapes.push((escape, applies));
+        self.install_escapes();
+    }
+
+    fn escape_of(&self, name: &str) -> Option<Escape> {
+        escape_of(&self.escapes, name)
+    }
+
+    /// Escaping is chosen by a template's name, the config key: an HTML
+    /// body (`sinks.NAME.html`, the email sink's) is HTML-escaped, and what
+    /// [`Self::escape_values`] named as it says. MiniJinja's default would
+    /// also quote values in any template whose name ends in `.json`, `.js`
+    /// or `.yaml`, and structured leaves below never end in `.html` (see
+    /// `leaf_name`).
+    fn install_escapes(&mut self) {
+        let escapes = self.escapes.clone();
+        self.env.set_auto_escape_callback(move |name| {
+            if name.ends_with(".html") {
+                AutoEscape::Html
+            } else {
+                escape_of(&escapes, name).map_or(AutoEscape::None, Escape::mode)
+            }
+        });
     }
 
     /// Refuses a template (just added as `name`) that reads a name the
@@ -262,22 +389,11 @@ impl TemplateSet {
     /// A filter or test MiniJinja does not have (`| moneyy`), found by a
     /// render with nothing in the context: MiniJinja looks them up only as
     /// it applies them, so every delivery would fail. One behind a branch
-    /// that an empty context does not take is not found here, nor any in a
-    /// template with a loop or a macro, which is not run: a loop over a
-    /// constant range could run for ever at load (MiniJinja's `fuel`, which
-    /// would bound it, costs every render up to 8 %: BENCHMARKS.md, session
-    /// 33). Whatever else a template does without data, every delivery of
-    /// it would do too.
+    /// that an empty context does not take is not found here. A template
+    /// that runs out of fuel with no data at all would on every delivery
+    /// too; the fuel also bounds this render (a loop over a constant range).
     fn unknown_filter(&self, name: &str) -> Option<String> {
         let template = self.env.get_template(name).ok()?;
-        // Any tag that so much as mentions one: a `{%` in a comment or a
-        // string can hide where a tag really starts.
-        let repeats = tags(template.source())
-            .flat_map(identifiers)
-            .any(|w| matches!(w, "for" | "macro" | "call"));
-        if repeats {
-            return None;
-        }
         let rendered =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| template.render(minijinja::context! {})));
         let err = match rendered {
@@ -286,7 +402,7 @@ impl TemplateSet {
         };
         matches!(
             err.kind(),
-            minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest
+            minijinja::ErrorKind::UnknownFilter | minijinja::ErrorKind::UnknownTest | minijinja::ErrorKind::OutOfFuel
         )
         .then(|| TemplateError::from(err).message)
     }
@@ -327,7 +443,7 @@ impl TemplateSet {
     pub fn structured(&mut self, name: &str, value: &Json) -> Result<Structured, TemplateError> {
         Ok(match value {
             Json::String(s) => {
-                if let Some(expr) = single_expression(s) {
+                if let Some(expr) = single_expression(s).filter(|_| self.escape_of(name).is_none()) {
                     Structured::Template(self.expression(name, expr).map_err(|e| at(name, e))?)
                 } else if has_syntax(s) {
                     Structured::Template(self.text(name, s).map_err(|e| at(name, e))?)
@@ -956,16 +1072,27 @@ mod tests {
         assert!(err.message.contains("moneyy"), "{err:?}");
         let err = set.expression("routes.x.when", "order.id is strng").unwrap_err();
         assert!(err.message.contains("strng"), "{err:?}");
-        // A template with a loop is not run (it could run long), however
-        // its tag is written or hidden.
+        // A template with a loop is run too, within its fuel: one that
+        // runs out of it without any data would on every delivery.
         for looping in [
             "{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
-            "{% for(i) in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
             "{# {% #}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
-            "{{ '{%' }}{% for i in range(100000) %}{% for j in range(100000) %}{{ j }}{% endfor %}{% endfor %}",
         ] {
-            assert!(set.text("sinks.x.loop", looping).is_ok(), "{looping}");
+            let err = set.text("sinks.x.loop", looping).unwrap_err();
+            assert!(err.message.contains("did more than one render may"), "{err:?}");
         }
+        let err = set
+            .expression("routes.x.when", "([range(100000)] * 100000) | map('sum') | sum < 0")
+            .unwrap_err();
+        assert!(err.message.contains("did more than one render may"), "{err:?}");
+        assert!(
+            set.text("sinks.x.loop", "{% for i in range(10) %}{{ i }}{% endfor %}")
+                .is_ok()
+        );
+        let err = set
+            .text("sinks.x.loop", "{% for i in range(3) %}{{ i | moneyy }}{% endfor %}")
+            .unwrap_err();
+        assert!(err.message.contains("moneyy"), "{err:?}");
         assert!(
             set.text(
                 "sinks.x.text",
@@ -1496,5 +1623,122 @@ mod tests {
         assert_eq!(single_expression(" {{- x -}} "), Some("x"));
         assert_eq!(single_expression("{{ a }} {{ b }}"), None);
         assert_eq!(single_expression("id: {{ a }}"), None);
+    }
+
+    /// Event data cannot make a render run or grow without end: the
+    /// render stops with a message that says why.
+    #[test]
+    fn a_render_is_bounded_by_its_fuel() {
+        let mut set = TemplateSet::new();
+        let id = set
+            .text(
+                "sinks.kds.body.units",
+                "{% for item in order.items %}{% for _ in range(item.quantity) %}x{% endfor %}{% endfor %}",
+            )
+            .unwrap();
+        let ticket = set
+            .text(
+                "sinks.kds.body.ticket",
+                "{% for item in order.items %}{{ item.name }} x{{ item.quantity }}\n{% endfor %}",
+            )
+            .unwrap();
+        let templates = set.finish();
+        let mut big = event();
+        big.views.order.as_mut().unwrap().items = vec![
+            Item {
+                name: Some("Fries".into()),
+                quantity: 100_000,
+                ..Default::default()
+            };
+            1_000
+        ];
+        let big = Arc::new(big);
+        let started = std::time::Instant::now();
+        let err = templates.render(&id, &templates.context_for(&big)).unwrap_err();
+        assert!(err.message.contains("did more than one render may"), "{err:?}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        // An order of a thousand lines renders well within it.
+        let rendered = templates.render(&ticket, &templates.context_for(&big)).unwrap();
+        assert_eq!(rendered.lines().count(), 1_000);
+        let small = Arc::new(event());
+        assert_eq!(templates.render(&id, &templates.context_for(&small)).unwrap(), "xx");
+    }
+
+    /// Values written into a URL are percent-encoded: event data changes
+    /// neither host, port, path nor query; text of the template itself
+    /// and a value marked safe are written as they are.
+    #[test]
+    fn values_in_a_url_are_percent_encoded() {
+        let mut set = TemplateSet::new();
+        set.escape_values(Escape::Url, |name| name.ends_with(".url"));
+        let url = set
+            .text(
+                "sinks.kds.url",
+                "http://{{ payload.host }}.kds.internal:8443/orders/{{ payload.id }}/ack?x={{ payload.q }}",
+            )
+            .unwrap();
+        let safe = set
+            .text("sinks.safe.url", "http://h/{{ payload.path | safe }}")
+            .unwrap();
+        let other = set.text("sinks.kds.body.note", "{{ payload.id }}").unwrap();
+        let templates = set.finish();
+        let with = |payload: Json| {
+            let mut e = event();
+            e.payload = payload;
+            Arc::new(e)
+        };
+        let e = with(json!({"host": "127.0.0.1:18998/x?", "id": "a/b c", "q": "1&y=2#f", "path": "p/q"}));
+        let ctx = templates.context_for(&e);
+        assert_eq!(
+            templates.render(&url, &ctx).unwrap(),
+            "http://127.0.0.1%3A18998%2Fx%3F.kds.internal:8443/orders/a%2Fb%20c/ack?x=1%26y%3D2%23f"
+        );
+        assert_eq!(templates.render(&safe, &ctx).unwrap(), "http://h/p/q");
+        assert_eq!(templates.render(&other, &ctx).unwrap(), "a/b c", "only the url");
+        for climb in ["..", "."] {
+            let e = with(json!({"host": "h", "id": climb, "q": 1}));
+            let err = templates.render(&url, &templates.context_for(&e)).unwrap_err();
+            assert!(err.message.contains("would climb its path"), "{err:?}");
+        }
+        // Numbers, and a missing or null value, as before.
+        let e = with(json!({"host": "h", "id": 42, "q": null}));
+        assert_eq!(
+            templates.render(&url, &templates.context_for(&e)).unwrap(),
+            "http://h.kds.internal:8443/orders/42/ack?x="
+        );
+    }
+
+    /// Slack's control characters in values are written as entities, in
+    /// the text and in a structured leaf that is one expression alike.
+    #[test]
+    fn values_in_slack_text_are_escaped() {
+        let mut set = TemplateSet::new();
+        set.escape_values(Escape::Slack, |name| name.ends_with(".text"));
+        let text = set
+            .text("sinks.alerts.text", "<!here> New order from {{ payload.name }}")
+            .unwrap();
+        let blocks = set
+            .structured(
+                "sinks.alerts.blocks",
+                &json!([{"type": "section", "text": {"type": "mrkdwn", "text": "{{ payload.name }}"}, "block_id": "{{ payload.name }}"}]),
+            )
+            .unwrap();
+        let templates = set.finish();
+        let mut e = event();
+        e.payload = json!({"name": "<!channel> <https://evil.example|verify> & co"});
+        let e = Arc::new(e);
+        let ctx = templates.context_for(&e);
+        assert_eq!(
+            templates.render(&text, &ctx).unwrap(),
+            "<!here> New order from &lt;!channel&gt; &lt;https://evil.example|verify&gt; &amp; co"
+        );
+        assert_eq!(
+            templates.render_json(&blocks, &ctx).unwrap(),
+            json!([{"type": "section", "text": {"type": "mrkdwn", "text": "&lt;!channel&gt; &lt;https://evil.example|verify&gt; &amp; co"}, "block_id": "<!channel> <https://evil.example|verify> & co"}])
+        );
     }
 }
