@@ -1150,14 +1150,14 @@ impl Store for PostgresStore {
                 // Dead letters always still have their payload: compaction
                 // only touches events with no deliveries left.
                 // A chunk per statement (see `REPLAY_CHUNK`); those
-                // dead-lettered after `now` are not taken.
+                // dead-lettered after `now` are not taken. A source or type
+                // is looked up per dead letter, never by a walk of events.
                 let sql = format!(
-                    "{REQUEUE} WHERE id IN (SELECT id FROM deliveries
-                     WHERE state = 2 AND ($2::text IS NULL OR sink = $2)
-                     AND ($5::bigint IS NULL OR updated_at >= $5) AND updated_at <= $1
-                     AND ($3::text IS NULL AND $4::text IS NULL OR event_seq IN (SELECT seq FROM events
-                          WHERE ($3::text IS NULL OR source = $3) AND ($4::text IS NULL OR type = $4)))
-                     LIMIT $6 FOR UPDATE SKIP LOCKED)"
+                    "{REQUEUE} WHERE id IN (SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.state = 2 AND ($2::text IS NULL OR d.sink = $2)
+                     AND ($5::bigint IS NULL OR d.updated_at >= $5) AND d.updated_at <= $1
+                     AND ($3::text IS NULL OR e.source = $3) AND ($4::text IS NULL OR e.type = $4)
+                     LIMIT $6 FOR UPDATE OF d SKIP LOCKED)"
                 );
                 let chunk = REPLAY_CHUNK as i64;
                 let mut total = 0;

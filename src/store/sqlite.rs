@@ -1474,15 +1474,16 @@ fn replay(t: &Connection, dedupe: &mut Dedupe, target: &ReplayTarget, now: i64) 
             // Dead letters always still have their payload: compaction only
             // touches events with no deliveries left. At most a chunk per
             // call (see `REPLAY_CHUNK`); those dead-lettered after `now`
-            // (a replay's own, if the sink is still down) are not taken.
+            // (a replay's own, if the sink is still down) are not taken. A
+            // source or type is looked up per dead letter (by seq), never
+            // by a walk of the events: this holds the writer.
             let n = t
                 .execute(
                     &format!(
-                        "{REQUEUE} WHERE id IN (SELECT id FROM deliveries
-                         WHERE state = 2 AND (?2 IS NULL OR sink = ?2) AND (?5 IS NULL OR updated_at >= ?5)
-                         AND updated_at <= ?1
-                         AND (?3 IS NULL AND ?4 IS NULL OR event_seq IN (SELECT seq FROM events
-                              WHERE (?3 IS NULL OR source = ?3) AND (?4 IS NULL OR type = ?4)))
+                        "{REQUEUE} WHERE id IN (SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                         WHERE d.state = 2 AND (?2 IS NULL OR d.sink = ?2) AND (?5 IS NULL OR d.updated_at >= ?5)
+                         AND d.updated_at <= ?1
+                         AND (?3 IS NULL OR e.source = ?3) AND (?4 IS NULL OR e.type = ?4)
                          LIMIT ?6)"
                     ),
                     params![now, sink, source, event_type, since, REPLAY_CHUNK as i64],
@@ -1607,24 +1608,24 @@ fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<
     }
     emptied.sort_unstable();
     emptied.dedup();
+    // Past the dedupe window too, it goes whole: the deletion walk below
+    // may have passed it while it still had deliveries.
+    let mut delete_one = t.prepare_cached(DELETE_ONE).map_err(unavailable)?;
     let mut compact_one = t.prepare_cached(COMPACT_ONE).map_err(unavailable)?;
     for seq in emptied {
-        stats.events_compacted += compact_one
-            .execute(params![seq, delivered_cutoff])
-            .map_err(unavailable)? as u64;
+        let deleted = delete_one.execute(params![seq, dedupe_cutoff]).map_err(unavailable)? as u64;
+        stats.events_deleted += deleted;
+        if deleted == 0 {
+            stats.events_compacted += compact_one
+                .execute(params![seq, delivered_cutoff])
+                .map_err(unavailable)? as u64;
+        }
     }
-    let (compacted, more) = compact(t, delivered_cutoff)?;
+    let (compacted, more_compact) = compact(t, delivered_cutoff)?;
     stats.events_compacted += compacted;
-    stats.more = more;
-    let boundary = received_from(t, dedupe_cutoff)?;
-    stats.events_deleted = t
-        .execute(
-            "DELETE FROM events WHERE seq IN
-             (SELECT seq FROM events e WHERE seq < ?3 AND received_at < ?1
-              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) ORDER BY seq LIMIT ?2)",
-            params![dedupe_cutoff, PRUNE_CHUNK, boundary],
-        )
-        .map_err(unavailable)? as u64;
+    let (deleted, more_delete) = delete_walk(t, dedupe_cutoff)?;
+    stats.events_deleted += deleted;
+    stats.more = more_compact || more_delete;
     if stats.events_deleted > 0 {
         dedupe.drop_empty_runs(t)?;
     }
@@ -1646,6 +1647,56 @@ pub(super) const PRUNE_DEAD: &str = "DELETE FROM deliveries WHERE id IN
 const COMPACT_ONE: &str = "UPDATE events SET body = NULL
      WHERE seq = ?1 AND body IS NOT NULL AND received_at < ?2
        AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = ?1)";
+
+/// Deletes event `?1` if it was received before `?2` (past the dedupe
+/// window) and has no deliveries left.
+const DELETE_ONE: &str = "DELETE FROM events
+     WHERE seq = ?1 AND received_at < ?2
+       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = ?1)";
+
+/// Deletes events past the dedupe window with no deliveries, walking seqs
+/// from where the last pass stopped (`deleted_to`), as [`compact`] does.
+/// One that still has deliveries is passed, not looked at again on every
+/// pass: dead letters are kept longer than the dedupe window, and a walk
+/// from the lowest seq read every such event each pass, holding the writer
+/// (1M of them: 0.3 s a pass). It goes when its last delivery is pruned
+/// (`DELETE_ONE`). Returns how many went, and whether the walk is behind.
+fn delete_walk(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
+    let from: i64 = t
+        .query_row("SELECT value FROM store_meta WHERE name = 'deleted_to'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(unavailable)?
+        .unwrap_or(0);
+    let Some((lowest, _)) = seq_range(t)? else {
+        return Ok((0, false));
+    };
+    let boundary = received_from(t, cutoff)?;
+    let mut at = from.saturating_sub(COMPACT_OVERLAP).max(lowest);
+    let stop = boundary.min(at.saturating_add(COMPACT_PASS));
+    let mut walk = t
+        .prepare_cached(
+            "DELETE FROM events
+             WHERE seq >= ?1 AND seq < ?2 AND received_at < ?3
+               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+        )
+        .map_err(unavailable)?;
+    let mut deleted = 0u64;
+    while at < stop && deleted < PRUNE_CHUNK as u64 {
+        let end = stop.min(at.saturating_add(COMPACT_SPAN));
+        deleted += walk.execute(params![at, end, cutoff]).map_err(unavailable)? as u64;
+        at = end;
+    }
+    if at > from {
+        t.execute(
+            "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('deleted_to', ?1)",
+            [at],
+        )
+        .map_err(unavailable)?;
+    }
+    Ok((deleted, at < boundary))
+}
 
 /// Seqs compaction looks at per statement, and per pass at most.
 const COMPACT_SPAN: i64 = 5_000;

@@ -1022,6 +1022,40 @@ async fn claim_returns_earliest_due_first_within_limit(store: Arc<dyn Store>) {
     assert_eq!(attempts(&all), [("evt_10", 2), ("evt_20", 2)]);
 }
 
+/// Events past the dedupe window that still have dead letters (kept longer)
+/// are passed by the deletion walk, not read again on every pass; each goes
+/// in the pass that prunes its last delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_event_kept_by_its_dead_letter_goes_with_it() {
+    let (store, _dir) = sqlite();
+    let retention = Retention {
+        dedupe_window: Duration::from_secs(7 * 24 * 3600),
+        keep_delivered: Duration::from_secs(24 * 3600),
+        keep_dead_letters: Duration::from_secs(30 * 24 * 3600),
+    };
+    insert(&*store, new_event("dead", &["b"])).await;
+    insert(&*store, new_event("unrouted", &[])).await;
+    // More than the walk looks at again behind where it stopped.
+    for i in 0..5_000 {
+        insert(&*store, new_event(&format!("later_{i}"), &[])).await;
+    }
+    finish_all(&*store, "b", T0 + 1, dead("HTTP 400")).await;
+
+    let stats = store.prune(retention, T0 + 8 * DAY).await.unwrap();
+    assert_eq!(stats.events_deleted, 5_001, "{stats:?}");
+    assert!(!stats.more, "the walk is past both");
+    assert_eq!(
+        store.replay(event_target("unrouted", None), T0 + 8 * DAY).await,
+        Err(StoreError::NotFound)
+    );
+    assert_eq!(insert(&*store, new_event("dead", &["b"])).await, Inserted::Duplicate);
+
+    // The dead letter goes after 30 days, and its event with it.
+    let stats = store.prune(retention, T0 + 31 * DAY).await.unwrap();
+    assert_eq!((stats.deliveries_deleted, stats.events_deleted), (1, 1), "{stats:?}");
+    assert_eq!(insert(&*store, new_event("dead", &["b"])).await, Inserted::New(vec![]));
+}
+
 /// SQLite only: one write the database refuses part way (a sink named twice
 /// breaks the unique delivery key after the event row is in; PostgreSQL's
 /// single statement skips the second instead) among many at once: it fails
