@@ -184,6 +184,7 @@ impl Pipeline {
         };
         let when_errors = decision.when_errors;
         let sinks = decision.sinks;
+        let dead = decision.undecided;
         let new = NewEvent {
             source: source.name.clone(),
             event_id: id,
@@ -193,6 +194,7 @@ impl Pipeline {
             received_at,
             body,
             sinks,
+            dead,
             held: hand_off.as_ref().map(|(r, _)| r.held.clone()).unwrap_or_default(),
         };
         let (id, event_type, sinks) = (new.event_id.clone(), new.event_type.clone(), new.sinks.clone());
@@ -244,9 +246,10 @@ impl Pipeline {
                 // Said once, for the event stored: a vendor's retry of it is
                 // a duplicate, and its routing counts for nothing.
                 for (route, error) in &when_errors {
-                    tracing::warn!(source = %source.name, event_id = %id, route = %route, %error, "route condition failed to evaluate; route not taken");
+                    tracing::warn!(source = %source.name, event_id = %id, route = %route, %error, "route condition failed to evaluate; its sinks (other routes aside) get a dead letter, to replay once it is fixed");
                 }
-                intake.metrics.stored(!sinks.is_empty());
+                // Routed when a route took it, or could not say (dead letters).
+                intake.metrics.stored(!sinks.is_empty() || !when_errors.is_empty());
                 if sinks.is_empty() {
                     // Debug, not info: a source whose routes take a few types sends
                     // many that none takes; the counter above shows them.

@@ -83,9 +83,12 @@ pub struct Route {
 pub struct Decision {
     /// Distinct sinks, in the order routes named them.
     pub sinks: Vec<String>,
-    /// Routes whose `when` failed to evaluate: the event is still stored and
-    /// can be replayed to a sink once the expression is fixed.
+    /// Routes whose `when` failed to evaluate (route name, error).
     pub when_errors: Vec<(String, String)>,
+    /// The sinks of those routes that no other route chose, each with why:
+    /// they get a dead letter, so the event is there to replay to them once
+    /// the `when` is fixed (`replay --dead-letters`), not only in the store.
+    pub undecided: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -141,6 +144,12 @@ impl Router {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
+                        for sink in &route.sinks {
+                            if !decision.undecided.iter().any(|(s, _)| s == sink) {
+                                let why = format!("route {:?} could not decide: {}", route.name, e.message);
+                                decision.undecided.push((sink.clone(), why));
+                            }
+                        }
                         decision.when_errors.push((route.name.clone(), e.message));
                         continue;
                     }
@@ -152,6 +161,8 @@ impl Router {
                 }
             }
         }
+        // Another route took it: delivered as usual.
+        decision.undecided.retain(|(sink, _)| !decision.sinks.contains(sink));
         decision
     }
 }
@@ -297,5 +308,30 @@ mod tests {
         assert!(d.sinks.is_empty());
         assert_eq!(d.when_errors.len(), 1);
         assert_eq!(d.when_errors[0].0, "bad");
+        assert_eq!(d.undecided.len(), 1);
+        assert_eq!(d.undecided[0].0, "x");
+        assert!(
+            d.undecided[0].1.starts_with("route \"bad\" could not decide: "),
+            "{:?}",
+            d.undecided
+        );
+
+        // A sink another route takes is delivered as usual; the rest of the
+        // failing route's sinks are undecided.
+        let r = router(vec![
+            ("bad", None, None, Some("order.total_cents > 'x' + 1"), &["x", "y"]),
+            ("good", None, None, None, &["y"]),
+        ]);
+        let d = r.route("s", "t", || context! { order => context! { total_cents => 1 } });
+        assert_eq!(d.sinks, vec!["y"]);
+        assert_eq!(d.undecided.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(), ["x"]);
+
+        // A missing field compared or tested is false, not an error.
+        let r = router(vec![
+            ("big", None, None, Some("order.total_cents > 0"), &["x"]),
+            ("known", None, None, Some("order.customer.id"), &["y"]),
+        ]);
+        let d = r.route("s", "t", || context! { order => context! { id => "o1" } });
+        assert!(d.sinks.is_empty() && d.when_errors.is_empty(), "{d:?}");
     }
 }

@@ -285,6 +285,7 @@ fn store(c: &mut Criterion) {
                                 received_at: 1_700_000_000_000,
                                 body: body.clone(),
                                 sinks: vec!["kds".into()],
+                                dead: vec![],
                                 held: vec![],
                             };
                             inserts.spawn(async move { store.insert(event).await });

@@ -33,6 +33,10 @@ pub struct NewEvent {
     /// The raw body exactly as received and verified.
     pub body: Bytes,
     pub sinks: Vec<String>,
+    /// Sinks (other than `sinks`) whose deliveries are written dead at once,
+    /// each with its error: a route whose `when` failed could not say
+    /// whether it wanted the event, and a dead letter keeps it to replay.
+    pub dead: Vec<(String, String)>,
     /// Of `sinks`, those whose first attempt this process makes itself, from
     /// the event it still holds in memory: their deliveries are written
     /// already claimed (attempt 1, leased), so no claim has to find them.

@@ -127,9 +127,9 @@ WITH e AS (
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING seq
 ), d AS (
-    INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
-    SELECT e.seq, s.sink, 0, CASE WHEN s.lease IS NULL THEN 0 ELSE 1 END, $6, s.lease, $6
-    FROM e CROSS JOIN unnest($8::text[], $9::bigint[]) AS s (sink, lease)
+    INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, last_error, updated_at)
+    SELECT e.seq, s.sink, s.state, CASE WHEN s.lease IS NULL THEN 0 ELSE 1 END, $6, s.lease, s.error, $6
+    FROM e CROSS JOIN unnest($8::text[], $9::bigint[], $10::integer[], $11::text[]) AS s (sink, lease, state, error)
     ON CONFLICT (event_seq, sink) DO NOTHING
     RETURNING id, sink, lease_until
 )
@@ -155,9 +155,10 @@ WITH input AS (
 ), first AS (
     SELECT DISTINCT ON (source, event_id) n, source, event_id, received_at FROM input ORDER BY source, event_id, n
 ), d AS (
-    INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, updated_at)
-    SELECT e.seq, s.sink, 0, CASE WHEN s.lease IS NULL THEN 0 ELSE 1 END, f.received_at, s.lease, f.received_at
-    FROM unnest($8::bigint[], $9::text[], $10::bigint[]) AS s (n, sink, lease)
+    INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, lease_until, last_error, updated_at)
+    SELECT e.seq, s.sink, s.state, CASE WHEN s.lease IS NULL THEN 0 ELSE 1 END, f.received_at, s.lease, s.error,
+           f.received_at
+    FROM unnest($8::bigint[], $9::text[], $10::bigint[], $11::integer[], $12::text[]) AS s (n, sink, lease, state, error)
     JOIN first f ON f.n = s.n
     JOIN e ON e.source = f.source AND e.event_id = f.event_id
     ON CONFLICT (event_seq, sink) DO NOTHING
@@ -745,16 +746,29 @@ fn held_ids(ev: &NewEvent, rows: impl Iterator<Item = HeldRow>) -> Vec<i64> {
     held
 }
 
-/// The lease of each of `ev`'s sinks: its held delivery's, or none.
-fn leases(ev: &NewEvent) -> impl Iterator<Item = Option<i64>> + '_ {
-    ev.sinks
+/// Each delivery `ev` is stored with: its sink, its lease (a held one's) and
+/// its state and error: pending (0), or dead (2) at once with why.
+fn deliveries(ev: &NewEvent) -> impl Iterator<Item = (&str, Option<i64>, i32, Option<&str>)> + '_ {
+    let pending = ev.sinks.iter().map(|sink| {
+        let lease = ev.held.iter().find(|h| &h.sink == sink).map(|h| h.lease_until);
+        (sink.as_str(), lease, 0, None)
+    });
+    let dead = ev
+        .dead
         .iter()
-        .map(|sink| ev.held.iter().find(|h| &h.sink == sink).map(|h| h.lease_until))
+        .map(|(sink, error)| (sink.as_str(), None, 2, Some(error.as_str())));
+    pending.chain(dead)
 }
 
 async fn insert_one(client: &Object, ev: &NewEvent) -> Result<Inserted, StoreError> {
     let stmt = client.prepare_cached(INSERT).await.map_err(db_error)?;
-    let leases: Vec<Option<i64>> = leases(ev).collect();
+    let (mut sinks, mut leased, mut states, mut errors) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (sink, lease, state, error) in deliveries(ev) {
+        sinks.push(sink);
+        leased.push(lease);
+        states.push(state);
+        errors.push(error);
+    }
     let rows = client
         .query(
             &stmt,
@@ -766,8 +780,10 @@ async fn insert_one(client: &Object, ev: &NewEvent) -> Result<Inserted, StoreErr
                 &ev.occurred_at,
                 &ev.received_at,
                 &&ev.body[..],
-                &ev.sinks,
-                &leases,
+                &sinks,
+                &leased,
+                &states,
+                &errors,
             ],
         )
         .await
@@ -791,18 +807,22 @@ async fn insert_many(client: &Object, events: &[&NewEvent]) -> Result<Vec<Insert
     let received: Vec<i64> = events.iter().map(|ev| ev.received_at).collect();
     let bodies: Vec<&[u8]> = events.iter().map(|ev| &ev.body[..]).collect();
     let (mut positions, mut sinks, mut leased) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut states, mut errors) = (Vec::new(), Vec::new());
     for (n, ev) in (1i64..).zip(events) {
-        for (sink, lease) in ev.sinks.iter().zip(leases(ev)) {
+        for (sink, lease, state, error) in deliveries(ev) {
             positions.push(n);
-            sinks.push(sink.as_str());
+            sinks.push(sink);
             leased.push(lease);
+            states.push(state);
+            errors.push(error);
         }
     }
     let rows = client
         .query(
             &stmt,
             &[
-                &sources, &ids, &kinds, &types, &occurred, &received, &bodies, &positions, &sinks, &leased,
+                &sources, &ids, &kinds, &types, &occurred, &received, &bodies, &positions, &sinks, &leased, &states,
+                &errors,
             ],
         )
         .await?;

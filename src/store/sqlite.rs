@@ -1289,6 +1289,7 @@ fn answer(op: Op, done: Done, commit_error: Option<&StoreError>) {
 struct Inserts<'c> {
     event: Option<rusqlite::CachedStatement<'c>>,
     delivery: Option<rusqlite::CachedStatement<'c>>,
+    dead: Option<rusqlite::CachedStatement<'c>>,
 }
 
 /// The statement in `slot`, prepared (from rusqlite's cache) on first use.
@@ -1331,6 +1332,18 @@ fn insert<'c>(
     ])
     .map_err(unavailable)?;
     dedupe.add(&ev.source, &ev.event_id, seq);
+    if !ev.dead.is_empty() {
+        let stmt = prepared(
+            &mut inserts.dead,
+            t,
+            "INSERT INTO deliveries (event_seq, sink, state, attempts, due_at, last_error, updated_at)
+             VALUES (?1, ?2, 2, 0, ?3, ?4, ?3)",
+        )?;
+        for (sink, error) in &ev.dead {
+            stmt.execute(params![seq, sink, ev.received_at, error])
+                .map_err(unavailable)?;
+        }
+    }
     if ev.sinks.is_empty() {
         return Ok(Inserted::New(Vec::new()));
     }

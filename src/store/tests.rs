@@ -188,6 +188,7 @@ store_tests!(
     queue_stats_count_pending_and_dead_per_sink,
     ping_and_writable_succeed_on_a_working_store,
     a_stale_completion_does_not_overwrite_a_newer_attempt,
+    deliveries_written_dead_are_dead_letters_to_replay,
 );
 
 // PostgreSQL only (at the end of this file): several instances on one
@@ -225,6 +226,7 @@ fn new_event(id: &str, sinks_: &[&str]) -> NewEvent {
         body: Bytes::from(format!(r#"{{"id":"{id}","type":"order.created"}}"#)),
         sinks: sinks(sinks_),
         held: vec![],
+        dead: vec![],
     }
 }
 
@@ -379,6 +381,7 @@ async fn claim_returns_the_event_once_per_sink(store: Arc<dyn Store>) {
         body: Bytes::from(body),
         sinks: sinks(&["a", "b"]),
         held: vec![],
+        dead: vec![],
     };
     assert_eq!(insert(&*store, event.clone()).await, Inserted::New(vec![]));
 
@@ -606,6 +609,45 @@ async fn retry_is_claimable_at_its_due_time_with_the_next_attempt(store: Arc<dyn
     assert_eq!(store.next_due("a").await.unwrap(), Some(due));
     assert!(claim(&*store, "a", due - 1).await.is_empty());
     assert_eq!(attempts(&claim(&*store, "a", due).await), [("evt_1", 3)]);
+}
+
+/// A delivery written dead at insert (its route could not decide) is a dead
+/// letter like any other: listed with its error, never claimed, and
+/// replayed as a first attempt.
+async fn deliveries_written_dead_are_dead_letters_to_replay(store: Arc<dyn Store>) {
+    let undecided = NewEvent {
+        dead: vec![("b".into(), "route \"big\" could not decide: invalid operation".into())],
+        ..new_event("evt_1", &["a"])
+    };
+    insert(&*store, undecided.clone()).await;
+    assert_eq!(insert(&*store, undecided).await, Inserted::Duplicate);
+    let dead = deliveries(&*store, None, Some(Status::Dead)).await;
+    assert_eq!(pairs(&dead), [("evt_1", "b")]);
+    assert_eq!(dead[0].attempts, 0);
+    assert_eq!(
+        dead[0].last_error.as_deref(),
+        Some("route \"big\" could not decide: invalid operation")
+    );
+    assert_eq!(
+        pairs(&deliveries(&*store, None, Some(Status::Pending)).await),
+        [("evt_1", "a")]
+    );
+    assert!(claim(&*store, "b", T0 + HOUR).await.is_empty());
+
+    let replayed = store
+        .replay(
+            ReplayTarget::DeadLetters {
+                sink: Some("b".into()),
+                source: None,
+                event_type: None,
+                since: None,
+            },
+            T0 + HOUR,
+        )
+        .await;
+    assert_eq!(replayed, Ok(1));
+    assert_eq!(attempts(&claim(&*store, "b", T0 + HOUR).await), [("evt_1", 1)]);
+    store.close().await;
 }
 
 async fn dead_is_listed_and_never_claimed(store: Arc<dyn Store>) {

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::fake_sink::FakeSink;
-use crate::harness::{Daemon, base_config};
+use crate::harness::{Daemon, assert_success, base_config};
 use crate::vendor::{SOURCES, crave_order, crumb_order, crumb_order_typed, crumb_payment};
 
 #[tokio::test(flavor = "multi_thread")]
@@ -139,7 +139,9 @@ sinks = ["shared"]
 
 /// A `when` that fails to evaluate is logged with the event it failed on,
 /// once: the vendor's retry of that event is a duplicate, dropped before it
-/// counts, so it is not logged again.
+/// counts, so it is not logged again. The route is not taken, and its sink
+/// gets a dead letter that says why, so the event can be replayed to it
+/// once the condition is fixed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_when_is_logged_once_not_again_for_a_retry() {
     let sink = FakeSink::start().await;
@@ -177,4 +179,15 @@ sinks = ["hook"]
         .count();
     assert_eq!(first, 1, "evt_when and its two retries: said once\n{log}");
     assert!(sink.settle().await.is_empty(), "the route is not taken");
+
+    for id in ["evt_when", "evt_when_2"] {
+        let dead = d.wait_delivery("crumb", id, "hook", "dead").await;
+        assert_eq!(dead["attempts"], 0, "{dead}");
+        let error = dead["last_error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("route \"broken\" could not decide: "), "{dead}");
+    }
+    let out = d.cli(&["replay", "--dead-letters", "--sink", "hook"]).await;
+    assert_success(&out, &["replay", "--dead-letters", "--sink", "hook"]);
+    let received = sink.wait_for(2, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 2);
 }
