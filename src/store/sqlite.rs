@@ -1913,17 +1913,25 @@ impl Store for SqliteStore {
 
     async fn deliveries(&self, f: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
         self.read(move |c| {
+            // A status is written into the statement, not bound: only a
+            // literal state lets SQLite walk the partial index of delivered
+            // ones or of dead letters by age, newest first, and stop at the
+            // page's end, where a bound one sorted every delivery stored.
+            let state = match f.status {
+                Some(status) => format!("d.state = {code} AND ?2 = {code}", code = status.code()),
+                None => "?2 IS NULL".to_owned(),
+            };
             let mut stmt = c
-                .prepare_cached(
+                .prepare_cached(&format!(
                     "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
                             d.last_error, d.updated_at
                      FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                     WHERE (?1 IS NULL OR d.sink = ?1) AND (?2 IS NULL OR d.state = ?2)
+                     WHERE (?1 IS NULL OR d.sink = ?1) AND {state}
                        AND (?4 IS NULL OR e.source = ?4) AND (?5 IS NULL OR e.type = ?5)
                        AND (?6 IS NULL OR d.updated_at >= ?6)
                        AND (?7 IS NULL OR d.updated_at < ?7 OR (d.updated_at = ?7 AND d.id < ?8))
-                     ORDER BY d.updated_at DESC, d.id DESC LIMIT ?3",
-                )
+                     ORDER BY d.updated_at DESC, d.id DESC LIMIT ?3"
+                ))
                 .map_err(unavailable)?;
             stmt.query_map(
                 params![
