@@ -285,10 +285,13 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             intake.metrics.ack(started.elapsed());
             self::accepted(status, &id)
         }
-        // Anyone who reaches the port can set off the first, anyone who
-        // replays a captured body the second, and a vendor's retries the
-        // third while the disk refuses writes: a line a second per source
-        // and kind, counting the ones held back (the metrics count all).
+        // Anyone who reaches the port can set off the first, and a vendor's
+        // retries the last while the disk refuses writes: a line a second
+        // per source and kind, counting the ones held back (the metrics
+        // count all). Not the refused events between: only the vendor's
+        // signature gets one there, and each line names an event that can
+        // be resent from the vendor's dashboard once the cause is fixed,
+        // which a line held back would lose.
         Err(Rejected::Verification(reason)) => {
             outcome(RequestOutcome::unauthorized);
             intake.metrics.verification_failure(reason.reason());
@@ -301,11 +304,9 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             outcome(RequestOutcome::invalid);
             // Signed by the vendor, so worth naming: the vendor retries it
             // and then gives up, and this line is what says which one it was.
-            if let Some(held_back) = intake.rejections.invalid.pass_now() {
-                let event_id = source.normalizer.event_id_of(&body);
-                let event_id = event_id.as_deref().map(tracing::field::display);
-                tracing::warn!(source = %source.name, event_id, %peer, error = %e, held_back, "webhook rejected: invalid event");
-            }
+            let event_id = source.normalizer.event_id_of(&body);
+            let event_id = event_id.as_deref().map(tracing::field::display);
+            tracing::warn!(source = %source.name, event_id, %peer, error = %e, "webhook rejected: invalid event");
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }
         Err(Rejected::Store(e)) => {

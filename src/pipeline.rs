@@ -32,7 +32,6 @@ pub struct Intake {
 #[derive(Debug)]
 pub struct Rejections {
     pub verification: LogThrottle,
-    pub invalid: LogThrottle,
     pub unavailable: LogThrottle,
 }
 
@@ -41,7 +40,6 @@ impl Default for Rejections {
         const EVERY: Duration = Duration::from_secs(1);
         Self {
             verification: LogThrottle::new(EVERY),
-            invalid: LogThrottle::new(EVERY),
             unavailable: LogThrottle::new(EVERY),
         }
     }

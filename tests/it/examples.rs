@@ -211,7 +211,7 @@ async fn the_examples_run_against_local_services() {
             .all(|r| r.header("authorization") == Some("Bearer kds-examples-token"))
     );
 
-    // Loyalty: total_cents // 100 points, only for the order with a customer.
+    // Loyalty: a point per whole currency unit, only for the order with a customer.
     let points = loyalty.settle().await;
     assert_eq!(points.len(), 1, "walk-in and guest orders earn nothing: {points:#?}");
     assert_eq!(

@@ -223,6 +223,12 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
         line.contains("evt_400_money") && line.contains("invalid amount in data.total"),
         "{line}"
     );
+    // Each one, however close together: none is held back.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("webhook rejected: invalid event") && l.contains("evt_400_no_type")),
+        "no line for the CrumbPOS event without a type:\n{log}"
+    );
 
     // Only the accepted event is stored, with one delivery, delivered once.
     d.wait_delivery("crumb", "evt_ok", "hook", "delivered").await;

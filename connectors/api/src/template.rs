@@ -312,6 +312,7 @@ impl TemplateSet {
             }
         });
         env.add_filter("money", money_filter);
+        env.add_filter("units", units_filter);
         let mut set = Self {
             env,
             escapes: Vec::new(),
@@ -785,6 +786,15 @@ fn money_filter(minor: Option<i64>, currency: Option<&str>) -> String {
     }
     let unit = 10u64.pow(digits);
     format!("{sign}{}.{:0width$}", abs / unit, abs % unit, width = digits as usize)
+}
+
+/// Whole currency units of an amount in minor units, toward zero, with the
+/// currency's own decimals (`{{ order.total_cents | units(order.currency) }}`:
+/// 2798 USD is 27, 1200 JPY is 1200, 27985 KWD is 27); a missing amount is
+/// missing. An integer, so a `body` leaf keeps it a number.
+fn units_filter(minor: Option<i64>, currency: Option<&str>) -> Option<i64> {
+    let digits = crate::event::currency_exponent(currency);
+    minor.map(|m| m / 10i64.pow(digits))
 }
 
 /// The compiled templates of one component.
@@ -1578,6 +1588,29 @@ mod tests {
         let t = set.finish();
         let ev = Arc::new(event());
         assert_eq!(t.render(&id, &Templates::context(&ev)).unwrap(), "[][]");
+    }
+
+    #[test]
+    fn units_are_whole_and_in_the_currency() {
+        assert_eq!(units_filter(Some(2798), None), Some(27));
+        assert_eq!(units_filter(Some(2798), Some("USD")), Some(27));
+        assert_eq!(units_filter(Some(1200), Some("JPY")), Some(1200));
+        assert_eq!(units_filter(Some(27985), Some("KWD")), Some(27));
+        assert_eq!(units_filter(Some(-1050), None), Some(-10));
+        assert_eq!(units_filter(None, Some("USD")), None);
+        let mut set = TemplateSet::new();
+        let points = set
+            .structured(
+                "sinks.l.body",
+                &json!({"points": "{{ order.total_cents | units(order.currency) }}"}),
+            )
+            .unwrap();
+        let templates = set.finish();
+        let e = Arc::new(event());
+        assert_eq!(
+            templates.render_json(&points, &templates.context_for(&e)).unwrap(),
+            json!({"points": 27})
+        );
     }
 
     #[test]
