@@ -1003,17 +1003,24 @@ impl Store for PostgresStore {
 
     async fn deliveries(&self, f: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
         let client = self.client().await?;
+        // A status is written into the statement (as SQLite's listing does):
+        // a prepared statement's generic plan cannot use `(state, updated_at)`
+        // for a state that is only a parameter, and sorted every delivery.
+        let state_filter = match f.status {
+            Some(status) => format!("d.state = {code} AND $2::integer = {code}", code = status.code()),
+            None => "$2::integer IS NULL".to_owned(),
+        };
         let stmt = client
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
                         d.last_error, d.updated_at
                  FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE ($1::text IS NULL OR d.sink = $1) AND ($2::integer IS NULL OR d.state = $2)
+                 WHERE ($1::text IS NULL OR d.sink = $1) AND {state_filter}
                    AND ($4::text IS NULL OR e.source = $4) AND ($5::text IS NULL OR e.type = $5)
                    AND ($6::bigint IS NULL OR d.updated_at >= $6)
                    AND ($7::bigint IS NULL OR (d.updated_at, d.id) < ($7, $8::bigint))
-                 ORDER BY d.updated_at DESC, d.id DESC LIMIT $3",
-            )
+                 ORDER BY d.updated_at DESC, d.id DESC LIMIT $3"
+            ))
             .await
             .map_err(db_error)?;
         let state = f.status.map(|s| s.code() as i32);
