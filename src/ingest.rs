@@ -288,10 +288,9 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
         // Anyone who reaches the port can set off the first, and a vendor's
         // retries the last while the disk refuses writes: a line a second
         // per source and kind, counting the ones held back (the metrics
-        // count all). Not the refused events between: only the vendor's
-        // signature gets one there, and each line names an event that can
-        // be resent from the vendor's dashboard once the cause is fixed,
-        // which a line held back would lose.
+        // count all). A refused event between is named once per id: the
+        // line says which event to resend from the vendor's dashboard once
+        // the cause is fixed, which a line held back would lose.
         Err(Rejected::Verification(reason)) => {
             outcome(RequestOutcome::unauthorized);
             intake.metrics.verification_failure(reason.reason());
@@ -304,9 +303,18 @@ async fn handle(req: Request<Incoming>, shared: &Shared, limits: Limits, peer: S
             outcome(RequestOutcome::invalid);
             // Signed by the vendor, so worth naming: the vendor retries it
             // and then gives up, and this line is what says which one it was.
-            let event_id = source.normalizer.event_id_of(&body);
-            let event_id = event_id.as_deref().map(tracing::field::display);
-            tracing::warn!(source = %source.name, event_id, %peer, error = %e, "webhook rejected: invalid event");
+            match source.normalizer.event_id_of(&body) {
+                Some(event_id) => {
+                    if intake.rejections.invalid_ids.first(&event_id) {
+                        tracing::warn!(source = %source.name, %event_id, %peer, error = %e, "webhook rejected: invalid event");
+                    }
+                }
+                None => {
+                    if let Some(held_back) = intake.rejections.invalid.pass_now() {
+                        tracing::warn!(source = %source.name, %peer, error = %e, held_back, "webhook rejected: invalid event");
+                    }
+                }
+            }
             error(StatusCode::BAD_REQUEST, &e.to_string())
         }
         Err(Rejected::Store(e)) => {

@@ -28,11 +28,15 @@ pub struct Intake {
     pub rejections: Rejections,
 }
 
-/// A line a second at most per source and kind of rejection.
+/// A line a second at most per source and kind of rejection; a refused
+/// event with an id, a line per id.
 #[derive(Debug)]
 pub struct Rejections {
     pub verification: LogThrottle,
     pub unavailable: LogThrottle,
+    /// Refused events without an id to name.
+    pub invalid: LogThrottle,
+    pub invalid_ids: NamedOnce,
 }
 
 impl Default for Rejections {
@@ -41,7 +45,43 @@ impl Default for Rejections {
         Self {
             verification: LogThrottle::new(EVERY),
             unavailable: LogThrottle::new(EVERY),
+            invalid: LogThrottle::new(EVERY),
+            invalid_ids: NamedOnce::default(),
         }
+    }
+}
+
+/// The event ids a line was written for lately. Every refused event is
+/// named once (its id is what to resend from the vendor's dashboard), but
+/// one signed body sent again and again (Crave signs no time, so a captured
+/// one stays valid) is one line, not one a request.
+#[derive(Debug, Default)]
+pub struct NamedOnce {
+    seen: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+impl NamedOnce {
+    /// How long an id stays seen: longer than the vendors' retries are apart
+    /// at first, so a retry storm is a line each ten minutes.
+    const FOR: Duration = Duration::from_secs(600);
+    /// Ids remembered at most; past that, the old ones are forgotten first.
+    const MOST: usize = 4096;
+
+    /// Whether `id` was not named lately (and is now).
+    pub fn first(&self, id: &str) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = std::time::Instant::now();
+        if seen.get(id).is_some_and(|at| now.duration_since(*at) < Self::FOR) {
+            return false;
+        }
+        if seen.len() >= Self::MOST {
+            seen.retain(|_, at| now.duration_since(*at) < Self::FOR);
+            if seen.len() >= Self::MOST {
+                seen.clear();
+            }
+        }
+        seen.insert(id.to_owned(), now);
+        true
     }
 }
 
@@ -336,6 +376,18 @@ pub fn rebuild(stored: &StoredEvent, reads: Reads) -> Result<Event, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_event_is_named_once_per_id() {
+        let named = NamedOnce::default();
+        assert!(named.first("evt_1"));
+        assert!(!named.first("evt_1"), "sent again: no second line");
+        assert!(named.first("evt_2"));
+        // Many ids: the oldest are forgotten, never a line lost for a new one.
+        for i in 0..(NamedOnce::MOST + 10) {
+            assert!(named.first(&format!("evt_many_{i}")));
+        }
+    }
 
     const CRUMB_ORDER: &str = include_str!("../tests/fixtures/crumbpos-order-created.json");
 

@@ -1733,7 +1733,18 @@ fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: boo
             if value.is_empty() {
                 return Err(format!("environment variable {name} is set but empty"));
             }
-            if template && value.contains(['{', '}', '%', '#']) {
+            // Where `${` stands in the source: inside a tag, the value is
+            // part of an expression (a string literal, most likely), where
+            // a raw block cannot go.
+            let at = s.len() - rest.len() + i;
+            if template && in_tag(s, at) {
+                if value.contains(['\'', '"', '\\']) {
+                    return Err(format!(
+                        "environment variable {name} is used inside {{{{ }}}} or {{% %}} and holds a quote or a backslash, which would end or change the string it is in; use it outside the braces"
+                    ));
+                }
+                out.push_str(&value);
+            } else if template && value.contains(['{', '}', '%', '#']) {
                 if value.contains("endraw") {
                     return Err(format!(
                         "environment variable {name} holds template syntax and `endraw`, which a template cannot quote"
@@ -1753,6 +1764,29 @@ fn interpolate_with(s: &str, env: &dyn Fn(&str) -> Option<String>, template: boo
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Whether byte `at` of a template's source is inside a tag: `{{ }}`,
+/// `{% %}` or `{# #}`.
+fn in_tag(source: &str, at: usize) -> bool {
+    let mut rest = &source[..at];
+    loop {
+        let Some(open) = rest.find(['{']) else { return false };
+        let after = &rest[open + 1..];
+        let close = match after.chars().next() {
+            Some('{') => "}}",
+            Some('%') => "%}",
+            Some('#') => "#}",
+            _ => {
+                rest = after;
+                continue;
+            }
+        };
+        match after[1..].find(close) {
+            Some(end) => rest = &after[1 + end + 2..],
+            None => return true,
+        }
+    }
 }
 
 /// A parse error's message without the string values it quotes: serde says

@@ -14,8 +14,6 @@ impl Cx<'_> {
         let r: RawSlackSink = self.typed(value, key)?;
         let common = sink_common!(self, key, r);
         let mut set = TemplateSet::new();
-        // `text`, and the `text` of each text object in `blocks`.
-        set.escape_values(Escape::Slack, |name| name.ends_with(".text"));
         let mut ok = true;
 
         let target = match (&r.token, &r.webhook_url) {
@@ -111,6 +109,28 @@ impl Cx<'_> {
             }
         };
 
+        // Slack parses `&`, `<` and `>` in the message's `text` and in
+        // `mrkdwn` text objects: there a value's are escaped. Not in
+        // `plain_text` or rich text elements, which show them as they are.
+        let text_key = format!("{key}.text");
+        let mut mrkdwn: std::collections::HashSet<String> = std::collections::HashSet::new();
+        if let (Some(_), DeValue::Table(table)) = (&r.blocks, value.get_ref())
+            && let Some(b) = table.get("blocks")
+        {
+            // Read once more below, where its errors are reported.
+            let reported = self.errors.len();
+            if let Some(json) = self.json_value_as(&format!("{key}.blocks"), b, true) {
+                mrkdwn.extend(expeditor_api::member_names(
+                    &format!("{key}.blocks"),
+                    &json,
+                    &|object, member| {
+                        member == "text" && object.get("type").and_then(serde_json::Value::as_str) == Some("mrkdwn")
+                    },
+                ));
+            }
+            self.errors.truncate(reported);
+        }
+        set.escape_values(Escape::Slack, move |name| name == text_key || mrkdwn.contains(name));
         let text = match &r.text {
             Some(t) => {
                 let tkey = format!("{key}.text");

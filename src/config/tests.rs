@@ -619,6 +619,28 @@ fn interpolation() {
     );
     assert_eq!(interpolate_with("${A}", &env_t, true).unwrap(), "1");
     assert!(interpolate_with("${E}", &env_t, true).unwrap_err().contains("endraw"));
+    // Inside an expression (a string literal there) the value goes in as it
+    // is: a raw block cannot go there. A quote would end the literal.
+    let env_x = |k: &str| match k {
+        "BIG" => Some("#big-orders".to_string()),
+        "Q" => Some("it's".to_string()),
+        _ => None,
+    };
+    assert_eq!(
+        interpolate_with(
+            "{{ '${BIG}' if order.total_cents > 100 else '#general' }}",
+            &env_x,
+            true
+        )
+        .unwrap(),
+        "{{ '#big-orders' if order.total_cents > 100 else '#general' }}"
+    );
+    assert_eq!(
+        interpolate_with("{% if x %}${BIG}{% endif %} {# c #}${BIG}", &env_x, true).unwrap(),
+        "{% if x %}{% raw %}#big-orders{% endraw %}{% endif %} {# c #}{% raw %}#big-orders{% endraw %}"
+    );
+    let err = interpolate_with("{{ '${Q}' }}", &env_x, true).unwrap_err();
+    assert!(err.contains("Q is used inside") && !err.contains("it's"), "{err}");
     // A lone `{` would make `{{` with the template text after it.
     let quoted = interpolate_with("${L}{{ event.id }}", &env_t, true).unwrap();
     assert_eq!(quoted, "{% raw %}s3cr3t{{% endraw %}{{ event.id }}");

@@ -577,11 +577,28 @@ pub(super) async fn within<T>(
     let client = tokio::time::timeout_at(deadline, pooled(pool))
         .await
         .unwrap_or_else(|_| Err(no_answer()))?;
-    match tokio::time::timeout_at(deadline, op(&client)).await {
-        Ok(result) => result,
-        Err(_) => {
+    // Abandoned unless the operation ends: also when the caller stops
+    // waiting first (a readiness probe's shorter limit drops this future).
+    let mut lent = Lent(Some(client));
+    let outcome = tokio::time::timeout_at(deadline, op(lent.0.as_ref().expect("lent above"))).await;
+    match outcome {
+        Ok(result) => {
+            // Done with it: back to the pool.
+            drop(lent.0.take());
+            result
+        }
+        Err(_) => Err(no_answer()),
+    }
+}
+
+/// A connection lent to one operation: [`abandon`]ed when dropped still
+/// holding it, that is, when the operation did not end.
+struct Lent(Option<Object>);
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
             abandon(client);
-            Err(no_answer())
         }
     }
 }
@@ -596,9 +613,11 @@ fn abandon(client: Object) {
     let cancel = client.cancel_token();
     // Dropping the connection stops its task and closes the socket.
     drop(Object::take(client));
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(CONNECT_TIMEOUT, cancel.cancel_query(NoTls)).await;
-    });
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(CONNECT_TIMEOUT, cancel.cancel_query(NoTls)).await;
+        });
+    }
 }
 
 /// The columns [`delivery_row`] reads.

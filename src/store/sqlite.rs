@@ -1636,7 +1636,7 @@ fn prune(t: &Connection, dedupe: &mut Dedupe, r: Retention, now: i64) -> Result<
     }
     let (compacted, more_compact) = compact(t, delivered_cutoff)?;
     stats.events_compacted += compacted;
-    let (deleted, more_delete) = delete_walk(t, dedupe_cutoff)?;
+    let (deleted, more_delete) = delete_walk(t, dedupe_cutoff, now)?;
     stats.events_deleted += deleted;
     stats.more = more_compact || more_delete;
     if stats.events_deleted > 0 {
@@ -1673,8 +1673,21 @@ const DELETE_ONE: &str = "DELETE FROM events
 /// pass: dead letters are kept longer than the dedupe window, and a walk
 /// from the lowest seq read every such event each pass, holding the writer
 /// (1M of them: 0.3 s a pass). It goes when its last delivery is pruned
-/// (`DELETE_ONE`). Returns how many went, and whether the walk is behind.
-fn delete_walk(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
+/// (`DELETE_ONE`). Once a day, having caught up, it starts again from the
+/// lowest seq: an event whose `received_at` is out of seq order by more than
+/// the overlap (the clock stepped back) is passed while still too young, and
+/// this finds it. Returns how many went, and whether the walk is behind.
+fn delete_walk(t: &Connection, cutoff: i64, now: i64) -> Result<(u64, bool), StoreError> {
+    const SWEEP_EVERY: i64 = 24 * 3600 * 1000;
+    let swept_at: i64 = t
+        .query_row(
+            "SELECT value FROM store_meta WHERE name = 'deleted_swept_at'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(unavailable)?
+        .unwrap_or(0);
     let from: i64 = t
         .query_row("SELECT value FROM store_meta WHERE name = 'deleted_to'", [], |r| {
             r.get(0)
@@ -1701,14 +1714,22 @@ fn delete_walk(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
         deleted += walk.execute(params![at, end, cutoff]).map_err(unavailable)? as u64;
         at = end;
     }
-    if at > from {
+    let caught_up = at >= boundary;
+    if caught_up && now.saturating_sub(swept_at) >= SWEEP_EVERY {
+        // From the lowest seq again at the next pass.
+        t.execute(
+            "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('deleted_to', 0), ('deleted_swept_at', ?1)",
+            [now],
+        )
+        .map_err(unavailable)?;
+    } else if at > from {
         t.execute(
             "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('deleted_to', ?1)",
             [at],
         )
         .map_err(unavailable)?;
     }
-    Ok((deleted, at < boundary))
+    Ok((deleted, !caught_up))
 }
 
 /// Seqs compaction looks at per statement, and per pass at most.

@@ -1091,11 +1091,45 @@ async fn sqlite_an_event_kept_by_its_dead_letter_goes_with_it() {
         Err(StoreError::NotFound)
     );
     assert_eq!(insert(&*store, new_event("dead", &["b"])).await, Inserted::Duplicate);
+    // The first catch-up starts the day's sweep from the lowest seq again;
+    // this pass makes it and leaves the walk past everything.
+    store.prune(retention, T0 + 8 * DAY + 60_000).await.unwrap();
 
     // The dead letter goes after 30 days, and its event with it.
     let stats = store.prune(retention, T0 + 31 * DAY).await.unwrap();
     assert_eq!((stats.deliveries_deleted, stats.events_deleted), (1, 1), "{stats:?}");
     assert_eq!(insert(&*store, new_event("dead", &["b"])).await, Inserted::New(vec![]));
+}
+
+/// An event whose `received_at` is far out of seq order (the clock stepped
+/// back) is passed by the deletion walk while still too young; the day's
+/// sweep from the lowest seq finds it once it is old enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_the_daily_sweep_deletes_what_the_walk_passed() {
+    let (store, _dir) = sqlite();
+    let retention = Retention {
+        dedupe_window: Duration::from_secs(7 * 24 * 3600),
+        keep_delivered: Duration::from_secs(24 * 3600),
+        keep_dead_letters: Duration::from_secs(30 * 24 * 3600),
+    };
+    insert(&*store, event_at("late", &[], T0 + 10 * DAY)).await;
+    for i in 0..5_000 {
+        insert(&*store, new_event(&format!("early_{i}"), &[])).await;
+    }
+    store.prune(retention, T0 + 8 * DAY).await.unwrap();
+    store.prune(retention, T0 + 8 * DAY + 60_000).await.unwrap();
+    assert_eq!(
+        insert(&*store, event_at("late", &[], T0 + 10 * DAY)).await,
+        Inserted::Duplicate
+    );
+    // Old enough now: the walk is past it, and the day's sweep finds it.
+    for minute in 0..3 {
+        store.prune(retention, T0 + 18 * DAY + minute * 60_000).await.unwrap();
+    }
+    assert_eq!(
+        store.replay(event_target("late", None), T0 + 18 * DAY).await,
+        Err(StoreError::NotFound)
+    );
 }
 
 /// SQLite only: one write the database refuses part way (a sink named twice
@@ -2580,6 +2614,24 @@ async fn postgres_a_connection_cut_off_mid_query_is_closed_not_lent_again() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The store carries on with a fresh connection.
+    store.ping().await.unwrap();
+
+    // The same when the caller stops waiting first (a readiness probe's
+    // own, shorter limit): the connection is not given back mid-query.
+    let before = pool.status().size;
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        super::postgres::within(pool, Duration::from_secs(30), async |client| {
+            client
+                .simple_query("SELECT pg_sleep(30) -- cut off")
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            Ok(())
+        }),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    assert_eq!(pool.status().size, before - 1, "taken out of the pool");
     store.ping().await.unwrap();
     store.close().await;
 }

@@ -210,8 +210,13 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
     }
     let junk_total = bytes(&crave_order("evt_400_money", "abc"));
     let sig = crave_signature(CRAVE_SECRET, &junk_total);
-    let reply = d.post("crave", &[JSON, ("x-crave-signature", &sig)], junk_total).await;
-    assert_rejected("crave: total \"abc\"", &reply, 400);
+    // Sent three times (Crave signs no time: a captured body stays valid).
+    for _ in 0..3 {
+        let reply = d
+            .post("crave", &[JSON, ("x-crave-signature", &sig)], junk_total.clone())
+            .await;
+        assert_rejected("crave: total \"abc\"", &reply, 400);
+    }
     // The vendor signed it, will retry it and then give up: the log line
     // says which event it was (the body is not kept).
     let log = d.log();
@@ -222,6 +227,13 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
     assert!(
         line.contains("evt_400_money") && line.contains("invalid amount in data.total"),
         "{line}"
+    );
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("webhook rejected: invalid event") && l.contains("evt_400_money"))
+            .count(),
+        1,
+        "one line for one event sent again and again:\n{log}"
     );
     // Each one, however close together: none is held back.
     assert!(

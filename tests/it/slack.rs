@@ -91,6 +91,39 @@ async fn api_daemon(slack: &FakeSlack, token: &str) -> Daemon {
     Daemon::start_with_env(&config(&api_target(slack)), &[("SLACK_BOT_TOKEN", token)]).await
 }
 
+/// Slack's control characters in event data are escaped where Slack parses
+/// them (the text, `mrkdwn` text objects), so an item named `<!channel>`
+/// mentions no one; a `plain_text` header shows them as they are.
+#[tokio::test]
+async fn event_data_cannot_mention_or_link_in_a_message() {
+    let slack = FakeSlack::start(TOKEN).await;
+    let message = r##"
+text = "Low stock: {{ stock.name }}"
+
+[[sinks.alerts.blocks]]
+type = "header"
+text = { type = "plain_text", text = "{{ stock.name }}" }
+
+[[sinks.alerts.blocks]]
+type = "section"
+text = { type = "mrkdwn", text = "{{ stock.name }}" }
+"##;
+    let config = config(&api_target(&slack)).replace(MESSAGE, message);
+    let d = Daemon::start_with_env(&config, &[("SLACK_BOT_TOKEN", TOKEN)]).await;
+    let mut event = low_stock("evt_low_esc");
+    event["data"]["attributes"]["name"] = json!("Fish & Chips <!channel> <https://evil.example|verify>");
+    assert_eq!(d.post_crumb(&event).await.status, 200);
+    d.wait_delivery("crumb", "evt_low_esc", "alerts", "delivered").await;
+    let got = slack.settle().await;
+    let escaped = "Fish &amp; Chips &lt;!channel&gt; &lt;https://evil.example|verify&gt;";
+    assert_eq!(got[0].body["text"], format!("Low stock: {escaped}"));
+    assert_eq!(got[0].body["blocks"][1]["text"]["text"], escaped);
+    assert_eq!(
+        got[0].body["blocks"][0]["text"]["text"],
+        "Fish & Chips <!channel> <https://evil.example|verify>"
+    );
+}
+
 #[tokio::test]
 async fn bot_token_posts_text_and_blocks_to_the_channel() {
     let slack = FakeSlack::start(TOKEN).await;

@@ -18,4 +18,4 @@ pub mod template;
 pub use event::{Customer, Event, EventMeta, Item, Modifier, Order, Payment, Stock, Views, currency_exponent};
 pub use retry::RetryPolicy;
 pub use sink::{Delivery, DeliveryError, Outcome, Sink, delivery_key, one_by_one};
-pub use template::{Escape, Reads, Structured, TemplateError, TemplateId, TemplateSet, Templates};
+pub use template::{Escape, Reads, Structured, TemplateError, TemplateId, TemplateSet, Templates, member_names};

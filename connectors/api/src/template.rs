@@ -132,7 +132,7 @@ pub struct TemplateSet {
 }
 
 /// An [`Escape`] and the template names it applies to.
-type EscapeRule = (Escape, fn(&str) -> bool);
+type EscapeRule = (Escape, Arc<dyn Fn(&str) -> bool + Send + Sync>);
 
 /// How a template escapes the values it writes, so event data lands as data
 /// and not as syntax of what the template makes. Text written in the
@@ -284,6 +284,36 @@ fn escape_of(escapes: &[EscapeRule], name: &str) -> Option<Escape> {
     escapes.iter().find(|(_, applies)| applies(name)).map(|(e, _)| *e)
 }
 
+/// The names [`TemplateSet::structured`] gives the string members of
+/// `value` (compiled as `name`) that `pick` chooses: it sees each object
+/// and one of its keys. So a rule can name the leaves of one kind of object
+/// (Slack's `mrkdwn` text objects) before they are compiled.
+pub fn member_names(
+    name: &str,
+    value: &Json,
+    pick: &dyn Fn(&serde_json::Map<String, Json>, &str) -> bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    match value {
+        Json::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                out.extend(member_names(&format!("{name}[{i}]"), v, pick));
+            }
+        }
+        Json::Object(map) => {
+            for (k, v) in map {
+                let member = leaf_name(name, k);
+                if v.is_string() && pick(map, k) {
+                    out.push(member.clone());
+                }
+                out.extend(member_names(&member, v, pick));
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 impl TemplateSet {
     pub fn new() -> Self {
         let mut env = Environment::new();
@@ -313,6 +343,11 @@ impl TemplateSet {
         });
         env.add_filter("money", money_filter);
         env.add_filter("units", units_filter);
+        // Its result is encoded already: marked safe, so a `url` template
+        // (whose values are percent-encoded) does not encode it twice.
+        env.add_filter("urlencode", |value: &Value| {
+            minijinja::filters::urlencode(value).map(Value::from_safe_string)
+        });
         let mut set = Self {
             env,
             escapes: Vec::new(),
@@ -325,8 +360,8 @@ impl TemplateSet {
     /// to (config key paths: `sinks.kds.url`), added from now on. A leaf of
     /// a structured value that is one `{{ expression }}` is then a text
     /// template: escaping makes a string.
-    pub fn escape_values(&mut self, escape: Escape, applies: fn(&str) -> bool) {
-        self.escapes.push((escape, applies));
+    pub fn escape_values(&mut self, escape: Escape, applies: impl Fn(&str) -> bool + Send + Sync + 'static) {
+        self.escapes.push((escape, Arc::new(applies)));
         self.install_escapes();
     }
 
@@ -1737,6 +1772,21 @@ mod tests {
             let err = templates.render(&url, &templates.context_for(&e)).unwrap_err();
             assert!(err.message.contains("would climb its path"), "{err:?}");
         }
+        // `| urlencode` is encoded once, not twice.
+        let mut set = TemplateSet::new();
+        set.escape_values(Escape::Url, |name| name.ends_with(".url"));
+        let query = set
+            .text(
+                "sinks.q.url",
+                "http://h/s?q={{ payload.q | urlencode }}&{{ {'a': 1, 'b': 'x y'} | urlencode }}",
+            )
+            .unwrap();
+        let templates2 = set.finish();
+        let e = with(json!({"q": "a b&c"}));
+        assert_eq!(
+            templates2.render(&query, &templates2.context_for(&e)).unwrap(),
+            "http://h/s?q=a%20b%26c&a=1&b=x%20y"
+        );
         // Numbers, and a missing or null value, as before.
         let e = with(json!({"host": "h", "id": 42, "q": null}));
         assert_eq!(

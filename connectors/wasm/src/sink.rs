@@ -22,6 +22,9 @@ pub struct WasmSink {
     plugin: Arc<Plugin>,
     idle: Arc<Mutex<IdlePool>>,
     retire_after: Duration,
+    /// Held (shared) by a sweep while it retires instances, so `close`
+    /// (exclusive) waits for their `shutdown` too.
+    retiring: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// How long an instance may sit unused before it is let go.
@@ -64,6 +67,7 @@ impl WasmSink {
             plugin,
             idle: Arc::default(),
             retire_after,
+            retiring: Arc::default(),
         }
     }
 
@@ -89,6 +93,7 @@ impl WasmSink {
                 Arc::downgrade(&self.idle),
                 self.plugin.clone(),
                 self.retire_after,
+                self.retiring.clone(),
             ));
         }
     }
@@ -100,10 +105,18 @@ fn lock(idle: &Mutex<IdlePool>) -> std::sync::MutexGuard<'_, IdlePool> {
 
 /// Retires the instances idle for `retire_after`, for as long as there are
 /// idle ones to watch; ends with the sink (`close` takes them all first).
-async fn sweep(idle: std::sync::Weak<Mutex<IdlePool>>, plugin: Arc<Plugin>, retire_after: Duration) {
+async fn sweep(
+    idle: std::sync::Weak<Mutex<IdlePool>>,
+    plugin: Arc<Plugin>,
+    retire_after: Duration,
+    retiring: Arc<tokio::sync::RwLock<()>>,
+) {
     let mut wait = retire_after;
     loop {
         tokio::time::sleep(wait).await;
+        // Before taking any out: `close` then either finds them in the
+        // pool or waits for their `shutdown` here.
+        let retiring = retiring.clone().read_owned().await;
         let Some(idle) = idle.upgrade() else { return };
         let (old, done): (Vec<Instance>, bool) = {
             let mut pool = lock(&idle);
@@ -129,16 +142,21 @@ async fn sweep(idle: std::sync::Weak<Mutex<IdlePool>>, plugin: Arc<Plugin>, reti
         drop(idle);
         if !old.is_empty() {
             tracing::debug!(sink = %plugin.name(), instances = old.len(), "idle plugin instances let go");
-            let retiring = plugin.clone();
-            let retired = tokio::task::spawn_blocking(move || {
-                for instance in old {
-                    retiring.shutdown(instance, retiring.deadline());
+            // All at once, as `close` does, so one that waits for it keeps
+            // its bound.
+            let deadline = plugin.deadline();
+            let mut retired = tokio::task::JoinSet::new();
+            for instance in old {
+                let plugin = plugin.clone();
+                retired.spawn_blocking(move || plugin.shutdown(instance, deadline));
+            }
+            while let Some(done) = retired.join_next().await {
+                if let Err(e) = done {
+                    tracing::error!(sink = %plugin.name(), error = %e, "plugin shutdown failed in the host");
                 }
-            });
-            if let Err(e) = retired.await {
-                tracing::error!(sink = %plugin.name(), error = %e, "plugin shutdown failed in the host");
             }
         }
+        drop(retiring);
         if done {
             return;
         }
@@ -252,9 +270,6 @@ impl Sink for WasmSink {
             .into_iter()
             .map(|(instance, _)| instance)
             .collect();
-        if instances.is_empty() {
-            return;
-        }
         let deadline = self.plugin.deadline();
         let mut closing = tokio::task::JoinSet::new();
         for instance in instances {
@@ -266,6 +281,9 @@ impl Sink for WasmSink {
                 tracing::error!(sink = %self.plugin.name(), error = %e, "plugin shutdown failed in the host");
             }
         }
+        // And those a sweep is letting go meanwhile (started before this,
+        // so within the same bound).
+        let _all_retired = self.retiring.write().await;
         tracing::debug!(sink = %self.plugin.name(), "wasm sink closed");
     }
 }
