@@ -2571,6 +2571,15 @@ async fn postgres_a_connection_opened_from_another_runtime_outlives_it() {
     store.close().await;
 }
 
+/// An operation stuck on the server, as behind a hung one or a silent link.
+async fn stuck(client: &deadpool_postgres::Object) -> Result<(), StoreError> {
+    client
+        .simple_query("SELECT pg_sleep(30) -- cut off")
+        .await
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    Ok(())
+}
+
 /// A connection whose operation was cut off (a hung server, a silent link)
 /// is closed and its query cancelled, not lent to the next operation, which
 /// would wait behind it as long again.
@@ -2582,14 +2591,7 @@ async fn postgres_a_connection_cut_off_mid_query_is_closed_not_lent_again() {
     let before = pool.status().size;
     assert!(before >= 1, "the store keeps the connection it opened with");
     let started = Instant::now();
-    let cut = super::postgres::within(pool, Duration::from_millis(300), async |client| {
-        client
-            .simple_query("SELECT pg_sleep(30) -- cut off")
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        Ok(())
-    })
-    .await;
+    let cut = super::postgres::within(pool, Duration::from_millis(300), stuck).await;
     assert!(cut.unwrap_err().to_string().contains("no answer"));
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(pool.status().size, before - 1, "taken out of the pool");
@@ -2621,13 +2623,7 @@ async fn postgres_a_connection_cut_off_mid_query_is_closed_not_lent_again() {
     let before = pool.status().size;
     let gave_up = tokio::time::timeout(
         Duration::from_millis(300),
-        super::postgres::within(pool, Duration::from_secs(30), async |client| {
-            client
-                .simple_query("SELECT pg_sleep(30) -- cut off")
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            Ok(())
-        }),
+        super::postgres::within(pool, Duration::from_secs(30), stuck),
     )
     .await;
     assert!(gave_up.is_err());
