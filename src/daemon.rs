@@ -81,6 +81,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if client.is_proxied() {
         tracing::info!("http sinks send through the proxy the environment names");
     }
+    for problem in expeditor_http::proxy_problems(|name| std::env::var_os(name)) {
+        tracing::warn!("{problem}");
+    }
     let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown, None).await?;
     let detached = TaskTracker::new();
     let shared = Arc::new(Shared {

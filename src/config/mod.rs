@@ -1219,14 +1219,21 @@ impl Cx<'_> {
                 set.escape_values(Escape::Url, |name| {
                     name.ends_with(".url") && name.matches('.').count() == 2
                 });
+                // The methods a delivery can mean; any other string is
+                // a valid token to HTTP (`PSOT`) and would only be refused
+                // by the server, at every delivery.
                 let method = match &r.method {
-                    Some(m) => match http::Method::from_bytes(m.get_ref().trim().to_ascii_uppercase().as_bytes()) {
-                        Ok(m) => Some(m),
-                        Err(_) => {
+                    Some(m) => match m.get_ref().trim().to_ascii_uppercase().as_str() {
+                        "POST" => Some(http::Method::POST),
+                        "PUT" => Some(http::Method::PUT),
+                        "PATCH" => Some(http::Method::PATCH),
+                        "DELETE" => Some(http::Method::DELETE),
+                        "GET" => Some(http::Method::GET),
+                        _ => {
                             self.error_at(
                                 m.span(),
                                 &format!("{key}.method"),
-                                "is not an HTTP method (e.g. \"POST\")",
+                                "must be POST, PUT, PATCH, DELETE or GET",
                             );
                             None
                         }
@@ -1292,6 +1299,17 @@ impl Cx<'_> {
                             hval.span(),
                             &hkey,
                             "is not a valid header value: it holds a control character such as a newline",
+                        );
+                        continue;
+                    }
+                    // Header names are case-insensitive: two keys that
+                    // differ only in case would be one header, the other's
+                    // value (a token, say) silently dropped.
+                    if let Some((other, _)) = headers.iter().find(|(h, _)| *h == n) {
+                        self.error_at(
+                            hval.span(),
+                            &hkey,
+                            format!("names the same header as {other:?} (header names ignore case); keep one"),
                         );
                         continue;
                     }

@@ -657,6 +657,38 @@ fn interpolation() {
 /// so or read from an env file with its newline, and the error does not
 /// quote it; a templated one is left to its rendering.
 #[test]
+fn http_method_and_header_names_are_checked() {
+    let twice = BASE.replace(
+        "headers = { Authorization = \"Bearer ${KDS_TOKEN}\" }",
+        "headers = { Authorization = \"Bearer ${KDS_TOKEN}\", authorization = \"Basic zzz\" }",
+    );
+    assert_ne!(twice, BASE);
+    let err = parse_with(&twice, &env()).unwrap_err().to_string();
+    assert!(
+        err.contains("names the same header as") && !err.contains("tok-"),
+        "{err}"
+    );
+    let kds = "[sinks.kds]\ntype = \"http\"\n";
+    assert!(BASE.contains(kds));
+    for (method, ok) in [
+        ("put", true),
+        ("PATCH", true),
+        ("DELETE", true),
+        ("PSOT", false),
+        ("CONNECT", false),
+    ] {
+        let text = BASE.replace(kds, &format!("{kds}method = \"{method}\"\n"));
+        let parsed = parse_with(&text, &env());
+        assert_eq!(
+            parsed.is_ok(),
+            ok,
+            "{method}: {:?}",
+            parsed.err().map(|e| e.to_string())
+        );
+    }
+}
+
+#[test]
 fn a_header_value_no_request_can_carry_is_refused() {
     let mut newline = env();
     newline.insert("KDS_TOKEN", "tok-kds-123\n");

@@ -27,6 +27,11 @@ use crate::outcome::{self, Drain, root_cause};
 /// How long an idle pooled connection is kept.
 const POOL_IDLE: Duration = Duration::from_secs(60);
 
+/// How long an answer's body is read once its status is in: the status has
+/// said what happened, and a body that trickles would otherwise hold the
+/// attempt's slot until its timeout.
+const BODY_GRACE: Duration = Duration::from_secs(1);
+
 /// The variables reqwest takes a proxy from (either case).
 const PROXY_VARIABLES: [&str; 6] = [
     "HTTP_PROXY",
@@ -106,18 +111,32 @@ impl Client {
     /// Sends `request` and judges the answer. `timeout` covers connecting,
     /// sending and the answer's status and headers: past it, the attempt
     /// timed out. The body is read (for an error's snippet, and so the
-    /// connection can be reused) only until the same deadline, and a body
-    /// still arriving then changes nothing: the status has said what
-    /// happened, so a 200 whose body is slow is delivered, not retried.
+    /// connection can be reused) for at most [`BODY_GRACE`] more, within
+    /// the same deadline, and a body still arriving then changes nothing:
+    /// the status has said what happened, so a 200 whose body is slow is
+    /// delivered, not retried.
+    ///
+    /// A pooled connection the server closed as the request went out (many
+    /// close idle ones after a few seconds: gunicorn 2, node 5) fails it
+    /// with nothing answered; it is sent once more at once, on a fresh
+    /// connection, as the same attempt (the `Idempotency-Key` makes a
+    /// repeat harmless), instead of costing an attempt and its backoff.
     pub(crate) async fn send(&self, request: Request<Bytes>, timeout: Duration) -> Outcome {
         let deadline = tokio::time::Instant::now() + timeout;
         match &self.0 {
             Transport::Direct(client) => {
-                let response = tokio::time::timeout_at(deadline, client.request(request.map(Full::new)))
+                let again = copy(&request);
+                let sent = tokio::time::timeout_at(deadline, async {
+                    match client.request(request.map(Full::new)).await {
+                        Err(e) if closed_unanswered(&e) => client.request(again.map(Full::new)).await,
+                        other => other,
+                    }
+                });
+                let response = sent
                     .await
                     .map_err(|_| DeliveryError::timed_out(timeout))?
                     .map_err(|e| DeliveryError::retryable(root_cause(&e)))?;
-                judge_direct(response, deadline).await
+                judge_direct(response, deadline.min(tokio::time::Instant::now() + BODY_GRACE)).await
             }
             Transport::Proxied(client) => {
                 let request = reqwest::Request::try_from(request)
@@ -126,12 +145,61 @@ impl Client {
                     .await
                     .map_err(|_| DeliveryError::timed_out(timeout))?
                 {
-                    Ok(response) => judge_reqwest(response, deadline).await,
+                    Ok(response) => {
+                        judge_reqwest(response, deadline.min(tokio::time::Instant::now() + BODY_GRACE)).await
+                    }
                     Err(err) => Err(reqwest_error(&err, timeout)),
                 }
             }
         }
     }
+}
+
+/// `request` again, for a second send.
+fn copy(request: &Request<Bytes>) -> Request<Bytes> {
+    let mut again = Request::new(request.body().clone());
+    *again.method_mut() = request.method().clone();
+    *again.uri_mut() = request.uri().clone();
+    *again.version_mut() = request.version();
+    *again.headers_mut() = request.headers().clone();
+    again
+}
+
+/// Whether the connection closed before any answer came: hyper's
+/// "connection closed before message completed".
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<hyper::Error>())
+        .is_some_and(hyper::Error::is_incomplete_message)
+}
+
+/// What is wrong with the proxy variables for http sinks, one line each:
+/// reqwest takes only http:// and https:// proxies here (a socks one fails
+/// every delivery), and ignores a value that is not a URL (requests then go
+/// direct). Said at start, so it is not first seen as dead letters.
+pub fn proxy_problems(var: impl Fn(&str) -> Option<OsString>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for name in PROXY_VARIABLES {
+        let Some(value) = var(name).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        let value = value.to_string_lossy();
+        // Without a scheme reqwest reads it as http://.
+        let url = if value.contains("://") {
+            value.to_string()
+        } else {
+            format!("http://{value}")
+        };
+        match url::Url::parse(&url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+            Ok(u) => problems.push(format!(
+                "{name} names a {} proxy, which http sinks cannot use (only http:// or https://): their deliveries will fail",
+                u.scheme()
+            )),
+            Err(_) => problems.push(format!("{name} is not a proxy URL; http sinks ignore it and connect directly")),
+        }
+    }
+    problems
 }
 
 /// Whether any variable reqwest takes a proxy from is set (and not empty).

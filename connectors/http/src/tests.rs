@@ -621,3 +621,118 @@ async fn a_literal_url_sends_its_host() {
         assert_eq!(req.headers.get_all("host").iter().count(), 1);
     }
 }
+
+/// Reads one HTTP/1.1 request (head and a `content-length` body) off a raw
+/// connection; `false` when the client closed it first.
+async fn read_request(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if got.len() >= end + 4 + length {
+                return true;
+            }
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A server that closes a kept-alive connection as the next request on it
+/// arrives (as servers that close idle connections race a client reusing
+/// one): the request is sent again at once on a fresh connection, as the
+/// same attempt, not failed.
+#[tokio::test]
+async fn a_pooled_connection_closed_under_a_request_is_not_a_failed_attempt() {
+    use tokio::io::AsyncWriteExt;
+    install_provider();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                // The first request on a connection is answered; the next is
+                // read and the connection closed without an answer.
+                if read_request(&mut stream).await {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await;
+                }
+                if read_request(&mut stream).await {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let sink = build(addr).sink();
+    assert_eq!(deliver_one(&sink, 1).await, Ok(()));
+    assert_eq!(deliver_one(&sink, 1).await, Ok(()), "sent again on a fresh connection");
+    assert_eq!(requests.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+/// A 2xx whose body trickles is delivered once its status is in and a
+/// moment of its body read, not at the end of the attempt's timeout.
+#[tokio::test]
+async fn a_trickling_body_does_not_hold_the_attempt() {
+    use tokio::io::AsyncWriteExt;
+    install_provider();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if read_request(&mut stream).await {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n")
+                        .await;
+                    for _ in 0..100 {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if stream.write_all(b"x").await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    for client in [direct(), proxied()] {
+        let sink = Build {
+            timeout: Duration::from_secs(20),
+            ..build(addr)
+        }
+        .via(client)
+        .sink();
+        let started = std::time::Instant::now();
+        assert_eq!(deliver_one(&sink, 1).await, Ok(()));
+        assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    }
+}
+
+/// A proxy http sinks cannot use is said at start, not first seen as
+/// dead letters; the value itself (it may hold credentials) is not quoted.
+#[test]
+fn unusable_proxies_are_named() {
+    let env = |vars: &'static [(&'static str, &'static str)]| {
+        move |name: &str| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| (*v).into())
+    };
+    assert!(client::proxy_problems(env(&[("HTTPS_PROXY", "http://u:p@proxy:3128")])).is_empty());
+    assert!(client::proxy_problems(env(&[("HTTP_PROXY", "proxy.internal:3128")])).is_empty());
+    let socks = client::proxy_problems(env(&[("ALL_PROXY", "socks5://u:secret@proxy:1080")]));
+    assert_eq!(socks.len(), 1);
+    assert!(
+        socks[0].contains("ALL_PROXY names a socks5 proxy") && !socks[0].contains("secret"),
+        "{socks:?}"
+    );
+    let broken = client::proxy_problems(env(&[("HTTP_PROXY", "http://[::1")]));
+    assert!(broken[0].contains("HTTP_PROXY is not a proxy URL"), "{broken:?}");
+}
