@@ -1219,9 +1219,10 @@ impl Cx<'_> {
                 set.escape_values(Escape::Url, |name| {
                     name.ends_with(".url") && name.matches('.').count() == 2
                 });
-                // The methods a delivery can mean; any other string is
-                // a valid token to HTTP (`PSOT`) and would only be refused
-                // by the server, at every delivery.
+                // HTTP's methods (but CONNECT and TRACE, which no delivery
+                // can mean); any other string is a valid token to HTTP
+                // (`PSOT`) and would only be refused by the server, at every
+                // delivery.
                 let method = match &r.method {
                     Some(m) => match m.get_ref().trim().to_ascii_uppercase().as_str() {
                         "POST" => Some(http::Method::POST),
@@ -1229,11 +1230,13 @@ impl Cx<'_> {
                         "PATCH" => Some(http::Method::PATCH),
                         "DELETE" => Some(http::Method::DELETE),
                         "GET" => Some(http::Method::GET),
+                        "HEAD" => Some(http::Method::HEAD),
+                        "OPTIONS" => Some(http::Method::OPTIONS),
                         _ => {
                             self.error_at(
                                 m.span(),
                                 &format!("{key}.method"),
-                                "must be POST, PUT, PATCH, DELETE or GET",
+                                "must be an HTTP method: POST, PUT, PATCH, DELETE, GET, HEAD or OPTIONS",
                             );
                             None
                         }
