@@ -736,3 +736,20 @@ fn unusable_proxies_are_named() {
     let broken = client::proxy_problems(env(&[("HTTP_PROXY", "http://[::1")]));
     assert!(broken[0].contains("HTTP_PROXY is not a proxy URL"), "{broken:?}");
 }
+
+/// A server that echoes a configured header's value (a token) in the body of
+/// an error: the stored error says `[redacted]` instead.
+#[tokio::test]
+async fn an_echoed_secret_is_not_stored() {
+    install_provider();
+    let mut answer = reply(401);
+    answer.body = "invalid credentials: Bearer s3cret-crave".into();
+    let (addr, _seen) = serve(answer).await;
+    let err = deliver_one(&build(addr).sink(), 1).await.unwrap_err();
+    assert!(!err.message.contains("s3cret"), "{}", err.message);
+    assert!(
+        err.message.contains("invalid credentials: Bearer [redacted]"),
+        "{}",
+        err.message
+    );
+}
