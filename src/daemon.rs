@@ -81,7 +81,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if client.is_proxied() {
         tracing::info!("http sinks send through the proxy the environment names");
     }
-    for problem in expeditor_http::proxy_problems(|name| std::env::var_os(name)) {
+    let var = |name: &str| std::env::var_os(name);
+    for problem in expeditor_http::proxy_problems(var)
+        .into_iter()
+        .chain(expeditor_http::tls_problems(var))
+    {
         tracing::warn!("{problem}");
     }
     let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown, None).await?;

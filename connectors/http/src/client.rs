@@ -202,6 +202,39 @@ pub fn proxy_problems(var: impl Fn(&str) -> Option<OsString>) -> Vec<String> {
     problems
 }
 
+/// What is wrong with the variables that name other root certificates:
+/// one naming a file or directory that cannot be read is passed over (the
+/// system's roots, or Mozilla's, are used), so a sink behind a private CA
+/// fails each delivery with "UnknownIssuer" and nothing says why.
+pub fn tls_problems(var: impl Fn(&str) -> Option<OsString>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (name, want_dir) in [("SSL_CERT_FILE", false), ("SSL_CERT_DIR", true)] {
+        let Some(value) = var(name).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        // SSL_CERT_DIR may list several, as OpenSSL's does.
+        let paths: Vec<std::path::PathBuf> = if want_dir {
+            std::env::split_paths(&value).collect()
+        } else {
+            vec![value.into()]
+        };
+        for path in paths {
+            let readable = if want_dir {
+                std::fs::read_dir(&path).is_ok()
+            } else {
+                std::fs::File::open(&path).is_ok()
+            };
+            if !readable {
+                problems.push(format!(
+                    "{name} names {}, which cannot be read: https sinks use the system's root certificates without it",
+                    path.display()
+                ));
+            }
+        }
+    }
+    problems
+}
+
 /// Whether any variable reqwest takes a proxy from is set (and not empty).
 pub(crate) fn proxy_configured(var: impl Fn(&str) -> Option<OsString>) -> bool {
     PROXY_VARIABLES

@@ -21,6 +21,6 @@ mod sink;
 #[cfg(test)]
 mod tests;
 
-pub use client::{Client, proxy_problems};
+pub use client::{Client, proxy_problems, tls_problems};
 pub use config::{HttpSinkConfig, RESERVED_HEADERS, header_name};
 pub use sink::HttpSink;

@@ -753,3 +753,27 @@ async fn an_echoed_secret_is_not_stored() {
         err.message
     );
 }
+
+/// Root certificates named but unreadable are said at start.
+#[test]
+fn unreadable_root_certificates_are_named() {
+    let dir = std::env::temp_dir().join(format!("expeditor-http-roots-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("ca.pem");
+    std::fs::write(&file, "x").unwrap();
+    let (file, missing) = (file.into_os_string(), dir.join("nope.pem").into_os_string());
+    let with = |name: &'static str, value: std::ffi::OsString| move |n: &str| (n == name).then(|| value.clone());
+    assert!(client::tls_problems(with("SSL_CERT_FILE", file)).is_empty());
+    assert!(client::tls_problems(with("SSL_CERT_DIR", dir.clone().into())).is_empty());
+    let problems = client::tls_problems(with("SSL_CERT_FILE", missing));
+    assert_eq!(problems.len(), 1);
+    assert!(
+        problems[0].starts_with("SSL_CERT_FILE names ") && problems[0].contains("nope.pem"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        client::tls_problems(with("SSL_CERT_DIR", dir.join("none").into())).len(),
+        1
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
