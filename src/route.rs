@@ -144,10 +144,10 @@ impl Router {
                     Ok(true) => {}
                     Ok(false) => continue,
                     Err(e) => {
+                        let why = format!("route {:?} could not decide: {}", route.name, e.message);
                         for sink in &route.sinks {
                             if !decision.undecided.iter().any(|(s, _)| s == sink) {
-                                let why = format!("route {:?} could not decide: {}", route.name, e.message);
-                                decision.undecided.push((sink.clone(), why));
+                                decision.undecided.push((sink.clone(), why.clone()));
                             }
                         }
                         decision.when_errors.push((route.name.clone(), e.message));

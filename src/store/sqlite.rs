@@ -1679,57 +1679,78 @@ const DELETE_ONE: &str = "DELETE FROM events
 /// this finds it. Returns how many went, and whether the walk is behind.
 fn delete_walk(t: &Connection, cutoff: i64, now: i64) -> Result<(u64, bool), StoreError> {
     const SWEEP_EVERY: i64 = 24 * 3600 * 1000;
-    let swept_at: i64 = t
-        .query_row(
-            "SELECT value FROM store_meta WHERE name = 'deleted_swept_at'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(unavailable)?
-        .unwrap_or(0);
-    let from: i64 = t
-        .query_row("SELECT value FROM store_meta WHERE name = 'deleted_to'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(unavailable)?
-        .unwrap_or(0);
+    let walked = walk_seqs(
+        t,
+        "deleted_to",
+        "DELETE FROM events
+         WHERE seq >= ?1 AND seq < ?2 AND received_at < ?3
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+        cutoff,
+    )?;
+    if !walked.behind && now.saturating_sub(meta(t, "deleted_swept_at")?) >= SWEEP_EVERY {
+        // From the lowest seq again at the next pass.
+        set_meta(t, "deleted_to", 0)?;
+        set_meta(t, "deleted_swept_at", now)?;
+    }
+    Ok((walked.changed, walked.behind))
+}
+
+/// What a pass of [`walk_seqs`] did.
+struct Walked {
+    /// Rows its statement changed.
+    changed: u64,
+    /// It stopped short of the boundary.
+    behind: bool,
+}
+
+/// Runs `sql` (`?1`..`?2` a span of seqs, `?3` the cutoff) over the seqs of
+/// events received before `cutoff`, from where the last pass stopped (the
+/// `store_meta` value `cursor`; a new one starts at the lowest seq) less
+/// [`COMPACT_OVERLAP`]: at most [`COMPACT_PASS`] seqs a pass, stopping
+/// after the span in which [`PRUNE_CHUNK`] rows changed (so up to twice
+/// that). The cursor only ever moves forward.
+fn walk_seqs(t: &Connection, cursor: &str, sql: &str, cutoff: i64) -> Result<Walked, StoreError> {
+    let from = meta(t, cursor)?;
     let Some((lowest, _)) = seq_range(t)? else {
-        return Ok((0, false));
+        return Ok(Walked {
+            changed: 0,
+            behind: false,
+        });
     };
     let boundary = received_from(t, cutoff)?;
+    // Seqs are never reused: below the lowest stored one there is nothing to walk.
     let mut at = from.saturating_sub(COMPACT_OVERLAP).max(lowest);
     let stop = boundary.min(at.saturating_add(COMPACT_PASS));
-    let mut walk = t
-        .prepare_cached(
-            "DELETE FROM events
-             WHERE seq >= ?1 AND seq < ?2 AND received_at < ?3
-               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
-        )
-        .map_err(unavailable)?;
-    let mut deleted = 0u64;
-    while at < stop && deleted < PRUNE_CHUNK as u64 {
+    let mut walk = t.prepare_cached(sql).map_err(unavailable)?;
+    let mut changed = 0u64;
+    while at < stop && changed < PRUNE_CHUNK as u64 {
         let end = stop.min(at.saturating_add(COMPACT_SPAN));
-        deleted += walk.execute(params![at, end, cutoff]).map_err(unavailable)? as u64;
+        changed += walk.execute(params![at, end, cutoff]).map_err(unavailable)? as u64;
         at = end;
     }
-    let caught_up = at >= boundary;
-    if caught_up && now.saturating_sub(swept_at) >= SWEEP_EVERY {
-        // From the lowest seq again at the next pass.
-        t.execute(
-            "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('deleted_to', 0), ('deleted_swept_at', ?1)",
-            [now],
-        )
-        .map_err(unavailable)?;
-    } else if at > from {
-        t.execute(
-            "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('deleted_to', ?1)",
-            [at],
-        )
-        .map_err(unavailable)?;
+    // Never back: `at` is below `from` only by the overlap not yet walked again.
+    if at > from {
+        set_meta(t, cursor, at)?;
     }
-    Ok((deleted, !caught_up))
+    Ok(Walked {
+        changed,
+        behind: at < boundary,
+    })
+}
+
+/// A `store_meta` value; 0 when it was never written.
+fn meta(t: &Connection, name: &str) -> Result<i64, StoreError> {
+    t.prepare_cached("SELECT value FROM store_meta WHERE name = ?1")
+        .and_then(|mut s| s.query_row([name], |r| r.get(0)).optional())
+        .map(Option::unwrap_or_default)
+        .map_err(unavailable)
+}
+
+fn set_meta(t: &Connection, name: &str, value: i64) -> Result<(), StoreError> {
+    t.prepare_cached("INSERT OR REPLACE INTO store_meta (name, value) VALUES (?1, ?2)")
+        .and_then(|mut s| s.execute(params![name, value]))
+        .map(drop)
+        .map_err(unavailable)
 }
 
 /// Seqs compaction looks at per statement, and per pass at most.
@@ -1742,55 +1763,25 @@ const COMPACT_PASS: i64 = 50_000;
 /// can still be too young when the walk passes it.
 const COMPACT_OVERLAP: i64 = 4_096;
 
-/// Compaction's walk: drops the bodies of events received before `cutoff`
-/// that have no deliveries, walking seqs from where the last pass stopped
-/// (kept in `store_meta`; an upgraded store starts at its lowest seq) up to
-/// the first event received at or after `cutoff`: at most [`COMPACT_PASS`]
-/// seqs a pass, stopping after the span in which [`PRUNE_CHUNK`] bodies
-/// were reached (so up to twice that). An event that still has deliveries
-/// when the walk passes it is compacted when they are pruned (`prune`).
-/// One that was still too young when passed, and is more than
+/// Compaction's walk ([`walk_seqs`], cursor `compacted_to`): drops the
+/// bodies of events received before `cutoff` that have no deliveries, up to
+/// the first event received at or after `cutoff`. An event that still has
+/// deliveries when the walk passes it is compacted when they are pruned
+/// (`prune`). One that was still too young when passed, and is more than
 /// [`COMPACT_OVERLAP`] seqs behind by the next pass (seqs out of
 /// `received_at` order by more than that: the clock stepped back), keeps its
 /// body until it is deleted at the end of the dedupe window. Returns the
 /// bodies dropped and whether the walk stopped short of the boundary.
 fn compact(t: &Connection, cutoff: i64) -> Result<(u64, bool), StoreError> {
-    let from: i64 = t
-        .query_row("SELECT value FROM store_meta WHERE name = 'compacted_to'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(unavailable)?
-        .unwrap_or(0);
-    let Some((lowest, _)) = seq_range(t)? else {
-        return Ok((0, false));
-    };
-    let boundary = received_from(t, cutoff)?;
-    // Seqs are never reused: below the lowest stored one there is nothing to walk.
-    let mut at = from.saturating_sub(COMPACT_OVERLAP).max(lowest);
-    let stop = boundary.min(at.saturating_add(COMPACT_PASS));
-    let mut walk = t
-        .prepare_cached(
-            "UPDATE events SET body = NULL
-             WHERE seq >= ?1 AND seq < ?2 AND body IS NOT NULL AND received_at < ?3
-               AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
-        )
-        .map_err(unavailable)?;
-    let mut compacted = 0u64;
-    while at < stop && compacted < PRUNE_CHUNK as u64 {
-        let end = stop.min(at.saturating_add(COMPACT_SPAN));
-        compacted += walk.execute(params![at, end, cutoff]).map_err(unavailable)? as u64;
-        at = end;
-    }
-    // Never back: `at` is below `from` only by the overlap not yet walked again.
-    if at > from {
-        t.execute(
-            "INSERT OR REPLACE INTO store_meta (name, value) VALUES ('compacted_to', ?1)",
-            [at],
-        )
-        .map_err(unavailable)?;
-    }
-    Ok((compacted, at < boundary))
+    let walked = walk_seqs(
+        t,
+        "compacted_to",
+        "UPDATE events SET body = NULL
+         WHERE seq >= ?1 AND seq < ?2 AND body IS NOT NULL AND received_at < ?3
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq)",
+        cutoff,
+    )?;
+    Ok((walked.changed, walked.behind))
 }
 
 /// The lowest and highest event seq, each read from its end of the table.

@@ -1064,17 +1064,20 @@ async fn claim_returns_earliest_due_first_within_limit(store: Arc<dyn Store>) {
     assert_eq!(attempts(&all), [("evt_10", 2), ("evt_20", 2)]);
 }
 
+/// The shipped defaults: dedupe 7 days, delivered 1, dead letters 30.
+const SHIPPED_RETENTION: Retention = Retention {
+    dedupe_window: Duration::from_secs(7 * 24 * 3600),
+    keep_delivered: Duration::from_secs(24 * 3600),
+    keep_dead_letters: Duration::from_secs(30 * 24 * 3600),
+};
+
 /// Events past the dedupe window that still have dead letters (kept longer)
 /// are passed by the deletion walk, not read again on every pass; each goes
 /// in the pass that prunes its last delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_an_event_kept_by_its_dead_letter_goes_with_it() {
     let (store, _dir) = sqlite();
-    let retention = Retention {
-        dedupe_window: Duration::from_secs(7 * 24 * 3600),
-        keep_delivered: Duration::from_secs(24 * 3600),
-        keep_dead_letters: Duration::from_secs(30 * 24 * 3600),
-    };
+    let retention = SHIPPED_RETENTION;
     insert(&*store, new_event("dead", &["b"])).await;
     insert(&*store, new_event("unrouted", &[])).await;
     // More than the walk looks at again behind where it stopped.
@@ -1107,11 +1110,7 @@ async fn sqlite_an_event_kept_by_its_dead_letter_goes_with_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_the_daily_sweep_deletes_what_the_walk_passed() {
     let (store, _dir) = sqlite();
-    let retention = Retention {
-        dedupe_window: Duration::from_secs(7 * 24 * 3600),
-        keep_delivered: Duration::from_secs(24 * 3600),
-        keep_dead_letters: Duration::from_secs(30 * 24 * 3600),
-    };
+    let retention = SHIPPED_RETENTION;
     insert(&*store, event_at("late", &[], T0 + 10 * DAY)).await;
     for i in 0..5_000 {
         insert(&*store, new_event(&format!("early_{i}"), &[])).await;

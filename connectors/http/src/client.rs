@@ -122,13 +122,22 @@ impl Client {
     /// connection, as the same attempt (the `Idempotency-Key` makes a
     /// repeat harmless), instead of costing an attempt and its backoff.
     pub(crate) async fn send(&self, request: Request<Bytes>, timeout: Duration) -> Outcome {
+        // For a second send, and for the configured headers' values (marked
+        // sensitive) a server may echo in the body an error quotes.
+        let kept = copy(&request);
+        self.send_once(request, &kept, timeout).await.map_err(|mut e| {
+            e.message = redacted(&e.message, kept.headers());
+            e
+        })
+    }
+
+    async fn send_once(&self, request: Request<Bytes>, kept: &Request<Bytes>, timeout: Duration) -> Outcome {
         let deadline = tokio::time::Instant::now() + timeout;
         match &self.0 {
             Transport::Direct(client) => {
-                let again = copy(&request);
                 let sent = tokio::time::timeout_at(deadline, async {
                     match client.request(request.map(Full::new)).await {
-                        Err(e) if closed_unanswered(&e) => client.request(again.map(Full::new)).await,
+                        Err(e) if closed_unanswered(&e) => client.request(copy(kept).map(Full::new)).await,
                         other => other,
                     }
                 });
@@ -153,6 +162,26 @@ impl Client {
             }
         }
     }
+}
+
+/// `message` with every word of 8 or more characters of the sensitive
+/// (configured) header values (a token with or without its `Bearer `)
+/// written as `[redacted]`: it is stored and shown (`expeditor
+/// deliveries`, the log).
+fn redacted(message: &str, headers: &http::HeaderMap) -> String {
+    let mut out = message.to_owned();
+    for word in headers
+        .values()
+        .filter(|v| v.is_sensitive())
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(str::split_whitespace)
+        .filter(|w| w.len() >= 8)
+    {
+        if out.contains(word) {
+            out = out.replace(word, "[redacted]");
+        }
+    }
+    out
 }
 
 /// `request` again, for a second send.

@@ -26,19 +26,8 @@ impl HttpSink {
 
     async fn send(&self, delivery: &Delivery) -> Outcome {
         let request = request::build(&self.cfg, self.url.as_ref(), delivery)?;
-        // The configured headers' values (marked sensitive): a server may
-        // echo one in the body an error quotes (`bad token Bearer ...`).
-        let secrets: Vec<http::HeaderValue> = request
-            .headers()
-            .values()
-            .filter(|v| v.is_sensitive())
-            .cloned()
-            .collect();
         let started = Instant::now();
         let mut outcome = self.client.send(request, self.cfg.timeout).await;
-        if let Err(e) = &mut outcome {
-            e.message = redacted(&e.message, &secrets);
-        }
         // A templated URL may name many hosts: one host's Retry-After holds
         // only its own delivery, not the others'.
         if let Err(e) = &mut outcome
@@ -56,24 +45,6 @@ impl HttpSink {
         );
         outcome
     }
-}
-
-/// `message` with every word of 8 or more characters of `secrets` (a token
-/// with or without its `Bearer `) written as `[redacted]`: it is stored and
-/// shown (`expeditor deliveries`, the log).
-fn redacted(message: &str, secrets: &[http::HeaderValue]) -> String {
-    let mut out = message.to_owned();
-    for word in secrets
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(str::split_whitespace)
-        .filter(|w| w.len() >= 8)
-    {
-        if out.contains(word) {
-            out = out.replace(word, "[redacted]");
-        }
-    }
-    out
 }
 
 #[async_trait::async_trait]
