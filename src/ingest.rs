@@ -56,6 +56,7 @@ pub async fn serve(
 async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shutdown: CancellationToken) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let tracker = TaskTracker::new();
+    let stops = Stops::default();
     loop {
         let permit = tokio::select! {
             p = connections.clone().acquire_owned() => p.expect("semaphore is never closed"),
@@ -82,10 +83,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shut
         stream.set_write_timeout(Some(limits.header_timeout));
         let stream = Box::pin(stream);
         let shared = shared.clone();
-        // A connection's own token: its task polls it at every wake-up, and
-        // polling the listener's token itself would take that token's lock
-        // (and its `Notify`'s), shared by every connection, each time.
-        let shutdown = shutdown.child_token();
+        let stop = stops.open();
         tracker.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |req| {
@@ -99,7 +97,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shut
             let mut conn = std::pin::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => { let _ = r; }
-                _ = shutdown.cancelled() => {
+                () = stop.requested() => {
                     conn.as_mut().graceful_shutdown();
                     let _ = conn.await;
                 }
@@ -107,8 +105,103 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, limits: Limits, shut
         });
     }
     drop(listener);
+    stops.stop_all();
     tracker.close();
     tracker.wait().await;
+}
+
+/// The open connections' stop signals. A connection's task polls its
+/// signal at every wake-up (several per request), so that is a flag and a
+/// waker slot of its own, lock-free: a `CancellationToken` per connection
+/// took its mutex, and its `Notify`'s, at each poll (1 % of expeditor's
+/// CPU flat out, BENCHMARKS.md, session 37). The registry's lock is taken
+/// only as a connection opens and closes, and once to stop them all.
+#[derive(Default, Clone)]
+struct Stops {
+    open: Arc<std::sync::Mutex<Registry>>,
+}
+
+#[derive(Default)]
+struct Registry {
+    next: u64,
+    signals: std::collections::HashMap<u64, Arc<StopSignal>>,
+    /// Set by `stop_all`: a connection opened after it is told at once.
+    stopping: bool,
+}
+
+#[derive(Default)]
+struct StopSignal {
+    requested: std::sync::atomic::AtomicBool,
+    waker: atomic_waker::AtomicWaker,
+}
+
+impl StopSignal {
+    fn request(&self) {
+        self.requested.store(true, std::sync::atomic::Ordering::Release);
+        self.waker.wake();
+    }
+}
+
+/// One connection's stop signal; dropping it (the connection is done)
+/// takes it out of the registry.
+struct Stop {
+    id: u64,
+    signal: Arc<StopSignal>,
+    stops: Stops,
+}
+
+impl Stops {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open(&self) -> Stop {
+        let signal = Arc::new(StopSignal::default());
+        let mut registry = self.lock();
+        let id = registry.next;
+        registry.next += 1;
+        if registry.stopping {
+            signal.request();
+        } else {
+            registry.signals.insert(id, signal.clone());
+        }
+        drop(registry);
+        Stop {
+            id,
+            signal,
+            stops: self.clone(),
+        }
+    }
+
+    /// Asks every open connection to finish its request in flight and close.
+    fn stop_all(&self) {
+        let mut registry = self.lock();
+        registry.stopping = true;
+        for signal in registry.signals.values() {
+            signal.request();
+        }
+    }
+}
+
+impl Stop {
+    /// Ready once a stop was requested.
+    fn requested(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            // Registered before the flag is read: a request made in between
+            // wakes this waker, so it is never missed.
+            self.signal.waker.register(cx.waker());
+            match self.signal.requested.load(std::sync::atomic::Ordering::Acquire) {
+                true => std::task::Poll::Ready(()),
+                false => std::task::Poll::Pending,
+            }
+        })
+    }
+}
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        self.stops.lock().signals.remove(&self.id);
+    }
 }
 
 /// The runtime that accepts and serves webhook connections, a worker per
@@ -461,6 +554,33 @@ mod tests {
         assert!(settles_at(1));
         drop(workers);
         assert!(settles_at(0), "the ingest threads have ended after a drop");
+    }
+
+    /// A connection waiting on its stop signal is woken by `stop_all`; one
+    /// opened after it is stopped at once; a closed one leaves the registry.
+    #[tokio::test]
+    async fn stop_signals_reach_every_open_connection() {
+        let stops = Stops::default();
+        let (first, second) = (stops.open(), stops.open());
+        let closed = stops.open();
+        drop(closed);
+        assert_eq!(stops.lock().signals.len(), 2, "a closed connection is forgotten");
+        let waiting = tokio::spawn(async move {
+            tokio::join!(first.requested(), second.requested());
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished(), "nothing asked them to stop yet");
+        stops.stop_all();
+        tokio::time::timeout(Duration::from_secs(2), waiting)
+            .await
+            .expect("both woken")
+            .unwrap();
+        let late = stops.open();
+        tokio::time::timeout(Duration::from_millis(100), late.requested())
+            .await
+            .expect("a connection opened while stopping is stopped at once");
+        drop(late);
+        assert!(stops.lock().signals.is_empty());
     }
 
     /// Without a runtime of their own, tasks run on the caller's.

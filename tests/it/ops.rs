@@ -205,6 +205,43 @@ async fn sigterm_under_load_loses_no_acknowledged_event() {
     );
 }
 
+/// A vendor's client keeps its connection open between webhooks. At a stop,
+/// such an idle connection is closed at once, not left to its header
+/// timeout (a minute here), so the daemon exits promptly.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_closes_idle_keep_alive_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = format!("{}\n{}", base_config("header_timeout = \"60s\""), vendor::SOURCES);
+    let mut d = Daemon::start(&config).await;
+    let mut idle = tokio::net::TcpStream::connect(d.ingest).await.unwrap();
+    idle.write_all(b"GET /nope HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&answer).contains("not found") {
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before answering: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        answer.starts_with(b"HTTP/1.1 404"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let asked = Instant::now();
+    d.signal("TERM");
+    let closed = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("the idle connection was not closed at the stop");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    let status = d.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status {status}\n{}", d.log());
+    assert!(asked.elapsed() < Duration::from_secs(10), "{:?}", asked.elapsed());
+}
+
 /// A worker claims deliveries ahead of its attempts. At a stop, those it
 /// never started are given back: after the restart they go out at once, as
 /// their first attempt (not counted as a failed one), and the one in flight
