@@ -175,9 +175,13 @@ impl Stops {
 
     /// Asks every open connection to finish its request in flight and close.
     fn stop_all(&self) {
-        let mut registry = self.lock();
-        registry.stopping = true;
-        for signal in registry.signals.values() {
+        let signals: Vec<Arc<StopSignal>> = {
+            let mut registry = self.lock();
+            registry.stopping = true;
+            registry.signals.values().cloned().collect()
+        };
+        // Woken outside the lock: a connection that closes meanwhile takes it.
+        for signal in signals {
             signal.request();
         }
     }
@@ -581,6 +585,17 @@ mod tests {
             .expect("a connection opened while stopping is stopped at once");
         drop(late);
         assert!(stops.lock().signals.is_empty());
+
+        // A connection's task dropped before it ends (its runtime stopping)
+        // leaves the registry too.
+        let stops = Stops::default();
+        let stop = stops.open();
+        let task = tokio::spawn(async move { stop.requested().await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(stops.lock().signals.len(), 1);
+        task.abort();
+        assert!(task.await.unwrap_err().is_cancelled());
+        assert!(stops.lock().signals.is_empty(), "an aborted connection is forgotten");
     }
 
     /// Without a runtime of their own, tasks run on the caller's.
