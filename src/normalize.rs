@@ -524,12 +524,14 @@ pub const MAX_ID_BYTES: usize = 1024;
 /// text. Control characters (a NUL, escaped as `\u0000`) are refused: no
 /// vendor sends them, a terminal or log line would show them raw, and
 /// PostgreSQL cannot store a NUL in text, so such an event would be refused
-/// on every retry with a 503.
+/// on every retry with a 503. So are Unicode's bidirectional controls,
+/// which make the text around them read in another order in a terminal
+/// (`expeditor events`, a log line): an id could pass for another one.
 fn event_id(value: Option<&Json<'_>>, field: &str) -> Result<String, NormalizeError> {
     match value {
         None | Some(Json::Null) => Err(NormalizeError::MissingId),
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingId),
-        Some(Json::String(s)) if s.len() > MAX_ID_BYTES || s.chars().any(char::is_control) => Err(bad_field(field)),
+        Some(Json::String(s)) if s.len() > MAX_ID_BYTES || s.chars().any(unprintable) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
         Some(Json::Number(n)) => exact_text(n).ok_or_else(|| bad_field(field)),
         Some(_) => Err(bad_field(field)),
@@ -542,10 +544,18 @@ fn event_type(value: Option<&Json<'_>>, field: &str) -> Result<String, Normalize
     match value {
         None | Some(Json::Null) => Err(NormalizeError::MissingType),
         Some(Json::String(s)) if s.is_empty() => Err(NormalizeError::MissingType),
-        Some(Json::String(s)) if s.len() > MAX_ID_BYTES || s.chars().any(char::is_control) => Err(bad_field(field)),
+        Some(Json::String(s)) if s.len() > MAX_ID_BYTES || s.chars().any(unprintable) => Err(bad_field(field)),
         Some(Json::String(s)) => Ok(s.to_string()),
         Some(_) => Err(bad_field(field)),
     }
+}
+
+/// Not for an event's id or type: a control character, or one of Unicode's
+/// bidirectional formatting characters (the marks, embeddings, overrides
+/// and isolates, and the Arabic letter mark).
+fn unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// RFC 3339 text (`Z` or an offset), or integer unix seconds; anything else
@@ -1264,8 +1274,18 @@ mod tests {
                 bad_field("id")
             );
             assert_eq!(norm(&n, &json!({"id": "e", "type": 5})).unwrap_err(), bad_field("type"));
-            // Control characters (a NUL first: PostgreSQL cannot store it).
-            for id in ["evt\u{0}1", "evt\n1", "\u{7}", "evt\u{9b}"] {
+            // Control characters (a NUL first: PostgreSQL cannot store it),
+            // and bidirectional ones (an override, an isolate, a mark).
+            for id in [
+                "evt\u{0}1",
+                "evt\n1",
+                "\u{7}",
+                "evt\u{9b}",
+                "evt_\u{202E}1cba",
+                "\u{2066}evt\u{2069}",
+                "evt\u{200F}",
+                "evt\u{061C}",
+            ] {
                 assert_eq!(
                     norm(&n, &json!({"id": id, "type": "t"})).unwrap_err(),
                     bad_field("id"),
@@ -1277,6 +1297,12 @@ mod tests {
                     "{id:?}"
                 );
             }
+            // Other text than ASCII is an id like any other.
+            let n_ok = norm(&n, &json!({"id": "évt_ü_注文_\u{5D0}", "type": "commande.créée"})).unwrap();
+            assert_eq!(
+                (n_ok.id.as_str(), n_ok.event_type.as_str()),
+                ("évt_ü_注文_\u{5D0}", "commande.créée")
+            );
             // Longer than the stores' keys may be: refused, at once.
             let long = "e".repeat(MAX_ID_BYTES + 1);
             assert_eq!(

@@ -202,6 +202,15 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
         ),
         ("no id", bytes(&no_id)),
         ("no type", bytes(&no_type)),
+        // Shown in a terminal as "evt_ok1" (the override reverses what follows).
+        (
+            "an id with a bidirectional override",
+            bytes(&crumb_order("evt_\u{202E}1ko", 4250)),
+        ),
+        (
+            "an id with a control character",
+            bytes(&crumb_order("evt_\u{1b}[2Jok", 4250)),
+        ),
     ];
     for (case, body) in crumb_400 {
         let sig = crumb_signature(CRUMB_SECRET, now(), &body);
@@ -241,6 +250,10 @@ async fn every_status_code_and_nothing_rejected_is_stored() {
             .any(|l| l.contains("webhook rejected: invalid event") && l.contains("evt_400_no_type")),
         "no line for the CrumbPOS event without a type:\n{log}"
     );
+
+    // The refused ids are not written out raw either.
+    let log = d.log();
+    assert!(!log.contains('\u{202E}') && !log.contains('\u{1b}'), "{log}");
 
     // Only the accepted event is stored, with one delivery, delivered once.
     d.wait_delivery("crumb", "evt_ok", "hook", "delivered").await;
