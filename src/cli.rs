@@ -393,6 +393,9 @@ pub async fn send(
             cfg.file.display()
         );
     };
+    if id.as_deref().is_some_and(|id| id.trim().is_empty()) {
+        bail!("--id must not be empty");
+    }
     let id = id.unwrap_or_else(|| format!("evt_test_{:016x}", fastrand::u64(..)));
     let Some(payload) = crate::sample::for_source(src, event_type, &id, fastrand::u64(..1000)) else {
         let known = match src.kind() {
@@ -406,8 +409,8 @@ pub async fn send(
         );
     };
     let body = serde_json::to_vec(&payload)?;
-    // Fields that overlap (`id_field = "event"`, `type_field = "event.type"`)
-    // leave no body that has both: say so here, not as the daemon's 400.
+    // A body the source cannot read (`check` refuses fields one inside
+    // another, which leave none): said here, not as the daemon's 400.
     if let Err(e) = src.normalizer.normalize(&body) {
         bail!(
             "cannot build a sample event that source {source:?} reads ({e}); check its id_field, type_field and time_field"
@@ -450,8 +453,15 @@ pub async fn send(
         .with_context(|| format!("cannot reach {url}"))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
-    println!("HTTP {}", status.as_u16());
-    println!("{text}");
+    // The answer on stdout when the event was taken; a refusal on stderr,
+    // where a script's error handling (and a terminal's red) looks.
+    if status.is_success() {
+        println!("HTTP {}", status.as_u16());
+        println!("{text}");
+    } else {
+        eprintln!("error: {url} answered HTTP {}", status.as_u16());
+        eprintln!("{text}");
+    }
     Ok(status.is_success())
 }
 

@@ -367,6 +367,12 @@ impl FieldPath {
         Ok(FieldPath { segments })
     }
 
+    /// Whether `other` lies inside the value at this path (this path is a
+    /// strict prefix of it): then no one body gives both a text or number.
+    pub fn holds(&self, other: &FieldPath) -> bool {
+        other.segments.len() > self.segments.len() && other.segments.starts_with(&self.segments)
+    }
+
     /// The value at this path; `None` when absent (or `null`).
     pub fn lookup<'v, 'a>(&self, root: &'v Json<'a>) -> Option<&'v Json<'a>> {
         let mut cur = root;

@@ -469,20 +469,52 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         }
     }
     let mut file_paths: BTreeMap<&Path, &str> = BTreeMap::new();
+    let store_dir = match store.as_ref().map(|s| &s.backend) {
+        Some(StoreBackend::Sqlite { path }) => Some(lexical(path)),
+        _ => None,
+    };
     for (name, sink) in &sinks {
-        if let SinkKind::File(f) = &sink.kind
-            && let Some(other) = file_paths.insert(&f.path, name)
-        {
-            let span = doc
-                .get_ref()
+        let SinkKind::File(f) = &sink.kind else { continue };
+        let span = || {
+            doc.get_ref()
                 .get("sinks")
                 .and_then(|t| t.get_ref().get(name.as_str()))
                 .and_then(|t| t.get_ref().get("path"))
-                .map_or(0..0, |p| p.span());
+                .map_or(0..0, |p| p.span())
+        };
+        let key = format!("sinks.{name}.path");
+        if let Some(other) = file_paths.insert(&f.path, name) {
             cx.error_at(
-                span,
-                &format!("sinks.{name}.path"),
+                span(),
+                &key,
                 format!("sinks {other} and {name} write the same file; give each file sink its own path"),
+            );
+        }
+        // Appending lines to the store's database (or cutting a "torn"
+        // last line off it at start) would corrupt every event in it.
+        let path = lexical(&f.path);
+        if let Some(dir) = &store_dir
+            && (dir.starts_with(&path)
+                || (path.parent() == Some(dir.as_path())
+                    && path
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| STORE_FILES.contains(&n))))
+        {
+            cx.error_at(
+                span(),
+                &key,
+                format!(
+                    "{} ({}); give the file sink a path of its own",
+                    if path == *dir {
+                        "is the store's own folder"
+                    } else if dir.starts_with(&path) {
+                        "is a folder that holds the store's"
+                    } else {
+                        "is the store's own file"
+                    },
+                    dir.display()
+                ),
             );
         }
     }
@@ -1091,6 +1123,37 @@ impl Cx<'_> {
             Some(h) => Some(self.header_name(h, &format!("{key}.timestamp_header"))?),
             None => None,
         };
+        // Headers HTTP itself sets or the listener reads: a vendor's
+        // signature or time is never in them, and every webhook would fail.
+        for (name, h, raw_h) in [
+            ("header", header.as_ref(), r.header.as_ref()),
+            (
+                "timestamp_header",
+                timestamp_header.as_ref(),
+                r.timestamp_header.as_ref(),
+            ),
+        ] {
+            if let (Some(h), Some(raw_h)) = (h, raw_h)
+                && HTTP_OWN_HEADERS.contains(&h.as_str())
+            {
+                self.error_at(
+                    raw_h.span(),
+                    &format!("{key}.{name}"),
+                    format!("{h} is a header of HTTP itself, not one a vendor signs with; name the vendor's header"),
+                );
+            }
+        }
+        if let (Some(h), Some(t), Some(raw_t)) =
+            (header.as_ref(), timestamp_header.as_ref(), r.timestamp_header.as_ref())
+            && h == t
+        {
+            self.error_at(
+                raw_t.span(),
+                &format!("{key}.timestamp_header"),
+                "is the signature's header too; the signed time comes in a header of its own (a vendor that puts \
+                 both in one header needs a kind of its own, as crumbpos)",
+            );
+        }
         let encoding = match r.encoding.as_ref().map(|e| (e.get_ref().as_str(), e.span())) {
             None | Some(("hex", _)) => Some(Encoding::Hex),
             Some(("base64", _)) => Some(Encoding::Base64),
@@ -1160,6 +1223,35 @@ impl Cx<'_> {
         let id_field = field(&r.id_field, "id_field", Some("id"));
         let type_field = field(&r.type_field, "type_field", Some("type"));
         let time_field = field(&r.time_field, "time_field", None);
+        // One inside another: the outer must be a text or number and hold
+        // the inner at once, so no body has both and every webhook is a 400.
+        let named = [
+            ("id_field", id_field.as_ref().and_then(Option::as_ref), &r.id_field),
+            (
+                "type_field",
+                type_field.as_ref().and_then(Option::as_ref),
+                &r.type_field,
+            ),
+            (
+                "time_field",
+                time_field.as_ref().and_then(Option::as_ref),
+                &r.time_field,
+            ),
+        ];
+        for (outer, outer_path, _) in &named {
+            for (inner, inner_path, inner_raw) in &named {
+                if let (Some(o), Some(i)) = (outer_path, inner_path)
+                    && o.holds(i)
+                {
+                    let span = inner_raw.as_ref().map_or(raw.span(), |f| f.span());
+                    self.error_at(
+                        span,
+                        &format!("{key}.{inner}"),
+                        format!("{i} lies inside {outer} ({o}), which must be a text or a number: no body has both"),
+                    );
+                }
+            }
+        }
         let verifier = HmacVerifier {
             secrets,
             header: header?,
@@ -1692,6 +1784,47 @@ fn find_span(value: &Spanned<DeValue<'_>>, path: &str) -> Option<Range<usize>> {
     };
     let (_, child) = t.iter().find(|(k, _)| k.get_ref() == &rest[..end])?;
     find_span(child, &rest[end..])
+}
+
+/// Request headers that HTTP or the listener itself uses (lowercase).
+const HTTP_OWN_HEADERS: [&str; 11] = [
+    "content-type",
+    "content-length",
+    "content-encoding",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
+/// The files the SQLite store keeps in its folder (`store.path`).
+const STORE_FILES: [&str; 5] = [
+    "expeditor.db",
+    "expeditor.db-wal",
+    "expeditor.db-shm",
+    "expeditor.db-journal",
+    "expeditor.lock",
+];
+
+/// `path` made absolute, with `.` and `..` folded by name (it may not exist
+/// yet, so links are not followed): two spellings of one place compare equal.
+fn lexical(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn valid_name(name: &str) -> bool {

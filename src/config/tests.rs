@@ -398,6 +398,35 @@ fn a_file_sink_batches_as_configured() {
     one_error(&file("batch = { max_bytes = \"1MiB\" }"), &["max_bytes"]);
 }
 
+/// A file sink may not write the SQLite store's own files (its lines, and
+/// the torn line cut at start, would corrupt the database) nor its folder;
+/// a file beside them is fine (the shipped config's `data/events.jsonl`).
+#[test]
+fn a_file_sink_keeps_out_of_the_stores_files() {
+    let file = |path: &str| format!("{BASE}\n[sinks.log]\ntype = \"file\"\npath = \"{path}\"\n");
+    for path in [
+        "data/expeditor.db",
+        "data/expeditor.db-wal",
+        "./data/../data/expeditor.db-shm",
+        "data/expeditor.lock",
+    ] {
+        one_error(
+            &file(path),
+            &["sinks.log.path", "store's own file", "/etc/expeditor/data"],
+        );
+    }
+    for path in ["data", "data/"] {
+        one_error(&file(path), &["sinks.log.path", "is the store's own folder"]);
+    }
+    one_error(&file("."), &["sinks.log.path", "holds the store's"]);
+    for path in ["data/events.jsonl", "data/expeditor.jsonl", "expeditor.db"] {
+        parse_with(&file(path), &env()).unwrap_or_else(|e| panic!("{path}: {e:?}"));
+    }
+    // A PostgreSQL store keeps no files here.
+    let pg = file("data/expeditor.db").replace("path = \"data\"", "url = \"postgres://db/expeditor\"");
+    parse_with(&pg, &env()).unwrap();
+}
+
 /// The 1-based line of the `nth` (from 0) occurrence of `needle`.
 fn line_of(text: &str, needle: &str, nth: usize) -> usize {
     let at = text.match_indices(needle).nth(nth).expect("needle in text").0;
@@ -438,6 +467,38 @@ fn kind_specific_keys() {
     one_error(&tolerance_alone, &["sources.crumb.tolerance", "timestamp_header"]);
     let with_ts = tolerance_alone.replace("tolerance = \"1m\"", "tolerance = \"1m\"\ntimestamp_header = \"X-Ts\"");
     assert!(parse_with(&with_ts, &env()).is_ok());
+    // Configs that could never take a webhook.
+    let hmac_with = |keys: &str| BASE.replace("kind = \"crumbpos\"", &format!("kind = \"hmac\"\n{keys}"));
+    one_error(
+        &hmac_with("header = \"X-Sig\"\ntimestamp_header = \"x-sig\""),
+        &["sources.crumb.timestamp_header", "signature's header too"],
+    );
+    for own in ["Content-Type", "content-length", "Host"] {
+        one_error(
+            &hmac_with(&format!("header = \"{own}\"")),
+            &["sources.crumb.header", "of HTTP itself"],
+        );
+    }
+    one_error(
+        &hmac_with("header = \"X-Sig\"\ntimestamp_header = \"Content-Length\""),
+        &["sources.crumb.timestamp_header", "of HTTP itself"],
+    );
+    one_error(
+        &hmac_with("header = \"X-Sig\"\nid_field = \"meta\"\ntype_field = \"meta.kind\""),
+        &["sources.crumb.type_field", "meta.kind lies inside id_field (meta)"],
+    );
+    one_error(
+        &hmac_with("header = \"X-Sig\"\ntime_field = \"type.at\""),
+        &["sources.crumb.time_field", "inside type_field (type)"],
+    );
+    // Beside each other, or the same value twice, is fine.
+    for ok in [
+        "header = \"X-Sig\"\nid_field = \"meta.id\"\ntype_field = \"meta.kind\"\ntime_field = \"meta.at\"",
+        "header = \"X-Sig\"\nid_field = \"meta.id\"\ntype_field = \"meta.id\"",
+        "header = \"X-Sig\"\nid_field = \"ids\"\ntype_field = \"idsx.y\"",
+    ] {
+        parse_with(&hmac_with(ok), &env()).unwrap_or_else(|e| panic!("{ok}: {e:?}"));
+    }
     let unsigned_ts = with_ts.replace("header = \"X-Sig\"", "header = \"X-Sig\"\nsigned = \"{body}\"");
     one_error(
         &unsigned_ts,

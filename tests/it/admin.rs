@@ -335,7 +335,7 @@ async fn send_skips_the_proxy_only_for_loopback() {
         ])
         .await;
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("502"),
+        String::from_utf8_lossy(&out.stderr).contains("answered HTTP 502"),
         "{}",
         output_text(&out)
     );

@@ -133,8 +133,21 @@ async fn send_fails_clearly() {
         "a 404 answer is not success: {}",
         output_text(&out)
     );
+    // On stderr, as an error, with the answer's body; stdout stays empty.
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("HTTP 404"),
+        stderr.contains("error:") && stderr.contains("answered HTTP 404") && stderr.contains("unknown source"),
+        "{}",
+        output_text(&out)
+    );
+    assert!(out.stdout.is_empty(), "{}", output_text(&out));
+    assert!(d.events().await.is_empty(), "nothing was accepted");
+
+    // An empty --id is the command's mistake, said as such.
+    let out = d.cli(&["send", "crumb", "order.created", "--id", ""]).await;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--id must not be empty"),
         "{}",
         output_text(&out)
     );
@@ -143,7 +156,7 @@ async fn send_fails_clearly() {
 
 /// An `hmac` source reads its id, type and time where its config says; its
 /// own test webhook puts them there, and a config whose fields cannot all
-/// be in one body is told so before anything is sent.
+/// be in one body is refused before anything runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn send_to_an_hmac_source_puts_the_fields_where_it_reads_them() {
     let sink = FakeSink::start().await;
@@ -157,13 +170,6 @@ timestamp_header = "X-Timestamp"
 id_field = "event.id"
 type_field = "event.kind"
 time_field = "meta.at"
-
-[sources.overlapping]
-kind = "hmac"
-secrets = ["overlapping-secret"]
-header = "X-Signature"
-id_field = "event"
-type_field = "event.kind"
 
 [sinks.hook]
 type = "http"
@@ -188,18 +194,30 @@ sinks = ["hook"]
         "the time is read from meta.at: {body}"
     );
 
-    let args = ["send", "overlapping", "thing.happened"];
-    let out = d.cli(&args).await;
-    assert!(
-        !out.status.success(),
-        "a sample the source cannot read was sent: {}",
-        output_text(&out)
-    );
-    let text = output_text(&out);
-    assert!(
-        text.contains("overlapping") && text.contains("id_field"),
-        "the message names the source and its fields: {text}"
-    );
-    assert!(!text.contains("HTTP "), "nothing was posted: {text}");
+    // Fields one inside another: no body has both, so `send` has nothing
+    // to post and the daemon would answer every webhook 400. `check` says so.
+    let dir = tempfile::tempdir().unwrap();
+    let overlapping = dir.path().join("config.toml");
+    std::fs::write(
+        &overlapping,
+        r#"[sources.overlapping]
+kind = "hmac"
+secrets = ["overlapping-secret"]
+header = "X-Signature"
+id_field = "event"
+type_field = "event.kind"
+"#,
+    )
+    .unwrap();
+    for args in [&["check"][..], &["send", "overlapping", "thing.happened"][..]] {
+        let out = crate::harness::run_cli(&overlapping, dir.path(), args).await;
+        assert!(!out.status.success(), "{args:?}: {}", output_text(&out));
+        let text = output_text(&out);
+        assert!(
+            text.contains("sources.overlapping.type_field") && text.contains("inside id_field"),
+            "{args:?}: the message names the source and its fields: {text}"
+        );
+        assert!(!text.contains("HTTP "), "nothing was posted: {text}");
+    }
     assert_eq!(d.events().await.len(), 1, "only the first event is in the store");
 }
