@@ -1532,6 +1532,16 @@ impl Cx<'_> {
         self.json_value_as(key, value, false)
     }
 
+    /// What the `${VAR}`s in a TOML value's strings resolve to, at any depth.
+    fn secrets_in(&self, value: &Spanned<DeValue<'_>>) -> Vec<String> {
+        match value.get_ref() {
+            DeValue::String(s) => env_values(s, self.env),
+            DeValue::Array(list) => list.iter().flat_map(|v| self.secrets_in(v)).collect(),
+            DeValue::Table(t) => t.values().flat_map(|v| self.secrets_in(v)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// A TOML value as JSON, `${VAR}`s resolved; as templates' sources
     /// ([`interpolate_with`]) if `templates`.
     fn json_value_as(&mut self, key: &str, value: &Spanned<DeValue<'_>>, templates: bool) -> Option<serde_json::Value> {

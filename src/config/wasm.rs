@@ -127,6 +127,10 @@ impl Cx<'_> {
             },
             max_batch: max_batch? as usize,
             cache_dir: self.plugin_cache.clone(),
+            secrets: match value.get_ref() {
+                DeValue::Table(t) => t.get("config").map(|c| self.secrets_in(c)).unwrap_or_default(),
+                _ => Vec::new(),
+            },
         };
         // Only a sink whose keys are all valid gets its plugin loaded: one
         // problem at a time, and no `init` with a half-read config.

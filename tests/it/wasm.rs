@@ -658,6 +658,7 @@ fn check_config(dir: &Path, sinks: &str, routed: &str) -> (bool, String) {
         .arg(&path)
         .arg("check")
         .current_dir(dir)
+        .env("EXPEDITOR_TEST_PLUGIN_KEY", "sk_live_TOPSECRET")
         .output()
         .expect("run expeditor check");
     (out.status.success(), output_text(&out))
@@ -701,6 +702,16 @@ fn check_loads_every_plugin_and_refuses_those_it_cannot_use() {
     }
     let (_, out) = check(d, "[sinks.p]\ntype = \"wasm\"\nplugin = \"future\"\n");
     assert!(out.contains("future.wasm"), "the error names the file:\n{out}");
+    // A plugin that echoes its config in its refusal shows no secret of it.
+    let (ok, out) = check(
+        d,
+        "[sinks.p]\ntype = \"wasm\"\nplugin = \"misbehave\"\n[sinks.p.config]\nreject = \"bad key ${EXPEDITOR_TEST_PLUGIN_KEY}\"\n",
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("init rejected the config: bad key [redacted]") && !out.contains("TOPSECRET"),
+        "{out}"
+    );
 
     // The process's pool of instances is shared, and a reload needs room
     // for old and new sinks side by side.

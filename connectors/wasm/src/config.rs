@@ -25,6 +25,10 @@ pub struct WasmSinkConfig {
     /// Where compiled components are kept (`<store.path>/plugin-cache`);
     /// `None` compiles on every load.
     pub cache_dir: Option<PathBuf>,
+    /// The values `${VAR}`s in `config` resolved to: a plugin's own words
+    /// (its `init`'s refusal, a delivery's error) show none of them, as a
+    /// plugin may echo the config it was given.
+    pub secrets: Vec<String>,
 }
 
 impl fmt::Debug for WasmSinkConfig {

@@ -194,7 +194,7 @@ impl Plugin {
             bindings.call_init(s, config).await
         }) {
             Ok(Ok(())) => Ok(Instance { store, bindings }),
-            Ok(Err(msg)) => Err(InitFailed::Rejected(own_words(&msg))),
+            Ok(Err(msg)) => Err(InitFailed::Rejected(own_words(&msg, &self.cfg.secrets))),
             Err(failed) => Err(InitFailed::Failed(failed)),
         }
     }
@@ -414,25 +414,58 @@ const OWN_WORDS_CHARS: usize = 1000;
 /// A plugin's message as the host passes it on, to logs, the CLI and the
 /// store: one line of at most [`OWN_WORDS_CHARS`] characters, so it cannot
 /// forge log lines or flood the journal.
-pub(crate) fn own_words(message: &str) -> String {
-    expeditor_api::message::one_line(message, OWN_WORDS_CHARS).into_owned()
+pub(crate) fn own_words(message: &str, secrets: &[String]) -> String {
+    let mut message = message.to_owned();
+    // Longest first: one secret may hold another.
+    let mut secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= MIN_SECRET_CHARS).collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for secret in secrets {
+        if message.contains(secret.as_str()) {
+            message = message.replace(secret.as_str(), "[redacted]");
+        }
+    }
+    expeditor_api::message::one_line(&message, OWN_WORDS_CHARS).into_owned()
 }
+
+/// Shorter `${VAR}` values (a port, a flag) are not hidden: they would
+/// blank out ordinary words of the message.
+const MIN_SECRET_CHARS: usize = 4;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A plugin that echoes its config shows none of the `${VAR}` values in
+    /// it (a newline in one does not split it past finding either).
+    #[test]
+    fn a_plugins_words_hide_the_configs_secrets() {
+        let secrets = [
+            "ftp://u:TOPSECRET@h/x".to_owned(),
+            "TOPSECRET".to_owned(),
+            "80".to_owned(),
+        ];
+        assert_eq!(
+            own_words("endpoint \"ftp://u:TOPSECRET@h/x\" on port 80; key TOPSECRET", &secrets),
+            "endpoint \"[redacted]\" on port 80; key [redacted]"
+        );
+        let multi = ["line1\nline2".to_owned()];
+        assert_eq!(own_words("bad token line1\nline2!", &multi), "bad token [redacted]!");
+    }
+
     /// A plugin's message cannot forge log lines or flood the journal.
     #[test]
     fn a_plugins_words_are_one_bounded_line() {
         assert_eq!(
-            own_words("bad\n2026-12-07T00:00:00Z INFO forged"),
+            own_words("bad\n2026-12-07T00:00:00Z INFO forged", &[]),
             "bad 2026-12-07T00:00:00Z INFO forged"
         );
-        let long = own_words(&"é".repeat(5000));
+        let long = own_words(&"é".repeat(5000), &[]);
         assert_eq!(long.chars().count(), OWN_WORDS_CHARS + 3);
         assert!(long.ends_with("..."));
-        assert_eq!(own_words(&"x".repeat(OWN_WORDS_CHARS)), "x".repeat(OWN_WORDS_CHARS));
+        assert_eq!(
+            own_words(&"x".repeat(OWN_WORDS_CHARS), &[]),
+            "x".repeat(OWN_WORDS_CHARS)
+        );
     }
 
     #[test]

@@ -187,14 +187,17 @@ fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
 }
 
-fn to_outcome(r: Result<(), bindings::DeliveryError>) -> Outcome {
+fn to_outcome(r: Result<(), bindings::DeliveryError>, secrets: &[String]) -> Outcome {
     match r {
         Ok(()) => Ok(()),
-        Err(bindings::DeliveryError::Retryable(hint)) => {
-            Err(DeliveryError::retryable(crate::plugin::own_words(&hint.message))
-                .with_retry_after(hint.retry_after_ms.map(Duration::from_millis)))
+        Err(bindings::DeliveryError::Retryable(hint)) => Err(DeliveryError::retryable(crate::plugin::own_words(
+            &hint.message,
+            secrets,
+        ))
+        .with_retry_after(hint.retry_after_ms.map(Duration::from_millis))),
+        Err(bindings::DeliveryError::Permanent(msg)) => {
+            Err(DeliveryError::permanent(crate::plugin::own_words(&msg, secrets)))
         }
-        Err(bindings::DeliveryError::Permanent(msg)) => Err(DeliveryError::permanent(crate::plugin::own_words(&msg))),
     }
 }
 
@@ -220,7 +223,13 @@ fn run(
         },
     };
     match plugin.deliver(&mut instance, &events, deadline) {
-        Ok(results) if results.len() == n => (results.into_iter().map(to_outcome).collect(), Some(instance)),
+        Ok(results) if results.len() == n => (
+            results
+                .into_iter()
+                .map(|r| to_outcome(r, &plugin.config().secrets))
+                .collect(),
+            Some(instance),
+        ),
         Ok(results) => {
             let msg = format!("plugin answered {} results for {n} events", results.len());
             tracing::error!(sink = %plugin.name(), "{msg}");

@@ -268,6 +268,7 @@ mod tests {
             },
             max_batch: 1,
             cache_dir: None,
+            secrets: Vec::new(),
         };
         let mut s = State::new(&cfg, "s".into());
         assert!(s.memory_growing(0, 16 << 20, None).unwrap(), "the first memory");

@@ -85,5 +85,6 @@ pub fn misbehave_sink(name: &str, cache: &Path) -> WasmSinkConfig {
         limits: Limits::default(),
         max_batch: 1,
         cache_dir: Some(cache.to_path_buf()),
+        secrets: Vec::new(),
     }
 }
