@@ -167,7 +167,7 @@ pub fn load_admin(cli: &Cli) -> Result<AdminConfig, ExitCode> {
 pub fn check(cli: &Cli) -> ExitCode {
     match load_config(cli) {
         Ok(cfg) => {
-            for warning in path_warnings(&cfg) {
+            for warning in path_warnings(&cfg).into_iter().chain(route_warnings(&cfg)) {
                 eprintln!("warning: {warning}");
             }
             println!(
@@ -181,6 +181,47 @@ pub fn check(cli: &Cli) -> ExitCode {
         }
         Err(code) => code,
     }
+}
+
+/// A route's event pattern that matches no event type its sources' vendors
+/// send (a typo such as `order.craeted` routes nothing, silently). Warnings,
+/// not errors: a vendor may send types its guide does not list yet. A route
+/// that takes an `hmac` source, whose types are anyone's, is not judged.
+fn route_warnings(cfg: &Config) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for route in cfg.router.routes() {
+        let Some(patterns) = &route.events else { continue };
+        let kinds: Vec<&str> = cfg
+            .sources
+            .iter()
+            .filter(|(name, _)| route.sources.as_ref().is_none_or(|s| s.contains(name)))
+            .map(|(_, source)| source.kind())
+            .collect();
+        if kinds.is_empty() || kinds.contains(&"hmac") {
+            continue;
+        }
+        let Some(known) = kinds
+            .iter()
+            .map(|k| crate::sample::event_types(k))
+            .collect::<Option<Vec<_>>>()
+        else {
+            continue;
+        };
+        let mut types: Vec<&str> = known.into_iter().flatten().copied().collect();
+        types.sort_unstable();
+        types.dedup();
+        for pattern in patterns {
+            if !types.iter().any(|t| pattern.matches(t)) {
+                warnings.push(format!(
+                    "route {:?}: events {:?} matches no event type its sources send ({}); a typo?",
+                    route.name,
+                    pattern.as_str(),
+                    types.join(", ")
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// What the daemon will create or write that it could not, as far as this

@@ -25,6 +25,11 @@ impl Glob {
     pub fn matches(&self, text: &str) -> bool {
         glob_match(self.0.as_bytes(), text.as_bytes())
     }
+
+    /// The pattern as written.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// Iterative wildcard match with single-star backtracking: linear in practice,

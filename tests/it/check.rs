@@ -104,6 +104,43 @@ fn the_valid_base_config_passes() {
     );
 }
 
+/// A route's event pattern that no source of it sends is a warning (a typo
+/// routes nothing, silently); `check` still passes. Known types, globs that
+/// match one, and routes that take an `hmac` source (any type) say nothing.
+#[test]
+fn check_warns_of_route_events_no_source_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = VALID.replace(
+        "events = [\"order.created\"]",
+        "events = [\"order.craeted\", \"ordr.*\", \"payment.*\"]",
+    );
+    let out = check(dir.path(), &typo);
+    assert_eq!(out.status.code(), Some(0), "warnings only: {}", output_text(&out));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("warning: route \"kitchen\": events \"order.craeted\" matches no event type")
+            && said.contains("order.created, order.updated"),
+        "{said}"
+    );
+    assert!(said.contains("events \"ordr.*\""), "{said}");
+    assert!(!said.contains("payment.*"), "payment.completed is CrumbPOS's: {said}");
+
+    let hmac = typo.replace(
+        "[sinks.kds]",
+        "[sources.generic]\nkind = \"hmac\"\nsecrets = [\"x\"]\nheader = \"X-Sig\"\n\n[sinks.kds]",
+    );
+    let out = check(dir.path(), &hmac);
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("warning"),
+        "an hmac source sends any type: {}",
+        output_text(&out)
+    );
+    let only_crumb = hmac.replace("name = \"kitchen\"", "name = \"kitchen\"\nsources = [\"crumb\"]");
+    let said = String::from_utf8_lossy(&check(dir.path(), &only_crumb).stderr).into_owned();
+    assert!(said.contains("order.craeted"), "the route takes only crumb: {said}");
+}
+
 /// A store folder or file sink path that cannot be created or written is
 /// warned about on stderr (check may run as another user than the daemon,
 /// so it stays a pass); usable paths, existing or not, say nothing.
