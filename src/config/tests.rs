@@ -1169,14 +1169,21 @@ total_cents = "{{ order.total_cents }}"
 received_at = "{{ event.received_at }}"
 "#;
 
-const SERVICE_ACCOUNT: &str = r#"{"type": "service_account", "client_email": "writer@crumb-analytics.iam.gserviceaccount.com",
-  "private_key": "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n"}"#;
+/// A service-account key file's text, with a real (test) RSA key.
+fn service_account() -> String {
+    serde_json::json!({
+        "type": "service_account",
+        "client_email": "writer@crumb-analytics.iam.gserviceaccount.com",
+        "private_key": expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+    })
+    .to_string()
+}
 
 /// A temp dir with a service-account key file in it.
 fn bigquery_key() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bq-writer.json");
-    std::fs::write(&path, SERVICE_ACCOUNT).unwrap();
+    std::fs::write(&path, service_account()).unwrap();
     let path = path.to_str().unwrap().to_owned();
     (dir, path)
 }

@@ -137,6 +137,19 @@ fn credentials_kind(bytes: &[u8]) -> Result<String, String> {
             if !field("private_key").is_some_and(|k| k.contains("-----BEGIN")) {
                 return Err("a service-account key whose private_key is not a PEM key".into());
             }
+            // Signed with as the client will sign its token requests: a key
+            // that is cut short or mangled fails here, not at the first
+            // delivery. The error names the kind of fault, never the key.
+            let key = field("private_key").unwrap_or_default();
+            jsonwebtoken::EncodingKey::from_rsa_pem(key.as_bytes())
+                .and_then(|k| {
+                    jsonwebtoken::encode(
+                        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+                        &serde_json::json!({ "check": true }),
+                        &k,
+                    )
+                })
+                .map_err(|e| format!("a service-account key whose private_key cannot sign ({:?})", e.kind()))?;
             Ok(format!("service account {}", field("client_email").unwrap_or_default()))
         }
         Some("authorized_user") => {

@@ -564,7 +564,13 @@ fn auth_check(
 
 #[test]
 fn the_auth_rule() {
-    let sa = r#"{"type":"service_account","client_email":"w@p.iam.gserviceaccount.com","private_key":"-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"}"#;
+    let sa_key = serde_json::json!({
+        "type": "service_account",
+        "client_email": "w@p.iam.gserviceaccount.com",
+        "private_key": expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+    })
+    .to_string();
+    let sa = sa_key.as_str();
     let user = r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r"}"#;
     let adc = Auth::ApplicationDefault;
     let home = ("HOME", "/home/cook");
@@ -668,6 +674,22 @@ fn the_auth_rule() {
     assert!(auth_check(&file, None, &[], &[("/etc/expeditor/bq.json", sa)]).is_ok());
     let err = auth_check(&file, None, &[], &[]).unwrap_err();
     assert!(err.starts_with("cannot read /etc/expeditor/bq.json"), "{err}");
+    // A key that looks like PEM but cannot sign is found now, not at the
+    // first delivery; the error never shows the key.
+    for pem in [
+        "-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYDATA\n-----END PRIVATE KEY-----\n",
+        &expeditor_bigquery_fake::TEST_PRIVATE_KEY[..200],
+    ] {
+        let mangled = serde_json::json!({
+            "type": "service_account",
+            "client_email": "w@p.iam.gserviceaccount.com",
+            "private_key": pem,
+        })
+        .to_string();
+        let err = auth_check(&file, None, &[], &[("/etc/expeditor/bq.json", &mangled)]).unwrap_err();
+        assert!(err.contains("private_key cannot sign"), "{err}");
+        assert!(!err.contains("TOPSECRET") && !err.contains(&pem[30..60]), "{err}");
+    }
     assert!(auth_check(&Auth::None, Some("http://127.0.0.1:9050"), &[], &[]).is_ok());
     let err = auth_check(&Auth::None, None, &[], &[]).unwrap_err();
     assert!(err.contains("set endpoint"), "{err}");
