@@ -200,14 +200,12 @@ fn route_warnings(cfg: &Config) -> Vec<String> {
         if kinds.is_empty() || kinds.contains(&"hmac") {
             continue;
         }
-        let Some(known) = kinds
+        let mut types: Vec<&str> = kinds
             .iter()
-            .map(|k| crate::sample::event_types(k))
-            .collect::<Option<Vec<_>>>()
-        else {
-            continue;
-        };
-        let mut types: Vec<&str> = known.into_iter().flatten().copied().collect();
+            .filter_map(|k| crate::sample::event_types(k))
+            .flatten()
+            .copied()
+            .collect();
         types.sort_unstable();
         types.dedup();
         for pattern in patterns {
@@ -233,7 +231,7 @@ fn path_warnings(cfg: &Config) -> Vec<String> {
     if let config::StoreBackend::Sqlite { path } = &cfg.store.backend {
         // The folder, and the database's files if they are there already
         // (say, left by a run as root).
-        let files = ["expeditor.db", "expeditor.db-wal", "expeditor.db-shm", "expeditor.lock"].map(|f| path.join(f));
+        let files = crate::store::sqlite::FILES.map(|f| path.join(f));
         let why = unusable(path, true).or_else(|| files.iter().find_map(|f| unusable_file(f)));
         if let Some(why) = why {
             warnings.push(format!("[store] path {}: {why}", path.display()));

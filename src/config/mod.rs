@@ -499,7 +499,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
                     && path
                         .file_name()
                         .and_then(|n| n.to_str())
-                        .is_some_and(|n| STORE_FILES.contains(&n))))
+                        .is_some_and(|n| crate::store::sqlite::FILES.contains(&n))))
         {
             cx.error_at(
                 span(),
@@ -1809,15 +1809,6 @@ const HTTP_OWN_HEADERS: [&str; 11] = [
     "trailer",
     "upgrade",
     "expect",
-];
-
-/// The files the SQLite store keeps in its folder (`store.path`).
-const STORE_FILES: [&str; 5] = [
-    "expeditor.db",
-    "expeditor.db-wal",
-    "expeditor.db-shm",
-    "expeditor.db-journal",
-    "expeditor.lock",
 ];
 
 /// `path` made absolute, with `.` and `..` folded by name (it may not exist

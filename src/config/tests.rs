@@ -1169,21 +1169,18 @@ total_cents = "{{ order.total_cents }}"
 received_at = "{{ event.received_at }}"
 "#;
 
-/// A service-account key file's text, with a real (test) RSA key.
-fn service_account() -> String {
-    serde_json::json!({
-        "type": "service_account",
-        "client_email": "writer@crumb-analytics.iam.gserviceaccount.com",
-        "private_key": expeditor_bigquery_fake::TEST_PRIVATE_KEY,
-    })
-    .to_string()
-}
-
 /// A temp dir with a service-account key file in it.
 fn bigquery_key() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bq-writer.json");
-    std::fs::write(&path, service_account()).unwrap();
+    std::fs::write(
+        &path,
+        expeditor_bigquery_fake::service_account_key(
+            "writer@crumb-analytics.iam.gserviceaccount.com",
+            expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+        ),
+    )
+    .unwrap();
     let path = path.to_str().unwrap().to_owned();
     (dir, path)
 }

@@ -97,9 +97,11 @@ impl Cx<'_> {
             self.error_at(s.span(), &format!("{key}.cpu"), "must be between 10ms and 10m");
         }
         let max_batch = self.int(r.max_batch.as_ref(), &format!("{key}.max_batch"), 1, 1..1001);
+        let mut secrets = Vec::new();
         let config = match value.get_ref() {
             DeValue::Table(t) => match t.get("config") {
                 Some(c) if matches!(c.get_ref(), DeValue::Table(_)) => {
+                    secrets = self.secrets_in(c);
                     self.json_value(&format!("{key}.config"), c).map(|j| j.to_string())
                 }
                 Some(c) => {
@@ -127,10 +129,7 @@ impl Cx<'_> {
             },
             max_batch: max_batch? as usize,
             cache_dir: self.plugin_cache.clone(),
-            secrets: match value.get_ref() {
-                DeValue::Table(t) => t.get("config").map(|c| self.secrets_in(c)).unwrap_or_default(),
-                _ => Vec::new(),
-            },
+            secrets,
         };
         // Only a sink whose keys are all valid gets its plugin loaded: one
         // problem at a time, and no `init` with a half-read config.

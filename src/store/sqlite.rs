@@ -385,6 +385,16 @@ pub(super) fn open_connection(file: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// The files the store keeps in its folder (`store.path`): no file sink
+/// may write one (`check`), and `check` warns of those it cannot write.
+pub const FILES: [&str; 5] = [
+    "expeditor.db",
+    "expeditor.db-wal",
+    "expeditor.db-shm",
+    "expeditor.db-journal",
+    "expeditor.lock",
+];
+
 /// Takes the store directory for this process alone (`expeditor.lock`, an
 /// exclusive `flock`, released when the process dies): the writer's memory of
 /// recent dedupe keys is the only one, so a second process on the same file

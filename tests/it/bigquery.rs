@@ -319,7 +319,14 @@ fn check_accepts_the_shipped_example_only_with_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let config = example_config();
     let key = dir.path().join("bq-writer.json");
-    std::fs::write(&key, service_account_key()).unwrap();
+    std::fs::write(
+        &key,
+        expeditor_bigquery_fake::service_account_key(
+            "w@p.iam.gserviceaccount.com",
+            expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+        ),
+    )
+    .unwrap();
     let out = check(
         dir.path(),
         &config,
@@ -350,7 +357,14 @@ fn check_accepts_the_shipped_example_only_with_credentials() {
 fn check_refuses_broken_bigquery_sinks() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("bq-writer.json");
-    std::fs::write(&key, service_account_key()).unwrap();
+    std::fs::write(
+        &key,
+        expeditor_bigquery_fake::service_account_key(
+            "w@p.iam.gserviceaccount.com",
+            expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+        ),
+    )
+    .unwrap();
     let env = [("GOOGLE_APPLICATION_CREDENTIALS", key.to_str().unwrap())];
     let base = example_config();
     let cases: &[(&str, &str, &str)] = &[
@@ -423,14 +437,4 @@ fn check_refuses_broken_bigquery_sinks() {
             );
         }
     }
-}
-
-/// A service-account key file's text, with a real (test) RSA key.
-fn service_account_key() -> String {
-    serde_json::json!({
-        "type": "service_account",
-        "client_email": "w@p.iam.gserviceaccount.com",
-        "private_key": expeditor_bigquery_fake::TEST_PRIVATE_KEY,
-    })
-    .to_string()
 }

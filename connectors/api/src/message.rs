@@ -40,9 +40,33 @@ pub fn one_line(text: &str, most: usize) -> std::borrow::Cow<'_, str> {
     std::borrow::Cow::Owned(out)
 }
 
+/// `text` with each of `secrets` written as `[redacted]`, the longest first
+/// (one may hold another): for a message that may quote what a sink was
+/// configured with. The caller picks what counts as a secret.
+pub fn redact<'s>(text: &str, secrets: impl IntoIterator<Item = &'s str>) -> String {
+    let mut secrets: Vec<&str> = secrets.into_iter().filter(|s| !s.is_empty()).collect();
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut out = text.to_owned();
+    for secret in secrets {
+        if out.contains(secret) {
+            out = out.replace(secret, "[redacted]");
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redact_hides_each_secret_the_longest_first() {
+        assert_eq!(
+            redact("key abc, url http://u:abc@h", ["abc", "http://u:abc@h", ""]),
+            "key [redacted], url [redacted]"
+        );
+        assert_eq!(redact("nothing here", ["secret"]), "nothing here");
+    }
 
     #[derive(Debug)]
     struct Outer(std::io::Error);

@@ -564,12 +564,10 @@ fn auth_check(
 
 #[test]
 fn the_auth_rule() {
-    let sa_key = serde_json::json!({
-        "type": "service_account",
-        "client_email": "w@p.iam.gserviceaccount.com",
-        "private_key": expeditor_bigquery_fake::TEST_PRIVATE_KEY,
-    })
-    .to_string();
+    let sa_key = expeditor_bigquery_fake::service_account_key(
+        "w@p.iam.gserviceaccount.com",
+        expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+    );
     let sa = sa_key.as_str();
     let user = r#"{"type":"authorized_user","client_id":"c","client_secret":"s","refresh_token":"r"}"#;
     let adc = Auth::ApplicationDefault;
@@ -680,12 +678,7 @@ fn the_auth_rule() {
         "-----BEGIN PRIVATE KEY-----\nTOPSECRETKEYDATA\n-----END PRIVATE KEY-----\n",
         &expeditor_bigquery_fake::TEST_PRIVATE_KEY[..200],
     ] {
-        let mangled = serde_json::json!({
-            "type": "service_account",
-            "client_email": "w@p.iam.gserviceaccount.com",
-            "private_key": pem,
-        })
-        .to_string();
+        let mangled = expeditor_bigquery_fake::service_account_key("w@p.iam.gserviceaccount.com", pem);
         let err = auth_check(&file, None, &[], &[("/etc/expeditor/bq.json", &mangled)]).unwrap_err();
         assert!(err.contains("private_key cannot sign"), "{err}");
         assert!(!err.contains("TOPSECRET") && !err.contains(&pem[30..60]), "{err}");

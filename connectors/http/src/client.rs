@@ -169,19 +169,13 @@ impl Client {
 /// written as `[redacted]`: it is stored and shown (`expeditor
 /// deliveries`, the log).
 fn redacted(message: &str, headers: &http::HeaderMap) -> String {
-    let mut out = message.to_owned();
-    for word in headers
+    let words = headers
         .values()
         .filter(|v| v.is_sensitive())
         .filter_map(|v| v.to_str().ok())
         .flat_map(str::split_whitespace)
-        .filter(|w| w.len() >= 8)
-    {
-        if out.contains(word) {
-            out = out.replace(word, "[redacted]");
-        }
-    }
-    out
+        .filter(|w| w.len() >= 8);
+    expeditor_api::message::redact(message, words)
 }
 
 /// `request` again, for a second send.

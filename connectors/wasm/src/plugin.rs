@@ -415,15 +415,11 @@ const OWN_WORDS_CHARS: usize = 1000;
 /// store: one line of at most [`OWN_WORDS_CHARS`] characters, so it cannot
 /// forge log lines or flood the journal.
 pub(crate) fn own_words(message: &str, secrets: &[String]) -> String {
-    let mut message = message.to_owned();
-    // Longest first: one secret may hold another.
-    let mut secrets: Vec<&String> = secrets.iter().filter(|s| s.len() >= MIN_SECRET_CHARS).collect();
-    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
-    for secret in secrets {
-        if message.contains(secret.as_str()) {
-            message = message.replace(secret.as_str(), "[redacted]");
-        }
-    }
+    let secrets = secrets
+        .iter()
+        .map(String::as_str)
+        .filter(|s| s.len() >= MIN_SECRET_CHARS);
+    let message = expeditor_api::message::redact(message, secrets);
     expeditor_api::message::one_line(&message, OWN_WORDS_CHARS).into_owned()
 }
 

@@ -54,6 +54,18 @@ pub const MAX_REQUEST_ROWS: usize = 50_000;
 
 /// The service account of [`FakeBigQuery::service_account_json`].
 pub const SERVICE_ACCOUNT_EMAIL: &str = "expeditor-writer@fake-project.iam.gserviceaccount.com";
+
+/// A service-account key file with only what is read before a token is
+/// asked for (`type`, `client_email`, `private_key`): for tests of how
+/// credentials are found and checked.
+pub fn service_account_key(client_email: &str, private_key: &str) -> String {
+    json!({
+        "type": "service_account",
+        "client_email": client_email,
+        "private_key": private_key,
+    })
+    .to_string()
+}
 /// The scope a token must carry to stream rows.
 pub const INSERT_SCOPE: &str = "https://www.googleapis.com/auth/bigquery.insertdata";
 
