@@ -318,15 +318,7 @@ fn line_of(config: &str, line: &str) -> usize {
 fn check_accepts_the_shipped_example_only_with_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let config = example_config();
-    let key = dir.path().join("bq-writer.json");
-    std::fs::write(
-        &key,
-        expeditor_bigquery_fake::service_account_key(
-            "w@p.iam.gserviceaccount.com",
-            expeditor_bigquery_fake::TEST_PRIVATE_KEY,
-        ),
-    )
-    .unwrap();
+    let key = key_file(dir.path());
     let out = check(
         dir.path(),
         &config,
@@ -356,15 +348,7 @@ fn check_accepts_the_shipped_example_only_with_credentials() {
 #[test]
 fn check_refuses_broken_bigquery_sinks() {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("bq-writer.json");
-    std::fs::write(
-        &key,
-        expeditor_bigquery_fake::service_account_key(
-            "w@p.iam.gserviceaccount.com",
-            expeditor_bigquery_fake::TEST_PRIVATE_KEY,
-        ),
-    )
-    .unwrap();
+    let key = key_file(dir.path());
     let env = [("GOOGLE_APPLICATION_CREDENTIALS", key.to_str().unwrap())];
     let base = example_config();
     let cases: &[(&str, &str, &str)] = &[
@@ -437,4 +421,16 @@ fn check_refuses_broken_bigquery_sinks() {
             );
         }
     }
+}
+
+/// A service-account key file (`bq-writer.json`) in `dir`, with the fake's
+/// real test key.
+fn key_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let key = dir.join("bq-writer.json");
+    let text = expeditor_bigquery_fake::service_account_key(
+        "w@p.iam.gserviceaccount.com",
+        expeditor_bigquery_fake::TEST_PRIVATE_KEY,
+    );
+    std::fs::write(&key, text).unwrap();
+    key
 }
