@@ -421,7 +421,7 @@ async fn replay(req: Request<Incoming>, admin: &Shared, current: &crate::state::
     };
     match admin.store.replay(target.clone(), now_ms()).await {
         Ok(n) => {
-            tracing::info!(?target, deliveries = n, "replay requested");
+            tracing::info!(replay = %target, deliveries = n, "replay requested");
             let sinks: Vec<String> = match &r.sink {
                 Some(s) => vec![s.clone()],
                 None => current.config.sinks.keys().cloned().collect(),

@@ -12,6 +12,29 @@ use serde_json::Value;
 
 use crate::config::{self, AdminConfig, Config, Scheme};
 
+/// `println!` for the commands' output. A reader that stops reading (`|
+/// head`) ends the command quietly, as it would any Unix tool's, where
+/// `println!` panics on the closed pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        write_out(format_args!($($arg)*))
+    };
+}
+
+fn write_out(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n"));
+    drop(stdout);
+    if let Err(e) = written {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "expeditor",
@@ -96,9 +119,10 @@ pub enum Command {
         list: ListArgs,
     },
     /// Deliver again: dead letters (all, or filtered), or one event.
+    #[command(group = clap::ArgGroup::new("what").required(true).args(["dead_letters", "event"]))]
     Replay {
         /// Replay dead letters (all, or those matching --sink/--source/--type/--since).
-        #[arg(long, conflicts_with = "event", required_unless_present = "event")]
+        #[arg(long)]
         dead_letters: bool,
         /// Replay one event, SOURCE:ID.
         #[arg(long)]
@@ -132,8 +156,8 @@ pub enum EventsAction {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// At most this many rows (1 or more).
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    /// At most this many rows (1 to 10000).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub limit: u64,
     /// Only since: a duration ago ("1h", "2d") or an RFC 3339 time.
     #[arg(long)]
@@ -148,6 +172,16 @@ pub struct ListArgs {
 
 pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
     config::load(&cli.config).map_err(|errors| {
+        eprintln!("{errors}");
+        eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
+        ExitCode::FAILURE
+    })
+}
+
+/// Only `[server]` and `[sources]` of the config, for `send`
+/// ([`config::load_sources`]).
+pub fn load_sources(cli: &Cli) -> Result<config::SendConfig, ExitCode> {
+    config::load_sources(&cli.config).map_err(|errors| {
         eprintln!("{errors}");
         eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
         ExitCode::FAILURE
@@ -170,7 +204,7 @@ pub fn check(cli: &Cli) -> ExitCode {
             for warning in path_warnings(&cfg).into_iter().chain(route_warnings(&cfg)) {
                 eprintln!("warning: {warning}");
             }
-            println!(
+            out!(
                 "{}: ok ({} sources, {} sinks, {} routes)",
                 cli.config.display(),
                 cfg.sources.len(),
@@ -321,20 +355,20 @@ pub fn test(cli: &Cli) -> ExitCode {
         Err(code) => return code,
     };
     if cfg.tests.is_empty() {
-        println!("{}: no [[tests]] to run", cli.config.display());
+        out!("{}: no [[tests]] to run", cli.config.display());
         return ExitCode::SUCCESS;
     }
     let mut failed = 0;
     for case in &cfg.tests {
         match run_case(&cfg, case) {
-            Ok(()) => println!("ok    {}", case.name),
+            Ok(()) => out!("ok    {}", case.name),
             Err(why) => {
                 failed += 1;
-                println!("FAIL  {}: {why}", case.name);
+                out!("FAIL  {}: {why}", case.name);
             }
         }
     }
-    println!("{} passed, {failed} failed", cfg.tests.len() - failed);
+    out!("{} passed, {failed} failed", cfg.tests.len() - failed);
     if failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -419,7 +453,7 @@ fn client(through_proxies: bool) -> anyhow::Result<reqwest::Client> {
 }
 
 pub async fn send(
-    cfg: &Config,
+    cfg: &config::SendConfig,
     source: &str,
     event_type: &str,
     url: Option<String>,
@@ -495,8 +529,8 @@ pub async fn send(
     // The answer on stdout when the event was taken; a refusal on stderr,
     // where a script's error handling (and a terminal's red) looks.
     if status.is_success() {
-        println!("HTTP {}", status.as_u16());
-        println!("{text}");
+        out!("HTTP {}", status.as_u16());
+        out!("{text}");
     } else {
         eprintln!("error: {url} answered HTTP {}", status.as_u16());
         eprintln!("{text}");
@@ -573,7 +607,7 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
             let path = format!("/api/events/{}/{}", encode_segment(source), encode_segment(id));
             let v = admin.get(&path, &[]).await?;
             if *json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_event_detail(&v["event"]);
             }
@@ -598,7 +632,7 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 )
                 .await?;
             if list.json {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                out!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             let rows = v["events"].as_array().cloned().unwrap_or_default();
@@ -698,7 +732,7 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 serde_json::json!({ "event": { "source": source, "id": id }, "sink": sink })
             };
             let v = admin.post("/api/replay", &body).await?;
-            println!("replayed {} deliveries", v["replayed"].as_u64().unwrap_or(0));
+            out!("replayed {} deliveries", v["replayed"].as_u64().unwrap_or(0));
         }
         _ => unreachable!("only listing commands come here"),
     }
@@ -726,27 +760,26 @@ fn encode_segment(s: &str) -> String {
 }
 
 fn print_event_detail(e: &Value) {
-    println!("event     {}:{}", s(&e["source"]), s(&e["id"]));
-    println!("type      {} ({})", s(&e["type"]), s(&e["kind"]));
-    println!("occurred  {}", s(&e["occurred_at"]));
-    println!("received  {}", s(&e["received_at"]));
-    println!();
+    out!("event     {}:{}", s(&e["source"]), s(&e["id"]));
+    out!("type      {} ({})", s(&e["type"]), s(&e["kind"]));
+    out!("occurred  {}", s(&e["occurred_at"]));
+    out!("received  {}", s(&e["received_at"]));
+    out!("");
+    // The body as the vendor sent it: parsed and printed again, a number
+    // past a float's precision or a `1.10` would read as another value.
     match e["payload"].as_str() {
-        Some(p) => match serde_json::from_str::<Value>(p) {
-            Ok(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_else(|_| p.to_string())),
-            Err(_) => println!("{p}"),
-        },
-        None => println!("(payload pruned by retention)"),
+        Some(p) => out!("{p}"),
+        None => out!("(payload pruned by retention)"),
     }
     let deliveries = e["deliveries"].as_array().cloned().unwrap_or_default();
     if deliveries.is_empty() {
         // Retention prunes deliveries on schedules of their own (delivered,
         // dead), before the payload or with it: which it was is not known.
-        println!("\nno deliveries: no route took this event, or retention pruned them");
+        out!("\nno deliveries: no route took this event, or retention pruned them");
     }
     for d in deliveries {
-        println!();
-        println!(
+        out!("");
+        out!(
             "delivery to {}: {} after {} attempt(s), key {}",
             s(&d["sink"]),
             s(&d["status"]),
@@ -754,11 +787,11 @@ fn print_event_detail(e: &Value) {
             s(&d["key"])
         );
         if d["status"] == "pending" {
-            println!("  next attempt at {}", s(&d["next_attempt_at"]));
+            out!("  next attempt at {}", s(&d["next_attempt_at"]));
         }
         for a in d["attempt_log"].as_array().cloned().unwrap_or_default() {
             let error = a["error"].as_str().map(|e| format!(": {e}")).unwrap_or_default();
-            println!(
+            out!(
                 "  #{} {} {}{}",
                 a["attempt"],
                 s(&a["finished_at"]),
@@ -780,7 +813,7 @@ fn say_if_cut(shown: usize, next: &Value) {
 
 fn print_deliveries(v: &Value, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v)?);
+        out!("{}", serde_json::to_string_pretty(v)?);
         return Ok(());
     }
     let rows = v["deliveries"].as_array().cloned().unwrap_or_default();
@@ -815,7 +848,7 @@ fn s(v: &Value) -> String {
 
 fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     if rows.is_empty() {
-        println!("(none)");
+        out!("(none)");
         return;
     }
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -833,7 +866,7 @@ fn print_table(headers: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{cell:<w$}  "));
             }
         }
-        println!("{}", out.trim_end());
+        out!("{}", out.trim_end());
     };
     line(headers.iter().map(|h| h.to_string()).collect());
     for row in rows {

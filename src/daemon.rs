@@ -35,6 +35,15 @@ use crate::{admin, ingest, systemd};
 /// How often retention runs.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
+/// A start that failed on what a restart does not mend: a sink that cannot
+/// open what its config names (a file sink's file under a read-only or
+/// foreign folder, a key file), or a store folder that cannot be made.
+/// `run` exits 78 for it, as for a config that does not load, so systemd
+/// does not start it again every 2 s to fail the same way.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub struct NotMendedByRestart(pub anyhow::Error);
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Handlers first: from here on SIGTERM means "stop cleanly" and SIGHUP
     // "reload", never the default action (exit), even in the instant after
@@ -47,6 +56,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // A stop signal is heard meanwhile: a schema upgrade, or another
     // instance's migration lock, may take long, and systemd extends the
     // stop timeout as long as the start's.
+    // The store's folder first: one that cannot be made (read-only, another
+    // user's, a file in the way) is a setup problem; a full disk may pass.
+    if let crate::config::StoreBackend::Sqlite { path } = &config.store.backend
+        && let Err(e) = crate::store::sqlite::create_folder(path)
+    {
+        use std::io::ErrorKind::{AlreadyExists, NotADirectory, PermissionDenied, ReadOnlyFilesystem};
+        let setup = matches!(
+            e.kind(),
+            PermissionDenied | ReadOnlyFilesystem | NotADirectory | AlreadyExists
+        );
+        let e = anyhow::anyhow!("cannot create the store's folder {}: {e}", path.display());
+        return Err(if setup { NotMendedByRestart(e).into() } else { e });
+    }
     let store: Arc<dyn Store> = {
         let _starting = crate::systemd::Starting::new("opening the store");
         tokio::select! {
@@ -88,7 +110,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!("{problem}");
     }
-    let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown, None).await?;
+    let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown, None)
+        .await
+        .map_err(NotMendedByRestart)?;
     let detached = TaskTracker::new();
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics, &detached)),

@@ -18,22 +18,24 @@ fn main() -> ExitCode {
     if let Command::Test = cli.command {
         return cli::test(&cli);
     }
-    // `run` and `send` need the whole config; the commands that only talk
-    // to a running daemon need its `[admin]`, and no secret of the rest.
-    let needs_all = matches!(cli.command, Command::Run | Command::Send { .. });
-    let (config, admin) = if needs_all {
-        match cli::load_config(&cli) {
-            Ok(c) => (Some(c), None),
+    // `run` needs the whole config, `send` its server and sources; the
+    // commands that only talk to a running daemon need its `[admin]`. Each
+    // reads no secret of the rest.
+    let (config, sources, admin) = match cli.command {
+        Command::Run => match cli::load_config(&cli) {
+            Ok(c) => (Some(c), None, None),
             // EX_CONFIG (sysexits.h): the unit's RestartPreventExitStatus
             // does not restart a config that cannot start, every 2 s.
-            Err(_) if matches!(cli.command, Command::Run) => return ExitCode::from(CONFIG_ERROR),
+            Err(_) => return ExitCode::from(CONFIG_ERROR),
+        },
+        Command::Send { .. } => match cli::load_sources(&cli) {
+            Ok(s) => (None, Some(s), None),
             Err(code) => return code,
-        }
-    } else {
-        match cli::load_admin(&cli) {
-            Ok(a) => (None, Some(a)),
+        },
+        _ => match cli::load_admin(&cli) {
+            Ok(a) => (None, None, Some(a)),
             Err(code) => return code,
-        }
+        },
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -43,8 +45,8 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match (&cli.command, config, admin) {
-            (Command::Run, Some(config), _) => expeditor::daemon::run(config).await.map(|()| true),
+        match (&cli.command, config, sources, admin) {
+            (Command::Run, Some(config), _, _) => expeditor::daemon::run(config).await.map(|()| true),
             (
                 Command::Send {
                     source,
@@ -52,10 +54,11 @@ fn main() -> ExitCode {
                     url,
                     id,
                 },
-                Some(config),
                 _,
-            ) => cli::send(&config, source, event_type, url.clone(), id.clone()).await,
-            (other, _, Some(admin)) => cli::list(&admin, other).await.map(|()| true),
+                Some(sources),
+                _,
+            ) => cli::send(&sources, source, event_type, url.clone(), id.clone()).await,
+            (other, _, _, Some(admin)) => cli::list(&admin, other).await.map(|()| true),
             _ => unreachable!("check and test are handled above; run and send load the whole config"),
         }
     });
@@ -66,6 +69,10 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        Err(e) if e.is::<expeditor::daemon::NotMendedByRestart>() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(CONFIG_ERROR)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -73,7 +80,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// `run`'s exit code for a config that does not load (`EX_CONFIG`).
+/// `run`'s exit code for a config that does not load, or names what cannot
+/// be opened (`EX_CONFIG`).
 const CONFIG_ERROR: u8 = 78;
 
 fn init_logging(format: LogFormat) {

@@ -378,6 +378,56 @@ pub fn parse_admin(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>
     }
 }
 
+/// What `expeditor send` needs of a config: where the daemon listens and
+/// the sources, to sign a sample as each vendor would.
+#[derive(Debug)]
+pub struct SendConfig {
+    pub file: PathBuf,
+    pub server: ServerConfig,
+    pub sources: BTreeMap<String, Arc<Source>>,
+}
+
+/// Reads only `[server]` and `[sources]` of a config file, for `expeditor
+/// send`: a developer signing a sample needs the source's secret, not the
+/// sinks' tokens or the store's password, so the rest is not judged and its
+/// `${VAR}`s are not read (the whole file must still be valid TOML of the
+/// config's shape).
+pub fn load_sources(path: &Path) -> Result<SendConfig, ConfigErrors> {
+    let text = read(path)?;
+    parse_sources(path, &text, &|name| std::env::var(name).ok())
+}
+
+/// [`load_sources`] on config text.
+pub fn parse_sources(
+    path: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<SendConfig, ConfigErrors> {
+    let (mut cx, doc) = parsed(path, text, env)?;
+    let raw = match RawConfig::deserialize(doc.into_deserializer()) {
+        Ok(raw) => raw,
+        Err(e) => {
+            cx.toml_error("", e);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let server = cx.server(raw.server.as_ref());
+    let mut sources = BTreeMap::new();
+    for (name, src) in &raw.sources {
+        if let Some(source) = cx.source(name, src) {
+            sources.insert(name.clone(), Arc::new(source));
+        }
+    }
+    match server {
+        Some(server) if cx.errors.is_empty() => Ok(SendConfig {
+            file: path.to_path_buf(),
+            server,
+            sources,
+        }),
+        _ => Err(ConfigErrors(cx.errors)),
+    }
+}
+
 /// The context that checks `text`, and its TOML document; a syntax error
 /// is the only error then.
 fn parsed<'a>(
@@ -454,6 +504,9 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
         if let Some(source) = cx.source(name, src) {
             sources.insert(name.clone(), Arc::new(source));
         }
+    }
+    if let Some(store) = &store {
+        cx.tolerances_within(&raw, &sources, store.dedupe_window);
     }
     let mut sinks = BTreeMap::new();
     if let Some(table) = doc.get_ref().get("sinks") {
@@ -1005,6 +1058,33 @@ impl Cx<'_> {
         })
     }
 
+    /// A signed time older than the tolerance is refused, and a repeated
+    /// event id within the dedupe window is dropped: a tolerance past the
+    /// window would let a captured request be replayed, and taken as new,
+    /// once its id is forgotten.
+    fn tolerances_within(&mut self, raw: &RawConfig, sources: &BTreeMap<String, Arc<Source>>, window: Duration) {
+        for (name, source) in sources {
+            let tolerance = match &source.scheme {
+                Scheme::CrumbPos(v) => v.tolerance,
+                Scheme::Hmac(v) if v.timestamp_header.is_some() => v.tolerance,
+                _ => continue,
+            };
+            if tolerance > window
+                && let Some(t) = raw.sources.get(name).and_then(|r| r.get_ref().tolerance.as_ref())
+            {
+                self.error_at(
+                    t.span(),
+                    &format!("sources.{name}.tolerance"),
+                    format!(
+                        "must not be longer than store.dedupe_window ({}): a request replayed once its event id is \
+                         forgotten would be taken as a new event",
+                        humantime::format_duration(window)
+                    ),
+                );
+            }
+        }
+    }
+
     fn source(&mut self, name: &str, raw: &Spanned<RawSource>) -> Option<Source> {
         let key = format!("sources.{name}");
         if !valid_name(name) {
@@ -1515,14 +1595,16 @@ impl Cx<'_> {
         let json = self.json_value_as(key, value, true)?;
         match set.structured(key, &json) {
             Ok(s) => Some(s),
-            Err(e) => {
-                // The message starts with the leaf's key path: point at the leaf.
-                let (leaf, detail) = e.message.split_once(": ").unwrap_or(("", &e.message));
-                let span = leaf
-                    .strip_prefix(key)
-                    .and_then(|rest| find_span(value, rest))
-                    .unwrap_or_else(|| value.span());
-                self.error_at(span, leaf, format!("invalid template: {detail}"));
+            Err(errors) => {
+                for e in errors {
+                    // The message starts with the leaf's key path: point at the leaf.
+                    let (leaf, detail) = e.message.split_once(": ").unwrap_or(("", &e.message));
+                    let span = leaf
+                        .strip_prefix(key)
+                        .and_then(|rest| find_span(value, rest))
+                        .unwrap_or_else(|| value.span());
+                    self.error_at(span, leaf, format!("invalid template: {detail}"));
+                }
                 None
             }
         }

@@ -340,6 +340,20 @@ fn templates_and_expressions_are_compiled_at_load() {
         &["sinks.kds.body.external_id", "invalid template"],
     );
     assert!(e.contains(":18:15:"), "points at the leaf: {e}");
+    // Each leaf that does not compile, at its own line.
+    let errs = errors(&BASE.replace(
+        "external_id = \"{{ order.id }}\"",
+        "external_id = \"{{ ordr.id \"\nnote = \"{{ order.id }}\"\nstation = \"{% if %}\"",
+    ));
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(
+        errs[0].contains(":18:") && errs[0].contains("sinks.kds.body.external_id"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].contains(":20:") && errs[1].contains("sinks.kds.body.station"),
+        "{errs:#?}"
+    );
     one_error(
         &BASE.replace("Bearer ${KDS_TOKEN}", "Bearer {{ "),
         &["sinks.kds.headers.Authorization", "invalid template"],
@@ -467,6 +481,20 @@ fn kind_specific_keys() {
     one_error(&tolerance_alone, &["sources.crumb.tolerance", "timestamp_header"]);
     let with_ts = tolerance_alone.replace("tolerance = \"1m\"", "tolerance = \"1m\"\ntimestamp_header = \"X-Ts\"");
     assert!(parse_with(&with_ts, &env()).is_ok());
+    // A replay window past the dedupe window would let a captured request
+    // in again, as new, once its event id is forgotten.
+    let past_dedupe = with_ts.replace("tolerance = \"1m\"", "tolerance = \"8d\"");
+    one_error(
+        &past_dedupe,
+        &["sources.crumb.tolerance", "store.dedupe_window (7days)"],
+    );
+    let crumb_past = BASE.replace(
+        "kind = \"crumbpos\"",
+        "kind = \"crumbpos\"\ntolerance = \"99999999999999d\"",
+    );
+    one_error(&crumb_past, &["sources.crumb.tolerance", "store.dedupe_window"]);
+    let longer_window = past_dedupe.replace("path = \"data\"", "path = \"data\"\ndedupe_window = \"30d\"");
+    assert!(parse_with(&longer_window, &env()).is_ok());
     // Configs that could never take a webhook.
     let hmac_with = |keys: &str| BASE.replace("kind = \"crumbpos\"", &format!("kind = \"hmac\"\n{keys}"));
     one_error(

@@ -307,6 +307,38 @@ pub enum ReplayTarget {
     },
 }
 
+/// For the log: `dead letters of sink kds, source crave` or `event
+/// crave:evt_1, sink kds`.
+impl std::fmt::Display for ReplayTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, filters) = match self {
+            ReplayTarget::DeadLetters {
+                sink,
+                source,
+                event_type,
+                since,
+            } => (
+                "dead letters".to_owned(),
+                [
+                    sink.as_ref().map(|s| format!("sink {s}")),
+                    source.as_ref().map(|s| format!("source {s}")),
+                    event_type.as_ref().map(|t| format!("type {t}")),
+                    since.map(|t| format!("since {t} ms")),
+                ],
+            ),
+            ReplayTarget::Event { source, id, sink } => (
+                format!("event {source}:{id}"),
+                [sink.as_ref().map(|s| format!("sink {s}")), None, None, None],
+            ),
+        };
+        f.write_str(&what)?;
+        for filter in filters.iter().flatten() {
+            write!(f, ", {filter}")?;
+        }
+        Ok(())
+    }
+}
+
 /// How long things are kept.
 #[derive(Debug, Clone, Copy)]
 pub struct Retention {

@@ -400,6 +400,15 @@ pub const FILES: [&str; 5] = [
 /// recent dedupe keys is the only one, so a second process on the same file
 /// would store duplicates. Waits up to [`BUSY_LIMIT`] for a previous owner
 /// that is still finishing (a restart).
+/// Makes the store's folder, with its missing parents, closed to other
+/// users (`0750`): the events hold customers' names and addresses, and
+/// SQLite makes its files as the umask says (`0644` by default). A folder
+/// that exists is left as it is.
+pub fn create_folder(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
+}
+
 fn lock_store(dir: &Path) -> Result<std::fs::File, StoreError> {
     let path = dir.join("expeditor.lock");
     let file = std::fs::OpenOptions::new()
@@ -572,8 +581,7 @@ impl SqliteStore {
         restart_at: i64,
         interval: Duration,
     ) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
+        create_folder(dir).map_err(|e| unavailable(format!("cannot create store directory {}: {e}", dir.display())))?;
         let lock = lock_store(dir)?;
         let file: PathBuf = dir.join("expeditor.db");
         let conn = open_connection(&file).map_err(|e| unavailable(format!("cannot open {}: {e}", file.display())))?;

@@ -3667,3 +3667,35 @@ async fn sqlite_a_second_open_of_a_store_in_use_is_refused() {
     let again = SqliteStore::open(dir.path()).unwrap();
     assert_eq!(insert(&again, new_event("evt_1", &[])).await, Inserted::Duplicate);
 }
+
+#[test]
+fn replay_targets_read_plainly_in_the_log() {
+    let one = ReplayTarget::Event {
+        source: "crave".into(),
+        id: "evt_1".into(),
+        sink: Some("kds".into()),
+    };
+    assert_eq!(one.to_string(), "event crave:evt_1, sink kds");
+    let dead = ReplayTarget::DeadLetters {
+        sink: None,
+        source: Some("crumb".into()),
+        event_type: Some("order.created".into()),
+        since: None,
+    };
+    assert_eq!(dead.to_string(), "dead letters, source crumb, type order.created");
+}
+
+/// The folders the store makes are closed to other users: its events hold
+/// customers' names and addresses.
+#[test]
+fn the_store_folder_is_not_open_to_other_users() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("var").join("expeditor");
+    let store = SqliteStore::open(&path).unwrap();
+    for folder in [dir.path().join("var"), path.clone()] {
+        let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
+        assert_eq!(mode & 0o007, 0, "{} is {mode:o}", folder.display());
+    }
+    drop(store);
+}

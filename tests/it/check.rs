@@ -195,6 +195,61 @@ fn run_exits_78_on_a_config_that_does_not_load() {
     assert_eq!(check(dir.path(), &broken).status.code(), Some(1));
 }
 
+/// A sink that cannot open what its config names, or a store folder that
+/// cannot be made, is no more mended by a restart than a config that does
+/// not load: `run` exits 78 for those too, naming the path.
+#[test]
+fn run_exits_78_when_a_sink_or_the_store_cannot_open_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    // A file where a folder must be: refused to root as well.
+    std::fs::write(dir.path().join("blocker"), "a file").unwrap();
+    let own_ports = VALID
+        .replace("127.0.0.1:18080", "127.0.0.1:0")
+        .replace("127.0.0.1:19090", "127.0.0.1:0");
+    let sink = own_ports.replace(
+        "[[routes]]",
+        "[sinks.f]\ntype = \"file\"\npath = \"blocker/events.jsonl\"\n\n[[routes]]",
+    );
+    let out = with_config(dir.path(), &sink, "run");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("cannot start sink f") && text.contains("blocker"),
+        "{text}"
+    );
+
+    let store = own_ports.replace(r#"path = "./data""#, r#"path = "./blocker/data""#);
+    let out = with_config(dir.path(), &store, "run");
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(78), "{text}");
+    assert!(
+        text.contains("cannot create the store's folder") && text.contains("blocker"),
+        "{text}"
+    );
+}
+
+/// Output into a pipe whose reader has gone (`expeditor events | head -1`)
+/// ends the command quietly, as it would any Unix tool: no panic, exit 0.
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.toml");
+    std::fs::write(&path, VALID).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .current_dir(dir.path())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn the_shipped_config_passes() {
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.toml");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::fake_sink::FakeSink;
-use crate::harness::{Daemon, assert_success, one_sink_config, output_text};
+use crate::harness::{BIN, Daemon, assert_success, one_sink_config, output_text};
 
 /// Runs `expeditor send ARGS`, which must succeed with `HTTP 200`; its stdout.
 async fn send_ok(d: &Daemon, args: &[&str]) -> String {
@@ -220,4 +220,46 @@ type_field = "event.kind"
         assert!(!text.contains("HTTP "), "nothing was posted: {text}");
     }
     assert_eq!(d.events().await.len(), 1, "only the first event is in the store");
+}
+
+/// `send` reads only where the daemon listens and the sources: a
+/// developer's shell holds the source's secret, not every sink's token or
+/// the store's password.
+#[tokio::test(flavor = "multi_thread")]
+async fn send_needs_no_secret_but_the_sources() {
+    let sink = FakeSink::start().await;
+    let config = one_sink_config("", &sink.url("/hook")).replace(
+        "timeout = \"2s\"",
+        "timeout = \"2s\"\nheaders = { Authorization = \"Bearer ${EXPEDITOR_IT_SINK_TOKEN}\" }",
+    );
+    let d = Daemon::start_with_env(&config, &[("EXPEDITOR_IT_SINK_TOKEN", "sink-token-41")]).await;
+    let path = d.config_path.clone();
+    let dir = d.dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .arg("--config")
+            .arg(&path)
+            .args(["send", "crumb", "order.created", "--id", "evt_no_sink_secret"])
+            .env_remove("EXPEDITOR_IT_SINK_TOKEN")
+            .current_dir(dir)
+            .output()
+            .expect("run expeditor send")
+    })
+    .await
+    .unwrap();
+    assert_success(&out, &["send", "without the sink's token"]);
+    let got = sink.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].json()["event"]["id"], "evt_no_sink_secret");
+    assert_eq!(got[0].header("authorization"), Some("Bearer sink-token-41"));
+
+    // A source's own secret is still required, and named.
+    let unset = config.replace("secrets = [\"", "secrets = [\"${EXPEDITOR_IT_UNSET_SECRET}\", \"");
+    std::fs::write(&d.config_path, unset).unwrap();
+    let out = d.cli(&["send", "crumb", "order.created"]).await;
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("EXPEDITOR_IT_UNSET_SECRET"),
+        "{}",
+        output_text(&out)
+    );
 }

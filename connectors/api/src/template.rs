@@ -475,32 +475,44 @@ impl TemplateSet {
     }
 
     /// Compiles a structured value: each string leaf is a template, and a leaf
-    /// that is exactly one `{{ expression }}` keeps its JSON type.
-    pub fn structured(&mut self, name: &str, value: &Json) -> Result<Structured, TemplateError> {
-        Ok(match value {
+    /// that is exactly one `{{ expression }}` keeps its JSON type. Every leaf
+    /// that does not compile is an error, each named by its path, so `check`
+    /// can point at all of them at once.
+    pub fn structured(&mut self, name: &str, value: &Json) -> Result<Structured, Vec<TemplateError>> {
+        let mut errors = Vec::new();
+        let compiled = self.structured_leaves(name, value, &mut errors);
+        if errors.is_empty() { Ok(compiled) } else { Err(errors) }
+    }
+
+    fn structured_leaves(&mut self, name: &str, value: &Json, errors: &mut Vec<TemplateError>) -> Structured {
+        match value {
             Json::String(s) => {
-                if let Some(expr) = single_expression(s).filter(|_| self.escape_of(name).is_none()) {
-                    Structured::Template(self.expression(name, expr).map_err(|e| at(name, e))?)
+                let compiled = if let Some(expr) = single_expression(s).filter(|_| self.escape_of(name).is_none()) {
+                    self.expression(name, expr).map(Structured::Template)
                 } else if has_syntax(s) {
-                    Structured::Template(self.text(name, s).map_err(|e| at(name, e))?)
+                    self.text(name, s).map(Structured::Template)
                 } else {
-                    Structured::Literal(value.clone())
-                }
+                    Ok(Structured::Literal(value.clone()))
+                };
+                compiled.unwrap_or_else(|e| {
+                    errors.push(at(name, e));
+                    Structured::Literal(Json::Null)
+                })
             }
             Json::Array(items) => Structured::Array(
                 items
                     .iter()
                     .enumerate()
-                    .map(|(i, v)| self.structured(&format!("{name}[{i}]"), v))
-                    .collect::<Result<_, _>>()?,
+                    .map(|(i, v)| self.structured_leaves(&format!("{name}[{i}]"), v, errors))
+                    .collect(),
             ),
             Json::Object(map) => Structured::Object(
                 map.iter()
-                    .map(|(k, v)| Ok((k.clone(), self.structured(&leaf_name(name, k), v)?)))
-                    .collect::<Result<_, TemplateError>>()?,
+                    .map(|(k, v)| (k.clone(), self.structured_leaves(&leaf_name(name, k), v, errors)))
+                    .collect(),
             ),
             other => Structured::Literal(other.clone()),
-        })
+        }
     }
 
     pub fn finish(self) -> Arc<Templates> {
@@ -1211,10 +1223,23 @@ mod tests {
         let mut set = TemplateSet::new();
         let err = set.expression("routes[1].when", "order.total_cents >").unwrap_err();
         assert!(err.message.contains("syntax error"), "{}", err.message);
-        let err = set
+        let errs = set
             .structured("sinks.kds.body", &json!({"x": "{{ order.id "}))
             .unwrap_err();
-        assert!(err.message.starts_with("sinks.kds.body.x"), "{}", err.message);
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].message.starts_with("sinks.kds.body.x"), "{}", errs[0].message);
+        // Every leaf that does not compile, not only the first.
+        let errs = set
+            .structured(
+                "sinks.kds.body",
+                &json!({"x": "{{ order.id ", "ok": "{{ order.id }}", "items": ["{{ 1 + }}", "text {{ }}"]}),
+            )
+            .unwrap_err();
+        let names: Vec<&str> = errs.iter().map(|e| e.message.split(": ").next().unwrap()).collect();
+        assert_eq!(
+            names,
+            ["sinks.kds.body.x", "sinks.kds.body.items[0]", "sinks.kds.body.items[1]"]
+        );
     }
 
     #[test]
