@@ -86,8 +86,10 @@ pub enum Command {
     Events {
         #[command(subcommand)]
         action: Option<EventsAction>,
+        /// Only from this source (`[sources.NAME]`).
         #[arg(long)]
         source: Option<String>,
+        /// Only of this event type, exactly (e.g. order.created).
         #[arg(long = "type")]
         event_type: Option<String>,
         #[command(flatten)]
@@ -95,13 +97,16 @@ pub enum Command {
     },
     /// List deliveries.
     Deliveries {
+        /// Only to this sink (`[sinks.NAME]`).
         #[arg(long)]
         sink: Option<String>,
         /// pending, delivered or dead
         #[arg(long)]
         status: Option<String>,
+        /// Only from this source (`[sources.NAME]`).
         #[arg(long)]
         source: Option<String>,
+        /// Only of this event type, exactly (e.g. order.created).
         #[arg(long = "type")]
         event_type: Option<String>,
         #[command(flatten)]
@@ -109,10 +114,13 @@ pub enum Command {
     },
     /// List dead letters: deliveries that failed for good.
     DeadLetters {
+        /// Only to this sink (`[sinks.NAME]`).
         #[arg(long)]
         sink: Option<String>,
+        /// Only from this source (`[sources.NAME]`).
         #[arg(long)]
         source: Option<String>,
+        /// Only of this event type, exactly (e.g. order.created).
         #[arg(long = "type")]
         event_type: Option<String>,
         #[command(flatten)]
@@ -132,8 +140,10 @@ pub enum Command {
         sink: Option<String>,
         // Dead-letter filters: with --event they would be dropped unsaid
         // (a bool flag is always "present" to `requires`), so they conflict.
+        /// Only dead letters of events from this source.
         #[arg(long, requires = "dead_letters", conflicts_with = "event")]
         source: Option<String>,
+        /// Only dead letters of this event type, exactly.
         #[arg(long = "type", requires = "dead_letters", conflicts_with = "event")]
         event_type: Option<String>,
         /// Dead-lettered at or after: a duration ago ("2h") or an RFC 3339 time.
@@ -485,9 +495,12 @@ pub async fn send(
     // A body the source cannot read (`check` refuses fields one inside
     // another, which leave none): said here, not as the daemon's 400.
     if let Err(e) = src.normalizer.normalize(&body) {
-        bail!(
-            "cannot build a sample event that source {source:?} reads ({e}); check its id_field, type_field and time_field"
-        );
+        // Only an hmac source places the fields where its config says.
+        let hint = match src.kind() {
+            "hmac" => "; check its id_field, type_field and time_field",
+            _ => "",
+        };
+        bail!("cannot build a sample event that source {source:?} reads ({e}){hint}");
     }
     let now = crate::store::now_ms() / 1000;
     let url = url.unwrap_or_else(|| format!("{}/webhooks/{source}", local_url(cfg.server.listen)));

@@ -143,6 +143,15 @@ async fn send_fails_clearly() {
     assert!(out.stdout.is_empty(), "{}", output_text(&out));
     assert!(d.events().await.is_empty(), "nothing was accepted");
 
+    // An id the source refuses (too long) is said as the source's reason,
+    // with no word of the hmac-only field keys a vendor source has not.
+    let long = "x".repeat(1100);
+    let out = d.cli(&["send", "crave", "order.created", "--id", &long]).await;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot build a sample event"), "{stderr}");
+    assert!(!stderr.contains("id_field"), "{stderr}");
+
     // An empty --id is the command's mistake, said as such.
     let out = d.cli(&["send", "crumb", "order.created", "--id", ""]).await;
     assert!(!out.status.success());
