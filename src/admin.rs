@@ -24,6 +24,26 @@ use crate::ingest::{Body, error, json_response};
 use crate::state::Shared;
 use crate::store::{DeliveryFilter, EventFilter, ReplayTarget, Status, StoreError, now_ms};
 
+/// How long the API waits for the store: less than its clients' own waits
+/// (the CLI's 30 s), so a store that hangs gets them a 503, not silence.
+const STORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The same for `/metrics`' queue gauges, within a scrape's usual 10 s:
+/// without them the rest is still served, as an outage is when it is most
+/// wanted.
+const QUEUES_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A store call within `limit`; past it, the store is unavailable.
+async fn bounded<T>(
+    limit: std::time::Duration,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
+        Err(StoreError::Unavailable(format!(
+            "no answer from the store within {limit:?}"
+        )))
+    })
+}
+
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 10_000;
 
@@ -163,7 +183,7 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
     let sink = query.get("sink").cloned();
     let result = match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
-            let queues = match admin.store.queue_stats().await {
+            let queues = match bounded(QUEUES_LIMIT, admin.store.queue_stats()).await {
                 Ok(queues) => Some(queues),
                 Err(e) => {
                     tracing::warn!(error = %e, "metrics: cannot read the queues from the store; serving the rest");
@@ -184,20 +204,17 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             let Some(before) = cursor(before, |b| b.parse::<i64>().ok()) else {
                 return error(StatusCode::BAD_REQUEST, BAD_CURSOR);
             };
-            admin
-                .store
-                .events(EventFilter {
-                    source,
-                    event_type,
-                    since,
-                    before,
-                    limit,
-                })
-                .await
-                .map(|events| {
-                    let next = next_cursor(&events, limit, |e| e.seq.to_string());
-                    serde_json::json!({ "events": events, "next": next })
-                })
+            let events = admin.store.events(EventFilter {
+                source,
+                event_type,
+                since,
+                before,
+                limit,
+            });
+            bounded(STORE_LIMIT, events).await.map(|events| {
+                let next = next_cursor(&events, limit, |e| e.seq.to_string());
+                serde_json::json!({ "events": events, "next": next })
+            })
         }
         (&Method::GET, p) if p.starts_with("/api/events/") => {
             let rest = &p["/api/events/".len()..];
@@ -207,9 +224,7 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             else {
                 return error(StatusCode::NOT_FOUND, "use /api/events/SOURCE/ID");
             };
-            admin
-                .store
-                .event_detail(&source, &id)
+            bounded(STORE_LIMIT, admin.store.event_detail(&source, &id))
                 .await
                 .map(|d| serde_json::json!({ "event": d }))
         }
@@ -226,22 +241,19 @@ async fn handle(req: Request<Incoming>, admin: &Shared) -> Response<Body> {
             let Some(before) = cursor(before, delivery_cursor) else {
                 return error(StatusCode::BAD_REQUEST, BAD_CURSOR);
             };
-            admin
-                .store
-                .deliveries(DeliveryFilter {
-                    sink,
-                    status,
-                    source,
-                    event_type,
-                    since,
-                    before,
-                    limit,
-                })
-                .await
-                .map(|d| {
-                    let next = next_cursor(&d, limit, |r| format!("{}.{}", r.updated_at, r.id));
-                    serde_json::json!({ "deliveries": d, "next": next })
-                })
+            let deliveries = admin.store.deliveries(DeliveryFilter {
+                sink,
+                status,
+                source,
+                event_type,
+                since,
+                before,
+                limit,
+            });
+            bounded(STORE_LIMIT, deliveries).await.map(|d| {
+                let next = next_cursor(&d, limit, |r| format!("{}.{}", r.updated_at, r.id));
+                serde_json::json!({ "deliveries": d, "next": next })
+            })
         }
         (&Method::POST, "/api/replay") => return replay(req, admin, &current).await,
         (_, "/metrics" | "/api/events" | "/api/deliveries" | "/api/dead-letters" | "/api/replay") => {
@@ -419,7 +431,9 @@ async fn replay(req: Request<Incoming>, admin: &Shared, current: &crate::state::
         }
         _ => return error(StatusCode::BAD_REQUEST, "give either dead_letters: true or an event"),
     };
-    match admin.store.replay(target.clone(), now_ms()).await {
+    // A replay runs in chunks, each committed: one cut off here has done
+    // what it did, and the same request again does the rest.
+    match bounded(STORE_LIMIT, admin.store.replay(target.clone(), now_ms())).await {
         Ok(n) => {
             tracing::info!(replay = %target, deliveries = n, "replay requested");
             let sinks: Vec<String> = match &r.sink {

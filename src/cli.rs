@@ -575,12 +575,20 @@ impl AdminClient {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req.send().await.with_context(|| {
-            format!(
-                "cannot reach the admin API at {} (is `expeditor run` running?)",
-                self.base
-            )
-        })?;
+        let resp = match req.send().await {
+            Ok(resp) => resp,
+            // Reached, but no answer in time: the daemon runs, and its
+            // store is what is slow (it answers 503 first, within 10 s).
+            Err(e) if e.is_timeout() => {
+                bail!("the admin API at {} did not answer in time", self.base)
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "cannot reach the admin API at {} (is `expeditor run` running?)",
+                    self.base
+                )));
+            }
+        };
         let status = resp.status();
         let body: Value = resp
             .json()

@@ -139,7 +139,7 @@ impl Metrics {
         let ack_duration: HistogramFamily<SourceLabels> = Family::new_with_constructor(ack_buckets);
         registry.register_with_unit(
             "ack_duration",
-            "Time from request to acknowledgement of accepted webhooks",
+            "Time from request to acknowledgement (200: accepted or duplicate)",
             Unit::Seconds,
             ack_duration.clone(),
         );

@@ -249,6 +249,27 @@ pub struct SinkQueue {
     pub oldest_pending_received_at: Option<i64>,
 }
 
+impl SinkQueue {
+    /// Folds one row of a count by (sink, state), ordered by sink, into
+    /// `queues`: pending (state 0) with its oldest event's time, or dead.
+    pub(crate) fn add_count(queues: &mut Vec<SinkQueue>, sink: String, pending: bool, count: i64, oldest: Option<i64>) {
+        if queues.last().is_none_or(|q| q.sink != sink) {
+            queues.push(SinkQueue {
+                sink,
+                ..Default::default()
+            });
+        }
+        let q = queues.last_mut().expect("pushed above");
+        let count = count.max(0) as u64;
+        if pending {
+            q.pending = count;
+            q.oldest_pending_received_at = oldest;
+        } else {
+            q.dead = count;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeliverySummary {
     pub sink: String,

@@ -44,11 +44,15 @@ const POOL_SIZE: usize = 16;
 const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default for a URL without `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bounds the hot operations (insert, claim, complete, next_due), so a hung
-/// server turns into 503s instead of requests that never end. An insert that
-/// times out may still commit: the vendor's retry is then a duplicate, and the
-/// event is delivered, so nothing acknowledged is lost.
+/// Bounds every operation (insert, claim, complete, next_due, and the admin
+/// API's reads), so a hung server or a silent link turns into 503s instead
+/// of requests that never end. An insert that times out may still commit:
+/// the vendor's retry is then a duplicate, and the event is delivered, so
+/// nothing acknowledged is lost.
 const OP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same for a replay or a pruning pass, which run a chunked statement
+/// after another and may take longer on a large store.
+const LONG_OP_TIMEOUT: Duration = Duration::from_secs(300);
 /// Rows a prune statement touches at once.
 const PRUNE_CHUNK: i64 = 5000;
 /// Insert statements running at once; the rest of the pool serves claims,
@@ -417,6 +421,7 @@ impl PostgresStore {
         &self.target
     }
 
+    #[cfg(test)]
     pub(super) async fn client(&self) -> Result<Object, StoreError> {
         pooled(&self.pool).await
     }
@@ -562,7 +567,7 @@ fn no_answer() -> StoreError {
 /// [`abandon`]ed, not given back.
 async fn on_connection<T>(
     pool: &Pool,
-    op: impl AsyncFnOnce(&Object) -> Result<T, StoreError>,
+    op: impl AsyncFnOnce(&mut Object) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     within(pool, OP_TIMEOUT, op).await
 }
@@ -571,7 +576,7 @@ async fn on_connection<T>(
 pub(super) async fn within<T>(
     pool: &Pool,
     limit: Duration,
-    op: impl AsyncFnOnce(&Object) -> Result<T, StoreError>,
+    op: impl AsyncFnOnce(&mut Object) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let deadline = tokio::time::Instant::now() + limit;
     let client = tokio::time::timeout_at(deadline, pooled(pool))
@@ -580,7 +585,7 @@ pub(super) async fn within<T>(
     // Abandoned unless the operation ends: also when the caller stops
     // waiting first (a readiness probe's shorter limit drops this future).
     let mut lent = Lent(Some(client));
-    let outcome = tokio::time::timeout_at(deadline, op(lent.0.as_ref().expect("lent above"))).await;
+    let outcome = tokio::time::timeout_at(deadline, op(lent.0.as_mut().expect("lent above"))).await;
     match outcome {
         Ok(result) => {
             // Done with it: back to the pool.
@@ -970,190 +975,183 @@ impl Store for PostgresStore {
     }
 
     async fn events(&self, f: EventFilter) -> Result<Vec<EventSummary>, StoreError> {
-        let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
-                 WHERE ($1::text IS NULL OR source = $1) AND ($2::text IS NULL OR type = $2)
-                   AND ($4::bigint IS NULL OR received_at >= $4) AND ($5::bigint IS NULL OR seq < $5)
-                 ORDER BY seq DESC LIMIT $3",
-            )
-            .await
-            .map_err(db_error)?;
-        let limit = f.limit.min(i64::MAX as usize) as i64;
-        let rows = client
-            .query(&stmt, &[&f.source, &f.event_type, &limit, &f.since, &f.before])
-            .await
-            .map_err(db_error)?;
-        let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        let mut events: Vec<EventSummary> = rows
-            .iter()
-            .map(|r| EventSummary {
-                seq: r.get(0),
-                source: r.get(1),
-                id: r.get(2),
-                event_type: r.get(3),
-                occurred_at: r.get(4),
-                received_at: r.get(5),
-                deliveries: Vec::new(),
-            })
-            .collect();
-        if seqs.is_empty() {
-            return Ok(events);
-        }
-        let stmt = client
-            .prepare_cached(
-                "SELECT event_seq, sink, state, attempts FROM deliveries WHERE event_seq = ANY($1) ORDER BY id",
-            )
-            .await
-            .map_err(db_error)?;
-        let index: HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, s)| (*s, i)).collect();
-        for r in client.query(&stmt, &[&seqs]).await.map_err(db_error)? {
-            if let Some(&i) = index.get(&r.get::<_, i64>(0)) {
-                events[i].deliveries.push(DeliverySummary {
-                    sink: r.get(1),
-                    status: status(r.get(2)),
-                    attempts: attempts(r.get(3)),
-                });
+        on_connection(&self.pool, async |client| {
+            let stmt = client
+                .prepare_cached(
+                    "SELECT seq, source, event_id, type, occurred_at, received_at FROM events
+                     WHERE ($1::text IS NULL OR source = $1) AND ($2::text IS NULL OR type = $2)
+                       AND ($4::bigint IS NULL OR received_at >= $4) AND ($5::bigint IS NULL OR seq < $5)
+                     ORDER BY seq DESC LIMIT $3",
+                )
+                .await
+                .map_err(db_error)?;
+            let limit = f.limit.min(i64::MAX as usize) as i64;
+            let rows = client
+                .query(&stmt, &[&f.source, &f.event_type, &limit, &f.since, &f.before])
+                .await
+                .map_err(db_error)?;
+            let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            let mut events: Vec<EventSummary> = rows
+                .iter()
+                .map(|r| EventSummary {
+                    seq: r.get(0),
+                    source: r.get(1),
+                    id: r.get(2),
+                    event_type: r.get(3),
+                    occurred_at: r.get(4),
+                    received_at: r.get(5),
+                    deliveries: Vec::new(),
+                })
+                .collect();
+            if seqs.is_empty() {
+                return Ok(events);
             }
-        }
-        Ok(events)
+            let stmt = client
+                .prepare_cached(
+                    "SELECT event_seq, sink, state, attempts FROM deliveries WHERE event_seq = ANY($1) ORDER BY id",
+                )
+                .await
+                .map_err(db_error)?;
+            let index: HashMap<i64, usize> = seqs.iter().enumerate().map(|(i, s)| (*s, i)).collect();
+            for r in client.query(&stmt, &[&seqs]).await.map_err(db_error)? {
+                if let Some(&i) = index.get(&r.get::<_, i64>(0)) {
+                    events[i].deliveries.push(DeliverySummary {
+                        sink: r.get(1),
+                        status: status(r.get(2)),
+                        attempts: attempts(r.get(3)),
+                    });
+                }
+            }
+            Ok(events)
+        })
+        .await
     }
 
     async fn deliveries(&self, f: DeliveryFilter) -> Result<Vec<DeliveryRow>, StoreError> {
-        let client = self.client().await?;
-        // A status is written into the statement (as SQLite's listing does):
-        // a prepared statement's generic plan cannot use `(state, updated_at)`
-        // for a state that is only a parameter, and sorted every delivery.
-        let state_filter = match f.status {
-            Some(status) => format!("d.state = {code} AND $2::integer = {code}", code = status.code()),
-            None => "$2::integer IS NULL".to_owned(),
-        };
-        let stmt = client
-            .prepare_cached(&format!(
-                "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
-                        d.last_error, d.updated_at
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE ($1::text IS NULL OR d.sink = $1) AND {state_filter}
-                   AND ($4::text IS NULL OR e.source = $4) AND ($5::text IS NULL OR e.type = $5)
-                   AND ($6::bigint IS NULL OR d.updated_at >= $6)
-                   AND ($7::bigint IS NULL OR (d.updated_at, d.id) < ($7, $8::bigint))
-                 ORDER BY d.updated_at DESC, d.id DESC LIMIT $3"
-            ))
-            .await
-            .map_err(db_error)?;
-        let state = f.status.map(|s| s.code() as i32);
-        let limit = f.limit.min(i64::MAX as usize) as i64;
-        let (before_at, before_id) = (f.before.map(|b| b.0), f.before.map(|b| b.1));
-        let rows = client
-            .query(
-                &stmt,
-                &[
-                    &f.sink,
-                    &state,
-                    &limit,
-                    &f.source,
-                    &f.event_type,
-                    &f.since,
-                    &before_at,
-                    &before_id,
-                ],
-            )
-            .await
-            .map_err(db_error)?;
-        Ok(rows.iter().map(delivery_row).collect())
+        on_connection(&self.pool, async |client| {
+            // A status is written into the statement (as SQLite's listing does):
+            // a prepared statement's generic plan cannot use `(state, updated_at)`
+            // for a state that is only a parameter, and sorted every delivery.
+            let state_filter = match f.status {
+                Some(status) => format!("d.state = {code} AND $2::integer = {code}", code = status.code()),
+                None => "$2::integer IS NULL".to_owned(),
+            };
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT d.id, e.source, e.event_id, e.type, d.sink, d.state, d.attempts, d.due_at,
+                            d.last_error, d.updated_at
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE ($1::text IS NULL OR d.sink = $1) AND {state_filter}
+                       AND ($4::text IS NULL OR e.source = $4) AND ($5::text IS NULL OR e.type = $5)
+                       AND ($6::bigint IS NULL OR d.updated_at >= $6)
+                       AND ($7::bigint IS NULL OR (d.updated_at, d.id) < ($7, $8::bigint))
+                     ORDER BY d.updated_at DESC, d.id DESC LIMIT $3"
+                ))
+                .await
+                .map_err(db_error)?;
+            let state = f.status.map(|s| s.code() as i32);
+            let limit = f.limit.min(i64::MAX as usize) as i64;
+            let (before_at, before_id) = (f.before.map(|b| b.0), f.before.map(|b| b.1));
+            let rows = client
+                .query(
+                    &stmt,
+                    &[
+                        &f.sink,
+                        &state,
+                        &limit,
+                        &f.source,
+                        &f.event_type,
+                        &f.since,
+                        &before_at,
+                        &before_id,
+                    ],
+                )
+                .await
+                .map_err(db_error)?;
+            Ok(rows.iter().map(delivery_row).collect())
+        })
+        .await
     }
 
     async fn event_detail(&self, source: &str, id: &str) -> Result<EventDetail, StoreError> {
-        let client = self.client().await?;
-        let found = client
-            .query_opt(
-                "SELECT seq, kind, type, occurred_at, received_at, body FROM events WHERE source = $1 AND event_id = $2",
-                &[&source, &id],
-            )
-            .await
-            .map_err(db_error)?;
-        let Some(event) = found else {
-            return Err(StoreError::NotFound);
-        };
-        let seq: i64 = event.get(0);
-        let rows = client
-            .query(
-                &format!("{DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.event_seq = $1 ORDER BY d.id"),
-                &[&seq],
-            )
-            .await
-            .map_err(db_error)?;
-        let log = client
-            .query(
-                "SELECT a.delivery_id, a.attempt, a.finished_at, a.outcome, a.error
-                 FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
-                 WHERE d.event_seq = $1 ORDER BY a.id",
-                &[&seq],
-            )
-            .await
-            .map_err(db_error)?;
-        let deliveries = rows
-            .iter()
-            .map(|r| {
-                let delivery = delivery_row(r);
-                let attempt_log = log
-                    .iter()
-                    .filter(|a| a.get::<_, i64>(0) == delivery.id)
-                    .map(|a| AttemptRow {
-                        attempt: attempts(a.get(1)),
-                        finished_at: a.get(2),
-                        outcome: a.get(3),
-                        error: a.get(4),
-                    })
-                    .collect();
-                DeliveryDetail { delivery, attempt_log }
+        on_connection(&self.pool, async |client| {
+            let found = client
+                .query_opt(
+                    "SELECT seq, kind, type, occurred_at, received_at, body FROM events WHERE source = $1 AND event_id = $2",
+                    &[&source, &id],
+                )
+                .await
+                .map_err(db_error)?;
+            let Some(event) = found else {
+                return Err(StoreError::NotFound);
+            };
+            let seq: i64 = event.get(0);
+            let rows = client
+                .query(
+                    &format!("{DELIVERY_COLUMNS} FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.event_seq = $1 ORDER BY d.id"),
+                    &[&seq],
+                )
+                .await
+                .map_err(db_error)?;
+            let log = client
+                .query(
+                    "SELECT a.delivery_id, a.attempt, a.finished_at, a.outcome, a.error
+                     FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+                     WHERE d.event_seq = $1 ORDER BY a.id",
+                    &[&seq],
+                )
+                .await
+                .map_err(db_error)?;
+            let deliveries = rows
+                .iter()
+                .map(|r| {
+                    let delivery = delivery_row(r);
+                    let attempt_log = log
+                        .iter()
+                        .filter(|a| a.get::<_, i64>(0) == delivery.id)
+                        .map(|a| AttemptRow {
+                            attempt: attempts(a.get(1)),
+                            finished_at: a.get(2),
+                            outcome: a.get(3),
+                            error: a.get(4),
+                        })
+                        .collect();
+                    DeliveryDetail { delivery, attempt_log }
+                })
+                .collect();
+            let body: Option<Vec<u8>> = event.get(5);
+            Ok(EventDetail {
+                source: source.to_string(),
+                id: id.to_string(),
+                kind: event.get(1),
+                event_type: event.get(2),
+                occurred_at: event.get(3),
+                received_at: event.get(4),
+                payload: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
+                deliveries,
             })
-            .collect();
-        let body: Option<Vec<u8>> = event.get(5);
-        Ok(EventDetail {
-            source: source.to_string(),
-            id: id.to_string(),
-            kind: event.get(1),
-            event_type: event.get(2),
-            occurred_at: event.get(3),
-            received_at: event.get(4),
-            payload: body.map(|b| String::from_utf8_lossy(&b).into_owned()),
-            deliveries,
         })
+        .await
     }
 
     async fn queue_stats(&self) -> Result<Vec<SinkQueue>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT d.sink, d.state, COUNT(*), MIN(e.received_at)
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.state IN (0, 2) GROUP BY d.sink, d.state ORDER BY d.sink",
-                &[],
-            )
-            .await
-            .map_err(db_error)?;
-        let mut out: Vec<SinkQueue> = Vec::new();
-        for r in &rows {
-            let sink: String = r.get(0);
-            let state: i32 = r.get(1);
-            let count = r.get::<_, i64>(2).max(0) as u64;
-            if out.last().is_none_or(|q| q.sink != sink) {
-                out.push(SinkQueue {
-                    sink,
-                    ..Default::default()
-                });
+        on_connection(&self.pool, async |client| {
+            let rows = client
+                .query(
+                    "SELECT d.sink, d.state, COUNT(*), MIN(e.received_at)
+                     FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                     WHERE d.state IN (0, 2) GROUP BY d.sink, d.state ORDER BY d.sink",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?;
+            let mut out: Vec<SinkQueue> = Vec::new();
+            for r in &rows {
+                SinkQueue::add_count(&mut out, r.get(0), r.get::<_, i32>(1) == 0, r.get(2), r.get(3));
             }
-            let q = out.last_mut().expect("pushed above");
-            if state == 0 {
-                q.pending = count;
-                q.oldest_pending_received_at = r.get(3);
-            } else {
-                q.dead = count;
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     async fn alive(&self) -> Result<(), StoreError> {
@@ -1185,87 +1183,89 @@ impl Store for PostgresStore {
     }
 
     async fn replay(&self, target: ReplayTarget, now: i64) -> Result<u64, StoreError> {
-        let mut client = self.client().await?;
-        match target {
-            ReplayTarget::DeadLetters {
-                sink,
-                source,
-                event_type,
-                since,
-            } => {
-                // Dead letters always still have their payload: compaction
-                // only touches events with no deliveries left.
-                // A chunk per statement (see `REPLAY_CHUNK`); those
-                // dead-lettered after `now` are not taken. A source or type
-                // is looked up per dead letter, never by a walk of events.
-                let sql = format!(
-                    "{REQUEUE} WHERE id IN (SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                     WHERE d.state = 2 AND ($2::text IS NULL OR d.sink = $2)
-                     AND ($5::bigint IS NULL OR d.updated_at >= $5) AND d.updated_at <= $1
-                     AND ($3::text IS NULL OR e.source = $3) AND ($4::text IS NULL OR e.type = $4)
-                     LIMIT $6 FOR UPDATE OF d SKIP LOCKED)"
-                );
-                let chunk = REPLAY_CHUNK as i64;
-                let mut total = 0;
-                loop {
-                    let n = client
-                        .execute(&sql, &[&now, &sink, &source, &event_type, &since, &chunk])
-                        .await
-                        .map_err(db_error)?;
-                    total += n;
-                    if n < REPLAY_CHUNK {
-                        return Ok(total);
+        within(&self.pool, LONG_OP_TIMEOUT, async |client| {
+            match target {
+                ReplayTarget::DeadLetters {
+                    sink,
+                    source,
+                    event_type,
+                    since,
+                } => {
+                    // Dead letters always still have their payload: compaction
+                    // only touches events with no deliveries left.
+                    // A chunk per statement (see `REPLAY_CHUNK`); those
+                    // dead-lettered after `now` are not taken. A source or type
+                    // is looked up per dead letter, never by a walk of events.
+                    let sql = format!(
+                        "{REQUEUE} WHERE id IN (SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq
+                         WHERE d.state = 2 AND ($2::text IS NULL OR d.sink = $2)
+                         AND ($5::bigint IS NULL OR d.updated_at >= $5) AND d.updated_at <= $1
+                         AND ($3::text IS NULL OR e.source = $3) AND ($4::text IS NULL OR e.type = $4)
+                         LIMIT $6 FOR UPDATE OF d SKIP LOCKED)"
+                    );
+                    let chunk = REPLAY_CHUNK as i64;
+                    let mut total = 0;
+                    loop {
+                        let n = client
+                            .execute(&sql, &[&now, &sink, &source, &event_type, &since, &chunk])
+                            .await
+                            .map_err(db_error)?;
+                        total += n;
+                        if n < REPLAY_CHUNK {
+                            return Ok(total);
+                        }
                     }
                 }
-            }
-            ReplayTarget::Event { source, id, sink } => {
-                let tx = begin(&mut client).await.map_err(db_error)?;
-                tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&PRUNE_REPLAY_LOCK])
-                    .await
-                    .map_err(db_error)?;
-                // FOR SHARE: pruning skips locked events, so it cannot delete
-                // or compact this one while its deliveries are re-queued.
-                let found = tx
-                    .query_opt(
-                        "SELECT seq, body IS NOT NULL FROM events WHERE source = $1 AND event_id = $2 FOR SHARE",
-                        &[&source, &id],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                let Some(row) = found else {
-                    return Err(StoreError::NotFound);
-                };
-                let (seq, has_body): (i64, bool) = (row.get(0), row.get(1));
-                if !has_body {
-                    return Err(StoreError::Pruned);
+                ReplayTarget::Event { source, id, sink } => {
+                    let tx = begin(client).await.map_err(db_error)?;
+                    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&PRUNE_REPLAY_LOCK])
+                        .await
+                        .map_err(db_error)?;
+                    // FOR SHARE: pruning skips locked events, so it cannot delete
+                    // or compact this one while its deliveries are re-queued.
+                    let found = tx
+                        .query_opt(
+                            "SELECT seq, body IS NOT NULL FROM events WHERE source = $1 AND event_id = $2 FOR SHARE",
+                            &[&source, &id],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                    let Some(row) = found else {
+                        return Err(StoreError::NotFound);
+                    };
+                    let (seq, has_body): (i64, bool) = (row.get(0), row.get(1));
+                    if !has_body {
+                        return Err(StoreError::Pruned);
+                    }
+                    let n = match sink {
+                        Some(s) => tx
+                            .execute(
+                                "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at)
+                                 VALUES ($1, $2, 0, $3, $3)
+                                 ON CONFLICT (event_seq, sink) DO UPDATE SET state = 0, attempts = 0, due_at = $3,
+                                 lease_until = NULL, updated_at = $3
+                                 WHERE NOT (deliveries.state = 0 AND COALESCE(deliveries.lease_until, 0) > $3)",
+                                &[&seq, &s, &now],
+                            )
+                            .await
+                            .map_err(db_error)?,
+                        None => tx
+                            // Not a delivery in flight (see the SQLite store's replay).
+                            .execute(
+                                &format!(
+                                    "{REQUEUE} WHERE event_seq = $2 AND NOT (state = 0 AND COALESCE(lease_until, 0) > $1)"
+                                ),
+                                &[&now, &seq],
+                            )
+                            .await
+                            .map_err(db_error)?,
+                    };
+                    tx.commit().await.map_err(db_error)?;
+                    Ok(n)
                 }
-                let n = match sink {
-                    Some(s) => tx
-                        .execute(
-                            "INSERT INTO deliveries (event_seq, sink, state, due_at, updated_at)
-                             VALUES ($1, $2, 0, $3, $3)
-                             ON CONFLICT (event_seq, sink) DO UPDATE SET state = 0, attempts = 0, due_at = $3,
-                             lease_until = NULL, updated_at = $3
-                             WHERE NOT (deliveries.state = 0 AND COALESCE(deliveries.lease_until, 0) > $3)",
-                            &[&seq, &s, &now],
-                        )
-                        .await
-                        .map_err(db_error)?,
-                    None => tx
-                        // Not a delivery in flight (see the SQLite store's replay).
-                        .execute(
-                            &format!(
-                                "{REQUEUE} WHERE event_seq = $2 AND NOT (state = 0 AND COALESCE(lease_until, 0) > $1)"
-                            ),
-                            &[&now, &seq],
-                        )
-                        .await
-                        .map_err(db_error)?,
-                };
-                tx.commit().await.map_err(db_error)?;
-                Ok(n)
             }
-        }
+        })
+        .await
     }
 
     async fn prune(&self, r: Retention, now: i64) -> Result<PruneStats, StoreError> {
@@ -1273,54 +1273,56 @@ impl Store for PostgresStore {
         let delivered_cutoff = now.saturating_sub(ms(r.keep_delivered));
         let dead_cutoff = now.saturating_sub(ms(r.keep_dead_letters));
         let dedupe_cutoff = now.saturating_sub(ms(r.dedupe_window.max(r.keep_delivered)));
-        let mut client = self.client().await?;
-        // One chunk per statement, each its own short transaction; rows other
-        // transactions hold (a claim, a completion, a replay) are skipped,
-        // not waited for: the next pass gets them.
-        let run = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
-            client.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await.map_err(db_error)
-        };
-        let mut stats = PruneStats::default();
-        stats.deliveries_deleted += run(
-            "DELETE FROM deliveries WHERE id IN
-             (SELECT id FROM deliveries WHERE state = 1 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            delivered_cutoff,
-        )
-        .await?;
-        stats.deliveries_deleted += run(
-            "DELETE FROM deliveries WHERE id IN
-             (SELECT id FROM deliveries WHERE state = 2 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            dead_cutoff,
-        )
-        .await?;
-        // Events without deliveries: each statement after the replays in
-        // progress (see PRUNE_REPLAY_LOCK), in a transaction of its own.
-        let mut without_deliveries = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
-            let tx = begin(&mut client).await.map_err(db_error)?;
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PRUNE_REPLAY_LOCK])
-                .await
-                .map_err(db_error)?;
-            let n = tx.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await.map_err(db_error)?;
-            tx.commit().await.map_err(db_error)?;
-            Ok(n)
-        };
-        stats.events_compacted = without_deliveries(
-            "UPDATE events SET body = NULL WHERE seq IN
-             (SELECT seq FROM events e WHERE body IS NOT NULL AND received_at < $1
-              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
-              LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            delivered_cutoff,
-        )
-        .await?;
-        stats.events_deleted = without_deliveries(
-            "DELETE FROM events WHERE seq IN
-             (SELECT seq FROM events e WHERE received_at < $1
-              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
-              LIMIT $2 FOR UPDATE SKIP LOCKED)",
-            dedupe_cutoff,
-        )
-        .await?;
-        Ok(stats)
+        within(&self.pool, LONG_OP_TIMEOUT, async |client| {
+            // One chunk per statement, each its own short transaction; rows other
+            // transactions hold (a claim, a completion, a replay) are skipped,
+            // not waited for: the next pass gets them.
+            let run = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
+                client.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await.map_err(db_error)
+            };
+            let mut stats = PruneStats::default();
+            stats.deliveries_deleted += run(
+                "DELETE FROM deliveries WHERE id IN
+                 (SELECT id FROM deliveries WHERE state = 1 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                delivered_cutoff,
+            )
+            .await?;
+            stats.deliveries_deleted += run(
+                "DELETE FROM deliveries WHERE id IN
+                 (SELECT id FROM deliveries WHERE state = 2 AND updated_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                dead_cutoff,
+            )
+            .await?;
+            // Events without deliveries: each statement after the replays in
+            // progress (see PRUNE_REPLAY_LOCK), in a transaction of its own.
+            let mut without_deliveries = async |sql: &str, cutoff: i64| -> Result<u64, StoreError> {
+                let tx = begin(client).await.map_err(db_error)?;
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&PRUNE_REPLAY_LOCK])
+                    .await
+                    .map_err(db_error)?;
+                let n = tx.execute(sql, &[&cutoff, &PRUNE_CHUNK]).await.map_err(db_error)?;
+                tx.commit().await.map_err(db_error)?;
+                Ok(n)
+            };
+            stats.events_compacted = without_deliveries(
+                "UPDATE events SET body = NULL WHERE seq IN
+                 (SELECT seq FROM events e WHERE body IS NOT NULL AND received_at < $1
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                delivered_cutoff,
+            )
+            .await?;
+            stats.events_deleted = without_deliveries(
+                "DELETE FROM events WHERE seq IN
+                 (SELECT seq FROM events e WHERE received_at < $1
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq)
+                  LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                dedupe_cutoff,
+            )
+            .await?;
+            Ok(stats)
+        })
+        .await
     }
 
     async fn close(&self) {

@@ -2087,20 +2087,7 @@ impl Store for SqliteStore {
                 .map_err(unavailable)?;
             for row in rows {
                 let (sink, state, count, oldest): (String, i64, i64, Option<i64>) = row.map_err(unavailable)?;
-                let count = count.max(0) as u64;
-                if out.last().is_none_or(|q| q.sink != sink) {
-                    out.push(SinkQueue {
-                        sink,
-                        ..Default::default()
-                    });
-                }
-                let q = out.last_mut().expect("pushed above");
-                if state == 0 {
-                    q.pending = count;
-                    q.oldest_pending_received_at = oldest;
-                } else {
-                    q.dead = count;
-                }
+                SinkQueue::add_count(&mut out, sink, state == 0, count, oldest);
             }
             Ok(out)
         })

@@ -2571,7 +2571,7 @@ async fn postgres_a_connection_opened_from_another_runtime_outlives_it() {
 }
 
 /// An operation stuck on the server, as behind a hung one or a silent link.
-async fn stuck(client: &deadpool_postgres::Object) -> Result<(), StoreError> {
+async fn stuck(client: &mut deadpool_postgres::Object) -> Result<(), StoreError> {
     client
         .simple_query("SELECT pg_sleep(30) -- cut off")
         .await

@@ -582,6 +582,72 @@ async fn the_watchdog_keeps_pinging_while_the_database_is_away() {
     assert!(!d.log().contains("not pinging the systemd watchdog"), "{}", d.log());
 }
 
+/// A server that hangs (here: locks no query of the store gets past) does
+/// not hang the admin API with it: `/metrics` is served without its queue
+/// gauges within a scrape's time, the listings answer 503 before the CLI
+/// stops waiting, and all is back once the server answers again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_that_hangs_does_not_hang_the_admin_api() {
+    let Some(db) = TestDb::create("a_store_that_hangs_does_not_hang_the_admin_api").await else {
+        return;
+    };
+    let sink = FakeSink::start().await;
+    let d = Daemon::start(&instance_config(&db.url, "a", &sink, "5s")).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_before_hang", 1200)).await.status, 200);
+    // Longer than the API's own limit on the store, which is what is judged.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(40))
+        .build()
+        .unwrap();
+    let get = |path: &str| {
+        let req = http.get(format!("http://{}{path}", d.admin));
+        async move {
+            let started = Instant::now();
+            let resp = req.send().await.expect("the admin API answers");
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap_or_default(), started.elapsed())
+        }
+    };
+    let (status, metrics, _) = get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("expeditor_deliveries_pending{"), "{metrics}");
+
+    let (locker, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE deliveries, events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let (status, metrics, took) = get("/metrics").await;
+    assert_eq!(status, 200, "{metrics}");
+    assert!(took < Duration::from_secs(8), "/metrics took {took:?}");
+    assert!(metrics.contains("expeditor_webhook_requests_total"), "{metrics}");
+    assert!(!metrics.contains("expeditor_deliveries_pending{"), "{metrics}");
+    let paths = ["/api/events", "/api/deliveries", "/api/events/crumb/evt_before_hang"];
+    let (a, b, c) = tokio::join!(get(paths[0]), get(paths[1]), get(paths[2]));
+    for (path, (status, body, took)) in paths.iter().zip([a, b, c]) {
+        assert_eq!(status, 503, "{path}: {body}");
+        assert!(took < Duration::from_secs(20), "{path} took {took:?}");
+    }
+
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body, _) = get("/api/events").await;
+        if status == 200 {
+            assert!(body.contains("evt_before_hang"), "{body}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the listing did not come back: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, metrics, _) = get("/metrics").await;
+    assert!(metrics.contains("expeditor_deliveries_pending{"), "{metrics}");
+}
+
 /// Needs no server: `expeditor run` with an unreachable store exits at once,
 /// naming the database, never the password.
 #[tokio::test(flavor = "multi_thread")]
