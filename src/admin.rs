@@ -29,19 +29,17 @@ use crate::store::{DeliveryFilter, EventFilter, ReplayTarget, Status, StoreError
 const STORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 /// The same for `/metrics`' queue gauges, within a scrape's usual 10 s:
 /// without them the rest is still served, as an outage is when it is most
-/// wanted.
-const QUEUES_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+/// wanted. A large backlog's count takes well under a second.
+const QUEUES_LIMIT: std::time::Duration = std::time::Duration::from_secs(8);
 
-/// A store call within `limit`; past it, the store is unavailable.
+/// A store call within `limit`.
 async fn bounded<T>(
     limit: std::time::Duration,
     call: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| {
-        Err(StoreError::Unavailable(format!(
-            "no answer from the store within {limit:?}"
-        )))
-    })
+    tokio::time::timeout(limit, call)
+        .await
+        .unwrap_or(Err(StoreError::TimedOut(limit)))
 }
 
 const DEFAULT_LIMIT: usize = 50;
@@ -431,19 +429,33 @@ async fn replay(req: Request<Incoming>, admin: &Shared, current: &crate::state::
         }
         _ => return error(StatusCode::BAD_REQUEST, "give either dead_letters: true or an event"),
     };
-    // A replay runs in chunks, each committed: one cut off here has done
-    // what it did, and the same request again does the rest.
-    match bounded(STORE_LIMIT, admin.store.replay(target.clone(), now_ms())).await {
-        Ok(n) => {
-            tracing::info!(replay = %target, deliveries = n, "replay requested");
-            let sinks: Vec<String> = match &r.sink {
-                Some(s) => vec![s.clone()],
-                None => current.config.sinks.keys().cloned().collect(),
-            };
-            current.handoff.wake(&sinks);
-            json_response(StatusCode::OK, serde_json::json!({ "replayed": n }).to_string())
+    // A bulk replay after a long outage may outlast the client's wait: it
+    // runs to its end on its own task (tracked, so a stop lets it finish),
+    // and the answer says whether it is done or still running.
+    let sinks: Vec<String> = match &r.sink {
+        Some(s) => vec![s.clone()],
+        None => current.config.sinks.keys().cloned().collect(),
+    };
+    let (store, handoff) = (admin.store.clone(), current.handoff.clone());
+    let mut replaying = admin.detached.spawn(async move {
+        let replayed = store.replay(target.clone(), now_ms()).await;
+        match &replayed {
+            Ok(n) => {
+                tracing::info!(replay = %target, deliveries = n, "replay done");
+                handoff.wake(&sinks);
+            }
+            Err(e) => tracing::warn!(replay = %target, error = %e, "replay failed"),
         }
-        Err(e) => store_error(e),
+        replayed
+    });
+    match tokio::time::timeout(STORE_LIMIT, &mut replaying).await {
+        Ok(Ok(Ok(n))) => json_response(StatusCode::OK, serde_json::json!({ "replayed": n }).to_string()),
+        Ok(Ok(Err(e))) => store_error(e),
+        Ok(Err(_)) => error(StatusCode::INTERNAL_SERVER_ERROR, "the replay stopped unexpectedly"),
+        Err(_) => json_response(
+            StatusCode::ACCEPTED,
+            serde_json::json!({ "replayed": null, "running": true }).to_string(),
+        ),
     }
 }
 
@@ -457,6 +469,13 @@ fn store_error(e: StoreError) -> Response<Body> {
         StoreError::Unavailable(detail) => {
             tracing::error!(error = %detail, "admin request failed: store unavailable");
             error(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+        StoreError::TimedOut(limit) => {
+            tracing::warn!(?limit, "admin request: no answer from the store in time");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the store did not answer within {} s", limit.as_secs()),
+            )
         }
     }
 }

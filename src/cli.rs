@@ -13,25 +13,34 @@ use serde_json::Value;
 use crate::config::{self, AdminConfig, Config, Scheme};
 
 /// `println!` for the commands' output. A reader that stops reading (`|
-/// head`) ends the command quietly, as it would any Unix tool's, where
-/// `println!` panics on the closed pipe.
+/// head`) ends the output quietly, as for any Unix tool, where `println!`
+/// panics on the closed pipe; the command still ends with its own exit
+/// code (`expeditor test | head -1` fails when a case does).
 macro_rules! out {
     ($($arg:tt)*) => {
         write_out(format_args!($($arg)*))
     };
 }
 
+/// The reader of stdout has gone: nothing more is written.
+static STDOUT_CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn write_out(line: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     let written = stdout.write_fmt(line).and_then(|()| stdout.write_all(b"\n"));
     drop(stdout);
-    if let Err(e) = written {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => STDOUT_CLOSED.store(true, Ordering::Relaxed),
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(1);
         }
-        eprintln!("error: cannot write the output: {e}");
-        std::process::exit(1);
     }
 }
 
@@ -181,31 +190,26 @@ pub struct ListArgs {
 }
 
 pub fn load_config(cli: &Cli) -> Result<Config, ExitCode> {
-    config::load(&cli.config).map_err(|errors| {
-        eprintln!("{errors}");
-        eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
-        ExitCode::FAILURE
-    })
+    config::load(&cli.config).map_err(|errors| say_errors(cli, &errors))
+}
+
+/// Prints a config's errors and their count on stderr.
+fn say_errors(cli: &Cli, errors: &config::ConfigErrors) -> ExitCode {
+    eprintln!("{errors}");
+    eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
+    ExitCode::FAILURE
 }
 
 /// Only `[server]` and `[sources]` of the config, for `send`
 /// ([`config::load_sources`]).
 pub fn load_sources(cli: &Cli) -> Result<config::SendConfig, ExitCode> {
-    config::load_sources(&cli.config).map_err(|errors| {
-        eprintln!("{errors}");
-        eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
-        ExitCode::FAILURE
-    })
+    config::load_sources(&cli.config).map_err(|errors| say_errors(cli, &errors))
 }
 
 /// Only `[admin]` of the config, for the commands that talk to a running
 /// daemon ([`config::load_admin`]).
 pub fn load_admin(cli: &Cli) -> Result<AdminConfig, ExitCode> {
-    config::load_admin(&cli.config).map_err(|errors| {
-        eprintln!("{errors}");
-        eprintln!("{}: {} error(s)", cli.config.display(), errors.0.len());
-        ExitCode::FAILURE
-    })
+    config::load_admin(&cli.config).map_err(|errors| say_errors(cli, &errors))
 }
 
 pub fn check(cli: &Cli) -> ExitCode {
@@ -577,10 +581,12 @@ impl AdminClient {
         };
         let resp = match req.send().await {
             Ok(resp) => resp,
-            // Reached, but no answer in time: the daemon runs, and its
-            // store is what is slow (it answers 503 first, within 10 s).
-            Err(e) if e.is_timeout() => {
-                bail!("the admin API at {} did not answer in time", self.base)
+            // Connected, but no answer in time: the daemon runs and is
+            // stuck (a slow store alone gets a 503 within 10 s).
+            Err(e) if e.is_timeout() && !e.is_connect() => {
+                return Err(
+                    anyhow::Error::new(e).context(format!("the admin API at {} did not answer within 30 s", self.base))
+                );
             }
             Err(e) => {
                 return Err(anyhow::Error::new(e).context(format!(
@@ -753,7 +759,12 @@ pub async fn list(cfg: &AdminConfig, command: &Command) -> anyhow::Result<()> {
                 serde_json::json!({ "event": { "source": source, "id": id }, "sink": sink })
             };
             let v = admin.post("/api/replay", &body).await?;
-            out!("replayed {} deliveries", v["replayed"].as_u64().unwrap_or(0));
+            match v["replayed"].as_u64() {
+                Some(n) => out!("replayed {n} deliveries"),
+                None => out!(
+                    "replay still running in the daemon (its log says when it is done); `expeditor dead-letters` shows what is left"
+                ),
+            }
         }
         _ => unreachable!("only listing commands come here"),
     }

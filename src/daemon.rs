@@ -44,6 +44,30 @@ const PRUNE_EVERY: Duration = Duration::from_secs(600);
 #[error("{0:#}")]
 pub struct NotMendedByRestart(pub anyhow::Error);
 
+/// A failed start as [`NotMendedByRestart`] unless its cause is one a
+/// restart may outlast: an I/O error such as a full disk or too many open
+/// files. Anything else (a path that cannot exist or be written, a
+/// certificate that does not load) is the setup's.
+fn setup_or_not(e: anyhow::Error) -> anyhow::Error {
+    use std::io::ErrorKind::*;
+    let setup = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .is_none_or(|io| {
+            matches!(
+                io.kind(),
+                PermissionDenied
+                    | ReadOnlyFilesystem
+                    | NotADirectory
+                    | IsADirectory
+                    | AlreadyExists
+                    | NotFound
+                    | InvalidInput
+            )
+        });
+    if setup { NotMendedByRestart(e).into() } else { e }
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Handlers first: from here on SIGTERM means "stop cleanly" and SIGHUP
     // "reload", never the default action (exit), even in the instant after
@@ -52,23 +76,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let config = Arc::new(config);
+    // The store's folder first: one that cannot be made or written (read
+    // only, another user's, a file in the way) is a setup problem.
+    if let crate::config::StoreBackend::Sqlite { path } = &config.store.backend {
+        let usable = crate::store::sqlite::create_folder(path).and_then(|()| {
+            rustix::fs::access(path, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK).map_err(Into::into)
+        });
+        if let Err(e) = usable {
+            return Err(setup_or_not(
+                anyhow::Error::new(e).context(format!("cannot use the store's folder {}", path.display())),
+            ));
+        }
+    }
     // PostgreSQL: connects now and fails fast when the database is unreachable.
     // A stop signal is heard meanwhile: a schema upgrade, or another
     // instance's migration lock, may take long, and systemd extends the
     // stop timeout as long as the start's.
-    // The store's folder first: one that cannot be made (read-only, another
-    // user's, a file in the way) is a setup problem; a full disk may pass.
-    if let crate::config::StoreBackend::Sqlite { path } = &config.store.backend
-        && let Err(e) = crate::store::sqlite::create_folder(path)
-    {
-        use std::io::ErrorKind::{AlreadyExists, NotADirectory, PermissionDenied, ReadOnlyFilesystem};
-        let setup = matches!(
-            e.kind(),
-            PermissionDenied | ReadOnlyFilesystem | NotADirectory | AlreadyExists
-        );
-        let e = anyhow::anyhow!("cannot create the store's folder {}: {e}", path.display());
-        return Err(if setup { NotMendedByRestart(e).into() } else { e });
-    }
     let store: Arc<dyn Store> = {
         let _starting = crate::systemd::Starting::new("opening the store");
         tokio::select! {
@@ -112,7 +135,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let engine = Engine::start(&config, store.clone(), client.clone(), metrics.clone(), &shutdown, None)
         .await
-        .map_err(NotMendedByRestart)?;
+        .map_err(setup_or_not)?;
     let detached = TaskTracker::new();
     let shared = Arc::new(Shared {
         current: ArcSwap::from_pointee(current(&config, &store, &engine, &metrics, &detached)),

@@ -176,7 +176,7 @@ impl Engine {
         for (name, spec) in &config.sinks {
             let sink = build_sink(&spec.kind, &client)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot start sink {name}: {e}"))?;
+                .map_err(|e| e.context(format!("cannot start sink {name}")))?;
             notifies.insert(name.clone(), Arc::new(Notify::new()));
             sinks.push((name.clone(), spec.common, sink));
         }

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
                 _,
             ) => cli::send(&sources, source, event_type, url.clone(), id.clone()).await,
             (other, _, _, Some(admin)) => cli::list(&admin, other).await.map(|()| true),
-            _ => unreachable!("check and test are handled above; run and send load the whole config"),
+            _ => unreachable!("check and test are handled above; run and send load what they need"),
         }
     });
     // Past the daemon's own stop bound, nothing may hold the exit: a plugin

@@ -383,6 +383,10 @@ pub enum StoreError {
     /// The store could not read or commit (disk full, I/O error, closed).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A caller's own limit on waiting for the store ran out (the admin
+    /// API's): slow or hung, said as such rather than as an outage.
+    #[error("no answer from the store within {0:?}")]
+    TimedOut(std::time::Duration),
     #[error("no such event")]
     NotFound,
     /// The event was delivered and compacted: only its dedupe key is left.

@@ -551,18 +551,18 @@ async fn migrate(client: &mut Object) -> Result<(), String> {
     tx.commit().await.map_err(|e| describe(&e))
 }
 
-/// Bounds a hot operation by [`OP_TIMEOUT`].
+/// Bounds an operation by [`OP_TIMEOUT`].
 async fn bounded<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
     tokio::time::timeout(OP_TIMEOUT, op)
         .await
-        .unwrap_or_else(|_| Err(no_answer()))
+        .unwrap_or_else(|_| Err(no_answer(OP_TIMEOUT)))
 }
 
-fn no_answer() -> StoreError {
-    StoreError::Unavailable(format!("no answer within {OP_TIMEOUT:?}"))
+fn no_answer(limit: Duration) -> StoreError {
+    StoreError::Unavailable(format!("no answer within {limit:?}"))
 }
 
-/// Runs a hot operation on a pooled connection, the wait for one included,
+/// Runs an operation on a pooled connection, the wait for one included,
 /// within [`OP_TIMEOUT`]. A connection whose operation it cuts off is
 /// [`abandon`]ed, not given back.
 async fn on_connection<T>(
@@ -581,7 +581,7 @@ pub(super) async fn within<T>(
     let deadline = tokio::time::Instant::now() + limit;
     let client = tokio::time::timeout_at(deadline, pooled(pool))
         .await
-        .unwrap_or_else(|_| Err(no_answer()))?;
+        .unwrap_or_else(|_| Err(no_answer(limit)))?;
     // Abandoned unless the operation ends: also when the caller stops
     // waiting first (a readiness probe's shorter limit drops this future).
     let mut lent = Lent(Some(client));
@@ -592,7 +592,7 @@ pub(super) async fn within<T>(
             drop(lent.0.take());
             result
         }
-        Err(_) => Err(no_answer()),
+        Err(_) => Err(no_answer(limit)),
     }
 }
 
@@ -733,7 +733,7 @@ async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
             Ok(Err(e)) => Some(db_error(e)),
             Err(_) => {
                 abandon(client);
-                return fail_all(batch, no_answer());
+                return fail_all(batch, no_answer(OP_TIMEOUT));
             }
         };
         if let Some(e) = failed {
@@ -748,8 +748,8 @@ async fn insert_batch(pool: &Pool, batch: Vec<PendingInsert>) {
             }
             Err(_) => {
                 abandon(client);
-                let _ = to.send(Err(no_answer()));
-                return fail_all(batch.collect(), no_answer());
+                let _ = to.send(Err(no_answer(OP_TIMEOUT)));
+                return fail_all(batch.collect(), no_answer(OP_TIMEOUT));
             }
         }
     }

@@ -395,11 +395,6 @@ pub const FILES: [&str; 5] = [
     "expeditor.lock",
 ];
 
-/// Takes the store directory for this process alone (`expeditor.lock`, an
-/// exclusive `flock`, released when the process dies): the writer's memory of
-/// recent dedupe keys is the only one, so a second process on the same file
-/// would store duplicates. Waits up to [`BUSY_LIMIT`] for a previous owner
-/// that is still finishing (a restart).
 /// Makes the store's folder, with its missing parents, closed to other
 /// users (`0750`): the events hold customers' names and addresses, and
 /// SQLite makes its files as the umask says (`0644` by default). A folder
@@ -409,6 +404,11 @@ pub fn create_folder(dir: &Path) -> std::io::Result<()> {
     std::fs::DirBuilder::new().recursive(true).mode(0o750).create(dir)
 }
 
+/// Takes the store directory for this process alone (`expeditor.lock`, an
+/// exclusive `flock`, released when the process dies): the writer's memory of
+/// recent dedupe keys is the only one, so a second process on the same file
+/// would store duplicates. Waits up to [`BUSY_LIMIT`] for a previous owner
+/// that is still finishing (a restart).
 fn lock_store(dir: &Path) -> Result<std::fs::File, StoreError> {
     let path = dir.join("expeditor.lock");
     let file = std::fs::OpenOptions::new()

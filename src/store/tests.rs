@@ -3691,11 +3691,24 @@ fn replay_targets_read_plainly_in_the_log() {
 fn the_store_folder_is_not_open_to_other_users() {
     use std::os::unix::fs::PermissionsExt;
     let dir = TempDir::new().unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+    // What a folder made the usual way gets here: under a umask that
+    // closes folders already, there is nothing to tell apart.
+    std::fs::create_dir(dir.path().join("control")).unwrap();
+    if mode(&dir.path().join("control")) & 0o007 == 0 {
+        eprintln!("this umask closes new folders to others already; nothing to tell apart");
+    }
     let path = dir.path().join("var").join("expeditor");
     let store = SqliteStore::open(&path).unwrap();
     for folder in [dir.path().join("var"), path.clone()] {
-        let mode = std::fs::metadata(&folder).unwrap().permissions().mode();
-        assert_eq!(mode & 0o007, 0, "{} is {mode:o}", folder.display());
+        assert_eq!(mode(&folder) & 0o007, 0, "{} is {:o}", folder.display(), mode(&folder));
     }
     drop(store);
+
+    // A folder that is there is left as its owner set it.
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    drop(SqliteStore::open(&open).unwrap());
+    assert_eq!(mode(&open) & 0o777, 0o755);
 }

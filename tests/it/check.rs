@@ -195,6 +195,31 @@ fn run_exits_78_on_a_config_that_does_not_load() {
     assert_eq!(check(dir.path(), &broken).status.code(), Some(1));
 }
 
+/// `expeditor run` on `config`, stopped after 20 s if it has not exited (a
+/// run that starts is then killed, and its exit code is not 78).
+fn run_briefly(dir: &Path, config: &str) -> Output {
+    let path = dir.join("config.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("run")
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run expeditor");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().expect("wait for expeditor").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("expeditor's output")
+}
+
 /// A sink that cannot open what its config names, or a store folder that
 /// cannot be made, is no more mended by a restart than a config that does
 /// not load: `run` exits 78 for those too, naming the path.
@@ -210,7 +235,7 @@ fn run_exits_78_when_a_sink_or_the_store_cannot_open_its_path() {
         "[[routes]]",
         "[sinks.f]\ntype = \"file\"\npath = \"blocker/events.jsonl\"\n\n[[routes]]",
     );
-    let out = with_config(dir.path(), &sink, "run");
+    let out = run_briefly(dir.path(), &sink);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(78), "{text}");
     assert!(
@@ -219,11 +244,11 @@ fn run_exits_78_when_a_sink_or_the_store_cannot_open_its_path() {
     );
 
     let store = own_ports.replace(r#"path = "./data""#, r#"path = "./blocker/data""#);
-    let out = with_config(dir.path(), &store, "run");
+    let out = run_briefly(dir.path(), &store);
     let text = output_text(&out);
     assert_eq!(out.status.code(), Some(78), "{text}");
     assert!(
-        text.contains("cannot create the store's folder") && text.contains("blocker"),
+        text.contains("cannot use the store's folder") && text.contains("blocker"),
         "{text}"
     );
 }
@@ -247,6 +272,24 @@ fn output_into_a_closed_pipe_ends_quietly() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    // The command's own exit code still tells: a failing test case fails.
+    let failing =
+        format!("{VALID}\n[[tests]]\nname = \"wrong\"\nsource = \"crumb\"\nevent = \"order.created\"\nsinks = []\n");
+    std::fs::write(&path, failing).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("test")
+        .current_dir(dir.path())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
