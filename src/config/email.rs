@@ -58,6 +58,14 @@ impl Cx<'_> {
             );
             return None;
         }
+        // A fixed recipient is checked now, as `from` is: otherwise every
+        // delivery would be a dead letter.
+        if is_fixed_text(&plain_to)
+            && let Err(msg) = expeditor_email::parse_recipients(&plain_to)
+        {
+            self.error_at(r.to.span(), &format!("{key}.to"), msg);
+            return None;
+        }
 
         let common = common?;
         let to_name = match to_name {
@@ -92,7 +100,9 @@ impl Cx<'_> {
         let hkey = format!("{key}.host");
         let host = self.resolve(&r.host, &hkey).and_then(|h| {
             let h = h.trim().to_string();
-            if h.is_empty() || h.contains("://") || h.contains('/') || h.contains(char::is_whitespace) {
+            // A colon is a port unless the host is an IPv6 address.
+            let port_in_host = h.contains(':') && h.parse::<std::net::Ipv6Addr>().is_err();
+            if h.is_empty() || h.contains("://") || h.contains('/') || h.contains(char::is_whitespace) || port_in_host {
                 self.error_at(
                     r.host.span(),
                     &hkey,
@@ -128,7 +138,15 @@ impl Cx<'_> {
             .and_then(|p| self.resolve(p, &format!("{key}.password")));
         let credentials = match (&r.username, &r.password) {
             (None, None) => Some(None),
-            (Some(_), Some(_)) => match (username, password) {
+            (Some(ru), Some(rp)) => match (username, password) {
+                (Some(u), _) if u.is_empty() => {
+                    self.error_at(ru.span(), &format!("{key}.username"), "is empty");
+                    None
+                }
+                (_, Some(p)) if p.is_empty() => {
+                    self.error_at(rp.span(), &format!("{key}.password"), "is empty");
+                    None
+                }
                 (Some(u), Some(p)) => Some(Some((u, p))),
                 _ => None,
             },
@@ -186,4 +204,9 @@ impl Cx<'_> {
             ca_pem: ca_pem?,
         })
     }
+}
+
+/// Whether a `to` holds no template: its text is what every delivery sends to.
+fn is_fixed_text(to: &str) -> bool {
+    !["{{", "{%", "{#"].iter().any(|open| to.contains(open))
 }

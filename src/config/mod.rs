@@ -328,6 +328,9 @@ impl SinkKind {
 /// The longest `batch.linger`: deliveries wait in a claimed lease while a
 /// batch fills, so it stays short.
 const MAX_LINGER: Duration = Duration::from_secs(10);
+/// The largest `server.max_body`: webhooks are kilobytes, and each body in
+/// flight is held whole.
+const MAX_BODY_LIMIT: usize = 64 << 20;
 /// The longest a sink's `timeout` may be.
 const MAX_SINK_TIMEOUT: Duration = Duration::from_secs(3600);
 const SINK_TYPES: &str = "http, file, wasm, slack, email, bigquery";
@@ -521,7 +524,9 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
             _ => cx.error_at(table.span(), "sinks", "must be a table of sinks: [sinks.NAME]"),
         }
     }
-    let mut file_paths: BTreeMap<&Path, &str> = BTreeMap::new();
+    // As the kernel would find them: `./o.jsonl` and `sub/../o.jsonl` are
+    // one file.
+    let mut file_paths: BTreeMap<PathBuf, &str> = BTreeMap::new();
     let store_dir = match store.as_ref().map(|s| &s.backend) {
         Some(StoreBackend::Sqlite { path }) => Some(lexical(path)),
         _ => None,
@@ -536,7 +541,7 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
                 .map_or(0..0, |p| p.span())
         };
         let key = format!("sinks.{name}.path");
-        if let Some(other) = file_paths.insert(&f.path, name) {
+        if let Some(other) = file_paths.insert(lexical(&f.path), name) {
             cx.error_at(
                 span(),
                 &key,
@@ -690,7 +695,15 @@ impl Cx<'_> {
                 // Read by `expeditor test` only: a fixture left out of a
                 // deployment must not keep the daemon from starting.
                 (None, Some(b)) => TestEvent::File(base_dir.join(b.get_ref())),
-                _ => {
+                (Some(_), Some(_)) => {
+                    self.error_at(
+                        t.span(),
+                        &key,
+                        "takes event (a sample's type) or body (a JSON file), not both",
+                    );
+                    continue;
+                }
+                (None, None) => {
                     self.error_at(
                         t.span(),
                         &key,
@@ -912,6 +925,18 @@ impl Cx<'_> {
         let r = raw.map(Spanned::get_ref);
         let listen = self.addr(r.and_then(|r| r.listen.as_ref()), "server.listen", "0.0.0.0:8080");
         let max_body = self.size(r.and_then(|r| r.max_body.as_ref()), "server.max_body", 1 << 20);
+        // A body is read whole, before its signature can be checked, by
+        // anyone who reaches the port: its size bounds what one request
+        // may make the daemon hold.
+        if let (Some(size), Some(raw)) = (max_body, r.and_then(|r| r.max_body.as_ref()))
+            && size > MAX_BODY_LIMIT
+        {
+            self.error_at(
+                raw.span(),
+                "server.max_body",
+                "must be at most 64MiB: every request's body is held in memory before its signature is checked",
+            );
+        }
         let header_timeout = self.duration_at_least(
             r.and_then(|r| r.header_timeout.as_ref()),
             "server.header_timeout",
@@ -1448,6 +1473,8 @@ impl Cx<'_> {
                     self.template(&mut set, &format!("{key}.url"), &u, r.url.span())
                 });
                 let mut headers = Vec::new();
+                // Each header as the config spells it, to name it back.
+                let mut spelled: Vec<(http::HeaderName, &str)> = Vec::new();
                 for (hname, hval) in &r.headers {
                     let hkey = format!("{key}.headers.{hname}");
                     let n = match expeditor_http::header_name(hname) {
@@ -1480,7 +1507,7 @@ impl Cx<'_> {
                     // Header names are case-insensitive: two keys that
                     // differ only in case would be one header, the other's
                     // value (a token, say) silently dropped.
-                    if let Some((other, _)) = headers.iter().find(|(h, _)| *h == n) {
+                    if let Some((_, other)) = spelled.iter().find(|(h, _)| *h == n) {
                         self.error_at(
                             hval.span(),
                             &hkey,
@@ -1488,6 +1515,7 @@ impl Cx<'_> {
                         );
                         continue;
                     }
+                    spelled.push((n.clone(), hname.as_str()));
                     if let Some(t) = self.template(&mut set, &hkey, &v, hval.span()) {
                         headers.push((n, t));
                     }
@@ -1529,6 +1557,14 @@ impl Cx<'_> {
                 );
                 let linger = self.linger(b.and_then(|b| b.linger.as_ref()), &format!("{bkey}.linger"));
                 let path = path?;
+                if path.trim().is_empty() {
+                    self.error_at(
+                        r.path.span(),
+                        &format!("{key}.path"),
+                        "is empty; e.g. \"data/events.jsonl\"",
+                    );
+                    return None;
+                }
                 let mut set = TemplateSet::new();
                 let body = match body {
                     Some(b) => Some(self.structured(&mut set, &format!("{key}.body"), b)?),
@@ -1713,8 +1749,19 @@ impl Cx<'_> {
                         initial: i,
                         max: m,
                     }),
-                    (Some(_), Some(_), Some(_)) => {
-                        self.error_at(r.span(), &rk, "initial must not be longer than max");
+                    (Some(_), Some(i), Some(m)) => {
+                        let max = match rr.max {
+                            Some(_) => format!("max ({})", humantime::format_duration(m)),
+                            None => format!("max (by default {})", humantime::format_duration(m)),
+                        };
+                        self.error_at(
+                            r.span(),
+                            &rk,
+                            format!(
+                                "initial ({}) must not be longer than {max}",
+                                humantime::format_duration(i)
+                            ),
+                        );
                         None
                     }
                     _ => None,

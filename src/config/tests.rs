@@ -252,6 +252,11 @@ fn bad_values_are_explained() {
         &["sources.crumb.tolerance", "invalid duration", "\"5m\""],
     );
     one_error(
+        &BASE.replace("[server]", "[server]\nmax_body = \"20GiB\""),
+        &["server.max_body", "at most 64MiB"],
+    );
+    assert!(parse_with(&BASE.replace("[server]", "[server]\nmax_body = \"64MiB\""), &env()).is_ok());
+    one_error(
         &BASE.replace("[server]", "[server]\nmax_body = \"huge\""),
         &["server.max_body", "1MiB"],
     );
@@ -383,6 +388,24 @@ fn routes_and_sinks_are_cross_checked() {
     );
     let at = format!("config.toml:{}:", line_of(&two_files, "path = \"out.jsonl\"", 1));
     one_error(&two_files, &["sinks.b.path", "same file", &at]);
+    one_error(
+        &format!("{BASE}\n[sinks.a]\ntype = \"file\"\npath = \"\"\n"),
+        &["sinks.a.path", "is empty"],
+    );
+    one_error(
+        &BASE.replace("[sinks.kds.body]", "retry = { initial = \"2h\" }\n[sinks.kds.body]"),
+        &["sinks.kds.retry", "initial (2h)", "max (by default 1h)"],
+    );
+    // The same file, spelled otherwise.
+    for other in ["./out.jsonl", "sub/../out.jsonl"] {
+        let spelled = two_files.replacen(
+            "path = \"out.jsonl\"\n[sinks.b]",
+            &format!("path = \"{other}\"\n[sinks.b]"),
+            1,
+        );
+        assert!(spelled.contains(other));
+        one_error(&spelled, &["sinks.b.path", "same file"]);
+    }
     let zero = BASE.replace("[sinks.kds.body]", "timeout = \"0s\"\n[sinks.kds.body]");
     let at = format!("config.toml:{}:", line_of(&zero, "timeout = \"0s\"", 0));
     one_error(&zero, &["sinks.kds.timeout", "longer than 0s", &at]);
@@ -567,7 +590,7 @@ fn test_cases_name_what_the_config_has() {
     one_error(&case("source = \"crumb\"\nsinks = []"), &["tests[0]", "either event"]);
     one_error(
         &case("source = \"crumb\"\nevent = \"order.created\"\nbody = \"x.json\"\nsinks = []"),
-        &["tests[0]", "either event"],
+        &["tests[0]", "not both"],
     );
 }
 
@@ -754,7 +777,7 @@ fn http_method_and_header_names_are_checked() {
     assert_ne!(twice, BASE);
     let err = parse_with(&twice, &env()).unwrap_err().to_string();
     assert!(
-        err.contains("names the same header as") && !err.contains("tok-"),
+        err.contains("authorization: names the same header as \"Authorization\"") && !err.contains("tok-"),
         "{err}"
     );
     let kds = "[sinks.kds]\ntype = \"http\"\n";
@@ -1172,6 +1195,26 @@ fn broken_email_sinks_are_check_errors() {
     one_sink_error(
         &EMAIL.replace("to = \"{{ order.customer.email }}\"", "to = \"\""),
         &["sinks.confirm.to", "empty"],
+    );
+    // A fixed recipient is an address now, as `from` is; a template is
+    // judged at delivery.
+    one_sink_error(
+        &EMAIL.replace("to = \"{{ order.customer.email }}\"", "to = \"not an address\""),
+        &["sinks.confirm.to", "not a list of email addresses"],
+    );
+    let fixed = EMAIL.replace(
+        "to = \"{{ order.customer.email }}\"",
+        "to = \"kitchen@example.com, Manager <boss@example.com>\"",
+    );
+    assert!(parse_with(&with_sink(&fixed), &sink_env()).is_ok());
+    one_sink_error(
+        &smtp("host = \"smtp.example.com:587\""),
+        &["sinks.confirm.smtp.host", "the port goes in port"],
+    );
+    assert!(parse_with(&with_sink(&smtp("host = \"::1\", tls = \"tls\"")), &sink_env()).is_ok());
+    one_sink_error(
+        &EMAIL.replace("username = \"orders@example.com\"", "username = \"\""),
+        &["sinks.confirm.smtp.username", "is empty"],
     );
     one_sink_error(
         &EMAIL.replace("${SMTP_PASSWORD}", "${SMTP_PASWORD}"),

@@ -153,6 +153,14 @@ pub fn parse_mailbox(s: &str) -> Result<Mailbox, String> {
         .map_err(|e| format!("{s:?} is not an email address ({e}); write e.g. \"Crave Pizza <orders@example.com>\""))
 }
 
+/// Checks a `to` with no template in it, as a delivery would read it: one
+/// address or several, comma-separated.
+pub fn parse_recipients(s: &str) -> Result<(), String> {
+    lettre::message::Mailboxes::from_str(s.trim())
+        .map(drop)
+        .map_err(|e| format!("{s:?} is not a list of email addresses ({e}); write e.g. \"kitchen@example.com\""))
+}
+
 /// Checks a `ca_file`'s content: at least one PEM certificate.
 pub fn parse_ca(pem: &[u8]) -> Result<(), String> {
     if !String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----") {

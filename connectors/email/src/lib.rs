@@ -24,5 +24,5 @@ mod sink;
 #[cfg(test)]
 mod tests;
 
-pub use config::{EmailSinkConfig, SmtpConfig, TlsMode, most_recipients, parse_ca, parse_mailbox};
+pub use config::{EmailSinkConfig, SmtpConfig, TlsMode, most_recipients, parse_ca, parse_mailbox, parse_recipients};
 pub use sink::EmailSink;
