@@ -407,13 +407,7 @@ pub fn parse_sources(
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<SendConfig, ConfigErrors> {
     let (mut cx, doc) = parsed(path, text, env)?;
-    let raw = match RawConfig::deserialize(doc.into_deserializer()) {
-        Ok(raw) => raw,
-        Err(e) => {
-            cx.toml_error("", e);
-            return Err(ConfigErrors(cx.errors));
-        }
-    };
+    let raw = cx.sections(&doc);
     let server = cx.server(raw.server.as_ref());
     let mut sources = BTreeMap::new();
     for (name, src) in &raw.sources {
@@ -471,13 +465,7 @@ fn listeners_clash(a: SocketAddr, b: SocketAddr) -> bool {
 pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
     let (mut cx, doc) = parsed(path, text, env)?;
     let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let raw = match RawConfig::deserialize(doc.clone().into_deserializer()) {
-        Ok(raw) => raw,
-        Err(e) => {
-            cx.toml_error("", e);
-            return Err(ConfigErrors(cx.errors));
-        }
-    };
+    let raw = cx.sections(&doc);
 
     let server = cx.server(raw.server.as_ref());
     let admin = cx.admin(raw.admin.as_ref());
@@ -596,7 +584,10 @@ pub fn parse(path: &Path, text: &str, env: &dyn Fn(&str) -> Option<String>) -> R
     }
     // Routes are checked against every declared name, so one broken sink
     // is reported once, not again by each route that names it.
-    let declared_sources: BTreeSet<String> = raw.sources.keys().cloned().collect();
+    let declared_sources: BTreeSet<String> = match doc.get_ref().get("sources").map(|t| t.get_ref()) {
+        Some(DeValue::Table(t)) => t.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
+        _ => BTreeSet::new(),
+    };
     let declared_sinks: BTreeSet<String> = match doc.get_ref().get("sinks").map(|t| t.get_ref()) {
         Some(DeValue::Table(t)) => t.iter().map(|(k, _)| k.get_ref().to_string()).collect(),
         _ => BTreeSet::new(),
@@ -1592,6 +1583,72 @@ impl Cx<'_> {
                 None
             }
         }
+    }
+
+    /// The file's sections, each read on its own: a mistake in one (a
+    /// typo'd key, a number where text belongs) is reported under its key
+    /// path, and the others are still read and checked. A section that
+    /// cannot be read is left out; so are all routes (or test cases) when
+    /// one cannot, so that no later one is checked under another's index.
+    fn sections(&mut self, doc: &Spanned<DeTable<'_>>) -> RawConfig {
+        const SECTIONS: [&str; 7] = ["server", "admin", "store", "sources", "sinks", "routes", "tests"];
+        let doc = doc.get_ref();
+        for (name, value) in doc.iter() {
+            if !SECTIONS.contains(&name.get_ref().as_ref()) {
+                self.error_at(
+                    name.span().start..value.span().end.max(name.span().end),
+                    name.get_ref(),
+                    format!("is not a section of the config; they are {}", SECTIONS.join(", ")),
+                );
+            }
+        }
+        let server = doc.get("server").and_then(|v| self.typed(v, "server"));
+        let admin = doc.get("admin").and_then(|v| self.typed(v, "admin"));
+        let store = doc.get("store").and_then(|v| self.typed(v, "store"));
+        let mut sources = BTreeMap::new();
+        if let Some(table) = doc.get("sources") {
+            match table.get_ref() {
+                DeValue::Table(t) => {
+                    for (name, value) in t.iter() {
+                        let key = format!("sources.{}", name.get_ref());
+                        if let Some(source) = self.typed(value, &key) {
+                            sources.insert(name.get_ref().to_string(), source);
+                        }
+                    }
+                }
+                _ => self.error_at(table.span(), "sources", "must be a table of sources: [sources.NAME]"),
+            }
+        }
+        let routes = self.array_of(doc.get("routes"), "routes", "[[routes]]");
+        let tests = self.array_of(doc.get("tests"), "tests", "[[tests]]");
+        RawConfig {
+            server,
+            admin,
+            store,
+            sources,
+            routes,
+            tests,
+        }
+    }
+
+    /// `[[NAME]]` entries, all of them or none (see `sections`).
+    fn array_of<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        value: Option<&Spanned<DeValue<'_>>>,
+        key: &str,
+        form: &str,
+    ) -> Vec<T> {
+        let Some(value) = value else { return Vec::new() };
+        let DeValue::Array(items) = value.get_ref() else {
+            self.error_at(value.span(), key, format!("must be a list of tables: {form}"));
+            return Vec::new();
+        };
+        let read: Vec<Option<T>> = items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| self.typed(v, &format!("{key}[{i}]")))
+            .collect();
+        read.into_iter().collect::<Option<Vec<T>>>().unwrap_or_default()
     }
 
     fn typed<T: for<'de> Deserialize<'de>>(&mut self, value: &Spanned<DeValue<'_>>, key: &str) -> Option<T> {

@@ -10,20 +10,15 @@ use toml::Spanned;
 
 pub type Str = Spanned<String>;
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// The sections, each read on its own (`Cx::sections`); the sinks are read
+/// later, each by its `type`.
+#[derive(Debug)]
 pub struct RawConfig {
     pub server: Option<Spanned<RawServer>>,
     pub admin: Option<Spanned<RawAdmin>>,
     pub store: Option<Spanned<RawStore>>,
-    #[serde(default)]
     pub sources: BTreeMap<String, Spanned<RawSource>>,
-    /// Read separately: each sink's keys depend on its `type`.
-    #[allow(dead_code)]
-    pub sinks: Option<IgnoredAny>,
-    #[serde(default)]
     pub routes: Vec<Spanned<RawRoute>>,
-    #[serde(default)]
     pub tests: Vec<Spanned<RawTest>>,
 }
 

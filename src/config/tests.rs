@@ -242,7 +242,26 @@ fn unknown_keys_are_rejected_with_their_line() {
         &BASE.replace("type = \"http\"", "type = \"http\"\nuri = \"x\""),
         &["sinks.kds", "uri"],
     );
-    one_error(&format!("{BASE}\n[extra]\nx = 1\n"), &["extra"]);
+    one_error(&format!("{BASE}\n[extra]\nx = 1\n"), &["extra", "not a section"]);
+}
+
+/// A section that cannot be read is reported under its key path, and every
+/// other section is still read and checked: one run of `check` names them all.
+#[test]
+fn a_mistake_in_one_section_does_not_hide_the_others() {
+    let broken = BASE
+        .replace("[server]", "[server]\nmax_connections = \"10\"")
+        .replace("[store]", "[store]\npaht = \"x\"")
+        .replace("kind = \"crumbpos\"", "kind = \"crumbpos\"\ntolerance = 5")
+        .replace("sinks = [\"kds\"]", "sinks = [\"kds\"]\nwhen = \"order.total_cents >\"")
+        + "\n[[tests]]\nname = \"t\"\nsource = \"crumb\"\nevent = \"order.created\"\nsinks = \"kds\"\n";
+    let errs = errors(&broken);
+    let keys: Vec<&str> = errs.iter().map(|e| e.split(": ").nth(1).unwrap_or("")).collect();
+    for key in ["server", "store", "sources.crumb", "routes[0].when", "tests[0]"] {
+        assert!(keys.contains(&key), "{key} not in {errs:#?}");
+    }
+    // A route whose source failed to read still names a declared source.
+    assert!(!errs.iter().any(|e| e.contains("no source named")), "{errs:#?}");
 }
 
 #[test]
