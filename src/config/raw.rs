@@ -102,7 +102,7 @@ pub struct RawRetry {
 #[derive(Debug, Deserialize)]
 #[serde(
     untagged,
-    expecting = "`concurrency` as a number of attempts at once, or \"adaptive\""
+    expecting = "`concurrency` must be a whole number of attempts at once, or \"adaptive\""
 )]
 pub enum RawConcurrency {
     Fixed(i64),

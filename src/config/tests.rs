@@ -324,7 +324,7 @@ fn bad_values_are_explained() {
     for bad in ["2.5", "[8]"] {
         one_error(
             &BASE.replace("type = \"http\"", &format!("type = \"http\"\nconcurrency = {bad}")),
-            &["sinks.kds", "`concurrency` as a number", "adaptive"],
+            &["sinks.kds", "`concurrency` must be a whole number", "adaptive"],
         );
     }
     for bad in [
