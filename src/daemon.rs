@@ -198,6 +198,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let bound = shared.current.load().config.server.shutdown_timeout;
+    let in_flight = engine.in_flight();
     tracing::info!(bound = ?bound, "stopping: finishing requests and deliveries in flight");
     systemd::stopping();
     shutdown.cancel();
@@ -217,6 +218,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "stop bound reached with work in flight; unacknowledged requests will be retried by the vendors, \
              unfinished deliveries run again at the next start"
         );
+        // Their leases given back: on a shared store, another instance (or
+        // this one, restarted) takes them at once, not when the lease ends.
+        let cut = in_flight.released(crate::store::now_ms());
+        if !cut.is_empty() {
+            let n = cut.len();
+            match tokio::time::timeout(Duration::from_secs(3), store.complete(cut)).await {
+                Ok(Ok(())) => tracing::info!(deliveries = n, "gave back the leases of the attempts cut off"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not give back the leases of the attempts cut off"),
+                Err(_) => tracing::warn!("could not give back the leases of the attempts cut off in time"),
+            }
+        }
     }
     // Bounded too: a wedged store must not hold the exit.
     if tokio::time::timeout(Duration::from_secs(5), store.close())

@@ -80,6 +80,7 @@ pub struct Engine {
     stop: CancellationToken,
     health: EngineHealth,
     turns: Arc<Turns>,
+    in_flight: Arc<InFlight>,
 }
 
 /// Which engine's worker may attempt deliveries to a sink: one at a time
@@ -184,6 +185,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel(4096);
         tracker.spawn(record_completions(rx, store.clone(), notifies.clone()));
         let live = Arc::new(AtomicUsize::new(0));
+        let in_flight = Arc::new(InFlight::default());
         let expected = sinks.len();
         let mut limits = Vec::new();
         let mut hot = HashMap::new();
@@ -213,6 +215,7 @@ impl Engine {
                 notify: notifies[&name].clone(),
                 completions: tx.clone(),
                 metrics: SinkMetrics::new(metrics.clone(), &name),
+                in_flight: in_flight.clone(),
             };
             let live = LiveGuard::new(&live);
             let stop = stop.clone();
@@ -247,7 +250,13 @@ impl Engine {
             stop,
             health,
             turns,
+            in_flight,
         })
+    }
+
+    /// The claims whose attempts are running (see [`InFlight`]).
+    pub fn in_flight(&self) -> Arc<InFlight> {
+        self.in_flight.clone()
     }
 
     pub fn health(&self) -> EngineHealth {
@@ -272,6 +281,60 @@ impl Engine {
         self.completions.take();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// The claims whose attempts are running. A stop that cuts them off gives
+/// their leases back ([`Engine::in_flight`]): on a store other instances
+/// share, nothing else frees them before the lease ends, and the deliveries
+/// would wait that long (twice the sink's timeout and 30 s) to run again.
+#[derive(Default)]
+pub struct InFlight(std::sync::Mutex<HashMap<i64, (u32, i64)>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, (u32, i64)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Notes a batch's claims until the guard is dropped (its outcomes are
+    /// queued, or the attempt is cut off).
+    fn enter(self: &Arc<Self>, batch: &[Claimed]) -> InFlightGuard {
+        let mut claims = self.lock();
+        for c in batch {
+            claims.insert(c.delivery_id, (c.attempt, c.lease_until));
+        }
+        InFlightGuard {
+            registry: self.clone(),
+            ids: batch.iter().map(|c| c.delivery_id).collect(),
+        }
+    }
+
+    /// Completions that give every claim still in flight back, unattempted.
+    pub fn released(&self, at: i64) -> Vec<Completion> {
+        self.lock()
+            .iter()
+            .map(|(&delivery_id, &(attempt, lease_until))| Completion {
+                delivery_id,
+                attempt,
+                lease_until,
+                finished_at: at,
+                result: Completed::Released,
+            })
+            .collect()
+    }
+}
+
+struct InFlightGuard {
+    registry: Arc<InFlight>,
+    ids: Vec<i64>,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut claims = self.registry.lock();
+        for id in &self.ids {
+            claims.remove(id);
+        }
     }
 }
 
@@ -408,6 +471,7 @@ struct Worker {
     notify: Arc<Notify>,
     completions: mpsc::Sender<(String, Completion)>,
     metrics: SinkMetrics,
+    in_flight: Arc<InFlight>,
 }
 
 impl Worker {
@@ -722,6 +786,7 @@ impl Worker {
 
     /// Runs one batch in `slot`, and tells the slot how the sink answered.
     async fn attempt(&self, batch: Vec<Claimed>, mut slot: Slot) {
+        let _in_flight = self.in_flight.enter(&batch);
         let mut deliveries = Vec::with_capacity(batch.len());
         let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(batch.len());
         for c in &batch {

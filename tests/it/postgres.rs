@@ -667,6 +667,42 @@ async fn a_store_that_hangs_does_not_hang_the_admin_api() {
     }
 }
 
+/// A stop that cuts attempts off gives their leases back: on a shared
+/// store, the deliveries run again as soon as an instance is there to take
+/// them (here the same one, restarted), not when the lease ends (2 x 10 s
+/// + 30 s = 50 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_gives_back_the_leases_of_attempts_it_cuts_off() {
+    let Some(db) = TestDb::create("a_stop_gives_back_the_leases_of_attempts_it_cuts_off").await else {
+        return;
+    };
+    let sink = FakeSink::start().await;
+    sink.script_answers(&[], Answer::status(200).after(Duration::from_secs(40)));
+    let config =
+        instance_config(&db.url, "a", &sink, "10s").replacen("[server]\n", "[server]\nshutdown_timeout = \"1s\"\n", 1);
+    assert!(config.contains("shutdown_timeout = \"1s\""), "{config}");
+    let mut d = Daemon::start(&config).await;
+    assert_eq!(d.post_crumb(&crumb_order("evt_cut_off", 1200)).await.status, 200);
+    // Both deliveries (kds, audit) are in flight: the sink holds them.
+    sink.wait_for(2, Duration::from_secs(10)).await;
+    d.signal("TERM");
+    let status = d.wait_exit(Duration::from_secs(10)).await;
+    assert!(status.success(), "{status}\n{}", d.log());
+    assert!(d.log().contains("gave back the leases"), "{}", d.log());
+
+    sink.script_answers(&[], Answer::status(200));
+    let restarted = Instant::now();
+    d.start_again().await;
+    for sink_name in ["kds", "audit"] {
+        d.wait_delivery("crumb", "evt_cut_off", sink_name, "delivered").await;
+    }
+    assert!(
+        restarted.elapsed() < Duration::from_secs(20),
+        "ran again only after {:?}, as the lease ran out",
+        restarted.elapsed()
+    );
+}
+
 /// Needs no server: `expeditor run` with an unreachable store exits at once,
 /// naming the database, never the password.
 #[tokio::test(flavor = "multi_thread")]
